@@ -1,0 +1,285 @@
+//! cgroup2 discovery: where the hierarchy is mounted, and what a directory in it
+//! means (its path relative to the hierarchy root, its id and its absolute level).
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::config::CgroupRoot;
+
+/// `CGROUP2_SUPER_MAGIC`.
+const CGROUP2_MAGIC: i64 = 0x6367_7270;
+
+/// A cgroup as the planner sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cgroup {
+    /// Relative to the hierarchy root, with a leading `/`.
+    pub path: String,
+    /// The directory's inode number: the id `socket cgroupv2` compares against.
+    pub id: u64,
+    /// Absolute level: 0 for the root.
+    pub level: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no cgroup2 mount in /proc/self/mountinfo; mount one or set cgroup-root")]
+    NoMount,
+    #[error("cgroup-root: {0} is not a cgroup2 mount")]
+    NotCgroup2(PathBuf),
+}
+
+/// A mounted cgroup2 hierarchy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hierarchy {
+    /// Where it is mounted.
+    pub mount: PathBuf,
+    /// The cgroup the mount shows as its root ("" for the real root), so that paths
+    /// and levels stay absolute even for a mount of a subtree.
+    pub prefix: String,
+}
+
+/// One cgroup2 line of mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Mount {
+    root: String,
+    point: PathBuf,
+    read_only: bool,
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 4 <= b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = b[i + 1..i + 4]
+                .iter()
+                .fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
+            out.push(v as u8);
+            i += 4;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn cgroup2_mounts(mountinfo: &str) -> Vec<Mount> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let fstype = right.split_whitespace().next()?;
+            if fstype != "cgroup2" {
+                return None;
+            }
+            let f: Vec<&str> = left.split_whitespace().collect();
+            let (root, point, opts) = (f.get(3)?, f.get(4)?, f.get(5)?);
+            Some(Mount {
+                root: unescape(root),
+                point: PathBuf::from(unescape(point)),
+                read_only: opts.split(',').any(|o| o == "ro"),
+            })
+        })
+        .collect()
+}
+
+fn prefix_of(root: &str) -> String {
+    root.trim_end_matches('/').to_owned()
+}
+
+/// Picks the cgroup2 mount to watch: the one showing the whole hierarchy, writable
+/// before read-only, shortest path first, so systemd's extra (often read-only or
+/// subtree) mounts do not win.
+fn pick(mounts: &[Mount]) -> Option<&Mount> {
+    mounts
+        .iter()
+        .min_by_key(|m| (m.root != "/", m.read_only, m.point.as_os_str().len()))
+}
+
+impl Hierarchy {
+    /// Finds the hierarchy from the configuration's `cgroup-root`.
+    pub fn discover(root: &CgroupRoot) -> Result<Hierarchy, CgroupError> {
+        let mi = "/proc/self/mountinfo";
+        let text = std::fs::read_to_string(mi).map_err(|source| CgroupError::Io {
+            path: mi.into(),
+            source,
+        })?;
+        let mounts = cgroup2_mounts(&text);
+        match root {
+            CgroupRoot::Auto => {
+                let m = pick(&mounts).ok_or(CgroupError::NoMount)?;
+                Ok(Hierarchy {
+                    mount: m.point.clone(),
+                    prefix: prefix_of(&m.root),
+                })
+            }
+            CgroupRoot::Path(p) => {
+                let st = nix::sys::statfs::statfs(p).map_err(|e| CgroupError::Io {
+                    path: p.clone(),
+                    source: e.into(),
+                })?;
+                if st.filesystem_type().0 as i64 != CGROUP2_MAGIC {
+                    return Err(CgroupError::NotCgroup2(p.clone()));
+                }
+                let canon = p.canonicalize().unwrap_or_else(|_| p.clone());
+                let prefix = mounts
+                    .iter()
+                    .find(|m| m.point == canon)
+                    .map(|m| prefix_of(&m.root))
+                    .unwrap_or_default();
+                Ok(Hierarchy {
+                    mount: canon,
+                    prefix,
+                })
+            }
+        }
+    }
+
+    /// The cgroup path of a directory below the mount ("/" for the mount itself).
+    pub fn cgroup_path(&self, rel: &str) -> String {
+        let joined = format!("{}{}", self.prefix, rel);
+        if joined.is_empty() {
+            "/".to_owned()
+        } else {
+            joined
+        }
+    }
+
+    /// The filesystem path of a mount-relative path (`""` or `/a/b`).
+    pub fn fs_path(&self, rel: &str) -> PathBuf {
+        if rel.is_empty() {
+            self.mount.clone()
+        } else {
+            self.mount.join(rel.trim_start_matches('/'))
+        }
+    }
+
+    /// Describes the directory at mount-relative `rel`; `None` if it vanished.
+    pub fn describe(&self, rel: &str) -> Option<Cgroup> {
+        let meta = std::fs::symlink_metadata(self.fs_path(rel)).ok()?;
+        if !meta.is_dir() {
+            return None;
+        }
+        let path = self.cgroup_path(rel);
+        let level = if path == "/" {
+            0
+        } else {
+            path.matches('/').count() as u32
+        };
+        Some(Cgroup {
+            path,
+            id: meta.ino(),
+            level,
+        })
+    }
+
+}
+
+/// Lists the sub-directories (child cgroups) of `dir`; a vanished directory lists
+/// as empty.
+pub fn children(dir: &Path) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.filter_map(Result::ok)
+        .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect()
+}
+
+/// Lists every cgroup of the hierarchy without watching it (for `render`).
+pub fn walk(hier: &Hierarchy) -> Vec<Cgroup> {
+    let mut found = Vec::new();
+    let mut stack = vec![String::new()];
+    while let Some(rel) = stack.pop() {
+        let Some(cg) = hier.describe(&rel) else {
+            continue;
+        };
+        found.push(cg);
+        for child in children(&hier.fs_path(&rel)) {
+            stack.push(format!("{rel}/{child}"));
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+25 30 0:23 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw
+33 25 0:28 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755
+34 33 0:29 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate
+35 33 0:30 / /sys/fs/cgroup/systemd rw,nosuid,nodev,noexec,relatime shared:11 - cgroup cgroup rw,xattr,name=systemd
+90 34 0:29 /system.slice/foo.service /run/foo/cg ro,relatime - cgroup2 cgroup2 rw
+91 34 0:29 / /run/protected\\040dir/cg ro,relatime - cgroup2 cgroup2 rw
+";
+
+    #[test]
+    fn hybrid_layout_picks_the_unified_mount() {
+        let mounts = cgroup2_mounts(HYBRID);
+        assert_eq!(mounts.len(), 3);
+        let m = pick(&mounts).unwrap();
+        assert_eq!(m.point, PathBuf::from("/sys/fs/cgroup/unified"));
+        assert_eq!(mounts[2].point, PathBuf::from("/run/protected dir/cg"));
+        assert!(mounts[2].read_only);
+    }
+
+    #[test]
+    fn read_only_whole_mount_still_wins_over_subtree() {
+        let text = "\
+1 0 0:29 /system.slice /a rw - cgroup2 cgroup2 rw
+2 0 0:29 / /sys/fs/cgroup ro - cgroup2 cgroup2 rw
+";
+        let mounts = cgroup2_mounts(text);
+        assert_eq!(pick(&mounts).unwrap().point, PathBuf::from("/sys/fs/cgroup"));
+        assert!(pick(&cgroup2_mounts("1 0 0:1 / / rw - ext4 /dev/sda rw\n")).is_none());
+    }
+
+    #[test]
+    fn paths_and_levels_are_absolute_for_subtree_mounts() {
+        let h = Hierarchy {
+            mount: "/mnt/cg".into(),
+            prefix: prefix_of("/system.slice/foo.service"),
+        };
+        assert_eq!(h.cgroup_path(""), "/system.slice/foo.service");
+        assert_eq!(h.cgroup_path("/x"), "/system.slice/foo.service/x");
+        let root = Hierarchy {
+            mount: "/sys/fs/cgroup".into(),
+            prefix: prefix_of("/"),
+        };
+        assert_eq!(root.cgroup_path(""), "/");
+        assert_eq!(root.cgroup_path("/a/b"), "/a/b");
+        assert_eq!(root.fs_path("/a/b"), PathBuf::from("/sys/fs/cgroup/a/b"));
+    }
+
+    #[test]
+    fn describe_reports_inode_and_level() {
+        let dir = std::env::temp_dir().join(format!("cgtproxy-describe-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("a/b")).unwrap();
+        let h = Hierarchy {
+            mount: dir.clone(),
+            prefix: String::new(),
+        };
+        let cg = h.describe("/a/b").unwrap();
+        assert_eq!(cg.path, "/a/b");
+        assert_eq!(cg.level, 2);
+        assert_eq!(cg.id, std::fs::metadata(dir.join("a/b")).unwrap().ino());
+        assert_eq!(h.describe("").unwrap().level, 0);
+        assert!(h.describe("/gone").is_none());
+        assert_eq!(children(&dir), vec!["a".to_owned()]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,620 @@
+//! Configuration: the JSON schema (version 1, cgtproxy's kebab-case keys) and its
+//! validation. Every error names the offending key so a user can find it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use regex::Regex;
+use serde::Deserialize;
+
+/// Where `run`, `check`, `render` and `exec` look when no `--config` is given.
+pub const DEFAULT_PATH: &str = "/etc/cgtproxy/config.json";
+
+/// The built-in configuration used when the default file is absent: the reference
+/// project's slice convention, one TPROXY target on port 7893.
+pub const BUILTIN: &str = r#"{
+  "version": 1,
+  "cgroup-root": "AUTO",
+  "route-table": 300,
+  "bypass": [
+    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16",
+    "224.0.0.0/4", "255.255.255.255/32",
+    "::1/128", "fc00::/7", "fe80::/10", "ff00::/8"
+  ],
+  "tproxies": {
+    "proxy": { "port": 7893, "mark": 7893 }
+  },
+  "rules": [
+    { "match": "/cgtproxy-direct\\.slice(/|$)", "direct": true },
+    { "match": "/cgtproxy-drop\\.slice(/|$)", "drop": true },
+    { "match": "/cgtproxy-proxy\\.slice(/|$)", "tproxy": "proxy" }
+  ]
+}"#;
+
+/// A configuration error; the message always names the key or step at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: {key}: {msg}")]
+    Parse {
+        origin: String,
+        key: String,
+        msg: String,
+    },
+    #[error("{origin}: {}", .problems.join("; "))]
+    Invalid {
+        origin: String,
+        problems: Vec<String>,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawConfig {
+    version: u32,
+    #[serde(default = "auto")]
+    cgroup_root: String,
+    #[serde(default = "default_route_table")]
+    route_table: u32,
+    table: Option<String>,
+    #[serde(default)]
+    bypass: Vec<String>,
+    #[serde(default)]
+    tproxies: BTreeMap<String, RawTarget>,
+    #[serde(default)]
+    rules: Vec<RawRule>,
+}
+
+fn auto() -> String {
+    "AUTO".to_owned()
+}
+
+fn default_route_table() -> u32 {
+    300
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawTarget {
+    port: u16,
+    mark: u32,
+    #[serde(default)]
+    no_udp: bool,
+    #[serde(default)]
+    no_ipv6: bool,
+    dns_hijack: Option<RawDnsHijack>,
+    upstream: Option<String>,
+    upstream_auth_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawDnsHijack {
+    ip: Option<String>,
+    ip6: Option<String>,
+    #[serde(default = "dns_port")]
+    port: u16,
+    #[serde(default)]
+    tcp: bool,
+}
+
+fn dns_port() -> u16 {
+    53
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawRule {
+    #[serde(rename = "match")]
+    pattern: String,
+    tproxy: Option<String>,
+    direct: Option<bool>,
+    drop: Option<bool>,
+}
+
+/// Where the cgroup2 hierarchy is found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CgroupRoot {
+    /// Found from `/proc/self/mountinfo`.
+    Auto,
+    /// An explicit mount point, checked to be cgroup2 at start.
+    Path(PathBuf),
+}
+
+/// DNS redirection of one target's port-53 traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsHijack {
+    pub ip: Option<Ipv4Addr>,
+    pub ip6: Option<Ipv6Addr>,
+    pub port: u16,
+    pub tcp: bool,
+}
+
+/// An upstream proxy for the built-in forwarder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    Socks5(String),
+    Http(String),
+}
+
+/// One TPROXY target (a listener of a proxy core).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub name: String,
+    pub port: u16,
+    pub mark: u32,
+    pub no_udp: bool,
+    pub no_ipv6: bool,
+    pub dns_hijack: Option<DnsHijack>,
+    pub upstream: Option<Upstream>,
+    pub upstream_auth_file: Option<PathBuf>,
+}
+
+/// What a matched cgroup's traffic gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Action {
+    Direct,
+    Drop,
+    /// Index into [`Config::targets`].
+    Tproxy(usize),
+}
+
+/// One classification rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub regex: Regex,
+    pub action: Action,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub cgroup_root: CgroupRoot,
+    pub route_table: u32,
+    pub table: String,
+    /// Bypass destinations, v4 and v6 mixed, as given.
+    pub bypass: Vec<IpNet>,
+    /// Sorted by name, so indices are stable for equal configs.
+    pub targets: Vec<Target>,
+    pub rules: Vec<Rule>,
+}
+
+impl Config {
+    /// Parses and validates a configuration; `origin` names the source in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Parse {
+                origin: origin.to_owned(),
+                key: if key == "." { "(top level)".into() } else { key },
+                msg: e.into_inner().to_string(),
+            }
+        })?;
+        validate(raw).map_err(|problems| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            problems,
+        })
+    }
+
+    /// Loads `path`, or the built-in config when `path` is `None`.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            None => Config::parse(BUILTIN, "built-in config"),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?;
+                Config::parse(&text, &p.display().to_string())
+            }
+        }
+    }
+
+    /// The first rule matching `path` (relative to the cgroup2 root, leading `/`).
+    pub fn classify(&self, path: &str) -> Option<Action> {
+        if path == "/" {
+            return None;
+        }
+        self.rules
+            .iter()
+            .find(|r| r.regex.is_match(path))
+            .map(|r| r.action)
+    }
+
+    /// True when the kernel-facing parts (everything but the rules) are equal, so a
+    /// reload can keep the table and only change elements.
+    pub fn same_structure(&self, other: &Config) -> bool {
+        self.route_table == other.route_table
+            && self.table == other.table
+            && self.bypass == other.bypass
+            && self.targets == other.targets
+            && self.cgroup_root == other.cgroup_root
+    }
+}
+
+/// Resolves the config path of `run`/`check`/`render`/`exec`: an explicit one, else
+/// `$CONFIGURATION_DIRECTORY/config.json` or [`DEFAULT_PATH`]; `None` means the
+/// default file is absent and the built-in config applies.
+pub fn resolve_path(explicit: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return Some(p.to_owned());
+    }
+    let default = match std::env::var_os("CONFIGURATION_DIRECTORY") {
+        // systemd may pass several directories separated by ':'; ours is the first.
+        Some(dirs) => {
+            let first = dirs.to_string_lossy().split(':').next().unwrap_or("").to_owned();
+            Path::new(&first).join("config.json")
+        }
+        None => PathBuf::from(DEFAULT_PATH),
+    };
+    default.exists().then_some(default)
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn parse_upstream(s: &str) -> Option<Upstream> {
+    let (scheme, rest) = s.split_once("://")?;
+    let (host, port) = rest.rsplit_once(':')?;
+    if host.is_empty() || port.parse::<u16>().ok()? == 0 {
+        return None;
+    }
+    match scheme {
+        "socks5" => Some(Upstream::Socks5(rest.to_owned())),
+        "http" => Some(Upstream::Http(rest.to_owned())),
+        _ => None,
+    }
+}
+
+/// Parses a bypass entry: a CIDR or a bare host address.
+pub fn parse_net(s: &str) -> Option<IpNet> {
+    s.parse::<IpNet>()
+        .map(|n| n.trunc())
+        .ok()
+        .or_else(|| s.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
+    let mut errs = Vec::new();
+    if raw.version != 1 {
+        errs.push(format!(
+            "version: unsupported version {}, expected 1",
+            raw.version
+        ));
+    }
+    let cgroup_root = if raw.cgroup_root == "AUTO" {
+        CgroupRoot::Auto
+    } else if raw.cgroup_root.starts_with('/') {
+        CgroupRoot::Path(PathBuf::from(&raw.cgroup_root))
+    } else {
+        errs.push(format!(
+            "cgroup-root: {:?} is neither \"AUTO\" nor an absolute path",
+            raw.cgroup_root
+        ));
+        CgroupRoot::Auto
+    };
+    if matches!(raw.route_table, 0 | 253..=255) {
+        errs.push(format!(
+            "route-table: {} is reserved (use 1..=252 or a number above 255)",
+            raw.route_table
+        ));
+    }
+    let table = raw.table.unwrap_or_else(|| "cgtproxy".to_owned());
+    if !valid_name(&table) {
+        errs.push(format!(
+            "table: {table:?} must be 1 to 64 letters, digits, '_' or '-'"
+        ));
+    }
+    let mut bypass = Vec::new();
+    for (i, b) in raw.bypass.iter().enumerate() {
+        match parse_net(b) {
+            Some(n) => bypass.push(n),
+            None => errs.push(format!(
+                "bypass[{i}]: {b:?} is not an IP address or CIDR"
+            )),
+        }
+    }
+
+    let mut targets = Vec::new();
+    let mut marks: BTreeMap<u32, String> = BTreeMap::new();
+    for (name, t) in raw.tproxies {
+        let key = format!("tproxies.{name}");
+        if !valid_name(&name) || name == "direct" || name == "drop" {
+            errs.push(format!(
+                "{key}: a target name is 1 to 64 letters, digits, '_' or '-', and not \"direct\" or \"drop\""
+            ));
+        }
+        if t.port == 0 {
+            errs.push(format!("{key}.port: must not be 0"));
+        }
+        if t.mark == 0 {
+            errs.push(format!("{key}.mark: must not be 0"));
+        } else if let Some(other) = marks.insert(t.mark, name.clone()) {
+            errs.push(format!(
+                "{key}.mark: {} is already the mark of tproxies.{other}",
+                t.mark
+            ));
+        }
+        let dns_hijack = t.dns_hijack.map(|d| {
+            let ip = d.ip.as_deref().and_then(|s| {
+                s.parse::<Ipv4Addr>()
+                    .map_err(|_| errs.push(format!("{key}.dns-hijack.ip: {s:?} is not an IPv4 address")))
+                    .ok()
+            });
+            let ip6 = d.ip6.as_deref().and_then(|s| {
+                s.parse::<Ipv6Addr>()
+                    .map_err(|_| errs.push(format!("{key}.dns-hijack.ip6: {s:?} is not an IPv6 address")))
+                    .ok()
+            });
+            if d.ip.is_none() && d.ip6.is_none() {
+                errs.push(format!("{key}.dns-hijack: needs ip, ip6 or both"));
+            }
+            if d.port == 0 {
+                errs.push(format!("{key}.dns-hijack.port: must not be 0"));
+            }
+            DnsHijack {
+                ip,
+                ip6,
+                port: d.port,
+                tcp: d.tcp,
+            }
+        });
+        let upstream = t.upstream.as_deref().and_then(|u| {
+            let parsed = parse_upstream(u);
+            if parsed.is_none() {
+                errs.push(format!(
+                    "{key}.upstream: {u:?} is not socks5://HOST:PORT or http://HOST:PORT"
+                ));
+            }
+            parsed
+        });
+        if t.upstream_auth_file.is_some() && t.upstream.is_none() {
+            errs.push(format!(
+                "{key}.upstream-auth-file: given without an upstream"
+            ));
+        }
+        targets.push(Target {
+            name,
+            port: t.port,
+            mark: t.mark,
+            no_udp: t.no_udp,
+            no_ipv6: t.no_ipv6,
+            dns_hijack,
+            upstream,
+            upstream_auth_file: t.upstream_auth_file,
+        });
+    }
+    let names: BTreeSet<&str> = targets.iter().map(|t| t.name.as_str()).collect();
+
+    let mut rules = Vec::new();
+    for (i, r) in raw.rules.iter().enumerate() {
+        let key = format!("rules[{i}]");
+        let regex = match Regex::new(&r.pattern) {
+            Ok(re) => Some(re),
+            Err(e) => {
+                errs.push(format!("{key}.match: bad regex: {e}"));
+                None
+            }
+        };
+        let mut actions = Vec::new();
+        if let Some(name) = &r.tproxy {
+            match targets.iter().position(|t| &t.name == name) {
+                Some(idx) => actions.push(Action::Tproxy(idx)),
+                None => {
+                    let known: Vec<&str> = names.iter().copied().collect();
+                    errs.push(format!(
+                        "{key}.tproxy: no target named {name:?} (known: {})",
+                        if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                    ));
+                    actions.push(Action::Direct);
+                }
+            }
+        }
+        if r.direct == Some(true) {
+            actions.push(Action::Direct);
+        }
+        if r.drop == Some(true) {
+            actions.push(Action::Drop);
+        }
+        match actions.len() {
+            0 => errs.push(format!(
+                "{key}: needs exactly one action: \"tproxy\": NAME, \"direct\": true or \"drop\": true"
+            )),
+            1 => {}
+            _ => errs.push(format!(
+                "{key}: has several actions; give exactly one of tproxy, direct, drop"
+            )),
+        }
+        if let (Some(regex), [action]) = (regex, actions.as_slice()) {
+            rules.push(Rule {
+                regex,
+                action: *action,
+            });
+        }
+    }
+
+    if errs.is_empty() {
+        Ok(Config {
+            cgroup_root,
+            route_table: raw.route_table,
+            table,
+            bypass,
+            targets,
+            rules,
+        })
+    } else {
+        Err(errs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> String {
+        Config::parse(text, "t").unwrap_err().to_string()
+    }
+
+    const OK: &str = r#"{"version":1,"route-table":300,
+        "tproxies":{"proxy":{"port":7893,"mark":3000}},
+        "rules":[{"match":"^/a\\.slice$","tproxy":"proxy"},{"match":"b","drop":true},{"match":"c","direct":true}]}"#;
+
+    #[test]
+    fn builtin_config_is_valid() {
+        let c = Config::load(None).unwrap();
+        assert_eq!(c.table, "cgtproxy");
+        assert_eq!(c.targets[0].name, "proxy");
+        assert_eq!(
+            c.classify("/user.slice/user-1000.slice/user@1000.service/cgtproxy-proxy.slice/x.scope"),
+            Some(Action::Tproxy(0))
+        );
+        assert_eq!(c.classify("/cgtproxy-drop.slice"), Some(Action::Drop));
+        assert_eq!(c.classify("/cgtproxy-proxy.slicex"), None);
+    }
+
+    #[test]
+    fn design_example_is_accepted() {
+        let text = r#"{
+          "version": 1, "cgroup-root": "AUTO", "route-table": 300, "table": "cgtproxy",
+          "bypass": ["127.0.0.0/8", "::1/128"],
+          "tproxies": { "proxy": { "port": 7893, "mark": 3000, "no-udp": false, "no-ipv6": false,
+              "dns-hijack": { "ip": "127.0.0.1", "ip6": "::1", "port": 53, "tcp": false } } },
+          "rules": [
+            { "match": "^/system\\.slice/mihomo\\.service$", "direct": true },
+            { "match": "/cgtproxy-drop\\.slice(/|$)", "drop": true },
+            { "match": "/cgtproxy-proxy\\.slice(/|$)", "tproxy": "proxy" } ] }"#;
+        let c = Config::parse(text, "t").unwrap();
+        assert_eq!(
+            c.targets[0].dns_hijack,
+            Some(DnsHijack {
+                ip: Some(Ipv4Addr::LOCALHOST),
+                ip6: Some(Ipv6Addr::LOCALHOST),
+                port: 53,
+                tcp: false
+            })
+        );
+        assert_eq!(c.classify("/system.slice/mihomo.service"), Some(Action::Direct));
+    }
+
+    #[test]
+    fn first_matching_rule_wins_and_root_is_never_classified() {
+        let c = Config::parse(OK, "t").unwrap();
+        assert_eq!(c.classify("/a.slice"), Some(Action::Tproxy(0)));
+        assert_eq!(c.classify("/bc"), Some(Action::Drop));
+        assert_eq!(c.classify("/c"), Some(Action::Direct));
+        assert_eq!(c.classify("/zzz"), None);
+        assert_eq!(c.classify("/"), None);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let e = err(r#"{"version":1,"route-table":300,"tproxies":{"p":{"port":1,"mark":1,"colour":1}}}"#);
+        assert!(e.contains("tproxies.p") && e.contains("colour"), "{e}");
+        let e = err(r#"{"version":1,"bogus":true}"#);
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_key() {
+        let e = err(r#"{"version":1,"tproxies":{"p":{"port":"x","mark":1}}}"#);
+        assert!(e.contains("tproxies.p.port"), "{e}");
+        let e = err(r#"{"version":1,"tproxies":{"p":{"port":70000,"mark":1}}}"#);
+        assert!(e.contains("tproxies.p.port"), "{e}");
+    }
+
+    #[test]
+    fn version_must_be_one() {
+        assert!(err(r#"{"version":2}"#).contains("version: unsupported version 2"));
+        assert!(err(r#"{}"#).contains("version"));
+    }
+
+    #[test]
+    fn bad_regex_is_reported_with_its_rule() {
+        let e = err(r#"{"version":1,"rules":[{"match":"(","direct":true}]}"#);
+        assert!(e.contains("rules[0].match: bad regex"), "{e}");
+    }
+
+    #[test]
+    fn unknown_target_is_an_error_not_a_crash() {
+        let e = err(r#"{"version":1,"tproxies":{"proxy":{"port":1,"mark":1}},"rules":[{"match":"a","direct":true},{"match":"x","tproxy":"nope"}]}"#);
+        assert!(e.contains(r#"rules[1].tproxy: no target named "nope" (known: proxy)"#), "{e}");
+    }
+
+    #[test]
+    fn rules_need_exactly_one_action() {
+        let e = err(r#"{"version":1,"rules":[{"match":"a"}]}"#);
+        assert!(e.contains("rules[0]: needs exactly one action"), "{e}");
+        let e = err(r#"{"version":1,"rules":[{"match":"a","direct":true,"drop":true}]}"#);
+        assert!(e.contains("rules[0]: has several actions"), "{e}");
+        let e = err(r#"{"version":1,"rules":[{"match":"a","direct":false}]}"#);
+        assert!(e.contains("rules[0]: needs exactly one action"), "{e}");
+    }
+
+    #[test]
+    fn marks_must_be_nonzero_and_unique_ports_nonzero() {
+        let e = err(r#"{"version":1,"tproxies":{"a":{"port":1,"mark":5},"b":{"port":2,"mark":5},"c":{"port":0,"mark":0}}}"#);
+        assert!(e.contains("tproxies.b.mark: 5 is already the mark of tproxies.a"), "{e}");
+        assert!(e.contains("tproxies.c.port: must not be 0"), "{e}");
+        assert!(e.contains("tproxies.c.mark: must not be 0"), "{e}");
+    }
+
+    #[test]
+    fn reserved_route_tables_are_refused() {
+        for t in [0, 253, 254, 255] {
+            let e = err(&format!(r#"{{"version":1,"route-table":{t}}}"#));
+            assert!(e.contains("route-table:"), "{e}");
+        }
+        for t in [1, 252, 256, 300] {
+            Config::parse(&format!(r#"{{"version":1,"route-table":{t}}}"#), "t").unwrap();
+        }
+    }
+
+    #[test]
+    fn bad_addresses_are_refused() {
+        let e = err(r#"{"version":1,"bypass":["10.0.0.0/8","nope","1.2.3.4/33"]}"#);
+        assert!(e.contains("bypass[1]") && e.contains("bypass[2]"), "{e}");
+        assert!(!e.contains("bypass[0]"), "{e}");
+        let e = err(r#"{"version":1,"tproxies":{"p":{"port":1,"mark":1,"dns-hijack":{"ip":"::1","ip6":"1.2.3.4"}}}}"#);
+        assert!(e.contains("tproxies.p.dns-hijack.ip:") && e.contains("tproxies.p.dns-hijack.ip6:"), "{e}");
+    }
+
+    #[test]
+    fn bypass_accepts_hosts_and_truncates_cidrs() {
+        let c = Config::parse(r#"{"version":1,"bypass":["10.1.2.3","10.1.2.3/8","2001:db8::1"]}"#, "t").unwrap();
+        let s: Vec<String> = c.bypass.iter().map(|n| n.to_string()).collect();
+        assert_eq!(s, ["10.1.2.3/32", "10.0.0.0/8", "2001:db8::1/128"]);
+    }
+
+    #[test]
+    fn upstreams_are_checked() {
+        Config::parse(r#"{"version":1,"tproxies":{"p":{"port":1,"mark":1,"upstream":"socks5://127.0.0.1:1080"}}}"#, "t").unwrap();
+        let e = err(r#"{"version":1,"tproxies":{"p":{"port":1,"mark":1,"upstream":"ftp://x:1"}}}"#);
+        assert!(e.contains("tproxies.p.upstream:"), "{e}");
+        let e = err(r#"{"version":1,"tproxies":{"p":{"port":1,"mark":1,"upstream-auth-file":"/x"}}}"#);
+        assert!(e.contains("tproxies.p.upstream-auth-file"), "{e}");
+    }
+
+    #[test]
+    fn bad_names_and_roots_are_refused() {
+        let e = err(r#"{"version":1,"table":"a b","cgroup-root":"rel/path","tproxies":{"direct":{"port":1,"mark":1}}}"#);
+        assert!(e.contains("table:") && e.contains("cgroup-root:") && e.contains("tproxies.direct:"), "{e}");
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once() {
+        let e = err(r#"{"version":3,"route-table":254,"rules":[{"match":"a"}]}"#);
+        assert!(e.contains("version") && e.contains("route-table") && e.contains("rules[0]"), "{e}");
+    }
+}

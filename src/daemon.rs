@@ -1,0 +1,403 @@
+//! `cgtproxy run`: the event loop. It polls the inotify descriptor, a signalfd and a
+//! timerfd (retries) and nothing else, so an idle daemon never wakes up.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
+use tracing::{debug, error, info, warn};
+
+use crate::cgroup::{CgroupError, Hierarchy};
+use crate::config::{Config, ConfigError};
+use crate::nft::{Nft, NftError, Txn};
+use crate::plan::{self, Delta, Elements, Tree};
+use crate::route::{self, RouteError, Routes};
+use crate::watch::{Change, WatchError, Watcher};
+use crate::notify;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Watch(#[from] WatchError),
+    #[error("installing the nftables table: {0}")]
+    Nft(#[from] NftError),
+    #[error("installing policy routing: {0}")]
+    Route(#[from] RouteError),
+    #[error("{step}: {source}")]
+    Sys { step: &'static str, source: nix::Error },
+    #[error("cleanup failed: {0}")]
+    Cleanup(String),
+}
+
+fn sys(step: &'static str) -> impl FnOnce(nix::Error) -> DaemonError {
+    move |source| DaemonError::Sys { step, source }
+}
+
+/// Longest wait between retries of a failed kernel update.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+struct Daemon {
+    config_path: Option<PathBuf>,
+    cfg: Config,
+    watcher: Watcher,
+    tree: Tree,
+    nft: Nft,
+    routes: Routes,
+    /// What the kernel holds now.
+    installed: Elements,
+    /// Levels with a map and a rule in the output chain (kept once created).
+    levels: BTreeSet<u32>,
+    route_plan: route::Plan,
+    /// Set after a failed update: the next retry rebuilds the whole table.
+    dirty: bool,
+    backoff: Duration,
+    timer: TimerFd,
+}
+
+fn route_plan(cfg: &Config) -> route::Plan {
+    route::Plan {
+        table: cfg.route_table,
+        marks: cfg.targets.iter().map(|t| t.mark).collect(),
+    }
+}
+
+impl Daemon {
+    fn status(&self) -> String {
+        let (direct, drop, per) = self.tree.counts(self.cfg.targets.len());
+        let targets: Vec<String> = self
+            .cfg
+            .targets
+            .iter()
+            .zip(per)
+            .map(|(t, n)| format!("{} {n}", t.name))
+            .collect();
+        format!(
+            "{} cgroups: direct {direct}, drop {drop}{}{}; {} map elements",
+            self.tree.len(),
+            if targets.is_empty() { "" } else { ", " },
+            targets.join(", "),
+            self.installed.len()
+        )
+    }
+
+    /// Replaces the whole table with the desired one, in one transaction; `also`
+    /// names a previous table (renamed by a reload) to delete in the same breath.
+    fn replace_all(&mut self, cfg: &Config, tree: &Tree, also: Option<&str>) -> Result<(), NftError> {
+        let elements = tree.elements();
+        let levels: BTreeSet<u32> = plan::levels(&elements).union(&self.levels).copied().collect();
+        let spec = plan::table(cfg, &levels, &elements);
+        let mut txn = Txn::new();
+        if let Some(old) = also.filter(|o| *o != spec.name) {
+            txn.delete_table(old)?;
+        }
+        txn.replace_table(&spec)?;
+        self.nft.commit(txn)?;
+        self.installed = elements;
+        self.levels = levels;
+        Ok(())
+    }
+
+    /// Applies element changes in one transaction, adding maps for new levels.
+    fn apply(&mut self, delta: &Delta) -> Result<(), NftError> {
+        if delta.is_empty() {
+            return Ok(());
+        }
+        let table = self.cfg.table.clone();
+        let new_levels: Vec<u32> = delta
+            .add
+            .iter()
+            .map(|((l, _), _)| *l)
+            .filter(|l| !self.levels.contains(l))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let mut txn = Txn::new();
+        let mut levels = self.levels.clone();
+        if !new_levels.is_empty() {
+            levels.extend(&new_levels);
+            txn.add_level_maps(&table, &new_levels)?;
+            txn.rewrite_chain(&table, &plan::output_chain(&levels))?;
+        }
+        let group = |list: &[(plan::Key, crate::config::Action)]| {
+            let mut by: BTreeMap<u32, Vec<(u64, plan::Verdict)>> = BTreeMap::new();
+            for ((l, id), a) in list {
+                by.entry(*l)
+                    .or_default()
+                    .push((*id, plan::verdict(&self.cfg, *a)));
+            }
+            by
+        };
+        for (level, ids) in group(&delta.del) {
+            txn.map_elements(&table, level, &ids, false)?;
+        }
+        for (level, elems) in group(&delta.add) {
+            txn.map_elements(&table, level, &elems, true)?;
+        }
+        self.nft.commit(txn)?;
+        delta.apply(&mut self.installed);
+        self.levels = levels;
+        Ok(())
+    }
+
+    /// Brings the kernel in line with the tree; on failure, schedules a full rebuild.
+    fn converge(&mut self, delta: Delta) {
+        let result = if self.dirty {
+            let (cfg, tree) = (self.cfg.clone(), self.tree.clone());
+            self.replace_all(&cfg, &tree, None)
+        } else {
+            self.apply(&delta)
+        };
+        match result {
+            Ok(()) => {
+                if self.dirty {
+                    info!("table rebuilt after an earlier failure");
+                }
+                self.dirty = false;
+                self.backoff = Duration::from_millis(100);
+                notify::status(&self.status());
+            }
+            Err(e) => {
+                error!(
+                    "updating table inet {}: {e}; rebuilding it in {:?}",
+                    self.cfg.table, self.backoff
+                );
+                self.dirty = true;
+                self.arm_retry();
+            }
+        }
+    }
+
+    fn arm_retry(&mut self) {
+        let when = Expiration::OneShot(TimeSpec::from_duration(self.backoff));
+        if let Err(e) = self.timer.set(when, TimerSetTimeFlags::empty()) {
+            error!("cannot arm the retry timer: {e}");
+        }
+        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+    }
+
+    fn on_changes(&mut self, changes: Vec<Change>) {
+        let mut delta = Delta::default();
+        for c in changes {
+            match c {
+                Change::Added(list) => {
+                    for cg in &list {
+                        debug!(path = %cg.path, id = cg.id, level = cg.level, "cgroup added");
+                        delta.extend(self.tree.insert(&self.cfg, cg));
+                    }
+                }
+                Change::Removed(path) => {
+                    debug!(path = %path, "cgroup removed");
+                    delta.extend(self.tree.remove(&path));
+                }
+                Change::Rescan(all) => {
+                    warn!(
+                        "inotify lost events (queue overflow or rename); rescanned {} cgroups",
+                        all.len()
+                    );
+                    self.tree = Tree::build(&self.cfg, &all);
+                    delta = plan::diff(&self.installed, &self.tree.elements());
+                }
+            }
+        }
+        self.converge(delta);
+    }
+
+    fn reload(&mut self) {
+        notify::reloading();
+        info!("reloading configuration");
+        match self.try_reload() {
+            Ok(()) => info!("configuration reloaded; {}", self.status()),
+            Err(e) => error!("reload failed, keeping the previous configuration: {e}"),
+        }
+        notify::ready(&self.status());
+    }
+
+    fn try_reload(&mut self) -> Result<(), DaemonError> {
+        let path = crate::config::resolve_path(self.config_path.as_deref());
+        let new = Config::load(path.as_deref())?;
+        if new.cgroup_root != self.cfg.cgroup_root {
+            let hier = Hierarchy::discover(&new.cgroup_root)?;
+            if &hier != self.watcher.hierarchy() {
+                let mut w = Watcher::new(hier)?;
+                let all = w.scan()?;
+                self.watcher = w;
+                self.tree = Tree::build(&self.cfg, &all);
+            }
+        }
+        let tree = Tree::build(&new, &self.tree.cgroups());
+        let new_routes = route_plan(&new);
+        if new.same_structure(&self.cfg) && !self.dirty {
+            let delta = plan::diff(&self.installed, &tree.elements());
+            let old = std::mem::replace(&mut self.cfg, new);
+            if let Err(e) = self.apply(&delta) {
+                self.cfg = old;
+                return Err(e.into());
+            }
+        } else {
+            self.routes.install(&new_routes)?;
+            let old_table = self.cfg.table.clone();
+            self.levels.clear();
+            if let Err(e) = self.replace_all(&new, &tree, Some(&old_table)) {
+                // Leave routing as it was for the old table, which still stands.
+                let added = route::Plan {
+                    table: new_routes.table,
+                    marks: new_routes
+                        .marks
+                        .iter()
+                        .filter(|m| !(self.route_plan.table == new_routes.table && self.route_plan.marks.contains(m)))
+                        .copied()
+                        .collect(),
+                };
+                if let Err(re) = self.routes.remove_rules(&added) {
+                    warn!("undoing new ip rules: {re}");
+                }
+                self.levels = plan::levels(&self.installed);
+                return Err(e.into());
+            }
+            self.routes.retire(&self.route_plan, &new_routes)?;
+            self.route_plan = new_routes;
+            self.cfg = new;
+            self.dirty = false;
+        }
+        self.tree = tree;
+        Ok(())
+    }
+
+    /// Removes everything we installed.
+    fn cleanup(&mut self) -> Result<(), DaemonError> {
+        let mut errors = Vec::new();
+        let mut txn = Txn::new();
+        let r = txn
+            .delete_table(&self.cfg.table)
+            .and_then(|()| self.nft.commit(txn));
+        if let Err(e) = r {
+            errors.push(format!("deleting table inet {}: {e}", self.cfg.table));
+        }
+        if let Err(e) = self.routes.remove(&self.route_plan) {
+            errors.push(e.to_string());
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(DaemonError::Cleanup(errors.join("; ")))
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
+    let resolved = crate::config::resolve_path(config_path.as_deref());
+    let cfg = Config::load(resolved.as_deref())?;
+    match &resolved {
+        Some(p) => info!("configuration {}", p.display()),
+        None => info!(
+            "no configuration at {}; running the built-in default (see `cgtproxy render`)",
+            crate::config::DEFAULT_PATH
+        ),
+    }
+
+    // Signals become readable events; blocking them first means none is lost.
+    let mut mask = SigSet::empty();
+    for s in [Signal::SIGHUP, Signal::SIGTERM, Signal::SIGINT] {
+        mask.add(s);
+    }
+    mask.thread_block().map_err(sys("blocking signals"))?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)
+        .map_err(sys("signalfd"))?;
+    let timer = TimerFd::new(
+        ClockId::CLOCK_MONOTONIC,
+        TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+    )
+    .map_err(sys("timerfd"))?;
+
+    let hier = Hierarchy::discover(&cfg.cgroup_root)?;
+    info!("watching cgroup2 hierarchy at {}", hier.mount.display());
+    let mut watcher = Watcher::new(hier)?;
+    let all = watcher.scan()?;
+    let tree = Tree::build(&cfg, &all);
+
+    let mut d = Daemon {
+        config_path,
+        route_plan: route_plan(&cfg),
+        cfg,
+        watcher,
+        tree,
+        nft: Nft::open()?,
+        routes: Routes::open()?,
+        installed: Elements::new(),
+        levels: BTreeSet::new(),
+        dirty: false,
+        backoff: Duration::from_millis(100),
+        timer,
+    };
+    let (cfg, tree) = (d.cfg.clone(), d.tree.clone());
+    d.replace_all(&cfg, &tree, None)?;
+    if let Err(e) = d.routes.install(&d.route_plan) {
+        // Nothing half-applied: take the table down again.
+        if let Err(c) = d.cleanup() {
+            error!("{c}");
+        }
+        return Err(e.into());
+    }
+    let status = d.status();
+    info!("ready: {status}");
+    notify::ready(&status);
+
+    loop {
+        let (ino, sig, tim) = {
+            let mut fds = [
+                PollFd::new(d.watcher.fd(), PollFlags::POLLIN),
+                PollFd::new(signals.as_fd(), PollFlags::POLLIN),
+                PollFd::new(d.timer.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => return Err(DaemonError::Sys { step: "poll", source: e }),
+            }
+            let ready = |f: &PollFd| f.revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
+            (ready(&fds[0]), ready(&fds[1]), ready(&fds[2]))
+        };
+        if sig {
+            while let Ok(Some(info)) = signals.read_signal() {
+                match Signal::try_from(info.ssi_signo as i32) {
+                    Ok(Signal::SIGHUP) => d.reload(),
+                    Ok(s) => {
+                        info!("{s}: removing table inet {} and routing", d.cfg.table);
+                        notify::stopping();
+                        return d.cleanup();
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        if ino {
+            match d.watcher.read() {
+                Ok(changes) => d.on_changes(changes),
+                Err(e) => {
+                    error!("{e}");
+                    if let Err(c) = d.cleanup() {
+                        error!("{c}");
+                    }
+                    return Err(e.into());
+                }
+            }
+        }
+        if tim {
+            let _ = d.timer.wait();
+            if d.dirty {
+                d.converge(Delta::default());
+            }
+        }
+    }
+}

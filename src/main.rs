@@ -1,0 +1,134 @@
+//! cgtproxy: per-application transparent proxying by cgroup v2 path.
+
+mod cgroup;
+mod config;
+mod daemon;
+mod exec;
+mod nft;
+mod notify;
+mod plan;
+mod render;
+mod route;
+mod watch;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(version, about = "Per-application transparent proxying by cgroup v2 path")]
+struct Cli {
+    /// Log level or filter (error, warn, info, debug, trace); overrides RUST_LOG.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon: install the table and routing, follow cgroups, clean up on exit.
+    Run {
+        /// Configuration file [default: /etc/cgtproxy/config.json, else built-in].
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration; exit 1 with the reasons if it is invalid.
+    Check {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Print the nft ruleset that `run` would install for the cgroups present now.
+    Render {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run CMD in a transient user scope inside cgtproxy-TARGET.slice.
+    Exec {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A configured target name, `direct` or `drop`.
+        target: String,
+        /// The command and its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        cmd: Vec<OsString>,
+    },
+}
+
+fn init_logging(level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(l) => EnvFilter::new(l),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    // journald stamps lines itself.
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load(config: Option<PathBuf>) -> anyhow::Result<config::Config> {
+    let path = config::resolve_path(config.as_deref());
+    if path.is_none() {
+        eprintln!(
+            "note: {} is absent; using the built-in default configuration",
+            config::DEFAULT_PATH
+        );
+    }
+    Ok(config::Config::load(path.as_deref())?)
+}
+
+fn render(config: Option<PathBuf>) -> anyhow::Result<()> {
+    let cfg = load(config)?;
+    let cgroups = match cgroup::Hierarchy::discover(&cfg.cgroup_root) {
+        Ok(h) => cgroup::walk(&h),
+        Err(e) => {
+            eprintln!("note: {e}; rendering without cgroups");
+            Vec::new()
+        }
+    };
+    let tree = plan::Tree::build(&cfg, &cgroups);
+    let elements = tree.elements();
+    let paths = cgroups.into_iter().map(|c| (c.id, c.path)).collect();
+    print!(
+        "{}",
+        render::render(&plan::table(&cfg, &plan::levels(&elements), &elements), &paths)
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_level.as_deref());
+    let result = match cli.cmd {
+        Cmd::Run { config } => daemon::run(config).map_err(anyhow::Error::from),
+        Cmd::Check { config } => load(config).map(|c| {
+            println!(
+                "configuration valid: {} target(s), {} rule(s)",
+                c.targets.len(),
+                c.rules.len()
+            );
+        }),
+        Cmd::Render { config } => render(config),
+        Cmd::Exec {
+            config,
+            target,
+            cmd,
+        } => load(config).and_then(|c| Err(exec::exec(&c, &target, &cmd).into())),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cgtproxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

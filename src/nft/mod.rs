@@ -1,0 +1,603 @@
+//! The nftables backend: turns planner output into one netlink transaction and
+//! commits it, reporting every kernel error with what the message was doing.
+
+mod ffi;
+
+use std::ffi::CString;
+use std::io::IoSlice;
+use std::net::IpAddr;
+use std::os::fd::AsRawFd;
+
+use netlink_sys::{Socket, constants::NETLINK_NETFILTER};
+use nftnl::{Batch, Chain, ChainType, MsgType, Policy, ProtoFamily, Rule, Table};
+use nix::sys::socket::{MsgFlags, NetlinkAddr, recv, sendmsg, setsockopt, sockopt};
+use nix::sys::time::TimeVal;
+
+use crate::plan::{ChainSpec, Family, Hook, SetKind, SetSpec, Stmt, TableSpec, Verdict};
+use ffi::{ELEMS_PER_MSG, Elem, Elems, Expr, MetaKey, PayloadBase, REG_1, REG_2, SetDef};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("opening the nftables netlink socket: {0}")]
+    Socket(std::io::Error),
+    #[error("sending the nftables transaction ({bytes} bytes): {source}")]
+    Send { bytes: usize, source: nix::Error },
+    #[error("reading the nftables reply: {0}")]
+    Recv(nix::Error),
+    #[error("the kernel did not answer the nftables transaction within 10 s")]
+    Timeout,
+    #[error("nftables refused {what}: {errno}{}", .detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default())]
+    Kernel {
+        what: String,
+        errno: nix::Error,
+        detail: Option<String>,
+    },
+    #[error("name contains a NUL byte: {0:?}")]
+    Name(String),
+}
+
+fn cstring(s: &str) -> Result<CString, NftError> {
+    CString::new(s).map_err(|_| NftError::Name(s.to_owned()))
+}
+
+fn ffi_verdict(v: &Verdict) -> Result<ffi::Verdict, NftError> {
+    Ok(match v {
+        Verdict::Accept => ffi::Verdict::Accept,
+        Verdict::Drop => ffi::Verdict::Drop,
+        Verdict::Return => ffi::Verdict::Return,
+        Verdict::Goto(c) => ffi::Verdict::Goto(cstring(c)?),
+    })
+}
+
+fn nfproto(f: Family) -> u8 {
+    match f {
+        Family::V4 => libc::NFPROTO_IPV4 as u8,
+        Family::V6 => libc::NFPROTO_IPV6 as u8,
+    }
+}
+
+/// The expressions that implement one statement.
+fn exprs(s: &Stmt) -> Result<Vec<Expr>, NftError> {
+    let cmp = |data: Vec<u8>| Expr::Cmp { eq: true, data };
+    Ok(match s {
+        // IP_CT_DIR_REPLY = 1.
+        Stmt::CtReply => vec![Expr::CtDirection, cmp(vec![1])],
+        Stmt::NfProto(f) => vec![Expr::Meta(MetaKey::NfProto), cmp(vec![nfproto(*f)])],
+        Stmt::L4Proto(p) => vec![Expr::Meta(MetaKey::L4Proto), cmp(vec![p.number()])],
+        Stmt::NotTcpUdp => vec![
+            Expr::Meta(MetaKey::L4Proto),
+            Expr::Cmp {
+                eq: false,
+                data: vec![libc::IPPROTO_TCP as u8],
+            },
+            Expr::Cmp {
+                eq: false,
+                data: vec![libc::IPPROTO_UDP as u8],
+            },
+        ],
+        Stmt::DaddrIn(f, set) => {
+            let (offset, len) = match f {
+                Family::V4 => (16, 4),
+                Family::V6 => (24, 16),
+            };
+            vec![
+                Expr::Payload {
+                    base: PayloadBase::Network,
+                    offset,
+                    len,
+                },
+                Expr::Lookup {
+                    set: cstring(set)?,
+                    vmap: false,
+                },
+            ]
+        }
+        Stmt::Dport(p) => vec![
+            Expr::Payload {
+                base: PayloadBase::Transport,
+                offset: 2,
+                len: 2,
+            },
+            cmp(p.to_be_bytes().to_vec()),
+        ],
+        Stmt::Mark(m) => vec![Expr::Meta(MetaKey::Mark), cmp(m.to_ne_bytes().to_vec())],
+        Stmt::SetMark(m) => vec![
+            Expr::Load {
+                reg: REG_1,
+                data: m.to_ne_bytes().to_vec(),
+            },
+            Expr::SetMark,
+        ],
+        Stmt::CgroupVmap { level, map } => vec![
+            Expr::SocketCgroup { level: *level },
+            Expr::Lookup {
+                set: cstring(map)?,
+                vmap: true,
+            },
+        ],
+        Stmt::Tproxy(port) => vec![
+            Expr::Load {
+                reg: REG_1,
+                data: port.to_be_bytes().to_vec(),
+            },
+            Expr::Tproxy,
+        ],
+        Stmt::Dnat(addr, port) => {
+            let (data, family) = match addr {
+                IpAddr::V4(a) => (a.octets().to_vec(), libc::NFPROTO_IPV4),
+                IpAddr::V6(a) => (a.octets().to_vec(), libc::NFPROTO_IPV6),
+            };
+            vec![
+                Expr::Load { reg: REG_1, data },
+                Expr::Load {
+                    reg: REG_2,
+                    data: port.to_be_bytes().to_vec(),
+                },
+                Expr::Dnat {
+                    family: family as u32,
+                },
+            ]
+        }
+        Stmt::Counter => vec![Expr::Counter],
+        Stmt::Verdict(v) => vec![Expr::Verdict(ffi_verdict(v)?)],
+    })
+}
+
+/// Interval-set elements for merged inclusive ranges: a start element, and an end
+/// element one past the range unless it runs to the top of the address space.
+fn interval_elems(f: Family, ranges: &[(u128, u128)]) -> Vec<Elem> {
+    let key = |v: u128| match f {
+        Family::V4 => (v as u32).to_be_bytes().to_vec(),
+        Family::V6 => v.to_be_bytes().to_vec(),
+    };
+    let max = match f {
+        Family::V4 => u32::MAX as u128,
+        Family::V6 => u128::MAX,
+    };
+    let mut out = Vec::new();
+    for &(s, e) in ranges {
+        out.push(Elem {
+            key: key(s),
+            interval_end: false,
+            verdict: None,
+        });
+        if e < max {
+            out.push(Elem {
+                key: key(e + 1),
+                interval_end: true,
+                verdict: None,
+            });
+        }
+    }
+    out
+}
+
+/// One atomic nftables transaction under construction.
+pub struct Txn {
+    batch: Batch,
+    /// What each message does, in order, for error messages.
+    labels: Vec<String>,
+    next_set_id: u32,
+}
+
+impl Default for Txn {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Txn {
+    pub fn new() -> Txn {
+        Txn {
+            // Large pages: a 50,000-cgroup table fits in a few of them.
+            batch: Batch::with_page_size(1 << 20),
+            labels: Vec::new(),
+            next_set_id: 1,
+        }
+    }
+
+    fn add<T: nftnl::NlMsg>(&mut self, msg: &T, ty: MsgType, label: String) {
+        self.batch.add(msg, ty);
+        self.labels.push(label);
+    }
+
+    /// Deletes table `name` if it exists (adding it first makes the delete safe).
+    pub fn delete_table(&mut self, name: &str) -> Result<(), NftError> {
+        let table = Table::new(cstring(name)?, ProtoFamily::Inet);
+        self.add(&table, MsgType::Add, format!("table inet {name}"));
+        self.add(&table, MsgType::Del, format!("delete table inet {name}"));
+        Ok(())
+    }
+
+    /// Replaces any table of the same name with `spec`, atomically.
+    pub fn replace_table(&mut self, spec: &TableSpec) -> Result<(), NftError> {
+        self.delete_table(&spec.name)?;
+        let table = Table::new(cstring(&spec.name)?, ProtoFamily::Inet);
+        self.add(&table, MsgType::Add, format!("table inet {}", spec.name));
+        for s in &spec.sets {
+            self.add_set(&spec.name, s)?;
+        }
+        // Chains exist before map elements jump to them and before rules run.
+        for c in &spec.chains {
+            self.add_chain(&table, c)?;
+        }
+        for s in &spec.sets {
+            self.add_set_elems(&spec.name, s)?;
+        }
+        for c in &spec.chains {
+            self.add_rules(&table, c)?;
+        }
+        Ok(())
+    }
+
+    fn add_set(&mut self, table: &str, s: &SetSpec) -> Result<(), NftError> {
+        let (key_type, key_len, verdict_map, interval) = match &s.kind {
+            SetKind::Bypass(Family::V4, _) => (ffi::TYPE_IPADDR, 4, false, true),
+            SetKind::Bypass(Family::V6, _) => (ffi::TYPE_IP6ADDR, 16, false, true),
+            SetKind::Level(..) => (ffi::TYPE_CGROUPV2, 8, true, false),
+        };
+        let def = SetDef {
+            table: cstring(table)?,
+            name: cstring(&s.name)?,
+            id: self.next_set_id,
+            key_type,
+            key_len,
+            verdict_map,
+            interval,
+        };
+        self.next_set_id += 1;
+        self.add(&def, MsgType::Add, format!("set {}", s.name));
+        Ok(())
+    }
+
+    fn add_set_elems(&mut self, table: &str, s: &SetSpec) -> Result<(), NftError> {
+        let elems: Vec<Elem> = match &s.kind {
+            SetKind::Bypass(f, ranges) => interval_elems(*f, ranges),
+            SetKind::Level(_, list) => list
+                .iter()
+                .map(|(id, v)| {
+                    Ok(Elem {
+                        key: id.to_ne_bytes().to_vec(),
+                        interval_end: false,
+                        verdict: Some(ffi_verdict(v)?),
+                    })
+                })
+                .collect::<Result<_, NftError>>()?,
+        };
+        self.elems(table, &s.name, &elems, MsgType::Add)
+    }
+
+    fn elems(
+        &mut self,
+        table: &str,
+        set: &str,
+        elems: &[Elem],
+        ty: MsgType,
+    ) -> Result<(), NftError> {
+        let (t, s) = (cstring(table)?, cstring(set)?);
+        let verb = match ty {
+            MsgType::Add => "adding",
+            MsgType::Del => "deleting",
+        };
+        for chunk in elems.chunks(ELEMS_PER_MSG) {
+            let msg = Elems {
+                table: &t,
+                set: &s,
+                elems: chunk,
+            };
+            self.add(&msg, ty, format!("{verb} {} elements of {set}", chunk.len()));
+        }
+        Ok(())
+    }
+
+    fn add_chain(&mut self, table: &Table, c: &ChainSpec) -> Result<(), NftError> {
+        let mut chain = Chain::new(cstring(&c.name)?, table);
+        match c.hook {
+            Some(Hook::OutputRoute) => {
+                chain.set_hook(nftnl::Hook::Out, libc::NF_IP_PRI_MANGLE);
+                chain.set_type(ChainType::Route);
+            }
+            Some(Hook::PreroutingFilter) => {
+                chain.set_hook(nftnl::Hook::PreRouting, libc::NF_IP_PRI_MANGLE);
+                chain.set_type(ChainType::Filter);
+            }
+            Some(Hook::OutputNat) => {
+                chain.set_hook(nftnl::Hook::Out, libc::NF_IP_PRI_NAT_DST);
+                chain.set_type(ChainType::Nat);
+            }
+            None => {}
+        }
+        if c.hook.is_some() {
+            chain.set_policy(Policy::Accept);
+        }
+        self.add(&chain, MsgType::Add, format!("chain {}", c.name));
+        Ok(())
+    }
+
+    fn add_rules(&mut self, table: &Table, c: &ChainSpec) -> Result<(), NftError> {
+        let chain = Chain::new(cstring(&c.name)?, table);
+        for (i, stmts) in c.rules.iter().enumerate() {
+            let mut rule = Rule::new(&chain);
+            for s in stmts {
+                for e in exprs(s)? {
+                    rule.add_expr(&e);
+                }
+            }
+            self.add(&rule, MsgType::Add, format!("rule {} of chain {}", i + 1, c.name));
+        }
+        Ok(())
+    }
+
+    /// Adds empty verdict maps for new levels.
+    pub fn add_level_maps(&mut self, table: &str, levels: &[u32]) -> Result<(), NftError> {
+        for &level in levels {
+            let spec = SetSpec {
+                name: crate::plan::level_map(level),
+                kind: SetKind::Level(level, Vec::new()),
+            };
+            self.add_set(table, &spec)?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the rules of an existing chain (flush, then add), atomically.
+    pub fn rewrite_chain(&mut self, table: &str, c: &ChainSpec) -> Result<(), NftError> {
+        let t = Table::new(cstring(table)?, ProtoFamily::Inet);
+        let chain = Chain::new(cstring(&c.name)?, &t);
+        let flush = Rule::new(&chain);
+        self.add(&flush, MsgType::Del, format!("flush chain {}", c.name));
+        self.add_rules(&t, c)
+    }
+
+    /// Adds (`add`) or deletes level-map elements.
+    pub fn map_elements(
+        &mut self,
+        table: &str,
+        level: u32,
+        elems: &[(u64, Verdict)],
+        add: bool,
+    ) -> Result<(), NftError> {
+        let list = elems
+            .iter()
+            .map(|(id, v)| {
+                Ok(Elem {
+                    key: id.to_ne_bytes().to_vec(),
+                    interval_end: false,
+                    verdict: if add { Some(ffi_verdict(v)?) } else { None },
+                })
+            })
+            .collect::<Result<Vec<_>, NftError>>()?;
+        let ty = if add { MsgType::Add } else { MsgType::Del };
+        self.elems(table, &crate::plan::level_map(level), &list, ty)
+    }
+}
+
+/// A netlink socket to nf_tables.
+pub struct Nft {
+    sock: Socket,
+    buf: Vec<u8>,
+}
+
+impl Nft {
+    pub fn open() -> Result<Nft, NftError> {
+        let mut sock = Socket::new(NETLINK_NETFILTER).map_err(NftError::Socket)?;
+        sock.bind_auto().map_err(NftError::Socket)?;
+        // Error replies then carry the kernel's reason and not a copy of our message.
+        sock.set_ext_ack(true).map_err(NftError::Socket)?;
+        sock.set_cap_ack(true).map_err(NftError::Socket)?;
+        setsockopt(&sock, sockopt::ReceiveTimeout, &TimeVal::new(10, 0))
+            .map_err(|e| NftError::Socket(e.into()))?;
+        Ok(Nft {
+            sock,
+            buf: vec![0; 64 * 1024],
+        })
+    }
+
+    /// Commits a transaction: all of it, or nothing.
+    pub fn commit(&mut self, txn: Txn) -> Result<(), NftError> {
+        if txn.labels.is_empty() {
+            return Ok(());
+        }
+        let Txn { batch, labels, .. } = txn;
+        let fin = batch.finalize();
+        let pages: Vec<&[u8]> = fin.iter().collect();
+        let bytes: usize = pages.iter().map(|p| p.len()).sum();
+        // A batch is processed only if it arrives in one sendmsg, which the socket
+        // buffer must hold; raising it needs CAP_NET_ADMIN, which we have.
+        let want = (bytes + 64 * 1024).max(256 * 1024);
+        if setsockopt(&self.sock, sockopt::SndBufForce, &want).is_err() {
+            let _ = setsockopt(&self.sock, sockopt::SndBuf, &want);
+        }
+        let _ = setsockopt(&self.sock, sockopt::RcvBufForce, &(4 << 20));
+        let iov: Vec<IoSlice<'_>> = pages.iter().map(|p| IoSlice::new(p)).collect();
+        let kernel = NetlinkAddr::new(0, 0);
+        sendmsg(
+            self.sock.as_raw_fd(),
+            &iov,
+            &[],
+            MsgFlags::empty(),
+            Some(&kernel),
+        )
+        .map_err(|source| NftError::Send { bytes, source })?;
+
+        let seqs = fin.sequence_numbers();
+        // Message i's sequence number: batch begin/end take one each when acked.
+        let first = if seqs.len() == labels.len() + 2 {
+            seqs.start + 1
+        } else {
+            seqs.start
+        };
+        let mut pending: std::collections::BTreeSet<u32> = seqs.clone().collect();
+        let mut first_error: Option<NftError> = None;
+        while !pending.is_empty() {
+            let n = match recv(self.sock.as_raw_fd(), &mut self.buf, MsgFlags::empty()) {
+                Ok(n) => n,
+                Err(nix::Error::EAGAIN) => return Err(first_error.unwrap_or(NftError::Timeout)),
+                Err(e) => return Err(NftError::Recv(e)),
+            };
+            for (seq, errno, detail) in parse_acks(&self.buf[..n]) {
+                pending.remove(&seq);
+                if errno != 0 && first_error.is_none() {
+                    let what = seq
+                        .checked_sub(first)
+                        .and_then(|i| labels.get(i as usize))
+                        .cloned()
+                        .unwrap_or_else(|| "the batch".into());
+                    first_error = Some(NftError::Kernel {
+                        what,
+                        errno: nix::Error::from_raw(-errno),
+                        detail,
+                    });
+                }
+            }
+            // Errors may come without acks for the rest (an aborted batch).
+            if first_error.is_some() && !pending.is_empty() && !self.more_waiting() {
+                break;
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn more_waiting(&self) -> bool {
+        let mut probe = [0u8; 16];
+        matches!(
+            recv(
+                self.sock.as_raw_fd(),
+                &mut probe,
+                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
+            ),
+            Ok(n) if n > 0
+        )
+    }
+}
+
+/// NLMSG_ERROR replies in a datagram: (sequence, errno ≤ 0, extended-ack message).
+fn parse_acks(mut b: &[u8]) -> Vec<(u32, i32, Option<String>)> {
+    const NLMSG_ERROR: u16 = 2;
+    const NLM_F_ACK_TLVS: u16 = 0x200;
+    const NLMSGERR_ATTR_MSG: u16 = 1;
+    let mut out = Vec::new();
+    while b.len() >= 16 {
+        let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        if len < 16 || len > b.len() {
+            break;
+        }
+        let ty = u16::from_ne_bytes([b[4], b[5]]);
+        let flags = u16::from_ne_bytes([b[6], b[7]]);
+        let msg = &b[..len];
+        // nlmsgerr: error (i32) + the original header (16 bytes, seq at offset 8).
+        if ty == NLMSG_ERROR && msg.len() >= 16 + 4 + 16 {
+            let errno = i32::from_ne_bytes([msg[16], msg[17], msg[18], msg[19]]);
+            let seq = u32::from_ne_bytes([msg[28], msg[29], msg[30], msg[31]]);
+            let mut detail = None;
+            if flags & NLM_F_ACK_TLVS != 0 {
+                let mut tlv = &msg[36..];
+                while tlv.len() >= 4 {
+                    let l = u16::from_ne_bytes([tlv[0], tlv[1]]) as usize;
+                    let t = u16::from_ne_bytes([tlv[2], tlv[3]]);
+                    if l < 4 || l > tlv.len() {
+                        break;
+                    }
+                    if t == NLMSGERR_ATTR_MSG {
+                        let s = &tlv[4..l];
+                        let s = s.split(|&c| c == 0).next().unwrap_or(s);
+                        detail = Some(String::from_utf8_lossy(s).into_owned());
+                    }
+                    tlv = &tlv[l.div_ceil(4) * 4..];
+                }
+            }
+            out.push((seq, errno, detail));
+        }
+        b = &b[len.div_ceil(4) * 4.min(b.len())..];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interval_ends_are_one_past_and_omitted_at_the_top() {
+        let e = interval_elems(Family::V4, &[(0x0a00_0000, 0x0aff_ffff), (0xffff_fff0, 0xffff_ffff)]);
+        let keys: Vec<(Vec<u8>, bool)> = e.into_iter().map(|e| (e.key, e.interval_end)).collect();
+        assert_eq!(
+            keys,
+            vec![
+                (vec![10, 0, 0, 0], false),
+                (vec![11, 0, 0, 0], true),
+                (vec![255, 255, 255, 240], false),
+            ]
+        );
+        let e = interval_elems(Family::V6, &[(1, 1)]);
+        assert_eq!(e[1].key, 2u128.to_be_bytes());
+    }
+
+    #[test]
+    fn acks_and_extended_errors_are_parsed() {
+        fn ack(seq: u32, errno: i32, msg: Option<&str>) -> Vec<u8> {
+            let mut tlv = Vec::new();
+            if let Some(m) = msg {
+                let mut s = m.as_bytes().to_vec();
+                s.push(0);
+                let l = 4 + s.len();
+                tlv.extend((l as u16).to_ne_bytes());
+                tlv.extend(1u16.to_ne_bytes());
+                tlv.extend(&s);
+                tlv.resize(tlv.len().div_ceil(4) * 4, 0);
+            }
+            let len = 16 + 4 + 16 + tlv.len();
+            let mut b = Vec::new();
+            b.extend((len as u32).to_ne_bytes());
+            b.extend(2u16.to_ne_bytes());
+            b.extend((if msg.is_some() { 0x200u16 } else { 0 }).to_ne_bytes());
+            b.extend([0u8; 8]);
+            b.extend(errno.to_ne_bytes());
+            b.extend([0u8; 8]);
+            b.extend(seq.to_ne_bytes());
+            b.extend([0u8; 4]);
+            b.extend(tlv);
+            b
+        }
+        let mut d = ack(5, 0, None);
+        d.extend(ack(6, -2, Some("No such set")));
+        assert_eq!(
+            parse_acks(&d),
+            vec![(5, 0, None), (6, -2, Some("No such set".into()))]
+        );
+    }
+
+    #[test]
+    fn statements_become_expressions() {
+        let e = exprs(&Stmt::Dport(53)).unwrap();
+        assert_eq!(
+            e[1],
+            Expr::Cmp {
+                eq: true,
+                data: vec![0, 53]
+            }
+        );
+        let e = exprs(&Stmt::SetMark(0x0102_0304)).unwrap();
+        assert_eq!(
+            e[0],
+            Expr::Load {
+                reg: REG_1,
+                data: 0x0102_0304u32.to_ne_bytes().to_vec()
+            }
+        );
+        let e = exprs(&Stmt::Tproxy(7893)).unwrap();
+        assert_eq!(
+            e,
+            vec![
+                Expr::Load {
+                    reg: REG_1,
+                    data: 7893u16.to_be_bytes().to_vec()
+                },
+                Expr::Tproxy
+            ]
+        );
+    }
+}

@@ -1,0 +1,728 @@
+//! The pure planner: configuration + cgroups → the desired nftables table, and the
+//! smallest change that takes the kernel from what is installed to what is desired.
+//! No I/O here, so every decision is unit-tested without root.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::cgroup::Cgroup;
+use crate::config::{Action, Config};
+
+/// A map element's key: (absolute hierarchy level, cgroup id).
+pub type Key = (u32, u64);
+
+/// Map elements: which cgroup, at which level, gets which verdict.
+pub type Elements = BTreeMap<Key, Action>;
+
+/// Element changes: deletions are applied before additions.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Delta {
+    pub del: Vec<(Key, Action)>,
+    pub add: Vec<(Key, Action)>,
+}
+
+impl Delta {
+    pub fn is_empty(&self) -> bool {
+        self.del.is_empty() && self.add.is_empty()
+    }
+
+    /// Appends `other`, cancelling an addition that `other` deletes again.
+    pub fn extend(&mut self, other: Delta) {
+        for d in other.del {
+            if let Some(pos) = self.add.iter().position(|a| *a == d) {
+                self.add.remove(pos);
+            } else {
+                self.del.push(d);
+            }
+        }
+        self.add.extend(other.add);
+    }
+
+    /// Applies the change to a record of installed elements.
+    pub fn apply(&self, to: &mut Elements) {
+        for (k, _) in &self.del {
+            to.remove(k);
+        }
+        for (k, a) in &self.add {
+            to.insert(*k, *a);
+        }
+    }
+}
+
+/// The element changes that turn `old` into `new`.
+pub fn diff(old: &Elements, new: &Elements) -> Delta {
+    let mut d = Delta::default();
+    for (k, a) in old {
+        if new.get(k) != Some(a) {
+            d.del.push((*k, *a));
+        }
+    }
+    for (k, a) in new {
+        if old.get(k) != Some(a) {
+            d.add.push((*k, *a));
+        }
+    }
+    d
+}
+
+#[derive(Debug, Clone)]
+struct Node {
+    id: u64,
+    level: u32,
+    /// The first matching rule's action.
+    own: Option<Action>,
+    /// The nearest classified ancestor-or-self's action.
+    effective: Option<Action>,
+    /// Whether this cgroup needs its own map element: classified, and deciding
+    /// differently from its nearest classified ancestor. Children of a routed slice
+    /// thus need no element and are covered from their first packet.
+    element: bool,
+}
+
+/// The known cgroups and their classification, kept in path order so that a
+/// parent always precedes its descendants.
+#[derive(Debug, Clone, Default)]
+pub struct Tree {
+    nodes: BTreeMap<String, Node>,
+}
+
+fn parent_of(path: &str) -> Option<&str> {
+    match path.rsplit_once('/') {
+        Some(("", _)) | None => None,
+        Some((parent, _)) => Some(parent),
+    }
+}
+
+impl Tree {
+    /// Classifies a whole set of cgroups.
+    pub fn build(cfg: &Config, cgroups: &[Cgroup]) -> Tree {
+        let mut t = Tree::default();
+        for cg in cgroups {
+            t.insert(cfg, cg);
+        }
+        t
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// All known cgroups.
+    pub fn cgroups(&self) -> Vec<Cgroup> {
+        self.nodes
+            .iter()
+            .map(|(p, n)| Cgroup {
+                path: p.clone(),
+                id: n.id,
+                level: n.level,
+            })
+            .collect()
+    }
+
+    #[cfg(test)]
+    fn id(&self, path: &str) -> Option<u64> {
+        self.nodes.get(path).map(|n| n.id)
+    }
+
+    /// The elements the kernel maps should hold.
+    pub fn elements(&self) -> Elements {
+        self.nodes
+            .values()
+            .filter(|n| n.element)
+            .filter_map(|n| n.own.map(|a| ((n.level, n.id), a)))
+            .collect()
+    }
+
+    /// Number of cgroups whose traffic each action decides (direct, drop, per target).
+    pub fn counts(&self, targets: usize) -> (usize, usize, Vec<usize>) {
+        let (mut direct, mut drop, mut per) = (0, 0, vec![0; targets]);
+        for n in self.nodes.values() {
+            match n.effective {
+                Some(Action::Direct) => direct += 1,
+                Some(Action::Drop) => drop += 1,
+                Some(Action::Tproxy(i)) => {
+                    if let Some(c) = per.get_mut(i) {
+                        *c += 1;
+                    }
+                }
+                None => {}
+            }
+        }
+        (direct, drop, per)
+    }
+
+    /// Adds a cgroup (or notices that a reused path is a new cgroup).
+    pub fn insert(&mut self, cfg: &Config, cg: &Cgroup) -> Delta {
+        let mut delta = Delta::default();
+        match self.nodes.get(&cg.path) {
+            Some(n) if n.id == cg.id => return delta,
+            Some(_) => delta.extend(self.remove(&cg.path)),
+            None => {}
+        }
+        self.nodes.insert(
+            cg.path.clone(),
+            Node {
+                id: cg.id,
+                level: cg.level,
+                own: cfg.classify(&cg.path),
+                effective: None,
+                element: false,
+            },
+        );
+        delta.extend(self.refresh(&cg.path));
+        delta
+    }
+
+    /// Removes a cgroup and anything still recorded below it.
+    pub fn remove(&mut self, path: &str) -> Delta {
+        let mut delta = Delta::default();
+        let below = format!("{path}/");
+        let gone: Vec<String> = self
+            .nodes
+            .range(path.to_owned()..)
+            .take_while(|(p, _)| p.starts_with(path))
+            .filter(|(p, _)| *p == path || p.starts_with(&below))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in gone {
+            if let Some(n) = self.nodes.remove(&p)
+                && n.element
+                && let Some(a) = n.own
+            {
+                delta.del.push(((n.level, n.id), a));
+            }
+        }
+        delta
+    }
+
+    /// The effective action of the nearest recorded ancestor.
+    fn inherited(&self, path: &str) -> Option<Action> {
+        let mut p = parent_of(path);
+        while let Some(parent) = p {
+            if let Some(n) = self.nodes.get(parent) {
+                return n.effective;
+            }
+            p = parent_of(parent);
+        }
+        None
+    }
+
+    /// Recomputes the effective action and element of `path` and its descendants.
+    fn refresh(&mut self, path: &str) -> Delta {
+        let mut delta = Delta::default();
+        let below = format!("{path}/");
+        let affected: Vec<String> = self
+            .nodes
+            .range(path.to_owned()..)
+            .take_while(|(p, _)| p.starts_with(path))
+            .filter(|(p, _)| *p == path || p.starts_with(&below))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in affected {
+            let inherited = self.inherited(&p);
+            let Some(n) = self.nodes.get_mut(&p) else {
+                continue;
+            };
+            let element = n.own.is_some() && n.own != inherited;
+            let key = (n.level, n.id);
+            match (n.element, element, n.own) {
+                (false, true, Some(a)) => delta.add.push((key, a)),
+                (true, false, Some(a)) => delta.del.push((key, a)),
+                _ => {}
+            }
+            n.element = element;
+            n.effective = n.own.or(inherited);
+        }
+        delta
+    }
+}
+
+/// Address family of a rule or set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+/// Transport protocols we handle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    pub fn number(self) -> u8 {
+        match self {
+            Proto::Tcp => libc::IPPROTO_TCP as u8,
+            Proto::Udp => libc::IPPROTO_UDP as u8,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+        }
+    }
+}
+
+/// What a map element or rule decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Accept,
+    Drop,
+    Return,
+    Goto(String),
+}
+
+/// One statement of a rule, close to nft's own vocabulary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stmt {
+    /// `ct direction reply`
+    CtReply,
+    /// `meta nfproto ipv4|ipv6`
+    NfProto(Family),
+    /// `meta l4proto P`
+    L4Proto(Proto),
+    /// `meta l4proto != tcp meta l4proto != udp`
+    NotTcpUdp,
+    /// `ip daddr @set` / `ip6 daddr @set`
+    DaddrIn(Family, String),
+    /// `th dport N` (after an l4proto match)
+    Dport(u16),
+    /// `meta mark N`
+    Mark(u32),
+    /// `meta mark set N`
+    SetMark(u32),
+    /// `socket cgroupv2 level L vmap @map`
+    CgroupVmap { level: u32, map: String },
+    /// `tproxy to :port`
+    Tproxy(u16),
+    /// `dnat ip to a:p` / `dnat ip6 to [a]:p`
+    Dnat(IpAddr, u16),
+    Counter,
+    Verdict(Verdict),
+}
+
+/// Base-chain hooks we use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// `type route hook output priority mangle`
+    OutputRoute,
+    /// `type filter hook prerouting priority mangle`
+    PreroutingFilter,
+    /// `type nat hook output priority -100`
+    OutputNat,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainSpec {
+    pub name: String,
+    pub hook: Option<Hook>,
+    pub rules: Vec<Vec<Stmt>>,
+}
+
+/// Content of a set or map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetKind {
+    /// Interval set of addresses: merged inclusive ranges.
+    Bypass(Family, Vec<(u128, u128)>),
+    /// Verdict map of cgroup ids at one level.
+    Level(u32, Vec<(u64, Verdict)>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetSpec {
+    pub name: String,
+    pub kind: SetKind,
+}
+
+/// The whole desired table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSpec {
+    pub name: String,
+    pub sets: Vec<SetSpec>,
+    pub chains: Vec<ChainSpec>,
+}
+
+/// Name of the verdict map of one level.
+pub fn level_map(level: u32) -> String {
+    format!("level{level}")
+}
+
+/// Name of a target's marking chain.
+pub fn mark_chain(target: &str) -> String {
+    format!("{target}-mark")
+}
+
+/// The verdict an action turns into in a level map.
+pub fn verdict(cfg: &Config, action: Action) -> Verdict {
+    match action {
+        Action::Direct => Verdict::Return,
+        Action::Drop => Verdict::Drop,
+        Action::Tproxy(i) => Verdict::Goto(mark_chain(&cfg.targets[i].name)),
+    }
+}
+
+/// Merges address ranges of one family into sorted, disjoint, non-adjacent ranges.
+pub fn merge_ranges(nets: &[IpNet], family: Family) -> Vec<(u128, u128)> {
+    let mut ranges: Vec<(u128, u128)> = nets
+        .iter()
+        .filter_map(|n| match (n, family) {
+            (IpNet::V4(n), Family::V4) => Some((
+                u32::from(n.network()) as u128,
+                u32::from(n.broadcast()) as u128,
+            )),
+            (IpNet::V6(n), Family::V6) => {
+                Some((u128::from(n.network()), u128::from(n.broadcast())))
+            }
+            _ => None,
+        })
+        .collect();
+    ranges.sort_unstable();
+    let mut out: Vec<(u128, u128)> = Vec::new();
+    for (s, e) in ranges {
+        match out.last_mut() {
+            Some(last) if s <= last.1.saturating_add(1) => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// The output chain: skip replies, bypass destinations and non-TCP/UDP, then one
+/// vmap rule per level, deepest first, so the nearest classified ancestor decides.
+pub fn output_chain(levels: &BTreeSet<u32>) -> ChainSpec {
+    let mut rules = vec![
+        vec![Stmt::CtReply, Stmt::Verdict(Verdict::Return)],
+        vec![
+            Stmt::NfProto(Family::V4),
+            Stmt::DaddrIn(Family::V4, "bypass4".into()),
+            Stmt::Verdict(Verdict::Return),
+        ],
+        vec![
+            Stmt::NfProto(Family::V6),
+            Stmt::DaddrIn(Family::V6, "bypass6".into()),
+            Stmt::Verdict(Verdict::Return),
+        ],
+        vec![Stmt::NotTcpUdp, Stmt::Verdict(Verdict::Return)],
+    ];
+    for &level in levels.iter().rev() {
+        rules.push(vec![Stmt::CgroupVmap {
+            level,
+            map: level_map(level),
+        }]);
+    }
+    ChainSpec {
+        name: "output".into(),
+        hook: Some(Hook::OutputRoute),
+        rules,
+    }
+}
+
+/// The levels that have at least one element.
+pub fn levels(elements: &Elements) -> BTreeSet<u32> {
+    elements.keys().map(|k| k.0).collect()
+}
+
+/// Builds the desired table for `cfg`, with maps for `levels` holding `elements`.
+pub fn table(cfg: &Config, levels: &BTreeSet<u32>, elements: &Elements) -> TableSpec {
+    let mut sets = vec![
+        SetSpec {
+            name: "bypass4".into(),
+            kind: SetKind::Bypass(Family::V4, merge_ranges(&cfg.bypass, Family::V4)),
+        },
+        SetSpec {
+            name: "bypass6".into(),
+            kind: SetKind::Bypass(Family::V6, merge_ranges(&cfg.bypass, Family::V6)),
+        },
+    ];
+    for &level in levels {
+        let elems = elements
+            .range((level, 0)..=(level, u64::MAX))
+            .map(|(&(_, id), &a)| (id, verdict(cfg, a)))
+            .collect();
+        sets.push(SetSpec {
+            name: level_map(level),
+            kind: SetKind::Level(level, elems),
+        });
+    }
+
+    let mut chains = Vec::new();
+    let mut prerouting = Vec::new();
+    let mut nat = Vec::new();
+    for t in &cfg.targets {
+        let mut rules = Vec::new();
+        if let Some(d) = &t.dns_hijack {
+            let protos: &[Proto] = if d.tcp {
+                &[Proto::Udp, Proto::Tcp]
+            } else {
+                &[Proto::Udp]
+            };
+            let addrs = [d.ip.map(IpAddr::V4), d.ip6.map(IpAddr::V6)];
+            for addr in addrs.into_iter().flatten() {
+                let fam = if addr.is_ipv4() { Family::V4 } else { Family::V6 };
+                for &p in protos {
+                    // Marked even for no-udp / no-ipv6 targets: the nat chain finds
+                    // the query by its mark, clears it and redirects it.
+                    rules.push(vec![
+                        Stmt::NfProto(fam),
+                        Stmt::L4Proto(p),
+                        Stmt::Dport(53),
+                        Stmt::SetMark(t.mark),
+                        Stmt::Verdict(Verdict::Return),
+                    ]);
+                    nat.push(vec![
+                        Stmt::Mark(t.mark),
+                        Stmt::NfProto(fam),
+                        Stmt::L4Proto(p),
+                        Stmt::Dport(53),
+                        Stmt::SetMark(0),
+                        Stmt::Dnat(addr, d.port),
+                    ]);
+                }
+            }
+        }
+        if t.no_udp {
+            rules.push(vec![
+                Stmt::L4Proto(Proto::Udp),
+                Stmt::Verdict(Verdict::Return),
+            ]);
+        }
+        if t.no_ipv6 {
+            rules.push(vec![
+                Stmt::NfProto(Family::V6),
+                Stmt::Verdict(Verdict::Return),
+            ]);
+        }
+        rules.push(vec![Stmt::SetMark(t.mark)]);
+        chains.push(ChainSpec {
+            name: mark_chain(&t.name),
+            hook: None,
+            rules,
+        });
+        let protos: &[Proto] = if t.no_udp {
+            &[Proto::Tcp]
+        } else {
+            &[Proto::Tcp, Proto::Udp]
+        };
+        for &p in protos {
+            prerouting.push(vec![
+                Stmt::Mark(t.mark),
+                Stmt::L4Proto(p),
+                Stmt::Tproxy(t.port),
+                Stmt::Counter,
+                Stmt::Verdict(Verdict::Accept),
+            ]);
+        }
+    }
+    chains.push(output_chain(levels));
+    if !prerouting.is_empty() {
+        chains.push(ChainSpec {
+            name: "prerouting".into(),
+            hook: Some(Hook::PreroutingFilter),
+            rules: prerouting,
+        });
+    }
+    if !nat.is_empty() {
+        chains.push(ChainSpec {
+            name: "dns".into(),
+            hook: Some(Hook::OutputNat),
+            rules: nat,
+        });
+    }
+    TableSpec {
+        name: cfg.table.clone(),
+        sets,
+        chains,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        Config::parse(
+            r#"{"version":1,"route-table":300,"bypass":["10.0.0.0/8","10.1.0.0/16","11.0.0.0/8","::1"],
+            "tproxies":{"proxy":{"port":7893,"mark":3000}},
+            "rules":[
+              {"match":"^/system\\.slice/mihomo\\.service$","direct":true},
+              {"match":"/inner-direct\\.scope$","direct":true},
+              {"match":"/drop\\.slice(/|$)","drop":true},
+              {"match":"/proxy\\.slice(/|$)","tproxy":"proxy"}]}"#,
+            "t",
+        )
+        .unwrap()
+    }
+
+    fn cg(path: &str, id: u64) -> Cgroup {
+        Cgroup {
+            path: path.into(),
+            id,
+            level: path.matches('/').count() as u32,
+        }
+    }
+
+    #[test]
+    fn children_of_a_routed_slice_need_no_element() {
+        let c = cfg();
+        let t = Tree::build(
+            &c,
+            &[
+                cg("/user.slice", 1),
+                cg("/user.slice/proxy.slice", 2),
+                cg("/user.slice/proxy.slice/a.scope", 3),
+                cg("/user.slice/proxy.slice/inner-direct.scope", 4),
+                cg("/system.slice", 5),
+                cg("/system.slice/mihomo.service", 6),
+            ],
+        );
+        let e = t.elements();
+        assert_eq!(
+            e.into_iter().collect::<Vec<_>>(),
+            vec![
+                ((2, 2), Action::Tproxy(0)),
+                ((2, 6), Action::Direct),
+                ((3, 4), Action::Direct),
+            ]
+        );
+        let (direct, drop, per) = t.counts(1);
+        assert_eq!((direct, drop, per), (2, 0, vec![2]));
+    }
+
+    #[test]
+    fn incremental_inserts_and_removals_match_a_full_build() {
+        let c = cfg();
+        let mut t = Tree::default();
+        let mut installed = Elements::new();
+        let seq = [
+            cg("/a", 1),
+            cg("/a/proxy.slice", 2),
+            cg("/a/proxy.slice/x", 3),
+            cg("/a/proxy.slice/x/drop.slice", 4),
+        ];
+        for s in &seq {
+            t.insert(&c, s).apply(&mut installed);
+        }
+        assert_eq!(installed, Tree::build(&c, &seq).elements());
+        assert_eq!(installed.len(), 2);
+        // Duplicate notifications change nothing.
+        assert!(t.insert(&c, &seq[1]).is_empty());
+        // A removed and re-created cgroup (new id) replaces its element.
+        let d = t.insert(&c, &cg("/a/proxy.slice/x/drop.slice", 40));
+        assert_eq!(d.del, vec![((4, 4), Action::Drop)]);
+        assert_eq!(d.add, vec![((4, 40), Action::Drop)]);
+        d.apply(&mut installed);
+        t.remove("/a/proxy.slice/x/drop.slice").apply(&mut installed);
+        t.remove("/a/proxy.slice/x").apply(&mut installed);
+        assert_eq!(installed.len(), 1);
+        // Removing a parent removes whatever is still recorded below it.
+        let d = t.remove("/a");
+        assert_eq!(d.del, vec![((2, 2), Action::Tproxy(0))]);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_parent_discovered_after_its_child_is_reconciled() {
+        let c = cfg();
+        let mut t = Tree::default();
+        let mut inst = Elements::new();
+        t.insert(&c, &cg("/p/proxy.slice/q/proxy.slice", 9)).apply(&mut inst);
+        assert_eq!(inst.len(), 1);
+        t.insert(&c, &cg("/p/proxy.slice", 2)).apply(&mut inst);
+        // The child now inherits from a classified parent with the same verdict.
+        assert_eq!(inst.into_iter().collect::<Vec<_>>(), vec![((2, 2), Action::Tproxy(0))]);
+    }
+
+    #[test]
+    fn similar_prefixes_are_not_descendants() {
+        let c = cfg();
+        let mut t = Tree::build(&c, &[cg("/x", 1), cg("/x-proxy.slice", 2), cg("/x/y", 3)]);
+        let d = t.remove("/x");
+        assert!(d.is_empty());
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.id("/x-proxy.slice"), Some(2));
+    }
+
+    #[test]
+    fn diff_replaces_changed_verdicts() {
+        let old: Elements = [((1, 1), Action::Direct), ((1, 2), Action::Drop)].into();
+        let new: Elements = [((1, 1), Action::Drop), ((2, 3), Action::Direct)].into();
+        let d = diff(&old, &new);
+        assert_eq!(d.del, vec![((1, 1), Action::Direct), ((1, 2), Action::Drop)]);
+        assert_eq!(d.add, vec![((1, 1), Action::Drop), ((2, 3), Action::Direct)]);
+        let mut x = old.clone();
+        d.apply(&mut x);
+        assert_eq!(x, new);
+        assert!(diff(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn delta_extend_cancels_add_then_delete() {
+        let mut a = Delta {
+            del: vec![],
+            add: vec![((3, 9), Action::Direct)],
+        };
+        a.extend(Delta {
+            del: vec![((3, 9), Action::Direct)],
+            add: vec![],
+        });
+        assert!(a.is_empty());
+    }
+
+    #[test]
+    fn bypass_ranges_are_merged() {
+        let c = cfg();
+        let v4 = merge_ranges(&c.bypass, Family::V4);
+        // 10/8 swallows 10.1/16; 11/8 is adjacent to 10/8 and joins it.
+        assert_eq!(v4, vec![(0x0a00_0000, 0x0bff_ffff)]);
+        let v6 = merge_ranges(&c.bypass, Family::V6);
+        assert_eq!(v6, vec![(1, 1)]);
+        let all = merge_ranges(&["0.0.0.0/0".parse().unwrap()], Family::V4);
+        assert_eq!(all, vec![(0, u32::MAX as u128)]);
+    }
+
+    #[test]
+    fn levels_are_ordered_deepest_first() {
+        let chain = output_chain(&[2, 5, 3].into());
+        let levels: Vec<u32> = chain
+            .rules
+            .iter()
+            .filter_map(|r| match r[0] {
+                Stmt::CgroupVmap { level, .. } => Some(level),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(levels, [5, 3, 2]);
+    }
+
+    #[test]
+    fn no_udp_and_no_ipv6_leave_that_traffic_unmarked() {
+        let c = Config::parse(
+            r#"{"version":1,"tproxies":{"p":{"port":1,"mark":9,"no-udp":true,"no-ipv6":true}}}"#,
+            "t",
+        )
+        .unwrap();
+        let t = table(&c, &BTreeSet::new(), &Elements::new());
+        let mark = t.chains.iter().find(|ch| ch.name == "p-mark").unwrap();
+        assert_eq!(
+            mark.rules,
+            vec![
+                vec![Stmt::L4Proto(Proto::Udp), Stmt::Verdict(Verdict::Return)],
+                vec![Stmt::NfProto(Family::V6), Stmt::Verdict(Verdict::Return)],
+                vec![Stmt::SetMark(9)],
+            ]
+        );
+        let pre = t.chains.iter().find(|ch| ch.name == "prerouting").unwrap();
+        assert_eq!(pre.rules.len(), 1, "no UDP tproxy rule for a no-udp target");
+    }
+}

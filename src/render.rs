@@ -1,0 +1,149 @@
+//! Renders a desired table in nft syntax, for `cgtproxy render` and for reading
+//! golden files. The netlink backend builds the same table from the same spec.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use crate::plan::{Family, Hook, SetKind, Stmt, TableSpec, Verdict};
+
+fn verdict(v: &Verdict) -> String {
+    match v {
+        Verdict::Accept => "accept".into(),
+        Verdict::Drop => "drop".into(),
+        Verdict::Return => "return".into(),
+        Verdict::Goto(c) => format!("goto {c}"),
+    }
+}
+
+fn addr(f: Family, v: u128) -> String {
+    match f {
+        Family::V4 => Ipv4Addr::from(v as u32).to_string(),
+        Family::V6 => Ipv6Addr::from(v).to_string(),
+    }
+}
+
+fn stmt(s: &Stmt) -> String {
+    match s {
+        Stmt::CtReply => "ct direction reply".into(),
+        Stmt::NfProto(Family::V4) => "meta nfproto ipv4".into(),
+        Stmt::NfProto(Family::V6) => "meta nfproto ipv6".into(),
+        Stmt::L4Proto(p) => format!("meta l4proto {}", p.name()),
+        Stmt::NotTcpUdp => "meta l4proto != tcp meta l4proto != udp".into(),
+        Stmt::DaddrIn(Family::V4, s) => format!("ip daddr @{s}"),
+        Stmt::DaddrIn(Family::V6, s) => format!("ip6 daddr @{s}"),
+        Stmt::Dport(p) => format!("th dport {p}"),
+        Stmt::Mark(m) => format!("meta mark {m:#x}"),
+        Stmt::SetMark(m) => format!("meta mark set {m:#x}"),
+        Stmt::CgroupVmap { level, map } => format!("socket cgroupv2 level {level} vmap @{map}"),
+        Stmt::Tproxy(port) => format!("tproxy to :{port}"),
+        Stmt::Dnat(IpAddr::V4(a), p) => format!("dnat ip to {a}:{p}"),
+        Stmt::Dnat(IpAddr::V6(a), p) => format!("dnat ip6 to [{a}]:{p}"),
+        Stmt::Counter => "counter".into(),
+        Stmt::Verdict(v) => verdict(v),
+    }
+}
+
+/// The table as an nft script that replaces any previous table of the same name.
+/// `paths` names cgroup ids for the comments.
+pub fn render(t: &TableSpec, paths: &HashMap<u64, String>) -> String {
+    let mut o = String::new();
+    // `add` then `delete`: replacing works whether or not the table exists.
+    let _ = writeln!(o, "add table inet {}", t.name);
+    let _ = writeln!(o, "delete table inet {}", t.name);
+    let _ = writeln!(o, "table inet {} {{", t.name);
+    for s in &t.sets {
+        let keyword = match s.kind {
+            SetKind::Bypass(..) => "set",
+            SetKind::Level(..) => "map",
+        };
+        let _ = writeln!(o, "\t{keyword} {} {{", s.name);
+        match &s.kind {
+            SetKind::Bypass(f, ranges) => {
+                let ty = match f {
+                    Family::V4 => "ipv4_addr",
+                    Family::V6 => "ipv6_addr",
+                };
+                let _ = writeln!(o, "\t\ttype {ty}");
+                let _ = writeln!(o, "\t\tflags interval");
+                if !ranges.is_empty() {
+                    let elems: Vec<String> = ranges
+                        .iter()
+                        .map(|&(a, b)| {
+                            if a == b {
+                                addr(*f, a)
+                            } else {
+                                format!("{}-{}", addr(*f, a), addr(*f, b))
+                            }
+                        })
+                        .collect();
+                    let _ = writeln!(o, "\t\telements = {{ {} }}", elems.join(", "));
+                }
+            }
+            SetKind::Level(_, elems) => {
+                let _ = writeln!(o, "\t\ttype cgroupsv2 : verdict");
+                // nft takes cgroupsv2 keys as paths below /sys/fs/cgroup, which is
+                // not where every system mounts it: ids go in comments.
+                for (id, v) in elems {
+                    let path = paths.get(id).map(String::as_str).unwrap_or("?");
+                    let _ = writeln!(o, "\t\t# {id} : {}  ({path})", verdict(v));
+                }
+            }
+        }
+        let _ = writeln!(o, "\t}}");
+    }
+    for c in &t.chains {
+        let _ = writeln!(o, "\tchain {} {{", c.name);
+        match c.hook {
+            Some(Hook::OutputRoute) => {
+                let _ = writeln!(o, "\t\ttype route hook output priority mangle; policy accept;");
+            }
+            Some(Hook::PreroutingFilter) => {
+                let _ = writeln!(
+                    o,
+                    "\t\ttype filter hook prerouting priority mangle; policy accept;"
+                );
+            }
+            Some(Hook::OutputNat) => {
+                let _ = writeln!(o, "\t\ttype nat hook output priority -100; policy accept;");
+            }
+            None => {}
+        }
+        for r in &c.rules {
+            let parts: Vec<String> = r.iter().map(stmt).collect();
+            let _ = writeln!(o, "\t\t{}", parts.join(" "));
+        }
+        let _ = writeln!(o, "\t}}");
+    }
+    let _ = writeln!(o, "}}");
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Action, Config};
+    use crate::plan::{Elements, levels, table};
+
+    #[test]
+    fn golden_ruleset() {
+        let cfg = Config::parse(
+            r#"{"version":1,"route-table":300,"bypass":["127.0.0.0/8","10.0.0.1","::1/128"],
+            "tproxies":{"proxy":{"port":7893,"mark":3000,"no-udp":true,
+               "dns-hijack":{"ip":"127.0.0.1","ip6":"::1","port":1053}}},
+            "rules":[{"match":"x","tproxy":"proxy"},{"match":"y","drop":true},{"match":"z","direct":true}]}"#,
+            "t",
+        )
+        .unwrap();
+        let elements: Elements = [
+            ((2, 11), Action::Tproxy(0)),
+            ((2, 12), Action::Drop),
+            ((4, 13), Action::Direct),
+        ]
+        .into();
+        let paths: HashMap<u64, String> = [(11, "/a/proxy".to_owned()), (13, "/a/b/c/d".to_owned())].into();
+        let got = render(&table(&cfg, &levels(&elements), &elements), &paths);
+        let want = include_str!("../tests/golden/render.nft");
+        assert_eq!(got, want, "got:\n{got}");
+    }
+}

@@ -1,0 +1,339 @@
+//! Policy routing over rtnetlink: `ip rule fwmark M lookup T` per TPROXY target and
+//! `local default dev lo table T`, IPv4 and IPv6. Marked packets thereby loop back
+//! through `lo` into prerouting, where `tproxy` hands them to the listener.
+
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader,
+    NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+    RouteType,
+};
+use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{Socket, SocketAddr, constants::NETLINK_ROUTE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("opening the rtnetlink socket: {0}")]
+    Socket(std::io::Error),
+    #[error("rtnetlink {step}: {source}")]
+    Io {
+        step: String,
+        source: std::io::Error,
+    },
+    #[error("{step}: {errno}")]
+    Kernel { step: String, errno: nix::Error },
+    #[error("rtnetlink {step}: cannot parse the reply: {msg}")]
+    Decode { step: String, msg: String },
+    #[error("no loopback interface \"lo\" in this network namespace")]
+    NoLoopback,
+}
+
+/// IPv4 or IPv6.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fam {
+    V4,
+    V6,
+}
+
+impl Fam {
+    fn af(self) -> AddressFamily {
+        match self {
+            Fam::V4 => AddressFamily::Inet,
+            Fam::V6 => AddressFamily::Inet6,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Fam::V4 => "ip",
+            Fam::V6 => "ip -6",
+        }
+    }
+}
+
+/// The routing entries of one configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Plan {
+    pub table: u32,
+    pub marks: Vec<u32>,
+}
+
+/// An rtnetlink socket.
+pub struct Routes {
+    sock: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+fn rule_msg(fam: Fam, mark: u32, table: u32) -> RuleMessage {
+    let mut m = RuleMessage::default();
+    m.header.family = fam.af();
+    m.header.action = RuleAction::ToTable;
+    m.header.table = u8::try_from(table).unwrap_or(0);
+    m.attributes = vec![RuleAttribute::FwMark(mark), RuleAttribute::Table(table)];
+    m
+}
+
+fn route_msg(fam: Fam, table: u32, lo: u32) -> RouteMessage {
+    let mut m = RouteMessage::default();
+    m.header = RouteHeader {
+        address_family: fam.af(),
+        table: u8::try_from(table).unwrap_or(0),
+        protocol: RouteProtocol::Boot,
+        scope: RouteScope::Host,
+        kind: RouteType::Local,
+        ..RouteHeader::default()
+    };
+    let dst = match fam {
+        Fam::V4 => RouteAddress::Inet(std::net::Ipv4Addr::UNSPECIFIED),
+        Fam::V6 => RouteAddress::Inet6(std::net::Ipv6Addr::UNSPECIFIED),
+    };
+    m.attributes = vec![
+        RouteAttribute::Destination(dst),
+        RouteAttribute::Table(table),
+        RouteAttribute::Oif(lo),
+    ];
+    m
+}
+
+/// Whether a dumped rule is exactly `fwmark mark lookup table` with no other selector.
+fn is_our_rule(r: &RuleMessage, mark: u32, table: u32) -> bool {
+    if r.header.action != RuleAction::ToTable || r.header.dst_len != 0 || r.header.src_len != 0 {
+        return false;
+    }
+    let mut has_mark = false;
+    let mut tbl = u32::from(r.header.table);
+    for a in &r.attributes {
+        match a {
+            RuleAttribute::FwMark(m) if *m == mark => has_mark = true,
+            RuleAttribute::FwMask(0xffff_ffff) | RuleAttribute::Priority(_) => {}
+            RuleAttribute::Protocol(_) => {}
+            RuleAttribute::Table(t) => tbl = *t,
+            _ => return false,
+        }
+    }
+    has_mark && tbl == table
+}
+
+impl Routes {
+    pub fn open() -> Result<Routes, RouteError> {
+        let mut sock = Socket::new(NETLINK_ROUTE).map_err(RouteError::Socket)?;
+        sock.bind_auto().map_err(RouteError::Socket)?;
+        sock.connect(&SocketAddr::new(0, 0))
+            .map_err(RouteError::Socket)?;
+        Ok(Routes {
+            sock,
+            seq: 0,
+            buf: vec![0; 64 * 1024],
+        })
+    }
+
+    /// Sends one request and collects the replies until its ack (or the end of a
+    /// dump). Returns the inner messages and the kernel's errno, if any.
+    fn request(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+        step: &str,
+    ) -> Result<(Vec<RouteNetlinkMessage>, Option<i32>), RouteError> {
+        self.seq += 1;
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        header.sequence_number = self.seq;
+        let mut nl = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+        nl.finalize();
+        let mut out = vec![0; nl.buffer_len()];
+        nl.serialize(&mut out);
+        let io = |source| RouteError::Io {
+            step: step.to_owned(),
+            source,
+        };
+        self.sock.send(&out, 0).map_err(io)?;
+        let mut got = Vec::new();
+        loop {
+            let n = self.sock.recv(&mut &mut self.buf[..], 0).map_err(io)?;
+            let mut off = 0;
+            while off < n {
+                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[off..n])
+                    .map_err(|e| RouteError::Decode {
+                        step: step.to_owned(),
+                        msg: e.to_string(),
+                    })?;
+                let len = reply.header.length as usize;
+                if len == 0 {
+                    break;
+                }
+                off += len.div_ceil(4) * 4;
+                if reply.header.sequence_number != self.seq {
+                    continue;
+                }
+                match reply.payload {
+                    NetlinkPayload::Error(e) => return Ok((got, e.code.map(|c| c.get()))),
+                    NetlinkPayload::Done(_) => return Ok((got, None)),
+                    NetlinkPayload::InnerMessage(m) => got.push(m),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn check(step: String, errno: Option<i32>, ok: &[i32]) -> Result<(), RouteError> {
+        match errno {
+            None | Some(0) => Ok(()),
+            Some(e) if ok.contains(&-e) => Ok(()),
+            Some(e) => Err(RouteError::Kernel {
+                step,
+                errno: nix::Error::from_raw(-e),
+            }),
+        }
+    }
+
+    fn rule_exists(&mut self, fam: Fam, mark: u32, table: u32) -> Result<bool, RouteError> {
+        let mut q = RuleMessage::default();
+        q.header.family = fam.af();
+        let (rules, errno) = self.request(
+            RouteNetlinkMessage::GetRule(q),
+            NLM_F_DUMP,
+            "listing ip rules",
+        )?;
+        Self::check("listing ip rules".into(), errno, &[])?;
+        Ok(rules.iter().any(|m| match m {
+            RouteNetlinkMessage::NewRule(r) => is_our_rule(r, mark, table),
+            _ => false,
+        }))
+    }
+
+    /// Installs the rules and routes of `plan`; an identical rule left by a killed
+    /// instance is adopted, and the route is replaced.
+    pub fn install(&mut self, plan: &Plan) -> Result<(), RouteError> {
+        if plan.marks.is_empty() {
+            return Ok(());
+        }
+        let lo = nix::net::if_::if_nametoindex("lo").map_err(|_| RouteError::NoLoopback)?;
+        for fam in [Fam::V4, Fam::V6] {
+            let step = format!(
+                "{} route replace local default dev lo table {}",
+                fam.name(),
+                plan.table
+            );
+            let (_, errno) = self.request(
+                RouteNetlinkMessage::NewRoute(route_msg(fam, plan.table, lo)),
+                NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+                &step,
+            )?;
+            Self::check(step, errno, &[])?;
+            for &mark in &plan.marks {
+                if self.rule_exists(fam, mark, plan.table)? {
+                    continue;
+                }
+                let step = format!(
+                    "{} rule add fwmark {mark:#x} lookup {}",
+                    fam.name(),
+                    plan.table
+                );
+                let (_, errno) = self.request(
+                    RouteNetlinkMessage::NewRule(rule_msg(fam, mark, plan.table)),
+                    NLM_F_ACK | NLM_F_CREATE,
+                    &step,
+                )?;
+                Self::check(step, errno, &[libc::EEXIST])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the fwmark rules of `plan`; rules already gone are not an error.
+    pub fn remove_rules(&mut self, plan: &Plan) -> Result<(), RouteError> {
+        for fam in [Fam::V4, Fam::V6] {
+            for &mark in &plan.marks {
+                // Several identical rules may exist (older instances): remove all.
+                while self.rule_exists(fam, mark, plan.table)? {
+                    let step = format!(
+                        "{} rule del fwmark {mark:#x} lookup {}",
+                        fam.name(),
+                        plan.table
+                    );
+                    let (_, errno) = self.request(
+                        RouteNetlinkMessage::DelRule(rule_msg(fam, mark, plan.table)),
+                        NLM_F_ACK,
+                        &step,
+                    )?;
+                    Self::check(step, errno, &[libc::ENOENT])?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes what `install` added; entries already gone are not an error.
+    pub fn remove(&mut self, plan: &Plan) -> Result<(), RouteError> {
+        if plan.marks.is_empty() {
+            return Ok(());
+        }
+        let rules = self.remove_rules(plan);
+        let lo = nix::net::if_::if_nametoindex("lo").map_err(|_| RouteError::NoLoopback)?;
+        for fam in [Fam::V4, Fam::V6] {
+            let step = format!(
+                "{} route del local default dev lo table {}",
+                fam.name(),
+                plan.table
+            );
+            let (_, errno) = self.request(
+                RouteNetlinkMessage::DelRoute(route_msg(fam, plan.table, lo)),
+                NLM_F_ACK,
+                &step,
+            )?;
+            Self::check(step, errno, &[libc::ESRCH, libc::ENOENT])?;
+        }
+        rules
+    }
+
+    /// After a reload: removes the entries of `old` that `new` no longer uses.
+    pub fn retire(&mut self, old: &Plan, new: &Plan) -> Result<(), RouteError> {
+        if old.table != new.table || new.marks.is_empty() {
+            return self.remove(old);
+        }
+        let gone = Plan {
+            table: old.table,
+            marks: old
+                .marks
+                .iter()
+                .filter(|m| !new.marks.contains(m))
+                .copied()
+                .collect(),
+        };
+        self.remove_rules(&gone)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_plain_fwmark_rule_counts_as_ours() {
+        let ours = rule_msg(Fam::V4, 3000, 300);
+        assert!(is_our_rule(&ours, 3000, 300));
+        assert!(!is_our_rule(&ours, 3001, 300));
+        assert!(!is_our_rule(&ours, 3000, 301));
+        let mut other = rule_msg(Fam::V4, 3000, 300);
+        other.attributes.push(RuleAttribute::Iifname("eth0".into()));
+        assert!(!is_our_rule(&other, 3000, 300));
+        let mut small = rule_msg(Fam::V4, 7, 100);
+        small.attributes.retain(|a| !matches!(a, RuleAttribute::Table(_)));
+        assert!(is_our_rule(&small, 7, 100), "table in the header only");
+    }
+
+    #[test]
+    fn large_tables_go_in_the_attribute() {
+        let r = route_msg(Fam::V6, 300, 1);
+        assert_eq!(r.header.table, 0);
+        assert!(r.attributes.contains(&RouteAttribute::Table(300)));
+        assert_eq!(r.header.kind, RouteType::Local);
+        let r = route_msg(Fam::V4, 100, 1);
+        assert_eq!(r.header.table, 100);
+    }
+}

@@ -1,0 +1,241 @@
+//! Watching the cgroup2 tree with inotify: one watch per directory, added before the
+//! directory is listed so that no child created in between is missed.
+
+use std::collections::HashMap;
+use std::io::ErrorKind;
+use std::os::fd::{AsFd, BorrowedFd};
+
+use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
+
+use crate::cgroup::{Cgroup, Hierarchy, children};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchError {
+    #[error("inotify_init: {0}")]
+    Init(std::io::Error),
+    #[error(
+        "cannot watch {path}: the inotify watch limit is reached; raise fs.inotify.max_user_watches"
+    )]
+    Limit { path: String },
+    #[error("cannot watch {path}: {source}")]
+    Watch {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("reading inotify events: {0}")]
+    Read(std::io::Error),
+}
+
+/// What happened in the tree since the last read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A new directory and everything found below it.
+    Added(Vec<Cgroup>),
+    /// A directory (cgroup path) is gone.
+    Removed(String),
+    /// Events were lost (queue overflow or a rename): the whole tree as it is now.
+    Rescan(Vec<Cgroup>),
+}
+
+/// Watches one hierarchy.
+pub struct Watcher {
+    hier: Hierarchy,
+    inotify: Inotify,
+    /// Watch descriptor → mount-relative path.
+    dirs: HashMap<WatchDescriptor, String>,
+    buf: Vec<u8>,
+}
+
+const MASK: WatchMask = WatchMask::CREATE
+    .union(WatchMask::DELETE)
+    .union(WatchMask::MOVED_FROM)
+    .union(WatchMask::MOVED_TO)
+    .union(WatchMask::ONLYDIR)
+    .union(WatchMask::DONT_FOLLOW);
+
+impl Watcher {
+    pub fn new(hier: Hierarchy) -> Result<Watcher, WatchError> {
+        Ok(Watcher {
+            hier,
+            inotify: Inotify::init().map_err(WatchError::Init)?,
+            dirs: HashMap::new(),
+            buf: vec![0; 64 * 1024],
+        })
+    }
+
+    pub fn hierarchy(&self) -> &Hierarchy {
+        &self.hier
+    }
+
+    /// The descriptor to poll for events.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.inotify.as_fd()
+    }
+
+    /// Watches and lists the whole tree.
+    pub fn scan(&mut self) -> Result<Vec<Cgroup>, WatchError> {
+        self.dirs.clear();
+        self.walk("")
+    }
+
+    /// Watches `rel` and everything below it, returning the cgroups found. Directories
+    /// that vanish on the way are skipped.
+    fn walk(&mut self, rel: &str) -> Result<Vec<Cgroup>, WatchError> {
+        let mut found = Vec::new();
+        let mut stack = vec![rel.to_owned()];
+        while let Some(rel) = stack.pop() {
+            let path = self.hier.fs_path(&rel);
+            match self.inotify.watches().add(&path, MASK) {
+                Ok(wd) => {
+                    self.dirs.insert(wd, rel.clone());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                    return Err(WatchError::Limit {
+                        path: path.display().to_string(),
+                    });
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
+                    continue;
+                }
+                Err(source) => {
+                    return Err(WatchError::Watch {
+                        path: path.display().to_string(),
+                        source,
+                    });
+                }
+            }
+            let Some(cg) = self.hier.describe(&rel) else {
+                continue;
+            };
+            found.push(cg);
+            for child in children(&path) {
+                stack.push(format!("{rel}/{child}"));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Drains every queued event (never blocks) into changes.
+    pub fn read(&mut self) -> Result<Vec<Change>, WatchError> {
+        let mut raw = Vec::new();
+        loop {
+            match self.inotify.read_events(&mut self.buf) {
+                Ok(events) => {
+                    let before = raw.len();
+                    for ev in events {
+                        raw.push((ev.wd.clone(), ev.mask, ev.name.map(|n| n.to_owned())));
+                    }
+                    if raw.len() == before {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => return Err(WatchError::Read(e)),
+            }
+        }
+        let mut changes = Vec::new();
+        let mut lost = false;
+        for (wd, mask, name) in raw {
+            if mask.contains(EventMask::Q_OVERFLOW) || mask.contains(EventMask::MOVED_TO) {
+                // Lost events, or a renamed subtree whose watches now carry stale
+                // paths: only a fresh walk is trustworthy.
+                lost = true;
+                continue;
+            }
+            if mask.contains(EventMask::IGNORED) {
+                self.dirs.remove(&wd);
+                continue;
+            }
+            if !mask.contains(EventMask::ISDIR) {
+                continue;
+            }
+            let (Some(parent), Some(name)) = (self.dirs.get(&wd), name) else {
+                continue;
+            };
+            let Some(name) = name.to_str() else { continue };
+            let rel = format!("{parent}/{name}");
+            if mask.contains(EventMask::CREATE) {
+                let found = self.walk(&rel)?;
+                if !found.is_empty() {
+                    changes.push(Change::Added(found));
+                }
+            } else if mask.intersects(EventMask::DELETE | EventMask::MOVED_FROM) {
+                changes.push(Change::Removed(self.hier.cgroup_path(&rel)));
+            }
+        }
+        if lost {
+            return Ok(vec![Change::Rescan(self.scan()?)]);
+        }
+        Ok(changes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! inotify works on any directory tree, so the watcher's bookkeeping is tested on
+    //! a plain temporary directory; the kernel tests repeat this on cgroup2.
+    use super::*;
+
+    fn tmp(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("cgtproxy-watch-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn paths(v: &[Cgroup]) -> Vec<String> {
+        let mut p: Vec<String> = v.iter().map(|c| c.path.clone()).collect();
+        p.sort();
+        p
+    }
+
+    #[test]
+    fn creations_below_new_directories_and_removals_are_seen() {
+        let d = tmp("basic");
+        std::fs::create_dir_all(d.join("a/b")).unwrap();
+        let mut w = Watcher::new(Hierarchy {
+            mount: d.clone(),
+            prefix: String::new(),
+        })
+        .unwrap();
+        assert_eq!(paths(&w.scan().unwrap()), ["/", "/a", "/a/b"]);
+        // A directory created with children already in it (as if in a burst).
+        std::fs::create_dir_all(d.join("a/c/d/e")).unwrap();
+        std::fs::remove_dir(d.join("a/b")).unwrap();
+        let changes = w.read().unwrap();
+        let mut added = Vec::new();
+        let mut removed = Vec::new();
+        for c in changes {
+            match c {
+                Change::Added(v) => added.extend(v),
+                Change::Removed(p) => removed.push(p),
+                Change::Rescan(_) => panic!("unexpected rescan"),
+            }
+        }
+        let mut added = paths(&added);
+        added.dedup();
+        assert_eq!(added, ["/a/c", "/a/c/d", "/a/c/d/e"]);
+        assert_eq!(removed, ["/a/b"]);
+        assert!(w.read().unwrap().is_empty());
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_rename_forces_a_rescan() {
+        let d = tmp("rename");
+        std::fs::create_dir_all(d.join("x/y")).unwrap();
+        let mut w = Watcher::new(Hierarchy {
+            mount: d.clone(),
+            prefix: String::new(),
+        })
+        .unwrap();
+        w.scan().unwrap();
+        std::fs::rename(d.join("x"), d.join("z")).unwrap();
+        let changes = w.read().unwrap();
+        match changes.as_slice() {
+            [Change::Rescan(all)] => assert_eq!(paths(all), ["/", "/z", "/z/y"]),
+            other => panic!("expected a rescan, got {other:?}"),
+        }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
