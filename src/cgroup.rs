@@ -183,7 +183,6 @@ impl Hierarchy {
             level,
         })
     }
-
 }
 
 /// Lists the sub-directories (child cgroups) of `dir`; a vanished directory lists
@@ -244,7 +243,10 @@ mod tests {
 2 0 0:29 / /sys/fs/cgroup ro - cgroup2 cgroup2 rw
 ";
         let mounts = cgroup2_mounts(text);
-        assert_eq!(pick(&mounts).unwrap().point, PathBuf::from("/sys/fs/cgroup"));
+        assert_eq!(
+            pick(&mounts).unwrap().point,
+            PathBuf::from("/sys/fs/cgroup")
+        );
         assert!(pick(&cgroup2_mounts("1 0 0:1 / / rw - ext4 /dev/sda rw\n")).is_none());
     }
 

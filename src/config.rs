@@ -193,7 +193,11 @@ impl Config {
             let key = e.path().to_string();
             ConfigError::Parse {
                 origin: origin.to_owned(),
-                key: if key == "." { "(top level)".into() } else { key },
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
                 msg: e.into_inner().to_string(),
             }
         })?;
@@ -249,7 +253,12 @@ pub fn resolve_path(explicit: Option<&Path>) -> Option<PathBuf> {
     let default = match std::env::var_os("CONFIGURATION_DIRECTORY") {
         // systemd may pass several directories separated by ':'; ours is the first.
         Some(dirs) => {
-            let first = dirs.to_string_lossy().split(':').next().unwrap_or("").to_owned();
+            let first = dirs
+                .to_string_lossy()
+                .split(':')
+                .next()
+                .unwrap_or("")
+                .to_owned();
             Path::new(&first).join("config.json")
         }
         None => PathBuf::from(DEFAULT_PATH),
@@ -321,9 +330,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
     for (i, b) in raw.bypass.iter().enumerate() {
         match parse_net(b) {
             Some(n) => bypass.push(n),
-            None => errs.push(format!(
-                "bypass[{i}]: {b:?} is not an IP address or CIDR"
-            )),
+            None => errs.push(format!("bypass[{i}]: {b:?} is not an IP address or CIDR")),
         }
     }
 
@@ -350,12 +357,18 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
         let dns_hijack = t.dns_hijack.map(|d| {
             let ip = d.ip.as_deref().and_then(|s| {
                 s.parse::<Ipv4Addr>()
-                    .map_err(|_| errs.push(format!("{key}.dns-hijack.ip: {s:?} is not an IPv4 address")))
+                    .map_err(|_| {
+                        errs.push(format!("{key}.dns-hijack.ip: {s:?} is not an IPv4 address"))
+                    })
                     .ok()
             });
             let ip6 = d.ip6.as_deref().and_then(|s| {
                 s.parse::<Ipv6Addr>()
-                    .map_err(|_| errs.push(format!("{key}.dns-hijack.ip6: {s:?} is not an IPv6 address")))
+                    .map_err(|_| {
+                        errs.push(format!(
+                            "{key}.dns-hijack.ip6: {s:?} is not an IPv6 address"
+                        ))
+                    })
                     .ok()
             });
             if d.ip.is_none() && d.ip6.is_none() {
@@ -416,7 +429,11 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
                     let known: Vec<&str> = names.iter().copied().collect();
                     errs.push(format!(
                         "{key}.tproxy: no target named {name:?} (known: {})",
-                        if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                        if known.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            known.join(", ")
+                        }
                     ));
                     actions.push(Action::Direct);
                 }
@@ -477,7 +494,9 @@ mod tests {
         assert_eq!(c.table, "cgtproxy");
         assert_eq!(c.targets[0].name, "proxy");
         assert_eq!(
-            c.classify("/user.slice/user-1000.slice/user@1000.service/cgtproxy-proxy.slice/x.scope"),
+            c.classify(
+                "/user.slice/user-1000.slice/user@1000.service/cgtproxy-proxy.slice/x.scope"
+            ),
             Some(Action::Tproxy(0))
         );
         assert_eq!(c.classify("/cgtproxy-drop.slice"), Some(Action::Drop));
@@ -505,7 +524,10 @@ mod tests {
                 tcp: false
             })
         );
-        assert_eq!(c.classify("/system.slice/mihomo.service"), Some(Action::Direct));
+        assert_eq!(
+            c.classify("/system.slice/mihomo.service"),
+            Some(Action::Direct)
+        );
     }
 
     #[test]
@@ -520,7 +542,9 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_errors_naming_the_key() {
-        let e = err(r#"{"version":1,"route-table":300,"tproxies":{"p":{"port":1,"mark":1,"colour":1}}}"#);
+        let e = err(
+            r#"{"version":1,"route-table":300,"tproxies":{"p":{"port":1,"mark":1,"colour":1}}}"#,
+        );
         assert!(e.contains("tproxies.p") && e.contains("colour"), "{e}");
         let e = err(r#"{"version":1,"bogus":true}"#);
         assert!(e.contains("bogus"), "{e}");
@@ -548,8 +572,13 @@ mod tests {
 
     #[test]
     fn unknown_target_is_an_error_not_a_crash() {
-        let e = err(r#"{"version":1,"tproxies":{"proxy":{"port":1,"mark":1}},"rules":[{"match":"a","direct":true},{"match":"x","tproxy":"nope"}]}"#);
-        assert!(e.contains(r#"rules[1].tproxy: no target named "nope" (known: proxy)"#), "{e}");
+        let e = err(
+            r#"{"version":1,"tproxies":{"proxy":{"port":1,"mark":1}},"rules":[{"match":"a","direct":true},{"match":"x","tproxy":"nope"}]}"#,
+        );
+        assert!(
+            e.contains(r#"rules[1].tproxy: no target named "nope" (known: proxy)"#),
+            "{e}"
+        );
     }
 
     #[test]
@@ -564,8 +593,13 @@ mod tests {
 
     #[test]
     fn marks_must_be_nonzero_and_unique_ports_nonzero() {
-        let e = err(r#"{"version":1,"tproxies":{"a":{"port":1,"mark":5},"b":{"port":2,"mark":5},"c":{"port":0,"mark":0}}}"#);
-        assert!(e.contains("tproxies.b.mark: 5 is already the mark of tproxies.a"), "{e}");
+        let e = err(
+            r#"{"version":1,"tproxies":{"a":{"port":1,"mark":5},"b":{"port":2,"mark":5},"c":{"port":0,"mark":0}}}"#,
+        );
+        assert!(
+            e.contains("tproxies.b.mark: 5 is already the mark of tproxies.a"),
+            "{e}"
+        );
         assert!(e.contains("tproxies.c.port: must not be 0"), "{e}");
         assert!(e.contains("tproxies.c.mark: must not be 0"), "{e}");
     }
@@ -586,13 +620,22 @@ mod tests {
         let e = err(r#"{"version":1,"bypass":["10.0.0.0/8","nope","1.2.3.4/33"]}"#);
         assert!(e.contains("bypass[1]") && e.contains("bypass[2]"), "{e}");
         assert!(!e.contains("bypass[0]"), "{e}");
-        let e = err(r#"{"version":1,"tproxies":{"p":{"port":1,"mark":1,"dns-hijack":{"ip":"::1","ip6":"1.2.3.4"}}}}"#);
-        assert!(e.contains("tproxies.p.dns-hijack.ip:") && e.contains("tproxies.p.dns-hijack.ip6:"), "{e}");
+        let e = err(
+            r#"{"version":1,"tproxies":{"p":{"port":1,"mark":1,"dns-hijack":{"ip":"::1","ip6":"1.2.3.4"}}}}"#,
+        );
+        assert!(
+            e.contains("tproxies.p.dns-hijack.ip:") && e.contains("tproxies.p.dns-hijack.ip6:"),
+            "{e}"
+        );
     }
 
     #[test]
     fn bypass_accepts_hosts_and_truncates_cidrs() {
-        let c = Config::parse(r#"{"version":1,"bypass":["10.1.2.3","10.1.2.3/8","2001:db8::1"]}"#, "t").unwrap();
+        let c = Config::parse(
+            r#"{"version":1,"bypass":["10.1.2.3","10.1.2.3/8","2001:db8::1"]}"#,
+            "t",
+        )
+        .unwrap();
         let s: Vec<String> = c.bypass.iter().map(|n| n.to_string()).collect();
         assert_eq!(s, ["10.1.2.3/32", "10.0.0.0/8", "2001:db8::1/128"]);
     }
@@ -602,19 +645,28 @@ mod tests {
         Config::parse(r#"{"version":1,"tproxies":{"p":{"port":1,"mark":1,"upstream":"socks5://127.0.0.1:1080"}}}"#, "t").unwrap();
         let e = err(r#"{"version":1,"tproxies":{"p":{"port":1,"mark":1,"upstream":"ftp://x:1"}}}"#);
         assert!(e.contains("tproxies.p.upstream:"), "{e}");
-        let e = err(r#"{"version":1,"tproxies":{"p":{"port":1,"mark":1,"upstream-auth-file":"/x"}}}"#);
+        let e =
+            err(r#"{"version":1,"tproxies":{"p":{"port":1,"mark":1,"upstream-auth-file":"/x"}}}"#);
         assert!(e.contains("tproxies.p.upstream-auth-file"), "{e}");
     }
 
     #[test]
     fn bad_names_and_roots_are_refused() {
-        let e = err(r#"{"version":1,"table":"a b","cgroup-root":"rel/path","tproxies":{"direct":{"port":1,"mark":1}}}"#);
-        assert!(e.contains("table:") && e.contains("cgroup-root:") && e.contains("tproxies.direct:"), "{e}");
+        let e = err(
+            r#"{"version":1,"table":"a b","cgroup-root":"rel/path","tproxies":{"direct":{"port":1,"mark":1}}}"#,
+        );
+        assert!(
+            e.contains("table:") && e.contains("cgroup-root:") && e.contains("tproxies.direct:"),
+            "{e}"
+        );
     }
 
     #[test]
     fn all_problems_are_reported_at_once() {
         let e = err(r#"{"version":3,"route-table":254,"rules":[{"match":"a"}]}"#);
-        assert!(e.contains("version") && e.contains("route-table") && e.contains("rules[0]"), "{e}");
+        assert!(
+            e.contains("version") && e.contains("route-table") && e.contains("rules[0]"),
+            "{e}"
+        );
     }
 }

@@ -1,10 +1,11 @@
 //! `cgtproxy run`: the event loop. It polls the inotify descriptor, a signalfd and a
-//! timerfd (retries) and nothing else, so an idle daemon never wakes up.
+//! timerfd (retries, deferred status) and nothing else, so an idle daemon never
+//! wakes up.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, Signal};
@@ -16,10 +17,10 @@ use tracing::{debug, error, info, warn};
 use crate::cgroup::{CgroupError, Hierarchy};
 use crate::config::{Config, ConfigError};
 use crate::nft::{Nft, NftError, Txn};
+use crate::notify;
 use crate::plan::{self, Delta, Elements, Tree};
 use crate::route::{self, RouteError, Routes};
 use crate::watch::{Change, WatchError, Watcher};
-use crate::notify;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -34,7 +35,10 @@ pub enum DaemonError {
     #[error("installing policy routing: {0}")]
     Route(#[from] RouteError),
     #[error("{step}: {source}")]
-    Sys { step: &'static str, source: nix::Error },
+    Sys {
+        step: &'static str,
+        source: nix::Error,
+    },
     #[error("cleanup failed: {0}")]
     Cleanup(String),
 }
@@ -61,8 +65,16 @@ struct Daemon {
     /// Set after a failed update: the next retry rebuilds the whole table.
     dirty: bool,
     backoff: Duration,
+    /// When a failed update is retried.
+    retry_at: Option<Instant>,
+    /// When a deferred STATUS= goes out, and when the last one did.
+    status_at: Option<Instant>,
+    status_sent: Option<Instant>,
     timer: TimerFd,
 }
+
+/// STATUS= at most this often: a burst of cgroups must not flood PID 1.
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
 fn route_plan(cfg: &Config) -> route::Plan {
     route::Plan {
@@ -92,9 +104,17 @@ impl Daemon {
 
     /// Replaces the whole table with the desired one, in one transaction; `also`
     /// names a previous table (renamed by a reload) to delete in the same breath.
-    fn replace_all(&mut self, cfg: &Config, tree: &Tree, also: Option<&str>) -> Result<(), NftError> {
+    fn replace_all(
+        &mut self,
+        cfg: &Config,
+        tree: &Tree,
+        also: Option<&str>,
+    ) -> Result<(), NftError> {
         let elements = tree.elements();
-        let levels: BTreeSet<u32> = plan::levels(&elements).union(&self.levels).copied().collect();
+        let levels: BTreeSet<u32> = plan::levels(&elements)
+            .union(&self.levels)
+            .copied()
+            .collect();
         let spec = plan::table(cfg, &levels, &elements);
         let mut txn = Txn::new();
         if let Some(old) = also.filter(|o| *o != spec.name) {
@@ -164,7 +184,7 @@ impl Daemon {
                 }
                 self.dirty = false;
                 self.backoff = Duration::from_millis(100);
-                notify::status(&self.status());
+                self.publish_status();
             }
             Err(e) => {
                 error!(
@@ -178,11 +198,57 @@ impl Daemon {
     }
 
     fn arm_retry(&mut self) {
-        let when = Expiration::OneShot(TimeSpec::from_duration(self.backoff));
-        if let Err(e) = self.timer.set(when, TimerSetTimeFlags::empty()) {
-            error!("cannot arm the retry timer: {e}");
-        }
+        self.retry_at = Some(Instant::now() + self.backoff);
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        self.arm_timer();
+    }
+
+    /// Sends STATUS= now, or defers it to keep within [`STATUS_INTERVAL`].
+    fn publish_status(&mut self) {
+        let now = Instant::now();
+        match self.status_sent {
+            Some(t) if now < t + STATUS_INTERVAL => {
+                if self.status_at.is_none() {
+                    self.status_at = Some(t + STATUS_INTERVAL);
+                    self.arm_timer();
+                }
+            }
+            _ => {
+                notify::status(&self.status());
+                self.status_sent = Some(now);
+            }
+        }
+    }
+
+    /// Arms the timer for the earliest pending deadline.
+    fn arm_timer(&mut self) {
+        let Some(at) = [self.retry_at, self.status_at].into_iter().flatten().min() else {
+            return;
+        };
+        let left = at
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_micros(1));
+        let when = Expiration::OneShot(TimeSpec::from_duration(left));
+        if let Err(e) = self.timer.set(when, TimerSetTimeFlags::empty()) {
+            error!("cannot arm the timer: {e}");
+        }
+    }
+
+    /// Runs whatever deadline has passed.
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        if self.retry_at.is_some_and(|t| t <= now) {
+            self.retry_at = None;
+            if self.dirty {
+                self.converge(Delta::default());
+            }
+        }
+        if self.status_at.is_some_and(|t| t <= now) {
+            self.status_at = None;
+            notify::status(&self.status());
+            self.status_sent = Some(now);
+        }
+        self.arm_timer();
     }
 
     fn on_changes(&mut self, changes: Vec<Change>) {
@@ -254,7 +320,10 @@ impl Daemon {
                     marks: new_routes
                         .marks
                         .iter()
-                        .filter(|m| !(self.route_plan.table == new_routes.table && self.route_plan.marks.contains(m)))
+                        .filter(|m| {
+                            !(self.route_plan.table == new_routes.table
+                                && self.route_plan.marks.contains(m))
+                        })
                         .copied()
                         .collect(),
                 };
@@ -338,6 +407,9 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         levels: BTreeSet::new(),
         dirty: false,
         backoff: Duration::from_millis(100),
+        retry_at: None,
+        status_at: None,
+        status_sent: None,
         timer,
     };
     let (cfg, tree) = (d.cfg.clone(), d.tree.clone());
@@ -363,7 +435,12 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
             match poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) => {}
                 Err(nix::Error::EINTR) => continue,
-                Err(e) => return Err(DaemonError::Sys { step: "poll", source: e }),
+                Err(e) => {
+                    return Err(DaemonError::Sys {
+                        step: "poll",
+                        source: e,
+                    });
+                }
             }
             let ready = |f: &PollFd| f.revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
             (ready(&fds[0]), ready(&fds[1]), ready(&fds[2]))
@@ -395,9 +472,7 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         }
         if tim {
             let _ = d.timer.wait();
-            if d.dirty {
-                d.converge(Delta::default());
-            }
+            d.on_timer();
         }
     }
 }

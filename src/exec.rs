@@ -57,15 +57,35 @@ mod tests {
     fn targets_are_checked_and_the_slice_is_named_after_them() {
         let cfg = Config::load(None).unwrap();
         let c = command(&cfg, "proxy", &["curl".into(), "-v".into()]).unwrap();
-        let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let args: Vec<String> = c
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
         assert_eq!(c.get_program(), "systemd-run");
         assert_eq!(
             args,
-            ["--user", "--scope", "--quiet", "--collect", "--slice=cgtproxy-proxy.slice", "--", "curl", "-v"]
+            [
+                "--user",
+                "--scope",
+                "--quiet",
+                "--collect",
+                "--slice=cgtproxy-proxy.slice",
+                "--",
+                "curl",
+                "-v"
+            ]
         );
         assert!(command(&cfg, "drop", &["x".into()]).is_ok());
-        let e = command(&cfg, "nope", &["x".into()]).unwrap_err().to_string();
-        assert_eq!(e, r#"unknown target "nope": use one of direct, drop, proxy"#);
-        assert!(matches!(command(&cfg, "direct", &[]), Err(ExecError::NoCommand)));
+        let e = command(&cfg, "nope", &["x".into()])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            r#"unknown target "nope": use one of direct, drop, proxy"#
+        );
+        assert!(matches!(
+            command(&cfg, "direct", &[]),
+            Err(ExecError::NoCommand)
+        ));
     }
 }

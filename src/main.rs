@@ -18,7 +18,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(version, about = "Per-application transparent proxying by cgroup v2 path")]
+#[command(
+    version,
+    about = "Per-application transparent proxying by cgroup v2 path"
+)]
 struct Cli {
     /// Log level or filter (error, warn, info, debug, trace); overrides RUST_LOG.
     #[arg(long, global = true)]
@@ -100,7 +103,10 @@ fn render(config: Option<PathBuf>) -> anyhow::Result<()> {
     let paths = cgroups.into_iter().map(|c| (c.id, c.path)).collect();
     print!(
         "{}",
-        render::render(&plan::table(&cfg, &plan::levels(&elements), &elements), &paths)
+        render::render(
+            &plan::table(&cfg, &plan::levels(&elements), &elements),
+            &paths
+        )
     );
     Ok(())
 }

@@ -303,7 +303,10 @@ pub enum Stmt {
     /// `meta mark set N`
     SetMark(u32),
     /// `socket cgroupv2 level L vmap @map`
-    CgroupVmap { level: u32, map: String },
+    CgroupVmap {
+        level: u32,
+        map: String,
+    },
     /// `tproxy to :port`
     Tproxy(u16),
     /// `dnat ip to a:p` / `dnat ip6 to [a]:p`
@@ -469,7 +472,11 @@ pub fn table(cfg: &Config, levels: &BTreeSet<u32>, elements: &Elements) -> Table
             };
             let addrs = [d.ip.map(IpAddr::V4), d.ip6.map(IpAddr::V6)];
             for addr in addrs.into_iter().flatten() {
-                let fam = if addr.is_ipv4() { Family::V4 } else { Family::V6 };
+                let fam = if addr.is_ipv4() {
+                    Family::V4
+                } else {
+                    Family::V6
+                };
                 for &p in protos {
                     // Marked even for no-udp / no-ipv6 targets: the nat chain finds
                     // the query by its mark, clears it and redirects it.
@@ -622,7 +629,8 @@ mod tests {
         assert_eq!(d.del, vec![((4, 4), Action::Drop)]);
         assert_eq!(d.add, vec![((4, 40), Action::Drop)]);
         d.apply(&mut installed);
-        t.remove("/a/proxy.slice/x/drop.slice").apply(&mut installed);
+        t.remove("/a/proxy.slice/x/drop.slice")
+            .apply(&mut installed);
         t.remove("/a/proxy.slice/x").apply(&mut installed);
         assert_eq!(installed.len(), 1);
         // Removing a parent removes whatever is still recorded below it.
@@ -636,11 +644,15 @@ mod tests {
         let c = cfg();
         let mut t = Tree::default();
         let mut inst = Elements::new();
-        t.insert(&c, &cg("/p/proxy.slice/q/proxy.slice", 9)).apply(&mut inst);
+        t.insert(&c, &cg("/p/proxy.slice/q/proxy.slice", 9))
+            .apply(&mut inst);
         assert_eq!(inst.len(), 1);
         t.insert(&c, &cg("/p/proxy.slice", 2)).apply(&mut inst);
         // The child now inherits from a classified parent with the same verdict.
-        assert_eq!(inst.into_iter().collect::<Vec<_>>(), vec![((2, 2), Action::Tproxy(0))]);
+        assert_eq!(
+            inst.into_iter().collect::<Vec<_>>(),
+            vec![((2, 2), Action::Tproxy(0))]
+        );
     }
 
     #[test]
@@ -658,8 +670,14 @@ mod tests {
         let old: Elements = [((1, 1), Action::Direct), ((1, 2), Action::Drop)].into();
         let new: Elements = [((1, 1), Action::Drop), ((2, 3), Action::Direct)].into();
         let d = diff(&old, &new);
-        assert_eq!(d.del, vec![((1, 1), Action::Direct), ((1, 2), Action::Drop)]);
-        assert_eq!(d.add, vec![((1, 1), Action::Drop), ((2, 3), Action::Direct)]);
+        assert_eq!(
+            d.del,
+            vec![((1, 1), Action::Direct), ((1, 2), Action::Drop)]
+        );
+        assert_eq!(
+            d.add,
+            vec![((1, 1), Action::Drop), ((2, 3), Action::Direct)]
+        );
         let mut x = old.clone();
         d.apply(&mut x);
         assert_eq!(x, new);

@@ -96,7 +96,10 @@ pub fn render(t: &TableSpec, paths: &HashMap<u64, String>) -> String {
         let _ = writeln!(o, "\tchain {} {{", c.name);
         match c.hook {
             Some(Hook::OutputRoute) => {
-                let _ = writeln!(o, "\t\ttype route hook output priority mangle; policy accept;");
+                let _ = writeln!(
+                    o,
+                    "\t\ttype route hook output priority mangle; policy accept;"
+                );
             }
             Some(Hook::PreroutingFilter) => {
                 let _ = writeln!(
@@ -141,7 +144,8 @@ mod tests {
             ((4, 13), Action::Direct),
         ]
         .into();
-        let paths: HashMap<u64, String> = [(11, "/a/proxy".to_owned()), (13, "/a/b/c/d".to_owned())].into();
+        let paths: HashMap<u64, String> =
+            [(11, "/a/proxy".to_owned()), (13, "/a/b/c/d".to_owned())].into();
         let got = render(&table(&cfg, &levels(&elements), &elements), &paths);
         let want = include_str!("../tests/golden/render.nft");
         assert_eq!(got, want, "got:\n{got}");

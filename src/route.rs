@@ -7,8 +7,7 @@ use netlink_packet_core::{
     NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
-    RouteType,
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
@@ -109,10 +108,24 @@ fn is_our_rule(r: &RuleMessage, mark: u32, table: u32) -> bool {
     for a in &r.attributes {
         match a {
             RuleAttribute::FwMark(m) if *m == mark => has_mark = true,
-            RuleAttribute::FwMask(0xffff_ffff) | RuleAttribute::Priority(_) => {}
-            RuleAttribute::Protocol(_) => {}
+            RuleAttribute::FwMask(0xffff_ffff) => {}
             RuleAttribute::Table(t) => tbl = *t,
-            _ => return false,
+            // Any other selector makes it somebody else's rule; the kernel also
+            // reports non-selecting attributes (priority, protocol, suppressors).
+            RuleAttribute::Destination(_)
+            | RuleAttribute::Source(_)
+            | RuleAttribute::Iifname(_)
+            | RuleAttribute::Oifname(_)
+            | RuleAttribute::FwMark(_)
+            | RuleAttribute::FwMask(_)
+            | RuleAttribute::Goto(_)
+            | RuleAttribute::TunId(_)
+            | RuleAttribute::L3MDev(true)
+            | RuleAttribute::UidRange(_)
+            | RuleAttribute::IpProtocol(_)
+            | RuleAttribute::SourcePortRange(_)
+            | RuleAttribute::DestinationPortRange(_) => return false,
+            _ => {}
         }
     }
     has_mark && tbl == table
@@ -159,9 +172,9 @@ impl Routes {
             while off < n {
                 let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[off..n])
                     .map_err(|e| RouteError::Decode {
-                        step: step.to_owned(),
-                        msg: e.to_string(),
-                    })?;
+                    step: step.to_owned(),
+                    msg: e.to_string(),
+                })?;
                 let len = reply.header.length as usize;
                 if len == 0 {
                     break;
@@ -323,7 +336,9 @@ mod tests {
         other.attributes.push(RuleAttribute::Iifname("eth0".into()));
         assert!(!is_our_rule(&other, 3000, 300));
         let mut small = rule_msg(Fam::V4, 7, 100);
-        small.attributes.retain(|a| !matches!(a, RuleAttribute::Table(_)));
+        small
+            .attributes
+            .retain(|a| !matches!(a, RuleAttribute::Table(_)));
         assert!(is_our_rule(&small, 7, 100), "table in the header only");
     }
 

@@ -80,18 +80,31 @@ pub enum Expr {
         len: u32,
     },
     /// Compares [`REG_1`] with `data`: equal when `eq`, else not equal.
-    Cmp { eq: bool, data: Vec<u8> },
+    Cmp {
+        eq: bool,
+        data: Vec<u8>,
+    },
     /// Loads constant `data` into `reg`.
-    Load { reg: u32, data: Vec<u8> },
+    Load {
+        reg: u32,
+        data: Vec<u8>,
+    },
     Verdict(Verdict),
     /// `socket cgroupv2 level L`: the cgroup id of the socket's ancestor at level L.
-    SocketCgroup { level: u32 },
+    SocketCgroup {
+        level: u32,
+    },
     /// `@set` membership of [`REG_1`], or with `vmap` the verdict it maps to.
-    Lookup { set: CString, vmap: bool },
+    Lookup {
+        set: CString,
+        vmap: bool,
+    },
     /// `tproxy to :port`, port in [`REG_1`], address family taken from the packet.
     Tproxy,
     /// `dnat <family> to addr:port`, address in [`REG_1`], port in [`REG_2`].
-    Dnat { family: u32 },
+    Dnat {
+        family: u32,
+    },
     Counter,
 }
 
@@ -167,7 +180,11 @@ impl Expression for Expr {
             }
             Expr::Cmp { eq, data } => {
                 let e = alloc_expr(c"cmp");
-                let op = if *eq { libc::NFT_CMP_EQ } else { libc::NFT_CMP_NEQ };
+                let op = if *eq {
+                    libc::NFT_CMP_EQ
+                } else {
+                    libc::NFT_CMP_NEQ
+                };
                 set_u32(e, sys::NFTNL_EXPR_CMP_SREG, REG_1);
                 set_u32(e, sys::NFTNL_EXPR_CMP_OP, op as u32);
                 set_data(e, sys::NFTNL_EXPR_CMP_DATA, data);
@@ -206,7 +223,11 @@ impl Expression for Expr {
             }
             Expr::Tproxy => {
                 let e = alloc_expr(c"tproxy");
-                set_u32(e, sys::NFTNL_EXPR_TPROXY_FAMILY, libc::NFPROTO_UNSPEC as u32);
+                set_u32(
+                    e,
+                    sys::NFTNL_EXPR_TPROXY_FAMILY,
+                    libc::NFPROTO_UNSPEC as u32,
+                );
                 set_u32(e, sys::NFTNL_EXPR_TPROXY_REG_PORT, REG_1);
                 e
             }
@@ -307,15 +328,12 @@ unsafe impl NlMsg for SetDef {
             set.set_u32(sys::NFTNL_SET_DATA_TYPE, libc::NFT_DATA_VERDICT);
         }
         let (t, f) = match msg_type {
-            MsgType::Add => (
-                libc::NFT_MSG_NEWSET,
-                libc::NLM_F_CREATE | libc::NLM_F_ACK,
-            ),
+            MsgType::Add => (libc::NFT_MSG_NEWSET, libc::NLM_F_CREATE | libc::NLM_F_ACK),
             MsgType::Del => (libc::NFT_MSG_DELSET, libc::NLM_F_ACK),
         };
         // SAFETY: `buf` has room for a message (trait contract); `set` is live.
         unsafe {
-            let nlh = header(buf, t as i32, f, seq);
+            let nlh = header(buf, t, f, seq);
             sys::nftnl_set_nlmsg_build_payload(nlh, set.0.as_ptr());
         }
     }
@@ -394,7 +412,7 @@ unsafe impl NlMsg for Elems<'_> {
         };
         // SAFETY: `buf` has room (trait contract); `set` and its elements are live.
         unsafe {
-            let nlh = header(buf, t as i32, f, seq);
+            let nlh = header(buf, t, f, seq);
             sys::nftnl_set_elems_nlmsg_build_payload(nlh, set.0.as_ptr());
         }
     }
@@ -552,7 +570,10 @@ mod tests {
         let (name, data) = expr_bytes(&Expr::CtDirection);
         assert_eq!(name, "ct");
         // NFTA_CT_DREG = 1, NFTA_CT_KEY = 2.
-        assert_eq!(attr(&data, 2), (libc::NFT_CT_DIRECTION as u32).to_be_bytes());
+        assert_eq!(
+            attr(&data, 2),
+            (libc::NFT_CT_DIRECTION as u32).to_be_bytes()
+        );
         assert_eq!(attr(&data, 1), 1u32.to_be_bytes());
         let (name, data) = expr_bytes(&Expr::SetMark);
         assert_eq!(name, "meta");
@@ -579,13 +600,23 @@ mod tests {
             .iter()
             .find(|(ty, _, _)| *ty == libc::NFT_MSG_NEWSET as u16)
             .unwrap();
-        assert_eq!(*flags as i32 & libc::NLM_F_EXCL, 0, "re-adding must not fail");
+        assert_eq!(
+            *flags as i32 & libc::NLM_F_EXCL,
+            0,
+            "re-adding must not fail"
+        );
         assert_eq!(attr(p, NFTA_SET_TABLE), b"cgtproxy\0");
         assert_eq!(attr(p, NFTA_SET_NAME), b"level2\0");
-        assert_eq!(attr(p, NFTA_SET_FLAGS), (libc::NFT_SET_MAP as u32).to_be_bytes());
+        assert_eq!(
+            attr(p, NFTA_SET_FLAGS),
+            (libc::NFT_SET_MAP as u32).to_be_bytes()
+        );
         assert_eq!(attr(p, NFTA_SET_KEY_TYPE), 46u32.to_be_bytes());
         assert_eq!(attr(p, NFTA_SET_KEY_LEN), 8u32.to_be_bytes());
-        assert_eq!(attr(p, NFTA_SET_DATA_TYPE), libc::NFT_DATA_VERDICT.to_be_bytes());
+        assert_eq!(
+            attr(p, NFTA_SET_DATA_TYPE),
+            libc::NFT_DATA_VERDICT.to_be_bytes()
+        );
         assert_eq!(attr(p, NFTA_SET_ID), 7u32.to_be_bytes());
     }
 
@@ -615,7 +646,11 @@ mod tests {
             .iter()
             .find(|(ty, _, _)| *ty == libc::NFT_MSG_NEWSETELEM as u16)
             .unwrap();
-        assert_ne!(*flags as i32 & libc::NLM_F_EXCL, 0, "a duplicate must be caught");
+        assert_ne!(
+            *flags as i32 & libc::NLM_F_EXCL,
+            0,
+            "a duplicate must be caught"
+        );
         assert_eq!(attr(p, NFTA_SET_ELEM_LIST_SET), b"level5\0");
         let list = attrs(attr(p, NFTA_SET_ELEM_LIST_ELEMENTS));
         assert_eq!(list.len(), 2);

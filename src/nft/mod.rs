@@ -285,7 +285,11 @@ impl Txn {
                 set: &s,
                 elems: chunk,
             };
-            self.add(&msg, ty, format!("{verb} {} elements of {set}", chunk.len()));
+            self.add(
+                &msg,
+                ty,
+                format!("{verb} {} elements of {set}", chunk.len()),
+            );
         }
         Ok(())
     }
@@ -323,7 +327,11 @@ impl Txn {
                     rule.add_expr(&e);
                 }
             }
-            self.add(&rule, MsgType::Add, format!("rule {} of chain {}", i + 1, c.name));
+            self.add(
+                &rule,
+                MsgType::Add,
+                format!("rule {} of chain {}", i + 1, c.name),
+            );
         }
         Ok(())
     }
@@ -522,7 +530,10 @@ mod tests {
 
     #[test]
     fn interval_ends_are_one_past_and_omitted_at_the_top() {
-        let e = interval_elems(Family::V4, &[(0x0a00_0000, 0x0aff_ffff), (0xffff_fff0, 0xffff_ffff)]);
+        let e = interval_elems(
+            Family::V4,
+            &[(0x0a00_0000, 0x0aff_ffff), (0xffff_fff0, 0xffff_ffff)],
+        );
         let keys: Vec<(Vec<u8>, bool)> = e.into_iter().map(|e| (e.key, e.interval_end)).collect();
         assert_eq!(
             keys,

@@ -1,0 +1,22 @@
+#!/usr/bin/env python3
+"""One TCP or UDP exchange; prints the answer, or "ERR <reason>".
+Usage: client.py tcp|udp HOST PORT"""
+import socket
+import sys
+
+proto, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+try:
+    if proto == "tcp":
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.settimeout(2)
+        s.connect((host, port))
+        print(s.recv(256).decode().strip())
+    else:
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+        s.settimeout(2)
+        s.sendto(b"hello", (host, port))
+        data, src = s.recvfrom(256)
+        print(data.decode().strip(), "from", src[0])
+except OSError as e:
+    print("ERR", type(e).__name__, e.errno)

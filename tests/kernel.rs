@@ -1,0 +1,377 @@
+//! Kernel tests: real packets from processes in cgroups, through the daemon's table
+//! and routes, checked where they arrive. Root only; they fail (not skip) without it.
+
+mod support;
+
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use support::*;
+
+fn proxy_target() -> String {
+    format!(r#"{{"proxy":{{"port":{PROXY_PORT},"mark":{MARK}}}}}"#)
+}
+
+/// The usual rules: listener direct, `direct`, `drop` and `proxy` subtrees.
+fn rules(lab: &Lab) -> String {
+    format!(
+        r#"[{{"match":"{}","direct":true}},{{"match":"{}","direct":true}},
+            {{"match":"{}","drop":true}},{{"match":"{}","tproxy":"proxy"}}]"#,
+        lab.re("listener"),
+        lab.re("direct"),
+        lab.re("drop"),
+        lab.re("proxy")
+    )
+    .replace('\\', "\\\\")
+}
+
+fn proxied(answer: &str, dst: &str) -> bool {
+    answer.starts_with(&format!("proxy {dst} {PEER_PORT}"))
+}
+
+fn reached_peer(answer: &str) -> bool {
+    answer.starts_with("peer ")
+}
+
+fn failed(answer: &str) -> bool {
+    answer.starts_with("ERR")
+}
+
+const FAST: Duration = Duration::from_secs(3);
+
+#[test]
+fn routes_tcp_and_udp_over_ipv4_and_ipv6_by_cgroup() {
+    in_namespaces("routes_tcp_and_udp_over_ipv4_and_ipv6_by_cgroup", || {
+        let mut lab = Lab::new("routing");
+        lab.start_listener("listener", PROXY_PORT, "proxy");
+        // Cgroups that exist before the daemon starts.
+        lab.mkcg("proxy/app.scope");
+        lab.mkcg("direct");
+        lab.mkcg("drop");
+        lab.mkcg("unclassified");
+        let cfg = lab.write_config("c.json", &proxy_target(), &rules(&lab));
+        lab.start_daemon(&cfg);
+        for proto in ["tcp", "udp"] {
+            for dst in [PEER4, PEER6] {
+                let a = lab.talk("proxy/app.scope", proto, dst, PEER_PORT);
+                assert!(proxied(&a, dst), "{proto} {dst} from proxy: {a}");
+                if proto == "udp" {
+                    assert!(
+                        a.ends_with(&format!("from {dst}")),
+                        "UDP answer must come from the original destination: {a}"
+                    );
+                }
+                let a = lab.talk("direct", proto, dst, PEER_PORT);
+                assert!(reached_peer(&a), "{proto} {dst} from direct: {a}");
+                let a = lab.talk("unclassified", proto, dst, PEER_PORT);
+                assert!(reached_peer(&a), "{proto} {dst} from unclassified: {a}");
+                let a = lab.talk("drop", proto, dst, PEER_PORT);
+                assert!(failed(&a), "{proto} {dst} from drop: {a}");
+            }
+        }
+        // Bypass destinations are never proxied: 10.99.0.99 is in the config's
+        // bypass list and unreachable, so a proxied connection would succeed.
+        let a = lab.talk("proxy/app.scope", "tcp", "10.99.0.99", PEER_PORT);
+        assert!(failed(&a), "bypassed destination was proxied: {a}");
+
+        let code = lab.take_daemon().stop();
+        assert_eq!(code, 0);
+        let state = kernel_state();
+        assert!(!state.contains("cgtproxy"), "table left behind:\n{state}");
+        assert!(!state.contains("0xbb8"), "ip rule left behind:\n{state}");
+        assert!(!state.contains("table 300"), "route left behind:\n{state}");
+        // With everything removed, proxy-cgroup traffic goes direct again.
+        let a = lab.talk("proxy/app.scope", "tcp", PEER4, PEER_PORT);
+        assert!(reached_peer(&a), "after stop: {a}");
+    });
+}
+
+#[test]
+fn follows_cgroups_created_nested_removed_and_recreated() {
+    in_namespaces(
+        "follows_cgroups_created_nested_removed_and_recreated",
+        || {
+            let mut lab = Lab::new("follow");
+            lab.start_listener("listener", PROXY_PORT, "proxy");
+            let cfg = lab.write_config("c.json", &proxy_target(), &rules(&lab));
+            lab.start_daemon(&cfg);
+            // Created after start, then nested deeper.
+            lab.mkcg("proxy");
+            lab.mkcg("proxy/a/b/c");
+            lab.mkcg("proxy/a/b/c/drop");
+            // A direct cgroup nested inside a proxied one wins for its subtree.
+            lab.mkcg("proxy/a/direct/x");
+            assert!(lab.eventually(FAST, || proxied(
+                &lab.talk("proxy/a/b/c", "tcp", PEER4, PEER_PORT),
+                PEER4
+            )));
+            // `.../drop` matches the proxy rule first (rules are ordered): proxied.
+            assert!(proxied(
+                &lab.talk("proxy/a/b/c/drop", "tcp", PEER4, PEER_PORT),
+                PEER4
+            ));
+            let a = lab.talk("proxy/a/direct/x", "tcp", PEER4, PEER_PORT);
+            assert!(
+                proxied(&a, PEER4),
+                "rule order: the proxy rule matches first: {a}"
+            );
+            lab.mkcg("direct/deep/er");
+            assert!(lab.eventually(FAST, || reached_peer(&lab.talk(
+                "direct/deep/er",
+                "udp",
+                PEER6,
+                PEER_PORT
+            ))));
+            lab.mkcg("drop");
+            assert!(lab.eventually(FAST, || failed(&lab.talk("drop", "tcp", PEER4, PEER_PORT))));
+            // Removed and re-created under the same name: a new cgroup id, still routed.
+            std::fs::remove_dir(lab.cg_dir("drop")).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            lab.mkcg("drop");
+            assert!(lab.eventually(FAST, || failed(&lab.talk("drop", "tcp", PEER4, PEER_PORT))));
+            let before = nft("list map inet cgtproxy level2");
+            assert_eq!(
+                before.matches(": drop").count(),
+                1,
+                "stale element kept:\n{before}"
+            );
+            assert_eq!(lab.take_daemon().stop(), 0);
+        },
+    );
+}
+
+#[test]
+fn a_storm_of_a_thousand_cgroups_converges() {
+    in_namespaces("a_storm_of_a_thousand_cgroups_converges", || {
+        let mut lab = Lab::new("storm");
+        lab.start_listener("listener", PROXY_PORT, "proxy");
+        let base = regex_escape(&lab.base);
+        let rules = format!(
+            r#"[{{"match":"{}","direct":true}},{{"match":"^{base}/storm/d[0-9]+$","drop":true}},
+                {{"match":"^{base}/storm/p[0-9]+$","tproxy":"proxy"}}]"#,
+            lab.re("listener")
+        )
+        .replace('\\', "\\\\");
+        let cfg = lab.write_config("c.json", &proxy_target(), &rules);
+        lab.start_daemon(&cfg);
+        lab.mkcg("storm");
+        let count = || {
+            let m = nft("list map inet cgtproxy level3");
+            (
+                m.matches(": drop").count(),
+                m.matches(": goto proxy-mark").count(),
+            )
+        };
+        for i in 0..500 {
+            lab.mkcg(&format!("storm/d{i}"));
+            lab.mkcg(&format!("storm/p{i}"));
+        }
+        assert!(
+            lab.eventually(Duration::from_secs(10), || count() == (500, 500)),
+            "after creating: {:?}",
+            count()
+        );
+        assert!(failed(&lab.talk("storm/d499", "tcp", PEER4, PEER_PORT)));
+        assert!(proxied(
+            &lab.talk("storm/p0", "udp", PEER6, PEER_PORT),
+            PEER6
+        ));
+        for i in 0..500 {
+            std::fs::remove_dir(lab.cg_dir(&format!("storm/d{i}"))).unwrap();
+            std::fs::remove_dir(lab.cg_dir(&format!("storm/p{i}"))).unwrap();
+        }
+        assert!(
+            lab.eventually(Duration::from_secs(10), || count() == (0, 0)),
+            "after removing: {:?}",
+            count()
+        );
+        // Re-created names are new cgroups and are routed again.
+        lab.mkcg("storm/d7");
+        assert!(lab.eventually(FAST, || failed(
+            &lab.talk("storm/d7", "tcp", PEER4, PEER_PORT)
+        )));
+        let d = lab.daemon.as_ref().unwrap();
+        assert!(
+            !d.log().contains("ERROR"),
+            "errors during the storm:\n{}",
+            d.log()
+        );
+        assert_eq!(lab.take_daemon().stop(), 0);
+    });
+}
+
+#[test]
+fn no_udp_and_no_ipv6_go_direct() {
+    in_namespaces("no_udp_and_no_ipv6_go_direct", || {
+        let mut lab = Lab::new("noudp");
+        lab.start_listener("listener", PROXY_PORT, "proxy");
+        lab.start_listener("listener2", PROXY_PORT + 1, "proxy2");
+        lab.mkcg("proxy");
+        lab.mkcg("p2");
+        let targets = format!(
+            r#"{{"proxy":{{"port":{PROXY_PORT},"mark":{MARK},"no-udp":true}},
+                "p2":{{"port":{},"mark":3001,"no-ipv6":true}}}}"#,
+            PROXY_PORT + 1
+        );
+        let rules = format!(
+            r#"[{{"match":"{}","direct":true}},{{"match":"{}","direct":true}},
+                {{"match":"{}","tproxy":"proxy"}},{{"match":"{}","tproxy":"p2"}}]"#,
+            lab.re("listener"),
+            lab.re("listener2"),
+            lab.re("proxy"),
+            lab.re("p2")
+        )
+        .replace('\\', "\\\\");
+        let cfg = lab.write_config("c.json", &targets, &rules);
+        lab.start_daemon(&cfg);
+        // no-udp: TCP proxied, UDP reaches the peer directly (not black-holed).
+        assert!(proxied(&lab.talk("proxy", "tcp", PEER4, PEER_PORT), PEER4));
+        assert!(proxied(&lab.talk("proxy", "tcp", PEER6, PEER_PORT), PEER6));
+        for dst in [PEER4, PEER6] {
+            let a = lab.talk("proxy", "udp", dst, PEER_PORT);
+            assert!(reached_peer(&a), "no-udp UDP to {dst}: {a}");
+        }
+        // no-ipv6: IPv4 proxied, IPv6 direct.
+        for proto in ["tcp", "udp"] {
+            let a = lab.talk("p2", proto, PEER4, PEER_PORT);
+            assert!(a.starts_with(&format!("proxy2 {PEER4}")), "{proto} v4: {a}");
+            let a = lab.talk("p2", proto, PEER6, PEER_PORT);
+            assert!(reached_peer(&a), "no-ipv6 {proto} v6: {a}");
+        }
+        assert_eq!(lab.take_daemon().stop(), 0);
+    });
+}
+
+#[test]
+fn dns_hijack_redirects_port_53_over_both_families() {
+    in_namespaces("dns_hijack_redirects_port_53_over_both_families", || {
+        let mut lab = Lab::new("dns");
+        lab.start_listener("listener", PROXY_PORT, "proxy");
+        lab.start_local_server(1053, "dns", &["127.0.0.1", "::1"]);
+        lab.mkcg("proxy");
+        let targets = format!(
+            r#"{{"proxy":{{"port":{PROXY_PORT},"mark":{MARK},
+                "dns-hijack":{{"ip":"127.0.0.1","ip6":"::1","port":1053,"tcp":true}}}}}}"#
+        );
+        let cfg = lab.write_config("c.json", &targets, &rules(&lab));
+        lab.start_daemon(&cfg);
+        for proto in ["udp", "tcp"] {
+            for dst in [PEER4, PEER6] {
+                let a = lab.talk("proxy", proto, dst, 53);
+                assert!(a.starts_with("dns "), "{proto} DNS to {dst}: {a}");
+            }
+        }
+        // Other ports still go to the proxy.
+        assert!(proxied(&lab.talk("proxy", "udp", PEER4, PEER_PORT), PEER4));
+        // Unclassified cgroups' DNS is not touched (the peer has nothing on 53).
+        lab.mkcg("other");
+        assert!(failed(&lab.talk("other", "udp", PEER4, 53)));
+        assert_eq!(lab.take_daemon().stop(), 0);
+    });
+}
+
+#[test]
+fn reload_applies_new_rules_and_keeps_old_ones_on_a_bad_config() {
+    in_namespaces(
+        "reload_applies_new_rules_and_keeps_old_ones_on_a_bad_config",
+        || {
+            let mut lab = Lab::new("reload");
+            lab.start_listener("listener", PROXY_PORT, "proxy");
+            lab.mkcg("a");
+            let rules_a = format!(
+                r#"[{{"match":"{}","direct":true}},{{"match":"{}","tproxy":"proxy"}}]"#,
+                lab.re("listener"),
+                lab.re("a")
+            )
+            .replace('\\', "\\\\");
+            let cfg = lab.write_config("c.json", &proxy_target(), &rules_a);
+            lab.start_daemon(&cfg);
+            assert!(proxied(&lab.talk("a", "tcp", PEER4, PEER_PORT), PEER4));
+
+            // Same targets, different rules: elements change in place.
+            let rules_b = format!(
+                r#"[{{"match":"{}","direct":true}},{{"match":"{}","drop":true}}]"#,
+                lab.re("listener"),
+                lab.re("a")
+            )
+            .replace('\\', "\\\\");
+            lab.write_config("c.json", &proxy_target(), &rules_b);
+            let d = lab.daemon.as_ref().unwrap();
+            d.signal(Signal::SIGHUP);
+            let msg = d.wait_notify("RELOADING=1", FAST);
+            assert!(msg.contains("MONOTONIC_USEC="), "{msg}");
+            d.wait_notify("READY=1", FAST);
+            assert!(failed(&lab.talk("a", "tcp", PEER4, PEER_PORT)));
+
+            // New target and mark: the table is replaced, routing follows.
+            let targets = format!(r#"{{"other":{{"port":{PROXY_PORT},"mark":4000}}}}"#);
+            let rules_c = format!(
+                r#"[{{"match":"{}","direct":true}},{{"match":"{}","tproxy":"other"}}]"#,
+                lab.re("listener"),
+                lab.re("a")
+            )
+            .replace('\\', "\\\\");
+            lab.write_config("c.json", &targets, &rules_c);
+            d.signal(Signal::SIGHUP);
+            d.wait_notify("READY=1", FAST);
+            assert!(proxied(&lab.talk("a", "udp", PEER6, PEER_PORT), PEER6));
+            let rules_now = sh_any("ip rule");
+            assert!(
+                rules_now.contains("0xfa0") && !rules_now.contains("0xbb8"),
+                "{rules_now}"
+            );
+
+            // An invalid config: logged, old rules stay, daemon keeps running.
+            std::fs::write(
+                &cfg,
+                r#"{"version":1,"rules":[{"match":"x","tproxy":"nope"}]}"#,
+            )
+            .unwrap();
+            d.signal(Signal::SIGHUP);
+            d.wait_notify("READY=1", FAST);
+            assert!(
+                d.log()
+                    .contains(r#"rules[0].tproxy: no target named "nope""#),
+                "{}",
+                d.log()
+            );
+            assert!(proxied(&lab.talk("a", "tcp", PEER4, PEER_PORT), PEER4));
+            assert_eq!(lab.take_daemon().stop(), 0);
+            let state = kernel_state();
+            assert!(
+                !state.contains("cgtproxy") && !state.contains("0xfa0"),
+                "{state}"
+            );
+        },
+    );
+}
+
+#[test]
+fn a_killed_instance_never_blocks_the_next_start() {
+    in_namespaces("a_killed_instance_never_blocks_the_next_start", || {
+        let mut lab = Lab::new("sigkill");
+        lab.start_listener("listener", PROXY_PORT, "proxy");
+        lab.mkcg("proxy");
+        lab.mkcg("drop");
+        let cfg = lab.write_config("c.json", &proxy_target(), &rules(&lab));
+        lab.start_daemon(&cfg);
+        lab.take_daemon().kill();
+        // The stale table and rules are still there, and still route.
+        assert!(sh_any("nft list tables").contains("cgtproxy"));
+        lab.start_daemon(&cfg);
+        assert!(proxied(&lab.talk("proxy", "tcp", PEER4, PEER_PORT), PEER4));
+        assert!(failed(&lab.talk("drop", "tcp", PEER4, PEER_PORT)));
+        let rules = sh_any("ip rule");
+        assert_eq!(
+            rules.matches("0xbb8").count(),
+            1,
+            "duplicate ip rule:\n{rules}"
+        );
+        assert_eq!(lab.take_daemon().stop(), 0);
+        let state = kernel_state();
+        assert!(
+            !state.contains("cgtproxy") && !state.contains("0xbb8"),
+            "{state}"
+        );
+    });
+}

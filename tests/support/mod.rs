@@ -1,0 +1,410 @@
+//! A lab for kernel tests: private mount + network namespaces, a cgroup2 mount at a
+//! non-standard path, a veth peer namespace playing "the internet", a transparent
+//! listener standing in for a proxy core, and the daemon under test.
+//!
+//! Each test re-executes the test binary under `unshare -m -n`, so its nftables
+//! table, routes and mounts die with it; its cgroups live in the host's one
+//! hierarchy, under a subtree of its own that `Drop` removes even on failure.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const INNER: &str = "CGTPROXY_KERNEL_TEST_INNER";
+
+/// Runs the calling test (named `name`) inside fresh namespaces. Outside them it
+/// re-executes itself; inside, it runs `body`.
+pub fn in_namespaces(name: &str, body: impl FnOnce()) {
+    if std::env::var_os(INNER).is_some() {
+        body();
+        return;
+    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "kernel tests need root (they create namespaces, cgroups and nftables tables)"
+    );
+    let exe = std::env::current_exe().expect("test binary path");
+    let status = Command::new("unshare")
+        .args(["--mount", "--net", "--propagation", "private", "--"])
+        .arg(exe)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(INNER, "1")
+        .status()
+        .expect("running unshare");
+    assert!(status.success(), "{name} failed inside its namespaces");
+}
+
+fn sh(cmd: &str) -> String {
+    let out = Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .expect("running sh");
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Like `sh` but returns the output whether or not it succeeded.
+pub fn sh_any(cmd: &str) -> String {
+    let out = Command::new("sh").args(["-c", cmd]).output().expect("sh");
+    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
+    s.push_str(&String::from_utf8_lossy(&out.stderr));
+    s
+}
+
+fn helper(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/helpers")
+        .join(name)
+}
+
+fn wait_ready(child: &mut Child, what: &str) {
+    let out = child.stdout.take().expect("piped stdout");
+    let mut line = String::new();
+    BufReader::new(out)
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(line.trim(), "ready", "{what} did not start");
+}
+
+pub const PEER4: &str = "10.99.0.2";
+pub const PEER6: &str = "fd99::2";
+pub const PEER_PORT: u16 = 8080;
+pub const PROXY_PORT: u16 = 7893;
+pub const MARK: u32 = 3000;
+
+pub struct Lab {
+    pub dir: PathBuf,
+    pub mount: PathBuf,
+    /// Cgroup path of this test's subtree, e.g. `/cgtproxy-test-123-routing`.
+    pub base: String,
+    peer: Child,
+    services: Vec<Child>,
+    pub daemon: Option<Daemon>,
+}
+
+pub struct Daemon {
+    pub child: Child,
+    notify: UnixDatagram,
+    notify_path: PathBuf,
+    pub stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Daemon {
+    /// Waits for a datagram containing `what` (e.g. `READY=1`) on the notify socket.
+    pub fn wait_notify(&self, what: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no {what} from the daemon within {timeout:?}; log:\n{}",
+                self.log()
+            );
+            self.notify.set_read_timeout(Some(left)).unwrap();
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if msg.contains(what) {
+                    return msg;
+                }
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    /// Sends SIGTERM and returns the exit code.
+    pub fn stop(mut self) -> i32 {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = self.child.wait().unwrap();
+        let _ = std::fs::remove_file(&self.notify_path);
+        status.code().unwrap_or(-1)
+    }
+
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Lab {
+    pub fn new(name: &str) -> Lab {
+        let pid = std::process::id();
+        let dir = std::env::temp_dir().join(format!("cgtproxy-{name}-{pid}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mount = dir.join("cgroup2 mount");
+        std::fs::create_dir_all(&mount).unwrap();
+        sh(&format!("mount -t cgroup2 none '{}'", mount.display()));
+        let base = format!("/cgtproxy-test-{pid}-{name}");
+        std::fs::create_dir_all(mount.join(base.trim_start_matches('/'))).unwrap();
+
+        sh("ip link set lo up");
+        // The peer namespace: a process that only holds it.
+        let peer = Command::new("unshare")
+            .args(["--net", "--", "sleep", "3600"])
+            .spawn()
+            .unwrap();
+        let ppid = peer.id();
+        // Wait until the peer has its own namespace.
+        let mine = std::fs::read_link("/proc/self/ns/net").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_link(format!("/proc/{ppid}/ns/net"))
+            .ok()
+            .as_ref()
+            == Some(&mine)
+        {
+            assert!(Instant::now() < deadline, "peer namespace not created");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        sh(&format!(
+            "ip link add veth0 type veth peer name veth1 netns {ppid} &&
+             ip addr add 10.99.0.1/24 dev veth0 &&
+             ip addr add fd99::1/64 dev veth0 nodad &&
+             ip link set veth0 up &&
+             nsenter -t {ppid} -n sh -c 'ip link set lo up && ip addr add {PEER4}/24 dev veth1 &&
+               ip addr add {PEER6}/64 dev veth1 nodad && ip link set veth1 up'"
+        ));
+        let mut lab = Lab {
+            dir,
+            mount,
+            base,
+            peer,
+            services: Vec::new(),
+            daemon: None,
+        };
+        let server = Command::new("nsenter")
+            .args(["-t", &ppid.to_string(), "-n", "python3"])
+            .arg(helper("server.py"))
+            .args([&PEER_PORT.to_string(), "peer"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        lab.services.push(server);
+        let idx = lab.services.len() - 1;
+        wait_ready(&mut lab.services[idx], "peer server");
+        lab
+    }
+
+    /// Filesystem path of a cgroup below this test's subtree (`rel` like `proxy/a`).
+    pub fn cg_dir(&self, rel: &str) -> PathBuf {
+        self.mount.join(self.base.trim_start_matches('/')).join(rel)
+    }
+
+    /// Creates a cgroup below the test's subtree.
+    pub fn mkcg(&self, rel: &str) -> PathBuf {
+        let d = self.cg_dir(rel);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// Runs `cmd` (a shell command) as a process inside cgroup `rel`.
+    pub fn spawn_in(&self, rel: &str, cmd: &str, stdout: Stdio) -> Child {
+        let procs = self.cg_dir(rel).join("cgroup.procs");
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("echo $$ > '{}' && exec {cmd}", procs.display()))
+            .stdout(stdout)
+            .spawn()
+            .unwrap()
+    }
+
+    /// Starts the transparent listener in cgroup `rel` (which the rules must leave
+    /// direct), answering with `label`.
+    pub fn start_listener(&mut self, rel: &str, port: u16, label: &str) {
+        self.mkcg(rel);
+        let cmd = format!(
+            "python3 '{}' {port} {label}",
+            helper("listener.py").display()
+        );
+        let mut child = self.spawn_in(rel, &cmd, Stdio::piped());
+        wait_ready(&mut child, "listener");
+        self.services.push(child);
+    }
+
+    /// Starts a plain server on this host (e.g. a DNS stand-in on 127.0.0.1).
+    pub fn start_local_server(&mut self, port: u16, label: &str, addrs: &[&str]) {
+        let mut child = Command::new("python3")
+            .arg(helper("server.py"))
+            .arg(port.to_string())
+            .arg(label)
+            .args(addrs)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_ready(&mut child, "local server");
+        self.services.push(child);
+    }
+
+    /// One TCP or UDP exchange from cgroup `rel`; returns the answer or `ERR …`.
+    pub fn talk(&self, rel: &str, proto: &str, host: &str, port: u16) -> String {
+        let cmd = format!(
+            "python3 '{}' {proto} {host} {port}",
+            helper("client.py").display()
+        );
+        let child = self.spawn_in(rel, &cmd, Stdio::piped());
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Writes a config file: `rules` and `tproxies` are JSON fragments.
+    pub fn write_config(&self, file: &str, tproxies: &str, rules: &str) -> PathBuf {
+        let p = self.dir.join(file);
+        let text = format!(
+            r#"{{"version":1,"cgroup-root":"{}","route-table":300,
+            "bypass":["127.0.0.0/8","::1/128","10.99.0.99"],
+            "tproxies":{tproxies},"rules":{rules}}}"#,
+            self.mount.display()
+        );
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// A regex matching this test's cgroup `rel` and everything below it.
+    pub fn re(&self, rel: &str) -> String {
+        format!("^{}/{}(/|$)", regex_escape(&self.base), regex_escape(rel))
+    }
+
+    /// Starts the daemon and waits for READY=1.
+    pub fn start_daemon(&mut self, config: &Path) -> &Daemon {
+        let notify_path = self
+            .dir
+            .join(format!("notify-{}", Instant::now().elapsed().as_nanos()));
+        let _ = std::fs::remove_file(&notify_path);
+        let notify = UnixDatagram::bind(&notify_path).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cgtproxy"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("CGTPROXY_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = stderr.clone();
+        let mut pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let s = String::from_utf8_lossy(&buf[..n]).into_owned();
+                eprint!("{s}");
+                sink.lock().unwrap().push_str(&s);
+            }
+        });
+        let d = Daemon {
+            child,
+            notify,
+            notify_path,
+            stderr,
+        };
+        d.wait_notify("READY=1", Duration::from_secs(20));
+        self.daemon = Some(d);
+        self.daemon.as_ref().unwrap()
+    }
+
+    pub fn take_daemon(&mut self) -> Daemon {
+        self.daemon.take().expect("daemon running")
+    }
+
+    /// Polls `f` until it returns true or `timeout` passes.
+    pub fn eventually(&self, timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if f() {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+pub fn regex_escape(s: &str) -> String {
+    let mut o = String::new();
+    for c in s.chars() {
+        if "\\.+*?()|[]{}^$-".contains(c) {
+            o.push('\\');
+        }
+        o.push(c);
+    }
+    o
+}
+
+/// Runs `nft ARGS`. nft resolves every cgroupsv2 map key to a path by walking
+/// /sys/fs/cgroup, which is slow with thousands of cgroups: hide that tree.
+pub fn nft(args: &str) -> String {
+    sh_any(&format!(
+        "unshare -m sh -c 'mount -t tmpfs none /sys/fs/cgroup && nft {args}'"
+    ))
+}
+
+/// The nftables ruleset, ip rules and routes of this namespace.
+pub fn kernel_state() -> String {
+    sh_any(
+        "nft list ruleset; ip rule; ip -6 rule; ip route show table all type local dev lo | grep -v 'table local'; ip -6 route show table all type local dev lo | grep -v 'table local'",
+    )
+}
+
+/// Removes a cgroup subtree deepest-first, killing anything left in it.
+fn remove_tree(dir: &Path) {
+    let mut dirs = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        if let Ok(rd) = std::fs::read_dir(&d) {
+            for e in rd.flatten() {
+                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                    stack.push(e.path());
+                }
+            }
+        }
+        dirs.push(d);
+    }
+    for d in dirs.iter().rev() {
+        let kill = d.join("cgroup.kill");
+        let _ = std::fs::write(&kill, "1");
+        for _ in 0..100 {
+            if std::fs::remove_dir(d).is_ok() || !d.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Some(d) = self.daemon.take() {
+            d.kill();
+        }
+        for s in &mut self.services {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+        let _ = self.peer.kill();
+        let _ = self.peer.wait();
+        remove_tree(&self.mount.join(self.base.trim_start_matches('/')));
+        let _ = Command::new("umount").arg(&self.mount).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
