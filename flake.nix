@@ -1,0 +1,139 @@
+{
+  description = "cgtproxy: per-application transparent proxy rules from cgroup v2 and nftables";
+
+  inputs = {
+    nixpkgs.url = "github:NixOS/nixpkgs/nixos-unstable";
+    # Only for the home-manager VM test; users bring their own.
+    home-manager = {
+      url = "github:nix-community/home-manager";
+      inputs.nixpkgs.follows = "nixpkgs";
+    };
+  };
+
+  outputs =
+    {
+      self,
+      nixpkgs,
+      home-manager,
+    }:
+    let
+      inherit (nixpkgs) lib;
+      systems = [
+        "x86_64-linux"
+        "aarch64-linux"
+      ];
+      forAllSystems = f: lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
+    in
+    {
+      packages = forAllSystems (pkgs: rec {
+        cgtproxy = pkgs.callPackage ./nix/package.nix { };
+        default = cgtproxy;
+      });
+
+      overlays.default = final: _prev: {
+        cgtproxy = final.callPackage ./nix/package.nix { };
+      };
+
+      nixosModules = rec {
+        cgtproxy = ./nix/nixos-module.nix;
+        default = cgtproxy;
+      };
+
+      homeManagerModules = rec {
+        cgtproxy = ./nix/hm-module.nix;
+        default = cgtproxy;
+      };
+
+      checks = forAllSystems (
+        pkgs:
+        let
+          package = self.packages.${pkgs.stdenv.hostPlatform.system}.cgtproxy;
+        in
+        {
+          # Build plus the unit tests that need no root.
+          build = package;
+
+          clippy = package.overrideAttrs (old: {
+            pname = "cgtproxy-clippy";
+            nativeBuildInputs = old.nativeBuildInputs ++ [ pkgs.clippy ];
+            buildPhase = ''
+              runHook preBuild
+              cargo clippy --offline --all-targets -- -D warnings
+              runHook postBuild
+            '';
+            doCheck = false;
+            installPhase = "touch $out";
+          });
+
+          fmt =
+            pkgs.runCommand "cgtproxy-fmt"
+              {
+                nativeBuildInputs = [ pkgs.rustfmt ];
+                src = package.src;
+              }
+              ''
+                edition=$(sed -n 's/^edition *= *"\([0-9]*\)".*/\1/p' "$src/Cargo.toml" | head -n 1)
+                dirs=("$src/src")
+                if [ -d "$src/tests" ]; then dirs+=("$src/tests"); fi
+                find "''${dirs[@]}" -name '*.rs' -print0 |
+                  xargs -0 rustfmt --check --edition "''${edition:-2021}"
+                touch "$out"
+              '';
+
+          # Module evaluation against stand-ins: the same tests nix/tests/run-eval.sh runs.
+          eval =
+            let
+              result = import ./nix/tests/eval.nix { inherit lib; };
+            in
+            pkgs.writeText "cgtproxy-eval-tests" (builtins.toJSON result);
+
+          # nix/hardening.nix against dist/systemd/cgtproxy.service.
+          unit-drift =
+            pkgs.runCommand "cgtproxy-unit-drift"
+              {
+                nativeBuildInputs = [ pkgs.python3 ];
+                hardening = builtins.toJSON (import ./nix/hardening.nix);
+                passAsFile = [ "hardening" ];
+              }
+              ''
+                python3 ${./nix/tests/unit_drift.py} "$hardeningPath" ${./dist/systemd/cgtproxy.service}
+                touch "$out"
+              '';
+
+          vm = pkgs.testers.runNixOSTest (
+            import ./nix/tests/vm.nix {
+              inherit package;
+              nixosModule = self.nixosModules.default;
+            }
+          );
+          vm-home-manager = pkgs.testers.runNixOSTest (
+            import ./nix/tests/vm-home-manager.nix {
+              inherit package;
+              nixosModule = self.nixosModules.default;
+              hmModule = self.homeManagerModules.default;
+              homeManagerNixosModule = home-manager.nixosModules.home-manager;
+            }
+          );
+        }
+      );
+
+      devShells = forAllSystems (pkgs: {
+        default = pkgs.mkShell {
+          inputsFrom = [ self.packages.${pkgs.stdenv.hostPlatform.system}.cgtproxy ];
+          packages = with pkgs; [
+            cargo
+            rustc
+            clippy
+            rustfmt
+            rust-analyzer
+            pkg-config
+            libnftnl
+            libmnl
+            nftables
+            iproute2
+            python3
+          ];
+        };
+      });
+    };
+}

@@ -1,0 +1,451 @@
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+
+let
+  inherit (lib)
+    mkOption
+    mkEnableOption
+    mkIf
+    mkBefore
+    types
+    literalExpression
+    ;
+
+  cfg = config.services.cgtproxy;
+  json = pkgs.formats.json { };
+  configPath = "/etc/cgtproxy/config.json";
+
+  # Optional keys left null are omitted: the daemon rejects keys it does not know,
+  # and `null` is not one of the values it accepts.
+  dropNulls =
+    v:
+    if builtins.isAttrs v then
+      lib.mapAttrs (_: dropNulls) (lib.filterAttrs (_: x: x != null) v)
+    else if builtins.isList v then
+      map dropNulls v
+    else
+      v;
+
+  # As systemd parses ExecStart=: JSON quoting is valid C quoting; `%` and `$`
+  # would be specifiers and variables.
+  escapeExecArg = arg: lib.replaceStrings [ "%" "$" ] [ "%%" "$$" ] (builtins.toJSON (toString arg));
+
+  targetNames = builtins.attrNames cfg.settings.tproxies;
+  reserved = [
+    "direct"
+    "drop"
+  ];
+
+  # The reference's convention: cgtproxy-NAME.slice routes to target NAME, plus
+  # cgtproxy-direct.slice and cgtproxy-drop.slice. A dashed name nests its slice
+  # (cgtproxy-a-b.slice lies inside cgtproxy-a.slice), so longer names go first.
+  sliceNames = lib.sort (a: b: lib.stringLength a > lib.stringLength b) (
+    lib.filter (n: !(builtins.elem n reserved)) targetNames ++ reserved
+  );
+  slicePrefix =
+    {
+      user = "/user@[0-9]+\\.service/(.*/)?";
+      any = "/";
+    }
+    .${cfg.slices.scope};
+  sliceRule =
+    name:
+    {
+      match = "${slicePrefix}cgtproxy-${lib.escapeRegex name}\\.slice(/|$)";
+    }
+    // (
+      if name == "direct" then
+        { direct = true; }
+      else if name == "drop" then
+        { drop = true; }
+      else
+        { tproxy = name; }
+    );
+
+  rendered = dropNulls cfg.settings;
+  rawConfig = json.generate "cgtproxy-config.json" rendered;
+  canCheck = pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform;
+  configFile =
+    if cfg.checkConfig && canCheck then
+      pkgs.runCommand "cgtproxy-config.json"
+        {
+          nativeBuildInputs = [ cfg.package ];
+          preferLocalBuild = true;
+        }
+        ''
+          cgtproxy check --config ${rawConfig}
+          cp ${rawConfig} "$out"
+        ''
+    else
+      rawConfig;
+
+  marks = lib.mapAttrsToList (_: t: t.mark) cfg.settings.tproxies;
+
+  ruleAssertions = lib.concatLists (
+    lib.imap0 (
+      i: r:
+      let
+        where = "services.cgtproxy.settings.rules.${toString i} (match = ${builtins.toJSON r.match})";
+        actions = lib.filter (a: r.${a} != null) [
+          "tproxy"
+          "direct"
+          "drop"
+        ];
+      in
+      [
+        {
+          assertion = builtins.length actions == 1;
+          message = "${where}: needs exactly one of tproxy, direct, drop; it has ${
+            if actions == [ ] then "none" else lib.concatStringsSep ", " actions
+          }.";
+        }
+        {
+          assertion = r.tproxy == null || builtins.elem r.tproxy targetNames;
+          message = "${where}: tproxy = ${builtins.toJSON r.tproxy} names no target in services.cgtproxy.settings.tproxies (known: ${
+            lib.concatStringsSep ", " targetNames
+          }).";
+        }
+        {
+          assertion = r.direct == null || r.direct;
+          message = "${where}: direct must be true when set; remove it instead.";
+        }
+        {
+          assertion = r.drop == null || r.drop;
+          message = "${where}: drop must be true when set; remove it instead.";
+        }
+      ]
+    ) cfg.settings.rules
+  );
+
+  markAssertions = lib.mapAttrsToList (
+    mark: names:
+    {
+      assertion = builtins.length names == 1;
+      message = "services.cgtproxy.settings.tproxies: ${
+        lib.concatMapStringsSep ", " (n: "${n}.mark") names
+      } share the mark ${mark}; each target needs its own.";
+    }
+  ) (lib.groupBy' (acc: n: acc ++ [ n ]) [ ] (n: toString cfg.settings.tproxies.${n}.mark) targetNames);
+
+  dnsHijackModule = {
+    freeformType = json.type;
+    options = {
+      ip = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "127.0.0.1";
+        description = "IPv4 address of the DNS server for this target's IPv4 port-53 traffic; null leaves IPv4 DNS alone.";
+      };
+      ip6 = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "::1";
+        description = "IPv6 address for the target's IPv6 DNS traffic; null leaves IPv6 DNS alone.";
+      };
+      port = mkOption {
+        type = types.port;
+        default = 53;
+        description = "Port of that DNS server.";
+      };
+      tcp = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Also redirect TCP/53, not only UDP/53.";
+      };
+    };
+  };
+
+  tproxyModule = {
+    freeformType = json.type;
+    options = {
+      port = mkOption {
+        type = types.ints.between 1 65535;
+        example = 7893;
+        description = "Port of the local TPROXY listener (the proxy's tproxy inbound).";
+      };
+      mark = mkOption {
+        type = types.ints.between 1 4294967295;
+        example = 3000;
+        description = "Firewall mark for this target's packets; unique across targets.";
+      };
+      no-udp = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Send this target's UDP traffic direct instead of to the listener.";
+      };
+      no-ipv6 = mkOption {
+        type = types.bool;
+        default = false;
+        description = "Send this target's IPv6 traffic direct instead of to the listener.";
+      };
+      dns-hijack = mkOption {
+        type = types.nullOr (types.submodule dnsHijackModule);
+        default = null;
+        description = "Redirect this target's DNS (port 53) to the given server.";
+      };
+      upstream = mkOption {
+        type = types.nullOr (types.strMatching "(socks5|http)://.+:[0-9]+");
+        default = null;
+        example = "socks5://127.0.0.1:1080";
+        description = "Upstream for the built-in forwarder (`cgtproxy forward`).";
+      };
+      upstream-auth-file = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "/run/secrets/cgtproxy-upstream";
+        description = ''
+          File holding `user:password` for {option}`upstream`. A string, not a
+          Nix path, so that the secret is not copied into the world-readable store.
+        '';
+      };
+    };
+  };
+
+  ruleModule = {
+    freeformType = json.type;
+    options = {
+      match = mkOption {
+        type = types.str;
+        example = "/app-firefox-[0-9]+\\.scope$";
+        description = ''
+          Regex (Rust `regex` syntax) searched in the cgroup's path relative to the
+          cgroup2 root, with a leading `/`. The first matching rule wins.
+        '';
+      };
+      tproxy = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        description = "Send matching cgroups' traffic to this target of {option}`services.cgtproxy.settings.tproxies`.";
+      };
+      direct = mkOption {
+        type = types.nullOr types.bool;
+        default = null;
+        description = "`true`: leave matching cgroups' traffic alone.";
+      };
+      drop = mkOption {
+        type = types.nullOr types.bool;
+        default = null;
+        description = "`true`: drop matching cgroups' traffic.";
+      };
+    };
+  };
+in
+{
+  options.services.cgtproxy = {
+    enable = mkEnableOption "cgtproxy, the per-application transparent proxy rule manager";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.callPackage ./package.nix { };
+      defaultText = literalExpression "pkgs.callPackage ./package.nix { }";
+      description = "The cgtproxy package.";
+    };
+
+    settings = mkOption {
+      default = { };
+      description = ''
+        The daemon's configuration, rendered to `${configPath}`. Keys are the JSON
+        file's own (see the project's DESIGN.md); keys without a typed option here
+        are passed through as they are.
+      '';
+      example = literalExpression ''
+        {
+          tproxies.proxy = { port = 7893; mark = 3000; };
+          rules = [
+            { match = "^/system\\.slice/mihomo\\.service$"; direct = true; }
+            { match = "/app-firefox-[0-9]+\\.scope$"; tproxy = "proxy"; }
+          ];
+        }
+      '';
+      type = types.submodule {
+        freeformType = json.type;
+        options = {
+          version = mkOption {
+            type = types.enum [ 1 ];
+            default = 1;
+            description = "Schema version of the configuration.";
+          };
+          cgroup-root = mkOption {
+            type = types.strMatching "AUTO|/.*";
+            default = "AUTO";
+            description = "`AUTO` (find the cgroup2 mount) or the absolute path of a cgroup2 mount.";
+          };
+          route-table = mkOption {
+            type = types.ints.positive;
+            default = 300;
+            description = "Policy-routing table for the local loop: 1 to 252, or above 255.";
+          };
+          table = mkOption {
+            type = types.strMatching "[A-Za-z0-9_-]+";
+            default = "cgtproxy";
+            description = "Name of the `inet` nftables table that the daemon owns.";
+          };
+          bypass = mkOption {
+            type = types.listOf types.str;
+            default = [
+              "127.0.0.0/8"
+              "::1/128"
+            ];
+            description = "Destination addresses or CIDRs (IPv4 or IPv6) that are never touched.";
+          };
+          tproxies = mkOption {
+            type = types.attrsOf (types.submodule tproxyModule);
+            default = { };
+            description = "TPROXY targets by name.";
+          };
+          rules = mkOption {
+            type = types.listOf (types.submodule ruleModule);
+            default = [ ];
+            description = ''
+              Ordered rules; each has {option}`match` and exactly one of
+              {option}`tproxy`, {option}`direct` = true, {option}`drop` = true.
+              The rules of {option}`services.cgtproxy.slices` come first.
+            '';
+          };
+        };
+      };
+    };
+
+    configFile = mkOption {
+      type = types.path;
+      readOnly = true;
+      description = "The rendered (and, with {option}`checkConfig`, validated) configuration file.";
+    };
+
+    checkConfig = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Validate the rendered file with `cgtproxy check` at build time. Turn it off
+        when cross-compiling for a platform the build machine cannot run.
+      '';
+    };
+
+    logLevel = mkOption {
+      type = types.enum [
+        "error"
+        "warn"
+        "info"
+        "debug"
+        "trace"
+      ];
+      default = "info";
+      description = "Log level (`--log-level`).";
+    };
+
+    extraArgs = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      description = "Extra arguments for `cgtproxy run`.";
+    };
+
+    slices = {
+      enable = mkOption {
+        type = types.bool;
+        default = true;
+        description = ''
+          Add rules, before {option}`services.cgtproxy.settings.rules`, for the slice
+          convention that `cgtproxy exec` and the home-manager module use:
+          `cgtproxy-NAME.slice` goes to target NAME, `cgtproxy-direct.slice` is left
+          alone and `cgtproxy-drop.slice` is dropped.
+        '';
+      };
+      scope = mkOption {
+        type = types.enum [
+          "user"
+          "any"
+        ];
+        default = "user";
+        description = ''
+          `user`: only those slices under a user manager (`user@UID.service`), which
+          any local user can start programs in. `any`: also system slices, e.g.
+          `systemd-run --slice=cgtproxy-proxy.slice` run by root.
+        '';
+      };
+    };
+
+    reversePathExemption = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Accept packets carrying a target's mark in the nftables firewall's
+        reverse-path check ({option}`networking.firewall.extraReversePathFilterRules`),
+        so that {option}`networking.firewall.checkReversePath` never drops the
+        packets that the daemon loops back through `lo` to the listener.
+      '';
+    };
+  };
+
+  config = mkIf cfg.enable {
+    assertions =
+      ruleAssertions
+      ++ markAssertions
+      ++ map (n: {
+        assertion = !(builtins.elem n reserved);
+        message = "services.cgtproxy.settings.tproxies.${n}: `direct` and `drop` are reserved names (cgtproxy exec, slices).";
+      }) targetNames
+      ++ [
+        {
+          assertion =
+            let
+              t = cfg.settings.route-table;
+            in
+            t <= 252 || t > 255;
+          message = "services.cgtproxy.settings.route-table = ${toString cfg.settings.route-table}: tables 253 to 255 are the kernel's (default, main, local).";
+        }
+      ];
+
+    warnings =
+      lib.optional (config.networking.nftables.enable && config.networking.nftables.flushRuleset)
+        ''
+          services.cgtproxy: networking.nftables.flushRuleset is on, so every reload of
+          nftables.service (as nixos-rebuild switch does when the ruleset changed) runs
+          `flush ruleset` and wipes cgtproxy's table until `systemctl restart cgtproxy`.
+          Set networking.nftables.flushRuleset = false; NixOS then replaces only its own tables.'';
+
+    services.cgtproxy.settings.rules = mkIf cfg.slices.enable (mkBefore (map sliceRule sliceNames));
+    services.cgtproxy.configFile = configFile;
+
+    environment.etc."cgtproxy/config.json".source = configFile;
+    # `cgtproxy exec`, `check`, `render` for users and admins.
+    environment.systemPackages = [ cfg.package ];
+
+    networking.firewall.extraReversePathFilterRules = mkIf (cfg.reversePathExemption && marks != [ ]) ''
+      meta mark { ${lib.concatMapStringsSep ", " toString marks} } accept comment "cgtproxy: TPROXY loop via lo"
+    '';
+
+    systemd.services.cgtproxy = {
+      description = "cgtproxy per-application transparent proxy rules";
+      wantedBy = [ "multi-user.target" ];
+      # nftables.service runs `flush ruleset` when it starts: after it, never before.
+      after = [ "nftables.service" ];
+      # Rules in before any network comes up.
+      before = [ "network-pre.target" ];
+      wants = [ "network-pre.target" ];
+      # The config lives at a stable path, so a change reloads (SIGHUP) instead
+      # of restarting; a new package changes ExecStart= and so restarts.
+      reloadTriggers = [ configFile ];
+      serviceConfig = import ./hardening.nix // {
+        Type = "notify-reload";
+        ExecStart = lib.concatMapStringsSep " " escapeExecArg (
+          [
+            (lib.getExe cfg.package)
+            "run"
+            "--config"
+            configPath
+            "--log-level"
+            cfg.logLevel
+          ]
+          ++ cfg.extraArgs
+        );
+        # A crash leaves a stale table; a restart replaces it in one transaction.
+        Restart = "on-failure";
+        RestartSec = "2s";
+      };
+    };
+  };
+}

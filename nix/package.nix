@@ -1,0 +1,57 @@
+{
+  lib,
+  rustPlatform,
+  pkg-config,
+  libnftnl,
+  libmnl,
+}:
+
+let
+  cargoToml = lib.importTOML ../Cargo.toml;
+  version = cargoToml.package.version;
+in
+rustPlatform.buildRustPackage {
+  pname = "cgtproxy";
+  version = if builtins.isString version then version else "0.0.0";
+
+  # Only what cargo reads: edits to nix/, dist/ or the README do not rebuild.
+  src = lib.fileset.toSource {
+    root = ../.;
+    fileset = lib.fileset.unions [
+      ../Cargo.toml
+      ../Cargo.lock
+      ../src
+      (lib.fileset.maybeMissing ../build.rs)
+      # rustfmt reads it in the fmt check.
+      (lib.fileset.maybeMissing ../rustfmt.toml)
+      (lib.fileset.maybeMissing ../.rustfmt.toml)
+      (lib.fileset.maybeMissing ../benches)
+      (lib.fileset.maybeMissing ../examples)
+      # Integration tests are not run here (they need root and namespaces), but
+      # clippy --all-targets compiles them; tests/vm is the Debian VM test's.
+      (lib.fileset.difference (lib.fileset.maybeMissing ../tests) (
+        lib.fileset.maybeMissing ../tests/vm
+      ))
+    ];
+  };
+
+  cargoLock.lockFile = ../Cargo.lock;
+
+  nativeBuildInputs = [ pkg-config ];
+  buildInputs = [
+    libnftnl
+    libmnl
+  ];
+
+  # Unit tests only: tests/kernel*.rs need root, private namespaces and a real
+  # cgroup2 tree, none of which the build sandbox has. (`--lib` errors on a
+  # crate without a library target.)
+  cargoTestFlags = lib.optional (builtins.pathExists ../src/lib.rs) "--lib" ++ [ "--bins" ];
+
+  meta = {
+    description = "Per-application transparent proxy rule manager driven by cgroup v2 and nftables";
+    license = lib.licenses.mit;
+    mainProgram = "cgtproxy";
+    platforms = lib.platforms.linux;
+  };
+}

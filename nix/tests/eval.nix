@@ -1,0 +1,798 @@
+# Module-evaluation tests for nix/nixos-module.nix and nix/hm-module.nix.
+#
+# Needs only nixpkgs' lib: the few NixOS / home-manager options the modules touch
+# are declared here as stand-ins, and `pkgs` is a stub whose builders return
+# inspectable attribute sets instead of derivations.
+#
+#   nix-instantiate --eval --strict --json nix/tests/eval.nix --arg lib 'import <nixpkgs/lib>'
+#
+# Returns { passed = N; failed = 0; names = [...]; } or throws listing the failures.
+{ lib }:
+
+let
+  inherit (lib) mkOption types;
+
+  storeDir = "/nix/store";
+  fakeDrv =
+    name: extra:
+    {
+      type = "derivation";
+      inherit name;
+      outPath = "${storeDir}/00000000000000000000000000000000-${name}";
+      meta = { };
+    }
+    // extra;
+
+  jsonValue =
+    let
+      valueType =
+        types.nullOr (
+          types.oneOf [
+            types.bool
+            types.int
+            types.float
+            types.str
+            types.path
+            (types.attrsOf valueType)
+            (types.listOf valueType)
+          ]
+        )
+        // {
+          description = "JSON value";
+        };
+    in
+    valueType;
+
+  pkgs = {
+    formats.json =
+      { }:
+      {
+        type = jsonValue;
+        generate = name: value: fakeDrv name { inherit value; };
+      };
+    writeText = name: text: fakeDrv name { inherit text; };
+    writeShellScriptBin =
+      name: text:
+      fakeDrv name {
+        inherit text;
+        meta.mainProgram = name;
+      };
+    runCommand = name: env: script: fakeDrv name { inherit env script; };
+    callPackage = _: _: throw "eval tests must set the package explicitly";
+    stdenv = {
+      buildPlatform.canExecute = _: true;
+      hostPlatform = { };
+    };
+  };
+
+  cgtproxyPkg = fakeDrv "cgtproxy-0.1.0" { meta.mainProgram = "cgtproxy"; };
+  exe = "${cgtproxyPkg}/bin/cgtproxy";
+
+  freeformAttrs = types.attrsOf (types.submodule { freeformType = types.attrsOf types.anything; });
+
+  common = {
+    options = {
+      assertions = mkOption {
+        type = types.listOf types.unspecified;
+        default = [ ];
+      };
+      warnings = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+      };
+    };
+    config._module.args.pkgs = pkgs;
+  };
+
+  nixosStubs = {
+    options = {
+      environment.etc = mkOption {
+        type = freeformAttrs;
+        default = { };
+      };
+      environment.systemPackages = mkOption {
+        type = types.listOf types.package;
+        default = [ ];
+      };
+      networking.nftables.enable = mkOption {
+        type = types.bool;
+        default = false;
+      };
+      networking.nftables.flushRuleset = mkOption {
+        type = types.bool;
+        default = true;
+      };
+      networking.firewall.checkReversePath = mkOption {
+        type = types.either types.bool (
+          types.enum [
+            "strict"
+            "loose"
+          ]
+        );
+        default = true;
+      };
+      networking.firewall.extraReversePathFilterRules = mkOption {
+        type = types.lines;
+        default = "";
+      };
+      systemd.services = mkOption {
+        type = freeformAttrs;
+        default = { };
+      };
+    };
+  };
+
+  hmStubs = {
+    options = {
+      home.packages = mkOption {
+        type = types.listOf types.package;
+        default = [ ];
+      };
+      systemd.user.slices = mkOption {
+        type = freeformAttrs;
+        default = { };
+      };
+      systemd.user.services = mkOption {
+        type = freeformAttrs;
+        default = { };
+      };
+      xdg.dataFile = mkOption {
+        type = freeformAttrs;
+        default = { };
+      };
+    };
+  };
+
+  evalNixos =
+    cfg:
+    (lib.evalModules {
+      modules = [
+        common
+        nixosStubs
+        ../nixos-module.nix
+        {
+          services.cgtproxy = {
+            enable = true;
+            package = cgtproxyPkg;
+          };
+        }
+        cfg
+      ];
+    }).config;
+
+  evalHm =
+    cfg:
+    (lib.evalModules {
+      modules = [
+        common
+        hmStubs
+        ../hm-module.nix
+        {
+          programs.cgtproxy = {
+            enable = true;
+            package = cgtproxyPkg;
+          };
+        }
+        cfg
+      ];
+    }).config;
+
+  failedAssertions = config: map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
+  # Messages of the failed assertions that contain every one of `parts`.
+  refusedWith =
+    config: parts:
+    lib.any (m: lib.all (p: lib.hasInfix p m) parts) (failedAssertions config);
+  # True when evaluating `value` deeply throws (a type error, say).
+  throws = value: !(builtins.tryEval (builtins.deepSeq value value)).success;
+
+  # Rust-regex search approximated with POSIX ERE (same syntax for these patterns).
+  searches = regex: path: builtins.match ".*(${regex}).*" path != null;
+
+  noSlices = {
+    services.cgtproxy.slices.enable = false;
+    services.cgtproxy.checkConfig = false;
+  };
+
+  # The example of the design contract (shared/DESIGN.md), as the daemon reads it.
+  designJson = ''
+    {
+      "version": 1,
+      "cgroup-root": "AUTO",
+      "route-table": 300,
+      "table": "cgtproxy",
+      "bypass": ["127.0.0.0/8", "::1/128"],
+      "tproxies": {
+        "proxy": {
+          "port": 7893,
+          "mark": 3000,
+          "no-udp": false,
+          "no-ipv6": false,
+          "dns-hijack": { "ip": "127.0.0.1", "ip6": "::1", "port": 53, "tcp": false }
+        }
+      },
+      "rules": [
+        { "match": "^/system\\.slice/mihomo\\.service$", "direct": true },
+        { "match": "/cgtproxy-drop\\.slice(/|$)", "drop": true },
+        { "match": "/cgtproxy-proxy\\.slice(/|$)", "tproxy": "proxy" }
+      ]
+    }
+  '';
+  designCfg = evalNixos {
+    imports = [ noSlices ];
+    services.cgtproxy.settings = {
+      tproxies.proxy = {
+        port = 7893;
+        mark = 3000;
+        dns-hijack = {
+          ip = "127.0.0.1";
+          ip6 = "::1";
+        };
+      };
+      rules = [
+        {
+          match = "^/system\\.slice/mihomo\\.service$";
+          direct = true;
+        }
+        {
+          match = "/cgtproxy-drop\\.slice(/|$)";
+          drop = true;
+        }
+        {
+          match = "/cgtproxy-proxy\\.slice(/|$)";
+          tproxy = "proxy";
+        }
+      ];
+    };
+  };
+  designUnit = designCfg.systemd.services.cgtproxy;
+
+  proxyOnly = {
+    services.cgtproxy.settings.tproxies.proxy = {
+      port = 7893;
+      mark = 3000;
+    };
+  };
+  withSlices = evalNixos {
+    imports = [ proxyOnly ];
+    services.cgtproxy.settings.tproxies.a-b = {
+      port = 7894;
+      mark = 3001;
+    };
+    services.cgtproxy.settings.tproxies.a = {
+      port = 7895;
+      mark = 3002;
+    };
+    services.cgtproxy.settings.rules = [
+      {
+        match = "^/system\\.slice/mihomo\\.service$";
+        direct = true;
+      }
+    ];
+  };
+  sliceRules = withSlices.services.cgtproxy.settings.rules;
+  # The action of the first rule whose regex is found in `path` (the daemon's semantics).
+  classify =
+    rules: path:
+    let
+      hit = lib.findFirst (r: searches r.match path) null rules;
+    in
+    if hit == null then
+      null
+    else if hit.tproxy != null then
+      hit.tproxy
+    else if hit.direct == true then
+      "direct"
+    else
+      "drop";
+  userSlice = name: "/user.slice/user-1000.slice/user@1000.service/cgtproxy.slice/${name}/run-r1.scope";
+
+  hm = evalHm {
+    programs.cgtproxy = {
+      targets = [ "proxy" ];
+      apps.firefox = {
+        package = fakeDrv "firefox" { };
+        target = "proxy";
+      };
+      services.syncthing = "direct";
+      flatpaks."org.mozilla.firefox" = "proxy";
+      flatpaks."com.example.Game" = "drop";
+    };
+  };
+
+  tests = {
+    # --- NixOS module: rendering ---
+    testDesignJson = {
+      expr = designCfg.services.cgtproxy.configFile.value;
+      expected = builtins.fromJSON designJson;
+    };
+    testEtcFile = {
+      expr = designCfg.environment.etc."cgtproxy/config.json".source == designCfg.services.cgtproxy.configFile;
+      expected = true;
+    };
+    testFreeformPassThrough = {
+      expr =
+        (evalNixos {
+          imports = [
+            noSlices
+            proxyOnly
+          ];
+          services.cgtproxy.settings.tproxies.proxy.upstream = "socks5://127.0.0.1:1080";
+          services.cgtproxy.settings.future-key = "kept";
+        }).services.cgtproxy.configFile.value;
+      expected = {
+        version = 1;
+        cgroup-root = "AUTO";
+        route-table = 300;
+        table = "cgtproxy";
+        bypass = [
+          "127.0.0.0/8"
+          "::1/128"
+        ];
+        future-key = "kept";
+        tproxies.proxy = {
+          port = 7893;
+          mark = 3000;
+          no-udp = false;
+          no-ipv6 = false;
+          upstream = "socks5://127.0.0.1:1080";
+        };
+        rules = [ ];
+      };
+    };
+    testCheckConfig = {
+      expr =
+        let
+          f = (evalNixos proxyOnly).services.cgtproxy.configFile;
+        in
+        [
+          f.name
+          (lib.hasInfix "cgtproxy check --config ${storeDir}/00000000000000000000000000000000-cgtproxy-config.json" f.script)
+          (f.env.nativeBuildInputs == [ cgtproxyPkg ])
+        ];
+      expected = [
+        "cgtproxy-config.json"
+        true
+        true
+      ];
+    };
+    testNoCheckConfig = {
+      expr = designCfg.services.cgtproxy.configFile ? script;
+      expected = false;
+    };
+
+    # --- NixOS module: the unit ---
+    testUnitType = {
+      expr = designUnit.serviceConfig.Type;
+      expected = "notify-reload";
+    };
+    testExecStart = {
+      expr = designUnit.serviceConfig.ExecStart;
+      expected = ''"${exe}" "run" "--config" "/etc/cgtproxy/config.json" "--log-level" "info"'';
+    };
+    testExecStartEscapes = {
+      expr =
+        (evalNixos {
+          imports = [ proxyOnly ];
+          services.cgtproxy.logLevel = "debug";
+          services.cgtproxy.extraArgs = [ "--x=$HOME 100%" ];
+        }).systemd.services.cgtproxy.serviceConfig.ExecStart;
+      expected = ''"${exe}" "run" "--config" "/etc/cgtproxy/config.json" "--log-level" "debug" "--x=$$HOME 100%%"'';
+    };
+    testOrdering = {
+      expr = {
+        inherit (designUnit)
+          after
+          before
+          wants
+          wantedBy
+          ;
+      };
+      expected = {
+        after = [ "nftables.service" ];
+        before = [ "network-pre.target" ];
+        wants = [ "network-pre.target" ];
+        wantedBy = [ "multi-user.target" ];
+      };
+    };
+    testReloadTriggers = {
+      expr = designUnit.reloadTriggers == [ designCfg.services.cgtproxy.configFile ];
+      expected = true;
+    };
+    testRestart = {
+      expr = designUnit.serviceConfig.Restart;
+      expected = "on-failure";
+    };
+    testHardeningApplied = {
+      expr = builtins.intersectAttrs (import ../hardening.nix) designUnit.serviceConfig;
+      expected = import ../hardening.nix;
+    };
+    testRootless = {
+      expr = {
+        inherit (designUnit.serviceConfig)
+          DynamicUser
+          CapabilityBoundingSet
+          AmbientCapabilities
+          RestrictAddressFamilies
+          ProtectControlGroups
+          ;
+        hasPrivateNetwork = designUnit.serviceConfig ? PrivateNetwork;
+        hasUser = designUnit.serviceConfig ? User;
+      };
+      expected = {
+        DynamicUser = true;
+        CapabilityBoundingSet = [ "CAP_NET_ADMIN" ];
+        AmbientCapabilities = [ "CAP_NET_ADMIN" ];
+        RestrictAddressFamilies = [
+          "AF_NETLINK"
+          "AF_UNIX"
+        ];
+        ProtectControlGroups = true;
+        hasPrivateNetwork = false;
+        hasUser = false;
+      };
+    };
+    testDisabled = {
+      expr =
+        let
+          c =
+            (lib.evalModules {
+              modules = [
+                common
+                nixosStubs
+                ../nixos-module.nix
+              ];
+            }).config;
+        in
+        [
+          (c.systemd.services ? cgtproxy)
+          (c.environment.etc ? "cgtproxy/config.json")
+          c.assertions
+        ];
+      expected = [
+        false
+        false
+        [ ]
+      ];
+    };
+
+    # --- NixOS module: interplay with the firewall ---
+    testFlushRulesetWarning = {
+      expr = map (c: builtins.length c.warnings) [
+        (evalNixos {
+          imports = [ proxyOnly ];
+          networking.nftables.enable = true;
+        })
+        (evalNixos {
+          imports = [ proxyOnly ];
+          networking.nftables.enable = true;
+          networking.nftables.flushRuleset = false;
+        })
+        (evalNixos proxyOnly)
+      ];
+      expected = [
+        1
+        0
+        0
+      ];
+    };
+    testFlushRulesetWarningText = {
+      expr = lib.hasInfix "networking.nftables.flushRuleset" (
+        builtins.head
+          (evalNixos {
+            imports = [ proxyOnly ];
+            networking.nftables.enable = true;
+          }).warnings
+      );
+      expected = true;
+    };
+    testReversePathExemption = {
+      expr = withSlices.networking.firewall.extraReversePathFilterRules;
+      expected = ''
+        meta mark { 3002, 3001, 3000 } accept comment "cgtproxy: TPROXY loop via lo"
+      '';
+    };
+    testReversePathExemptionOff = {
+      expr =
+        (evalNixos {
+          imports = [ proxyOnly ];
+          services.cgtproxy.reversePathExemption = false;
+        }).networking.firewall.extraReversePathFilterRules;
+      expected = "";
+    };
+
+    # --- NixOS module: the slice convention ---
+    testSliceRulesFirst = {
+      expr = map (r: r.match) sliceRules;
+      expected = [
+        "/user@[0-9]+\\.service/(.*/)?cgtproxy-direct\\.slice(/|$)"
+        "/user@[0-9]+\\.service/(.*/)?cgtproxy-proxy\\.slice(/|$)"
+        "/user@[0-9]+\\.service/(.*/)?cgtproxy-drop\\.slice(/|$)"
+        "/user@[0-9]+\\.service/(.*/)?cgtproxy-a-b\\.slice(/|$)"
+        "/user@[0-9]+\\.service/(.*/)?cgtproxy-a\\.slice(/|$)"
+        "^/system\\.slice/mihomo\\.service$"
+      ];
+    };
+    testSliceClassification = {
+      expr = map (classify sliceRules) [
+        (userSlice "cgtproxy-proxy.slice")
+        (userSlice "cgtproxy-direct.slice")
+        (userSlice "cgtproxy-drop.slice")
+        (userSlice "cgtproxy-a.slice/cgtproxy-a-b.slice")
+        (userSlice "cgtproxy-a.slice")
+        "/user.slice/user-1000.slice/user@1000.service/app.slice/app-firefox-1.scope"
+        "/cgtproxy.slice/cgtproxy-proxy.slice/run-r1.service"
+        "/system.slice/mihomo.service"
+      ];
+      expected = [
+        "proxy"
+        "direct"
+        "drop"
+        "a-b"
+        "a"
+        null
+        null
+        "direct"
+      ];
+    };
+    testSliceScopeAny = {
+      expr =
+        let
+          rules =
+            (evalNixos {
+              imports = [ proxyOnly ];
+              services.cgtproxy.slices.scope = "any";
+            }).services.cgtproxy.settings.rules;
+        in
+        map (classify rules) [
+          "/cgtproxy.slice/cgtproxy-proxy.slice/run-r1.service"
+          "/cgtproxy.slice/cgtproxy-drop.slice"
+          (userSlice "cgtproxy-direct.slice")
+          "/system.slice/cgtproxy-proxyx.slice"
+        ];
+      expected = [
+        "proxy"
+        "drop"
+        "direct"
+        null
+      ];
+    };
+    testSlicesRendered = {
+      expr =
+        builtins.length
+          (evalNixos {
+            imports = [ proxyOnly ];
+            services.cgtproxy.checkConfig = false;
+          }).services.cgtproxy.configFile.value.rules;
+      expected = 3;
+    };
+
+    # --- NixOS module: refused settings ---
+    testUnknownTarget = {
+      expr = refusedWith (evalNixos {
+        imports = [ proxyOnly ];
+        services.cgtproxy.settings.rules = [
+          {
+            match = "x";
+            tproxy = "nope";
+          }
+        ];
+      }) [ "services.cgtproxy.settings.rules.3" "tproxy = \"nope\"" "known: proxy" ];
+      expected = true;
+    };
+    testZeroActions = {
+      expr = refusedWith (evalNixos {
+        imports = [
+          proxyOnly
+          noSlices
+        ];
+        services.cgtproxy.settings.rules = [ { match = "x"; } ];
+      }) [ "services.cgtproxy.settings.rules.0" "exactly one" "none" ];
+      expected = true;
+    };
+    testSeveralActions = {
+      expr = refusedWith (evalNixos {
+        imports = [
+          proxyOnly
+          noSlices
+        ];
+        services.cgtproxy.settings.rules = [
+          {
+            match = "x";
+            tproxy = "proxy";
+            drop = true;
+          }
+        ];
+      }) [ "services.cgtproxy.settings.rules.0" "tproxy, drop" ];
+      expected = true;
+    };
+    testDirectFalse = {
+      expr = refusedWith (evalNixos {
+        imports = [
+          proxyOnly
+          noSlices
+        ];
+        services.cgtproxy.settings.rules = [
+          {
+            match = "x";
+            direct = false;
+          }
+        ];
+      }) [ "rules.0" "direct must be true" ];
+      expected = true;
+    };
+    testDuplicateMarks = {
+      expr = refusedWith (evalNixos {
+        imports = [ proxyOnly ];
+        services.cgtproxy.settings.tproxies.other = {
+          port = 7894;
+          mark = 3000;
+        };
+      }) [ "services.cgtproxy.settings.tproxies" "other.mark" "proxy.mark" "3000" ];
+      expected = true;
+    };
+    testReservedName = {
+      expr = refusedWith (evalNixos {
+        services.cgtproxy.settings.tproxies.drop = {
+          port = 7894;
+          mark = 1;
+        };
+      }) [ "services.cgtproxy.settings.tproxies.drop" "reserved" ];
+      expected = true;
+    };
+    testReservedRouteTable = {
+      expr = refusedWith (evalNixos {
+        imports = [ proxyOnly ];
+        services.cgtproxy.settings.route-table = 254;
+      }) [ "services.cgtproxy.settings.route-table = 254" ];
+      expected = true;
+    };
+    testGoodConfigNoAssertion = {
+      expr = failedAssertions withSlices ++ failedAssertions designCfg;
+      expected = [ ];
+    };
+    testTypeErrors = {
+      expr =
+        map
+          (
+            s:
+            throws
+              (evalNixos {
+                imports = [ noSlices ];
+                services.cgtproxy.settings = s;
+              }).services.cgtproxy.configFile.value
+          )
+          [
+            { tproxies.p = { port = 0; mark = 1; }; }
+            { tproxies.p = { port = 1; mark = 0; }; }
+            { tproxies.p = { port = 70000; mark = 1; }; }
+            { tproxies.p = { port = 1; mark = 1; upstream = "ftp://x:1"; }; }
+            { version = 2; }
+            { cgroup-root = "relative"; }
+            { rules = [ { tproxy = "p"; } ]; }
+            { tproxies.p = { port = 1; mark = 1; }; }
+          ];
+      expected = [
+        true
+        true
+        true
+        true
+        true
+        true
+        true
+        false
+      ];
+    };
+
+    # --- home-manager module ---
+    testHmSlices = {
+      expr = lib.mapAttrs (_: s: s.Unit.Description) hm.systemd.user.slices;
+      expected = {
+        cgtproxy-proxy = "cgtproxy: apps whose traffic goes to proxy";
+        cgtproxy-direct = "cgtproxy: apps whose traffic goes to direct";
+        cgtproxy-drop = "cgtproxy: apps whose traffic goes to drop";
+      };
+    };
+    testHmExecHelper = {
+      expr =
+        let
+          h = builtins.head hm.home.packages;
+        in
+        [
+          h.name
+          (lib.hasInfix ''exec ${exe} exec "$@"'' h.text)
+        ];
+      expected = [
+        "cgtproxy-exec"
+        true
+      ];
+    };
+    testHmServiceSlice = {
+      expr = hm.systemd.user.services.syncthing.Service.Slice;
+      expected = "cgtproxy-direct.slice";
+    };
+    testHmDesktopWrap = {
+      expr =
+        let
+          f = hm.xdg.dataFile."applications/firefox.desktop".source;
+        in
+        [
+          (lib.hasInfix "${storeDir}/00000000000000000000000000000000-firefox/share/applications/firefox.desktop" f.script)
+          (lib.hasInfix "s|^Exec=|Exec=${exe} exec proxy -- |" f.script)
+          (lib.hasInfix "/^DBusActivatable=/d" f.script)
+        ];
+      expected = [
+        true
+        true
+        true
+      ];
+    };
+    testHmFlatpakRules = {
+      expr = hm.programs.cgtproxy.systemRules;
+      expected = [
+        {
+          match = "/app-flatpak-com\\.example\\.Game-[0-9]+\\.scope$";
+          drop = true;
+        }
+        {
+          match = "/app-flatpak-org\\.mozilla\\.firefox-[0-9]+\\.scope$";
+          tproxy = "proxy";
+        }
+      ];
+    };
+    testHmFlatpakRuleMatches = {
+      expr = map (p: searches (lib.last hm.programs.cgtproxy.systemRules).match p) [
+        "/user.slice/user-1000.slice/user@1000.service/app.slice/app-flatpak-org.mozilla.firefox-4242.scope"
+        "/user.slice/user-1000.slice/user@1000.service/app.slice/app-flatpak-orgXmozilla.firefox-4242.scope"
+      ];
+      expected = [
+        true
+        false
+      ];
+    };
+    testHmRulesAcceptedBySystem = {
+      expr = failedAssertions (evalNixos {
+        imports = [ proxyOnly ];
+        services.cgtproxy.settings.rules = hm.programs.cgtproxy.systemRules;
+      });
+      expected = [ ];
+    };
+    testHmUnknownTarget = {
+      expr = map (parts: refusedWith (evalHm {
+        programs.cgtproxy.apps.x = {
+          package = fakeDrv "x" { };
+          target = "nope";
+        };
+        programs.cgtproxy.services.y = "nope2";
+        programs.cgtproxy.flatpaks.z = "nope3";
+      }) parts) [
+        [ "programs.cgtproxy.apps.x.target" "\"nope\"" ]
+        [ "programs.cgtproxy.services.y" "\"nope2\"" ]
+        [ "programs.cgtproxy.flatpaks.\"z\"" "\"nope3\"" ]
+      ];
+      expected = [
+        true
+        true
+        true
+      ];
+    };
+    testHmGoodNoAssertion = {
+      expr = failedAssertions hm;
+      expected = [ ];
+    };
+  };
+
+  failures = lib.runTests tests;
+  names = builtins.attrNames tests;
+in
+if failures == [ ] then
+  {
+    passed = builtins.length names;
+    failed = 0;
+    inherit names;
+  }
+else
+  throw "cgtproxy eval tests failed (${toString (builtins.length failures)} of ${toString (builtins.length names)}):\n${
+    lib.concatMapStringsSep "\n" (
+      f: "  ${f.name}: expected ${builtins.toJSON f.expected}, got ${builtins.toJSON f.result}"
+    ) failures
+  }"

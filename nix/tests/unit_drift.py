@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Compare nix/hardening.nix (as JSON) with the [Service] section of the shipped unit.
+
+usage: unit_drift.py HARDENING_JSON UNIT_FILE
+Exit 0 when every hardening key has the same value in the unit and the unit sets no
+other key beyond the operational ones listed below; 1 on drift, 2 on bad input.
+"""
+import json
+import sys
+
+# [Service] keys that are not sandboxing: they differ between the NixOS module
+# (store paths, options) and the shipped unit by design.
+OPERATIONAL = {
+    "Type", "ExecStart", "ExecReload", "ExecStartPre", "Restart", "RestartSec",
+    "Environment", "ConfigurationDirectory", "ReloadSignal", "TimeoutStopSec",
+}
+
+TRUE = {"yes", "true", "on", "1"}
+FALSE = {"no", "false", "off", "0"}
+
+
+def norm(value):
+    """One comparable string: booleans as yes/no, lists joined by spaces."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return " ".join(norm(v) for v in value)
+    text = " ".join(str(value).split())
+    low = text.lower()
+    if low in TRUE:
+        return "yes"
+    if low in FALSE:
+        return "no"
+    return text
+
+
+def service_section(path):
+    """Key -> list of values, in order, from [Service]; continuation lines joined."""
+    keys = {}
+    section = None
+    pending = ""
+    with open(path, encoding="utf-8") as f:
+        for raw in f:
+            line = pending + raw.rstrip("\n")
+            pending = ""
+            if line.endswith("\\"):
+                pending = line[:-1] + " "
+                continue
+            stripped = line.strip()
+            if not stripped or stripped[0] in "#;":
+                continue
+            if stripped.startswith("[") and stripped.endswith("]"):
+                section = stripped[1:-1]
+                continue
+            if section != "Service":
+                continue
+            key, sep, value = stripped.partition("=")
+            if not sep:
+                raise ValueError(f"{path}: not a setting: {stripped!r}")
+            keys.setdefault(key.strip(), []).append(value.strip())
+    return keys
+
+
+def main(argv):
+    if len(argv) != 3:
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    with open(argv[1], encoding="utf-8") as f:
+        hardening = json.load(f)
+    unit = service_section(argv[2])
+    drift = []
+    for key in sorted(hardening):
+        want = norm(hardening[key])
+        if key not in unit:
+            drift.append(f"{key}: in nix/hardening.nix ({want!r}) but not in the unit")
+            continue
+        # An empty assignment resets a list setting: compare what follows the last one.
+        values = unit[key]
+        if "" in values:
+            values = values[len(values) - 1 - values[::-1].index(""):][1:]
+        got = " ".join(norm(v) for v in values)
+        if got != want:
+            drift.append(f"{key}: nix/hardening.nix has {want!r}, the unit has {got!r}")
+    for key in sorted(set(unit) - set(hardening) - OPERATIONAL):
+        drift.append(f"{key}: set in the unit ({' '.join(unit[key])!r}) but not in nix/hardening.nix")
+    if drift:
+        print(f"drift between nix/hardening.nix and {argv[2]}:")
+        for line in drift:
+            print("  " + line)
+        return 1
+    print(f"unit-drift: {len(hardening)} hardening settings agree with {argv[2]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,230 @@
+# NixOS VM test: the module's unit routes real packets by cgroup.
+#   client: cgtproxy + a transparent listener (port 7893); target: an HTTP server.
+# Run: nix build .#checks.x86_64-linux.vm -L
+{ package, nixosModule }:
+
+{ lib, ... }:
+
+let
+  listenerPort = 7893;
+  mark = 3000;
+  routeTable = 300;
+in
+{
+  name = "cgtproxy";
+
+  nodes = {
+    target =
+      { pkgs, ... }:
+      {
+        networking.firewall.allowedTCPPorts = [ 80 ];
+        systemd.services.target-http = {
+          wantedBy = [ "multi-user.target" ];
+          # Dual stack: Python's http.server binds `::` with IPV6_V6ONLY off.
+          serviceConfig.ExecStart = "${pkgs.python3}/bin/python3 -m http.server 80 --bind :: --directory ${pkgs.writeTextDir "index.html" "target\n"}";
+        };
+      };
+
+    client =
+      { pkgs, nodes, ... }:
+      let
+        target4 = nodes.target.networking.primaryIPAddress;
+      in
+      {
+        imports = [ nixosModule ];
+
+        # The firewall in nftables form with its reverse-path check on, so the
+        # module's exemption for looped-back packets is exercised.
+        networking.nftables.enable = true;
+        networking.nftables.flushRuleset = false;
+        networking.firewall.checkReversePath = true;
+
+        services.cgtproxy = {
+          enable = true;
+          inherit package;
+          logLevel = "debug";
+          # System slices too: the test starts its probes as root.
+          slices.scope = "any";
+          settings = {
+            route-table = routeTable;
+            tproxies.proxy = {
+              port = listenerPort;
+              inherit mark;
+            };
+            rules = [
+              {
+                match = "^/system\\.slice/tproxy-listener\\.service$";
+                direct = true;
+              }
+            ];
+          };
+        };
+
+        # After a switch to this, /reloadtest.slice is dropped: proves the reload path.
+        specialisation.reloaded.configuration = {
+          services.cgtproxy.settings.rules = lib.mkBefore [
+            {
+              match = "^/reloadtest\\.slice(/|$)";
+              drop = true;
+            }
+          ];
+        };
+
+        systemd.services.tproxy-listener = {
+          wantedBy = [ "multi-user.target" ];
+          before = [ "cgtproxy.service" ];
+          serviceConfig = {
+            ExecStart = "${pkgs.python3}/bin/python3 ${./tproxy-listener.py} ${toString listenerPort} /run/tproxy-listener.log";
+            # IP_TRANSPARENT sockets.
+            AmbientCapabilities = [ "CAP_NET_ADMIN" ];
+          };
+        };
+
+        environment.systemPackages = [
+          pkgs.curl
+          pkgs.nftables
+          (pkgs.writeScriptBin "udp-send" ''
+            #!${pkgs.python3}/bin/python3
+            # udp-send HOST PORT TEXT: one datagram.
+            import socket, sys
+            host, port, text = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            socket.socket(family, socket.SOCK_DGRAM).sendto(text.encode(), (host, port))
+          '')
+          # An app that exists before the daemon does and connects when told to.
+          (pkgs.writeShellScriptBin "early-app" ''
+            while [ ! -e /run/early-go ]; do sleep 0.2; done
+            ${pkgs.curl}/bin/curl -sS --max-time 5 http://${target4}/ >/run/early-result 2>&1 \
+              || echo "curl failed: $?" >>/run/early-result
+            sleep infinity
+          '')
+        ];
+      };
+  };
+
+  testScript =
+    { nodes, ... }:
+    let
+      target4 = nodes.target.networking.primaryIPAddress;
+      target6 = nodes.target.networking.primaryIPv6Address;
+    in
+    ''
+      import re
+
+      T4 = "${target4}"
+      T6 = "${target6}"
+
+      def in_slice(slice, cmd):
+          # A transient scope in SLICE, run in the foreground: its output and status are ours.
+          return f"systemd-run --quiet --scope --slice={slice} -- {cmd}"
+
+      def http(addr):
+          host = f"[{addr}]" if ":" in addr else addr
+          return f"curl -sS -g --max-time 5 http://{host}/"
+
+      def rules_present():
+          client.succeed("nft list table inet cgtproxy")
+          client.succeed("ip -4 rule show | grep -q 'lookup ${toString routeTable}'")
+          client.succeed("ip -6 rule show | grep -q 'lookup ${toString routeTable}'")
+
+      def main_pid():
+          return client.succeed("systemctl show -P MainPID cgtproxy.service").strip()
+
+      start_all()
+      target.wait_for_unit("target-http.service")
+      target.wait_for_open_port(80)
+      client.wait_for_unit("tproxy-listener.service")
+      client.wait_for_unit("cgtproxy.service")
+      # Both address families up (IPv6 duplicate address detection takes a moment).
+      client.wait_until_succeeds(http(T4), timeout=30)
+      client.wait_until_succeeds(http(T6), timeout=30)
+
+      with subtest("ready means the rules are in"):
+          rules_present()
+          client.succeed("ip -4 route show table ${toString routeTable} | grep -q 'local default dev lo'")
+          print(client.succeed("nft list table inet cgtproxy"))
+
+      with subtest("rootless, with CAP_NET_ADMIN only"):
+          pid = main_pid()
+          status = client.succeed(f"cat /proc/{pid}/status")
+          uid = re.search(r"^Uid:\s+(\d+)", status, re.M).group(1)
+          assert uid != "0", f"runs as root: {status}"
+          cap_eff = re.search(r"^CapEff:\s+([0-9a-f]+)", status, re.M).group(1)
+          assert int(cap_eff, 16) == 1 << 12, f"CapEff {cap_eff} is not exactly CAP_NET_ADMIN"
+
+      with subtest("a proxied app reaches the listener with its original destination"):
+          out = client.succeed(in_slice("cgtproxy-proxy.slice", http(T4)))
+          assert out.strip() == f"proxied {T4}:80", out
+          out = client.succeed(in_slice("cgtproxy-proxy.slice", http(T6)))
+          assert out.strip() == f"proxied [{T6}]:80", out
+          client.succeed(in_slice("cgtproxy-proxy.slice", f"udp-send {T4} 9999 hello4"))
+          client.succeed(in_slice("cgtproxy-proxy.slice", f"udp-send {T6} 9999 hello6"))
+          client.wait_until_succeeds(f"grep -qxF 'udp {T4}:9999 hello4' /run/tproxy-listener.log", timeout=10)
+          client.wait_until_succeeds(f"grep -qxF 'udp [{T6}]:9999 hello6' /run/tproxy-listener.log", timeout=10)
+
+      with subtest("direct and unclassified apps reach the target"):
+          for addr in (T4, T6):
+              out = client.succeed(in_slice("cgtproxy-direct.slice", http(addr)))
+              assert out.strip() == "target", out
+              out = client.succeed(http(addr))
+              assert out.strip() == "target", out
+
+      with subtest("a dropped app gets nowhere"):
+          client.fail(in_slice("cgtproxy-drop.slice", http(T4)))
+          client.fail(in_slice("cgtproxy-drop.slice", http(T6)))
+
+      with subtest("an app started before the daemon is routed too"):
+          client.succeed("systemctl stop cgtproxy.service")
+          client.fail("nft list table inet cgtproxy")
+          client.succeed("systemd-run --unit=early-app --slice=cgtproxy-proxy.slice /run/current-system/sw/bin/early-app")
+          client.wait_for_unit("early-app.service")
+          client.succeed("systemctl start cgtproxy.service")
+          rules_present()
+          client.succeed("touch /run/early-go")
+          client.wait_until_succeeds("test -s /run/early-result", timeout=15)
+          out = client.succeed("cat /run/early-result")
+          assert out.strip() == f"proxied {T4}:80", out
+          client.succeed("systemctl stop early-app.service")
+
+      with subtest("a rule change reloads the daemon, same process, new rules"):
+          pid = main_pid()
+          out = client.succeed(in_slice("reloadtest.slice", http(T4)))
+          assert out.strip() == "target", out
+          client.succeed(
+              "${nodes.client.system.build.toplevel}/specialisation/reloaded/bin/switch-to-configuration test"
+          )
+          client.wait_for_unit("cgtproxy.service")
+          assert main_pid() == pid, "cgtproxy was restarted, not reloaded"
+          client.fail(in_slice("reloadtest.slice", http(T4)))
+          out = client.succeed(in_slice("cgtproxy-proxy.slice", http(T4)))
+          assert out.strip() == f"proxied {T4}:80", out
+
+      with subtest("killed, it is restarted and routes again"):
+          pid = main_pid()
+          client.succeed("systemctl kill --signal=KILL cgtproxy.service")
+          client.wait_until_succeeds(
+              f"systemctl is-active cgtproxy.service && [ \"$(systemctl show -P MainPID cgtproxy.service)\" != {pid} ]",
+              timeout=30,
+          )
+          rules_present()
+          out = client.succeed(in_slice("cgtproxy-proxy.slice", http(T4)))
+          assert out.strip() == f"proxied {T4}:80", out
+
+      with subtest("hardening"):
+          out = client.succeed("systemd-analyze security cgtproxy.service | tail -n 1")
+          print(out)
+          exposure = float(re.search(r"exposure level for cgtproxy\.service:\s+([0-9.]+)", out).group(1))
+          assert exposure <= 2.0, f"exposure {exposure}"
+          client.fail("journalctl -k -b --no-pager | grep -E 'type=1326|seccomp' | grep -q cgtproxy")
+
+      with subtest("stop leaves no table, rule or route"):
+          client.succeed("systemctl stop cgtproxy.service")
+          client.fail("nft list table inet cgtproxy")
+          client.fail("ip -4 rule show | grep -q 'lookup ${toString routeTable}'")
+          client.fail("ip -6 rule show | grep -q 'lookup ${toString routeTable}'")
+          assert client.succeed("ip -4 route show table ${toString routeTable}").strip() == ""
+          assert client.succeed("ip -6 route show table ${toString routeTable}").strip() == ""
+          out = client.succeed(in_slice("cgtproxy-proxy.slice", http(T4)))
+          assert out.strip() == "target", out
+    '';
+}
