@@ -375,3 +375,65 @@ fn a_killed_instance_never_blocks_the_next_start() {
         );
     });
 }
+
+/// Real software as the TPROXY listener: v2ray (Debian's package) with a
+/// dokodemo-door inbound in a direct cgroup, as users run it. Its own outgoing
+/// connections must not be captured again, or nothing would ever arrive.
+#[test]
+fn v2ray_as_the_tproxy_listener() {
+    in_namespaces("v2ray_as_the_tproxy_listener", || {
+        let mut lab = Lab::new("v2ray");
+        let access = lab.dir.join("access.log");
+        let conf = lab.dir.join("v2ray.json");
+        std::fs::write(
+            &conf,
+            format!(
+                r#"{{"log":{{"loglevel":"warning","access":"{}"}},
+                "inbounds":[{{"listen":"0.0.0.0","port":{PROXY_PORT},"protocol":"dokodemo-door",
+                  "settings":{{"network":"tcp,udp","followRedirect":true}},
+                  "streamSettings":{{"sockopt":{{"tproxy":"tproxy"}}}}}}],
+                "outbounds":[{{"protocol":"freedom","settings":{{}}}}]}}"#,
+                access.display()
+            ),
+        )
+        .unwrap();
+        lab.start_service_in(
+            "listener",
+            &format!("v2ray -config '{}'", conf.display()),
+            PROXY_PORT,
+        );
+        lab.mkcg("proxy/app.scope");
+        let cfg = lab.write_config("c.json", &proxy_target(), &rules(&lab));
+        lab.start_daemon(&cfg);
+        // The peer sees v2ray's connection, made from this host's address.
+        for proto in ["tcp", "udp"] {
+            let a = lab.talk("proxy/app.scope", proto, PEER4, PEER_PORT);
+            assert!(
+                a.starts_with("peer 10.99.0.1"),
+                "{proto} through v2ray: {a}"
+            );
+        }
+        let log = std::fs::read_to_string(&access).unwrap_or_default();
+        assert!(
+            log.contains(&format!("accepted tcp:{PEER4}:{PEER_PORT}")),
+            "v2ray log:\n{log}"
+        );
+        assert!(
+            log.contains(&format!("accepted udp:{PEER4}:{PEER_PORT}")),
+            "v2ray log:\n{log}"
+        );
+        // Traffic of other cgroups does not pass through v2ray.
+        lab.mkcg("direct");
+        let before = std::fs::read_to_string(&access)
+            .unwrap_or_default()
+            .lines()
+            .count();
+        assert!(reached_peer(&lab.talk("direct", "tcp", PEER4, PEER_PORT)));
+        let after = std::fs::read_to_string(&access)
+            .unwrap_or_default()
+            .lines()
+            .count();
+        assert_eq!(before, after, "direct traffic went through v2ray");
+        assert_eq!(lab.take_daemon().stop(), 0);
+    });
+}

@@ -235,6 +235,18 @@ impl Lab {
         self.services.push(child);
     }
 
+    /// Starts `cmd` in cgroup `rel` as a long-running service, and waits until
+    /// something listens on TCP `port`.
+    pub fn start_service_in(&mut self, rel: &str, cmd: &str, port: u16) {
+        self.mkcg(rel);
+        let child = self.spawn_in(rel, cmd, Stdio::null());
+        self.services.push(child);
+        let listening = self.eventually(Duration::from_secs(10), || {
+            sh_any(&format!("ss -Hltn 'sport = :{port}'")).contains(&format!(":{port}"))
+        });
+        assert!(listening, "`{cmd}` did not listen on {port}");
+    }
+
     /// Starts a plain server on this host (e.g. a DNS stand-in on 127.0.0.1).
     pub fn start_local_server(&mut self, port: u16, label: &str, addrs: &[&str]) {
         let mut child = Command::new("python3")
