@@ -1,0 +1,2 @@
+//! Placeholder replaced by the benchmark (issue 4).
+fn main() {}
