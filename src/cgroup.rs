@@ -1,7 +1,7 @@
 //! cgroup2 discovery: where the hierarchy is mounted, and what a directory in it
 //! means (its path relative to the hierarchy root, its id and its absolute level).
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirEntryExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::config::CgroupRoot;
@@ -185,32 +185,60 @@ impl Hierarchy {
     }
 }
 
-/// Lists the sub-directories (child cgroups) of `dir`; a vanished directory lists
-/// as empty.
-pub fn children(dir: &Path) -> Vec<String> {
+/// Lists the sub-directories (child cgroups) of `dir` with their inode numbers,
+/// straight from the directory entries (no stat per child); a vanished directory
+/// lists as empty.
+pub fn children(dir: &Path) -> Vec<(String, u64)> {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
     rd.filter_map(Result::ok)
         .filter(|e| e.file_type().map(|t| t.is_dir()).unwrap_or(false))
-        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|e| {
+            let ino = e.ino();
+            e.file_name().into_string().ok().map(|n| (n, ino))
+        })
         .collect()
+}
+
+/// Walks the tree from mount-relative `rel` down. `enter(rel)` runs before a
+/// directory is listed (the watcher adds its watch there) and returns false for a
+/// directory that vanished, which is then skipped.
+pub fn walk_with<E>(
+    hier: &Hierarchy,
+    rel: &str,
+    mut enter: impl FnMut(&str) -> Result<bool, E>,
+) -> Result<Vec<Cgroup>, E> {
+    let Some(top) = hier.describe(rel) else {
+        return Ok(Vec::new());
+    };
+    let mut found = Vec::new();
+    let mut stack = vec![(rel.to_owned(), top)];
+    while let Some((rel, cg)) = stack.pop() {
+        if !enter(&rel)? {
+            continue;
+        }
+        for (name, id) in children(&hier.fs_path(&rel)) {
+            let path = if cg.path == "/" {
+                format!("/{name}")
+            } else {
+                format!("{}/{name}", cg.path)
+            };
+            let child = Cgroup {
+                path,
+                id,
+                level: cg.level + 1,
+            };
+            stack.push((format!("{rel}/{name}"), child));
+        }
+        found.push(cg);
+    }
+    Ok(found)
 }
 
 /// Lists every cgroup of the hierarchy without watching it (for `render`).
 pub fn walk(hier: &Hierarchy) -> Vec<Cgroup> {
-    let mut found = Vec::new();
-    let mut stack = vec![String::new()];
-    while let Some(rel) = stack.pop() {
-        let Some(cg) = hier.describe(&rel) else {
-            continue;
-        };
-        found.push(cg);
-        for child in children(&hier.fs_path(&rel)) {
-            stack.push(format!("{rel}/{child}"));
-        }
-    }
-    found
+    walk_with(hier, "", |_| Ok::<_, std::convert::Infallible>(true)).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -281,7 +309,13 @@ mod tests {
         assert_eq!(cg.id, std::fs::metadata(dir.join("a/b")).unwrap().ino());
         assert_eq!(h.describe("").unwrap().level, 0);
         assert!(h.describe("/gone").is_none());
-        assert_eq!(children(&dir), vec!["a".to_owned()]);
+        let a_ino = std::fs::metadata(dir.join("a")).unwrap().ino();
+        assert_eq!(children(&dir), vec![("a".to_owned(), a_ino)]);
+        let all = walk(&h);
+        let mut paths: Vec<(&str, u32)> = all.iter().map(|c| (c.path.as_str(), c.level)).collect();
+        paths.sort();
+        assert_eq!(paths, [("/", 0), ("/a", 1), ("/a/b", 2)]);
+        assert_eq!(all.iter().find(|c| c.path == "/a/b").unwrap().id, cg.id);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -7,7 +7,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 
-use crate::cgroup::{Cgroup, Hierarchy, children};
+use crate::cgroup::{Cgroup, Hierarchy, walk_with};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
@@ -81,38 +81,26 @@ impl Watcher {
     /// Watches `rel` and everything below it, returning the cgroups found. Directories
     /// that vanish on the way are skipped.
     fn walk(&mut self, rel: &str) -> Result<Vec<Cgroup>, WatchError> {
-        let mut found = Vec::new();
-        let mut stack = vec![rel.to_owned()];
-        while let Some(rel) = stack.pop() {
-            let path = self.hier.fs_path(&rel);
-            match self.inotify.watches().add(&path, MASK) {
+        let (hier, inotify, dirs) = (&self.hier, &mut self.inotify, &mut self.dirs);
+        walk_with(hier, rel, |rel| {
+            let path = hier.fs_path(rel);
+            match inotify.watches().add(&path, MASK) {
                 Ok(wd) => {
-                    self.dirs.insert(wd, rel.clone());
+                    dirs.insert(wd, rel.to_owned());
+                    Ok(true)
                 }
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
-                    return Err(WatchError::Limit {
-                        path: path.display().to_string(),
-                    });
-                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => Err(WatchError::Limit {
+                    path: path.display().to_string(),
+                }),
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
-                    continue;
+                    Ok(false)
                 }
-                Err(source) => {
-                    return Err(WatchError::Watch {
-                        path: path.display().to_string(),
-                        source,
-                    });
-                }
+                Err(source) => Err(WatchError::Watch {
+                    path: path.display().to_string(),
+                    source,
+                }),
             }
-            let Some(cg) = self.hier.describe(&rel) else {
-                continue;
-            };
-            found.push(cg);
-            for child in children(&path) {
-                stack.push(format!("{rel}/{child}"));
-            }
-        }
-        Ok(found)
+        })
     }
 
     /// Drains every queued event (never blocks) into changes.
