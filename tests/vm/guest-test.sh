@@ -1,0 +1,279 @@
+#!/bin/bash
+# The cgtproxy VM test, guest side.  Runs as root from vmtest.service (see
+# image.sh) with the payload unpacked in /run/payload.  Every check writes one
+# line to fd 3 (the second serial port, read by run.sh):
+#   PASS name | FAIL name :: reason | INFO text | LOG evidence | DONE
+# It checks what a user of the product sees: systemctl, /proc, nft, ip, and
+# real packets from a lingering user's applications.
+set -u
+
+P=/run/payload
+LISTEN_PORT=7893
+MARK=0xbb8 # 3000, the proxy target's mark
+RT=300     # route table
+PEER4=10.99.0.2
+PEER6=fd99::2
+PEER_PORT=8080
+MAX_EXPOSURE=1.2 # systemd-analyze security target from issue 7
+
+exec 2>&1
+report() { echo "$*" >&3; echo "$*"; }
+pass() { report "PASS $1"; }
+fail() { local n=$1; shift; report "FAIL $n :: $*"; }
+info() { report "INFO $*"; }
+# Multi-line evidence for the host (shown when anything failed).
+evidence() { head -n "${1:-40}" | sed 's/^/LOG   /' >&3; }
+now() { cut -d' ' -f1 /proc/uptime; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
+
+# check NAME CMD...: pass if CMD succeeds, else fail with its output.
+check() {
+  local n=$1 out; shift
+  if out=$("$@" 2>&1); then pass "$n"; else
+    fail "$n" "failed: $*"; printf '%s\n' "$out" | evidence
+  fi
+}
+
+# An app of the lingering user alice, as her own shell would start it.
+as_alice() {
+  runuser -u alice -- env XDG_RUNTIME_DIR=/run/user/1000 \
+    DBUS_SESSION_BUS_ADDRESS=unix:path=/run/user/1000/bus "$@"
+}
+probe_cmd() { echo python3 "$P/vmnet.py" probe "$1" "$2" "$PEER_PORT" 3; }
+
+# launch HOW TARGET PROTO HOST: run one probe and print its answer.
+#   exec:  cgtproxy exec TARGET -- probe            (transient user scope)
+#   slice: systemd-run --user --slice=cgtproxy-TARGET.slice probe
+#   root:  the probe from this unclassified system service
+launch() {
+  local how=$1 target=$2 proto=$3 host=$4
+  case $how in
+    exec) as_alice timeout 20 cgtproxy exec "$target" -- $(probe_cmd "$proto" "$host") ;;
+    slice) as_alice timeout 20 systemd-run --user --quiet --wait --pipe \
+      --slice="cgtproxy-$target.slice" $(probe_cmd "$proto" "$host") ;;
+    root) timeout 20 $(probe_cmd "$proto" "$host") ;;
+  esac
+}
+
+# expect NAME WANT HOW TARGET PROTO HOST: the probe's answer must be WANT
+# ("TPROXY <dst> 8080": reached the listener with its original destination;
+# "PEER <dst> 8080": reached the peer; "ERROR": reached nothing).
+expect() {
+  local n=$1 want=$2 out; shift 2
+  out=$(launch "$@" 2>&1)
+  if [ "$want" = ERROR ] && [[ $out == ERROR* ]]; then pass "$n"
+  elif [ "$out" = "$want" ]; then pass "$n"
+  else fail "$n" "want '$want', got '$(echo "$out" | tr '\n' ' ' | cut -c1-200)'"; fi
+}
+
+dst() { case $1 in *4) echo "$PEER4" ;; *6) echo "$PEER6" ;; esac; }
+proto() { echo "${1%?}"; } # tcp4 -> tcp
+
+main_pid() { systemctl show -P MainPID cgtproxy.service; }
+has_table() { nft list table inet cgtproxy >/dev/null 2>&1; }
+rule_count() { ip "-$1" rule show | grep -c "fwmark $MARK lookup $RT"; }
+has_route() { ip "-$1" route show table "$RT" 2>/dev/null | grep -q '^local default dev lo'; }
+rules_in() {
+  has_table && [ "$(rule_count 4)" = 1 ] && [ "$(rule_count 6)" = 1 ] && has_route 4 && has_route 6
+}
+# The table's chains and rules without map elements: those follow the
+# cgroups that come and go, the rest must only change with the config.
+ruleset_shape() {
+  nft list table inet cgtproxy | awk '/elements = \{/ { skip = 1 } skip { if (/\}/) skip = 0; next } { print }'
+}
+netstate() {
+  echo "# nft list table inet cgtproxy"; nft list table inet cgtproxy 2>&1
+  echo "# ip rule"; ip -4 rule; ip -6 rule
+  echo "# table $RT"; ip -4 route show table "$RT" 2>&1; ip -6 route show table "$RT" 2>&1
+}
+
+t_test=$(now)
+info "guest kernel $(uname -r), $(systemctl --version | head -n1), boot to test $(now)s"
+
+# --- setup: install the product as the README tells a user ---------------------
+install -m 0755 "$P/cgtproxy" /usr/local/bin/cgtproxy
+install -d -m 0755 /etc/cgtproxy
+install -m 0644 "$P/config.json" /etc/cgtproxy/config.json
+install -m 0644 "$P/cgtproxy.service" /etc/systemd/system/cgtproxy.service
+systemctl daemon-reload
+
+# A peer "out there": a network namespace behind a veth.  Its addresses exist
+# only inside this guest.  nodad: usable at once, no 2 s duplicate detection.
+ip netns add peer
+ip link add veth0 type veth peer name veth1 netns peer
+ip addr add 10.99.0.1/24 dev veth0
+ip -6 addr add fd99::1/64 dev veth0 nodad
+ip link set veth0 up
+ip -n peer link set lo up
+ip -n peer addr add "$PEER4/24" dev veth1
+ip -n peer -6 addr add "$PEER6/64" dev veth1 nodad
+ip -n peer link set veth1 up
+systemd-run --quiet --unit=peer-server -p Type=notify \
+  ip netns exec peer python3 "$P/vmnet.py" peer "$PEER_PORT" "$PEER4" "$PEER6"
+# The transparent proxy: a system service whose cgroup the config classifies
+# direct, so its own traffic is never looped back to itself.
+systemd-run --quiet --unit=tproxy-listener -p Type=notify \
+  python3 "$P/vmnet.py" listener "$LISTEN_PORT"
+# alice lingers (image.sh): her user manager is started at boot.
+systemctl start user@1000.service
+
+check unit-verify systemd-analyze verify /etc/systemd/system/cgtproxy.service
+expect baseline-peer-tcp4 "PEER $PEER4 $PEER_PORT" root - tcp "$PEER4"
+expect baseline-peer-udp6 "PEER $PEER6 $PEER_PORT" root - udp "$PEER6"
+check render-unprivileged as_alice cgtproxy render --config /etc/cgtproxy/config.json
+check check-valid-config cgtproxy check --config "$P/config-reload.json"
+if out=$(cgtproxy check --config "$P/config-invalid.json" 2>&1); then
+  fail check-rejects-invalid "exit 0"
+else pass check-rejects-invalid; info "check invalid: $(echo "$out" | head -n1)"; fi
+
+# --- start: ready means rules in --------------------------------------------------
+t=$(now)
+if systemctl start cgtproxy.service; then pass start; else fail start "systemctl start failed"; fi
+info "systemctl start took $(elapsed "$t")s"
+# Checked at once: READY=1 must come only after the table and routes are in.
+check start-table-present has_table
+check start-ip-rules test "$(rule_count 4)$(rule_count 6)" = 11
+check start-routes eval 'has_route 4 && has_route 6'
+
+pid=$(main_pid)
+if [ -r "/proc/$pid/status" ]; then
+  read -r _ ruid euid suid fsuid < <(grep '^Uid:' "/proc/$pid/status")
+  if [ "$ruid" = "$euid" ] && [ "$euid" = "$suid" ] && [ "$ruid" -ge 61184 ] && [ "$ruid" -le 65519 ]; then
+    pass dynamic-user
+  else fail dynamic-user "uids $ruid $euid $suid $fsuid (dynamic range 61184..65519)"; fi
+  capeff=$(awk '/^CapEff:/ { print $2 }' "/proc/$pid/status")
+  if [ "$capeff" = 0000000000001000 ]; then pass cap-net-admin-only
+  else fail cap-net-admin-only "CapEff=$capeff, want 0000000000001000"; fi
+  info "main process $pid: user $(id -nu "$ruid" 2>/dev/null || echo "$ruid")," \
+    "$(grep -E '^(CapPrm|CapBnd|CapAmb|NoNewPrivs|Seccomp):' "/proc/$pid/status" | tr -s '\t\n' '  ')"
+else
+  fail dynamic-user "no main process (MainPID=$pid)"
+  fail cap-net-admin-only "no main process"
+fi
+
+# --- traffic of alice's applications ----------------------------------------------
+for p in tcp4 udp4 tcp6 udp6; do
+  expect "proxy-exec-$p" "TPROXY $(dst $p) $PEER_PORT" exec proxy "$(proto $p)" "$(dst $p)"
+done
+for p in tcp4 udp4 tcp6 udp6; do
+  expect "proxy-slice-$p" "TPROXY $(dst $p) $PEER_PORT" slice proxy "$(proto $p)" "$(dst $p)"
+done
+for p in tcp4 udp4 tcp6 udp6; do
+  expect "direct-exec-$p" "PEER $(dst $p) $PEER_PORT" exec direct "$(proto $p)" "$(dst $p)"
+done
+for p in tcp4 udp4 tcp6 udp6; do
+  expect "drop-exec-$p" ERROR exec drop "$(proto $p)" "$(dst $p)"
+done
+# exec passes the command's exit status through, and refuses unknown targets.
+as_alice cgtproxy exec direct -- sh -c 'exit 7'
+st=$?
+if [ "$st" = 7 ]; then pass exec-exit-status; else fail exec-exit-status "exit $st, want 7"; fi
+if out=$(as_alice cgtproxy exec nosuch -- true 2>&1); then
+  fail exec-unknown-target "accepted"
+else pass exec-unknown-target; info "exec nosuch: $(echo "$out" | head -n1)"; fi
+
+# --- reload -------------------------------------------------------------------------
+pid=$(main_pid)
+install -m 0644 "$P/config-reload.json" /etc/cgtproxy/config.json
+t=$(now)
+check reload-ok systemctl reload cgtproxy.service
+info "systemctl reload took $(elapsed "$t")s"
+check reload-same-pid test "$(main_pid)" = "$pid"
+check reload-active systemctl is-active --quiet cgtproxy.service
+# config-reload.json sends the direct slice to the proxy.
+expect reload-rule-change-tcp4 "TPROXY $PEER4 $PEER_PORT" exec direct tcp "$PEER4"
+expect reload-rule-change-udp6 "TPROXY $PEER6 $PEER_PORT" exec direct udp "$PEER6"
+
+sleep 1
+before=$(ruleset_shape)
+install -m 0644 "$P/config-invalid.json" /etc/cgtproxy/config.json
+since=$(date '+%Y-%m-%d %H:%M:%S')
+systemctl reload cgtproxy.service
+info "reload with an invalid config: systemctl exit $?"
+check reload-invalid-active systemctl is-active --quiet cgtproxy.service
+check reload-invalid-same-pid test "$(main_pid)" = "$pid"
+after=$(ruleset_shape)
+if [ "$before" = "$after" ] && [ -n "$after" ]; then pass reload-invalid-keeps-rules
+else
+  fail reload-invalid-keeps-rules "ruleset changed"
+  diff <(echo "$before") <(echo "$after") | evidence
+fi
+# Through systemd-run, not `cgtproxy exec`: exec reads the (now invalid)
+# config file itself.
+expect reload-invalid-keeps-traffic "TPROXY $PEER4 $PEER_PORT" slice direct tcp "$PEER4"
+journalctl -u cgtproxy.service --since "$since" -o cat --no-pager | grep -v '^Reload' | head -n 3 |
+  sed 's/\x1b\[[0-9;]*m//g' | while read -r l; do info "reload-invalid log: $l"; done
+if out=$(as_alice cgtproxy exec direct -- true 2>&1); then
+  info "exec direct with an invalid config file: runs"
+else info "exec direct with an invalid config file: refused: $(echo "$out" | head -n1)"; fi
+# Back to a valid config: a restart below must be able to read it.
+install -m 0644 "$P/config-reload.json" /etc/cgtproxy/config.json
+
+# --- crash: SIGKILL, Restart=on-failure -----------------------------------------------
+pid=$(main_pid)
+t=$(now)
+systemctl kill -s KILL cgtproxy.service
+new=
+for _ in $(seq 60); do
+  sleep 0.5
+  new=$(main_pid)
+  if [ "$new" != 0 ] && [ "$new" != "$pid" ] && systemctl is-active --quiet cgtproxy.service; then break; fi
+done
+if [ "$new" != 0 ] && [ "$new" != "$pid" ] && systemctl is-active --quiet cgtproxy.service; then
+  pass kill-restarted
+  info "restarted after $(elapsed "$t")s, NRestarts=$(systemctl show -P NRestarts cgtproxy.service)"
+else
+  fail kill-restarted "MainPID $pid -> $new, $(systemctl is-active cgtproxy.service)"
+fi
+if rules_in; then pass kill-rules-back; else fail kill-rules-back "stale or missing rules"; netstate | evidence 60; fi
+expect kill-traffic-tcp4 "TPROXY $PEER4 $PEER_PORT" exec proxy tcp "$PEER4"
+expect kill-traffic-udp6 "TPROXY $PEER6 $PEER_PORT" exec proxy udp "$PEER6"
+
+# --- stop: nothing left behind ------------------------------------------------------------
+check stop-ok systemctl stop cgtproxy.service
+check stop-clean-exit test "$(systemctl show -P Result cgtproxy.service)" = success
+if has_table; then fail stop-no-table "table inet cgtproxy still there"; else pass stop-no-table; fi
+if [ "$(rule_count 4)" = 0 ] && [ "$(rule_count 6)" = 0 ]; then pass stop-no-ip-rules
+else fail stop-no-ip-rules "fwmark rules left"; ip -4 rule | evidence; ip -6 rule | evidence; fi
+left=$( (ip -4 route show table "$RT"; ip -6 route show table "$RT") 2>/dev/null)
+if [ -z "$left" ]; then pass stop-no-routes; else fail stop-no-routes "table $RT: $left"; fi
+expect stop-traffic-direct "PEER $PEER4 $PEER_PORT" exec proxy tcp "$PEER4"
+
+# The journal is where a user reads the daemon: no terminal colour codes there.
+if journalctl -b -u cgtproxy.service -o cat --no-pager | grep -q $'\x1b\['; then
+  fail journal-no-ansi "log lines carry ANSI escape codes (stderr is the journal, not a terminal)"
+  journalctl -b -u cgtproxy.service -o cat --no-pager | grep $'\x1b\[' | head -n 3 | cat -v | evidence
+else pass journal-no-ansi; fi
+
+# --- seccomp and exposure -------------------------------------------------------------------
+# A canary proves that denials reach the log at all: uname under a filter
+# that forbids uname(2) is killed by SIGSYS and logged as type=1326.
+systemd-run --quiet --wait -p SystemCallFilter=~uname uname >/dev/null 2>&1
+sleep 1
+seccomp_log() {
+  { journalctl -k -b -o cat --no-pager; journalctl -b _TRANSPORT=audit -o cat --no-pager; } 2>/dev/null |
+    grep -E 'type=1326|SECCOMP' | sort -u
+}
+if seccomp_log | grep -q 'comm="uname"'; then pass seccomp-canary-logged
+else fail seccomp-canary-logged "a seccomp kill does not show in the kernel log here"; fi
+denials=$(seccomp_log | grep -E 'comm="cgtproxy"|exe="/usr/local/bin/cgtproxy"')
+sigsys=$(journalctl -b -u cgtproxy.service -o cat --no-pager | grep -E 'status=31/SYS|SIGSYS')
+if [ -z "$denials$sigsys" ]; then pass no-seccomp-denial
+else fail no-seccomp-denial "cgtproxy hit its syscall filter"; printf '%s\n%s\n' "$denials" "$sigsys" | evidence; fi
+
+exposure_line=$(systemd-analyze security --no-pager cgtproxy.service 2>&1 | grep -i 'overall exposure')
+exposure=$(echo "$exposure_line" | grep -oE '[0-9]+\.[0-9]+' | head -n1)
+info "systemd-analyze security: ${exposure_line#*→ }"
+if [ -n "$exposure" ] && awk -v e="$exposure" -v m="$MAX_EXPOSURE" 'BEGIN { exit !(e <= m) }'; then
+  pass "exposure-at-most-$MAX_EXPOSURE"
+else fail "exposure-at-most-$MAX_EXPOSURE" "exposure ${exposure:-unknown}"
+  systemd-analyze security --no-pager cgtproxy.service 2>&1 | grep -E '✗' | evidence 30
+fi
+
+# --- evidence for the host (printed there when anything failed) -------------------------
+echo "# journalctl -u cgtproxy" | evidence
+journalctl -b -u cgtproxy.service -o short-monotonic --no-pager | evidence 200
+echo "# journalctl -u tproxy-listener (last 20)" | evidence
+journalctl -b -u tproxy-listener.service -o short-monotonic --no-pager | tail -n 20 | evidence
+info "guest test took $(elapsed "$t_test")s"
+report DONE
