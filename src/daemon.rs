@@ -50,6 +50,31 @@ fn sys(step: &'static str) -> impl FnOnce(nix::Error) -> DaemonError {
 /// Longest wait between retries of a failed kernel update.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// Replaces the whole table with the desired one in one transaction, keeping maps
+/// for `keep_levels` too; `also` names a previous table (renamed by a reload) to
+/// delete in the same breath. Returns the installed elements and levels.
+fn install_table(
+    nft: &mut Nft,
+    cfg: &Config,
+    tree: &Tree,
+    keep_levels: &BTreeSet<u32>,
+    also: Option<&str>,
+) -> Result<(Elements, BTreeSet<u32>), NftError> {
+    let elements = tree.elements();
+    let levels: BTreeSet<u32> = plan::levels(&elements)
+        .union(keep_levels)
+        .copied()
+        .collect();
+    let spec = plan::table(cfg, &levels, &elements);
+    let mut txn = Txn::new();
+    if let Some(old) = also.filter(|o| *o != spec.name) {
+        txn.delete_table(old)?;
+    }
+    txn.replace_table(&spec)?;
+    nft.commit(txn)?;
+    Ok((elements, levels))
+}
+
 struct Daemon {
     config_path: Option<PathBuf>,
     cfg: Config,
@@ -102,26 +127,10 @@ impl Daemon {
         )
     }
 
-    /// Replaces the whole table with the desired one, in one transaction; `also`
-    /// names a previous table (renamed by a reload) to delete in the same breath.
-    fn replace_all(
-        &mut self,
-        cfg: &Config,
-        tree: &Tree,
-        also: Option<&str>,
-    ) -> Result<(), NftError> {
-        let elements = tree.elements();
-        let levels: BTreeSet<u32> = plan::levels(&elements)
-            .union(&self.levels)
-            .copied()
-            .collect();
-        let spec = plan::table(cfg, &levels, &elements);
-        let mut txn = Txn::new();
-        if let Some(old) = also.filter(|o| *o != spec.name) {
-            txn.delete_table(old)?;
-        }
-        txn.replace_table(&spec)?;
-        self.nft.commit(txn)?;
+    /// Rebuilds the whole table from the current configuration and tree.
+    fn replace_all(&mut self) -> Result<(), NftError> {
+        let (elements, levels) =
+            install_table(&mut self.nft, &self.cfg, &self.tree, &self.levels, None)?;
         self.installed = elements;
         self.levels = levels;
         Ok(())
@@ -172,8 +181,7 @@ impl Daemon {
     /// Brings the kernel in line with the tree; on failure, schedules a full rebuild.
     fn converge(&mut self, delta: Delta) {
         let result = if self.dirty {
-            let (cfg, tree) = (self.cfg.clone(), self.tree.clone());
-            self.replace_all(&cfg, &tree, None)
+            self.replace_all()
         } else {
             self.apply(&delta)
         };
@@ -311,28 +319,37 @@ impl Daemon {
             }
         } else {
             self.routes.install(&new_routes)?;
-            let old_table = self.cfg.table.clone();
-            self.levels.clear();
-            if let Err(e) = self.replace_all(&new, &tree, Some(&old_table)) {
-                // Leave routing as it was for the old table, which still stands.
-                let added = route::Plan {
-                    table: new_routes.table,
-                    marks: new_routes
-                        .marks
-                        .iter()
-                        .filter(|m| {
-                            !(self.route_plan.table == new_routes.table
-                                && self.route_plan.marks.contains(m))
-                        })
-                        .copied()
-                        .collect(),
-                };
-                if let Err(re) = self.routes.remove_rules(&added) {
-                    warn!("undoing new ip rules: {re}");
+            let installed = install_table(
+                &mut self.nft,
+                &new,
+                &tree,
+                &BTreeSet::new(),
+                Some(&self.cfg.table),
+            );
+            let (elements, levels) = match installed {
+                Ok(done) => done,
+                Err(e) => {
+                    // Leave routing as it was for the old table, which still stands.
+                    let added = route::Plan {
+                        table: new_routes.table,
+                        marks: new_routes
+                            .marks
+                            .iter()
+                            .filter(|m| {
+                                !(self.route_plan.table == new_routes.table
+                                    && self.route_plan.marks.contains(m))
+                            })
+                            .copied()
+                            .collect(),
+                    };
+                    if let Err(re) = self.routes.remove_rules(&added) {
+                        warn!("undoing new ip rules: {re}");
+                    }
+                    return Err(e.into());
                 }
-                self.levels = plan::levels(&self.installed);
-                return Err(e.into());
-            }
+            };
+            self.installed = elements;
+            self.levels = levels;
             self.routes.retire(&self.route_plan, &new_routes)?;
             self.route_plan = new_routes;
             self.cfg = new;
@@ -412,8 +429,7 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         status_sent: None,
         timer,
     };
-    let (cfg, tree) = (d.cfg.clone(), d.tree.clone());
-    d.replace_all(&cfg, &tree, None)?;
+    d.replace_all()?;
     if let Err(e) = d.routes.install(&d.route_plan) {
         // Nothing half-applied: take the table down again.
         if let Err(c) = d.cleanup() {

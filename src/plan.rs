@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::rc::Rc;
 
 use ipnet::IpNet;
 
@@ -274,13 +275,14 @@ impl Proto {
     }
 }
 
-/// What a map element or rule decides.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a map element or rule decides. Chain names are shared, not copied per
+/// element: a table can hold tens of thousands of `goto` elements.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Verdict {
     Accept,
     Drop,
     Return,
-    Goto(String),
+    Goto(Rc<str>),
 }
 
 /// One statement of a rule, close to nft's own vocabulary.
@@ -371,7 +373,7 @@ pub fn verdict(cfg: &Config, action: Action) -> Verdict {
     match action {
         Action::Direct => Verdict::Return,
         Action::Drop => Verdict::Drop,
-        Action::Tproxy(i) => Verdict::Goto(mark_chain(&cfg.targets[i].name)),
+        Action::Tproxy(i) => Verdict::Goto(mark_chain(&cfg.targets[i].name).into()),
     }
 }
 
@@ -448,10 +450,21 @@ pub fn table(cfg: &Config, levels: &BTreeSet<u32>, elements: &Elements) -> Table
             kind: SetKind::Bypass(Family::V6, merge_ranges(&cfg.bypass, Family::V6)),
         },
     ];
+    let (direct, drop) = (verdict(cfg, Action::Direct), verdict(cfg, Action::Drop));
+    let gotos: Vec<Verdict> = (0..cfg.targets.len())
+        .map(|i| verdict(cfg, Action::Tproxy(i)))
+        .collect();
     for &level in levels {
         let elems = elements
             .range((level, 0)..=(level, u64::MAX))
-            .map(|(&(_, id), &a)| (id, verdict(cfg, a)))
+            .map(|(&(_, id), &a)| {
+                let v = match a {
+                    Action::Direct => &direct,
+                    Action::Drop => &drop,
+                    Action::Tproxy(i) => &gotos[i],
+                };
+                (id, v.clone())
+            })
             .collect();
         sets.push(SetSpec {
             name: level_map(level),

@@ -5,6 +5,7 @@
 
 use std::ffi::{CStr, CString, c_char, c_void};
 use std::ptr::NonNull;
+use std::rc::Rc;
 
 use nftnl::expr::Expression;
 use nftnl::{MsgType, NlMsg, Rule};
@@ -31,7 +32,8 @@ pub enum Verdict {
     Accept,
     Drop,
     Return,
-    Goto(CString),
+    /// Shared: thousands of elements may jump to the same chain.
+    Goto(Rc<CStr>),
 }
 
 impl Verdict {
@@ -339,10 +341,34 @@ unsafe impl NlMsg for SetDef {
     }
 }
 
+/// A set key of up to 16 bytes, stored inline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Key {
+    bytes: [u8; 16],
+    len: u8,
+}
+
+impl Key {
+    /// `data` must be at most 16 bytes (an IPv6 address); longer data is cut.
+    pub fn new(data: &[u8]) -> Key {
+        let len = data.len().min(16);
+        let mut bytes = [0; 16];
+        bytes[..len].copy_from_slice(&data[..len]);
+        Key {
+            bytes,
+            len: len as u8,
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
 /// One set element: a key, optionally the end of an interval, optionally a verdict.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Elem {
-    pub key: Vec<u8>,
+    pub key: Key,
     pub interval_end: bool,
     pub verdict: Option<Verdict>,
 }
@@ -376,8 +402,8 @@ unsafe impl NlMsg for Elems<'_> {
                 sys::nftnl_set_elem_set(
                     raw.as_ptr(),
                     sys::NFTNL_SET_ELEM_KEY as u16,
-                    el.key.as_ptr().cast::<c_void>(),
-                    el.key.len() as u32,
+                    el.key.as_bytes().as_ptr().cast::<c_void>(),
+                    el.key.as_bytes().len() as u32,
                 );
                 if el.interval_end {
                     sys::nftnl_set_elem_set_u32(
@@ -542,7 +568,7 @@ mod tests {
 
     #[test]
     fn goto_verdict_names_its_chain() {
-        let (name, data) = expr_bytes(&Expr::Verdict(Verdict::Goto(c"p-mark".into())));
+        let (name, data) = expr_bytes(&Expr::Verdict(Verdict::Goto(Rc::from(c"p-mark"))));
         assert_eq!(name, "immediate");
         // NFTA_IMMEDIATE_DREG = 1 (verdict), NFTA_IMMEDIATE_DATA = 2 → NFTA_DATA_VERDICT
         // = 2 → NFTA_VERDICT_CODE = 1, NFTA_VERDICT_CHAIN = 2.
@@ -624,12 +650,12 @@ mod tests {
     fn elements_carry_key_flags_and_verdict() {
         let elems = [
             Elem {
-                key: 0x1122_3344_5566_7788u64.to_ne_bytes().to_vec(),
+                key: Key::new(&0x1122_3344_5566_7788u64.to_ne_bytes()),
                 interval_end: false,
-                verdict: Some(Verdict::Goto(c"proxy-mark".into())),
+                verdict: Some(Verdict::Goto(Rc::from(c"proxy-mark"))),
             },
             Elem {
-                key: vec![10, 0, 0, 0],
+                key: Key::new(&[10, 0, 0, 0]),
                 interval_end: true,
                 verdict: None,
             },

@@ -3,6 +3,7 @@
 
 mod ffi;
 
+use std::collections::HashMap;
 use std::ffi::CString;
 use std::io::IoSlice;
 use std::net::IpAddr;
@@ -14,7 +15,7 @@ use nix::sys::socket::{MsgFlags, NetlinkAddr, recv, sendmsg, setsockopt, sockopt
 use nix::sys::time::TimeVal;
 
 use crate::plan::{ChainSpec, Family, Hook, SetKind, SetSpec, Stmt, TableSpec, Verdict};
-use ffi::{ELEMS_PER_MSG, Elem, Elems, Expr, MetaKey, PayloadBase, REG_1, REG_2, SetDef};
+use ffi::{ELEMS_PER_MSG, Elem, Elems, Expr, Key, MetaKey, PayloadBase, REG_1, REG_2, SetDef};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
@@ -45,7 +46,7 @@ fn ffi_verdict(v: &Verdict) -> Result<ffi::Verdict, NftError> {
         Verdict::Accept => ffi::Verdict::Accept,
         Verdict::Drop => ffi::Verdict::Drop,
         Verdict::Return => ffi::Verdict::Return,
-        Verdict::Goto(c) => ffi::Verdict::Goto(cstring(c)?),
+        Verdict::Goto(c) => ffi::Verdict::Goto(cstring(c)?.into()),
     })
 }
 
@@ -147,8 +148,8 @@ fn exprs(s: &Stmt) -> Result<Vec<Expr>, NftError> {
 /// element one past the range unless it runs to the top of the address space.
 fn interval_elems(f: Family, ranges: &[(u128, u128)]) -> Vec<Elem> {
     let key = |v: u128| match f {
-        Family::V4 => (v as u32).to_be_bytes().to_vec(),
-        Family::V6 => v.to_be_bytes().to_vec(),
+        Family::V4 => Key::new(&(v as u32).to_be_bytes()),
+        Family::V6 => Key::new(&v.to_be_bytes()),
     };
     let max = match f {
         Family::V4 => u32::MAX as u128,
@@ -178,6 +179,8 @@ pub struct Txn {
     /// What each message does, in order, for error messages.
     labels: Vec<String>,
     next_set_id: u32,
+    /// Element verdicts converted once per transaction, not once per element.
+    verdicts: HashMap<Verdict, ffi::Verdict>,
 }
 
 impl Default for Txn {
@@ -193,6 +196,7 @@ impl Txn {
             batch: Batch::with_page_size(1 << 20),
             labels: Vec::new(),
             next_set_id: 1,
+            verdicts: HashMap::new(),
         }
     }
 
@@ -251,22 +255,53 @@ impl Txn {
     }
 
     fn add_set_elems(&mut self, table: &str, s: &SetSpec) -> Result<(), NftError> {
-        let elems: Vec<Elem> = match &s.kind {
-            SetKind::Bypass(f, ranges) => interval_elems(*f, ranges),
-            SetKind::Level(_, list) => list
-                .iter()
-                .map(|(id, v)| {
-                    Ok(Elem {
-                        key: id.to_ne_bytes().to_vec(),
-                        interval_end: false,
-                        verdict: Some(ffi_verdict(v)?),
-                    })
-                })
-                .collect::<Result<_, NftError>>()?,
-        };
-        self.elems(table, &s.name, &elems, MsgType::Add)
+        match &s.kind {
+            SetKind::Bypass(f, ranges) => {
+                let elems = interval_elems(*f, ranges);
+                for chunk in elems.chunks(ELEMS_PER_MSG) {
+                    self.elems(table, &s.name, chunk, MsgType::Add)?;
+                }
+                Ok(())
+            }
+            SetKind::Level(_, list) => self.verdict_elems(table, &s.name, list, true),
+        }
     }
 
+    fn verdict(&mut self, v: &Verdict) -> Result<ffi::Verdict, NftError> {
+        if let Some(f) = self.verdicts.get(v) {
+            return Ok(f.clone());
+        }
+        let f = ffi_verdict(v)?;
+        self.verdicts.insert(v.clone(), f.clone());
+        Ok(f)
+    }
+
+    /// Map elements, one message per [`ELEMS_PER_MSG`], built chunk by chunk so a
+    /// large table never exists twice in memory.
+    fn verdict_elems(
+        &mut self,
+        table: &str,
+        set: &str,
+        list: &[(u64, Verdict)],
+        add: bool,
+    ) -> Result<(), NftError> {
+        let ty = if add { MsgType::Add } else { MsgType::Del };
+        let mut chunk = Vec::with_capacity(ELEMS_PER_MSG.min(list.len()));
+        for part in list.chunks(ELEMS_PER_MSG) {
+            chunk.clear();
+            for (id, v) in part {
+                chunk.push(Elem {
+                    key: Key::new(&id.to_ne_bytes()),
+                    interval_end: false,
+                    verdict: if add { Some(self.verdict(v)?) } else { None },
+                });
+            }
+            self.elems(table, set, &chunk, ty)?;
+        }
+        Ok(())
+    }
+
+    /// One element message (at most [`ELEMS_PER_MSG`] elements).
     fn elems(
         &mut self,
         table: &str,
@@ -279,18 +314,16 @@ impl Txn {
             MsgType::Add => "adding",
             MsgType::Del => "deleting",
         };
-        for chunk in elems.chunks(ELEMS_PER_MSG) {
-            let msg = Elems {
-                table: &t,
-                set: &s,
-                elems: chunk,
-            };
-            self.add(
-                &msg,
-                ty,
-                format!("{verb} {} elements of {set}", chunk.len()),
-            );
-        }
+        let msg = Elems {
+            table: &t,
+            set: &s,
+            elems,
+        };
+        self.add(
+            &msg,
+            ty,
+            format!("{verb} {} elements of {set}", elems.len()),
+        );
         Ok(())
     }
 
@@ -365,18 +398,7 @@ impl Txn {
         elems: &[(u64, Verdict)],
         add: bool,
     ) -> Result<(), NftError> {
-        let list = elems
-            .iter()
-            .map(|(id, v)| {
-                Ok(Elem {
-                    key: id.to_ne_bytes().to_vec(),
-                    interval_end: false,
-                    verdict: if add { Some(ffi_verdict(v)?) } else { None },
-                })
-            })
-            .collect::<Result<Vec<_>, NftError>>()?;
-        let ty = if add { MsgType::Add } else { MsgType::Del };
-        self.elems(table, &crate::plan::level_map(level), &list, ty)
+        self.verdict_elems(table, &crate::plan::level_map(level), elems, add)
     }
 }
 
@@ -534,7 +556,10 @@ mod tests {
             Family::V4,
             &[(0x0a00_0000, 0x0aff_ffff), (0xffff_fff0, 0xffff_ffff)],
         );
-        let keys: Vec<(Vec<u8>, bool)> = e.into_iter().map(|e| (e.key, e.interval_end)).collect();
+        let keys: Vec<(Vec<u8>, bool)> = e
+            .into_iter()
+            .map(|e| (e.key.as_bytes().to_vec(), e.interval_end))
+            .collect();
         assert_eq!(
             keys,
             vec![
@@ -544,7 +569,7 @@ mod tests {
             ]
         );
         let e = interval_elems(Family::V6, &[(1, 1)]);
-        assert_eq!(e[1].key, 2u128.to_be_bytes());
+        assert_eq!(e[1].key.as_bytes(), 2u128.to_be_bytes());
     }
 
     #[test]
