@@ -6,8 +6,6 @@ use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-use crate::config::Config;
-
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
     #[error("unknown target {target:?}: use one of {}", .known.join(", "))]
@@ -18,12 +16,12 @@ pub enum ExecError {
     Spawn(std::io::Error),
 }
 
-/// The systemd-run invocation for `target` and `cmd`.
-pub fn command(cfg: &Config, target: &str, cmd: &[OsString]) -> Result<Command, ExecError> {
+/// The systemd-run invocation for `target` (`direct`, `drop` or one of `targets`).
+pub fn command(targets: &[String], target: &str, cmd: &[OsString]) -> Result<Command, ExecError> {
     let known: Vec<String> = ["direct", "drop"]
         .into_iter()
         .map(str::to_owned)
-        .chain(cfg.targets.iter().map(|t| t.name.clone()))
+        .chain(targets.iter().cloned())
         .collect();
     if !known.iter().any(|k| k == target) {
         return Err(ExecError::UnknownTarget {
@@ -42,8 +40,8 @@ pub fn command(cfg: &Config, target: &str, cmd: &[OsString]) -> Result<Command, 
 }
 
 /// Replaces this process with systemd-run, so the command's exit status is ours.
-pub fn exec(cfg: &Config, target: &str, cmd: &[OsString]) -> ExecError {
-    match command(cfg, target, cmd) {
+pub fn exec(targets: &[String], target: &str, cmd: &[OsString]) -> ExecError {
+    match command(targets, target, cmd) {
         Ok(mut c) => ExecError::Spawn(c.exec()),
         Err(e) => e,
     }
@@ -55,7 +53,7 @@ mod tests {
 
     #[test]
     fn targets_are_checked_and_the_slice_is_named_after_them() {
-        let cfg = Config::load(None).unwrap();
+        let cfg = ["proxy".to_owned()];
         let c = command(&cfg, "proxy", &["curl".into(), "-v".into()]).unwrap();
         let args: Vec<String> = c
             .get_args()

@@ -12,6 +12,7 @@ mod route;
 mod watch;
 
 use std::ffi::OsString;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -69,6 +70,7 @@ fn init_logging(level: Option<&str>) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     // journald stamps lines itself.
     if std::env::var_os("JOURNAL_STREAM").is_some() {
@@ -128,7 +130,16 @@ fn main() -> ExitCode {
             config,
             target,
             cmd,
-        } => load(config).and_then(|c| Err(exec::exec(&c, &target, &cmd).into())),
+        } => {
+            // `direct` and `drop` need no configuration: an unreadable one must not
+            // stop a user from starting an app outside the proxy.
+            let targets = if target == "direct" || target == "drop" {
+                Ok(Vec::new())
+            } else {
+                load(config).map(|c| c.targets.into_iter().map(|t| t.name).collect())
+            };
+            targets.and_then(|t| Err(exec::exec(&t, &target, &cmd).into()))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

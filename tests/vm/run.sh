@@ -150,6 +150,8 @@ if [ "$failed" -gt 0 ]; then
   sed -n 's/^LOG //p' "$out/results.txt" >&2
 fi
 say "timings: image ${image_s}s, qemu (boot + test + poweroff) ${boot_s}s, whole run $((SECONDS - t_start))s"
+# The payload is only a copy of repo files and the binary: keep the logs only.
+rm -rf "$payload" "$out/payload.tar"
 say "logs: $out"
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]
