@@ -184,15 +184,7 @@ impl Tree {
     /// Removes a cgroup and anything still recorded below it.
     pub fn remove(&mut self, path: &str) -> Delta {
         let mut delta = Delta::default();
-        let below = format!("{path}/");
-        let gone: Vec<String> = self
-            .nodes
-            .range(path.to_owned()..)
-            .take_while(|(p, _)| p.starts_with(path))
-            .filter(|(p, _)| *p == path || p.starts_with(&below))
-            .map(|(p, _)| p.clone())
-            .collect();
-        for p in gone {
+        for p in self.subtree(path) {
             if let Some(n) = self.nodes.remove(&p)
                 && n.element
                 && let Some(a) = n.own
@@ -201,6 +193,17 @@ impl Tree {
             }
         }
         delta
+    }
+
+    /// `path` and the recorded paths below it, parents first.
+    fn subtree(&self, path: &str) -> Vec<String> {
+        let below = format!("{path}/");
+        self.nodes
+            .range(path.to_owned()..)
+            .take_while(|(p, _)| p.starts_with(path))
+            .filter(|(p, _)| *p == path || p.starts_with(&below))
+            .map(|(p, _)| p.clone())
+            .collect()
     }
 
     /// The effective action of the nearest recorded ancestor.
@@ -218,15 +221,7 @@ impl Tree {
     /// Recomputes the effective action and element of `path` and its descendants.
     fn refresh(&mut self, path: &str) -> Delta {
         let mut delta = Delta::default();
-        let below = format!("{path}/");
-        let affected: Vec<String> = self
-            .nodes
-            .range(path.to_owned()..)
-            .take_while(|(p, _)| p.starts_with(path))
-            .filter(|(p, _)| *p == path || p.starts_with(&below))
-            .map(|(p, _)| p.clone())
-            .collect();
-        for p in affected {
+        for p in self.subtree(path) {
             let inherited = self.inherited(&p);
             let Some(n) = self.nodes.get_mut(&p) else {
                 continue;
