@@ -16,6 +16,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::cgroup::{CgroupError, Hierarchy};
 use crate::config::{Config, ConfigError};
+use crate::events::{Damage, Events, EventsError};
 use crate::nft::{Nft, NftError, Txn};
 use crate::notify;
 use crate::plan::{self, Delta, Elements, Tree};
@@ -34,6 +35,8 @@ pub enum DaemonError {
     Nft(#[from] NftError),
     #[error("installing policy routing: {0}")]
     Route(#[from] RouteError),
+    #[error(transparent)]
+    Events(#[from] EventsError),
     #[error("{step}: {source}")]
     Sys {
         step: &'static str,
@@ -95,8 +98,21 @@ struct Daemon {
     /// When a deferred STATUS= goes out, and when the last one did.
     status_at: Option<Instant>,
     status_sent: Option<Instant>,
+    /// When foreign damage is repaired; the delay grows while it keeps recurring.
+    heal_at: Option<Instant>,
+    heal_delay: Duration,
+    heals: Vec<Instant>,
+    culprit: Option<String>,
+    events: Events,
     timer: TimerFd,
 }
+
+/// First repair this soon after damage: coalesces the burst of notifications one
+/// `nft flush ruleset` produces.
+const HEAL_DELAY: Duration = Duration::from_millis(10);
+/// This many repairs within [`HEAL_WINDOW`] means someone keeps undoing us.
+const HEAL_BURST: usize = 5;
+const HEAL_WINDOW: Duration = Duration::from_secs(30);
 
 /// STATUS= at most this often: a burst of cgroups must not flood PID 1.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
@@ -230,7 +246,11 @@ impl Daemon {
 
     /// Arms the timer for the earliest pending deadline.
     fn arm_timer(&mut self) {
-        let Some(at) = [self.retry_at, self.status_at].into_iter().flatten().min() else {
+        let Some(at) = [self.retry_at, self.status_at, self.heal_at]
+            .into_iter()
+            .flatten()
+            .min()
+        else {
             return;
         };
         let left = at
@@ -251,12 +271,83 @@ impl Daemon {
                 self.converge(Delta::default());
             }
         }
+        if self.heal_at.is_some_and(|t| t <= now) {
+            self.heal_at = None;
+            self.heal();
+        }
         if self.status_at.is_some_and(|t| t <= now) {
             self.status_at = None;
             notify::status(&self.status());
             self.status_sent = Some(now);
         }
         self.arm_timer();
+    }
+
+    /// Notices foreign changes to our table or routing and schedules a repair.
+    fn on_events(&mut self) {
+        let damage: Damage = self.events.read(
+            &self.cfg.table,
+            self.nft.port(),
+            self.route_plan.table,
+            &self.route_plan.marks,
+        );
+        if !damage.any() {
+            return;
+        }
+        if damage.culprit.is_some() {
+            self.culprit = damage.culprit;
+        }
+        if damage.lost {
+            warn!("kernel notifications were lost; rebuilding the table to be sure");
+        }
+        if self.heal_at.is_none() {
+            self.heal_at = Some(Instant::now() + self.heal_delay);
+            self.arm_timer();
+        }
+    }
+
+    /// Restores the table and routing in one go after foreign damage.
+    fn heal(&mut self) {
+        let now = Instant::now();
+        self.heals.retain(|t| now.duration_since(*t) < HEAL_WINDOW);
+        self.heals.push(now);
+        let by = self
+            .culprit
+            .take()
+            .map(|c| format!(" (changed by {c})"))
+            .unwrap_or_default();
+        let table = self.replace_all();
+        let routes = self.routes.install(&self.route_plan);
+        match (table, routes) {
+            (Ok(()), Ok(())) => warn!(
+                "restored table inet {} and policy routing after a foreign change{by}",
+                self.cfg.table
+            ),
+            (t, r) => {
+                for e in [
+                    t.err().map(|e| e.to_string()),
+                    r.err().map(|e| e.to_string()),
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    error!("repairing after a foreign change{by}: {e}");
+                }
+                self.dirty = true;
+                self.arm_retry();
+            }
+        }
+        if self.heals.len() >= HEAL_BURST {
+            self.heal_delay = (self.heal_delay * 2).min(MAX_BACKOFF);
+            warn!(
+                "our rules were undone {} times in {:?}: something keeps removing them; waiting {:?} before the next repair",
+                self.heals.len(),
+                HEAL_WINDOW,
+                self.heal_delay
+            );
+        } else if self.heals.len() == 1 {
+            self.heal_delay = HEAL_DELAY;
+        }
     }
 
     fn on_changes(&mut self, changes: Vec<Change>) {
@@ -427,6 +518,11 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         retry_at: None,
         status_at: None,
         status_sent: None,
+        heal_at: None,
+        heal_delay: HEAL_DELAY,
+        heals: Vec::new(),
+        culprit: None,
+        events: Events::open()?,
         timer,
     };
     d.replace_all()?;
@@ -442,11 +538,13 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     notify::ready(&status);
 
     loop {
-        let (ino, sig, tim) = {
+        let (ino, sig, tim, ev) = {
             let mut fds = [
                 PollFd::new(d.watcher.fd(), PollFlags::POLLIN),
                 PollFd::new(signals.as_fd(), PollFlags::POLLIN),
                 PollFd::new(d.timer.as_fd(), PollFlags::POLLIN),
+                PollFd::new(d.events.nft_fd(), PollFlags::POLLIN),
+                PollFd::new(d.events.route_fd(), PollFlags::POLLIN),
             ];
             match poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) => {}
@@ -459,7 +557,12 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
                 }
             }
             let ready = |f: &PollFd| f.revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
-            (ready(&fds[0]), ready(&fds[1]), ready(&fds[2]))
+            (
+                ready(&fds[0]),
+                ready(&fds[1]),
+                ready(&fds[2]),
+                ready(&fds[3]) || ready(&fds[4]),
+            )
         };
         if sig {
             while let Ok(Some(info)) = signals.read_signal() {
@@ -485,6 +588,9 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
                     return Err(e.into());
                 }
             }
+        }
+        if ev {
+            d.on_events();
         }
         if tim {
             let _ = d.timer.wait();

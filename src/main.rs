@@ -3,6 +3,7 @@
 mod cgroup;
 mod config;
 mod daemon;
+mod events;
 mod exec;
 mod nft;
 mod notify;

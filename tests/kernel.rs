@@ -437,3 +437,77 @@ fn v2ray_as_the_tproxy_listener() {
         assert_eq!(lab.take_daemon().stop(), 0);
     });
 }
+
+/// A foreign `nft flush ruleset`, table deletion or `ip rule del` while traffic
+/// is classified: the daemon notices and restores everything.
+#[test]
+fn repairs_what_others_remove() {
+    in_namespaces("repairs_what_others_remove", || {
+        let mut lab = Lab::new("heal");
+        lab.start_listener("listener", PROXY_PORT, "proxy");
+        lab.mkcg("proxy");
+        let cfg = lab.write_config("c.json", &proxy_target(), &rules(&lab));
+        lab.start_daemon(&cfg);
+        let damage = [
+            ("nft flush ruleset", "nft list table inet cgtproxy"),
+            (
+                "nft delete table inet cgtproxy",
+                "nft list table inet cgtproxy",
+            ),
+            (
+                "nft flush chain inet cgtproxy output",
+                "nft list chain inet cgtproxy output | grep -q vmap",
+            ),
+            (
+                "ip rule del fwmark 3000 lookup 300",
+                "ip rule | grep -q 0xbb8",
+            ),
+            (
+                "ip -6 route del local default dev lo table 300",
+                "ip -6 route show table 300 | grep -q local",
+            ),
+        ];
+        for (cmd, restored) in damage {
+            assert!(proxied(&lab.talk("proxy", "tcp", PEER4, PEER_PORT), PEER4));
+            let t0 = std::time::Instant::now();
+            assert!(
+                std::process::Command::new("sh")
+                    .args(["-c", cmd])
+                    .status()
+                    .unwrap()
+                    .success(),
+                "{cmd}"
+            );
+            let back = lab.eventually(FAST, || {
+                // nft resolves map keys to cgroup paths by walking /sys/fs/cgroup,
+                // slow on a host with many cgroups: hide that tree.
+                let check = format!(
+                    "mount -t tmpfs none /sys/fs/cgroup && {{ {restored}; }} >/dev/null 2>&1"
+                );
+                std::process::Command::new("unshare")
+                    .args(["-m", "sh", "-c", &check])
+                    .status()
+                    .is_ok_and(|s| s.success())
+            });
+            assert!(back, "not restored after `{cmd}`:\n{}", kernel_state());
+            eprintln!("restored {:?} after `{cmd}`", t0.elapsed());
+            assert!(
+                proxied(&lab.talk("proxy", "tcp", PEER4, PEER_PORT), PEER4),
+                "after `{cmd}`"
+            );
+            assert!(
+                proxied(&lab.talk("proxy", "udp", PEER6, PEER_PORT), PEER6),
+                "after `{cmd}`"
+            );
+        }
+        let d = lab.daemon.as_ref().unwrap();
+        let said = lab.eventually(FAST, || d.log().contains("(changed by nft["));
+        assert!(said, "the culprit is named:\n{}", d.log());
+        assert_eq!(lab.take_daemon().stop(), 0);
+        let state = kernel_state();
+        assert!(
+            !state.contains("cgtproxy") && !state.contains("0xbb8"),
+            "{state}"
+        );
+    });
+}

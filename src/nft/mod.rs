@@ -405,13 +405,15 @@ impl Txn {
 /// A netlink socket to nf_tables.
 pub struct Nft {
     sock: Socket,
+    /// Our netlink port id: notifications of our own changes carry it.
+    port: u32,
     buf: Vec<u8>,
 }
 
 impl Nft {
     pub fn open() -> Result<Nft, NftError> {
         let mut sock = Socket::new(NETLINK_NETFILTER).map_err(NftError::Socket)?;
-        sock.bind_auto().map_err(NftError::Socket)?;
+        let port = sock.bind_auto().map_err(NftError::Socket)?.port_number();
         // Error replies then carry the kernel's reason and not a copy of our message.
         sock.set_ext_ack(true).map_err(NftError::Socket)?;
         sock.set_cap_ack(true).map_err(NftError::Socket)?;
@@ -419,8 +421,14 @@ impl Nft {
             .map_err(|e| NftError::Socket(e.into()))?;
         Ok(Nft {
             sock,
+            port,
             buf: vec![0; 64 * 1024],
         })
+    }
+
+    /// The socket's netlink port id.
+    pub fn port(&self) -> u32 {
+        self.port
     }
 
     /// Commits a transaction: all of it, or nothing.

@@ -1,0 +1,358 @@
+//! Kernel change notifications: nftables events (NFNLGRP_NFTABLES) and rtnetlink
+//! rule/route events, so that a foreign `nft flush ruleset`, `nft delete table` or
+//! `ip rule del` is noticed and repaired instead of silently disabling the proxy.
+
+use std::os::fd::{AsFd, BorrowedFd};
+
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::route::RouteAttribute;
+use netlink_packet_route::rule::RuleAttribute;
+use netlink_sys::{Socket, constants};
+use nix::sys::socket::{setsockopt, sockopt};
+
+/// `NFNLGRP_NFTABLES`.
+const NFNLGRP_NFTABLES: u32 = 7;
+/// rtnetlink multicast groups (`RTNLGRP_*`).
+const RTNLGRP_IPV4_ROUTE: u32 = 7;
+const RTNLGRP_IPV4_RULE: u32 = 8;
+const RTNLGRP_IPV6_ROUTE: u32 = 11;
+const RTNLGRP_IPV6_RULE: u32 = 19;
+
+/// `NFNL_SUBSYS_NFTABLES`, the high byte of nftables message types.
+const SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_DELTABLE: u16 = 2;
+const NFT_MSG_DELCHAIN: u16 = 5;
+const NFT_MSG_NEWRULE: u16 = 6;
+const NFT_MSG_DELRULE: u16 = 8;
+const NFT_MSG_DELSET: u16 = 11;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_DELSETELEM: u16 = 14;
+const NFT_MSG_NEWGEN: u16 = 15;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventsError {
+    #[error("subscribing to {what} events: {source}")]
+    Subscribe {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// What a batch of notifications says about our state.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// Someone else changed or removed parts of our table.
+    pub table: bool,
+    /// One of our ip rules or routes was removed.
+    pub routing: bool,
+    /// Notifications were lost: our state is unknown.
+    pub lost: bool,
+    /// The process that committed a foreign nftables change, if the kernel said.
+    pub culprit: Option<String>,
+}
+
+impl Damage {
+    pub fn any(&self) -> bool {
+        self.table || self.routing || self.lost
+    }
+}
+
+/// Subscriptions to nftables and routing notifications.
+pub struct Events {
+    nft: Socket,
+    route: Socket,
+    buf: Vec<u8>,
+}
+
+fn subscribe(protocol: isize, groups: &[u32], what: &'static str) -> Result<Socket, EventsError> {
+    let err = |source| EventsError::Subscribe { what, source };
+    let mut s = Socket::new(protocol).map_err(err)?;
+    s.bind_auto().map_err(err)?;
+    for &g in groups {
+        s.add_membership(g).map_err(err)?;
+    }
+    s.set_non_blocking(true).map_err(err)?;
+    // Our own large transactions notify once per element: room for them.
+    if setsockopt(&s, sockopt::RcvBufForce, &(8 << 20)).is_err() {
+        let _ = setsockopt(&s, sockopt::RcvBuf, &(8 << 20));
+    }
+    Ok(s)
+}
+
+/// Netlink messages in a datagram: (type, flags, sender port id, payload).
+fn messages(mut b: &[u8]) -> Vec<(u16, u32, &[u8])> {
+    let mut out = Vec::new();
+    while b.len() >= 16 {
+        let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        if len < 16 || len > b.len() {
+            break;
+        }
+        let ty = u16::from_ne_bytes([b[4], b[5]]);
+        let pid = u32::from_ne_bytes([b[12], b[13], b[14], b[15]]);
+        out.push((ty, pid, &b[16..len]));
+        b = &b[len.div_ceil(4).saturating_mul(4).min(b.len())..];
+    }
+    out
+}
+
+/// The first string attribute of type `ty` after the 4-byte nfgenmsg header.
+fn nft_attr(payload: &[u8], ty: u16) -> Option<&[u8]> {
+    let mut b = payload.get(4..)?;
+    while b.len() >= 4 {
+        let l = u16::from_ne_bytes([b[0], b[1]]) as usize;
+        let t = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
+        if l < 4 || l > b.len() {
+            return None;
+        }
+        if t == ty {
+            return Some(&b[4..l]);
+        }
+        b = &b[l.div_ceil(4).saturating_mul(4).min(b.len())..];
+    }
+    None
+}
+
+fn c_str(b: &[u8]) -> &[u8] {
+    b.split(|&c| c == 0).next().unwrap_or(b)
+}
+
+/// Judges nftables notifications: which touch `table` (inet family) and were not
+/// caused by our own socket `own_port`.
+pub fn judge_nft(datagram: &[u8], table: &str, own_port: u32, damage: &mut Damage) {
+    let mut foreign_here = false;
+    for (ty, pid, payload) in messages(datagram) {
+        if ty >> 8 != SUBSYS_NFTABLES {
+            continue;
+        }
+        let msg = ty & 0xff;
+        if msg == NFT_MSG_NEWGEN {
+            if foreign_here || damage.table {
+                let name =
+                    nft_attr(payload, 3).map(|n| String::from_utf8_lossy(c_str(n)).into_owned());
+                let proc_pid = nft_attr(payload, 2)
+                    .and_then(|p| p.get(..4))
+                    .map(|p| u32::from_be_bytes([p[0], p[1], p[2], p[3]]));
+                if let (Some(n), Some(p)) = (name, proc_pid) {
+                    damage.culprit.get_or_insert(format!("{n}[{p}]"));
+                }
+            }
+            foreign_here = false;
+            continue;
+        }
+        // Additions by others (a rule appended to our chain, an element) change
+        // our behaviour as much as deletions do.
+        let relevant = matches!(
+            msg,
+            NFT_MSG_DELTABLE
+                | NFT_MSG_DELCHAIN
+                | NFT_MSG_NEWRULE
+                | NFT_MSG_DELRULE
+                | NFT_MSG_DELSET
+                | NFT_MSG_NEWSETELEM
+                | NFT_MSG_DELSETELEM
+        );
+        let family = payload.first().copied();
+        if !relevant || pid == own_port || family != Some(libc::NFPROTO_INET as u8) {
+            continue;
+        }
+        // Attribute 1 is the table name in every one of these messages.
+        if nft_attr(payload, 1).map(c_str) == Some(table.as_bytes()) {
+            damage.table = true;
+            foreign_here = true;
+        }
+    }
+}
+
+/// Judges rtnetlink notifications: a removed rule `fwmark M lookup T` with one of
+/// `marks`, or a removed route in table `table`.
+pub fn judge_route(datagram: &[u8], table: u32, marks: &[u32], damage: &mut Damage) {
+    let mut b = datagram;
+    while !b.is_empty() {
+        let Ok(msg) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(b) else {
+            return;
+        };
+        let len = msg.header.length as usize;
+        match msg.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRule(r)) => {
+                let mark = r.attributes.iter().find_map(|a| match a {
+                    RuleAttribute::FwMark(m) => Some(*m),
+                    _ => None,
+                });
+                let tbl = r
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        RuleAttribute::Table(t) => Some(*t),
+                        _ => None,
+                    })
+                    .unwrap_or(u32::from(r.header.table));
+                if tbl == table && mark.is_some_and(|m| marks.contains(&m)) {
+                    damage.routing = true;
+                }
+            }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRoute(r)) => {
+                let tbl = r
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        RouteAttribute::Table(t) => Some(*t),
+                        _ => None,
+                    })
+                    .unwrap_or(u32::from(r.header.table));
+                if tbl == table {
+                    damage.routing = true;
+                }
+            }
+            _ => {}
+        }
+        if len == 0 || len > b.len() {
+            return;
+        }
+        b = &b[len.div_ceil(4).saturating_mul(4).min(b.len())..];
+    }
+}
+
+impl Events {
+    pub fn open() -> Result<Events, EventsError> {
+        Ok(Events {
+            nft: subscribe(
+                constants::NETLINK_NETFILTER,
+                &[NFNLGRP_NFTABLES],
+                "nftables",
+            )?,
+            route: subscribe(
+                constants::NETLINK_ROUTE,
+                &[
+                    RTNLGRP_IPV4_RULE,
+                    RTNLGRP_IPV6_RULE,
+                    RTNLGRP_IPV4_ROUTE,
+                    RTNLGRP_IPV6_ROUTE,
+                ],
+                "routing",
+            )?,
+            buf: vec![0; 256 * 1024],
+        })
+    }
+
+    pub fn nft_fd(&self) -> BorrowedFd<'_> {
+        self.nft.as_fd()
+    }
+
+    pub fn route_fd(&self) -> BorrowedFd<'_> {
+        self.route.as_fd()
+    }
+
+    /// Reads every pending notification on both sockets (never blocks).
+    pub fn read(&mut self, table: &str, own_port: u32, route_table: u32, marks: &[u32]) -> Damage {
+        let mut damage = Damage::default();
+        loop {
+            match self.nft.recv(&mut &mut self.buf[..], libc::MSG_DONTWAIT) {
+                Ok(0) => break,
+                Ok(n) => judge_nft(&self.buf[..n], table, own_port, &mut damage),
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => damage.lost = true,
+                Err(_) => break,
+            }
+        }
+        loop {
+            match self.route.recv(&mut &mut self.buf[..], libc::MSG_DONTWAIT) {
+                Ok(0) => break,
+                Ok(n) => judge_route(&self.buf[..n], route_table, marks, &mut damage),
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => damage.lost = true,
+                Err(_) => break,
+            }
+        }
+        damage
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nlmsg(ty: u16, pid: u32, attrs: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut body = vec![libc::NFPROTO_INET as u8, 0, 0, 0];
+        for (t, v) in attrs {
+            let l = 4 + v.len();
+            body.extend((l as u16).to_ne_bytes());
+            body.extend(t.to_ne_bytes());
+            body.extend(*v);
+            body.resize(body.len().div_ceil(4) * 4, 0);
+        }
+        let mut m = Vec::new();
+        m.extend(((16 + body.len()) as u32).to_ne_bytes());
+        m.extend(((SUBSYS_NFTABLES << 8) | ty).to_ne_bytes());
+        m.extend(0u16.to_ne_bytes());
+        m.extend(1u32.to_ne_bytes());
+        m.extend(pid.to_ne_bytes());
+        m.extend(body);
+        m
+    }
+
+    #[test]
+    fn a_foreign_table_deletion_is_damage_and_names_the_culprit() {
+        let mut d = nlmsg(NFT_MSG_DELTABLE, 999, &[(1, b"cgtproxy\0")]);
+        d.extend(nlmsg(
+            NFT_MSG_NEWGEN,
+            999,
+            &[
+                (1, &7u32.to_be_bytes()),
+                (2, &4242u32.to_be_bytes()),
+                (3, b"nft\0"),
+            ],
+        ));
+        let mut dmg = Damage::default();
+        judge_nft(&d, "cgtproxy", 555, &mut dmg);
+        assert!(dmg.table);
+        assert_eq!(dmg.culprit.as_deref(), Some("nft[4242]"));
+    }
+
+    #[test]
+    fn our_own_changes_and_other_tables_are_not_damage() {
+        let mut d = nlmsg(NFT_MSG_DELTABLE, 555, &[(1, b"cgtproxy\0")]);
+        d.extend(nlmsg(NFT_MSG_NEWSETELEM, 555, &[(1, b"cgtproxy\0")]));
+        d.extend(nlmsg(NFT_MSG_DELTABLE, 999, &[(1, b"filter\0")]));
+        d.extend(nlmsg(NFT_MSG_DELTABLE, 999, &[(1, b"cgtproxyx\0")]));
+        let mut dmg = Damage::default();
+        judge_nft(&d, "cgtproxy", 555, &mut dmg);
+        assert!(!dmg.any(), "{dmg:?}");
+    }
+
+    #[test]
+    fn removed_rules_and_routes_of_ours_are_damage() {
+        use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload};
+        use netlink_packet_route::rule::RuleMessage;
+        let ser = |m: RouteNetlinkMessage| {
+            let mut nl =
+                NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::InnerMessage(m));
+            nl.finalize();
+            let mut b = vec![0; nl.buffer_len()];
+            nl.serialize(&mut b);
+            b
+        };
+        let mut r = RuleMessage::default();
+        r.attributes = vec![RuleAttribute::FwMark(3000), RuleAttribute::Table(300)];
+        let mut dmg = Damage::default();
+        judge_route(
+            &ser(RouteNetlinkMessage::DelRule(r.clone())),
+            300,
+            &[3000],
+            &mut dmg,
+        );
+        assert!(dmg.routing);
+        let mut dmg = Damage::default();
+        judge_route(
+            &ser(RouteNetlinkMessage::DelRule(r.clone())),
+            300,
+            &[3001],
+            &mut dmg,
+        );
+        judge_route(
+            &ser(RouteNetlinkMessage::NewRule(r)),
+            300,
+            &[3000],
+            &mut dmg,
+        );
+        assert!(!dmg.any());
+    }
+}
