@@ -5,11 +5,13 @@ mod config;
 mod daemon;
 mod events;
 mod exec;
+mod inspect;
 mod nft;
 mod notify;
 mod plan;
 mod render;
 mod route;
+mod status;
 mod watch;
 
 use std::ffi::OsString;
@@ -49,6 +51,23 @@ enum Cmd {
     Render {
         #[arg(long)]
         config: Option<PathBuf>,
+    },
+    /// Show the installed state from the kernel and any drift from the config
+    /// (exit 3 when the kernel differs from the configuration).
+    Status {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Explain how the traffic of a PID, cgroup path or unit is classified, and
+    /// whether the kernel agrees (exit 3 when it does not).
+    Explain {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A PID, a cgroup path (starting with /) or a unit name (e.g. foo.service).
+        what: String,
     },
     /// Run CMD in a transient user scope inside cgtproxy-TARGET.slice.
     Exec {
@@ -114,19 +133,39 @@ fn render(config: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints a report; exit status 0 when all is as configured, else 3.
+fn report(r: anyhow::Result<(String, bool)>) -> anyhow::Result<ExitCode> {
+    let (text, ok) = r?;
+    print!("{text}");
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(status::EXIT_DRIFT)
+    })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_level.as_deref());
     let result = match cli.cmd {
-        Cmd::Run { config } => daemon::run(config).map_err(anyhow::Error::from),
+        Cmd::Run { config } => daemon::run(config)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(anyhow::Error::from),
         Cmd::Check { config } => load(config).map(|c| {
             println!(
                 "configuration valid: {} target(s), {} rule(s)",
                 c.targets.len(),
                 c.rules.len()
             );
+            ExitCode::SUCCESS
         }),
-        Cmd::Render { config } => render(config),
+        Cmd::Render { config } => render(config).map(|()| ExitCode::SUCCESS),
+        Cmd::Status { config, json } => {
+            report(load(config).and_then(|c| Ok(status::status(&c, json)?)))
+        }
+        Cmd::Explain { config, what } => {
+            report(load(config).and_then(|c| Ok(status::explain(&c, &what)?)))
+        }
         Cmd::Exec {
             config,
             target,
@@ -143,7 +182,7 @@ fn main() -> ExitCode {
         }
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("cgtproxy: {e:#}");
             ExitCode::FAILURE

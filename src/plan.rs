@@ -518,7 +518,8 @@ pub fn table(cfg: &Config, levels: &BTreeSet<u32>, elements: &Elements) -> Table
                 Stmt::Verdict(Verdict::Return),
             ]);
         }
-        rules.push(vec![Stmt::SetMark(t.mark)]);
+        // The counter is what `cgtproxy status` reports per target.
+        rules.push(vec![Stmt::SetMark(t.mark), Stmt::Counter]);
         chains.push(ChainSpec {
             name: mark_chain(&t.name),
             hook: None,
@@ -745,7 +746,7 @@ mod tests {
             vec![
                 vec![Stmt::L4Proto(Proto::Udp), Stmt::Verdict(Verdict::Return)],
                 vec![Stmt::NfProto(Family::V6), Stmt::Verdict(Verdict::Return)],
-                vec![Stmt::SetMark(9)],
+                vec![Stmt::SetMark(9), Stmt::Counter],
             ]
         );
         let pre = t.chains.iter().find(|ch| ch.name == "prerouting").unwrap();

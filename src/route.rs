@@ -204,7 +204,8 @@ impl Routes {
         }
     }
 
-    fn rule_exists(&mut self, fam: Fam, mark: u32, table: u32) -> Result<bool, RouteError> {
+    /// Whether the rule `fwmark mark lookup table` of family `fam` is installed.
+    pub fn rule_exists(&mut self, fam: Fam, mark: u32, table: u32) -> Result<bool, RouteError> {
         let mut q = RuleMessage::default();
         q.header.family = fam.af();
         let (rules, errno) = self.request(
@@ -215,6 +216,34 @@ impl Routes {
         Self::check("listing ip rules".into(), errno, &[])?;
         Ok(rules.iter().any(|m| match m {
             RouteNetlinkMessage::NewRule(r) => is_our_rule(r, mark, table),
+            _ => false,
+        }))
+    }
+
+    /// Whether `local default dev lo` is in table `table` for family `fam`.
+    pub fn route_exists(&mut self, fam: Fam, table: u32) -> Result<bool, RouteError> {
+        let mut q = RouteMessage::default();
+        q.header.address_family = fam.af();
+        let (routes, errno) = self.request(
+            RouteNetlinkMessage::GetRoute(q),
+            NLM_F_DUMP,
+            "listing routes",
+        )?;
+        Self::check("listing routes".into(), errno, &[])?;
+        Ok(routes.iter().any(|m| match m {
+            RouteNetlinkMessage::NewRoute(r) => {
+                let tbl = r
+                    .attributes
+                    .iter()
+                    .find_map(|a| match a {
+                        RouteAttribute::Table(t) => Some(*t),
+                        _ => None,
+                    })
+                    .unwrap_or(u32::from(r.header.table));
+                tbl == table
+                    && r.header.kind == RouteType::Local
+                    && r.header.destination_prefix_length == 0
+            }
             _ => false,
         }))
     }

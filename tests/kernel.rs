@@ -511,3 +511,68 @@ fn repairs_what_others_remove() {
         );
     });
 }
+
+/// `status` and `explain` read the kernel, and say when it differs.
+#[test]
+fn status_and_explain_read_the_kernel() {
+    in_namespaces("status_and_explain_read_the_kernel", || {
+        let mut lab = Lab::new("status");
+        lab.start_listener("listener", PROXY_PORT, "proxy");
+        lab.mkcg("proxy/x");
+        lab.mkcg("drop");
+        let cfg = lab.write_config("c.json", &proxy_target(), &rules(&lab));
+        lab.start_daemon(&cfg);
+        let cli = |args: &[&str]| {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_cgtproxy"))
+                .args(args)
+                .arg("--config")
+                .arg(&cfg)
+                .output()
+                .unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            )
+        };
+        let (code, out) = cli(&["status"]);
+        assert_eq!(code, Some(0), "{out}");
+        assert!(
+            out.contains("drift: none") && out.contains("lookup 300: present"),
+            "{out}"
+        );
+        let (code, out) = cli(&["status", "--json"]);
+        assert_eq!(code, Some(0));
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["ok"], true);
+        assert!(v["targets"][0]["packets"].as_u64().is_some());
+
+        let path = format!("{}/proxy/x", lab.base);
+        let (code, out) = cli(&["explain", &path]);
+        assert_eq!(code, Some(0), "{out}");
+        assert!(
+            out.contains("decision: tproxy proxy") && out.contains("agrees"),
+            "{out}"
+        );
+        let mut sleeper = lab.spawn_in("drop", "sleep 30", std::process::Stdio::null());
+        std::thread::sleep(Duration::from_millis(100));
+        let (code, out) = cli(&["explain", &sleeper.id().to_string()]);
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+        assert_eq!(code, Some(0), "{out}");
+        assert!(out.contains("decision: drop"), "{out}");
+
+        // With the daemon paused, a removed ip rule shows as drift (exit 3).
+        let d = lab.daemon.as_ref().unwrap();
+        d.signal(Signal::SIGSTOP);
+        sh_any("ip rule del fwmark 3000 lookup 300");
+        let (code, out) = cli(&["status"]);
+        d.signal(Signal::SIGCONT);
+        assert_eq!(code, Some(3), "{out}");
+        assert!(
+            out.contains("ip rule fwmark 0xbb8 lookup 300: MISSING"),
+            "{out}"
+        );
+        assert!(lab.eventually(FAST, || cli(&["status"]).0 == Some(0)));
+        assert_eq!(lab.take_daemon().stop(), 0);
+    });
+}

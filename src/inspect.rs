@@ -1,0 +1,324 @@
+//! Reads the installed state back from the kernel (for `status` and `explain`):
+//! our table's level maps with their elements, and the per-target counters.
+//! Plain netlink dumps, parsed here with bounds-checked byte code.
+
+use std::collections::BTreeMap;
+
+use netlink_sys::{Socket, SocketAddr, constants::NETLINK_NETFILTER};
+
+const SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_GETRULE: u16 = 7;
+const NFT_MSG_GETSET: u16 = 10;
+const NFT_MSG_GETSETELEM: u16 = 13;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_DUMP: u16 = 0x300;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error("opening the nftables netlink socket: {0}")]
+    Socket(std::io::Error),
+    #[error("{step}: {source}")]
+    Io {
+        step: String,
+        source: std::io::Error,
+    },
+    #[error("{step}: {errno}")]
+    Kernel { step: String, errno: nix::Error },
+}
+
+/// A map element's verdict as the kernel reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelVerdict {
+    Return,
+    Drop,
+    Goto(String),
+    Other(i32),
+}
+
+/// Our table as installed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Installed {
+    /// Level → (cgroup id → verdict).
+    pub maps: BTreeMap<u32, BTreeMap<u64, KernelVerdict>>,
+    /// Chain name → (packets, bytes) of the counters in its rules.
+    pub counters: BTreeMap<String, (u64, u64)>,
+}
+
+/// Netlink attributes: (type without flags, payload).
+fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while b.len() >= 4 {
+        let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
+        if len < 4 || len > b.len() {
+            break;
+        }
+        out.push((u16::from_ne_bytes([b[2], b[3]]) & 0x3fff, &b[4..len]));
+        b = b.get(len.div_ceil(4) * 4..).unwrap_or(&[]);
+    }
+    out
+}
+
+fn attr(b: &[u8], ty: u16) -> Option<&[u8]> {
+    attrs(b).into_iter().find(|(t, _)| *t == ty).map(|(_, v)| v)
+}
+
+fn string(b: &[u8]) -> String {
+    String::from_utf8_lossy(b.split(|&c| c == 0).next().unwrap_or(b)).into_owned()
+}
+
+fn be32(b: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(..4)?.try_into().ok()?))
+}
+
+fn be64(b: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(b.get(..8)?.try_into().ok()?))
+}
+
+/// Parses one NFT_MSG_NEWSETELEM payload (after nfgenmsg) into (id, verdict).
+fn parse_elems(payload: &[u8], out: &mut BTreeMap<u64, KernelVerdict>) {
+    // NFTA_SET_ELEM_LIST_ELEMENTS = 3 → NFTA_LIST_ELEM = 1 each.
+    let Some(list) = attr(payload, 3) else { return };
+    for (_, elem) in attrs(list) {
+        // NFTA_SET_ELEM_KEY = 1 → NFTA_DATA_VALUE = 1.
+        let Some(key) = attr(elem, 1).and_then(|k| attr(k, 1)) else {
+            continue;
+        };
+        let Some(id) = key
+            .get(..8)
+            .and_then(|k| k.try_into().ok())
+            .map(u64::from_ne_bytes)
+        else {
+            continue;
+        };
+        // NFTA_SET_ELEM_DATA = 2 → NFTA_DATA_VERDICT = 2 → CODE = 1, CHAIN = 2.
+        let verdict = attr(elem, 2).and_then(|d| attr(d, 2)).map(|v| {
+            let code = attr(v, 1).and_then(be32).map(|c| c as i32).unwrap_or(0);
+            match code {
+                c if c == libc::NFT_RETURN => KernelVerdict::Return,
+                c if c == libc::NF_DROP => KernelVerdict::Drop,
+                c if c == libc::NFT_GOTO => {
+                    KernelVerdict::Goto(attr(v, 2).map(string).unwrap_or_default())
+                }
+                c => KernelVerdict::Other(c),
+            }
+        });
+        if let Some(v) = verdict {
+            out.insert(id, v);
+        }
+    }
+}
+
+/// Sums the counters of one NFT_MSG_NEWRULE payload.
+fn parse_rule_counters(payload: &[u8]) -> Option<(String, u64, u64)> {
+    // NFTA_RULE_CHAIN = 2, NFTA_RULE_EXPRESSIONS = 4 → NFTA_LIST_ELEM → NAME 1, DATA 2.
+    let chain = attr(payload, 2).map(string)?;
+    let exprs = attr(payload, 4)?;
+    let (mut packets, mut bytes) = (0, 0);
+    for (_, e) in attrs(exprs) {
+        if attr(e, 1).map(string).as_deref() == Some("counter")
+            && let Some(d) = attr(e, 2)
+        {
+            // NFTA_COUNTER_BYTES = 1, NFTA_COUNTER_PACKETS = 2.
+            bytes += attr(d, 1).and_then(be64).unwrap_or(0);
+            packets += attr(d, 2).and_then(be64).unwrap_or(0);
+        }
+    }
+    Some((chain, packets, bytes))
+}
+
+/// A dump request: header, nfgenmsg (inet) and string attributes.
+fn request(msg: u16, seq: u32, strings: &[(u16, &str)]) -> Vec<u8> {
+    let mut body = vec![libc::NFPROTO_INET as u8, 0, 0, 0];
+    for (ty, s) in strings {
+        let l = 4 + s.len() + 1;
+        body.extend((l as u16).to_ne_bytes());
+        body.extend(ty.to_ne_bytes());
+        body.extend(s.as_bytes());
+        body.push(0);
+        body.resize(body.len().div_ceil(4) * 4, 0);
+    }
+    let mut m = Vec::with_capacity(16 + body.len());
+    m.extend(((16 + body.len()) as u32).to_ne_bytes());
+    m.extend(((SUBSYS_NFTABLES << 8) | msg).to_ne_bytes());
+    m.extend((NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    m.extend(seq.to_ne_bytes());
+    m.extend(0u32.to_ne_bytes());
+    m.extend(body);
+    m
+}
+
+struct Dumper {
+    sock: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl Dumper {
+    fn open() -> Result<Dumper, InspectError> {
+        let mut sock = Socket::new(NETLINK_NETFILTER).map_err(InspectError::Socket)?;
+        sock.bind_auto().map_err(InspectError::Socket)?;
+        sock.connect(&SocketAddr::new(0, 0))
+            .map_err(InspectError::Socket)?;
+        Ok(Dumper {
+            sock,
+            seq: 0,
+            buf: vec![0; 256 * 1024],
+        })
+    }
+
+    /// Runs one dump and hands every reply payload (after the netlink header) to `f`.
+    /// `Ok(false)` when the kernel answers ENOENT (no such table or set).
+    fn dump(
+        &mut self,
+        msg: u16,
+        strings: &[(u16, &str)],
+        step: &str,
+        mut f: impl FnMut(&[u8]),
+    ) -> Result<bool, InspectError> {
+        self.seq += 1;
+        let io = |source| InspectError::Io {
+            step: step.to_owned(),
+            source,
+        };
+        self.sock
+            .send(&request(msg, self.seq, strings), 0)
+            .map_err(io)?;
+        loop {
+            let n = self.sock.recv(&mut &mut self.buf[..], 0).map_err(io)?;
+            let mut b = &self.buf[..n];
+            while b.len() >= 16 {
+                let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
+                if len < 16 || len > b.len() {
+                    break;
+                }
+                let ty = u16::from_ne_bytes([b[4], b[5]]);
+                let payload = &b[16..len];
+                match ty {
+                    NLMSG_DONE => return Ok(true),
+                    NLMSG_ERROR => {
+                        let errno = payload
+                            .get(..4)
+                            .map(|e| i32::from_ne_bytes([e[0], e[1], e[2], e[3]]))
+                            .unwrap_or(0);
+                        return match -errno {
+                            0 => Ok(true),
+                            libc::ENOENT => Ok(false),
+                            e => Err(InspectError::Kernel {
+                                step: step.to_owned(),
+                                errno: nix::Error::from_raw(e),
+                            }),
+                        };
+                    }
+                    _ => f(payload),
+                }
+                b = &b[len.div_ceil(4).saturating_mul(4).min(b.len())..];
+            }
+        }
+    }
+}
+
+/// Reads table `table` (inet) from the kernel; `None` when it does not exist.
+pub fn read(table: &str) -> Result<Option<Installed>, InspectError> {
+    let mut d = Dumper::open()?;
+    let mut exists = false;
+    d.dump(NFT_MSG_GETTABLE, &[], "listing tables", |p| {
+        // NFTA_TABLE_NAME = 1.
+        if p.first() == Some(&(libc::NFPROTO_INET as u8))
+            && attr(&p[4.min(p.len())..], 1).map(string).as_deref() == Some(table)
+        {
+            exists = true;
+        }
+    })?;
+    if !exists {
+        return Ok(None);
+    }
+    let mut maps = Vec::new();
+    d.dump(NFT_MSG_GETSET, &[(1, table)], "listing sets", |p| {
+        // NFTA_SET_NAME = 2.
+        if let Some(name) = attr(&p[4.min(p.len())..], 2).map(string)
+            && let Some(level) = name.strip_prefix("level").and_then(|l| l.parse().ok())
+        {
+            maps.push((level, name));
+        }
+    })?;
+    let mut installed = Installed::default();
+    for (level, name) in maps {
+        let mut elems = BTreeMap::new();
+        d.dump(
+            NFT_MSG_GETSETELEM,
+            &[(1, table), (2, &name)],
+            &format!("listing map {name}"),
+            |p| parse_elems(&p[4.min(p.len())..], &mut elems),
+        )?;
+        installed.maps.insert(level, elems);
+    }
+    d.dump(NFT_MSG_GETRULE, &[(1, table)], "listing rules", |p| {
+        if let Some((chain, packets, bytes)) = parse_rule_counters(&p[4.min(p.len())..]) {
+            let e = installed.counters.entry(chain).or_insert((0, 0));
+            e.0 += packets;
+            e.1 += bytes;
+        }
+    })?;
+    Ok(Some(installed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nla(ty: u16, v: &[u8]) -> Vec<u8> {
+        let mut b = ((4 + v.len()) as u16).to_ne_bytes().to_vec();
+        b.extend(ty.to_ne_bytes());
+        b.extend(v);
+        b.resize(b.len().div_ceil(4) * 4, 0);
+        b
+    }
+
+    #[test]
+    fn elements_with_verdicts_are_parsed() {
+        let verdict = |code: i32, chain: Option<&str>| {
+            let mut v = nla(1, &(code as u32).to_be_bytes());
+            if let Some(c) = chain {
+                v.extend(nla(2, format!("{c}\0").as_bytes()));
+            }
+            nla(2, &nla(2, &v))
+        };
+        let elem = |id: u64, data: Vec<u8>| {
+            let mut e = nla(1, &nla(1, &id.to_ne_bytes()));
+            e.extend(data);
+            nla(1, &e)
+        };
+        let mut list = elem(11, verdict(libc::NFT_GOTO, Some("proxy-mark")));
+        list.extend(elem(12, verdict(libc::NF_DROP, None)));
+        list.extend(elem(13, verdict(libc::NFT_RETURN, None)));
+        let payload = nla(3, &list);
+        let mut out = BTreeMap::new();
+        parse_elems(&payload, &mut out);
+        assert_eq!(out[&11], KernelVerdict::Goto("proxy-mark".into()));
+        assert_eq!(out[&12], KernelVerdict::Drop);
+        assert_eq!(out[&13], KernelVerdict::Return);
+    }
+
+    #[test]
+    fn rule_counters_are_summed() {
+        let counter = {
+            let mut d = nla(1, &500u64.to_be_bytes());
+            d.extend(nla(2, &7u64.to_be_bytes()));
+            let mut e = nla(1, b"counter\0");
+            e.extend(nla(2, &d));
+            nla(1, &e)
+        };
+        let mut p = nla(2, b"proxy-mark\0");
+        p.extend(nla(4, &counter));
+        assert_eq!(parse_rule_counters(&p), Some(("proxy-mark".into(), 7, 500)));
+    }
+
+    #[test]
+    fn truncated_attributes_do_not_panic() {
+        assert!(attrs(&[8, 0, 1, 0, 1]).is_empty());
+        assert!(attrs(&[5, 0, 1, 0, 1]).len() == 1);
+    }
+}

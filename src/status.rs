@@ -1,0 +1,312 @@
+//! `cgtproxy status` and `cgtproxy explain`: what the kernel holds, compared with
+//! what the configuration asks for. Read from the kernel, never from a daemon.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde_json::json;
+
+use crate::cgroup::{self, Cgroup, Hierarchy};
+use crate::config::{Action, Config};
+use crate::inspect::{self, Installed, KernelVerdict};
+use crate::plan::{self, Tree};
+use crate::route::{Fam, Routes};
+
+/// Exit status when the kernel state differs from the configuration.
+pub const EXIT_DRIFT: u8 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(transparent)]
+    Inspect(#[from] inspect::InspectError),
+    #[error(transparent)]
+    Route(#[from] crate::route::RouteError),
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
+    #[error("cannot read /proc/{pid}/cgroup: {source}")]
+    Pid { pid: u32, source: std::io::Error },
+    #[error("no cgroup named {0:?} (give a PID, a cgroup path starting with /, or a unit name)")]
+    NotFound(String),
+}
+
+/// What a map element should say for an action.
+fn expected(cfg: &Config, a: Action) -> KernelVerdict {
+    match a {
+        Action::Direct => KernelVerdict::Return,
+        Action::Drop => KernelVerdict::Drop,
+        Action::Tproxy(i) => KernelVerdict::Goto(plan::mark_chain(&cfg.targets[i].name)),
+    }
+}
+
+fn describe(cfg: &Config, a: Option<Action>) -> String {
+    match a {
+        None => "unclassified (untouched)".into(),
+        Some(Action::Direct) => "direct".into(),
+        Some(Action::Drop) => "drop".into(),
+        Some(Action::Tproxy(i)) => {
+            let t = &cfg.targets[i];
+            format!("tproxy {} (port {}, mark {:#x})", t.name, t.port, t.mark)
+        }
+    }
+}
+
+fn kernel_name(v: &KernelVerdict) -> String {
+    match v {
+        KernelVerdict::Return => "return (direct)".into(),
+        KernelVerdict::Drop => "drop".into(),
+        KernelVerdict::Goto(c) => format!("goto {c}"),
+        KernelVerdict::Other(c) => format!("verdict {c}"),
+    }
+}
+
+/// The status report; returns the text (or JSON) and whether all is as configured.
+pub fn status(cfg: &Config, as_json: bool) -> Result<(String, bool), StatusError> {
+    let installed = inspect::read(&cfg.table)?;
+    let hier = Hierarchy::discover(&cfg.cgroup_root)?;
+    let tree = Tree::build(cfg, &cgroup::walk(&hier));
+    let want = tree.elements();
+
+    let mut routes = Routes::open()?;
+    let mut routing = Vec::new();
+    for fam in [Fam::V4, Fam::V6] {
+        for t in &cfg.targets {
+            routing.push((
+                fam,
+                Some(t.mark),
+                routes.rule_exists(fam, t.mark, cfg.route_table)?,
+            ));
+        }
+        if !cfg.targets.is_empty() {
+            routing.push((fam, None, routes.route_exists(fam, cfg.route_table)?));
+        }
+    }
+
+    // Drift: elements the configuration wants that the kernel lacks or has
+    // otherwise, and elements the kernel has that it does not want.
+    let mut missing = 0;
+    let mut wrong = 0;
+    let mut extra = 0;
+    let empty = Installed::default();
+    let inst = installed.as_ref().unwrap_or(&empty);
+    for (&(level, id), &a) in &want {
+        match inst.maps.get(&level).and_then(|m| m.get(&id)) {
+            None => missing += 1,
+            Some(v) if *v != expected(cfg, a) => wrong += 1,
+            Some(_) => {}
+        }
+    }
+    for (level, m) in &inst.maps {
+        extra += m
+            .keys()
+            .filter(|id| !want.contains_key(&(*level, **id)))
+            .count();
+    }
+    let routing_ok = routing.iter().all(|r| r.2);
+    let ok = installed.is_some() && routing_ok && missing + wrong + extra == 0;
+
+    let (direct, drop, per) = tree.counts(cfg.targets.len());
+    let counters = |name: &str| {
+        inst.counters
+            .get(&plan::mark_chain(name))
+            .copied()
+            .unwrap_or((0, 0))
+    };
+    if as_json {
+        let targets: Vec<_> = cfg
+            .targets
+            .iter()
+            .zip(&per)
+            .map(|(t, n)| {
+                let (packets, bytes) = counters(&t.name);
+                json!({"name": t.name, "port": t.port, "mark": t.mark, "cgroups": n,
+                       "packets": packets, "bytes": bytes})
+            })
+            .collect();
+        let routing: Vec<_> = routing
+            .iter()
+            .map(|(fam, mark, present)| {
+                json!({"family": if *fam == Fam::V4 { "ipv4" } else { "ipv6" },
+                       "kind": if mark.is_some() { "rule" } else { "route" },
+                       "mark": mark, "table": cfg.route_table, "present": present})
+            })
+            .collect();
+        let v = json!({
+            "table": cfg.table, "installed": installed.is_some(), "ok": ok,
+            "cgroups": tree.len(), "direct": direct, "drop": drop, "targets": targets,
+            "elements": inst.maps.values().map(BTreeMap::len).sum::<usize>(),
+            "routing": routing,
+            "drift": {"missing": missing, "wrong": wrong, "extra": extra},
+        });
+        return Ok((format!("{v:#}\n"), ok));
+    }
+    let mut o = String::new();
+    match &installed {
+        None => {
+            let _ = writeln!(o, "table inet {}: not installed", cfg.table);
+        }
+        Some(i) => {
+            let n: usize = i.maps.values().map(BTreeMap::len).sum();
+            let _ = writeln!(
+                o,
+                "table inet {}: installed, {} map elements in {} level maps",
+                cfg.table,
+                n,
+                i.maps.len()
+            );
+        }
+    }
+    let _ = writeln!(
+        o,
+        "cgroups: {} ({direct} direct, {drop} dropped, the rest per target below or untouched)",
+        tree.len()
+    );
+    for (t, n) in cfg.targets.iter().zip(&per) {
+        let (packets, bytes) = counters(&t.name);
+        let _ = writeln!(
+            o,
+            "target {}: port {}, mark {:#x}: {n} cgroups, {packets} packets, {bytes} bytes marked",
+            t.name, t.port, t.mark
+        );
+    }
+    for (fam, mark, present) in &routing {
+        let f = if *fam == Fam::V4 { "ip" } else { "ip -6" };
+        let what = match mark {
+            Some(m) => format!("{f} rule fwmark {m:#x} lookup {}", cfg.route_table),
+            None => format!("{f} route local default dev lo table {}", cfg.route_table),
+        };
+        let _ = writeln!(
+            o,
+            "{what}: {}",
+            if *present { "present" } else { "MISSING" }
+        );
+    }
+    if missing + wrong + extra == 0 {
+        let _ = writeln!(o, "drift: none");
+    } else {
+        let _ = writeln!(
+            o,
+            "drift: {missing} elements missing, {wrong} with another verdict, {extra} not wanted (is the daemon running with this config?)"
+        );
+    }
+    Ok((o, ok))
+}
+
+/// Resolves a PID, a cgroup path or a unit name to cgroups.
+fn resolve(hier: &Hierarchy, what: &str) -> Result<Vec<Cgroup>, StatusError> {
+    if let Ok(pid) = what.parse::<u32>() {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .map_err(|source| StatusError::Pid { pid, source })?;
+        // The cgroup2 line is "0::/path".
+        let path = text
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .ok_or_else(|| StatusError::NotFound(what.to_owned()))?;
+        return resolve(hier, path);
+    }
+    let all = cgroup::walk(hier);
+    let found: Vec<Cgroup> = if what.starts_with('/') {
+        all.into_iter().filter(|c| c.path == what).collect()
+    } else {
+        all.into_iter()
+            .filter(|c| c.path.rsplit('/').next() == Some(what))
+            .collect()
+    };
+    if found.is_empty() {
+        return Err(StatusError::NotFound(what.to_owned()));
+    }
+    Ok(found)
+}
+
+/// Explains how the traffic of `what` is classified, and whether the kernel agrees.
+pub fn explain(cfg: &Config, what: &str) -> Result<(String, bool), StatusError> {
+    let hier = Hierarchy::discover(&cfg.cgroup_root)?;
+    let installed = inspect::read(&cfg.table)?;
+    let mut o = String::new();
+    let mut all_agree = true;
+    for cg in resolve(&hier, what)? {
+        let _ = writeln!(o, "cgroup {} (id {}, level {})", cg.path, cg.id, cg.level);
+        // Ancestors-or-self from the top, with the rule each matches.
+        let mut chain = Vec::new();
+        let mut p = cg.path.clone();
+        loop {
+            chain.push(p.clone());
+            match p.rsplit_once('/') {
+                Some(("", _)) | None => break,
+                Some((parent, _)) => p = parent.to_owned(),
+            }
+        }
+        chain.reverse();
+        let mut decision: (Option<Action>, Option<String>) = (None, None);
+        for path in &chain {
+            let rule = cfg
+                .rules
+                .iter()
+                .position(|r| r.regex.is_match(path))
+                .map(|i| (i, &cfg.rules[i]));
+            match rule {
+                Some((i, r)) => {
+                    let _ = writeln!(
+                        o,
+                        "  {path}: rules[{i}] {:?} → {}",
+                        r.regex.as_str(),
+                        describe(cfg, Some(r.action))
+                    );
+                    decision = (Some(r.action), Some(path.clone()));
+                }
+                None => {
+                    let _ = writeln!(o, "  {path}: no rule matches");
+                }
+            }
+        }
+        let _ = writeln!(
+            o,
+            "decision: {}{}",
+            describe(cfg, decision.0),
+            decision
+                .1
+                .map(|p| format!(", decided by {p}"))
+                .unwrap_or_default()
+        );
+        // What the kernel will do: the deepest ancestor-or-self with an element.
+        let mut kernel = None;
+        if let Some(inst) = &installed {
+            for path in chain.iter().rev() {
+                let rel = path.strip_prefix(&hier.prefix).unwrap_or(path);
+                let rel = if rel == "/" { "" } else { rel };
+                if let Some(c) = hier.describe(rel)
+                    && let Some(v) = inst.maps.get(&c.level).and_then(|m| m.get(&c.id))
+                {
+                    kernel = Some((path.clone(), c.level, v.clone()));
+                    break;
+                }
+            }
+        }
+        let agrees = match (&kernel, decision.0) {
+            (None, None) => true,
+            (Some((_, _, v)), Some(a)) => *v == expected(cfg, a),
+            _ => false,
+        };
+        all_agree &= agrees && installed.is_some();
+        match (&installed, kernel) {
+            (None, _) => {
+                let _ = writeln!(o, "kernel: table inet {} is not installed", cfg.table);
+            }
+            (Some(_), None) => {
+                let _ = writeln!(
+                    o,
+                    "kernel: no element for it or an ancestor (traffic untouched): {}",
+                    if agrees { "agrees" } else { "DISAGREES" }
+                );
+            }
+            (Some(_), Some((p, level, v))) => {
+                let _ = writeln!(
+                    o,
+                    "kernel: element at level {level} for {p} → {}: {}",
+                    kernel_name(&v),
+                    if agrees { "agrees" } else { "DISAGREES" }
+                );
+            }
+        }
+    }
+    Ok((o, all_agree))
+}
