@@ -3,6 +3,7 @@
 mod cgroup;
 mod config;
 mod daemon;
+mod doctor;
 mod events;
 mod exec;
 mod inspect;
@@ -68,6 +69,12 @@ enum Cmd {
         config: Option<PathBuf>,
         /// A PID, a cgroup path (starting with /) or a unit name (e.g. foo.service).
         what: String,
+    },
+    /// Probe what the daemon depends on, each with a verdict and a fix
+    /// (exit 3 when a probe fails).
+    Doctor {
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Run CMD in a transient user scope inside cgtproxy-TARGET.slice.
     Exec {
@@ -163,6 +170,7 @@ fn main() -> ExitCode {
         Cmd::Status { config, json } => {
             report(load(config).and_then(|c| Ok(status::status(&c, json)?)))
         }
+        Cmd::Doctor { config } => report(load(config).map(|c| doctor::doctor(&c))),
         Cmd::Explain { config, what } => {
             report(load(config).and_then(|c| Ok(status::explain(&c, &what)?)))
         }

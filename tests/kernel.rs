@@ -512,7 +512,7 @@ fn repairs_what_others_remove() {
     });
 }
 
-/// `status` and `explain` read the kernel, and say when it differs.
+/// `status`, `explain` and `doctor` read the kernel, and say when it differs.
 #[test]
 fn status_and_explain_read_the_kernel() {
     in_namespaces("status_and_explain_read_the_kernel", || {
@@ -573,6 +573,15 @@ fn status_and_explain_read_the_kernel() {
             "{out}"
         );
         assert!(lab.eventually(FAST, || cli(&["status"]).0 == Some(0)));
+
+        // doctor: the kernel probe leaves nothing behind; the listener is seen.
+        let (code, out) = cli(&["doctor"]);
+        assert_eq!(code, Some(0), "{out}");
+        assert!(
+            out.contains("ok   nftables") && out.contains("TCP and UDP listeners"),
+            "{out}"
+        );
+        assert!(!sh_any("nft list tables").contains("cgtproxy-doctor"));
         assert_eq!(lab.take_daemon().stop(), 0);
     });
 }
