@@ -44,7 +44,14 @@ pub struct Watcher {
     /// Watch descriptor → mount-relative path.
     dirs: HashMap<WatchDescriptor, String>,
     buf: Vec<u8>,
+    /// Test-only (`CGTPROXY_TEST_INOTIFY_QUEUE`): treat a burst of more events
+    /// than this as a queue overflow, since the kernel's queue size is a global
+    /// sysctl that a test must not change.
+    test_queue: Option<usize>,
 }
+
+/// Environment variable of the test-only overflow knob.
+pub const TEST_QUEUE_ENV: &str = "CGTPROXY_TEST_INOTIFY_QUEUE";
 
 const MASK: WatchMask = WatchMask::CREATE
     .union(WatchMask::DELETE)
@@ -60,6 +67,9 @@ impl Watcher {
             inotify: Inotify::init().map_err(WatchError::Init)?,
             dirs: HashMap::new(),
             buf: vec![0; 64 * 1024],
+            test_queue: std::env::var(TEST_QUEUE_ENV)
+                .ok()
+                .and_then(|v| v.parse().ok()),
         })
     }
 
@@ -122,7 +132,7 @@ impl Watcher {
             }
         }
         let mut changes = Vec::new();
-        let mut lost = false;
+        let mut lost = self.test_queue.is_some_and(|q| raw.len() > q);
         for (wd, mask, name) in raw {
             if mask.contains(EventMask::Q_OVERFLOW) || mask.contains(EventMask::MOVED_TO) {
                 // Lost events, or a renamed subtree whose watches now carry stale

@@ -585,3 +585,98 @@ fn status_and_explain_read_the_kernel() {
         assert_eq!(lab.take_daemon().stop(), 0);
     });
 }
+
+/// Lost inotify events (queue overflow, forced here through the test-only knob
+/// because the real queue size is a host-wide sysctl) end in a rescan that
+/// converges on the truth.
+#[test]
+fn an_event_queue_overflow_rescans_and_converges() {
+    in_namespaces("an_event_queue_overflow_rescans_and_converges", || {
+        let mut lab = Lab::new("overflow");
+        lab.start_listener("listener", PROXY_PORT, "proxy");
+        let base = regex_escape(&lab.base);
+        let rules = format!(
+            r#"[{{"match":"{}","direct":true}},{{"match":"^{base}/burst/d[0-9]+$","drop":true}}]"#,
+            lab.re("listener")
+        )
+        .replace('\\', "\\\\");
+        let cfg = lab.write_config("c.json", &proxy_target(), &rules);
+        lab.daemon_env
+            .push(("CGTPROXY_TEST_INOTIFY_QUEUE".into(), "20".into()));
+        lab.start_daemon(&cfg);
+        lab.mkcg("burst");
+        for i in 0..300 {
+            lab.mkcg(&format!("burst/d{i}"));
+        }
+        let count = || {
+            nft("list map inet cgtproxy level3")
+                .matches(": drop")
+                .count()
+        };
+        assert!(
+            lab.eventually(Duration::from_secs(10), || count() == 300),
+            "{}",
+            count()
+        );
+        for i in 0..150 {
+            std::fs::remove_dir(lab.cg_dir(&format!("burst/d{i}"))).unwrap();
+        }
+        assert!(
+            lab.eventually(Duration::from_secs(10), || count() == 150),
+            "{}",
+            count()
+        );
+        let d = lab.daemon.as_ref().unwrap();
+        assert!(
+            lab.eventually(FAST, || d.log().contains("rescanned")),
+            "{}",
+            d.log()
+        );
+        assert!(failed(&lab.talk("burst/d299", "tcp", PEER4, PEER_PORT)));
+        assert_eq!(lab.take_daemon().stop(), 0);
+    });
+}
+
+/// SIGKILL in the middle of a 50,000-cgroup startup, then a normal start: the
+/// first start's transaction is all or nothing, the second installs everything.
+#[test]
+fn sigkill_during_a_large_startup_then_restart() {
+    in_namespaces("sigkill_during_a_large_startup_then_restart", || {
+        let mut lab = Lab::new("bigkill");
+        lab.start_listener("listener", PROXY_PORT, "proxy");
+        let base = regex_escape(&lab.base);
+        let rules = format!(
+            r#"[{{"match":"{}","direct":true}},{{"match":"^{base}/many/c[0-9]+$","drop":true}},
+                {{"match":"{}","tproxy":"proxy"}}]"#,
+            lab.re("listener"),
+            lab.re("proxy")
+        )
+        .replace('\\', "\\\\");
+        let cfg = lab.write_config("c.json", &proxy_target(), &rules);
+        lab.mkcg("proxy");
+        lab.mkcg("many");
+        for i in 0..50_000 {
+            std::fs::create_dir(lab.cg_dir(&format!("many/c{i}"))).unwrap();
+        }
+        let first = lab.spawn_daemon(&cfg);
+        std::thread::sleep(Duration::from_millis(200));
+        first.kill();
+        let t0 = std::time::Instant::now();
+        lab.start_daemon(&cfg);
+        eprintln!("ready {:?} after a start with 50,000 cgroups", t0.elapsed());
+        let count = nft("list map inet cgtproxy level3")
+            .matches(": drop")
+            .count();
+        assert_eq!(count, 50_000);
+        assert!(failed(&lab.talk("many/c49999", "tcp", PEER4, PEER_PORT)));
+        assert!(proxied(&lab.talk("proxy", "tcp", PEER4, PEER_PORT), PEER4));
+        let rules_now = sh_any("ip rule");
+        assert_eq!(rules_now.matches("0xbb8").count(), 1, "{rules_now}");
+        assert_eq!(lab.take_daemon().stop(), 0);
+        let state = kernel_state();
+        assert!(
+            !state.contains("cgtproxy") && !state.contains("0xbb8"),
+            "{state}"
+        );
+    });
+}

@@ -88,6 +88,8 @@ pub struct Lab {
     peer: Child,
     services: Vec<Child>,
     pub daemon: Option<Daemon>,
+    /// Extra environment for the daemon.
+    pub daemon_env: Vec<(String, String)>,
 }
 
 pub struct Daemon {
@@ -185,6 +187,7 @@ impl Lab {
             peer,
             services: Vec::new(),
             daemon: None,
+            daemon_env: Vec::new(),
         };
         let server = Command::new("nsenter")
             .args(["-t", &ppid.to_string(), "-n", "python3"])
@@ -292,6 +295,14 @@ impl Lab {
 
     /// Starts the daemon and waits for READY=1.
     pub fn start_daemon(&mut self, config: &Path) -> &Daemon {
+        let d = self.spawn_daemon(config);
+        d.wait_notify("READY=1", Duration::from_secs(30));
+        self.daemon = Some(d);
+        self.daemon.as_ref().unwrap()
+    }
+
+    /// Starts the daemon without waiting for it.
+    pub fn spawn_daemon(&mut self, config: &Path) -> Daemon {
         let notify_path = self
             .dir
             .join(format!("notify-{}", Instant::now().elapsed().as_nanos()));
@@ -301,6 +312,7 @@ impl Lab {
             .args(["run", "--config"])
             .arg(config)
             .env("NOTIFY_SOCKET", &notify_path)
+            .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .env(
                 "RUST_LOG",
                 std::env::var("CGTPROXY_TEST_LOG").unwrap_or_else(|_| "info".into()),
@@ -322,15 +334,12 @@ impl Lab {
                 sink.lock().unwrap().push_str(&s);
             }
         });
-        let d = Daemon {
+        Daemon {
             child,
             notify,
             notify_path,
             stderr,
-        };
-        d.wait_notify("READY=1", Duration::from_secs(20));
-        self.daemon = Some(d);
-        self.daemon.as_ref().unwrap()
+        }
     }
 
     pub fn take_daemon(&mut self) -> Daemon {
