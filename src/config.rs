@@ -102,6 +102,8 @@ struct RawDnsHijack {
     port: u16,
     #[serde(default)]
     tcp: bool,
+    #[serde(default)]
+    stub: bool,
 }
 
 fn dns_port() -> u16 {
@@ -134,7 +136,13 @@ pub struct DnsHijack {
     pub ip6: Option<Ipv6Addr>,
     pub port: u16,
     pub tcp: bool,
+    /// Also redirect this target's queries to systemd-resolved's stub
+    /// ([`RESOLVED_STUB`]), which the bypass list would otherwise exempt.
+    pub stub: bool,
 }
+
+/// systemd-resolved's stub listener.
+pub const RESOLVED_STUB: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 53);
 
 /// An upstream proxy for the built-in forwarder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -377,11 +385,17 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
             if d.port == 0 {
                 errs.push(format!("{key}.dns-hijack.port: must not be 0"));
             }
+            if d.stub && d.ip.is_none() {
+                errs.push(format!(
+                    "{key}.dns-hijack.stub: needs ip (the stub 127.0.0.53 is IPv4)"
+                ));
+            }
             DnsHijack {
                 ip,
                 ip6,
                 port: d.port,
                 tcp: d.tcp,
+                stub: d.stub,
             }
         });
         let upstream = t.upstream.as_deref().and_then(|u| {
@@ -521,7 +535,8 @@ mod tests {
                 ip: Some(Ipv4Addr::LOCALHOST),
                 ip6: Some(Ipv6Addr::LOCALHOST),
                 port: 53,
-                tcp: false
+                tcp: false,
+                stub: false
             })
         );
         assert_eq!(
@@ -627,6 +642,14 @@ mod tests {
             e.contains("tproxies.p.dns-hijack.ip:") && e.contains("tproxies.p.dns-hijack.ip6:"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn stub_hijack_needs_an_ipv4_address() {
+        let e = err(
+            r#"{"version":1,"tproxies":{"p":{"port":1,"mark":1,"dns-hijack":{"ip6":"::1","stub":true}}}}"#,
+        );
+        assert!(e.contains("tproxies.p.dns-hijack.stub: needs ip"), "{e}");
     }
 
     #[test]

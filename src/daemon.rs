@@ -171,7 +171,7 @@ impl Daemon {
         if !new_levels.is_empty() {
             levels.extend(&new_levels);
             txn.add_level_maps(&table, &new_levels)?;
-            txn.rewrite_chain(&table, &plan::output_chain(&levels))?;
+            txn.rewrite_chain(&table, &plan::classify_chain(&levels))?;
         }
         let group = |list: &[(plan::Key, crate::config::Action)]| {
             let mut by: BTreeMap<u32, Vec<(u64, plan::Verdict)>> = BTreeMap::new();

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use ipnet::IpNet;
 
 use crate::cgroup::Cgroup;
-use crate::config::{Action, Config};
+use crate::config::{Action, Config, RESOLVED_STUB};
 
 /// A map element's key: (absolute hierarchy level, cgroup id).
 pub type Key = (u32, u64);
@@ -293,6 +293,8 @@ pub enum Stmt {
     NotTcpUdp,
     /// `ip daddr @set` / `ip6 daddr @set`
     DaddrIn(Family, String),
+    /// `ip daddr A` / `ip6 daddr A`
+    Daddr(IpAddr),
     /// `th dport N` (after an l4proto match)
     Dport(u16),
     /// `meta mark N`
@@ -398,11 +400,24 @@ pub fn merge_ranges(nets: &[IpNet], family: Family) -> Vec<(u128, u128)> {
     out
 }
 
-/// The output chain: skip replies, bypass destinations and non-TCP/UDP, then one
-/// vmap rule per level, deepest first, so the nearest classified ancestor decides.
-pub fn output_chain(levels: &BTreeSet<u32>) -> ChainSpec {
-    let mut rules = vec![
-        vec![Stmt::CtReply, Stmt::Verdict(Verdict::Return)],
+/// The output chain: skip replies, bypass destinations and non-TCP/UDP, then
+/// classify. With `stub`, queries to systemd-resolved's stub are classified
+/// before the bypass check, so a target can hijack them.
+pub fn output_chain(stub: bool) -> ChainSpec {
+    let classify = || Stmt::Verdict(Verdict::Goto(CLASSIFY.into()));
+    let mut rules = vec![vec![Stmt::CtReply, Stmt::Verdict(Verdict::Return)]];
+    if stub {
+        for p in [Proto::Udp, Proto::Tcp] {
+            rules.push(vec![
+                Stmt::NfProto(Family::V4),
+                Stmt::Daddr(IpAddr::V4(RESOLVED_STUB)),
+                Stmt::L4Proto(p),
+                Stmt::Dport(53),
+                classify(),
+            ]);
+        }
+    }
+    rules.extend([
         vec![
             Stmt::NfProto(Family::V4),
             Stmt::DaddrIn(Family::V4, "bypass4".into()),
@@ -414,16 +429,34 @@ pub fn output_chain(levels: &BTreeSet<u32>) -> ChainSpec {
             Stmt::Verdict(Verdict::Return),
         ],
         vec![Stmt::NotTcpUdp, Stmt::Verdict(Verdict::Return)],
-    ];
-    for &level in levels.iter().rev() {
-        rules.push(vec![Stmt::CgroupVmap {
-            level,
-            map: level_map(level),
-        }]);
-    }
+        vec![classify()],
+    ]);
     ChainSpec {
         name: "output".into(),
         hook: Some(Hook::OutputRoute),
+        rules,
+    }
+}
+
+/// Name of the chain holding the per-level map lookups.
+pub const CLASSIFY: &str = "classify";
+
+/// One vmap lookup per level, deepest first, so the nearest classified ancestor
+/// decides.
+pub fn classify_chain(levels: &BTreeSet<u32>) -> ChainSpec {
+    let rules = levels
+        .iter()
+        .rev()
+        .map(|&level| {
+            vec![Stmt::CgroupVmap {
+                level,
+                map: level_map(level),
+            }]
+        })
+        .collect();
+    ChainSpec {
+        name: CLASSIFY.into(),
+        hook: None,
         rules,
     }
 }
@@ -470,8 +503,32 @@ pub fn table(cfg: &Config, levels: &BTreeSet<u32>, elements: &Elements) -> Table
     let mut chains = Vec::new();
     let mut prerouting = Vec::new();
     let mut nat = Vec::new();
+    let stub = cfg
+        .targets
+        .iter()
+        .any(|t| t.dns_hijack.as_ref().is_some_and(|d| d.stub));
     for t in &cfg.targets {
         let mut rules = Vec::new();
+        if stub {
+            // Queries to the stub reach this chain only because some target
+            // hijacks them; the others leave them alone unless they redirect them.
+            let hijacked: &[Proto] = match &t.dns_hijack {
+                Some(d) if d.stub && d.tcp => &[Proto::Udp, Proto::Tcp],
+                Some(d) if d.stub => &[Proto::Udp],
+                _ => &[],
+            };
+            for p in [Proto::Udp, Proto::Tcp] {
+                if !hijacked.contains(&p) {
+                    rules.push(vec![
+                        Stmt::NfProto(Family::V4),
+                        Stmt::Daddr(IpAddr::V4(RESOLVED_STUB)),
+                        Stmt::L4Proto(p),
+                        Stmt::Dport(53),
+                        Stmt::Verdict(Verdict::Return),
+                    ]);
+                }
+            }
+        }
         if let Some(d) = &t.dns_hijack {
             let protos: &[Proto] = if d.tcp {
                 &[Proto::Udp, Proto::Tcp]
@@ -540,7 +597,8 @@ pub fn table(cfg: &Config, levels: &BTreeSet<u32>, elements: &Elements) -> Table
             ]);
         }
     }
-    chains.push(output_chain(levels));
+    chains.push(classify_chain(levels));
+    chains.push(output_chain(stub));
     if !prerouting.is_empty() {
         chains.push(ChainSpec {
             name: "prerouting".into(),
@@ -720,7 +778,7 @@ mod tests {
 
     #[test]
     fn levels_are_ordered_deepest_first() {
-        let chain = output_chain(&[2, 5, 3].into());
+        let chain = classify_chain(&[2, 5, 3].into());
         let levels: Vec<u32> = chain
             .rules
             .iter()

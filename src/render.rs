@@ -32,6 +32,8 @@ fn stmt(s: &Stmt) -> String {
         Stmt::NotTcpUdp => "meta l4proto != tcp meta l4proto != udp".into(),
         Stmt::DaddrIn(Family::V4, s) => format!("ip daddr @{s}"),
         Stmt::DaddrIn(Family::V6, s) => format!("ip6 daddr @{s}"),
+        Stmt::Daddr(IpAddr::V4(a)) => format!("ip daddr {a}"),
+        Stmt::Daddr(IpAddr::V6(a)) => format!("ip6 daddr {a}"),
         Stmt::Dport(p) => format!("th dport {p}"),
         Stmt::Mark(m) => format!("meta mark {m:#x}"),
         Stmt::SetMark(m) => format!("meta mark set {m:#x}"),
@@ -133,7 +135,8 @@ mod tests {
         let cfg = Config::parse(
             r#"{"version":1,"route-table":300,"bypass":["127.0.0.0/8","10.0.0.1","::1/128"],
             "tproxies":{"proxy":{"port":7893,"mark":3000,"no-udp":true,
-               "dns-hijack":{"ip":"127.0.0.1","ip6":"::1","port":1053}}},
+               "dns-hijack":{"ip":"127.0.0.1","ip6":"::1","port":1053,"stub":true}},
+               "other":{"port":7894,"mark":3001}},
             "rules":[{"match":"x","tproxy":"proxy"},{"match":"y","drop":true},{"match":"z","direct":true}]}"#,
             "t",
         )

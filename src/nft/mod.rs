@@ -93,6 +93,20 @@ fn exprs(s: &Stmt) -> Result<Vec<Expr>, NftError> {
                 },
             ]
         }
+        Stmt::Daddr(addr) => {
+            let (offset, data) = match addr {
+                IpAddr::V4(a) => (16, a.octets().to_vec()),
+                IpAddr::V6(a) => (24, a.octets().to_vec()),
+            };
+            vec![
+                Expr::Payload {
+                    base: PayloadBase::Network,
+                    offset,
+                    len: data.len() as u32,
+                },
+                cmp(data),
+            ]
+        }
         Stmt::Dport(p) => vec![
             Expr::Payload {
                 base: PayloadBase::Transport,
