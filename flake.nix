@@ -43,6 +43,8 @@
         cgtproxy = ./nix/hm-module.nix;
         default = cgtproxy;
       };
+      # The name home-manager's own flake module (flake-parts) now uses.
+      homeModules = self.homeManagerModules;
 
       checks = forAllSystems (
         pkgs:
@@ -74,7 +76,9 @@
               ''
                 edition=$(sed -n 's/^edition *= *"\([0-9]*\)".*/\1/p' "$src/Cargo.toml" | head -n 1)
                 dirs=("$src/src")
-                if [ -d "$src/tests" ]; then dirs+=("$src/tests"); fi
+                for d in tests benches examples; do
+                  if [ -d "$src/$d" ]; then dirs+=("$src/$d"); fi
+                done
                 find "''${dirs[@]}" -name '*.rs' -print0 |
                   xargs -0 rustfmt --check --edition "''${edition:-2021}"
                 touch "$out"

@@ -156,13 +156,17 @@ in
 
     home.packages = [ cgtproxy-exec ];
 
-    # Declared, so that they exist (and can be given resource limits) before the
-    # first app lands in them; systemd-run would otherwise create them on the fly.
+    # Declared and started with the user's manager, so that each slice's cgroup
+    # exists (and the daemon has classified it) before the first app lands in it:
+    # a scope then starts inside an already-routed slice. Left to systemd-run, the
+    # slice would be created together with the app's scope, racing the daemon's
+    # inotify for the app's first packets. (Also the place for resource limits.)
     systemd.user.slices = lib.listToAttrs (
       map (
         t:
         lib.nameValuePair "cgtproxy-${t}" {
           Unit.Description = "cgtproxy: apps whose traffic goes to ${t}";
+          Install.WantedBy = [ "default.target" ];
         }
       ) allTargets
     );

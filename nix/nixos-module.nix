@@ -191,7 +191,7 @@ let
         type = types.nullOr (types.strMatching "(socks5|http)://.+:[0-9]+");
         default = null;
         example = "socks5://127.0.0.1:1080";
-        description = "Upstream for the built-in forwarder (`cgtproxy forward`).";
+        description = "Upstream of the built-in forwarder (`cgtproxy forward`, planned): validated now, not yet used by the daemon.";
       };
       upstream-auth-file = mkOption {
         type = types.nullOr types.str;

@@ -42,7 +42,17 @@ pub fn command(targets: &[String], target: &str, cmd: &[OsString]) -> Result<Com
 /// Replaces this process with systemd-run, so the command's exit status is ours.
 pub fn exec(targets: &[String], target: &str, cmd: &[OsString]) -> ExecError {
     match command(targets, target, cmd) {
-        Ok(mut c) => ExecError::Spawn(c.exec()),
+        Ok(mut c) => {
+            // Start the slice first: its cgroup then exists, and is classified by
+            // the daemon, before the app's scope and first packet. Created together
+            // with the scope, the app could race the daemon. Best effort: if it
+            // fails, systemd-run creates the slice itself.
+            let _ = Command::new("systemctl")
+                .args(["--user", "start", "--quiet"])
+                .arg(format!("cgtproxy-{target}.slice"))
+                .status();
+            ExecError::Spawn(c.exec())
+        }
         Err(e) => e,
     }
 }

@@ -692,6 +692,14 @@ let
         cgtproxy-drop = "cgtproxy: apps whose traffic goes to drop";
       };
     };
+    testHmSlicesStartWithTheManager = {
+      expr = lib.mapAttrs (_: s: s.Install.WantedBy) hm.systemd.user.slices;
+      expected = {
+        cgtproxy-proxy = [ "default.target" ];
+        cgtproxy-direct = [ "default.target" ];
+        cgtproxy-drop = [ "default.target" ];
+      };
+    };
     testHmExecHelper = {
       expr =
         let

@@ -113,8 +113,17 @@ in
       client.wait_for_unit("tproxy-listener.service")
       client.wait_for_unit("cgtproxy.service")
       client.wait_for_unit("home-manager-alice.service")
+      # Lingering is applied by a oneshot (linger-users.service) once logind is up;
+      # wait for boot to finish so that user@1000.service is not "inactive, no job".
+      client.wait_for_unit("multi-user.target")
       client.wait_for_unit("user@1000.service")
       client.wait_until_succeeds(HTTP, timeout=30)
+
+      # programs.cgtproxy starts the user's slices with her manager; make sure they
+      # are up, then wait for the daemon to have classified them before asserting.
+      client.succeed(as_alice("systemctl --user start cgtproxy-proxy.slice cgtproxy-direct.slice cgtproxy-drop.slice"))
+      client.wait_until_succeeds(as_alice(f"cgtproxy-exec proxy {HTTP}") + " | grep -q '^proxied '", timeout=10)
+      client.wait_until_fails(as_alice(f"cgtproxy-exec drop {HTTP}"), timeout=30)
 
       with subtest("cgtproxy-exec routes a user's command by target"):
           out = client.succeed(as_alice(f"cgtproxy-exec proxy {HTTP}"))
