@@ -4,6 +4,7 @@ mod cgroup;
 mod config;
 mod daemon;
 mod exec;
+mod forward;
 mod nft;
 mod notify;
 mod plan;
@@ -46,6 +47,11 @@ enum Cmd {
     },
     /// Print the nft ruleset that `run` would install for the cgroups present now.
     Render {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run the built-in transparent forwarder for targets with an `upstream`.
+    Forward {
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -126,6 +132,9 @@ fn main() -> ExitCode {
             );
         }),
         Cmd::Render { config } => render(config),
+        Cmd::Forward { config } => {
+            load(config).and_then(|c| forward::run(&c).map_err(anyhow::Error::from))
+        }
         Cmd::Exec {
             config,
             target,
