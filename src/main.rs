@@ -132,9 +132,7 @@ fn main() -> ExitCode {
             );
         }),
         Cmd::Render { config } => render(config),
-        Cmd::Forward { config } => {
-            load(config).and_then(|c| forward::run(&c).map_err(anyhow::Error::from))
-        }
+        Cmd::Forward { config } => forward::run(config).map_err(anyhow::Error::from),
         Cmd::Exec {
             config,
             target,
