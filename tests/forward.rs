@@ -417,7 +417,88 @@ fn a_thousand_concurrent_connections() {
         let (_, fwd) = start(&mut lab, &[socks_target(MICROSOCKS)], &["proxy"]);
         let a = bulk(&lab, "app-proxy", &format!("many {PEER4} {BULK_PORT} 1000"));
         assert!(a.starts_with("OK many 1000"), "{a}");
-        eprintln!("1000 concurrent connections: {a}");
+        eprintln!(
+            "1000 concurrent connections: {a}; forwarder peak RSS {} KiB",
+            status_kib(&fwd, "VmHWM")
+        );
+        assert_eq!(fwd.stop(), 0);
+    });
+}
+
+/// A field of the forwarder's /proc/PID/status, in KiB.
+fn status_kib(d: &Daemon, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{}/status", d.child.id())).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in status"))
+}
+
+#[test]
+fn sigterm_drains_open_connections() {
+    in_namespaces("sigterm_drains_open_connections", || {
+        let mut lab = lab("fwd-drain");
+        microsocks(&mut lab, "");
+        let (_, mut fwd) = start(&mut lab, &[socks_target(MICROSOCKS)], &["proxy"]);
+        let go = lab.dir.join("go");
+        let cmd = format!(
+            "python3 '{}' hold {PEER4} {BULK_PORT} '{}'",
+            helper("bulk.py").display(),
+            go.display()
+        );
+        let mut held = lab.spawn_in("app-proxy", &cmd, Stdio::piped());
+        let mut out = held.stdout.take().unwrap();
+        let mut first = [0u8; 5];
+        std::io::Read::read_exact(&mut out, &mut first).unwrap();
+        assert_eq!(&first, b"held\n");
+        fwd.signal(Signal::SIGTERM);
+        fwd.wait_notify("STOPPING=1", FAST);
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            fwd.child.try_wait().unwrap().is_none(),
+            "exited with a flow open"
+        );
+        std::fs::write(&go, "").unwrap();
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+        assert_eq!(rest.trim(), "OK hold");
+        held.wait().unwrap();
+        let t0 = Instant::now();
+        let status = fwd.child.wait().unwrap();
+        assert_eq!(status.code(), Some(0));
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "slow exit after drain"
+        );
+        assert!(
+            lab.eventually(FAST, || fwd.log().contains("all connections finished")),
+            "{}",
+            fwd.log()
+        );
+    });
+}
+
+#[test]
+fn a_flood_of_udp_flows_is_bounded() {
+    in_namespaces("a_flood_of_udp_flows_is_bounded", || {
+        let mut lab = lab("fwd-flood");
+        // An upstream nobody answers (10.99.0.99 has no owner on the link): every
+        // flow waits in its handshake for seconds, holding its table entry.
+        let t = target("proxy", PROXY_PORT, MARK, "socks5://10.99.0.99:1080", None);
+        let (_, fwd) = start(&mut lab, &[t], &["proxy"]);
+        let before = status_kib(&fwd, "VmRSS");
+        let a = bulk(&lab, "app-proxy", &format!("flood {PEER4} 20000 5000"));
+        assert!(a.starts_with("OK flood 5000"), "{a}");
+        assert!(
+            lab.eventually(Duration::from_secs(5), || fwd
+                .log()
+                .contains("UDP flow table full (1024 flows)")),
+            "{}",
+            fwd.log()
+        );
+        let peak = status_kib(&fwd, "VmHWM");
+        eprintln!("5000 new UDP flows: RSS {before} KiB before, peak {peak} KiB");
+        assert!(peak < before + 64 * 1024, "peak RSS {peak} KiB");
         assert_eq!(fwd.stop(), 0);
     });
 }

@@ -9,6 +9,7 @@ up HOST PORT N         send N bytes, half-close, check the digest   -> "OK up N 
 down HOST PORT N       receive N bytes, check them                  -> "OK down N <secs>"
 hold HOST PORT FILE    echo one line, wait until FILE exists, echo another -> "OK hold"
 many HOST PORT K       open K connections at once, then echo on each -> "OK many K"
+flood HOST PORT N      UDP: one datagram to each of N ports from PORT up -> "OK flood N"
 Errors print "ERR <reason>".
 """
 import hashlib
@@ -160,6 +161,15 @@ def main():
             if got != f"line {i}":
                 return print(f"ERR connection {i}: {got!r}")
         print(f"OK many {k} {time.monotonic() - t0:.2f}")
+    elif mode == "flood":
+        n = int(sys.argv[4])
+        fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+        u = socket.socket(fam, socket.SOCK_DGRAM)
+        for i in range(n):
+            u.sendto(b"flood", (host, port + i))
+            if i % 50 == 49:
+                time.sleep(0.002)  # stay within the listener's receive buffer
+        print(f"OK flood {n} {time.monotonic() - t0:.2f}")
 
 
 try:
