@@ -191,7 +191,7 @@ let
         type = types.nullOr (types.strMatching "(socks5|http)://.+:[0-9]+");
         default = null;
         example = "socks5://127.0.0.1:1080";
-        description = "Upstream of the built-in forwarder (`cgtproxy forward`, planned): validated now, not yet used by the daemon.";
+        description = "Upstream (SOCKS5 or HTTP CONNECT) of the built-in forwarder, `cgtproxy forward`, which serves this target. The NixOS module does not run the forwarder yet: use `dist/systemd/cgtproxy-forward.service` as a model.";
       };
       upstream-auth-file = mkOption {
         type = types.nullOr types.str;

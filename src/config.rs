@@ -141,6 +141,11 @@ pub struct DnsHijack {
     pub stub: bool,
 }
 
+/// The fwmark of the built-in forwarder's own upstream connections: the output
+/// chain returns early for it, so they are never captured, whatever the rules say.
+/// No target may use it. The value spells "cgtf".
+pub const FORWARD_MARK: u32 = 0x6367_7466;
+
 /// systemd-resolved's stub listener.
 pub const RESOLVED_STUB: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 53);
 
@@ -356,6 +361,10 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
         }
         if t.mark == 0 {
             errs.push(format!("{key}.mark: must not be 0"));
+        } else if t.mark == FORWARD_MARK {
+            errs.push(format!(
+                "{key}.mark: {FORWARD_MARK:#x} is reserved for the built-in forwarder's own connections"
+            ));
         } else if let Some(other) = marks.insert(t.mark, name.clone()) {
             errs.push(format!(
                 "{key}.mark: {} is already the mark of tproxies.{other}",
@@ -617,6 +626,12 @@ mod tests {
         );
         assert!(e.contains("tproxies.c.port: must not be 0"), "{e}");
         assert!(e.contains("tproxies.c.mark: must not be 0"), "{e}");
+    }
+
+    #[test]
+    fn the_forwarders_mark_is_reserved() {
+        let e = err(r#"{"version":1,"tproxies":{"p":{"port":1,"mark":1667724390}}}"#);
+        assert!(e.contains("tproxies.p.mark: 0x63677466 is reserved"), "{e}");
     }
 
     #[test]

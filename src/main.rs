@@ -6,6 +6,7 @@ mod daemon;
 mod doctor;
 mod events;
 mod exec;
+mod forward;
 mod inspect;
 mod nft;
 mod notify;
@@ -50,6 +51,11 @@ enum Cmd {
     },
     /// Print the nft ruleset that `run` would install for the cgroups present now.
     Render {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Run the built-in transparent forwarder for targets with an `upstream`.
+    Forward {
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -167,6 +173,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }),
         Cmd::Render { config } => render(config).map(|()| ExitCode::SUCCESS),
+        Cmd::Forward { config } => forward::run(config)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(anyhow::Error::from),
         Cmd::Status { config, json } => {
             report(load(config).and_then(|c| Ok(status::status(&c, json)?)))
         }

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use ipnet::IpNet;
 
 use crate::cgroup::Cgroup;
-use crate::config::{Action, Config, RESOLVED_STUB};
+use crate::config::{Action, Config, FORWARD_MARK, RESOLVED_STUB};
 
 /// A map element's key: (absolute hierarchy level, cgroup id).
 pub type Key = (u32, u64);
@@ -405,7 +405,11 @@ pub fn merge_ranges(nets: &[IpNet], family: Family) -> Vec<(u128, u128)> {
 /// before the bypass check, so a target can hijack them.
 pub fn output_chain(stub: bool) -> ChainSpec {
     let classify = || Stmt::Verdict(Verdict::Goto(CLASSIFY.into()));
-    let mut rules = vec![vec![Stmt::CtReply, Stmt::Verdict(Verdict::Return)]];
+    let mut rules = vec![
+        vec![Stmt::CtReply, Stmt::Verdict(Verdict::Return)],
+        // The built-in forwarder's upstream connections.
+        vec![Stmt::Mark(FORWARD_MARK), Stmt::Verdict(Verdict::Return)],
+    ];
     if stub {
         for p in [Proto::Udp, Proto::Tcp] {
             rules.push(vec![

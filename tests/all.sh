@@ -5,7 +5,7 @@
 # CGTPROXY_SKIP_VM=1 leaves out the VM test (it needs several minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-dist/ensure-deps.sh nix-bin v2ray
+dist/ensure-deps.sh nix-bin v2ray microsocks dante-server tinyproxy
 if [ "$(id -u)" -ne 0 ]; then
     echo "the kernel tests need root: run  sudo -E env PATH=\"\$PATH\" $0" >&2
     exit 1

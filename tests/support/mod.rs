@@ -295,21 +295,81 @@ impl Lab {
 
     /// Starts the daemon and waits for READY=1.
     pub fn start_daemon(&mut self, config: &Path) -> &Daemon {
-        let d = self.spawn_daemon(config);
-        d.wait_notify("READY=1", Duration::from_secs(30));
+        let d = self.start_cgtproxy("run", config, None);
         self.daemon = Some(d);
         self.daemon.as_ref().unwrap()
     }
 
     /// Starts the daemon without waiting for it.
     pub fn spawn_daemon(&mut self, config: &Path) -> Daemon {
-        let notify_path = self
-            .dir
-            .join(format!("notify-{}", Instant::now().elapsed().as_nanos()));
+        self.spawn_cgtproxy("run", config, None)
+    }
+
+    /// PID of the process holding the peer ("internet") network namespace.
+    pub fn peer_pid(&self) -> u32 {
+        self.peer.id()
+    }
+
+    /// Runs a shell command in the peer namespace; returns its output.
+    pub fn in_peer(&self, cmd: &str) -> String {
+        sh_any(&format!(
+            "nsenter -t {} -n sh -c '{}'",
+            self.peer.id(),
+            cmd.replace('\'', "'\\''")
+        ))
+    }
+
+    /// Starts `cmd` (a shell command) as a service in the peer namespace and
+    /// waits until something there listens on TCP `port`.
+    pub fn start_peer_service(&mut self, cmd: &str, port: u16) {
+        let child = Command::new("nsenter")
+            .args(["-t", &self.peer.id().to_string(), "-n", "sh", "-c"])
+            .arg(format!("exec {cmd}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.services.push(child);
+        let listening = self.eventually(Duration::from_secs(10), || {
+            self.in_peer(&format!("ss -Hltn 'sport = :{port}'"))
+                .contains(&format!(":{port}"))
+        });
+        assert!(listening, "`{cmd}` did not listen on {port} in the peer");
+    }
+
+    /// Starts `cgtproxy SUBCOMMAND --config CONFIG` (in cgroup `cgroup` if given)
+    /// and waits for READY=1.
+    pub fn start_cgtproxy(&self, subcommand: &str, config: &Path, cgroup: Option<&str>) -> Daemon {
+        let d = self.spawn_cgtproxy(subcommand, config, cgroup);
+        d.wait_notify("READY=1", Duration::from_secs(30));
+        d
+    }
+
+    /// Spawns `cgtproxy SUBCOMMAND --config CONFIG` (in cgroup `cgroup` if given)
+    /// with a notify socket and captured stderr.
+    pub fn spawn_cgtproxy(&self, subcommand: &str, config: &Path, cgroup: Option<&str>) -> Daemon {
+        let notify_path = self.dir.join(format!(
+            "notify-{subcommand}-{}",
+            Instant::now().elapsed().as_nanos()
+        ));
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cgtproxy"))
-            .args(["run", "--config"])
+        let mut cmd = match cgroup {
+            None => Command::new(env!("CARGO_BIN_EXE_cgtproxy")),
+            Some(rel) => {
+                let procs = self.mkcg(rel).join("cgroup.procs");
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!(
+                        "echo $$ > '{}' && exec \"$0\" \"$@\"",
+                        procs.display()
+                    ))
+                    .arg(env!("CARGO_BIN_EXE_cgtproxy"));
+                c
+            }
+        };
+        let mut child = cmd
+            .args([subcommand, "--config"])
             .arg(config)
             .env("NOTIFY_SOCKET", &notify_path)
             .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))

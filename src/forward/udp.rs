@@ -1,0 +1,227 @@
+//! UDP: one SOCKS5 UDP association per flow (app address, original destination),
+//! answered from a transparent socket bound to the destination. Flows end after
+//! an idle timeout; the flow table is bounded, so a flood of new flows costs
+//! dropped datagrams, never memory. An upstream without UDP drops it.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpStream, UdpSocket};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until};
+use tracing::{debug, warn};
+
+use super::listen::{self, ListenError};
+use super::socks5::{self, Socks5Error};
+use super::target::TargetState;
+use super::upstream::{self, CONNECT_TIMEOUT, Kind, Upstream, UpstreamError};
+
+/// Flows per listener; datagrams of new flows beyond it are dropped.
+pub const MAX_FLOWS: usize = 1024;
+/// Datagrams queued per flow while its association is being set up.
+const QUEUE: usize = 64;
+/// A flow without traffic either way for this long ends.
+pub const IDLE: Duration = Duration::from_secs(60);
+/// DNS flows (destination port 53) are one query and one answer.
+pub const DNS_IDLE: Duration = Duration::from_secs(10);
+/// Largest datagram relayed.
+const MAX_DATAGRAM: usize = 65535;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UdpError {
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Socks5(#[from] Socks5Error),
+    #[error("UDP ASSOCIATE: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("UDP ASSOCIATE took longer than {CONNECT_TIMEOUT:?}")]
+    Timeout,
+    #[error("the upstream's UDP relay {0} is of another address family than our socket")]
+    Family(SocketAddr),
+}
+
+type Key = (SocketAddr, SocketAddr);
+type Table = Arc<Mutex<HashMap<Key, mpsc::Sender<Vec<u8>>>>>;
+
+fn lock(t: &Table) -> std::sync::MutexGuard<'_, HashMap<Key, mpsc::Sender<Vec<u8>>>> {
+    t.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Receives from a transparent UDP listener until the task is aborted.
+pub async fn serve(sock: UdpSocket, target: Arc<TargetState>) {
+    let table: Table = Arc::default();
+    let local = sock.local_addr().ok();
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        let d = match listen::recv_orig(&sock, &mut buf).await {
+            Ok(d) => d,
+            Err(e) => {
+                debug!("{}: UDP receive: {e}", target.name);
+                continue;
+            }
+        };
+        if Some(d.dst) == local {
+            continue; // sent to the port itself, not redirected by TPROXY
+        }
+        let up = target.upstream();
+        if up.kind != Kind::Socks5 {
+            if target.first_udp_drop() {
+                warn!(
+                    "{}: upstream {up} carries no UDP: dropping this target's UDP \
+                     (first: {} → {}); it is never sent direct",
+                    target.name, d.src, d.dst
+                );
+            }
+            continue;
+        }
+        let data = buf[..d.len].to_vec();
+        dispatch(&table, &target, up, d.src, d.dst, data);
+    }
+}
+
+fn dispatch(
+    table: &Table,
+    target: &Arc<TargetState>,
+    up: Arc<Upstream>,
+    src: SocketAddr,
+    dst: SocketAddr,
+    data: Vec<u8>,
+) {
+    let mut map = lock(table);
+    let full = map.len() >= MAX_FLOWS;
+    match map.entry((src, dst)) {
+        Entry::Occupied(mut e) => match e.get().try_send(data) {
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+            Err(mpsc::error::TrySendError::Closed(data)) => {
+                // The flow just ended: start a new one in its place.
+                let tx = spawn_flow(table, target, up, src, dst, data);
+                e.insert(tx);
+            }
+        },
+        Entry::Vacant(e) => {
+            if full {
+                drop(map);
+                target.warn(|| {
+                    format!("UDP flow table full ({MAX_FLOWS} flows): dropping {src} → {dst}")
+                });
+                return;
+            }
+            e.insert(spawn_flow(table, target, up, src, dst, data));
+        }
+    }
+}
+
+fn spawn_flow(
+    table: &Table,
+    target: &Arc<TargetState>,
+    up: Arc<Upstream>,
+    src: SocketAddr,
+    dst: SocketAddr,
+    first: Vec<u8>,
+) -> mpsc::Sender<Vec<u8>> {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let _ = tx.try_send(first);
+    let (table, t) = (table.clone(), target.clone());
+    tokio::spawn(async move {
+        if let Err(e) = flow(&up, src, dst, rx).await {
+            t.warn(|| format!("UDP {src} → {dst} via {up}: {e}"));
+        }
+        // Remove our entry unless a newer flow has replaced it (ours is closed:
+        // its receiver was dropped with `flow`).
+        let mut map = lock(&table);
+        if map.get(&(src, dst)).is_some_and(|tx| tx.is_closed()) {
+            map.remove(&(src, dst));
+        }
+    });
+    tx
+}
+
+/// Opens the association: a control connection and a marked UDP socket
+/// connected to the relay. Asks with the relay socket's real address, which
+/// servers that follow RFC 1928 strictly (dante) hold us to.
+async fn associate(up: &Upstream) -> Result<(TcpStream, UdpSocket), UdpError> {
+    let mut ctrl = up.connect().await?;
+    socks5::login(&mut ctrl, up.auth.as_ref()).await?;
+    let local = ctrl.local_addr()?;
+    let relay = upstream::udp_marked(SocketAddr::new(local.ip(), 0))?;
+    let mut bound = socks5::udp_associate(&mut ctrl, relay.local_addr()?).await?;
+    if bound.ip().is_unspecified() {
+        bound.set_ip(ctrl.peer_addr()?.ip());
+    }
+    let bound = SocketAddr::new(bound.ip().to_canonical(), bound.port());
+    if bound.is_ipv4() != local.is_ipv4() {
+        return Err(UdpError::Family(bound));
+    }
+    relay.connect(bound).await?;
+    Ok((ctrl, relay))
+}
+
+async fn flow(
+    up: &Upstream,
+    src: SocketAddr,
+    dst: SocketAddr,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+) -> Result<(), UdpError> {
+    let reply = listen::udp_reply(dst, src)?;
+    let (mut ctrl, relay) = tokio::time::timeout(CONNECT_TIMEOUT, associate(up))
+        .await
+        .unwrap_or(Err(UdpError::Timeout))?;
+    debug!("UDP {src} → {dst}: associated via {up}");
+    let idle = if dst.port() == 53 { DNS_IDLE } else { IDLE };
+    let mut deadline = Instant::now() + idle;
+    let mut out = Vec::with_capacity(2048);
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut ctrl_buf = [0u8; 64];
+    loop {
+        tokio::select! {
+            m = rx.recv() => match m {
+                Some(d) => {
+                    socks5::udp_wrap(dst, &d, &mut out);
+                    let _ = relay.send(&out).await;
+                    deadline = Instant::now() + idle;
+                }
+                None => return Ok(()),
+            },
+            r = reply.readable() => {
+                r?;
+                match reply.try_recv(&mut buf) {
+                    Ok(n) => {
+                        socks5::udp_wrap(dst, &buf[..n], &mut out);
+                        let _ = relay.send(&out).await;
+                        deadline = Instant::now() + idle;
+                    }
+                    // WouldBlock, or an ICMP error for an earlier answer: go on.
+                    Err(_) => continue,
+                }
+            }
+            r = relay.readable() => {
+                r?;
+                match relay.try_recv(&mut buf) {
+                    Ok(n) => {
+                        if let Some((from, payload)) = socks5::udp_unwrap(&buf[..n]) {
+                            let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+                            if from == dst {
+                                let _ = reply.send(payload).await;
+                                deadline = Instant::now() + idle;
+                            }
+                        }
+                    }
+                    Err(_) => continue,
+                }
+            }
+            r = ctrl.read(&mut ctrl_buf) => match r {
+                // The association lives as long as its control connection.
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(_) => {}
+            },
+            _ = sleep_until(deadline) => return Ok(()),
+        }
+    }
+}

@@ -1,0 +1,534 @@
+//! Kernel tests of `cgtproxy forward`: apps in a proxied cgroup, cgtproxy's rules
+//! (`cgtproxy run`) sending their traffic to the forwarder (in a cgroup of its
+//! own), and real upstreams in the peer namespace: microsocks (SOCKS5, with and
+//! without a password), dante (SOCKS5 with UDP ASSOCIATE) and tinyproxy (HTTP
+//! CONNECT). The destination tells which address it saw: 10.99.0.2/fd99::2 for
+//! microsocks and tinyproxy, 10.99.0.3/fd99::3 for dante, 10.99.0.1/fd99::1 for a
+//! direct connection. Root only.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use support::*;
+
+const BULK_PORT: u16 = 9000;
+const MICROSOCKS: u16 = 1080;
+const DANTE: u16 = 1081;
+const TINYPROXY: u16 = 3128;
+/// A second UDP service in the peer, besides DNS on 53.
+const UDP_PORT: u16 = 5300;
+/// The address dante connects out from.
+const DANTE4: &str = "10.99.0.3";
+const DANTE6: &str = "fd99::3";
+const FAST: Duration = Duration::from_secs(3);
+
+fn helper(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/helpers")
+        .join(name)
+}
+
+/// A lab whose peer also has dante's outgoing addresses and a bulk server.
+fn lab(name: &str) -> Lab {
+    let mut lab = Lab::new(name);
+    lab.in_peer(&format!(
+        "ip addr add {DANTE4}/24 dev veth1 && ip addr add {DANTE6}/64 dev veth1 nodad"
+    ));
+    let bulk = format!(
+        "python3 '{}' serve {BULK_PORT}",
+        helper("bulk.py").display()
+    );
+    lab.start_peer_service(&bulk, BULK_PORT);
+    lab
+}
+
+fn microsocks(lab: &mut Lab, auth: &str) {
+    lab.start_peer_service(
+        &format!("microsocks -i {PEER4} -p {MICROSOCKS} {auth}"),
+        MICROSOCKS,
+    );
+}
+
+fn dante(lab: &mut Lab) {
+    let conf = lab.dir.join("danted.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "logoutput: stderr
+internal: {PEER4} port = {DANTE}
+internal: {PEER6} port = {DANTE}
+external: {DANTE4}
+external: {DANTE6}
+clientmethod: none
+socksmethod: none
+user.privileged: root
+user.unprivileged: nobody
+client pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 }}
+client pass {{ from: ::/0 to: ::/0 }}
+socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 }}
+socks pass {{ from: 0.0.0.0/0 to: ::/0 }}
+socks pass {{ from: ::/0 to: ::/0 }}
+socks pass {{ from: ::/0 to: 0.0.0.0/0 }}
+"
+        ),
+    )
+    .unwrap();
+    let pid = lab.dir.join("danted.pid");
+    lab.start_peer_service(
+        &format!("danted -f '{}' -p '{}'", conf.display(), pid.display()),
+        DANTE,
+    );
+}
+
+fn tinyproxy(lab: &mut Lab) {
+    let conf = lab.dir.join("tinyproxy.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "User nobody\nGroup nogroup\nPort {TINYPROXY}\nListen {PEER4}\nTimeout 60\n\
+             MaxClients 100\nAllow 10.99.0.0/24\nLogLevel Info\nPidFile \"{}\"\n",
+            lab.dir.join("tinyproxy.pid").display()
+        ),
+    )
+    .unwrap();
+    lab.start_peer_service(&format!("tinyproxy -d -c '{}'", conf.display()), TINYPROXY);
+}
+
+/// A target entry: `name` on `port` with `mark`, relaying to `upstream`.
+fn target(name: &str, port: u16, mark: u32, upstream: &str, auth: Option<&Path>) -> String {
+    let auth = auth
+        .map(|p| format!(r#","upstream-auth-file":"{}""#, p.display()))
+        .unwrap_or_default();
+    format!(r#""{name}":{{"port":{port},"mark":{mark},"upstream":"{upstream}"{auth}}}"#)
+}
+
+/// Rules: cgroup `app-NAME` goes to target NAME, for each name. The forwarder's
+/// cgroup `fwd` is left unclassified.
+fn rules(lab: &Lab, names: &[&str]) -> String {
+    let r: Vec<String> = names
+        .iter()
+        .map(|n| {
+            format!(
+                r#"{{"match":"{}","tproxy":"{n}"}}"#,
+                lab.re(&format!("app-{n}"))
+            )
+        })
+        .collect();
+    format!("[{}]", r.join(",")).replace('\\', "\\\\")
+}
+
+/// Writes the config, starts `cgtproxy run` and `cgtproxy forward` (in cgroup
+/// `fwd`), and creates the app cgroups. Returns the forwarder.
+fn start(lab: &mut Lab, targets: &[String], names: &[&str]) -> (PathBuf, Daemon) {
+    for n in names {
+        lab.mkcg(&format!("app-{n}"));
+    }
+    let cfg = lab.write_config(
+        "c.json",
+        &format!("{{{}}}", targets.join(",")),
+        &rules(lab, names),
+    );
+    lab.start_daemon(&cfg);
+    let fwd = lab.start_cgtproxy("forward", &cfg, Some("fwd"));
+    (cfg, fwd)
+}
+
+/// Runs a bulk.py client in cgroup `rel`.
+fn bulk(lab: &Lab, rel: &str, args: &str) -> String {
+    let cmd = format!("python3 '{}' {args}", helper("bulk.py").display());
+    let out = lab
+        .spawn_in(rel, &cmd, Stdio::piped())
+        .wait_with_output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn socks_target(port: u16) -> String {
+    target(
+        "proxy",
+        PROXY_PORT,
+        MARK,
+        &format!("socks5://{PEER4}:{port}"),
+        None,
+    )
+}
+
+#[test]
+fn tcp_over_ipv4_and_ipv6_through_socks5_intact_and_half_closed() {
+    in_namespaces(
+        "tcp_over_ipv4_and_ipv6_through_socks5_intact_and_half_closed",
+        || {
+            let mut lab = lab("fwd-tcp");
+            microsocks(&mut lab, "");
+            dante(&mut lab);
+            let targets = [
+                socks_target(MICROSOCKS),
+                target(
+                    "dante",
+                    PROXY_PORT + 1,
+                    MARK + 1,
+                    &format!("socks5://[{PEER6}]:{DANTE}"),
+                    None,
+                ),
+            ];
+            let (_, fwd) = start(&mut lab, &targets, &["proxy", "dante"]);
+            for (dst, seen) in [(PEER4, DANTE4), (PEER6, DANTE6)] {
+                // The destination sees the upstream's address, not ours.
+                let a = lab.talk("app-proxy", "tcp", dst, PEER_PORT);
+                assert_eq!(a, format!("peer {dst}"), "via microsocks to {dst}");
+                let a = lab.talk("app-dante", "tcp", dst, PEER_PORT);
+                assert_eq!(a, format!("peer {seen}"), "via dante to {dst}");
+            }
+            // A cgroup without a rule still goes direct.
+            lab.mkcg("other");
+            let a = lab.talk("other", "tcp", PEER4, PEER_PORT);
+            assert_eq!(a, "peer 10.99.0.1");
+            // 50 MiB each way. `up` needs the app's half-close to reach the
+            // server and the answer to come back after it; microsocks closes both
+            // ways at the first EOF, so that one goes through dante.
+            let n = 50 * 1024 * 1024;
+            for dst in [PEER4, PEER6] {
+                let up = bulk(&lab, "app-dante", &format!("up {dst} {BULK_PORT} {n}"));
+                assert!(up.starts_with(&format!("OK up {n}")), "{dst}: {up}");
+                for app in ["app-proxy", "app-dante"] {
+                    let down = bulk(&lab, app, &format!("down {dst} {BULK_PORT} {n}"));
+                    assert!(
+                        down.starts_with(&format!("OK down {n}")),
+                        "{app} {dst}: {down}"
+                    );
+                    eprintln!("50 MiB from {dst} to {app}: {down}");
+                }
+                eprintln!("50 MiB to {dst} via dante: {up}");
+            }
+            assert!(!fwd.log().contains("WARN"), "{}", fwd.log());
+            assert_eq!(fwd.stop(), 0);
+        },
+    );
+}
+
+#[test]
+fn udp_through_dante_answers_from_the_original_destination() {
+    in_namespaces(
+        "udp_through_dante_answers_from_the_original_destination",
+        || {
+            let mut lab = lab("fwd-udp");
+            dante(&mut lab);
+            // DNS-style services in the peer (answer "LABEL <client>"), bound to
+            // the destination addresses: a wildcard-bound UDP server would answer
+            // dante from dante's own address (both live in the peer namespace).
+            for (port, label) in [(53, "dns"), (UDP_PORT, "peer")] {
+                let cmd = format!(
+                    "python3 '{}' {port} {label} {PEER4} {PEER6}",
+                    helper("server.py").display()
+                );
+                lab.start_peer_service(&cmd, port);
+            }
+            let (_, fwd) = start(&mut lab, &[socks_target(DANTE)], &["proxy"]);
+            for (dst, seen) in [(PEER4, DANTE4), (PEER6, DANTE6)] {
+                for port in [53, UDP_PORT] {
+                    let a = lab.talk("app-proxy", "udp", dst, port);
+                    let label = if port == 53 { "dns" } else { "peer" };
+                    assert_eq!(
+                        a,
+                        format!("{label} {seen} from {dst}"),
+                        "UDP {dst}:{port}; dante log:\n{}",
+                        std::fs::read_to_string(lab.dir.join("danted.log")).unwrap_or_default()
+                    );
+                }
+                // TCP through dante too.
+                let a = lab.talk("app-proxy", "tcp", dst, PEER_PORT);
+                assert_eq!(a, format!("peer {seen}"), "TCP {dst} via dante");
+            }
+            assert_eq!(fwd.stop(), 0);
+        },
+    );
+}
+
+#[test]
+fn http_connect_through_tinyproxy_and_udp_dropped_with_one_log_line() {
+    in_namespaces(
+        "http_connect_through_tinyproxy_and_udp_dropped_with_one_log_line",
+        || {
+            let mut lab = lab("fwd-http");
+            tinyproxy(&mut lab);
+            let t = target(
+                "proxy",
+                PROXY_PORT,
+                MARK,
+                &format!("http://{PEER4}:{TINYPROXY}"),
+                None,
+            );
+            let (_, fwd) = start(&mut lab, &[t], &["proxy"]);
+            // The server speaks first: its greeting must come through.
+            for dst in [PEER4, PEER6] {
+                let a = lab.talk("app-proxy", "tcp", dst, PEER_PORT);
+                assert_eq!(a, format!("peer {dst}"), "via tinyproxy to {dst}");
+            }
+            // tinyproxy closes both ways at the first EOF: no half-close test here.
+            let n = 50 * 1024 * 1024;
+            let down = bulk(&lab, "app-proxy", &format!("down {PEER6} {BULK_PORT} {n}"));
+            assert!(down.starts_with(&format!("OK down {n}")), "{down}");
+            // UDP cannot go through HTTP CONNECT: dropped, never direct.
+            for _ in 0..3 {
+                let a = lab.talk("app-proxy", "udp", PEER4, PEER_PORT);
+                assert!(a.starts_with("ERR"), "UDP over an HTTP upstream: {a}");
+            }
+            let once = |l: &str| l.matches("carries no UDP").count() == 1;
+            assert!(lab.eventually(FAST, || once(&fwd.log())), "{}", fwd.log());
+            std::thread::sleep(Duration::from_millis(200));
+            assert!(once(&fwd.log()), "{}", fwd.log());
+            assert_eq!(fwd.stop(), 0);
+        },
+    );
+}
+
+#[test]
+fn socks5_password_accepted_and_rejected_with_a_clear_log_line() {
+    in_namespaces(
+        "socks5_password_accepted_and_rejected_with_a_clear_log_line",
+        || {
+            let mut lab = lab("fwd-auth");
+            microsocks(&mut lab, "-u alice -P s3cret");
+            let good = lab.dir.join("good.auth");
+            let bad = lab.dir.join("bad.auth");
+            std::fs::write(&good, "alice:s3cret\n").unwrap();
+            std::fs::write(&bad, "alice:wrong\n").unwrap();
+            let up = format!("socks5://{PEER4}:{MICROSOCKS}");
+            let targets = [
+                target("good", PROXY_PORT, MARK, &up, Some(&good)),
+                target("bad", PROXY_PORT + 1, MARK + 1, &up, Some(&bad)),
+                target("none", PROXY_PORT + 2, MARK + 2, &up, None),
+            ];
+            let (_, fwd) = start(&mut lab, &targets, &["good", "bad", "none"]);
+            let a = lab.talk("app-good", "tcp", PEER4, PEER_PORT);
+            assert_eq!(a, format!("peer {PEER4}"));
+            for t in ["bad", "none"] {
+                let t0 = Instant::now();
+                let a = lab.talk(&format!("app-{t}"), "tcp", PEER4, PEER_PORT);
+                assert!(a.starts_with("ERR") || a.is_empty(), "{t}: {a}");
+                assert!(t0.elapsed() < Duration::from_secs(2), "{t}: slow failure");
+            }
+            let logged = |what: &str| lab.eventually(FAST, || fwd.log().contains(what));
+            assert!(
+                logged("bad: 10.99.0.1") && logged("SOCKS5 upstream rejected the user/password"),
+                "{}",
+                fwd.log()
+            );
+            assert!(
+                logged("none: 10.99.0.1") && logged("accepts none of our login methods"),
+                "{}",
+                fwd.log()
+            );
+            assert_eq!(fwd.stop(), 0);
+        },
+    );
+}
+
+#[test]
+fn upstream_down_fails_the_app_at_once_and_never_goes_direct() {
+    in_namespaces(
+        "upstream_down_fails_the_app_at_once_and_never_goes_direct",
+        || {
+            let mut lab = lab("fwd-down");
+            // Nothing listens on 1999 in the peer.
+            let (_, fwd) = start(&mut lab, &[socks_target(1999)], &["proxy"]);
+            for dst in [PEER4, PEER6] {
+                let t0 = Instant::now();
+                let a = lab.talk("app-proxy", "tcp", dst, PEER_PORT);
+                let took = t0.elapsed();
+                assert!(a.starts_with("ERR") || a.is_empty(), "{dst}: {a}");
+                assert!(took < Duration::from_millis(1500), "{dst}: took {took:?}");
+                eprintln!("upstream down: app saw {a:?} after {took:?}");
+            }
+            assert!(
+                lab.eventually(FAST, || fwd.log().contains("connecting to upstream")),
+                "{}",
+                fwd.log()
+            );
+            assert_eq!(fwd.stop(), 0);
+        },
+    );
+}
+
+#[test]
+fn reload_switches_upstream_and_keeps_open_flows() {
+    in_namespaces("reload_switches_upstream_and_keeps_open_flows", || {
+        let mut lab = lab("fwd-reload");
+        microsocks(&mut lab, "");
+        dante(&mut lab);
+        let (cfg, fwd) = start(&mut lab, &[socks_target(MICROSOCKS)], &["proxy"]);
+        // A long-lived flow through microsocks.
+        let go = lab.dir.join("go");
+        let cmd = format!(
+            "python3 '{}' hold {PEER4} {BULK_PORT} '{}'",
+            helper("bulk.py").display(),
+            go.display()
+        );
+        let mut held = lab.spawn_in("app-proxy", &cmd, Stdio::piped());
+        let mut out = held.stdout.take().unwrap();
+        let mut first = [0u8; 5];
+        std::io::Read::read_exact(&mut out, &mut first).unwrap();
+        assert_eq!(&first, b"held\n");
+
+        // Switch to dante and reload.
+        let text = std::fs::read_to_string(&cfg).unwrap().replace(
+            &format!("{PEER4}:{MICROSOCKS}"),
+            &format!("{PEER4}:{DANTE}"),
+        );
+        std::fs::write(&cfg, text).unwrap();
+        fwd.signal(Signal::SIGHUP);
+        fwd.wait_notify("READY=1", Duration::from_secs(5));
+        assert!(
+            lab.eventually(FAST, || fwd
+                .log()
+                .contains("upstream now socks5://10.99.0.2:1081")),
+            "{}",
+            fwd.log()
+        );
+        let a = lab.talk("app-proxy", "tcp", PEER4, PEER_PORT);
+        assert_eq!(a, format!("peer {DANTE4}"), "new flows use dante");
+
+        // The old flow still works.
+        std::fs::write(&go, "").unwrap();
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+        assert_eq!(rest.trim(), "OK hold");
+        held.wait().unwrap();
+
+        // An invalid config keeps the running one.
+        std::fs::write(&cfg, "{").unwrap();
+        fwd.signal(Signal::SIGHUP);
+        fwd.wait_notify("READY=1", Duration::from_secs(5));
+        let a = lab.talk("app-proxy", "tcp", PEER6, PEER_PORT);
+        assert_eq!(a, format!("peer {DANTE6}"));
+        assert_eq!(fwd.stop(), 0);
+    });
+}
+
+#[test]
+fn a_thousand_concurrent_connections() {
+    in_namespaces("a_thousand_concurrent_connections", || {
+        let mut lab = lab("fwd-many");
+        microsocks(&mut lab, "");
+        let (_, fwd) = start(&mut lab, &[socks_target(MICROSOCKS)], &["proxy"]);
+        let a = bulk(&lab, "app-proxy", &format!("many {PEER4} {BULK_PORT} 1000"));
+        assert!(a.starts_with("OK many 1000"), "{a}");
+        eprintln!(
+            "1000 concurrent connections: {a}; forwarder peak RSS {} KiB",
+            status_kib(&fwd, "VmHWM")
+        );
+        assert_eq!(fwd.stop(), 0);
+    });
+}
+
+/// A field of the forwarder's /proc/PID/status, in KiB.
+fn status_kib(d: &Daemon, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{}/status", d.child.id())).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in status"))
+}
+
+#[test]
+fn sigterm_drains_open_connections() {
+    in_namespaces("sigterm_drains_open_connections", || {
+        let mut lab = lab("fwd-drain");
+        microsocks(&mut lab, "");
+        let (_, mut fwd) = start(&mut lab, &[socks_target(MICROSOCKS)], &["proxy"]);
+        let go = lab.dir.join("go");
+        let cmd = format!(
+            "python3 '{}' hold {PEER4} {BULK_PORT} '{}'",
+            helper("bulk.py").display(),
+            go.display()
+        );
+        let mut held = lab.spawn_in("app-proxy", &cmd, Stdio::piped());
+        let mut out = held.stdout.take().unwrap();
+        let mut first = [0u8; 5];
+        std::io::Read::read_exact(&mut out, &mut first).unwrap();
+        assert_eq!(&first, b"held\n");
+        fwd.signal(Signal::SIGTERM);
+        fwd.wait_notify("STOPPING=1", FAST);
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            fwd.child.try_wait().unwrap().is_none(),
+            "exited with a flow open"
+        );
+        std::fs::write(&go, "").unwrap();
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+        assert_eq!(rest.trim(), "OK hold");
+        held.wait().unwrap();
+        let t0 = Instant::now();
+        let status = fwd.child.wait().unwrap();
+        assert_eq!(status.code(), Some(0));
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "slow exit after drain"
+        );
+        assert!(
+            lab.eventually(FAST, || fwd.log().contains("all connections finished")),
+            "{}",
+            fwd.log()
+        );
+    });
+}
+
+#[test]
+fn a_flood_of_udp_flows_is_bounded() {
+    in_namespaces("a_flood_of_udp_flows_is_bounded", || {
+        let mut lab = lab("fwd-flood");
+        // An upstream nobody answers (10.99.0.99 has no owner on the link): every
+        // flow waits in its handshake for seconds, holding its table entry.
+        let t = target("proxy", PROXY_PORT, MARK, "socks5://10.99.0.99:1080", None);
+        let (_, fwd) = start(&mut lab, &[t], &["proxy"]);
+        let before = status_kib(&fwd, "VmRSS");
+        let a = bulk(&lab, "app-proxy", &format!("flood {PEER4} 20000 5000"));
+        assert!(a.starts_with("OK flood 5000"), "{a}");
+        assert!(
+            lab.eventually(Duration::from_secs(5), || fwd
+                .log()
+                .contains("UDP flow table full (1024 flows)")),
+            "{}",
+            fwd.log()
+        );
+        let peak = status_kib(&fwd, "VmHWM");
+        eprintln!("5000 new UDP flows: RSS {before} KiB before, peak {peak} KiB");
+        assert!(peak < before + 64 * 1024, "peak RSS {peak} KiB");
+        assert_eq!(fwd.stop(), 0);
+    });
+}
+
+/// The forwarder's own upstream connections carry its mark and are never
+/// captured, even when a rule classifies its cgroup to its own target.
+#[test]
+fn the_forwarders_own_traffic_is_never_captured() {
+    in_namespaces("the_forwarders_own_traffic_is_never_captured", || {
+        let mut lab = lab("fwd-own");
+        microsocks(&mut lab, "");
+        lab.mkcg("app-proxy");
+        let rules = format!(
+            r#"[{{"match":"{}","tproxy":"proxy"}},{{"match":"{}","tproxy":"proxy"}}]"#,
+            lab.re("fwd"),
+            lab.re("app-proxy")
+        )
+        .replace('\\', "\\\\");
+        let cfg = lab.write_config(
+            "c.json",
+            &format!("{{{}}}", socks_target(MICROSOCKS)),
+            &rules,
+        );
+        lab.start_daemon(&cfg);
+        let fwd = lab.start_cgtproxy("forward", &cfg, Some("fwd"));
+        for dst in [PEER4, PEER6] {
+            let a = lab.talk("app-proxy", "tcp", dst, PEER_PORT);
+            assert_eq!(a, format!("peer {dst}"), "via microsocks to {dst}");
+        }
+        assert_eq!(fwd.stop(), 0);
+        assert_eq!(lab.take_daemon().stop(), 0);
+    });
+}
