@@ -249,11 +249,16 @@ else pass journal-no-ansi; fi
 # A canary proves that denials reach the log at all: uname under a filter
 # that forbids uname(2) is killed by SIGSYS and logged as type=1326.
 systemd-run --quiet --wait -p SystemCallFilter=~uname uname >/dev/null 2>&1
-sleep 1
 seccomp_log() {
   { journalctl -k -b -o cat --no-pager; journalctl -b _TRANSPORT=audit -o cat --no-pager; } 2>/dev/null |
     grep -E 'type=1326|SECCOMP' | sort -u
 }
+# The audit record reaches the journal asynchronously: wait for it (up to 15 s
+# under emulation) rather than guessing a delay.
+for _ in $(seq 1 30); do
+  seccomp_log | grep -q 'comm="uname"' && break
+  sleep 0.5
+done
 if seccomp_log | grep -q 'comm="uname"'; then pass seccomp-canary-logged
 else fail seccomp-canary-logged "a seccomp kill does not show in the kernel log here"; fi
 denials=$(seccomp_log | grep -E 'comm="cgtproxy"|exe="/usr/local/bin/cgtproxy"')
