@@ -23,4 +23,4 @@ if [ -z "${CGTPROXY_SKIP_VM:-}" ] && [ -x tests/vm/run.sh ]; then
 fi
 
 echo "== cargo test: unit and kernel tests"
-cargo test --locked -- --test-threads=2
+cargo test --locked -- --test-threads=1

@@ -587,7 +587,13 @@ fn status_and_explain_read_the_kernel() {
             "{out}"
         );
         // Each status walks the whole (shared, possibly large) cgroup tree.
-        assert!(lab.eventually(Duration::from_secs(15), || cli(&["status"]).0 == Some(0)));
+        let mut last = String::new();
+        let healed = lab.eventually(Duration::from_secs(30), || {
+            let (code, out) = cli(&["status"]);
+            last = out;
+            code == Some(0)
+        });
+        assert!(healed, "not repaired after SIGCONT:\n{last}\n{}", d.log());
 
         // doctor: the kernel probe leaves nothing behind; the listener is seen.
         let (code, out) = cli(&["doctor"]);
