@@ -1,2 +1,1075 @@
-//! Placeholder replaced by the benchmark (issue 4).
-fn main() {}
+//! Kernel benchmark (issue 4): update latency, scale, datapath cost and footprint of
+//! the daemon, measured against the real kernel. Root only; run with
+//! `cargo bench --bench kernel` (Cargo builds the release daemon binary first).
+//!
+//! Like the kernel tests, the benchmark re-executes itself under
+//! `unshare --mount --net`, so its nftables table, routes and mounts die with it. Its
+//! cgroups live in the host's one cgroup2 hierarchy, below `/cgtproxy-bench-PID`,
+//! which is removed at the end, on panic, and once more by the outer process if the
+//! inner one died without cleaning up.
+//!
+//! Kernel updates are observed the way an outsider sees them: a NETLINK_NETFILTER
+//! socket subscribed to NFNLGRP_NFTABLES reports every committed set element, and its
+//! key is the cgroup directory's inode number.
+//!
+//! The last line printed is `bench-json: {...}`.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use netlink_sys::{Socket, constants::NETLINK_NETFILTER};
+use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::socket::{MsgFlags, recv, setsockopt, sockopt};
+use nix::unistd::Pid;
+use serde_json::json;
+
+/// Set in the environment of the re-executed process: the name of its cgroup subtree.
+const INNER: &str = "CGTPROXY_BENCH_BASE";
+const DAEMON: &str = env!("CARGO_BIN_EXE_cgtproxy");
+
+const PEER: &str = "10.99.0.2";
+const CONNECT_PORT: u16 = 8080;
+const BULK_PORT: u16 = 8081;
+
+/// How many new cgroups the update-latency runs create, one at a time.
+const UPDATES: usize = 500;
+/// How many `nft add element` processes the comparison runs.
+const NFT_UPDATES: usize = 150;
+/// Pause between two measured creations, so latency is measured, not queueing.
+const SPACING: Duration = Duration::from_millis(2);
+/// Side-by-side rounds of the datapath comparison (table vs. no table).
+const ROUNDS: usize = 5;
+const CONNECT_TIME: Duration = Duration::from_millis(1500);
+const BULK_BYTES: u64 = 1 << 30;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("serve") => serve(),
+        Some("client") => client(&args[2..]),
+        // A debugging aid: print the keys of level-map elements as they are added.
+        Some("monitor") => {
+            let ev = Events::subscribe();
+            loop {
+                std::thread::sleep(Duration::from_secs(1));
+                let mut seen = ev.0.0.lock().unwrap();
+                for (key, _) in seen.added.drain() {
+                    println!("{key}");
+                }
+            }
+        }
+        _ => match std::env::var(INNER) {
+            Ok(base) => bench(&base),
+            Err(_) => outer(),
+        },
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Outer process: namespaces, and a last-resort cleanup.
+
+fn outer() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "the kernel benchmark needs root (namespaces, cgroups, nftables); run `sudo -E cargo bench --bench kernel`"
+        );
+        std::process::exit(1);
+    }
+    let base = format!("cgtproxy-bench-{}", std::process::id());
+    let started = Instant::now();
+    let mut inner = Command::new("unshare")
+        .args(["--mount", "--net", "--propagation", "private", "--"])
+        .arg(std::env::current_exe().expect("bench binary path"))
+        .env(INNER, &base)
+        .spawn()
+        .expect("running unshare");
+    // Ctrl-C reaches the whole process group: the inner process dies, the daemon
+    // cleans up after itself, and this process stays to remove the cgroups. Block
+    // the signals only now: children inherit the signal mask.
+    let mut sigs = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        sigs.add(s);
+    }
+    sigs.thread_block().expect("blocking signals");
+    let status = inner.wait().expect("waiting for the benchmark");
+    // The inner process removes its subtree itself; if it was killed, do it here,
+    // through the host's cgroup2 mount.
+    if let Some(root) = host_cgroup2() {
+        let left = root.join(&base);
+        if left.exists() {
+            eprintln!("removing leftover {}", left.display());
+            remove_tree(&left);
+        }
+    }
+    eprintln!("total run time: {:.1} s", started.elapsed().as_secs_f64());
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+/// The first cgroup2 mount in /proc/self/mountinfo.
+fn host_cgroup2() -> Option<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let (pre, post) = l.split_once(" - ")?;
+        let point = pre.split(' ').nth(4)?;
+        (post.split(' ').next() == Some("cgroup2")).then(|| PathBuf::from(point))
+    })
+}
+
+/// Removes a cgroup subtree deepest-first; a cgroup that still holds processes is
+/// killed (`cgroup.kill`) and retried.
+fn remove_tree(dir: &Path) {
+    let mut dirs = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        if let Ok(rd) = fs::read_dir(&d) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(e.path());
+                }
+            }
+        }
+        dirs.push(d);
+    }
+    for d in dirs.iter().rev() {
+        for attempt in 0..100 {
+            if fs::remove_dir(d).is_ok() || !d.exists() {
+                break;
+            }
+            if attempt == 0 {
+                let _ = fs::write(d.join("cgroup.kill"), "1");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Runs `nft ARGS` and insists that it succeeds.
+fn nft(args: &[&str]) {
+    let out = Command::new("nft")
+        .args(args)
+        .output()
+        .expect("running nft");
+    assert!(
+        out.status.success(),
+        "nft {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sh(cmd: &str) {
+    let out = Command::new("sh").args(["-c", cmd]).output().expect("sh");
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The lab: cgroup2 mounts, the peer namespace with its servers, the daemon.
+
+struct Lab {
+    dir: PathBuf,
+    /// Private cgroup2 mount the daemon is configured with (a non-standard path).
+    mount: PathBuf,
+    /// Name of our subtree below the cgroup2 root, without a leading `/`.
+    base: String,
+    peer: Option<Child>,
+    server: Option<Child>,
+    daemon: Option<Daemon>,
+}
+
+impl Lab {
+    fn new(base: &str) -> Lab {
+        let dir = std::env::temp_dir().join(base);
+        fs::create_dir_all(&dir).unwrap();
+        let mut lab = Lab {
+            mount: dir.join("cgroup2"),
+            dir,
+            base: base.to_owned(),
+            peer: None,
+            server: None,
+            daemon: None,
+        };
+        fs::create_dir_all(&lab.mount).unwrap();
+        sh(&format!("mount -t cgroup2 none '{}'", lab.mount.display()));
+        // nft takes cgroupsv2 keys as paths below /sys/fs/cgroup; this host mounts
+        // cgroup2 elsewhere (hybrid), so give our mount namespace one there too.
+        sh("mount -t cgroup2 none /sys/fs/cgroup");
+        fs::create_dir_all(lab.cg("a/b/c/d")).unwrap();
+        sh("ip link set lo up");
+        // The peer namespace plays "the internet": a process that only holds it.
+        let peer = Command::new("unshare")
+            .args(["--net", "--", "sleep", "3600"])
+            .spawn()
+            .unwrap();
+        let ppid = peer.id();
+        lab.peer = Some(peer);
+        let mine = fs::read_link("/proc/self/ns/net").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while fs::read_link(format!("/proc/{ppid}/ns/net")).ok().as_ref() == Some(&mine) {
+            assert!(Instant::now() < deadline, "peer namespace not created");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        sh(&format!(
+            "ip link add veth0 type veth peer name veth1 netns {ppid} &&
+             ip addr add 10.99.0.1/24 dev veth0 && ip link set veth0 up &&
+             nsenter -t {ppid} -n sh -c 'ip link set lo up &&
+               ip addr add {PEER}/24 dev veth1 && ip link set veth1 up'"
+        ));
+        let mut server = Command::new("nsenter")
+            .args(["-t", &ppid.to_string(), "-n"])
+            .arg(std::env::current_exe().unwrap())
+            .arg("serve")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(server.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "peer server did not start");
+        lab.server = Some(server);
+        lab
+    }
+
+    /// Cgroups in the whole hierarchy: the daemon walks all of them, ours and
+    /// anything else on the host.
+    fn hierarchy_size(&self) -> u64 {
+        fs::read_to_string(self.mount.join("cgroup.stat"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("nr_descendants ")?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Filesystem path of cgroup `rel` below our subtree.
+    fn cg(&self, rel: &str) -> PathBuf {
+        self.mount.join(&self.base).join(rel)
+    }
+
+    /// Directory of the level-6 cgroups (`/BASE/a/b/c/d` is level 5).
+    fn leaf_dir(&self) -> PathBuf {
+        self.cg("a/b/c/d")
+    }
+
+    fn config(&self) -> PathBuf {
+        let d = format!("^/{}/a/b/c/d/", regex::escape(&self.base));
+        let cfg = json!({
+            "version": 1,
+            "cgroup-root": self.mount,
+            "route-table": 300,
+            "bypass": ["127.0.0.0/8", "::1/128"],
+            "tproxies": {"proxy": {"port": 7893, "mark": 3000}},
+            "rules": [
+                {"match": format!("{d}direct$"), "direct": true},
+                {"match": format!("{d}x[0-9]+$"), "tproxy": "proxy"},
+            ],
+        });
+        let p = self.dir.join("config.json");
+        fs::write(&p, cfg.to_string()).unwrap();
+        p
+    }
+
+    /// Starts the daemon and returns the time from spawn to READY=1.
+    fn start_daemon(&mut self) -> Duration {
+        assert!(self.daemon.is_none());
+        let config = self.config();
+        let notify_path = self.dir.join("notify");
+        let _ = fs::remove_file(&notify_path);
+        let sock = UnixDatagram::bind(&notify_path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        // Keep draining the notify socket so STATUS= can never fill it.
+        let (tx, notify) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                if let Ok(n) = sock.recv(&mut buf) {
+                    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    if tx.send((msg, Instant::now())).is_err() {
+                        return;
+                    }
+                } else if tx.send((String::new(), Instant::now())).is_err() {
+                    return; // a timeout tick: only checks that someone listens
+                }
+            }
+        });
+        let log = self.dir.join("daemon.log");
+        let spawned = Instant::now();
+        let child = Command::new(DAEMON)
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let daemon = Daemon { child, notify, log };
+        let deadline = spawned + Duration::from_secs(60);
+        let ready = loop {
+            match daemon.notify.recv_timeout(Duration::from_millis(500)) {
+                Ok((msg, at)) if msg.lines().any(|l| l == "READY=1") => break at,
+                _ => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no READY=1 within 60 s; log:\n{}",
+                daemon.log()
+            );
+        };
+        self.daemon = Some(daemon);
+        ready - spawned
+    }
+
+    fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().expect("daemon running")
+    }
+
+    fn stop_daemon(&mut self) {
+        let mut d = self.daemon.take().expect("daemon running");
+        kill(Pid::from_raw(d.child.id() as i32), Signal::SIGTERM).unwrap();
+        let status = d.child.wait().unwrap();
+        assert!(status.success(), "daemon exit {status}; log:\n{}", d.log());
+        let log = d.log();
+        assert!(!log.contains("ERROR"), "daemon logged errors:\n{log}");
+    }
+
+    /// Creates level-6 cgroups `x{from}`..`x{to}` (the daemon's proxy rule).
+    fn populate(&self, from: usize, to: usize) {
+        let leaf = self.leaf_dir();
+        for i in from..to {
+            fs::create_dir(leaf.join(format!("x{i}"))).unwrap();
+        }
+    }
+
+    /// Runs the bench binary's client in cgroup `rel` and returns its output line.
+    fn client_in(&self, rel: &str, args: &[&str]) -> String {
+        let out = Command::new("sh")
+            .args([
+                "-c",
+                r#"echo $$ > "$1/cgroup.procs" && shift && exec "$@""#,
+                "sh",
+            ])
+            .arg(self.cg(rel))
+            .arg(std::env::current_exe().unwrap())
+            .arg("client")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "client {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = d.child.kill();
+            let _ = d.child.wait();
+        }
+        for c in [self.server.take(), self.peer.take()].into_iter().flatten() {
+            let mut c = c;
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        remove_tree(&self.mount.join(&self.base));
+        // The mounts die with our mount namespace; only the directory is shared.
+        let _ = Command::new("umount").arg(&self.mount).status();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+struct Daemon {
+    child: Child,
+    /// Datagrams from the notify socket, with their arrival time.
+    notify: Receiver<(String, Instant)>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// nftables events: a NETLINK_NETFILTER socket on group NFNLGRP_NFTABLES.
+
+const NFNLGRP_NFTABLES: u32 = 7;
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_DATA_VALUE: u16 = 1;
+
+/// Keys of level-map elements seen added, with when the event arrived.
+#[derive(Default)]
+struct Seen {
+    added: HashMap<u64, Instant>,
+    /// Any nftables event at all (for waiting until the daemon is quiet).
+    last_event: Option<Instant>,
+}
+
+#[derive(Clone)]
+struct Events(Arc<(Mutex<Seen>, Condvar)>);
+
+impl Events {
+    fn subscribe() -> Events {
+        let mut sock = Socket::new(NETLINK_NETFILTER).expect("netlink socket");
+        sock.bind_auto().expect("binding the netlink socket");
+        sock.add_membership(NFNLGRP_NFTABLES)
+            .expect("joining NFNLGRP_NFTABLES");
+        // A daemon start with 50,000 cgroups sends 50,000 element events at once;
+        // a large buffer keeps us from missing the ones that follow.
+        let _ = setsockopt(&sock, sockopt::RcvBufForce, &(64 << 20));
+        let ev = Events(Arc::default());
+        let shared = ev.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                // ENOBUFS (overrun) only means some events were lost: go on.
+                let Ok(n) = recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty()) else {
+                    continue;
+                };
+                let now = Instant::now();
+                let (lock, cv) = &*shared.0;
+                let mut seen = lock.lock().unwrap();
+                seen.last_event = Some(now);
+                for key in new_level_keys(&buf[..n]) {
+                    seen.added.insert(key, now);
+                }
+                cv.notify_all();
+            }
+        });
+        ev
+    }
+
+    fn clear(&self) {
+        self.0.0.lock().unwrap().added.clear();
+    }
+
+    /// Waits until every key in `keys` was seen added; returns the arrival times
+    /// (None for keys not seen by `deadline`).
+    fn wait_all(&self, keys: &[u64], deadline: Instant) -> Vec<Option<Instant>> {
+        let (lock, cv) = &*self.0;
+        let mut seen = lock.lock().unwrap();
+        loop {
+            if keys.iter().all(|k| seen.added.contains_key(k)) {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            seen = cv.wait_timeout(seen, left).unwrap().0;
+        }
+        keys.iter().map(|k| seen.added.get(k).copied()).collect()
+    }
+
+    /// Waits until no nftables event arrived for `quiet` (at most 30 s).
+    fn settle(&self, quiet: Duration) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            std::thread::sleep(quiet / 2);
+            let last = self.0.0.lock().unwrap().last_event;
+            if last.is_none_or(|t| t.elapsed() >= quiet) || Instant::now() > deadline {
+                return;
+            }
+        }
+    }
+}
+
+/// Netlink attributes of `buf`: (type without flag bits, payload).
+fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut off = 0;
+    std::iter::from_fn(move || {
+        let head = buf.get(off..off + 4)?;
+        let len = u16::from_ne_bytes([head[0], head[1]]) as usize;
+        let kind = u16::from_ne_bytes([head[2], head[3]]) & 0x3fff;
+        let payload = buf.get(off + 4..off + len.max(4))?;
+        off += len.max(4).div_ceil(4) * 4;
+        Some((kind, payload))
+    })
+}
+
+fn attr(buf: &[u8], kind: u16) -> Option<&[u8]> {
+    attrs(buf).find(|&(k, _)| k == kind).map(|(_, p)| p)
+}
+
+/// The 64-bit keys of the elements added to a `level*` map, from one datagram of
+/// nftables events (one or more netlink messages).
+fn new_level_keys(mut buf: &[u8]) -> Vec<u64> {
+    let mut keys = Vec::new();
+    while buf.len() >= 16 {
+        let len = u32::from_ne_bytes(buf[0..4].try_into().unwrap()) as usize;
+        let kind = u16::from_ne_bytes([buf[4], buf[5]]);
+        if len < 16 || len > buf.len() {
+            break;
+        }
+        // Payload: struct nfgenmsg (4 bytes), then attributes.
+        if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM && len >= 20 {
+            let body = &buf[20..len];
+            let is_level =
+                attr(body, NFTA_SET_ELEM_LIST_SET).is_some_and(|s| s.starts_with(b"level"));
+            if let (true, Some(list)) = (is_level, attr(body, NFTA_SET_ELEM_LIST_ELEMENTS)) {
+                for (k, elem) in attrs(list) {
+                    let value = (k == NFTA_LIST_ELEM)
+                        .then(|| attr(elem, NFTA_SET_ELEM_KEY))
+                        .flatten()
+                        .and_then(|key| attr(key, NFTA_DATA_VALUE))
+                        .and_then(|v| <[u8; 8]>::try_from(v).ok());
+                    if let Some(v) = value {
+                        keys.push(u64::from_ne_bytes(v));
+                    }
+                }
+            }
+        }
+        buf = &buf[(len.div_ceil(4) * 4).min(buf.len())..];
+    }
+    keys
+}
+
+// ---------------------------------------------------------------------------
+// Measurements.
+
+/// Creates `n` cgroups one at a time and, for each, times mkdir() returning to its
+/// element being committed; `insert` (if any) is what puts it there (the daemon
+/// does it by itself). Returns the sorted latencies, how many were never seen, and
+/// the cgroups made.
+fn update_latencies(
+    lab: &Lab,
+    ev: &Events,
+    names: impl Iterator<Item = String>,
+    insert: Option<&dyn Fn(&str)>,
+) -> (Vec<Duration>, usize, Vec<PathBuf>) {
+    let leaf = lab.leaf_dir();
+    let mut lat = Vec::new();
+    let mut missed = 0;
+    let mut made = Vec::new();
+    ev.clear();
+    for name in names {
+        let dir = leaf.join(&name);
+        fs::create_dir(&dir).unwrap();
+        let t0 = Instant::now();
+        let ino = fs::metadata(&dir).unwrap().ino();
+        if let Some(f) = insert {
+            f(&name);
+        }
+        made.push(dir);
+        // The event can arrive before our stat(); it is then timed from t0 anyway.
+        match ev.wait_all(&[ino], t0 + Duration::from_secs(2))[0] {
+            Some(at) => lat.push(at.saturating_duration_since(t0)),
+            None => missed += 1,
+        }
+        // Never seeing a single element means the measurement is broken, not slow.
+        assert!(
+            !(lat.is_empty() && missed >= 3),
+            "no element event for the first {missed} cgroups"
+        );
+        std::thread::sleep(SPACING);
+    }
+    lat.sort();
+    (lat, missed, made)
+}
+
+/// Removes the cgroups an update run made and waits for the daemon to settle.
+fn remove_all(ev: &Events, dirs: &[PathBuf]) {
+    for d in dirs {
+        fs::remove_dir(d).unwrap();
+    }
+    ev.settle(Duration::from_millis(200));
+}
+
+/// Creates 1,000 cgroups at once; returns (time until all elements were seen, time
+/// the mkdir loop itself took, number never seen).
+fn storm(lab: &Lab, ev: &Events) -> (Duration, Duration, usize) {
+    let leaf = lab.leaf_dir();
+    let dirs: Vec<PathBuf> = (0..1000)
+        .map(|i| leaf.join(format!("x{}", 3_000_000 + i)))
+        .collect();
+    ev.clear();
+    let t0 = Instant::now();
+    for d in &dirs {
+        fs::create_dir(d).unwrap();
+    }
+    let made = t0.elapsed();
+    let keys: Vec<u64> = dirs
+        .iter()
+        .map(|d| fs::metadata(d).unwrap().ino())
+        .collect();
+    let seen = ev.wait_all(&keys, Instant::now() + Duration::from_secs(30));
+    let missed = seen.iter().filter(|s| s.is_none()).count();
+    let last = seen
+        .iter()
+        .flatten()
+        .max()
+        .map_or(Duration::ZERO, |t| *t - t0);
+    for d in &dirs {
+        fs::remove_dir(d).unwrap();
+    }
+    ev.settle(Duration::from_millis(200));
+    (last, made, missed)
+}
+
+fn status_field(path: &str, key: &str) -> u64 {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Context switches of all threads of `pid` so far.
+fn ctx_switches(pid: u32) -> u64 {
+    let mut sum = 0;
+    for t in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let p = t.path().join("status");
+        let p = p.to_str().unwrap();
+        sum += status_field(p, "voluntary_ctxt_switches")
+            + status_field(p, "nonvoluntary_ctxt_switches");
+    }
+    sum
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    status_field(&format!("/proc/{pid}/status"), "VmRSS")
+}
+
+/// Connects per second and bulk MB/s from the `direct` cgroup.
+fn datapath(lab: &Lab) -> (f64, f64) {
+    let connect = lab.client_in(
+        "a/b/c/d/direct",
+        &["connect", &CONNECT_TIME.as_millis().to_string()],
+    );
+    let bulk = lab.client_in("a/b/c/d/direct", &["bulk", &BULK_BYTES.to_string()]);
+    let rate = |s: &str| {
+        let mut it = s.split_whitespace().map(|w| w.parse::<f64>().unwrap());
+        let (n, secs) = (it.next().unwrap(), it.next().unwrap());
+        n / secs
+    };
+    (rate(&connect), rate(&bulk) / 1e6)
+}
+
+fn pct(sorted: &[Duration], p: usize) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = (sorted.len() * p).div_ceil(100).saturating_sub(1);
+    sorted[idx].as_secs_f64() * 1e6
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// Prints a section's progress to stderr so a slow run shows where it is.
+fn step(what: &str, started: Instant) {
+    eprintln!("[{:6.1} s] {what}", started.elapsed().as_secs_f64());
+}
+
+fn bench(base: &str) {
+    let started = Instant::now();
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")?
+                .split_once(':')
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let nft_version = Command::new("nft")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+
+    let mut lab = Lab::new(base);
+    let ev = Events::subscribe();
+    fs::create_dir(lab.cg("a/b/c/d/direct")).unwrap();
+    let mut next = 1_000_000usize; // names of measured cgroups, never reused
+    let mut fresh = |n: usize| {
+        let from = next;
+        next += n;
+        (from..from + n).map(|i| format!("x{i}"))
+    };
+
+    // 1,000 existing cgroups.
+    step("creating 1,000 cgroups", started);
+    lab.populate(0, 1000);
+    let startup_1k = lab.start_daemon();
+    let all_1k = lab.hierarchy_size();
+    ev.settle(Duration::from_millis(200));
+    step("update latency at 1,000", started);
+    let (lat_1k, missed_1k, made) = update_latencies(&lab, &ev, fresh(UPDATES), None);
+    remove_all(&ev, &made);
+    lab.stop_daemon();
+
+    // 10,000: datapath side by side with and without the table, then the rest.
+    step("creating 10,000 cgroups", started);
+    lab.populate(1000, 10_000);
+    let (mut conn_base, mut conn_table, mut bulk_base, mut bulk_table) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut startups_10k = Vec::new();
+    let mut all_10k = 0;
+    for round in 0..ROUNDS {
+        step(&format!("datapath round {}", round + 1), started);
+        let (c, b) = datapath(&lab);
+        conn_base.push(c);
+        bulk_base.push(b);
+        startups_10k.push(ms(lab.start_daemon()));
+        all_10k = lab.hierarchy_size();
+        let (c, b) = datapath(&lab);
+        conn_table.push(c);
+        bulk_table.push(b);
+        if round + 1 < ROUNDS {
+            lab.stop_daemon();
+        }
+    }
+    let pid = lab.daemon().pid();
+    // Let a deferred STATUS= go out (at most once a second), then watch it idle.
+    step("idle daemon with 10,000", started);
+    ev.settle(Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(1500));
+    let rss_10k = rss_kib(pid);
+    let idle_window = Duration::from_secs(3);
+    let c0 = ctx_switches(pid);
+    std::thread::sleep(idle_window);
+    let idle_wakeups = (ctx_switches(pid) - c0) as f64 / idle_window.as_secs_f64();
+
+    step("update latency at 10,000", started);
+    let (lat_10k, missed_10k, made) = update_latencies(&lab, &ev, fresh(UPDATES), None);
+    remove_all(&ev, &made);
+
+    // The same insertion as shell-based managers do it: one `nft add element`
+    // process per event. Not into the daemon's table: the daemon repairs foreign
+    // changes to it, which would time its repair, not nft. Instead a table of the
+    // same shape and size: a cgroupsv2 verdict map holding the same 10,000 cgroups,
+    // used by a `socket cgroupv2 level 6 vmap` rule, jumping to a mark chain. nft
+    // resolves each key from a path below /sys/fs/cgroup by stat() and commits one
+    // transaction. This is a lower bound for such managers: their own event source
+    // (inotifywait, a shell loop) is not counted. The `n*` cgroups match no rule of
+    // the daemon, which adds nothing for them.
+    step("nft CLI comparison at 10,000", started);
+    let leaf_rel = format!("{base}/a/b/c/d");
+    let elements: Vec<String> = (0..10_000)
+        .map(|i| format!(r#""{leaf_rel}/x{i}" : goto proxy-mark"#))
+        .collect();
+    let ruleset = format!(
+        "table inet shellmgr {{
+            chain proxy-mark {{
+                meta mark set 3000
+            }}
+            map level6 {{
+                type cgroupsv2 : verdict
+                elements = {{ {} }}
+            }}
+            chain output {{
+                type route hook output priority mangle + 1; policy accept;
+                socket cgroupv2 level 6 vmap @level6
+            }}
+        }}",
+        elements.join(", ")
+    );
+    let file = lab.dir.join("shellmgr.nft");
+    fs::write(&file, ruleset).unwrap();
+    nft(&["-f", file.to_str().unwrap()]);
+    let nft_insert = |name: &str| {
+        nft(&[&format!(
+            r#"add element inet shellmgr level6 {{ "{leaf_rel}/{name}" : goto proxy-mark }}"#
+        )]);
+    };
+    let (lat_nft, missed_nft, made) = update_latencies(
+        &lab,
+        &ev,
+        (0..NFT_UPDATES).map(|i| format!("n{i}")),
+        Some(&nft_insert as &dyn Fn(&str)),
+    );
+    nft(&["delete table inet shellmgr"]);
+    remove_all(&ev, &made);
+
+    step("storm of 1,000 at 10,000", started);
+    let (storm_1k, storm_mkdirs, storm_missed) = storm(&lab, &ev);
+    let rss_after = rss_kib(lab.daemon().pid());
+    lab.stop_daemon();
+
+    // 50,000.
+    step("creating 50,000 cgroups", started);
+    lab.populate(10_000, 50_000);
+    let startup_50k = lab.start_daemon();
+    let all_50k = lab.hierarchy_size();
+    let rss_50k = rss_kib(lab.daemon().pid());
+    ev.settle(Duration::from_millis(300));
+    step("update latency at 50,000", started);
+    let (lat_50k, missed_50k, made) = update_latencies(&lab, &ev, fresh(UPDATES), None);
+    remove_all(&ev, &made);
+    lab.stop_daemon();
+    step("removing 50,000 cgroups", started);
+    drop(lab);
+    step("done", started);
+
+    let startup_10k = median(&mut startups_10k);
+    let connect_ratio = median(&mut conn_table.clone()) / median(&mut conn_base.clone());
+    let throughput_ratio = median(&mut bulk_table.clone()) / median(&mut bulk_base.clone());
+    let speedup = pct(&lat_nft, 50) / pct(&lat_10k, 50);
+
+    let mut t = String::new();
+    let mut row = |name: &str, value: String, target: &str| {
+        t.push_str(&format!("{name:<44} {value:>14}   {target}\n"));
+    };
+    println!("cgtproxy kernel benchmark");
+    println!("machine: {nproc} CPUs, {cpu}, Linux {kernel}, {nft_version}");
+    println!();
+    row("metric", "value".into(), "target");
+    for (label, lat, missed) in [
+        ("1,000", &lat_1k, missed_1k),
+        ("10,000", &lat_10k, missed_10k),
+        ("50,000", &lat_50k, missed_50k),
+    ] {
+        row(
+            &format!("update p50 / p99, {label} existing (us)"),
+            format!("{:.0} / {:.0}", pct(lat, 50), pct(lat, 99)),
+            "p99 < 1,000, flat",
+        );
+        if missed > 0 {
+            row("  updates never seen", missed.to_string(), "0");
+        }
+    }
+    row(
+        "nft CLI update p50 / p99, 10,000 (us)",
+        format!("{:.0} / {:.0}", pct(&lat_nft, 50), pct(&lat_nft, 99)),
+        "",
+    );
+    if missed_nft > 0 {
+        row("  nft updates never seen", missed_nft.to_string(), "0");
+    }
+    row(
+        "speedup vs nft CLI (p50)",
+        format!("{speedup:.1}x"),
+        ">= 50",
+    );
+    row(
+        "cgroups in the hierarchy at 1k/10k/50k starts",
+        format!("{all_1k} / {all_10k} / {all_50k}"),
+        "(all are walked)",
+    );
+    row(
+        "startup to READY=1, 1,000 (ms)",
+        format!("{:.1}", ms(startup_1k)),
+        "",
+    );
+    row(
+        "startup to READY=1, 10,000 (ms, median)",
+        format!("{startup_10k:.1}"),
+        "< 300",
+    );
+    row(
+        "startup to READY=1, 50,000 (ms)",
+        format!("{:.1}", ms(startup_50k)),
+        "",
+    );
+    row(
+        "storm: 1,000 mkdirs until all in map (ms)",
+        format!("{:.1}", ms(storm_1k)),
+        "< 100",
+    );
+    row(
+        "  of which the mkdir loop (ms)",
+        format!("{:.1}", ms(storm_mkdirs)),
+        "",
+    );
+    row(
+        "  after the last mkdir returned (ms)",
+        format!("{:.1}", ms(storm_1k.saturating_sub(storm_mkdirs))),
+        "",
+    );
+    if storm_missed > 0 {
+        row("  storm elements never seen", storm_missed.to_string(), "0");
+    }
+    row(
+        "RSS idle, 10,000 tracked (KiB)",
+        rss_10k.to_string(),
+        "< 8,192",
+    );
+    row("RSS after the storm (KiB)", rss_after.to_string(), "");
+    row("RSS after start, 50,000 (KiB)", rss_50k.to_string(), "");
+    row(
+        "idle wakeups (ctx switches/s over 3 s)",
+        format!("{idle_wakeups:.2}"),
+        "0",
+    );
+    row(
+        "connects/s: no table / 10,000 (median)",
+        format!(
+            "{:.0} / {:.0}",
+            median(&mut conn_base.clone()),
+            median(&mut conn_table.clone())
+        ),
+        "",
+    );
+    row("connect ratio", format!("{connect_ratio:.3}"), ">= 0.95");
+    row(
+        "bulk MB/s: no table / 10,000 (median)",
+        format!(
+            "{:.0} / {:.0}",
+            median(&mut bulk_base.clone()),
+            median(&mut bulk_table.clone())
+        ),
+        "",
+    );
+    row(
+        "throughput ratio",
+        format!("{throughput_ratio:.3}"),
+        ">= 0.95",
+    );
+    print!("{t}");
+    println!(
+        "({UPDATES} updates per size spaced {} ms; {NFT_UPDATES} nft processes; {ROUNDS} alternating datapath rounds of {} s connects and {} MiB bulk)",
+        SPACING.as_millis(),
+        CONNECT_TIME.as_secs_f64(),
+        BULK_BYTES >> 20
+    );
+    let j = json!({
+        "machine": format!("{nproc} x {cpu}, Linux {kernel}"),
+        "update_p50_us": round1(pct(&lat_10k, 50)),
+        "update_p99_us": round1(pct(&lat_10k, 99)),
+        "update_p50_us_1k": round1(pct(&lat_1k, 50)),
+        "update_p99_us_1k": round1(pct(&lat_1k, 99)),
+        "update_p50_us_50k": round1(pct(&lat_50k, 50)),
+        "update_p99_us_50k": round1(pct(&lat_50k, 99)),
+        "update_missed": missed_1k + missed_10k + missed_50k,
+        "nft_cli_update_p50_us": round1(pct(&lat_nft, 50)),
+        "update_speedup_vs_nft_cli": round1(speedup),
+        "startup_ms_10k": round1(startup_10k),
+        "startup_ms_50k": round1(ms(startup_50k)),
+        "hierarchy_cgroups_10k": all_10k,
+        "hierarchy_cgroups_50k": all_50k,
+        "storm_ms_1k": round1(ms(storm_1k)),
+        "rss_kib_10k": rss_10k,
+        "idle_wakeups_per_s": round3(idle_wakeups),
+        "connect_ratio_10k": round3(connect_ratio),
+        "throughput_ratio_10k": round3(throughput_ratio),
+    });
+    println!("bench-json: {j}");
+}
+
+// ---------------------------------------------------------------------------
+// Traffic helpers, run as subprocesses of the bench binary.
+
+/// In the peer namespace: a connect sink (accept and drop) and a bulk sink (read to
+/// EOF, answer with the byte count).
+fn serve() {
+    let connect = TcpListener::bind(("0.0.0.0", CONNECT_PORT)).unwrap();
+    let bulk = TcpListener::bind(("0.0.0.0", BULK_PORT)).unwrap();
+    std::thread::spawn(move || {
+        for s in connect.incoming() {
+            drop(s);
+        }
+    });
+    println!("ready");
+    std::io::stdout().flush().unwrap();
+    for s in bulk.incoming().flatten() {
+        let mut s = s;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        let _ = s.write_all(&total.to_be_bytes());
+    }
+}
+
+/// `connect MILLIS`: connects for that long, prints "COUNT SECONDS".
+/// `bulk BYTES`: sends that many bytes, prints "BYTES SECONDS" once all arrived.
+fn client(args: &[String]) {
+    match args.first().map(String::as_str) {
+        Some("connect") => {
+            let window = Duration::from_millis(args[1].parse().unwrap());
+            let t0 = Instant::now();
+            let mut n = 0u64;
+            // Bounded in time and count.
+            while t0.elapsed() < window && n < 1_000_000 {
+                let s = TcpStream::connect((PEER, CONNECT_PORT)).expect("connect");
+                // Close with RST: no TIME_WAIT, so ports never run out.
+                setsockopt(
+                    &s,
+                    sockopt::Linger,
+                    &libc::linger {
+                        l_onoff: 1,
+                        l_linger: 0,
+                    },
+                )
+                .unwrap();
+                drop(s);
+                n += 1;
+            }
+            println!("{n} {}", t0.elapsed().as_secs_f64());
+        }
+        Some("bulk") => {
+            let bytes: u64 = args[1].parse().unwrap();
+            let buf = vec![0x5au8; 1 << 20];
+            let t0 = Instant::now();
+            let mut s = TcpStream::connect((PEER, BULK_PORT)).expect("connect");
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                s.write_all(&buf[..n]).unwrap();
+                left -= n as u64;
+            }
+            s.shutdown(Shutdown::Write).unwrap();
+            let mut ack = [0u8; 8];
+            s.read_exact(&mut ack).unwrap();
+            assert_eq!(u64::from_be_bytes(ack), bytes, "bulk bytes lost");
+            println!("{bytes} {}", t0.elapsed().as_secs_f64());
+        }
+        _ => panic!("client connect MILLIS | bulk BYTES"),
+    }
+}

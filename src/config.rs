@@ -146,6 +146,11 @@ pub struct DnsHijack {
 /// No target may use it. The value spells "cgtf".
 pub const FORWARD_MARK: u32 = 0x6367_7466;
 
+/// Marks the classify chain gives direct and dropped cgroups' packets for a moment
+/// (see `plan::class`); no target may use them.
+pub const DIRECT_CLASS: u32 = 0x6367_7401;
+pub const DROP_CLASS: u32 = 0x6367_7402;
+
 /// systemd-resolved's stub listener.
 pub const RESOLVED_STUB: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 53);
 
@@ -364,6 +369,11 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
         } else if t.mark == FORWARD_MARK {
             errs.push(format!(
                 "{key}.mark: {FORWARD_MARK:#x} is reserved for the built-in forwarder's own connections"
+            ));
+        } else if t.mark == DIRECT_CLASS || t.mark == DROP_CLASS {
+            errs.push(format!(
+                "{key}.mark: {:#x} is reserved for cgtproxy's direct and drop classes",
+                t.mark
             ));
         } else if let Some(other) = marks.insert(t.mark, name.clone()) {
             errs.push(format!(
@@ -632,6 +642,12 @@ mod tests {
     fn the_forwarders_mark_is_reserved() {
         let e = err(r#"{"version":1,"tproxies":{"p":{"port":1,"mark":1667724390}}}"#);
         assert!(e.contains("tproxies.p.mark: 0x63677466 is reserved"), "{e}");
+    }
+
+    #[test]
+    fn the_class_marks_are_reserved() {
+        let e = err(r#"{"version":1,"tproxies":{"p":{"port":1,"mark":1667724289}}}"#);
+        assert!(e.contains("tproxies.p.mark: 0x63677401 is reserved"), "{e}");
     }
 
     #[test]

@@ -174,11 +174,11 @@ impl Daemon {
             txn.rewrite_chain(&table, &plan::classify_chain(&levels))?;
         }
         let group = |list: &[(plan::Key, crate::config::Action)]| {
-            let mut by: BTreeMap<u32, Vec<(u64, plan::Verdict)>> = BTreeMap::new();
+            let mut by: BTreeMap<u32, Vec<(u64, u32)>> = BTreeMap::new();
             for ((l, id), a) in list {
                 by.entry(*l)
                     .or_default()
-                    .push((*id, plan::verdict(&self.cfg, *a)));
+                    .push((*id, plan::class(&self.cfg, *a)));
             }
             by
         };

@@ -29,20 +29,11 @@ pub enum InspectError {
     Kernel { step: String, errno: nix::Error },
 }
 
-/// A map element's verdict as the kernel reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KernelVerdict {
-    Return,
-    Drop,
-    Goto(String),
-    Other(i32),
-}
-
 /// Our table as installed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Installed {
-    /// Level → (cgroup id → verdict).
-    pub maps: BTreeMap<u32, BTreeMap<u64, KernelVerdict>>,
+    /// Level → (cgroup id → class, see `plan::class`).
+    pub maps: BTreeMap<u32, BTreeMap<u64, u32>>,
     /// Chain name → (packets, bytes) of the counters in its rules.
     pub counters: BTreeMap<String, (u64, u64)>,
 }
@@ -69,44 +60,28 @@ fn string(b: &[u8]) -> String {
     String::from_utf8_lossy(b.split(|&c| c == 0).next().unwrap_or(b)).into_owned()
 }
 
-fn be32(b: &[u8]) -> Option<u32> {
-    Some(u32::from_be_bytes(b.get(..4)?.try_into().ok()?))
-}
-
 fn be64(b: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(b.get(..8)?.try_into().ok()?))
 }
 
-/// Parses one NFT_MSG_NEWSETELEM payload (after nfgenmsg) into (id, verdict).
-fn parse_elems(payload: &[u8], out: &mut BTreeMap<u64, KernelVerdict>) {
+/// Parses one NFT_MSG_NEWSETELEM payload (after nfgenmsg) of a level map into
+/// (cgroup id, class).
+fn parse_elems(payload: &[u8], out: &mut BTreeMap<u64, u32>) {
     // NFTA_SET_ELEM_LIST_ELEMENTS = 3 → NFTA_LIST_ELEM = 1 each.
     let Some(list) = attr(payload, 3) else { return };
     for (_, elem) in attrs(list) {
-        // NFTA_SET_ELEM_KEY = 1 → NFTA_DATA_VALUE = 1.
-        let Some(key) = attr(elem, 1).and_then(|k| attr(k, 1)) else {
-            continue;
-        };
-        let Some(id) = key
-            .get(..8)
+        // NFTA_SET_ELEM_KEY = 1 and NFTA_SET_ELEM_DATA = 2, each → NFTA_DATA_VALUE = 1.
+        let value = |ty| attr(elem, ty).and_then(|k| attr(k, 1));
+        let id = value(1)
+            .and_then(|k| k.get(..8))
             .and_then(|k| k.try_into().ok())
-            .map(u64::from_ne_bytes)
-        else {
-            continue;
-        };
-        // NFTA_SET_ELEM_DATA = 2 → NFTA_DATA_VERDICT = 2 → CODE = 1, CHAIN = 2.
-        let verdict = attr(elem, 2).and_then(|d| attr(d, 2)).map(|v| {
-            let code = attr(v, 1).and_then(be32).map(|c| c as i32).unwrap_or(0);
-            match code {
-                c if c == libc::NFT_RETURN => KernelVerdict::Return,
-                c if c == libc::NF_DROP => KernelVerdict::Drop,
-                c if c == libc::NFT_GOTO => {
-                    KernelVerdict::Goto(attr(v, 2).map(string).unwrap_or_default())
-                }
-                c => KernelVerdict::Other(c),
-            }
-        });
-        if let Some(v) = verdict {
-            out.insert(id, v);
+            .map(u64::from_ne_bytes);
+        let class = value(2)
+            .and_then(|d| d.get(..4))
+            .and_then(|d| d.try_into().ok())
+            .map(u32::from_ne_bytes);
+        if let (Some(id), Some(class)) = (id, class) {
+            out.insert(id, class);
         }
     }
 }
@@ -278,28 +253,18 @@ mod tests {
     }
 
     #[test]
-    fn elements_with_verdicts_are_parsed() {
-        let verdict = |code: i32, chain: Option<&str>| {
-            let mut v = nla(1, &(code as u32).to_be_bytes());
-            if let Some(c) = chain {
-                v.extend(nla(2, format!("{c}\0").as_bytes()));
-            }
-            nla(2, &nla(2, &v))
-        };
-        let elem = |id: u64, data: Vec<u8>| {
+    fn elements_with_classes_are_parsed() {
+        let elem = |id: u64, class: u32| {
             let mut e = nla(1, &nla(1, &id.to_ne_bytes()));
-            e.extend(data);
+            e.extend(nla(2, &nla(1, &class.to_ne_bytes())));
             nla(1, &e)
         };
-        let mut list = elem(11, verdict(libc::NFT_GOTO, Some("proxy-mark")));
-        list.extend(elem(12, verdict(libc::NF_DROP, None)));
-        list.extend(elem(13, verdict(libc::NFT_RETURN, None)));
-        let payload = nla(3, &list);
+        let mut list = elem(11, 3);
+        list.extend(elem(12, 2));
+        list.extend(nla(1, &nla(1, &nla(1, &13u64.to_ne_bytes()))));
         let mut out = BTreeMap::new();
-        parse_elems(&payload, &mut out);
-        assert_eq!(out[&11], KernelVerdict::Goto("proxy-mark".into()));
-        assert_eq!(out[&12], KernelVerdict::Drop);
-        assert_eq!(out[&13], KernelVerdict::Return);
+        parse_elems(&nla(3, &list), &mut out);
+        assert_eq!(out, [(11, 3), (12, 2)].into());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use ipnet::IpNet;
 
 use crate::cgroup::Cgroup;
-use crate::config::{Action, Config, FORWARD_MARK, RESOLVED_STUB};
+use crate::config::{Action, Config, DIRECT_CLASS, DROP_CLASS, RESOLVED_STUB};
 
 /// A map element's key: (absolute hierarchy level, cgroup id).
 pub type Key = (u32, u64);
@@ -299,10 +299,13 @@ pub enum Stmt {
     Dport(u16),
     /// `meta mark N`
     Mark(u32),
+    /// `meta mark != 0`
+    Marked,
     /// `meta mark set N`
     SetMark(u32),
-    /// `socket cgroupv2 level L vmap @map`
-    CgroupVmap {
+    /// `meta mark set socket cgroupv2 level L map @map meta mark vmap @classes`:
+    /// the cgroup's class into the mark, then the class's verdict.
+    CgroupClass {
         level: u32,
         map: String,
     },
@@ -337,9 +340,14 @@ pub struct ChainSpec {
 pub enum SetKind {
     /// Interval set of addresses: merged inclusive ranges.
     Bypass(Family, Vec<(u128, u128)>),
-    /// Verdict map of cgroup ids at one level.
-    Level(u32, Vec<(u64, Verdict)>),
+    /// Map of cgroup ids at one level to their class (see [`class`]).
+    Level(u32, Vec<(u64, u32)>),
+    /// The few classes and their verdicts ([`CLASSES`]).
+    Classes(Vec<(u32, Verdict)>),
 }
+
+/// Name of the class → verdict map.
+pub const CLASSES: &str = "classes";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SetSpec {
@@ -355,7 +363,7 @@ pub struct TableSpec {
     pub chains: Vec<ChainSpec>,
 }
 
-/// Name of the verdict map of one level.
+/// Name of the class map of one level.
 pub fn level_map(level: u32) -> String {
     format!("level{level}")
 }
@@ -365,7 +373,25 @@ pub fn mark_chain(target: &str) -> String {
     format!("{target}-mark")
 }
 
-/// The verdict an action turns into in a level map.
+/// The class a cgroup's action is stored as in its level map: a target's mark,
+/// or a reserved value for direct and drop. Level maps hold plain values that
+/// the classify chain writes into the packet mark, and one small verdict map,
+/// [`CLASSES`], keyed by that mark, decides. The kernel re-validates every
+/// element of a map holding jump/goto verdicts on each change, which made each
+/// update cost O(cgroups); nft cannot list a map lookup chained straight into a
+/// vmap, so the mark carries the value between the two.
+pub fn class(cfg: &Config, action: Action) -> u32 {
+    match action {
+        Action::Direct => DIRECT_CLASS,
+        Action::Drop => DROP_CLASS,
+        Action::Tproxy(i) => cfg.targets[i].mark,
+    }
+}
+
+/// The chain direct-classified packets go to: it clears the class mark again.
+pub const DIRECT_CHAIN: &str = "direct";
+
+/// The verdict an action turns into.
 pub fn verdict(cfg: &Config, action: Action) -> Verdict {
     match action {
         Action::Direct => Verdict::Return,
@@ -407,8 +433,10 @@ pub fn output_chain(stub: bool) -> ChainSpec {
     let classify = || Stmt::Verdict(Verdict::Goto(CLASSIFY.into()));
     let mut rules = vec![
         vec![Stmt::CtReply, Stmt::Verdict(Verdict::Return)],
-        // The built-in forwarder's upstream connections.
-        vec![Stmt::Mark(FORWARD_MARK), Stmt::Verdict(Verdict::Return)],
+        // Packets whose socket set a mark (SO_MARK, which needs CAP_NET_ADMIN)
+        // belong to their owner's policy routing: VPN clients, other proxies, and
+        // the built-in forwarder's upstream connections.
+        vec![Stmt::Marked, Stmt::Verdict(Verdict::Return)],
     ];
     if stub {
         for p in [Proto::Udp, Proto::Tcp] {
@@ -445,14 +473,14 @@ pub fn output_chain(stub: bool) -> ChainSpec {
 /// Name of the chain holding the per-level map lookups.
 pub const CLASSIFY: &str = "classify";
 
-/// One vmap lookup per level, deepest first, so the nearest classified ancestor
+/// One class lookup per level, deepest first, so the nearest classified ancestor
 /// decides.
 pub fn classify_chain(levels: &BTreeSet<u32>) -> ChainSpec {
     let rules = levels
         .iter()
         .rev()
         .map(|&level| {
-            vec![Stmt::CgroupVmap {
+            vec![Stmt::CgroupClass {
                 level,
                 map: level_map(level),
             }]
@@ -482,21 +510,26 @@ pub fn table(cfg: &Config, levels: &BTreeSet<u32>, elements: &Elements) -> Table
             kind: SetKind::Bypass(Family::V6, merge_ranges(&cfg.bypass, Family::V6)),
         },
     ];
-    let (direct, drop) = (verdict(cfg, Action::Direct), verdict(cfg, Action::Drop));
-    let gotos: Vec<Verdict> = (0..cfg.targets.len())
-        .map(|i| verdict(cfg, Action::Tproxy(i)))
+    let actions = [Action::Direct, Action::Drop]
+        .into_iter()
+        .chain((0..cfg.targets.len()).map(Action::Tproxy));
+    let classes = actions
+        .map(|a| {
+            let v = match a {
+                Action::Direct => Verdict::Goto(DIRECT_CHAIN.into()),
+                a => verdict(cfg, a),
+            };
+            (class(cfg, a), v)
+        })
         .collect();
+    sets.push(SetSpec {
+        name: CLASSES.into(),
+        kind: SetKind::Classes(classes),
+    });
     for &level in levels {
         let elems = elements
             .range((level, 0)..=(level, u64::MAX))
-            .map(|(&(_, id), &a)| {
-                let v = match a {
-                    Action::Direct => &direct,
-                    Action::Drop => &drop,
-                    Action::Tproxy(i) => &gotos[i],
-                };
-                (id, v.clone())
-            })
+            .map(|(&(_, id), &a)| (id, class(cfg, a)))
             .collect();
         sets.push(SetSpec {
             name: level_map(level),
@@ -504,7 +537,13 @@ pub fn table(cfg: &Config, levels: &BTreeSet<u32>, elements: &Elements) -> Table
         });
     }
 
-    let mut chains = Vec::new();
+    // Direct: the class mark goes again, so the packet leaves unmarked and is
+    // not re-routed.
+    let mut chains = vec![ChainSpec {
+        name: DIRECT_CHAIN.into(),
+        hook: None,
+        rules: vec![vec![Stmt::SetMark(0)]],
+    }];
     let mut prerouting = Vec::new();
     let mut nat = Vec::new();
     let stub = cfg
@@ -528,6 +567,7 @@ pub fn table(cfg: &Config, levels: &BTreeSet<u32>, elements: &Elements) -> Table
                         Stmt::Daddr(IpAddr::V4(RESOLVED_STUB)),
                         Stmt::L4Proto(p),
                         Stmt::Dport(53),
+                        Stmt::SetMark(0),
                         Stmt::Verdict(Verdict::Return),
                     ]);
                 }
@@ -567,15 +607,19 @@ pub fn table(cfg: &Config, levels: &BTreeSet<u32>, elements: &Elements) -> Table
                 }
             }
         }
+        // Traffic a target leaves direct leaves unmarked: its class mark is the
+        // target's mark and goes again.
         if t.no_udp {
             rules.push(vec![
                 Stmt::L4Proto(Proto::Udp),
+                Stmt::SetMark(0),
                 Stmt::Verdict(Verdict::Return),
             ]);
         }
         if t.no_ipv6 {
             rules.push(vec![
                 Stmt::NfProto(Family::V6),
+                Stmt::SetMark(0),
                 Stmt::Verdict(Verdict::Return),
             ]);
         }
@@ -787,7 +831,7 @@ mod tests {
             .rules
             .iter()
             .filter_map(|r| match r[0] {
-                Stmt::CgroupVmap { level, .. } => Some(level),
+                Stmt::CgroupClass { level, .. } => Some(level),
                 _ => None,
             })
             .collect();
@@ -806,8 +850,16 @@ mod tests {
         assert_eq!(
             mark.rules,
             vec![
-                vec![Stmt::L4Proto(Proto::Udp), Stmt::Verdict(Verdict::Return)],
-                vec![Stmt::NfProto(Family::V6), Stmt::Verdict(Verdict::Return)],
+                vec![
+                    Stmt::L4Proto(Proto::Udp),
+                    Stmt::SetMark(0),
+                    Stmt::Verdict(Verdict::Return)
+                ],
+                vec![
+                    Stmt::NfProto(Family::V6),
+                    Stmt::SetMark(0),
+                    Stmt::Verdict(Verdict::Return)
+                ],
                 vec![Stmt::SetMark(9), Stmt::Counter],
             ]
         );

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::fmt::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::plan::{Family, Hook, SetKind, Stmt, TableSpec, Verdict};
+use crate::plan::{self, Family, Hook, SetKind, Stmt, TableSpec, Verdict};
 
 fn verdict(v: &Verdict) -> String {
     match v {
@@ -36,8 +36,12 @@ fn stmt(s: &Stmt) -> String {
         Stmt::Daddr(IpAddr::V6(a)) => format!("ip6 daddr {a}"),
         Stmt::Dport(p) => format!("th dport {p}"),
         Stmt::Mark(m) => format!("meta mark {m:#x}"),
+        Stmt::Marked => "meta mark != 0x0".into(),
         Stmt::SetMark(m) => format!("meta mark set {m:#x}"),
-        Stmt::CgroupVmap { level, map } => format!("socket cgroupv2 level {level} vmap @{map}"),
+        Stmt::CgroupClass { level, map } => format!(
+            "meta mark set socket cgroupv2 level {level} map @{map} meta mark vmap @{}",
+            plan::CLASSES
+        ),
         Stmt::Tproxy(port) => format!("tproxy to :{port}"),
         Stmt::Dnat(IpAddr::V4(a), p) => format!("dnat ip to {a}:{p}"),
         Stmt::Dnat(IpAddr::V6(a), p) => format!("dnat ip6 to [{a}]:{p}"),
@@ -57,7 +61,7 @@ pub fn render(t: &TableSpec, paths: &HashMap<u64, String>) -> String {
     for s in &t.sets {
         let keyword = match s.kind {
             SetKind::Bypass(..) => "set",
-            SetKind::Level(..) => "map",
+            SetKind::Level(..) | SetKind::Classes(..) => "map",
         };
         let _ = writeln!(o, "\t{keyword} {} {{", s.name);
         match &s.kind {
@@ -83,13 +87,21 @@ pub fn render(t: &TableSpec, paths: &HashMap<u64, String>) -> String {
                 }
             }
             SetKind::Level(_, elems) => {
-                let _ = writeln!(o, "\t\ttype cgroupsv2 : verdict");
+                let _ = writeln!(o, "\t\ttype cgroupsv2 : mark");
                 // nft takes cgroupsv2 keys as paths below /sys/fs/cgroup, which is
                 // not where every system mounts it: ids go in comments.
-                for (id, v) in elems {
+                for (id, class) in elems {
                     let path = paths.get(id).map(String::as_str).unwrap_or("?");
-                    let _ = writeln!(o, "\t\t# {id} : {}  ({path})", verdict(v));
+                    let _ = writeln!(o, "\t\t# {id} : {class:#x}  ({path})");
                 }
+            }
+            SetKind::Classes(list) => {
+                let _ = writeln!(o, "\t\ttype mark : verdict");
+                let elems: Vec<String> = list
+                    .iter()
+                    .map(|(c, v)| format!("{c:#x} : {}", verdict(v)))
+                    .collect();
+                let _ = writeln!(o, "\t\telements = {{ {} }}", elems.join(", "));
             }
         }
         let _ = writeln!(o, "\t}}");

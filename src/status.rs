@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::cgroup::{self, Cgroup, Hierarchy};
 use crate::config::{Action, Config};
-use crate::inspect::{self, Installed, KernelVerdict};
+use crate::inspect::{self, Installed};
 use crate::plan::{self, Tree};
 use crate::route::{Fam, Routes};
 
@@ -29,15 +29,6 @@ pub enum StatusError {
     NotFound(String),
 }
 
-/// What a map element should say for an action.
-fn expected(cfg: &Config, a: Action) -> KernelVerdict {
-    match a {
-        Action::Direct => KernelVerdict::Return,
-        Action::Drop => KernelVerdict::Drop,
-        Action::Tproxy(i) => KernelVerdict::Goto(plan::mark_chain(&cfg.targets[i].name)),
-    }
-}
-
 fn describe(cfg: &Config, a: Option<Action>) -> String {
     match a {
         None => "unclassified (untouched)".into(),
@@ -50,12 +41,15 @@ fn describe(cfg: &Config, a: Option<Action>) -> String {
     }
 }
 
-fn kernel_name(v: &KernelVerdict) -> String {
-    match v {
-        KernelVerdict::Return => "return (direct)".into(),
-        KernelVerdict::Drop => "drop".into(),
-        KernelVerdict::Goto(c) => format!("goto {c}"),
-        KernelVerdict::Other(c) => format!("verdict {c}"),
+/// What a class in a level map means.
+fn class_name(cfg: &Config, class: u32) -> String {
+    match class {
+        crate::config::DIRECT_CLASS => "direct".into(),
+        crate::config::DROP_CLASS => "drop".into(),
+        c => match cfg.targets.iter().find(|t| t.mark == c) {
+            Some(t) => t.name.clone(),
+            None => format!("unknown class {c:#x}"),
+        },
     }
 }
 
@@ -91,7 +85,7 @@ pub fn status(cfg: &Config, as_json: bool) -> Result<(String, bool), StatusError
     for (&(level, id), &a) in &want {
         match inst.maps.get(&level).and_then(|m| m.get(&id)) {
             None => missing += 1,
-            Some(v) if *v != expected(cfg, a) => wrong += 1,
+            Some(&c) if c != plan::class(cfg, a) => wrong += 1,
             Some(_) => {}
         }
     }
@@ -112,6 +106,13 @@ pub fn status(cfg: &Config, as_json: bool) -> Result<(String, bool), StatusError
             .unwrap_or((0, 0))
     };
     if as_json {
+        // Kernel map elements per class name (direct, drop, a target's name).
+        let mut by_class: BTreeMap<String, usize> = BTreeMap::new();
+        for m in inst.maps.values() {
+            for &c in m.values() {
+                *by_class.entry(class_name(cfg, c)).or_default() += 1;
+            }
+        }
         let targets: Vec<_> = cfg
             .targets
             .iter()
@@ -136,6 +137,7 @@ pub fn status(cfg: &Config, as_json: bool) -> Result<(String, bool), StatusError
             "elements": inst.maps.values().map(BTreeMap::len).sum::<usize>(),
             "routing": routing,
             "drift": {"missing": missing, "wrong": wrong, "extra": extra},
+            "elements_by_class": by_class,
         });
         return Ok((format!("{v:#}\n"), ok));
     }
@@ -276,14 +278,14 @@ pub fn explain(cfg: &Config, what: &str) -> Result<(String, bool), StatusError> 
                 if let Some(c) = hier.describe(rel)
                     && let Some(v) = inst.maps.get(&c.level).and_then(|m| m.get(&c.id))
                 {
-                    kernel = Some((path.clone(), c.level, v.clone()));
+                    kernel = Some((path.clone(), c.level, *v));
                     break;
                 }
             }
         }
         let agrees = match (&kernel, decision.0) {
             (None, None) => true,
-            (Some((_, _, v)), Some(a)) => *v == expected(cfg, a),
+            (Some((_, _, c)), Some(a)) => *c == plan::class(cfg, a),
             _ => false,
         };
         all_agree &= agrees && installed.is_some();
@@ -298,11 +300,11 @@ pub fn explain(cfg: &Config, what: &str) -> Result<(String, bool), StatusError> 
                     if agrees { "agrees" } else { "DISAGREES" }
                 );
             }
-            (Some(_), Some((p, level, v))) => {
+            (Some(_), Some((p, level, class))) => {
                 let _ = writeln!(
                     o,
-                    "kernel: element at level {level} for {p} → {}: {}",
-                    kernel_name(&v),
+                    "kernel: element at level {level} for {p} → class {}: {}",
+                    class_name(cfg, class),
                     if agrees { "agrees" } else { "DISAGREES" }
                 );
             }

@@ -1,6 +1,6 @@
 //! The only module that calls libnftnl directly. The `nftnl` crate covers tables,
 //! chains, rules and batches; what it lacks is here: the `tproxy`, `socket cgroupv2`,
-//! `ct direction`, named-set `lookup`/`vmap` and `nat` expressions, verdict maps,
+//! `ct direction`, named-set `lookup`/`map`/`vmap` and `nat` expressions, maps,
 //! interval sets and set elements carrying verdicts.
 
 use std::ffi::{CStr, CString, c_char, c_void};
@@ -12,7 +12,7 @@ use nftnl::{MsgType, NlMsg, Rule};
 use nftnl_sys as sys;
 
 /// The verdict register.
-const REG_VERDICT: u32 = 0;
+pub const REG_VERDICT: u32 = 0;
 /// First 128-bit data register; every expression here loads into or reads from it.
 pub const REG_1: u32 = 1;
 /// Second 128-bit data register (NAT port).
@@ -24,6 +24,8 @@ const NFT_SOCKET_CGROUPV2: u32 = 3;
 pub const TYPE_CGROUPV2: u32 = 46;
 /// nft's `ipv4_addr` and `ipv6_addr` datatypes.
 pub const TYPE_IPADDR: u32 = 7;
+/// nft's `mark` datatype (32-bit, host order): the class a cgroup maps to.
+pub const TYPE_MARK: u32 = 19;
 pub const TYPE_IP6ADDR: u32 = 8;
 
 /// A verdict, as an immediate statement or as a map element's data.
@@ -96,10 +98,12 @@ pub enum Expr {
     SocketCgroup {
         level: u32,
     },
-    /// `@set` membership of [`REG_1`], or with `vmap` the verdict it maps to.
+    /// Looks `sreg` up in a set: membership (`dreg` None), the data it maps to
+    /// into register `dreg`, or with `dreg` [`REG_VERDICT`] the verdict.
     Lookup {
         set: CString,
-        vmap: bool,
+        sreg: u32,
+        dreg: Option<u32>,
     },
     /// `tproxy to :port`, port in [`REG_1`], address family taken from the packet.
     Tproxy,
@@ -214,12 +218,12 @@ impl Expression for Expr {
                 set_u32(e, sys::NFTNL_EXPR_SOCKET_LEVEL, *level);
                 e
             }
-            Expr::Lookup { set, vmap } => {
+            Expr::Lookup { set, sreg, dreg } => {
                 let e = alloc_expr(c"lookup");
-                set_u32(e, sys::NFTNL_EXPR_LOOKUP_SREG, REG_1);
+                set_u32(e, sys::NFTNL_EXPR_LOOKUP_SREG, *sreg);
                 set_str(e, sys::NFTNL_EXPR_LOOKUP_SET, set);
-                if *vmap {
-                    set_u32(e, sys::NFTNL_EXPR_LOOKUP_DREG, REG_VERDICT);
+                if let Some(d) = dreg {
+                    set_u32(e, sys::NFTNL_EXPR_LOOKUP_DREG, *d);
                 }
                 e
             }
@@ -255,8 +259,20 @@ pub struct SetDef {
     pub id: u32,
     pub key_type: u32,
     pub key_len: u32,
-    pub verdict_map: bool,
+    /// For a map: the data type and length ([`Data::Verdict`] or a value).
+    pub data: Option<Data>,
     pub interval: bool,
+}
+
+/// What a map maps to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Data {
+    Verdict,
+    /// nft datatype number and length in bytes.
+    Value {
+        data_type: u32,
+        len: u32,
+    },
 }
 
 /// Owns a libnftnl set object for the duration of one message build.
@@ -317,7 +333,7 @@ unsafe impl NlMsg for SetDef {
         let set = RawSet::new(&self.table, &self.name);
         set.set_u32(sys::NFTNL_SET_ID, self.id);
         let mut flags = 0;
-        if self.verdict_map {
+        if self.data.is_some() {
             flags |= libc::NFT_SET_MAP;
         }
         if self.interval {
@@ -326,8 +342,13 @@ unsafe impl NlMsg for SetDef {
         set.set_u32(sys::NFTNL_SET_FLAGS, flags as u32);
         set.set_u32(sys::NFTNL_SET_KEY_TYPE, self.key_type);
         set.set_u32(sys::NFTNL_SET_KEY_LEN, self.key_len);
-        if self.verdict_map {
-            set.set_u32(sys::NFTNL_SET_DATA_TYPE, libc::NFT_DATA_VERDICT);
+        match self.data {
+            Some(Data::Verdict) => set.set_u32(sys::NFTNL_SET_DATA_TYPE, libc::NFT_DATA_VERDICT),
+            Some(Data::Value { data_type, len }) => {
+                set.set_u32(sys::NFTNL_SET_DATA_TYPE, data_type);
+                set.set_u32(sys::NFTNL_SET_DATA_LEN, len);
+            }
+            None => {}
         }
         let (t, f) = match msg_type {
             MsgType::Add => (libc::NFT_MSG_NEWSET, libc::NLM_F_CREATE | libc::NLM_F_ACK),
@@ -365,12 +386,14 @@ impl Key {
     }
 }
 
-/// One set element: a key, optionally the end of an interval, optionally a verdict.
+/// One set element: a key, optionally the end of an interval, optionally a verdict
+/// or a value it maps to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Elem {
     pub key: Key,
     pub interval_end: bool,
     pub verdict: Option<Verdict>,
+    pub value: Option<Key>,
 }
 
 /// Most elements per message: keeps each message well under `nft_nlmsg_maxsize()`
@@ -410,6 +433,14 @@ unsafe impl NlMsg for Elems<'_> {
                         raw.as_ptr(),
                         sys::NFTNL_SET_ELEM_FLAGS as u16,
                         libc::NFT_SET_ELEM_INTERVAL_END as u32,
+                    );
+                }
+                if let Some(v) = &el.value {
+                    sys::nftnl_set_elem_set(
+                        raw.as_ptr(),
+                        sys::NFTNL_SET_ELEM_DATA as u16,
+                        v.as_bytes().as_ptr().cast::<c_void>(),
+                        v.as_bytes().len() as u32,
                     );
                 }
                 if let Some(v) = &el.verdict {
@@ -557,13 +588,50 @@ mod tests {
     fn vmap_lookup_writes_the_verdict_register() {
         let (name, data) = expr_bytes(&Expr::Lookup {
             set: c"level3".into(),
-            vmap: true,
+            sreg: REG_1,
+            dreg: Some(REG_VERDICT),
         });
         assert_eq!(name, "lookup");
         // NFTA_LOOKUP_SET = 1, SREG = 2, DREG = 3 (0 = verdict).
         assert_eq!(attr(&data, 1), b"level3\0");
         assert_eq!(attr(&data, 2), 1u32.to_be_bytes());
         assert_eq!(attr(&data, 3), 0u32.to_be_bytes());
+    }
+
+    #[test]
+    fn data_map_lookup_writes_a_data_register() {
+        let (_, data) = expr_bytes(&Expr::Lookup {
+            set: c"level3".into(),
+            sreg: REG_1,
+            dreg: Some(REG_2),
+        });
+        assert_eq!(attr(&data, 2), 1u32.to_be_bytes());
+        assert_eq!(attr(&data, 3), 2u32.to_be_bytes());
+    }
+
+    #[test]
+    fn data_map_definition_has_type_and_length() {
+        let def = SetDef {
+            table: c"cgtproxy".into(),
+            name: c"level2".into(),
+            id: 1,
+            key_type: TYPE_CGROUPV2,
+            key_len: 8,
+            data: Some(Data::Value {
+                data_type: TYPE_MARK,
+                len: 4,
+            }),
+            interval: false,
+        };
+        let mut batch = Batch::new();
+        batch.add(&def, MsgType::Add);
+        let msgs = messages(batch);
+        let (_, _, p) = msgs
+            .iter()
+            .find(|(ty, _, _)| *ty == libc::NFT_MSG_NEWSET as u16)
+            .unwrap();
+        assert_eq!(attr(p, NFTA_SET_DATA_TYPE), TYPE_MARK.to_be_bytes());
+        assert_eq!(attr(p, 7), 4u32.to_be_bytes(), "NFTA_SET_DATA_LEN");
     }
 
     #[test]
@@ -616,7 +684,7 @@ mod tests {
             id: 7,
             key_type: TYPE_CGROUPV2,
             key_len: 8,
-            verdict_map: true,
+            data: Some(Data::Verdict),
             interval: false,
         };
         let mut batch = Batch::new();
@@ -653,11 +721,19 @@ mod tests {
                 key: Key::new(&0x1122_3344_5566_7788u64.to_ne_bytes()),
                 interval_end: false,
                 verdict: Some(Verdict::Goto(Rc::from(c"proxy-mark"))),
+                value: None,
             },
             Elem {
                 key: Key::new(&[10, 0, 0, 0]),
                 interval_end: true,
                 verdict: None,
+                value: None,
+            },
+            Elem {
+                key: Key::new(&7u64.to_ne_bytes()),
+                interval_end: false,
+                verdict: None,
+                value: Some(Key::new(&3u32.to_ne_bytes())),
             },
         ];
         let msg = Elems {
@@ -679,7 +755,7 @@ mod tests {
         );
         assert_eq!(attr(p, NFTA_SET_ELEM_LIST_SET), b"level5\0");
         let list = attrs(attr(p, NFTA_SET_ELEM_LIST_ELEMENTS));
-        assert_eq!(list.len(), 2);
+        assert_eq!(list.len(), 3);
         // First: NFTA_SET_ELEM_KEY → NFTA_DATA_VALUE holds the id in host order,
         // as `socket cgroupv2` loads it; NFTA_SET_ELEM_DATA → verdict goto chain.
         let first = list[0].1;
@@ -695,5 +771,8 @@ mod tests {
             (libc::NFT_SET_ELEM_INTERVAL_END as u32).to_be_bytes()
         );
         assert_eq!(attr(attr(second, NFTA_SET_ELEM_KEY), 1), [10, 0, 0, 0]);
+        // Third: a data map element, NFTA_SET_ELEM_DATA → NFTA_DATA_VALUE.
+        let third = list[2].1;
+        assert_eq!(attr(attr(third, NFTA_SET_ELEM_DATA), 1), 3u32.to_ne_bytes());
     }
 }

@@ -89,7 +89,8 @@ fn exprs(s: &Stmt) -> Result<Vec<Expr>, NftError> {
                 },
                 Expr::Lookup {
                     set: cstring(set)?,
-                    vmap: false,
+                    sreg: REG_1,
+                    dreg: None,
                 },
             ]
         }
@@ -116,6 +117,13 @@ fn exprs(s: &Stmt) -> Result<Vec<Expr>, NftError> {
             cmp(p.to_be_bytes().to_vec()),
         ],
         Stmt::Mark(m) => vec![Expr::Meta(MetaKey::Mark), cmp(m.to_ne_bytes().to_vec())],
+        Stmt::Marked => vec![
+            Expr::Meta(MetaKey::Mark),
+            Expr::Cmp {
+                eq: false,
+                data: 0u32.to_ne_bytes().to_vec(),
+            },
+        ],
         Stmt::SetMark(m) => vec![
             Expr::Load {
                 reg: REG_1,
@@ -123,11 +131,19 @@ fn exprs(s: &Stmt) -> Result<Vec<Expr>, NftError> {
             },
             Expr::SetMark,
         ],
-        Stmt::CgroupVmap { level, map } => vec![
+        Stmt::CgroupClass { level, map } => vec![
             Expr::SocketCgroup { level: *level },
             Expr::Lookup {
                 set: cstring(map)?,
-                vmap: true,
+                sreg: REG_1,
+                dreg: Some(REG_1),
+            },
+            Expr::SetMark,
+            Expr::Meta(MetaKey::Mark),
+            Expr::Lookup {
+                set: cstring(crate::plan::CLASSES)?,
+                sreg: REG_1,
+                dreg: Some(ffi::REG_VERDICT),
             },
         ],
         Stmt::Tproxy(port) => vec![
@@ -175,12 +191,14 @@ fn interval_elems(f: Family, ranges: &[(u128, u128)]) -> Vec<Elem> {
             key: key(s),
             interval_end: false,
             verdict: None,
+            value: None,
         });
         if e < max {
             out.push(Elem {
                 key: key(e + 1),
                 interval_end: true,
                 verdict: None,
+                value: None,
             });
         }
     }
@@ -249,10 +267,15 @@ impl Txn {
     }
 
     fn add_set(&mut self, table: &str, s: &SetSpec) -> Result<(), NftError> {
-        let (key_type, key_len, verdict_map, interval) = match &s.kind {
-            SetKind::Bypass(Family::V4, _) => (ffi::TYPE_IPADDR, 4, false, true),
-            SetKind::Bypass(Family::V6, _) => (ffi::TYPE_IP6ADDR, 16, false, true),
-            SetKind::Level(..) => (ffi::TYPE_CGROUPV2, 8, true, false),
+        let class = ffi::Data::Value {
+            data_type: ffi::TYPE_MARK,
+            len: 4,
+        };
+        let (key_type, key_len, data, interval) = match &s.kind {
+            SetKind::Bypass(Family::V4, _) => (ffi::TYPE_IPADDR, 4, None, true),
+            SetKind::Bypass(Family::V6, _) => (ffi::TYPE_IP6ADDR, 16, None, true),
+            SetKind::Level(..) => (ffi::TYPE_CGROUPV2, 8, Some(class), false),
+            SetKind::Classes(..) => (ffi::TYPE_MARK, 4, Some(ffi::Data::Verdict), false),
         };
         let def = SetDef {
             table: cstring(table)?,
@@ -260,7 +283,7 @@ impl Txn {
             id: self.next_set_id,
             key_type,
             key_len,
-            verdict_map,
+            data,
             interval,
         };
         self.next_set_id += 1;
@@ -277,7 +300,19 @@ impl Txn {
                 }
                 Ok(())
             }
-            SetKind::Level(_, list) => self.verdict_elems(table, &s.name, list, true),
+            SetKind::Level(_, list) => self.class_elems(table, &s.name, list, true),
+            SetKind::Classes(list) => {
+                let mut elems = Vec::with_capacity(list.len());
+                for (class, v) in list {
+                    elems.push(Elem {
+                        key: Key::new(&class.to_ne_bytes()),
+                        interval_end: false,
+                        verdict: Some(self.verdict(v)?),
+                        value: None,
+                    });
+                }
+                self.elems(table, &s.name, &elems, MsgType::Add)
+            }
         }
     }
 
@@ -290,26 +325,26 @@ impl Txn {
         Ok(f)
     }
 
-    /// Map elements, one message per [`ELEMS_PER_MSG`], built chunk by chunk so a
-    /// large table never exists twice in memory.
-    fn verdict_elems(
+    /// Level-map elements (cgroup id → class), one message per
+    /// [`ELEMS_PER_MSG`], built chunk by chunk so a large table never exists
+    /// twice in memory.
+    fn class_elems(
         &mut self,
         table: &str,
         set: &str,
-        list: &[(u64, Verdict)],
+        list: &[(u64, u32)],
         add: bool,
     ) -> Result<(), NftError> {
         let ty = if add { MsgType::Add } else { MsgType::Del };
         let mut chunk = Vec::with_capacity(ELEMS_PER_MSG.min(list.len()));
         for part in list.chunks(ELEMS_PER_MSG) {
             chunk.clear();
-            for (id, v) in part {
-                chunk.push(Elem {
-                    key: Key::new(&id.to_ne_bytes()),
-                    interval_end: false,
-                    verdict: if add { Some(self.verdict(v)?) } else { None },
-                });
-            }
+            chunk.extend(part.iter().map(|(id, class)| Elem {
+                key: Key::new(&id.to_ne_bytes()),
+                interval_end: false,
+                verdict: None,
+                value: add.then(|| Key::new(&class.to_ne_bytes())),
+            }));
             self.elems(table, set, &chunk, ty)?;
         }
         Ok(())
@@ -404,15 +439,15 @@ impl Txn {
         self.add_rules(&t, c)
     }
 
-    /// Adds (`add`) or deletes level-map elements.
+    /// Adds (`add`) or deletes level-map elements (cgroup id → class).
     pub fn map_elements(
         &mut self,
         table: &str,
         level: u32,
-        elems: &[(u64, Verdict)],
+        elems: &[(u64, u32)],
         add: bool,
     ) -> Result<(), NftError> {
-        self.verdict_elems(table, &crate::plan::level_map(level), elems, add)
+        self.class_elems(table, &crate::plan::level_map(level), elems, add)
     }
 }
 

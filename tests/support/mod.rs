@@ -440,6 +440,25 @@ pub fn nft(args: &str) -> String {
     ))
 }
 
+/// The kernel's map elements per class (`direct`, `drop` or a target's name),
+/// read with `cgtproxy status --json`.
+pub fn elements_by_class(config: &Path) -> std::collections::BTreeMap<String, usize> {
+    let out = Command::new(env!("CARGO_BIN_EXE_cgtproxy"))
+        .args(["status", "--json", "--config"])
+        .arg(config)
+        .output()
+        .expect("cgtproxy status");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v["elements_by_class"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, n)| (k.clone(), n.as_u64().unwrap_or(0) as usize))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The nftables ruleset, ip rules and routes of this namespace.
 pub fn kernel_state() -> String {
     sh_any(
