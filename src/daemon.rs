@@ -69,7 +69,7 @@ fn install_table(
         .copied()
         .collect();
     let spec = plan::table(cfg, &levels, &elements);
-    let mut txn = Txn::new();
+    let mut txn = Txn::large();
     if let Some(old) = also.filter(|o| *o != spec.name) {
         txn.delete_table(old)?;
     }

@@ -222,10 +222,22 @@ impl Default for Txn {
 }
 
 impl Txn {
+    /// A transaction for a few messages (element updates): small batch pages,
+    /// because allocating and faulting in a large page costs more than the
+    /// update itself.
     pub fn new() -> Txn {
+        Txn::with_page_size(16 * 1024)
+    }
+
+    /// A transaction for a whole table: large pages, so a 50,000-cgroup table
+    /// fits in a few of them.
+    pub fn large() -> Txn {
+        Txn::with_page_size(1 << 20)
+    }
+
+    fn with_page_size(page: u32) -> Txn {
         Txn {
-            // Large pages: a 50,000-cgroup table fits in a few of them.
-            batch: Batch::with_page_size(1 << 20),
+            batch: Batch::with_page_size(page),
             labels: Vec::new(),
             next_set_id: 1,
             verdicts: HashMap::new(),
