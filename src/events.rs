@@ -6,10 +6,11 @@ use std::os::fd::{AsFd, BorrowedFd};
 
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::RouteNetlinkMessage;
-use netlink_packet_route::route::RouteAttribute;
 use netlink_packet_route::rule::RuleAttribute;
 use netlink_sys::{Socket, constants};
 use nix::sys::socket::{setsockopt, sockopt};
+
+use crate::route::{route_table, rule_table};
 
 /// `NFNLGRP_NFTABLES`.
 const NFNLGRP_NFTABLES: u32 = 7;
@@ -179,30 +180,14 @@ pub fn judge_route(datagram: &[u8], table: u32, marks: &[u32], damage: &mut Dama
                     RuleAttribute::FwMark(m) => Some(*m),
                     _ => None,
                 });
-                let tbl = r
-                    .attributes
-                    .iter()
-                    .find_map(|a| match a {
-                        RuleAttribute::Table(t) => Some(*t),
-                        _ => None,
-                    })
-                    .unwrap_or(u32::from(r.header.table));
-                if tbl == table && mark.is_some_and(|m| marks.contains(&m)) {
+                if rule_table(&r) == table && mark.is_some_and(|m| marks.contains(&m)) {
                     damage.routing = true;
                 }
             }
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRoute(r)) => {
-                let tbl = r
-                    .attributes
-                    .iter()
-                    .find_map(|a| match a {
-                        RouteAttribute::Table(t) => Some(*t),
-                        _ => None,
-                    })
-                    .unwrap_or(u32::from(r.header.table));
-                if tbl == table {
-                    damage.routing = true;
-                }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRoute(r))
+                if route_table(&r) == table =>
+            {
+                damage.routing = true;
             }
             _ => {}
         }

@@ -98,18 +98,39 @@ fn route_msg(fam: Fam, table: u32, lo: u32) -> RouteMessage {
     m
 }
 
+/// The table a route lives in: the attribute, or the header for small tables.
+pub fn route_table(r: &RouteMessage) -> u32 {
+    r.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(r.header.table))
+}
+
+/// The table a rule looks up: the attribute, or the header for small tables.
+pub fn rule_table(r: &RuleMessage) -> u32 {
+    r.attributes
+        .iter()
+        .find_map(|a| match a {
+            RuleAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(r.header.table))
+}
+
 /// Whether a dumped rule is exactly `fwmark mark lookup table` with no other selector.
 fn is_our_rule(r: &RuleMessage, mark: u32, table: u32) -> bool {
     if r.header.action != RuleAction::ToTable || r.header.dst_len != 0 || r.header.src_len != 0 {
         return false;
     }
     let mut has_mark = false;
-    let mut tbl = u32::from(r.header.table);
     for a in &r.attributes {
         match a {
             RuleAttribute::FwMark(m) if *m == mark => has_mark = true,
             RuleAttribute::FwMask(0xffff_ffff) => {}
-            RuleAttribute::Table(t) => tbl = *t,
+            RuleAttribute::Table(_) => {}
             // Any other selector makes it somebody else's rule; the kernel also
             // reports non-selecting attributes (priority, protocol, suppressors).
             RuleAttribute::Destination(_)
@@ -128,7 +149,7 @@ fn is_our_rule(r: &RuleMessage, mark: u32, table: u32) -> bool {
             _ => {}
         }
     }
-    has_mark && tbl == table
+    has_mark && rule_table(r) == table
 }
 
 impl Routes {
@@ -232,15 +253,7 @@ impl Routes {
         Self::check("listing routes".into(), errno, &[])?;
         Ok(routes.iter().any(|m| match m {
             RouteNetlinkMessage::NewRoute(r) => {
-                let tbl = r
-                    .attributes
-                    .iter()
-                    .find_map(|a| match a {
-                        RouteAttribute::Table(t) => Some(*t),
-                        _ => None,
-                    })
-                    .unwrap_or(u32::from(r.header.table));
-                tbl == table
+                route_table(r) == table
                     && r.header.kind == RouteType::Local
                     && r.header.destination_prefix_length == 0
             }
