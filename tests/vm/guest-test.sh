@@ -246,21 +246,19 @@ if journalctl -b -u cgtproxy.service -o cat --no-pager | grep -q $'\x1b\['; then
 else pass journal-no-ansi; fi
 
 # --- seccomp and exposure -------------------------------------------------------------------
-# A canary proves that denials reach the log at all: uname under a filter
-# that forbids uname(2) is killed by SIGSYS and logged as type=1326.
-systemd-run --quiet --wait -p SystemCallFilter=~uname uname >/dev/null 2>&1
+# A canary proves the denial checks below can see a denial: uname under a filter
+# that forbids uname(2) is killed by SIGSYS, which systemd reports as status=SYS
+# (what the check of the cgtproxy unit's journal looks for). The kernel's audit
+# record of it is printk-rate-limited without auditd and is not always there.
+canary=$(systemd-run --wait -p SystemCallFilter=~uname uname 2>&1)
 seccomp_log() {
   { journalctl -k -b -o cat --no-pager; journalctl -b _TRANSPORT=audit -o cat --no-pager; } 2>/dev/null |
     grep -E 'type=1326|SECCOMP' | sort -u
 }
-# The audit record reaches the journal asynchronously: wait for it (up to 15 s
-# under emulation) rather than guessing a delay.
-for _ in $(seq 1 30); do
-  seccomp_log | grep -q 'comm="uname"' && break
-  sleep 0.5
-done
-if seccomp_log | grep -q 'comm="uname"'; then pass seccomp-canary-logged
-else fail seccomp-canary-logged "a seccomp kill does not show in the kernel log here"; fi
+if echo "$canary" | grep -q 'status=SYS\|status=31'; then pass seccomp-canary-detected
+else fail seccomp-canary-detected "a seccomp kill is not reported as SIGSYS here"; echo "$canary" | evidence; fi
+if seccomp_log | grep -q 'comm="uname"'; then info "the kernel log shows the canary's seccomp record"
+else info "the kernel log has no record of the canary (audit printk rate limit)"; fi
 denials=$(seccomp_log | grep -E 'comm="cgtproxy"|exe="/usr/local/bin/cgtproxy"')
 sigsys=$(journalctl -b -u cgtproxy.service -o cat --no-pager | grep -E 'status=31/SYS|SIGSYS')
 if [ -z "$denials$sigsys" ]; then pass no-seccomp-denial
