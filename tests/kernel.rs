@@ -25,6 +25,17 @@ fn rules(lab: &Lab) -> String {
     .replace('\\', "\\\\")
 }
 
+/// Stops the daemon, which must exit 0 and leave no table, ip rule with `mark`
+/// (hex, as `ip rule` prints it) or route behind.
+fn stop_clean(lab: &mut Lab, mark: &str) {
+    assert_eq!(lab.take_daemon().stop(), 0);
+    let state = kernel_state();
+    assert!(
+        !state.contains("cgtproxy") && !state.contains(mark) && !state.contains("table 300"),
+        "left behind:\n{state}"
+    );
+}
+
 fn proxied(answer: &str, dst: &str) -> bool {
     answer.starts_with(&format!("proxy {dst} {PEER_PORT}"))
 }
@@ -348,12 +359,7 @@ fn reload_applies_new_rules_and_keeps_old_ones_on_a_bad_config() {
             });
             assert!(said, "{}", d.log());
             assert!(proxied(&lab.talk("a", "tcp", PEER4, PEER_PORT), PEER4));
-            assert_eq!(lab.take_daemon().stop(), 0);
-            let state = kernel_state();
-            assert!(
-                !state.contains("cgtproxy") && !state.contains("0xfa0"),
-                "{state}"
-            );
+            stop_clean(&mut lab, "0xfa0");
         },
     );
 }
@@ -379,12 +385,7 @@ fn a_killed_instance_never_blocks_the_next_start() {
             1,
             "duplicate ip rule:\n{rules}"
         );
-        assert_eq!(lab.take_daemon().stop(), 0);
-        let state = kernel_state();
-        assert!(
-            !state.contains("cgtproxy") && !state.contains("0xbb8"),
-            "{state}"
-        );
+        stop_clean(&mut lab, "0xbb8");
     });
 }
 
@@ -515,12 +516,7 @@ fn repairs_what_others_remove() {
         let d = lab.daemon.as_ref().unwrap();
         let said = lab.eventually(FAST, || d.log().contains("(changed by nft["));
         assert!(said, "the culprit is named:\n{}", d.log());
-        assert_eq!(lab.take_daemon().stop(), 0);
-        let state = kernel_state();
-        assert!(
-            !state.contains("cgtproxy") && !state.contains("0xbb8"),
-            "{state}"
-        );
+        stop_clean(&mut lab, "0xbb8");
     });
 }
 
@@ -685,11 +681,6 @@ fn sigkill_during_a_large_startup_then_restart() {
         assert!(proxied(&lab.talk("proxy", "tcp", PEER4, PEER_PORT), PEER4));
         let rules_now = sh_any("ip rule");
         assert_eq!(rules_now.matches("0xbb8").count(), 1, "{rules_now}");
-        assert_eq!(lab.take_daemon().stop(), 0);
-        let state = kernel_state();
-        assert!(
-            !state.contains("cgtproxy") && !state.contains("0xbb8"),
-            "{state}"
-        );
+        stop_clean(&mut lab, "0xbb8");
     });
 }
