@@ -262,6 +262,22 @@ pub struct SetDef {
     /// For a map: the data type and length ([`Data::Verdict`] or a value).
     pub data: Option<Data>,
     pub interval: bool,
+    /// Key (and value) are in host byte order: recorded in the set's user data
+    /// as nft does, so that `nft list` prints cgroup ids and marks correctly.
+    pub host_order: bool,
+}
+
+/// nft's user-data TLVs (type u8, length u8, value) saying that the key, and
+/// with `data` the value, are host-endian (`NFTNL_UDATA_SET_KEYBYTEORDER` = 0,
+/// `NFTNL_UDATA_SET_DATABYTEORDER` = 1, nft's `BYTEORDER_HOST_ENDIAN` = 1).
+fn host_order_udata(data: bool) -> Vec<u8> {
+    let mut u = vec![0, 4];
+    u.extend(1u32.to_ne_bytes());
+    if data {
+        u.extend([1, 4]);
+        u.extend(1u32.to_ne_bytes());
+    }
+    u
 }
 
 /// What a map maps to.
@@ -342,6 +358,18 @@ unsafe impl NlMsg for SetDef {
         set.set_u32(sys::NFTNL_SET_FLAGS, flags as u32);
         set.set_u32(sys::NFTNL_SET_KEY_TYPE, self.key_type);
         set.set_u32(sys::NFTNL_SET_KEY_LEN, self.key_len);
+        if self.host_order {
+            let udata = host_order_udata(matches!(self.data, Some(Data::Value { .. })));
+            // SAFETY: the set is live; libnftnl copies `udata.len()` bytes.
+            unsafe {
+                sys::nftnl_set_set_data(
+                    set.0.as_ptr(),
+                    sys::NFTNL_SET_USERDATA as u16,
+                    udata.as_ptr().cast::<c_void>(),
+                    udata.len() as u32,
+                );
+            }
+        }
         match self.data {
             Some(Data::Verdict) => set.set_u32(sys::NFTNL_SET_DATA_TYPE, libc::NFT_DATA_VERDICT),
             Some(Data::Value { data_type, len }) => {
@@ -622,6 +650,7 @@ mod tests {
                 len: 4,
             }),
             interval: false,
+            host_order: true,
         };
         let mut batch = Batch::new();
         batch.add(&def, MsgType::Add);
@@ -632,6 +661,12 @@ mod tests {
             .unwrap();
         assert_eq!(attr(p, NFTA_SET_DATA_TYPE), TYPE_MARK.to_be_bytes());
         assert_eq!(attr(p, 7), 4u32.to_be_bytes(), "NFTA_SET_DATA_LEN");
+        // NFTA_SET_USERDATA = 13: key and data byte order, host-endian.
+        let mut udata = vec![0, 4];
+        udata.extend(1u32.to_ne_bytes());
+        udata.extend([1, 4]);
+        udata.extend(1u32.to_ne_bytes());
+        assert_eq!(attr(p, 13), udata);
     }
 
     #[test]
@@ -686,6 +721,7 @@ mod tests {
             key_len: 8,
             data: Some(Data::Verdict),
             interval: false,
+            host_order: false,
         };
         let mut batch = Batch::new();
         batch.add(&def, MsgType::Add);

@@ -297,6 +297,8 @@ impl Txn {
             key_len,
             data,
             interval,
+            // cgroup ids and classes are host-endian; addresses are not.
+            host_order: matches!(s.kind, SetKind::Level(..) | SetKind::Classes(..)),
         };
         self.next_set_id += 1;
         self.add(&def, MsgType::Add, format!("set {}", s.name));
