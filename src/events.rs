@@ -10,6 +10,7 @@ use netlink_packet_route::rule::RuleAttribute;
 use netlink_sys::{Socket, constants};
 use nix::sys::socket::{setsockopt, sockopt};
 
+use crate::nlmsg::{self, c_str};
 use crate::route::{route_table, rule_table};
 
 /// `NFNLGRP_NFTABLES`.
@@ -81,48 +82,17 @@ fn subscribe(protocol: isize, groups: &[u32], what: &'static str) -> Result<Sock
     Ok(s)
 }
 
-/// Netlink messages in a datagram: (type, flags, sender port id, payload).
-fn messages(mut b: &[u8]) -> Vec<(u16, u32, &[u8])> {
-    let mut out = Vec::new();
-    while b.len() >= 16 {
-        let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
-        if len < 16 || len > b.len() {
-            break;
-        }
-        let ty = u16::from_ne_bytes([b[4], b[5]]);
-        let pid = u32::from_ne_bytes([b[12], b[13], b[14], b[15]]);
-        out.push((ty, pid, &b[16..len]));
-        b = &b[len.div_ceil(4).saturating_mul(4).min(b.len())..];
-    }
-    out
-}
-
-/// The first string attribute of type `ty` after the 4-byte nfgenmsg header.
+/// The first attribute of type `ty` after the 4-byte nfgenmsg header.
 fn nft_attr(payload: &[u8], ty: u16) -> Option<&[u8]> {
-    let mut b = payload.get(4..)?;
-    while b.len() >= 4 {
-        let l = u16::from_ne_bytes([b[0], b[1]]) as usize;
-        let t = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
-        if l < 4 || l > b.len() {
-            return None;
-        }
-        if t == ty {
-            return Some(&b[4..l]);
-        }
-        b = &b[l.div_ceil(4).saturating_mul(4).min(b.len())..];
-    }
-    None
-}
-
-fn c_str(b: &[u8]) -> &[u8] {
-    b.split(|&c| c == 0).next().unwrap_or(b)
+    nlmsg::attr(payload.get(4..)?, ty)
 }
 
 /// Judges nftables notifications: which touch `table` (inet family) and were not
 /// caused by our own socket `own_port`.
 pub fn judge_nft(datagram: &[u8], table: &str, own_port: u32, damage: &mut Damage) {
     let mut foreign_here = false;
-    for (ty, pid, payload) in messages(datagram) {
+    for m in nlmsg::messages(datagram) {
+        let (ty, pid, payload) = (m.ty, m.pid, m.payload());
         if ty >> 8 != SUBSYS_NFTABLES {
             continue;
         }

@@ -9,6 +9,7 @@ mod exec;
 mod forward;
 mod inspect;
 mod nft;
+mod nlmsg;
 mod notify;
 mod plan;
 mod render;

@@ -576,43 +576,23 @@ impl Nft {
 }
 
 /// NLMSG_ERROR replies in a datagram: (sequence, errno ≤ 0, extended-ack message).
-fn parse_acks(mut b: &[u8]) -> Vec<(u32, i32, Option<String>)> {
+fn parse_acks(b: &[u8]) -> Vec<(u32, i32, Option<String>)> {
     const NLMSG_ERROR: u16 = 2;
     const NLM_F_ACK_TLVS: u16 = 0x200;
     const NLMSGERR_ATTR_MSG: u16 = 1;
     let mut out = Vec::new();
-    while b.len() >= 16 {
-        let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
-        if len < 16 || len > b.len() {
-            break;
-        }
-        let ty = u16::from_ne_bytes([b[4], b[5]]);
-        let flags = u16::from_ne_bytes([b[6], b[7]]);
-        let msg = &b[..len];
+    for m in crate::nlmsg::messages(b) {
+        let msg = m.bytes;
         // nlmsgerr: error (i32) + the original header (16 bytes, seq at offset 8).
-        if ty == NLMSG_ERROR && msg.len() >= 16 + 4 + 16 {
+        if m.ty == NLMSG_ERROR && msg.len() >= 16 + 4 + 16 {
             let errno = i32::from_ne_bytes([msg[16], msg[17], msg[18], msg[19]]);
             let seq = u32::from_ne_bytes([msg[28], msg[29], msg[30], msg[31]]);
-            let mut detail = None;
-            if flags & NLM_F_ACK_TLVS != 0 {
-                let mut tlv = &msg[36..];
-                while tlv.len() >= 4 {
-                    let l = u16::from_ne_bytes([tlv[0], tlv[1]]) as usize;
-                    let t = u16::from_ne_bytes([tlv[2], tlv[3]]);
-                    if l < 4 || l > tlv.len() {
-                        break;
-                    }
-                    if t == NLMSGERR_ATTR_MSG {
-                        let s = &tlv[4..l];
-                        let s = s.split(|&c| c == 0).next().unwrap_or(s);
-                        detail = Some(String::from_utf8_lossy(s).into_owned());
-                    }
-                    tlv = &tlv[l.div_ceil(4) * 4..];
-                }
-            }
+            let detail = (m.flags & NLM_F_ACK_TLVS != 0)
+                .then(|| crate::nlmsg::attr(&msg[36..], NLMSGERR_ATTR_MSG))
+                .flatten()
+                .map(|s| String::from_utf8_lossy(crate::nlmsg::c_str(s)).into_owned());
             out.push((seq, errno, detail));
         }
-        b = &b[len.div_ceil(4) * 4.min(b.len())..];
     }
     out
 }

@@ -1,0 +1,79 @@
+//! Walking netlink messages and attributes in received bytes. Every read is
+//! bounds-checked: a truncated or malformed datagram ends the walk, never panics.
+
+/// One netlink message of a datagram.
+#[derive(Debug, Clone, Copy)]
+pub struct Msg<'a> {
+    pub ty: u16,
+    pub flags: u16,
+    /// The sender's port id (for notifications: who caused them).
+    pub pid: u32,
+    /// The whole message, header included.
+    pub bytes: &'a [u8],
+}
+
+impl<'a> Msg<'a> {
+    /// What follows the 16-byte header.
+    pub fn payload(&self) -> &'a [u8] {
+        &self.bytes[16..]
+    }
+}
+
+/// The messages of a datagram.
+pub fn messages(mut b: &[u8]) -> Vec<Msg<'_>> {
+    let mut out = Vec::new();
+    while b.len() >= 16 {
+        let len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
+        if len < 16 || len > b.len() {
+            break;
+        }
+        out.push(Msg {
+            ty: u16::from_ne_bytes([b[4], b[5]]),
+            flags: u16::from_ne_bytes([b[6], b[7]]),
+            pid: u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+            bytes: &b[..len],
+        });
+        b = b.get(len.div_ceil(4) * 4..).unwrap_or(&[]);
+    }
+    out
+}
+
+/// Attributes: (type without the nested/byte-order flags, payload).
+pub fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut out = Vec::new();
+    while b.len() >= 4 {
+        let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
+        if len < 4 || len > b.len() {
+            break;
+        }
+        out.push((u16::from_ne_bytes([b[2], b[3]]) & 0x3fff, &b[4..len]));
+        b = b.get(len.div_ceil(4) * 4..).unwrap_or(&[]);
+    }
+    out
+}
+
+/// The first attribute of type `ty`.
+pub fn attr(b: &[u8], ty: u16) -> Option<&[u8]> {
+    attrs(b).into_iter().find(|(t, _)| *t == ty).map(|(_, v)| v)
+}
+
+/// A string attribute without its terminating NUL.
+pub fn c_str(b: &[u8]) -> &[u8] {
+    b.split(|&c| c == 0).next().unwrap_or(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncated_input_ends_the_walk() {
+        assert!(attrs(&[8, 0, 1, 0, 1]).is_empty());
+        assert_eq!(attrs(&[5, 0, 1, 0, 1]).len(), 1, "unpadded last attribute");
+        let mut m = 20u32.to_ne_bytes().to_vec();
+        m.extend([0; 16]);
+        assert_eq!(messages(&m).len(), 1, "unpadded last message");
+        assert!(messages(&m[..18]).is_empty());
+        assert_eq!(c_str(b"abc\0\0"), b"abc");
+    }
+}
