@@ -126,6 +126,12 @@ fn start(t: &Target, up: Upstream, conns: &Arc<Semaphore>) -> Result<Service, Fo
             tasks.push(tokio::spawn(udp::serve(u, state.clone())));
         }
     }
+    info!(
+        "{}: listening on port {} → {}",
+        t.name,
+        t.port,
+        state.upstream()
+    );
     Ok(Service {
         state,
         shape: shape(t),
@@ -170,14 +176,7 @@ async fn serve(config_path: Option<PathBuf>) -> Result<(), ForwardError> {
     let conns = Arc::new(Semaphore::new(MAX_CONNS));
     let mut services = BTreeMap::new();
     for (t, up) in upstreams(&cfg)? {
-        let s = start(t, up, &conns)?;
-        info!(
-            "{}: listening on port {} → {}",
-            t.name,
-            t.port,
-            s.state.upstream()
-        );
-        services.insert(t.name.clone(), s);
+        services.insert(t.name.clone(), start(t, up, &conns)?);
     }
     let st = status(&services);
     info!("ready: {st}");
@@ -263,12 +262,6 @@ async fn reload(
         }
         match start(t, up, conns) {
             Ok(s) => {
-                info!(
-                    "{}: listening on port {} → {}",
-                    t.name,
-                    t.port,
-                    s.state.upstream()
-                );
                 services.insert(t.name.clone(), s);
             }
             Err(e) => error!("reload: {e}"),
