@@ -3,6 +3,7 @@
 
 use std::os::unix::fs::{DirEntryExt, MetadataExt};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use crate::config::CgroupRoot;
 
@@ -12,8 +13,10 @@ const CGROUP2_MAGIC: i64 = 0x6367_7270;
 /// A cgroup as the planner sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cgroup {
-    /// Relative to the hierarchy root, with a leading `/`.
-    pub path: String,
+    /// Relative to the hierarchy root, with a leading `/`. Shared (not copied)
+    /// between the planner's tree and the watcher's table: with tens of thousands
+    /// of cgroups the paths are most of the daemon's memory.
+    pub path: Rc<str>,
     /// The directory's inode number: the id `socket cgroupv2` compares against.
     pub id: u64,
     /// Absolute level: 0 for the root.
@@ -146,42 +149,55 @@ impl Hierarchy {
         }
     }
 
-    /// The cgroup path of a directory below the mount ("/" for the mount itself).
-    pub fn cgroup_path(&self, rel: &str) -> String {
-        let joined = format!("{}{}", self.prefix, rel);
-        if joined.is_empty() {
-            "/".to_owned()
+    /// The cgroup path of the mount itself ("/" unless a subtree is mounted).
+    pub fn root_path(&self) -> &str {
+        if self.prefix.is_empty() {
+            "/"
         } else {
-            joined
+            &self.prefix
         }
     }
 
-    /// The filesystem path of a mount-relative path (`""` or `/a/b`).
-    pub fn fs_path(&self, rel: &str) -> PathBuf {
-        if rel.is_empty() {
+    /// The filesystem directory of cgroup `path`; `None` for a cgroup outside a
+    /// subtree mount.
+    pub fn dir(&self, path: &str) -> Option<PathBuf> {
+        let rel = path.strip_prefix(self.prefix.as_str())?;
+        if !(rel.is_empty() || rel.starts_with('/')) {
+            return None;
+        }
+        let rel = rel.trim_start_matches('/');
+        Some(if rel.is_empty() {
             self.mount.clone()
         } else {
-            self.mount.join(rel.trim_start_matches('/'))
-        }
+            self.mount.join(rel)
+        })
     }
 
-    /// Describes the directory at mount-relative `rel`; `None` if it vanished.
-    pub fn describe(&self, rel: &str) -> Option<Cgroup> {
-        let meta = std::fs::symlink_metadata(self.fs_path(rel)).ok()?;
+    /// Describes cgroup `path`; `None` if its directory vanished.
+    pub fn describe(&self, path: &str) -> Option<Cgroup> {
+        let meta = std::fs::symlink_metadata(self.dir(path)?).ok()?;
         if !meta.is_dir() {
             return None;
         }
-        let path = self.cgroup_path(rel);
         let level = if path == "/" {
             0
         } else {
             path.matches('/').count() as u32
         };
         Some(Cgroup {
-            path,
+            path: path.into(),
             id: meta.ino(),
             level,
         })
+    }
+}
+
+/// The cgroup path of child `name` of cgroup `parent`.
+pub fn child_path(parent: &str, name: &str) -> String {
+    if parent == "/" {
+        format!("/{name}")
+    } else {
+        format!("{parent}/{name}")
     }
 }
 
@@ -201,35 +217,32 @@ pub fn children(dir: &Path) -> Vec<(String, u64)> {
         .collect()
 }
 
-/// Walks the tree from mount-relative `rel` down. `enter(rel)` runs before a
+/// Walks the tree from cgroup `path` down. `enter(cgroup)` runs before a
 /// directory is listed (the watcher adds its watch there) and returns false for a
 /// directory that vanished, which is then skipped.
 pub fn walk_with<E>(
     hier: &Hierarchy,
-    rel: &str,
-    mut enter: impl FnMut(&str) -> Result<bool, E>,
+    path: &str,
+    mut enter: impl FnMut(&Cgroup) -> Result<bool, E>,
 ) -> Result<Vec<Cgroup>, E> {
-    let Some(top) = hier.describe(rel) else {
+    let Some(top) = hier.describe(path) else {
         return Ok(Vec::new());
     };
     let mut found = Vec::new();
-    let mut stack = vec![(rel.to_owned(), top)];
-    while let Some((rel, cg)) = stack.pop() {
-        if !enter(&rel)? {
+    let mut stack = vec![top];
+    while let Some(cg) = stack.pop() {
+        if !enter(&cg)? {
             continue;
         }
-        for (name, id) in children(&hier.fs_path(&rel)) {
-            let path = if cg.path == "/" {
-                format!("/{name}")
-            } else {
-                format!("{}/{name}", cg.path)
-            };
-            let child = Cgroup {
-                path,
+        let Some(dir) = hier.dir(&cg.path) else {
+            continue;
+        };
+        for (name, id) in children(&dir) {
+            stack.push(Cgroup {
+                path: child_path(&cg.path, &name).into(),
                 id,
                 level: cg.level + 1,
-            };
-            stack.push((format!("{rel}/{name}"), child));
+            });
         }
         found.push(cg);
     }
@@ -238,7 +251,10 @@ pub fn walk_with<E>(
 
 /// Lists every cgroup of the hierarchy without watching it (for `render`).
 pub fn walk(hier: &Hierarchy) -> Vec<Cgroup> {
-    walk_with(hier, "", |_| Ok::<_, std::convert::Infallible>(true)).unwrap_or_default()
+    walk_with(hier, hier.root_path(), |_| {
+        Ok::<_, std::convert::Infallible>(true)
+    })
+    .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -284,15 +300,23 @@ mod tests {
             mount: "/mnt/cg".into(),
             prefix: prefix_of("/system.slice/foo.service"),
         };
-        assert_eq!(h.cgroup_path(""), "/system.slice/foo.service");
-        assert_eq!(h.cgroup_path("/x"), "/system.slice/foo.service/x");
+        assert_eq!(h.root_path(), "/system.slice/foo.service");
+        assert_eq!(h.dir("/system.slice/foo.service"), Some("/mnt/cg".into()));
+        assert_eq!(
+            h.dir("/system.slice/foo.service/x"),
+            Some("/mnt/cg/x".into())
+        );
+        assert_eq!(h.dir("/system.slice"), None);
+        assert_eq!(h.dir("/system.slice/foo.service2"), None);
         let root = Hierarchy {
             mount: "/sys/fs/cgroup".into(),
             prefix: prefix_of("/"),
         };
-        assert_eq!(root.cgroup_path(""), "/");
-        assert_eq!(root.cgroup_path("/a/b"), "/a/b");
-        assert_eq!(root.fs_path("/a/b"), PathBuf::from("/sys/fs/cgroup/a/b"));
+        assert_eq!(root.root_path(), "/");
+        assert_eq!(root.dir("/"), Some("/sys/fs/cgroup".into()));
+        assert_eq!(root.dir("/a/b"), Some("/sys/fs/cgroup/a/b".into()));
+        assert_eq!(child_path("/", "a"), "/a");
+        assert_eq!(child_path("/a", "b"), "/a/b");
     }
 
     #[test]
@@ -304,18 +328,18 @@ mod tests {
             prefix: String::new(),
         };
         let cg = h.describe("/a/b").unwrap();
-        assert_eq!(cg.path, "/a/b");
+        assert_eq!(&*cg.path, "/a/b");
         assert_eq!(cg.level, 2);
         assert_eq!(cg.id, std::fs::metadata(dir.join("a/b")).unwrap().ino());
-        assert_eq!(h.describe("").unwrap().level, 0);
+        assert_eq!(h.describe("/").unwrap().level, 0);
         assert!(h.describe("/gone").is_none());
         let a_ino = std::fs::metadata(dir.join("a")).unwrap().ino();
         assert_eq!(children(&dir), vec![("a".to_owned(), a_ino)]);
         let all = walk(&h);
-        let mut paths: Vec<(&str, u32)> = all.iter().map(|c| (c.path.as_str(), c.level)).collect();
+        let mut paths: Vec<(&str, u32)> = all.iter().map(|c| (&*c.path, c.level)).collect();
         paths.sort();
         assert_eq!(paths, [("/", 0), ("/a", 1), ("/a/b", 2)]);
-        assert_eq!(all.iter().find(|c| c.path == "/a/b").unwrap().id, cg.id);
+        assert_eq!(all.iter().find(|c| &*c.path == "/a/b").unwrap().id, cg.id);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -179,8 +179,8 @@ pub struct Target {
 pub enum Action {
     Direct,
     Drop,
-    /// Index into [`Config::targets`].
-    Tproxy(usize),
+    /// Index into [`Config::targets`] (small: the planner keeps one per cgroup).
+    Tproxy(u16),
 }
 
 /// One classification rule.
@@ -442,6 +442,12 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
             upstream_auth_file: t.upstream_auth_file,
         });
     }
+    if targets.len() > usize::from(u16::MAX) {
+        errs.push(format!(
+            "tproxies: {} targets, at most 65535",
+            targets.len()
+        ));
+    }
     let names: BTreeSet<&str> = targets.iter().map(|t| t.name.as_str()).collect();
 
     let mut rules = Vec::new();
@@ -456,7 +462,11 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
         };
         let mut actions = Vec::new();
         if let Some(name) = &r.tproxy {
-            match targets.iter().position(|t| &t.name == name) {
+            match targets
+                .iter()
+                .position(|t| &t.name == name)
+                .and_then(|i| u16::try_from(i).ok())
+            {
                 Some(idx) => actions.push(Action::Tproxy(idx)),
                 None => {
                     let known: Vec<&str> = names.iter().copied().collect();

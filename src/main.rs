@@ -136,7 +136,10 @@ fn render(config: Option<PathBuf>) -> anyhow::Result<()> {
     };
     let tree = plan::Tree::build(&cfg, &cgroups);
     let elements = tree.elements();
-    let paths = cgroups.into_iter().map(|c| (c.id, c.path)).collect();
+    let paths = cgroups
+        .into_iter()
+        .map(|c| (c.id, c.path.to_string()))
+        .collect();
     print!(
         "{}",
         render::render(

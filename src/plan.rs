@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::ops::Bound;
 use std::rc::Rc;
 
 use ipnet::IpNet;
@@ -86,7 +87,7 @@ struct Node {
 /// parent always precedes its descendants.
 #[derive(Debug, Clone, Default)]
 pub struct Tree {
-    nodes: BTreeMap<String, Node>,
+    nodes: BTreeMap<Rc<str>, Node>,
 }
 
 fn parent_of(path: &str) -> Option<&str> {
@@ -120,7 +121,7 @@ impl Tree {
         self.nodes
             .iter()
             .map(|(p, n)| Cgroup {
-                path: p.clone(),
+                path: Rc::clone(p),
                 id: n.id,
                 level: n.level,
             })
@@ -149,7 +150,7 @@ impl Tree {
                 Some(Action::Direct) => direct += 1,
                 Some(Action::Drop) => drop += 1,
                 Some(Action::Tproxy(i)) => {
-                    if let Some(c) = per.get_mut(i) {
+                    if let Some(c) = per.get_mut(usize::from(i)) {
                         *c += 1;
                     }
                 }
@@ -162,13 +163,13 @@ impl Tree {
     /// Adds a cgroup (or notices that a reused path is a new cgroup).
     pub fn insert(&mut self, cfg: &Config, cg: &Cgroup) -> Delta {
         let mut delta = Delta::default();
-        match self.nodes.get(&cg.path) {
+        match self.nodes.get(&*cg.path) {
             Some(n) if n.id == cg.id => return delta,
             Some(_) => delta.extend(self.remove(&cg.path)),
             None => {}
         }
         self.nodes.insert(
-            cg.path.clone(),
+            Rc::clone(&cg.path),
             Node {
                 id: cg.id,
                 level: cg.level,
@@ -185,7 +186,7 @@ impl Tree {
     pub fn remove(&mut self, path: &str) -> Delta {
         let mut delta = Delta::default();
         for p in self.subtree(path) {
-            if let Some(n) = self.nodes.remove(&p)
+            if let Some(n) = self.nodes.remove(&*p)
                 && n.element
                 && let Some(a) = n.own
             {
@@ -196,13 +197,13 @@ impl Tree {
     }
 
     /// `path` and the recorded paths below it, parents first.
-    fn subtree(&self, path: &str) -> Vec<String> {
+    fn subtree(&self, path: &str) -> Vec<Rc<str>> {
         let below = format!("{path}/");
         self.nodes
-            .range(path.to_owned()..)
+            .range::<str, _>((Bound::Included(path), Bound::Unbounded))
             .take_while(|(p, _)| p.starts_with(path))
-            .filter(|(p, _)| *p == path || p.starts_with(&below))
-            .map(|(p, _)| p.clone())
+            .filter(|(p, _)| &***p == path || p.starts_with(&below))
+            .map(|(p, _)| Rc::clone(p))
             .collect()
     }
 
@@ -223,7 +224,7 @@ impl Tree {
         let mut delta = Delta::default();
         for p in self.subtree(path) {
             let inherited = self.inherited(&p);
-            let Some(n) = self.nodes.get_mut(&p) else {
+            let Some(n) = self.nodes.get_mut(&*p) else {
                 continue;
             };
             let element = n.own.is_some() && n.own != inherited;
@@ -384,7 +385,7 @@ pub fn class(cfg: &Config, action: Action) -> u32 {
     match action {
         Action::Direct => DIRECT_CLASS,
         Action::Drop => DROP_CLASS,
-        Action::Tproxy(i) => cfg.targets[i].mark,
+        Action::Tproxy(i) => cfg.targets[usize::from(i)].mark,
     }
 }
 
@@ -396,7 +397,7 @@ pub fn verdict(cfg: &Config, action: Action) -> Verdict {
     match action {
         Action::Direct => Verdict::Return,
         Action::Drop => Verdict::Drop,
-        Action::Tproxy(i) => Verdict::Goto(mark_chain(&cfg.targets[i].name).into()),
+        Action::Tproxy(i) => Verdict::Goto(mark_chain(&cfg.targets[usize::from(i)].name).into()),
     }
 }
 
@@ -512,7 +513,7 @@ pub fn table(cfg: &Config, levels: &BTreeSet<u32>, elements: &Elements) -> Table
     ];
     let actions = [Action::Direct, Action::Drop]
         .into_iter()
-        .chain((0..cfg.targets.len()).map(Action::Tproxy));
+        .chain((0..=u16::MAX).take(cfg.targets.len()).map(Action::Tproxy));
     let classes = actions
         .map(|a| {
             let v = match a {

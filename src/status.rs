@@ -35,7 +35,7 @@ fn describe(cfg: &Config, a: Option<Action>) -> String {
         Some(Action::Direct) => "direct".into(),
         Some(Action::Drop) => "drop".into(),
         Some(Action::Tproxy(i)) => {
-            let t = &cfg.targets[i];
+            let t = &cfg.targets[usize::from(i)];
             format!("tproxy {} (port {}, mark {:#x})", t.name, t.port, t.mark)
         }
     }
@@ -207,7 +207,7 @@ fn resolve(hier: &Hierarchy, what: &str) -> Result<Vec<Cgroup>, StatusError> {
     }
     let all = cgroup::walk(hier);
     let found: Vec<Cgroup> = if what.starts_with('/') {
-        all.into_iter().filter(|c| c.path == what).collect()
+        all.into_iter().filter(|c| &*c.path == what).collect()
     } else {
         all.into_iter()
             .filter(|c| c.path.rsplit('/').next() == Some(what))
@@ -229,7 +229,7 @@ pub fn explain(cfg: &Config, what: &str) -> Result<(String, bool), StatusError> 
         let _ = writeln!(o, "cgroup {} (id {}, level {})", cg.path, cg.id, cg.level);
         // Ancestors-or-self from the top, with the rule each matches.
         let mut chain = Vec::new();
-        let mut p = cg.path.clone();
+        let mut p = cg.path.to_string();
         loop {
             chain.push(p.clone());
             match p.rsplit_once('/') {
@@ -273,9 +273,7 @@ pub fn explain(cfg: &Config, what: &str) -> Result<(String, bool), StatusError> 
         let mut kernel = None;
         if let Some(inst) = &installed {
             for path in chain.iter().rev() {
-                let rel = path.strip_prefix(&hier.prefix).unwrap_or(path);
-                let rel = if rel == "/" { "" } else { rel };
-                if let Some(c) = hier.describe(rel)
+                if let Some(c) = hier.describe(path)
                     && let Some(v) = inst.maps.get(&c.level).and_then(|m| m.get(&c.id))
                 {
                     kernel = Some((path.clone(), c.level, *v));

@@ -4,10 +4,11 @@
 use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::rc::Rc;
 
-use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
+use inotify::{EventMask, Inotify, WatchMask};
 
-use crate::cgroup::{Cgroup, Hierarchy, walk_with};
+use crate::cgroup::{Cgroup, Hierarchy, child_path, walk_with};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
@@ -41,8 +42,9 @@ pub enum Change {
 pub struct Watcher {
     hier: Hierarchy,
     inotify: Inotify,
-    /// Watch descriptor → mount-relative path.
-    dirs: HashMap<WatchDescriptor, String>,
+    /// Watch descriptor (its number: smaller than the crate's handle) → cgroup
+    /// path, shared with the cgroup handed out.
+    dirs: HashMap<i32, Rc<str>>,
     buf: Vec<u8>,
     /// Test-only (`CGTPROXY_TEST_INOTIFY_QUEUE`): treat a burst of more events
     /// than this as a queue overflow, since the kernel's queue size is a global
@@ -85,18 +87,21 @@ impl Watcher {
     /// Watches and lists the whole tree.
     pub fn scan(&mut self) -> Result<Vec<Cgroup>, WatchError> {
         self.dirs.clear();
-        self.walk("")
+        let root = self.hier.root_path().to_owned();
+        self.walk(&root)
     }
 
-    /// Watches `rel` and everything below it, returning the cgroups found. Directories
-    /// that vanish on the way are skipped.
-    fn walk(&mut self, rel: &str) -> Result<Vec<Cgroup>, WatchError> {
+    /// Watches cgroup `path` and everything below it, returning the cgroups found.
+    /// Directories that vanish on the way are skipped.
+    fn walk(&mut self, path: &str) -> Result<Vec<Cgroup>, WatchError> {
         let (hier, inotify, dirs) = (&self.hier, &mut self.inotify, &mut self.dirs);
-        walk_with(hier, rel, |rel| {
-            let path = hier.fs_path(rel);
+        walk_with(hier, path, |cg| {
+            let Some(path) = hier.dir(&cg.path) else {
+                return Ok(false);
+            };
             match inotify.watches().add(&path, MASK) {
                 Ok(wd) => {
-                    dirs.insert(wd, rel.to_owned());
+                    dirs.insert(wd.get_watch_descriptor_id(), cg.path.clone());
                     Ok(true)
                 }
                 Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => Err(WatchError::Limit {
@@ -121,7 +126,11 @@ impl Watcher {
                 Ok(events) => {
                     let before = raw.len();
                     for ev in events {
-                        raw.push((ev.wd.clone(), ev.mask, ev.name.map(|n| n.to_owned())));
+                        raw.push((
+                            ev.wd.get_watch_descriptor_id(),
+                            ev.mask,
+                            ev.name.map(|n| n.to_owned()),
+                        ));
                     }
                     if raw.len() == before {
                         break;
@@ -151,14 +160,14 @@ impl Watcher {
                 continue;
             };
             let Some(name) = name.to_str() else { continue };
-            let rel = format!("{parent}/{name}");
+            let path = child_path(parent, name);
             if mask.contains(EventMask::CREATE) {
-                let found = self.walk(&rel)?;
+                let found = self.walk(&path)?;
                 if !found.is_empty() {
                     changes.push(Change::Added(found));
                 }
             } else if mask.intersects(EventMask::DELETE | EventMask::MOVED_FROM) {
-                changes.push(Change::Removed(self.hier.cgroup_path(&rel)));
+                changes.push(Change::Removed(path));
             }
         }
         if lost {
@@ -182,7 +191,7 @@ mod tests {
     }
 
     fn paths(v: &[Cgroup]) -> Vec<String> {
-        let mut p: Vec<String> = v.iter().map(|c| c.path.clone()).collect();
+        let mut p: Vec<String> = v.iter().map(|c| c.path.to_string()).collect();
         p.sort();
         p
     }
@@ -234,6 +243,32 @@ mod tests {
             [Change::Rescan(all)] => assert_eq!(paths(all), ["/", "/z", "/z/y"]),
             other => panic!("expected a rescan, got {other:?}"),
         }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_subtree_mount_reports_absolute_cgroup_paths() {
+        let d = tmp("subtree");
+        std::fs::create_dir_all(d.join("a")).unwrap();
+        let mut w = Watcher::new(Hierarchy {
+            mount: d.clone(),
+            prefix: "/user.slice".into(),
+        })
+        .unwrap();
+        assert_eq!(paths(&w.scan().unwrap()), ["/user.slice", "/user.slice/a"]);
+        std::fs::create_dir(d.join("a/b")).unwrap();
+        match w.read().unwrap().as_slice() {
+            [Change::Added(v)] => {
+                assert_eq!(paths(v), ["/user.slice/a/b"]);
+                assert_eq!(v[0].level, 3);
+            }
+            other => panic!("expected one addition, got {other:?}"),
+        }
+        std::fs::remove_dir(d.join("a/b")).unwrap();
+        assert_eq!(
+            w.read().unwrap(),
+            [Change::Removed("/user.slice/a/b".into())]
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
