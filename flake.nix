@@ -91,16 +91,21 @@
             in
             pkgs.writeText "cgtproxy-eval-tests" (builtins.toJSON result);
 
-          # nix/hardening.nix against dist/systemd/cgtproxy.service.
+          # Each shipped unit against its Nix hardening file.
           unit-drift =
             pkgs.runCommand "cgtproxy-unit-drift"
               {
                 nativeBuildInputs = [ pkgs.python3 ];
                 hardening = builtins.toJSON (import ./nix/hardening.nix);
-                passAsFile = [ "hardening" ];
+                hardeningForward = builtins.toJSON (import ./nix/hardening-forward.nix);
+                passAsFile = [
+                  "hardening"
+                  "hardeningForward"
+                ];
               }
               ''
-                python3 ${./nix/tests/unit_drift.py} "$hardeningPath" ${./dist/systemd/cgtproxy.service}
+                python3 ${./nix/tests/unit_drift.py} "$hardeningPath" ${./dist/systemd/cgtproxy.service} nix/hardening.nix
+                python3 ${./nix/tests/unit_drift.py} "$hardeningForwardPath" ${./dist/systemd/cgtproxy-forward.service} nix/hardening-forward.nix
                 touch "$out"
               '';
 

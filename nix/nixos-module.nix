@@ -66,7 +66,26 @@ let
         { tproxy = name; }
     );
 
-  rendered = dropNulls cfg.settings;
+  # The forwarder runs as a dynamic user, which cannot read a root-only secret:
+  # each target's upstream-auth-file reaches it as a credential (LoadCredential=,
+  # copied by systemd when the unit starts), and the rendered file names that copy.
+  forwardTargets = lib.filterAttrs (_: t: t.upstream != null) cfg.settings.tproxies;
+  credentialDir = "/run/credentials/cgtproxy-forward.service";
+  credentialName = name: "upstream-${name}";
+  authFiles = lib.filterAttrs (_: t: t.upstream-auth-file != null) (
+    if cfg.forward.enable then forwardTargets else { }
+  );
+  credentials = lib.mapAttrsToList (
+    name: t: "${credentialName name}:${t.upstream-auth-file}"
+  ) authFiles;
+
+  rendered = dropNulls (
+    lib.recursiveUpdate cfg.settings {
+      tproxies = lib.mapAttrs (name: _: {
+        upstream-auth-file = "${credentialDir}/${credentialName name}";
+      }) authFiles;
+    }
+  );
   rawConfig = json.generate "cgtproxy-config.json" rendered;
   canCheck = pkgs.stdenv.buildPlatform.canExecute pkgs.stdenv.hostPlatform;
   configFile =
@@ -191,7 +210,11 @@ let
         type = types.nullOr (types.strMatching "(socks5|http)://.+:[0-9]+");
         default = null;
         example = "socks5://127.0.0.1:1080";
-        description = "Upstream (SOCKS5 or HTTP CONNECT) of the built-in forwarder, `cgtproxy forward`, which serves this target. The NixOS module does not run the forwarder yet: use `dist/systemd/cgtproxy-forward.service` as a model.";
+        description = ''
+          Upstream (SOCKS5 or HTTP CONNECT) of the built-in forwarder, `cgtproxy
+          forward`, which then serves this target's port; see
+          {option}`services.cgtproxy.forward.enable`.
+        '';
       };
       upstream-auth-file = mkOption {
         type = types.nullOr types.str;
@@ -200,6 +223,10 @@ let
         description = ''
           File holding `user:password` for {option}`upstream`. A string, not a
           Nix path, so that the secret is not copied into the world-readable store.
+          It may be readable by root only: the forwarder's unit receives it with
+          `LoadCredential=` (read when the unit starts; a changed path restarts
+          it), and the rendered configuration names that copy,
+          `${credentialDir}/upstream-NAME`.
         '';
       };
     };
@@ -368,6 +395,22 @@ in
       };
     };
 
+    forward = {
+      enable = mkOption {
+        type = types.bool;
+        default = forwardTargets != { };
+        defaultText = literalExpression "any target in services.cgtproxy.settings.tproxies has an upstream";
+        description = ''
+          Run the built-in forwarder, `cgtproxy forward`, as
+          `cgtproxy-forward.service`: it listens on the port of every target
+          with an `upstream` and relays that target's traffic through it
+          (SOCKS5 or HTTP CONNECT). Same sandbox as the daemon, but with IP
+          sockets instead of netlink. A rule classifying its own cgroup
+          direct comes before all others.
+        '';
+      };
+    };
+
     reversePathExemption = mkOption {
       type = types.bool;
       default = true;
@@ -390,6 +433,10 @@ in
       }) targetNames
       ++ [
         {
+          assertion = !cfg.forward.enable || forwardTargets != { };
+          message = "services.cgtproxy.forward.enable: no target in services.cgtproxy.settings.tproxies has an upstream, so `cgtproxy forward` would have nothing to do.";
+        }
+        {
           assertion =
             let
               t = cfg.settings.route-table;
@@ -407,7 +454,21 @@ in
           `flush ruleset` and wipes cgtproxy's table until `systemctl restart cgtproxy`.
           Set networking.nftables.flushRuleset = false; NixOS then replaces only its own tables.'';
 
-    services.cgtproxy.settings.rules = mkIf cfg.slices.enable (mkBefore (map sliceRule sliceNames));
+    services.cgtproxy.settings.rules = lib.mkMerge [
+      # Before everything else, the slices too: the forwarder's own traffic is
+      # never captured. Its upstream connections would not be anyway (they
+      # carry SO_MARK 0x63677466, which the output chain leaves alone); this
+      # covers the rest of what it sends, whatever the user's rules match.
+      (mkIf cfg.forward.enable (
+        lib.mkOrder 400 [
+          {
+            match = "^/system\\.slice/cgtproxy-forward\\.service$";
+            direct = true;
+          }
+        ]
+      ))
+      (mkIf cfg.slices.enable (mkBefore (map sliceRule sliceNames)))
+    ];
     services.cgtproxy.configFile = configFile;
 
     environment.etc."cgtproxy/config.json".source = configFile;
@@ -446,6 +507,36 @@ in
         Restart = "on-failure";
         RestartSec = "2s";
       };
+    };
+
+    systemd.services.cgtproxy-forward = mkIf cfg.forward.enable {
+      description = "cgtproxy built-in transparent forwarder (SOCKS5 / HTTP CONNECT upstreams)";
+      wantedBy = [ "multi-user.target" ];
+      after = [
+        "network.target"
+        "cgtproxy.service"
+      ];
+      # SIGHUP: new upstreams for new flows, listeners for new ports; open
+      # flows go on. New credentials change LoadCredential= and so restart it.
+      reloadTriggers = [ configFile ];
+      serviceConfig = import ./hardening-forward.nix // {
+        Type = "notify-reload";
+        ExecStart = lib.concatMapStringsSep " " escapeExecArg [
+          (lib.getExe cfg.package)
+          "forward"
+          "--config"
+          configPath
+          "--log-level"
+          cfg.logLevel
+        ];
+        Restart = "on-failure";
+        RestartSec = "2s";
+        # SIGTERM stops accepting and lets open connections finish for up to 10 s.
+        TimeoutStopSec = "15s";
+        # Two descriptors per TCP connection, three per UDP flow.
+        LimitNOFILE = 65536;
+      }
+      // lib.optionalAttrs (credentials != [ ]) { LoadCredential = credentials; };
     };
   };
 }

@@ -286,6 +286,30 @@ let
       "drop";
   userSlice = name: "/user.slice/user-1000.slice/user@1000.service/cgtproxy.slice/${name}/run-r1.scope";
 
+  hardeningForward = import ../hardening-forward.nix;
+  # A target served by the forwarder next to one served by a proxy core.
+  withForward = {
+    imports = [ proxyOnly ];
+    services.cgtproxy.settings.tproxies.tor = {
+      port = 7894;
+      mark = 3001;
+      upstream = "socks5://127.0.0.1:9050";
+    };
+  };
+  forwardCfg = evalNixos withForward;
+  forwardUnit = forwardCfg.systemd.services.cgtproxy-forward;
+  withAuthModule = {
+    imports = [ withForward ];
+    services.cgtproxy.checkConfig = false;
+    services.cgtproxy.settings.tproxies.corp = {
+      port = 7895;
+      mark = 3002;
+      upstream = "http://proxy.corp.example:3128";
+      upstream-auth-file = "/run/secrets/corp-proxy";
+    };
+  };
+  withAuth = evalNixos withAuthModule;
+
   hm = evalHm {
     programs.cgtproxy = {
       targets = [ "proxy" ];
@@ -336,7 +360,13 @@ let
           no-ipv6 = false;
           upstream = "socks5://127.0.0.1:1080";
         };
-        rules = [ ];
+        # The upstream turns the forwarder on, and with it this rule.
+        rules = [
+          {
+            match = "^/system\\.slice/cgtproxy-forward\\.service$";
+            direct = true;
+          }
+        ];
       };
     };
     testCheckConfig = {
@@ -453,6 +483,165 @@ let
         false
         [ ]
       ];
+    };
+
+    # --- NixOS module: the forwarder ---
+    testForwardOnlyWithUpstream = {
+      expr = [
+        ((evalNixos proxyOnly).systemd.services ? cgtproxy-forward)
+        (forwardCfg.systemd.services ? cgtproxy-forward)
+        forwardCfg.services.cgtproxy.forward.enable
+      ];
+      expected = [
+        false
+        true
+        true
+      ];
+    };
+    testForwardUnit = {
+      expr = {
+        inherit (forwardUnit) after wantedBy;
+        inherit (forwardUnit.serviceConfig)
+          Type
+          ExecStart
+          Restart
+          TimeoutStopSec
+          LimitNOFILE
+          ;
+        reloadsOnConfig = forwardUnit.reloadTriggers == [ forwardCfg.services.cgtproxy.configFile ];
+        hasCredentials = forwardUnit.serviceConfig ? LoadCredential;
+      };
+      expected = {
+        after = [
+          "network.target"
+          "cgtproxy.service"
+        ];
+        wantedBy = [ "multi-user.target" ];
+        Type = "notify-reload";
+        ExecStart = ''"${exe}" "forward" "--config" "/etc/cgtproxy/config.json" "--log-level" "info"'';
+        Restart = "on-failure";
+        TimeoutStopSec = "15s";
+        LimitNOFILE = 65536;
+        reloadsOnConfig = true;
+        hasCredentials = false;
+      };
+    };
+    testForwardHardening = {
+      expr = {
+        applied = builtins.intersectAttrs hardeningForward forwardUnit.serviceConfig == hardeningForward;
+        inherit (forwardUnit.serviceConfig)
+          DynamicUser
+          CapabilityBoundingSet
+          AmbientCapabilities
+          RestrictAddressFamilies
+          ;
+        # The same sandbox as the daemon's, but for the address families.
+        sameAsDaemon =
+          removeAttrs hardeningForward [ "RestrictAddressFamilies" ]
+          == removeAttrs (import ../hardening.nix) [
+            "RestrictAddressFamilies"
+            "IPAddressDeny"
+          ];
+        hasIPAddressDeny = forwardUnit.serviceConfig ? IPAddressDeny;
+        hasUser = forwardUnit.serviceConfig ? User;
+        hasPrivateNetwork = forwardUnit.serviceConfig ? PrivateNetwork;
+      };
+      expected = {
+        applied = true;
+        DynamicUser = true;
+        CapabilityBoundingSet = [ "CAP_NET_ADMIN" ];
+        AmbientCapabilities = [ "CAP_NET_ADMIN" ];
+        RestrictAddressFamilies = [
+          "AF_INET"
+          "AF_INET6"
+          "AF_UNIX"
+        ];
+        sameAsDaemon = true;
+        hasIPAddressDeny = false;
+        hasUser = false;
+        hasPrivateNetwork = false;
+      };
+    };
+    testForwardCgroupDirect = {
+      expr =
+        let
+          rules =
+            (evalNixos {
+              imports = [ withForward ];
+              services.cgtproxy.slices.scope = "any";
+              services.cgtproxy.settings.rules = [
+                {
+                  match = "^/system\\.slice/";
+                  tproxy = "proxy";
+                }
+              ];
+            }).services.cgtproxy.settings.rules;
+        in
+        {
+          first = builtins.head rules;
+          classes = map (classify rules) [
+            "/system.slice/cgtproxy-forward.service"
+            "/system.slice/cgtproxy-forwardx.service"
+            "/system.slice/cgtproxy-tor.slice/run-r1.service"
+          ];
+        };
+      expected = {
+        first = {
+          match = "^/system\\.slice/cgtproxy-forward\\.service$";
+          direct = true;
+          tproxy = null;
+          drop = null;
+        };
+        classes = [
+          "direct"
+          "proxy"
+          "tor"
+        ];
+      };
+    };
+    testForwardCredentials = {
+      expr = {
+        inherit (withAuth.systemd.services.cgtproxy-forward.serviceConfig) LoadCredential;
+        rendered = lib.mapAttrs (_: t: t.upstream-auth-file or null) withAuth.services.cgtproxy.configFile.value.tproxies;
+        # The option keeps what the user wrote.
+        option = withAuth.services.cgtproxy.settings.tproxies.corp.upstream-auth-file;
+      };
+      expected = {
+        LoadCredential = [ "upstream-corp:/run/secrets/corp-proxy" ];
+        rendered = {
+          corp = "/run/credentials/cgtproxy-forward.service/upstream-corp";
+          proxy = null;
+          tor = null;
+        };
+        option = "/run/secrets/corp-proxy";
+      };
+    };
+    testForwardOff = {
+      expr =
+        let
+          c = evalNixos {
+            imports = [ withAuthModule ];
+            services.cgtproxy.forward.enable = false;
+          };
+        in
+        {
+          unit = c.systemd.services ? cgtproxy-forward;
+          directRule = lib.any (r: lib.hasInfix "cgtproxy-forward" r.match) c.services.cgtproxy.settings.rules;
+          # Someone else's forwarder reads the file where it is.
+          auth = c.services.cgtproxy.configFile.value.tproxies.corp.upstream-auth-file;
+        };
+      expected = {
+        unit = false;
+        directRule = false;
+        auth = "/run/secrets/corp-proxy";
+      };
+    };
+    testForwardNothingToDo = {
+      expr = refusedWith (evalNixos {
+        imports = [ proxyOnly ];
+        services.cgtproxy.forward.enable = true;
+      }) [ "services.cgtproxy.forward.enable" "no target" "upstream" ];
+      expected = true;
     };
 
     # --- NixOS module: interplay with the firewall ---
@@ -647,7 +836,7 @@ let
       expected = true;
     };
     testGoodConfigNoAssertion = {
-      expr = failedAssertions withSlices ++ failedAssertions designCfg;
+      expr = failedAssertions withSlices ++ failedAssertions designCfg ++ failedAssertions withAuth;
       expected = [ ];
     };
     testTypeErrors = {

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Compare nix/hardening.nix (as JSON) with the [Service] section of the shipped unit.
+"""Compare a Nix hardening file (as JSON) with the [Service] section of a shipped unit.
 
-usage: unit_drift.py HARDENING_JSON UNIT_FILE
+usage: unit_drift.py HARDENING_JSON UNIT_FILE [NAME]
+NAME names the hardening file in messages (default nix/hardening.nix).
 Exit 0 when every hardening key has the same value in the unit and the unit sets no
 other key beyond the operational ones listed below; 1 on drift, 2 on bad input.
 """
@@ -13,6 +14,10 @@ import sys
 OPERATIONAL = {
     "Type", "ExecStart", "ExecReload", "ExecStartPre", "Restart", "RestartSec",
     "Environment", "ConfigurationDirectory", "ReloadSignal", "TimeoutStopSec",
+    "LimitNOFILE",
+    # The forwarder's upstream passwords: the credential store here, the
+    # secret's own path (LoadCredential=) in the NixOS module.
+    "ImportCredential", "LoadCredential",
 }
 
 TRUE = {"yes", "true", "on", "1"}
@@ -62,9 +67,10 @@ def service_section(path):
 
 
 def main(argv):
-    if len(argv) != 3:
+    if len(argv) not in (3, 4):
         print(__doc__.strip(), file=sys.stderr)
         return 2
+    name = argv[3] if len(argv) == 4 else "nix/hardening.nix"
     with open(argv[1], encoding="utf-8") as f:
         hardening = json.load(f)
     unit = service_section(argv[2])
@@ -72,7 +78,7 @@ def main(argv):
     for key in sorted(hardening):
         want = norm(hardening[key])
         if key not in unit:
-            drift.append(f"{key}: in nix/hardening.nix ({want!r}) but not in the unit")
+            drift.append(f"{key}: in {name} ({want!r}) but not in the unit")
             continue
         # An empty assignment resets a list setting: compare what follows the last one.
         values = unit[key]
@@ -80,15 +86,15 @@ def main(argv):
             values = values[len(values) - 1 - values[::-1].index(""):][1:]
         got = " ".join(norm(v) for v in values)
         if got != want:
-            drift.append(f"{key}: nix/hardening.nix has {want!r}, the unit has {got!r}")
+            drift.append(f"{key}: {name} has {want!r}, the unit has {got!r}")
     for key in sorted(set(unit) - set(hardening) - OPERATIONAL):
-        drift.append(f"{key}: set in the unit ({' '.join(unit[key])!r}) but not in nix/hardening.nix")
+        drift.append(f"{key}: set in the unit ({' '.join(unit[key])!r}) but not in {name}")
     if drift:
-        print(f"drift between nix/hardening.nix and {argv[2]}:")
+        print(f"drift between {name} and {argv[2]}:")
         for line in drift:
             print("  " + line)
         return 1
-    print(f"unit-drift: {len(hardening)} hardening settings agree with {argv[2]}")
+    print(f"unit-drift: {len(hardening)} settings of {name} agree with {argv[2]}")
     return 0
 
 

@@ -1,5 +1,7 @@
 # NixOS VM test: the module's unit routes real packets by cgroup.
-#   client: cgtproxy + a transparent listener (port 7893); target: an HTTP server.
+#   client: cgtproxy + a transparent listener (port 7893) + the built-in
+#           forwarder (target "fwd", port 7894);
+#   target: an HTTP server, a whoami server and microsocks (the forwarder's upstream).
 # Run: nix build .#checks.x86_64-linux.vm -L
 { package, nixosModule }:
 
@@ -9,6 +11,10 @@ let
   listenerPort = 7893;
   mark = 3000;
   routeTable = 300;
+  forwardPort = 7894;
+  whoamiPort = 8081;
+  # The Debian VM test's network actors; `whoami` answers "FROM <client ip>".
+  vmnet = ../../tests/vm/vmnet.py;
 in
 {
   name = "cgtproxy";
@@ -17,11 +23,32 @@ in
     target =
       { pkgs, ... }:
       {
-        networking.firewall.allowedTCPPorts = [ 80 ];
+        networking.firewall.allowedTCPPorts = [
+          80
+          1080
+          whoamiPort
+        ];
+        networking.firewall.allowedUDPPorts = [ whoamiPort ];
         systemd.services.target-http = {
           wantedBy = [ "multi-user.target" ];
           # Dual stack: Python's http.server binds `::` with IPV6_V6ONLY off.
           serviceConfig.ExecStart = "${pkgs.python3}/bin/python3 -m http.server 80 --bind :: --directory ${pkgs.writeTextDir "index.html" "target\n"}";
+        };
+        # Tells who reached it: the client itself, or the upstream (this node).
+        systemd.services.whoami = {
+          wantedBy = [ "multi-user.target" ];
+          serviceConfig = {
+            Type = "notify";
+            ExecStart = "${pkgs.python3}/bin/python3 ${vmnet} whoami ${toString whoamiPort} 0.0.0.0 ::";
+          };
+        };
+        # The forwarder's SOCKS5 upstream (TCP only: microsocks has no UDP ASSOCIATE).
+        systemd.services.microsocks = {
+          wantedBy = [ "multi-user.target" ];
+          serviceConfig = {
+            ExecStart = "${pkgs.microsocks}/bin/microsocks -i 0.0.0.0 -p 1080";
+            DynamicUser = true;
+          };
         };
       };
 
@@ -50,6 +77,12 @@ in
             tproxies.proxy = {
               port = listenerPort;
               inherit mark;
+            };
+            # An upstream: the module runs cgtproxy-forward.service on its own.
+            tproxies.fwd = {
+              port = forwardPort;
+              mark = mark + 1;
+              upstream = "socks5://${target4}:1080";
             };
             rules = [
               {
@@ -83,6 +116,7 @@ in
         environment.systemPackages = [
           pkgs.curl
           pkgs.nftables
+          (pkgs.writeShellScriptBin "vmnet" ''exec ${pkgs.python3}/bin/python3 ${vmnet} "$@"'')
           (pkgs.writeScriptBin "udp-send" ''
             #!${pkgs.python3}/bin/python3
             # udp-send HOST PORT TEXT: one datagram.
@@ -129,8 +163,11 @@ in
           client.succeed("ip -4 rule show | grep -q 'lookup ${toString routeTable}'")
           client.succeed("ip -6 rule show | grep -q 'lookup ${toString routeTable}'")
 
-      def main_pid():
-          return client.succeed("systemctl show -P MainPID cgtproxy.service").strip()
+      def main_pid(unit="cgtproxy"):
+          return client.succeed(f"systemctl show -P MainPID {unit}.service").strip()
+
+      def whoami(proto, addr):
+          return f"vmnet probe {proto} {addr} ${toString whoamiPort} 3"
 
       def field(pattern, text):
           # First group of PATTERN in TEXT. (A bare `re.search(...).group(1)` fails the
@@ -144,6 +181,9 @@ in
       target.wait_for_open_port(80)
       client.wait_for_unit("tproxy-listener.service")
       client.wait_for_unit("cgtproxy.service")
+      client.wait_for_unit("cgtproxy-forward.service")
+      target.wait_for_unit("microsocks.service")
+      target.wait_for_unit("whoami.service")
       # Both address families up (IPv6 duplicate address detection takes a moment).
       client.wait_until_succeeds(http(T4), timeout=30)
       client.wait_until_succeeds(http(T6), timeout=30)
@@ -152,7 +192,7 @@ in
       # when its last scope ends): a probe's scope then starts inside a cgroup the
       # daemon has already classified, instead of racing the daemon's inotify with a
       # slice created on the fly. The first probes wait for that classification.
-      client.succeed("systemctl start cgtproxy-proxy.slice cgtproxy-direct.slice cgtproxy-drop.slice")
+      client.succeed("systemctl start cgtproxy-proxy.slice cgtproxy-direct.slice cgtproxy-drop.slice cgtproxy-fwd.slice")
       client.wait_until_succeeds(in_slice("cgtproxy-proxy.slice", http(T4)) + " | grep -q '^proxied '", timeout=10)
       client.wait_until_fails(in_slice("cgtproxy-drop.slice", http(T4)), timeout=30)
 
@@ -161,13 +201,15 @@ in
           client.succeed("ip -4 route show table ${toString routeTable} | grep -q 'local default dev lo'")
           print(client.succeed("nft list table inet cgtproxy"))
 
-      with subtest("rootless, with CAP_NET_ADMIN only"):
-          pid = main_pid()
-          status = client.succeed(f"cat /proc/{pid}/status")
-          uid = field(r"^Uid:\s+(\d+)", status)
-          assert uid != "0", f"runs as root: {status}"
-          cap_eff = field(r"^CapEff:\s+([0-9a-f]+)", status)
-          assert int(cap_eff, 16) == 1 << 12, f"CapEff {cap_eff} is not exactly CAP_NET_ADMIN"
+      with subtest("rootless, with CAP_NET_ADMIN only (the daemon and the forwarder)"):
+          for unit in ("cgtproxy", "cgtproxy-forward"):
+              pid = main_pid(unit)
+              status = client.succeed(f"cat /proc/{pid}/status")
+              uid = field(r"^Uid:\s+(\d+)", status)
+              assert uid != "0", f"{unit} runs as root: {status}"
+              for cap in ("CapEff", "CapBnd"):
+                  value = field(rf"^{cap}:\s+([0-9a-f]+)", status)
+                  assert int(value, 16) == 1 << 12, f"{unit}: {cap} {value} is not exactly CAP_NET_ADMIN"
 
       with subtest("a proxied app reaches the listener with its original destination"):
           out = client.succeed(in_slice("cgtproxy-proxy.slice", http(T4)))
@@ -186,6 +228,18 @@ in
               out = client.succeed(http(addr))
               assert out.strip() == "target", out
 
+      with subtest("an app routed to the forwarder reaches the target through microsocks"):
+          C4 = "${nodes.client.networking.primaryIPAddress}"
+          out = client.succeed(in_slice("cgtproxy-direct.slice", whoami("tcp", T4)))
+          assert out.strip() == f"FROM {C4}", out
+          # microsocks runs on the target: the target sees its own address.
+          out = client.succeed(in_slice("cgtproxy-fwd.slice", whoami("tcp", T4)))
+          assert out.strip() == f"FROM {T4}", out
+          out = client.succeed(in_slice("cgtproxy-fwd.slice", whoami("tcp", T6)))
+          assert out.strip() == f"FROM {T6}", out
+          # No UDP through microsocks: dropped, never sent direct.
+          client.fail(in_slice("cgtproxy-fwd.slice", whoami("udp", T4)))
+
       with subtest("a dropped app gets nowhere"):
           client.fail(in_slice("cgtproxy-drop.slice", http(T4)))
           client.fail(in_slice("cgtproxy-drop.slice", http(T6)))
@@ -203,8 +257,9 @@ in
           assert out.strip() == f"proxied {T4}:80", out
           client.succeed("systemctl stop early-app.service")
 
-      with subtest("a rule change reloads the daemon, same process, new rules"):
+      with subtest("a rule change reloads the daemon and the forwarder, same processes, new rules"):
           pid = main_pid()
+          forward_pid = main_pid("cgtproxy-forward")
           out = client.succeed(in_slice("reloadtest.slice", http(T4)))
           assert out.strip() == "target", out
           client.succeed(
@@ -212,6 +267,8 @@ in
           )
           client.wait_for_unit("cgtproxy.service")
           assert main_pid() == pid, "cgtproxy was restarted, not reloaded"
+          client.wait_for_unit("cgtproxy-forward.service")
+          assert main_pid("cgtproxy-forward") == forward_pid, "cgtproxy-forward was restarted, not reloaded"
           client.fail(in_slice("reloadtest.slice", http(T4)))
           out = client.succeed(in_slice("cgtproxy-proxy.slice", http(T4)))
           assert out.strip() == f"proxied {T4}:80", out
@@ -228,11 +285,17 @@ in
           assert out.strip() == f"proxied {T4}:80", out
 
       with subtest("hardening"):
-          out = client.succeed("systemd-analyze security cgtproxy.service | tail -n 1")
-          print(out)
-          exposure = float(field(r"exposure level for cgtproxy\.service:\s+([0-9.]+)", out))
-          assert exposure <= 2.0, f"exposure {exposure}"
+          for unit in ("cgtproxy", "cgtproxy-forward"):
+              out = client.succeed(f"systemd-analyze security {unit}.service | tail -n 1")
+              print(out)
+              exposure = float(field(rf"exposure level for {unit}\.service:\s+([0-9.]+)", out))
+              assert exposure <= 2.0, f"{unit}: exposure {exposure}"
           client.fail("journalctl -k -b --no-pager | grep -E 'type=1326|seccomp' | grep -q cgtproxy")
+
+      with subtest("the forwarder stops cleanly; its target's traffic is not sent direct"):
+          client.succeed("systemctl stop cgtproxy-forward.service")
+          assert client.succeed("systemctl show -P Result cgtproxy-forward.service").strip() == "success"
+          client.fail(in_slice("cgtproxy-fwd.slice", whoami("tcp", T4)))
 
       with subtest("stop leaves no table, rule or route"):
           client.succeed("systemctl stop cgtproxy.service")

@@ -14,6 +14,14 @@ RT=300     # route table
 PEER4=10.99.0.2
 PEER6=fd99::2
 PEER_PORT=8080
+# The forwarder's target "fwd" (config.json) and its upstreams, which live in
+# a namespace "up" routed through this host: the peer's whoami server then
+# tells who reached it, this host (10.99.0.1) or an upstream.
+FWD_PORT=7894
+WHOAMI_PORT=8081
+UP4=10.98.0.2    # ss-local (SOCKS5 with UDP) on :1080, via ss-server
+UP4_B=10.98.0.3  # microsocks (TCP only, password) on UP4:1081 connects from here
+UP6=fd98::2
 MAX_EXPOSURE=1.2 # systemd-analyze security target from issue 7
 
 exec 2>&1
@@ -39,25 +47,26 @@ as_alice() {
   runuser -u alice -- env XDG_RUNTIME_DIR=/run/user/1000 \
     DBUS_SESSION_BUS_ADDRESS=unix:path=/run/user/1000/bus "$@"
 }
-probe_cmd() { echo python3 "$P/vmnet.py" probe "$1" "$2" "$PEER_PORT" 3; }
+probe_cmd() { echo python3 "$P/vmnet.py" probe "$1" "$2" "${3:-$PEER_PORT}" 3; }
 
-# launch HOW TARGET PROTO HOST: run one probe and print its answer.
+# launch HOW TARGET PROTO HOST [PORT]: run one probe and print its answer.
 #   exec:  cgtproxy exec TARGET -- probe            (transient user scope)
 #   slice: systemd-run --user --slice=cgtproxy-TARGET.slice probe
 #   root:  the probe from this unclassified system service
 launch() {
-  local how=$1 target=$2 proto=$3 host=$4
+  local how=$1 target=$2 proto=$3 host=$4 port=${5:-}
   case $how in
-    exec) as_alice timeout 20 cgtproxy exec "$target" -- $(probe_cmd "$proto" "$host") ;;
+    exec) as_alice timeout 20 cgtproxy exec "$target" -- $(probe_cmd "$proto" "$host" $port) ;;
     slice) as_alice timeout 20 systemd-run --user --quiet --wait --pipe \
-      --slice="cgtproxy-$target.slice" $(probe_cmd "$proto" "$host") ;;
-    root) timeout 20 $(probe_cmd "$proto" "$host") ;;
+      --slice="cgtproxy-$target.slice" $(probe_cmd "$proto" "$host" $port) ;;
+    root) timeout 20 $(probe_cmd "$proto" "$host" $port) ;;
   esac
 }
 
-# expect NAME WANT HOW TARGET PROTO HOST: the probe's answer must be WANT
+# expect NAME WANT HOW TARGET PROTO HOST [PORT]: the probe's answer must be WANT
 # ("TPROXY <dst> 8080": reached the listener with its original destination;
-# "PEER <dst> 8080": reached the peer; "ERROR": reached nothing).
+# "PEER <dst> 8080": reached the peer; "FROM <src>": reached the peer's whoami
+# server from <src>; "ERROR": reached nothing).
 expect() {
   local n=$1 want=$2 out; shift 2
   out=$(launch "$@" 2>&1)
@@ -69,7 +78,7 @@ expect() {
 dst() { case $1 in *4) echo "$PEER4" ;; *6) echo "$PEER6" ;; esac; }
 proto() { echo "${1%?}"; } # tcp4 -> tcp
 
-main_pid() { systemctl show -P MainPID cgtproxy.service; }
+main_pid() { systemctl show -P MainPID "${1:-cgtproxy}.service"; }
 has_table() { nft list table inet cgtproxy >/dev/null 2>&1; }
 rule_count() { ip "-$1" rule show | grep -c "fwmark $MARK lookup $RT"; }
 has_route() { ip "-$1" route show table "$RT" 2>/dev/null | grep -q '^local default dev lo'; }
@@ -85,6 +94,27 @@ netstate() {
   echo "# nft list table inet cgtproxy"; nft list table inet cgtproxy 2>&1
   echo "# ip rule"; ip -4 rule; ip -6 rule
   echo "# table $RT"; ip -4 route show table "$RT" 2>&1; ip -6 route show table "$RT" 2>&1
+}
+
+# rootless PREFIX PID: PID runs as a dynamic user with exactly CAP_NET_ADMIN.
+rootless() {
+  local n=$1 pid=$2 ruid euid suid fsuid capeff capbnd
+  if [ ! -r "/proc/$pid/status" ]; then
+    fail "${n}dynamic-user" "no main process (MainPID=$pid)"
+    fail "${n}cap-net-admin-only" "no main process"
+    return
+  fi
+  read -r _ ruid euid suid fsuid < <(grep '^Uid:' "/proc/$pid/status")
+  if [ "$ruid" = "$euid" ] && [ "$euid" = "$suid" ] && [ "$ruid" -ge 61184 ] && [ "$ruid" -le 65519 ]; then
+    pass "${n}dynamic-user"
+  else fail "${n}dynamic-user" "uids $ruid $euid $suid $fsuid (dynamic range 61184..65519)"; fi
+  # Effective and bounding set: CAP_NET_ADMIN (bit 12) and nothing else.
+  capeff=$(awk '/^CapEff:/ { print $2 }' "/proc/$pid/status")
+  capbnd=$(awk '/^CapBnd:/ { print $2 }' "/proc/$pid/status")
+  if [ "$capeff$capbnd" = 00000000000010000000000000001000 ]; then pass "${n}cap-net-admin-only"
+  else fail "${n}cap-net-admin-only" "CapEff=$capeff CapBnd=$capbnd, want 0000000000001000"; fi
+  info "main process $pid: user $(id -nu "$ruid" 2>/dev/null || echo "$ruid")," \
+    "$(grep -E '^(CapPrm|CapBnd|CapAmb|NoNewPrivs|Seccomp):' "/proc/$pid/status" | tr -s '\t\n' '  ')"
 }
 
 t_test=$(now)
@@ -135,21 +165,7 @@ check start-table-present has_table
 check start-ip-rules test "$(rule_count 4)$(rule_count 6)" = 11
 check start-routes eval 'has_route 4 && has_route 6'
 
-pid=$(main_pid)
-if [ -r "/proc/$pid/status" ]; then
-  read -r _ ruid euid suid fsuid < <(grep '^Uid:' "/proc/$pid/status")
-  if [ "$ruid" = "$euid" ] && [ "$euid" = "$suid" ] && [ "$ruid" -ge 61184 ] && [ "$ruid" -le 65519 ]; then
-    pass dynamic-user
-  else fail dynamic-user "uids $ruid $euid $suid $fsuid (dynamic range 61184..65519)"; fi
-  capeff=$(awk '/^CapEff:/ { print $2 }' "/proc/$pid/status")
-  if [ "$capeff" = 0000000000001000 ]; then pass cap-net-admin-only
-  else fail cap-net-admin-only "CapEff=$capeff, want 0000000000001000"; fi
-  info "main process $pid: user $(id -nu "$ruid" 2>/dev/null || echo "$ruid")," \
-    "$(grep -E '^(CapPrm|CapBnd|CapAmb|NoNewPrivs|Seccomp):' "/proc/$pid/status" | tr -s '\t\n' '  ')"
-else
-  fail dynamic-user "no main process (MainPID=$pid)"
-  fail cap-net-admin-only "no main process"
-fi
+rootless "" "$(main_pid)"
 
 # --- traffic of alice's applications ----------------------------------------------
 for p in tcp4 udp4 tcp6 udp6; do
@@ -171,6 +187,98 @@ if [ "$st" = 7 ]; then pass exec-exit-status; else fail exec-exit-status "exit $
 if out=$(as_alice cgtproxy exec nosuch -- true 2>&1); then
   fail exec-unknown-target "accepted"
 else pass exec-unknown-target; info "exec nosuch: $(echo "$out" | head -n1)"; fi
+
+# --- the built-in forwarder (cgtproxy-forward.service) ------------------------------
+# The upstreams' namespace, routed through this host like a proxy on the LAN.
+ip netns add up
+ip link add veth2 type veth peer name veth3 netns up
+ip addr add 10.98.0.1/24 dev veth2
+ip -6 addr add fd98::1/64 dev veth2 nodad
+ip link set veth2 up
+ip -n up link set lo up
+ip -n up addr add "$UP4/24" dev veth3
+ip -n up addr add "$UP4_B/24" dev veth3
+ip -n up -6 addr add "$UP6/64" dev veth3 nodad
+ip -n up link set veth3 up
+ip -n up route add default via 10.98.0.1
+ip -n up -6 route add default via fd98::1
+ip -n peer route add default via 10.99.0.1
+ip -n peer -6 route add default via fd99::1
+# (/proc/sys directly: the minimal image has no sysctl.)
+echo 1 >/proc/sys/net/ipv4/ip_forward
+echo 1 >/proc/sys/net/ipv6/conf/all/forwarding
+systemd-run --quiet --unit=peer-whoami -p Type=notify \
+  ip netns exec peer python3 "$P/vmnet.py" whoami "$WHOAMI_PORT" "$PEER4" "$PEER6"
+systemd-run --quiet --unit=ss-server ip netns exec up \
+  ss-server -s 127.0.0.1 -p 8388 -k vmtest -m chacha20-ietf-poly1305 -u
+systemd-run --quiet --unit=socks-udp ip netns exec up \
+  ss-local -s 127.0.0.1 -p 8388 -b "$UP4" -l 1080 -k vmtest -m chacha20-ietf-poly1305 -u
+systemd-run --quiet --unit=socks-auth ip netns exec up \
+  microsocks -i "$UP4" -p 1081 -b "$UP4_B" -u fwd -P s3cret
+for _ in $(seq 50); do
+  [ "$(ip netns exec up ss -Hltn '( sport = :1080 or sport = :1081 or sport = :8388 )' | wc -l)" = 3 ] && break
+  sleep 0.2
+done
+# The password for the microsocks upstream (config-forward-reload.json), root
+# only, in the credential store the shipped unit imports from.
+(umask 077; mkdir -p /etc/credstore; echo 'fwd:s3cret' >/etc/credstore/cgtproxy.fwd)
+install -m 0644 "$P/cgtproxy-forward.service" /etc/systemd/system/cgtproxy-forward.service
+systemctl daemon-reload
+
+# The lab itself: the upstreams' namespace reaches the peer, and is seen as itself.
+from_up() { [ "$(ip netns exec up python3 "$P/vmnet.py" probe "$1" "$2" "$WHOAMI_PORT" 3)" = "FROM $3" ]; }
+check lab-up-reaches-peer-tcp4 from_up tcp "$PEER4" "$UP4"
+check lab-up-reaches-peer-udp6 from_up udp "$PEER6" "$UP6"
+
+check forward-unit-verify systemd-analyze verify /etc/systemd/system/cgtproxy-forward.service
+expect fwd-baseline-direct-tcp4 "FROM 10.99.0.1" exec direct tcp "$PEER4" "$WHOAMI_PORT"
+# The daemon already routes the slice, but nothing listens yet: nothing is sent direct.
+expect fwd-before-start-tcp4 ERROR exec fwd tcp "$PEER4" "$WHOAMI_PORT"
+
+fwd_listeners() { ss -Hltun "( sport = :$FWD_PORT )" | awk '{ print $1 }' | sort | tr '\n' ' '; }
+# The unit's status line (sd_notify STATUS=) names the upstream in use.
+status_names() { [[ $(systemctl show -P StatusText cgtproxy-forward.service) == "forwarding fwd :$FWD_PORT "*" $1" ]]; }
+t=$(now)
+if systemctl start cgtproxy-forward.service; then pass forward-start; else fail forward-start "systemctl start failed"; fi
+info "systemctl start cgtproxy-forward took $(elapsed "$t")s"
+# Checked at once: READY=1 (Type=notify-reload) must come only once it listens.
+l=$(fwd_listeners)
+if [ "$l" = "tcp tcp udp udp " ]; then pass forward-ready-listening
+else fail forward-ready-listening "listeners on :$FWD_PORT at READY: '$l', want TCP and UDP, v4 and v6"; fi
+check forward-status-text status_names "socks5://$UP4:1080"
+info "forwarder status: $(systemctl show -P StatusText cgtproxy-forward.service)"
+fpid=$(main_pid cgtproxy-forward)
+rootless forward- "$fpid"
+af=$(systemctl show -P RestrictAddressFamilies cgtproxy-forward.service | tr ' ' '\n' | sort | tr '\n' ' ')
+check forward-address-families test "$af" = "AF_INET AF_INET6 AF_UNIX "
+
+# An app of alice in cgtproxy-fwd.slice reaches the peer through the upstream:
+# the peer sees the upstream's address, not this host's.
+expect fwd-exec-tcp4 "FROM $UP4" exec fwd tcp "$PEER4" "$WHOAMI_PORT"
+expect fwd-exec-udp4 "FROM $UP4" exec fwd udp "$PEER4" "$WHOAMI_PORT"
+expect fwd-exec-tcp6 "FROM $UP6" exec fwd tcp "$PEER6" "$WHOAMI_PORT"
+expect fwd-exec-udp6 "FROM $UP6" exec fwd udp "$PEER6" "$WHOAMI_PORT"
+expect fwd-slice-tcp4 "FROM $UP4" slice fwd tcp "$PEER4" "$WHOAMI_PORT"
+
+# Reload: another upstream (microsocks, with the password from the credential)
+# for new flows, same process.
+install -m 0644 "$P/config-forward-reload.json" /etc/cgtproxy/config.json
+check forward-reload-ok systemctl reload cgtproxy-forward.service
+check forward-reload-same-pid test "$(main_pid cgtproxy-forward)" = "$fpid"
+check forward-reload-status-text status_names "socks5://$UP4:1081"
+expect fwd-reload-auth-tcp4 "FROM $UP4_B" exec fwd tcp "$PEER4" "$WHOAMI_PORT"
+# microsocks has no UDP: the flow is dropped, never sent direct.
+expect fwd-reload-udp4-not-direct ERROR exec fwd udp "$PEER4" "$WHOAMI_PORT"
+install -m 0644 "$P/config.json" /etc/cgtproxy/config.json
+
+check forward-stop systemctl stop cgtproxy-forward.service
+check forward-stop-clean-exit test "$(systemctl show -P Result cgtproxy-forward.service)" = success
+l=$(fwd_listeners)
+check forward-stop-no-listeners test -z "$l"
+expect fwd-stopped-not-direct ERROR exec fwd tcp "$PEER4" "$WHOAMI_PORT"
+if journalctl -b -u cgtproxy-forward.service -o cat --no-pager | grep -q $'\x1b\['; then
+  fail forward-journal-no-ansi "log lines carry ANSI escape codes"
+else pass forward-journal-no-ansi; fi
 
 # --- reload -------------------------------------------------------------------------
 pid=$(main_pid)
@@ -260,7 +368,7 @@ else fail seccomp-canary-detected "a seccomp kill is not reported as SIGSYS here
 if seccomp_log | grep -q 'comm="uname"'; then info "the kernel log shows the canary's seccomp record"
 else info "the kernel log has no record of the canary (audit printk rate limit)"; fi
 denials=$(seccomp_log | grep -E 'comm="cgtproxy"|exe="/usr/local/bin/cgtproxy"')
-sigsys=$(journalctl -b -u cgtproxy.service -o cat --no-pager | grep -E 'status=31/SYS|SIGSYS')
+sigsys=$(journalctl -b -u cgtproxy.service -u cgtproxy-forward.service -o cat --no-pager | grep -E 'status=31/SYS|SIGSYS')
 if [ -z "$denials$sigsys" ]; then pass no-seccomp-denial
 else fail no-seccomp-denial "cgtproxy hit its syscall filter"; printf '%s\n%s\n' "$denials" "$sigsys" | evidence; fi
 
@@ -273,7 +381,13 @@ else fail "exposure-at-most-$MAX_EXPOSURE" "exposure ${exposure:-unknown}"
   systemd-analyze security --no-pager cgtproxy.service 2>&1 | grep -E '✗' | evidence 30
 fi
 
+info "systemd-analyze security cgtproxy-forward: $(systemd-analyze security --no-pager cgtproxy-forward.service 2>&1 | grep -i 'overall exposure' | sed 's/.*→ //')"
+
 # --- evidence for the host (printed there when anything failed) -------------------------
+echo "# journalctl -u cgtproxy-forward" | evidence
+journalctl -b -u cgtproxy-forward.service -o short-monotonic --no-pager | evidence 80
+echo "# journalctl -u socks-udp -u ss-server -u socks-auth (last 20)" | evidence
+journalctl -b -u socks-udp.service -u ss-server.service -u socks-auth.service -o short-monotonic --no-pager | tail -n 20 | evidence
 echo "# journalctl -u cgtproxy" | evidence
 journalctl -b -u cgtproxy.service -o short-monotonic --no-pager | evidence 200
 echo "# journalctl -u tproxy-listener (last 20)" | evidence

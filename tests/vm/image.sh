@@ -16,10 +16,14 @@ tree=$out/tree
 # What a minimal systemd host with nftables and a lingering user needs.
 # dbus-user-session + libpam-systemd: `systemd-run --user` for a lingering user.
 # linux-image-cloud-amd64: virtio/NVMe/ext4 built in, so it boots without initrd.
+# Upstreams of `cgtproxy forward`: shadowsocks-libev (its ss-local is a SOCKS5
+# server with UDP ASSOCIATE; trixie has no dante) and microsocks (TCP only,
+# with a password).
 packages=(
   systemd systemd-sysv dbus dbus-user-session libpam-systemd
   nftables iproute2 python3 kmod libnss-systemd
   linux-image-cloud-amd64 libnftnl11 libmnl0
+  shadowsocks-libev microsocks
 )
 
 rm -rf "$tree"
@@ -42,7 +46,8 @@ mkdir -p "$tree/var/lib/systemd/linger"
 : >"$tree/var/lib/systemd/linger/alice"
 
 # Units that only cost boot time in a throw-away VM (timers, pseudo file
-# systems nobody here uses, gettys, first-boot machinery).
+# systems nobody here uses, gettys, first-boot machinery), and the
+# shadowsocks server's own unit: the test runs its upstreams itself.
 for u in \
   apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer \
   fstrim.timer man-db.timer logrotate.timer systemd-tmpfiles-clean.timer \
@@ -51,7 +56,7 @@ for u in \
   systemd-firstboot.service systemd-journal-catalog-update.service \
   systemd-hwdb-update.service ldconfig.service systemd-update-done.service \
   e2scrub_reap.service getty@tty1.service serial-getty@ttyS0.service \
-  console-getty.service systemd-binfmt.service nftables.service; do
+  console-getty.service systemd-binfmt.service nftables.service shadowsocks-libev.service; do
   ln -sf /dev/null "$tree/etc/systemd/system/$u"
 done
 

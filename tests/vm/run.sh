@@ -1,7 +1,8 @@
 #!/bin/bash
 # cgtproxy VM test: boots a Debian trixie guest under qemu (TCG), installs the
-# release binary and the shipped unit (dist/systemd/cgtproxy.service) and runs
-# tests/vm/guest-test.sh in it.  Run as root from anywhere:
+# release binary and the shipped units (dist/systemd/cgtproxy.service,
+# dist/systemd/cgtproxy-forward.service) and runs tests/vm/guest-test.sh in it.
+# Run as root from anywhere:
 #
 #   tests/vm/run.sh
 #
@@ -9,6 +10,7 @@
 #   CGTPROXY_BIN        binary to test (default: target/release/cgtproxy; built
 #                       with `cargo build --release` only when absent)
 #   CGTPROXY_UNIT       unit file to install (default: dist/systemd/cgtproxy.service)
+#   CGTPROXY_FORWARD_UNIT  the forwarder's (default: dist/systemd/cgtproxy-forward.service)
 #   CGTPROXY_VM_CACHE   image cache (default: /var/cache/cgtproxy-vm)
 #   CGTPROXY_VM_OUT     where logs go (default: a new temporary directory)
 #   CGTPROXY_VM_TIMEOUT seconds the guest may run before it is killed (default 900)
@@ -23,6 +25,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 bin=${CGTPROXY_BIN:-$repo/target/release/cgtproxy}
 unit=${CGTPROXY_UNIT:-$repo/dist/systemd/cgtproxy.service}
+forward_unit=${CGTPROXY_FORWARD_UNIT:-$repo/dist/systemd/cgtproxy-forward.service}
 cache=${CGTPROXY_VM_CACHE:-/var/cache/cgtproxy-vm}
 guest_timeout=${CGTPROXY_VM_TIMEOUT:-900}
 smp=${CGTPROXY_VM_SMP:-1}
@@ -59,6 +62,7 @@ if [ ! -x "$bin" ]; then
   bin=$repo/target/release/cgtproxy
 fi
 [ -f "$unit" ] || die "unit file $unit not found"
+[ -f "$forward_unit" ] || die "unit file $forward_unit not found"
 
 # --- the image (cached, keyed by the recipe) --------------------------------------
 key=$(sha256sum "$here/image.sh" | cut -c1-16)
@@ -95,6 +99,7 @@ payload=$out/payload
 rm -rf "$payload"; mkdir -p "$payload"
 install -m 0755 "$bin" "$payload/cgtproxy"
 install -m 0644 "$unit" "$payload/cgtproxy.service"
+install -m 0644 "$forward_unit" "$payload/cgtproxy-forward.service"
 install -m 0755 "$here/guest-test.sh" "$payload/guest-test.sh"
 install -m 0644 "$here/vmnet.py" "$payload/vmnet.py"
 install -m 0644 "$here"/config*.json "$payload/"

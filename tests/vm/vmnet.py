@@ -5,6 +5,8 @@
                                 answers "TPROXY <original dst ip> <port>"
   vmnet.py peer PORT ADDR...    plain server on ADDRs (run inside the netns);
                                 answers "PEER <local ip> <port>"
+  vmnet.py whoami PORT ADDR...  the same, but answers "FROM <client ip>": who
+                                reached it (the host, or a proxy's address)
   vmnet.py probe tcp|udp HOST PORT [TIMEOUT]
                                 one request; prints the answer, exit 0 on an
                                 answer, 1 (with "ERROR ...") otherwise
@@ -80,8 +82,14 @@ def orig_dst(family, ancdata):
     return None
 
 
-def serve(port, addrs, tproxy):
+def serve(port, addrs, tproxy, whoami=False):
     tag = "TPROXY" if tproxy else "PEER"
+
+    def answer(local, peer):
+        if whoami:
+            return f"FROM {peer[0]}\n".encode()
+        return f"{tag} {local[0]} {local[1]}\n".encode()
+
     sel = selectors.DefaultSelector()
     for s in open_sockets(port, addrs, tproxy):
         sel.register(s, selectors.EVENT_READ)
@@ -97,7 +105,7 @@ def serve(port, addrs, tproxy):
                         # For a TPROXY'd connection the local address IS the
                         # original destination.
                         ip, p = conn.getsockname()[:2]
-                        conn.sendall(f"{tag} {ip} {p}\n".encode())
+                        conn.sendall(answer((ip, p), peer))
                         log(f"tcp from {peer[0]}:{peer[1]} to {ip}:{p}")
                 elif tproxy:
                     data, anc, _, peer = s.recvmsg(2048, socket.CMSG_SPACE(64))
@@ -116,7 +124,7 @@ def serve(port, addrs, tproxy):
                 else:
                     data, peer = s.recvfrom(2048)
                     ip, p = s.getsockname()[:2]
-                    s.sendto(f"{tag} {ip} {p}\n".encode(), peer)
+                    s.sendto(answer((ip, p), peer), peer)
                     log(f"udp from {peer[0]}:{peer[1]} to {ip}:{p}")
             except OSError as e:
                 log(f"error: {e!r}")
@@ -145,9 +153,9 @@ def probe(proto, host, port, timeout):
 def main(argv):
     if len(argv) >= 2 and argv[0] == "listener":
         serve(int(argv[1]), [(socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")], True)
-    elif len(argv) >= 3 and argv[0] == "peer":
+    elif len(argv) >= 3 and argv[0] in ("peer", "whoami"):
         addrs = [(socket.AF_INET6 if ":" in a else socket.AF_INET, a) for a in argv[2:]]
-        serve(int(argv[1]), addrs, False)
+        serve(int(argv[1]), addrs, False, whoami=argv[0] == "whoami")
     elif len(argv) in (4, 5) and argv[0] == "probe" and argv[1] in ("tcp", "udp"):
         timeout = float(argv[4]) if len(argv) == 5 else 3.0
         return probe(argv[1], argv[2], int(argv[3]), timeout)
