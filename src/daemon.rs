@@ -500,8 +500,8 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     let hier = Hierarchy::discover(&cfg.cgroup_root)?;
     info!("watching cgroup2 hierarchy at {}", hier.mount.display());
     let mut watcher = Watcher::new(hier)?;
-    let all = watcher.scan()?;
-    let tree = Tree::build(&cfg, &all);
+    // The scan's list is as large as the tree: do not keep it for the daemon's life.
+    let tree = Tree::build(&cfg, &watcher.scan()?);
 
     let mut d = Daemon {
         config_path,

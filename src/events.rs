@@ -4,14 +4,12 @@
 
 use std::os::fd::{AsFd, BorrowedFd};
 
-use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
-use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::rule::RuleAttribute;
 use netlink_sys::{Socket, constants};
 use nix::sys::socket::{setsockopt, sockopt};
 
 use crate::nlmsg::{self, c_str};
-use crate::route::{route_table, rule_table};
+use crate::route::{RTM_DELROUTE, RTM_DELRULE, RtMsg, route_table, rule_table};
 
 /// `NFNLGRP_NFTABLES`.
 const NFNLGRP_NFTABLES: u32 = 7;
@@ -138,14 +136,9 @@ pub fn judge_nft(datagram: &[u8], table: &str, own_port: u32, damage: &mut Damag
 /// Judges rtnetlink notifications: a removed rule `fwmark M lookup T` with one of
 /// `marks`, or a removed route in table `table`.
 pub fn judge_route(datagram: &[u8], table: u32, marks: &[u32], damage: &mut Damage) {
-    let mut b = datagram;
-    while !b.is_empty() {
-        let Ok(msg) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(b) else {
-            return;
-        };
-        let len = msg.header.length as usize;
-        match msg.payload {
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRule(r)) => {
+    for m in nlmsg::messages(datagram) {
+        match (m.ty, RtMsg::parse(m.ty, m.payload())) {
+            (RTM_DELRULE, Some(RtMsg::Rule(r))) => {
                 let mark = r.attributes.iter().find_map(|a| match a {
                     RuleAttribute::FwMark(m) => Some(*m),
                     _ => None,
@@ -154,17 +147,11 @@ pub fn judge_route(datagram: &[u8], table: u32, marks: &[u32], damage: &mut Dama
                     damage.routing = true;
                 }
             }
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelRoute(r))
-                if route_table(&r) == table =>
-            {
+            (RTM_DELROUTE, Some(RtMsg::Route(r))) if route_table(&r) == table => {
                 damage.routing = true;
             }
             _ => {}
         }
-        if len == 0 || len > b.len() {
-            return;
-        }
-        b = &b[len.div_ceil(4).saturating_mul(4).min(b.len())..];
     }
 }
 
@@ -275,21 +262,14 @@ mod tests {
 
     #[test]
     fn removed_rules_and_routes_of_ours_are_damage() {
-        use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload};
+        use crate::route::{RTM_NEWRULE, encode};
+        use netlink_packet_route::route::{RouteAttribute, RouteMessage};
         use netlink_packet_route::rule::RuleMessage;
-        let ser = |m: RouteNetlinkMessage| {
-            let mut nl =
-                NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::InnerMessage(m));
-            nl.finalize();
-            let mut b = vec![0; nl.buffer_len()];
-            nl.serialize(&mut b);
-            b
-        };
         let mut r = RuleMessage::default();
         r.attributes = vec![RuleAttribute::FwMark(3000), RuleAttribute::Table(300)];
         let mut dmg = Damage::default();
         judge_route(
-            &ser(RouteNetlinkMessage::DelRule(r.clone())),
+            &encode(RTM_DELRULE, 0, 0, &r),
             300,
             &[3000],
             &mut dmg,
@@ -297,17 +277,26 @@ mod tests {
         assert!(dmg.routing);
         let mut dmg = Damage::default();
         judge_route(
-            &ser(RouteNetlinkMessage::DelRule(r.clone())),
+            &encode(RTM_DELRULE, 0, 0, &r),
             300,
             &[3001],
             &mut dmg,
         );
         judge_route(
-            &ser(RouteNetlinkMessage::NewRule(r)),
+            &encode(RTM_NEWRULE, 0, 0, &r),
             300,
             &[3000],
             &mut dmg,
         );
         assert!(!dmg.any());
+        let mut route = RouteMessage::default();
+        route.attributes = vec![RouteAttribute::Table(301)];
+        judge_route(&encode(RTM_DELROUTE, 0, 0, &route), 300, &[], &mut dmg);
+        assert!(!dmg.any(), "another table's route");
+        route.attributes = vec![RouteAttribute::Table(300)];
+        let mut two = encode(RTM_DELRULE, 0, 0, &RuleMessage::default());
+        two.extend(encode(RTM_DELROUTE, 0, 0, &route));
+        judge_route(&two, 300, &[3000], &mut dmg);
+        assert!(dmg.routing, "our route, second in the datagram");
     }
 }

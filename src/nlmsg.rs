@@ -6,6 +6,7 @@
 pub struct Msg<'a> {
     pub ty: u16,
     pub flags: u16,
+    pub seq: u32,
     /// The sender's port id (for notifications: who caused them).
     pub pid: u32,
     /// The whole message, header included.
@@ -30,6 +31,7 @@ pub fn messages(mut b: &[u8]) -> Vec<Msg<'_>> {
         out.push(Msg {
             ty: u16::from_ne_bytes([b[4], b[5]]),
             flags: u16::from_ne_bytes([b[6], b[7]]),
+            seq: u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
             pid: u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
             bytes: &b[..len],
         });
@@ -57,6 +59,24 @@ pub fn attr(b: &[u8], ty: u16) -> Option<&[u8]> {
     attrs(b).into_iter().find(|(t, _)| *t == ty).map(|(_, v)| v)
 }
 
+/// A request: the 16-byte header (sender port 0: the kernel fills it in) and `body`.
+pub fn encode(ty: u16, flags: u16, seq: u32, body: &[u8]) -> Vec<u8> {
+    let len = 16 + body.len();
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(&(len as u32).to_ne_bytes());
+    out.extend_from_slice(&ty.to_ne_bytes());
+    out.extend_from_slice(&flags.to_ne_bytes());
+    out.extend_from_slice(&seq.to_ne_bytes());
+    out.extend_from_slice(&0u32.to_ne_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// The errno of an `NLMSG_ERROR` message's payload (0 for an ack), if complete.
+pub fn error_code(payload: &[u8]) -> Option<i32> {
+    Some(i32::from_ne_bytes(payload.get(..4)?.try_into().ok()?))
+}
+
 /// A string attribute without its terminating NUL.
 pub fn c_str(b: &[u8]) -> &[u8] {
     b.split(|&c| c == 0).next().unwrap_or(b)
@@ -75,5 +95,18 @@ mod tests {
         assert_eq!(messages(&m).len(), 1, "unpadded last message");
         assert!(messages(&m[..18]).is_empty());
         assert_eq!(c_str(b"abc\0\0"), b"abc");
+    }
+
+    #[test]
+    fn an_encoded_request_walks_back() {
+        let m = encode(34, 0x301, 7, &[1, 2, 3, 4]);
+        assert_eq!(m.len(), 20);
+        let [msg] = messages(&m)[..] else {
+            panic!("one message expected");
+        };
+        assert_eq!((msg.ty, msg.flags, msg.seq, msg.pid), (34, 0x301, 7, 0));
+        assert_eq!(msg.payload(), [1, 2, 3, 4]);
+        assert_eq!(error_code(&(-17i32).to_ne_bytes()), Some(-17));
+        assert_eq!(error_code(&[0, 0]), None);
     }
 }

@@ -3,15 +3,54 @@
 //! through `lo` into prerouting, where `tproxy` hands them to the listener.
 
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkHeader,
-    NetlinkMessage, NetlinkPayload,
+    Emitable, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST, Parseable,
 };
+use netlink_packet_route::AddressFamily;
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
-use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, constants::NETLINK_ROUTE};
+
+use crate::nlmsg;
+
+// rtnetlink message types (linux/rtnetlink.h). Rules and routes are parsed and
+// emitted one kind at a time, not through the crate's all-families message enum,
+// so that the parsers of links, qdiscs, neighbours... stay out of the binary
+// (about a tenth of it, all resident).
+pub const RTM_NEWROUTE: u16 = 24;
+pub const RTM_DELROUTE: u16 = 25;
+const RTM_GETROUTE: u16 = 26;
+pub const RTM_NEWRULE: u16 = 32;
+pub const RTM_DELRULE: u16 = 33;
+const RTM_GETRULE: u16 = 34;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+
+/// A rule or route as read from rtnetlink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RtMsg {
+    Rule(RuleMessage),
+    Route(RouteMessage),
+}
+
+impl RtMsg {
+    /// Parses one message of type `ty`; other types and malformed ones are `None`.
+    pub fn parse(ty: u16, payload: &[u8]) -> Option<RtMsg> {
+        match ty {
+            RTM_NEWRULE | RTM_DELRULE => RuleMessage::parse(payload).ok().map(RtMsg::Rule),
+            RTM_NEWROUTE | RTM_DELROUTE => RouteMessage::parse(payload).ok().map(RtMsg::Route),
+            _ => None,
+        }
+    }
+}
+
+/// The request bytes for message `body` of type `ty`.
+pub fn encode(ty: u16, flags: u16, seq: u32, body: &impl Emitable) -> Vec<u8> {
+    let mut b = vec![0; body.buffer_len()];
+    body.emit(&mut b);
+    nlmsg::encode(ty, flags, seq, &b)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
@@ -166,21 +205,16 @@ impl Routes {
     }
 
     /// Sends one request and collects the replies until its ack (or the end of a
-    /// dump). Returns the inner messages and the kernel's errno, if any.
+    /// dump). Returns the rules and routes received and the kernel's errno, if any.
     fn request(
         &mut self,
-        msg: RouteNetlinkMessage,
+        ty: u16,
+        body: &impl Emitable,
         flags: u16,
         step: &str,
-    ) -> Result<(Vec<RouteNetlinkMessage>, Option<i32>), RouteError> {
+    ) -> Result<(Vec<RtMsg>, Option<i32>), RouteError> {
         self.seq += 1;
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | flags;
-        header.sequence_number = self.seq;
-        let mut nl = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
-        nl.finalize();
-        let mut out = vec![0; nl.buffer_len()];
-        nl.serialize(&mut out);
+        let out = encode(ty, NLM_F_REQUEST | flags, self.seq, body);
         let io = |source| RouteError::Io {
             step: step.to_owned(),
             source,
@@ -189,26 +223,23 @@ impl Routes {
         let mut got = Vec::new();
         loop {
             let n = self.sock.recv(&mut &mut self.buf[..], 0).map_err(io)?;
-            let mut off = 0;
-            while off < n {
-                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&self.buf[off..n])
-                    .map_err(|e| RouteError::Decode {
-                    step: step.to_owned(),
-                    msg: e.to_string(),
-                })?;
-                let len = reply.header.length as usize;
-                if len == 0 {
-                    break;
-                }
-                off += len.div_ceil(4) * 4;
-                if reply.header.sequence_number != self.seq {
+            let datagram = self.buf.get(..n).unwrap_or(&[]);
+            for m in nlmsg::messages(datagram) {
+                if m.seq != self.seq {
                     continue;
                 }
-                match reply.payload {
-                    NetlinkPayload::Error(e) => return Ok((got, e.code.map(|c| c.get()))),
-                    NetlinkPayload::Done(_) => return Ok((got, None)),
-                    NetlinkPayload::InnerMessage(m) => got.push(m),
-                    _ => {}
+                match m.ty {
+                    NLMSG_ERROR => {
+                        let code = nlmsg::error_code(m.payload()).ok_or_else(|| {
+                            RouteError::Decode {
+                                step: step.to_owned(),
+                                msg: "truncated error message".into(),
+                            }
+                        })?;
+                        return Ok((got, (code != 0).then_some(code)));
+                    }
+                    NLMSG_DONE => return Ok((got, None)),
+                    ty => got.extend(RtMsg::parse(ty, m.payload())),
                 }
             }
         }
@@ -229,15 +260,11 @@ impl Routes {
     pub fn rule_exists(&mut self, fam: Fam, mark: u32, table: u32) -> Result<bool, RouteError> {
         let mut q = RuleMessage::default();
         q.header.family = fam.af();
-        let (rules, errno) = self.request(
-            RouteNetlinkMessage::GetRule(q),
-            NLM_F_DUMP,
-            "listing ip rules",
-        )?;
+        let (rules, errno) = self.request(RTM_GETRULE, &q, NLM_F_DUMP, "listing ip rules")?;
         Self::check("listing ip rules".into(), errno, &[])?;
         Ok(rules.iter().any(|m| match m {
-            RouteNetlinkMessage::NewRule(r) => is_our_rule(r, mark, table),
-            _ => false,
+            RtMsg::Rule(r) => is_our_rule(r, mark, table),
+            RtMsg::Route(_) => false,
         }))
     }
 
@@ -245,19 +272,15 @@ impl Routes {
     pub fn route_exists(&mut self, fam: Fam, table: u32) -> Result<bool, RouteError> {
         let mut q = RouteMessage::default();
         q.header.address_family = fam.af();
-        let (routes, errno) = self.request(
-            RouteNetlinkMessage::GetRoute(q),
-            NLM_F_DUMP,
-            "listing routes",
-        )?;
+        let (routes, errno) = self.request(RTM_GETROUTE, &q, NLM_F_DUMP, "listing routes")?;
         Self::check("listing routes".into(), errno, &[])?;
         Ok(routes.iter().any(|m| match m {
-            RouteNetlinkMessage::NewRoute(r) => {
+            RtMsg::Route(r) => {
                 route_table(r) == table
                     && r.header.kind == RouteType::Local
                     && r.header.destination_prefix_length == 0
             }
-            _ => false,
+            RtMsg::Rule(_) => false,
         }))
     }
 
@@ -275,7 +298,8 @@ impl Routes {
                 plan.table
             );
             let (_, errno) = self.request(
-                RouteNetlinkMessage::NewRoute(route_msg(fam, plan.table, lo)),
+                RTM_NEWROUTE,
+                &route_msg(fam, plan.table, lo),
                 NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
                 &step,
             )?;
@@ -290,7 +314,8 @@ impl Routes {
                     plan.table
                 );
                 let (_, errno) = self.request(
-                    RouteNetlinkMessage::NewRule(rule_msg(fam, mark, plan.table)),
+                    RTM_NEWRULE,
+                    &rule_msg(fam, mark, plan.table),
                     NLM_F_ACK | NLM_F_CREATE,
                     &step,
                 )?;
@@ -312,7 +337,8 @@ impl Routes {
                         plan.table
                     );
                     let (_, errno) = self.request(
-                        RouteNetlinkMessage::DelRule(rule_msg(fam, mark, plan.table)),
+                        RTM_DELRULE,
+                        &rule_msg(fam, mark, plan.table),
                         NLM_F_ACK,
                         &step,
                     )?;
@@ -337,7 +363,8 @@ impl Routes {
                 plan.table
             );
             let (_, errno) = self.request(
-                RouteNetlinkMessage::DelRoute(route_msg(fam, plan.table, lo)),
+                RTM_DELROUTE,
+                &route_msg(fam, plan.table, lo),
                 NLM_F_ACK,
                 &step,
             )?;
