@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests, kernel tests (real packets in private network
 # namespaces; root), the Nix checks that run without nixpkgs, and the systemd VM
-# test. Installs missing Debian/Ubuntu packages first when run as root (v2ray and
-# redsocks only for `cargo bench --bench kernel`, which compares the forwarder).
+# test. Installs missing Debian/Ubuntu packages first when run as root (redsocks
+# only for `cargo bench --bench kernel`, which compares the forwarder with it).
 # CGTPROXY_SKIP_VM=1 leaves out the VM test (it needs several minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
