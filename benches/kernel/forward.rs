@@ -48,7 +48,7 @@ const CGT_UDP_PORT: u16 = 7895;
 const REDSOCKS_PORT: u16 = 12345;
 
 /// Alternating rounds; the figures are medians over them.
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 const BULK_BYTES: u64 = 256 << 20;
 const RR_TIME: Duration = Duration::from_millis(1500);
 /// Client threads making short connections at once.
@@ -358,12 +358,17 @@ redsocks {{ local_ip = 127.0.0.1; local_port = {REDSOCKS_PORT}; ip = {PEER}; por
                 if n > 0.0 {
                     f.udp_kpps.push(n / secs / 1e3);
                 } else if f.udp_note.is_none() {
-                    let log = via
-                        .log()
-                        .map(|l| fs::read_to_string(log(l)).unwrap_or_default());
-                    let tail: Vec<&str> =
-                        log.as_deref().unwrap_or("").lines().rev().take(3).collect();
-                    f.udp_note = Some(format!("no UDP answer; log: {}", tail.join(" | ")));
+                    // Its log and dante's say where the datagrams died.
+                    let tail = |file: &str| {
+                        let text = fs::read_to_string(log(file)).unwrap_or_default();
+                        let last: Vec<&str> = text.lines().rev().take(2).collect();
+                        last.join(" | ")
+                    };
+                    f.udp_note = Some(format!(
+                        "no UDP answer; its log: {}; dante: {}",
+                        via.log().map(tail).unwrap_or_default(),
+                        tail("danted.log")
+                    ));
                 }
             }
         }
