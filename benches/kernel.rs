@@ -12,7 +12,8 @@
 //! socket subscribed to NFNLGRP_NFTABLES reports every committed set element, and its
 //! key is the cgroup directory's inode number.
 //!
-//! The last line printed is `bench-json: {...}`.
+//! The last line printed is `bench-json: {...}`. `CGTPROXY_BENCH_ONLY=forward`
+//! runs only the forwarder comparison (see `kernel/forward.rs`).
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -32,6 +33,9 @@ use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::socket::{MsgFlags, recv, setsockopt, sockopt};
 use nix::unistd::Pid;
 use serde_json::json;
+
+#[path = "kernel/forward.rs"]
+mod forward;
 
 /// Set in the environment of the re-executed process: the name of its cgroup subtree.
 const INNER: &str = "CGTPROXY_BENCH_BASE";
@@ -56,6 +60,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("serve") => serve(),
+        Some("fwd-serve") => forward::serve(),
         Some("client") => client(&args[2..]),
         // A debugging aid: print the keys of level-map elements as they are added.
         Some("monitor") => {
@@ -283,8 +288,13 @@ impl Lab {
 
     /// Starts the daemon and returns the time from spawn to READY=1.
     fn start_daemon(&mut self) -> Duration {
-        assert!(self.daemon.is_none());
         let config = self.config();
+        self.start_daemon_with(&config)
+    }
+
+    /// Starts the daemon with `config` and returns the time from spawn to READY=1.
+    fn start_daemon_with(&mut self, config: &Path) -> Duration {
+        assert!(self.daemon.is_none());
         let notify_path = self.dir.join("notify");
         let _ = fs::remove_file(&notify_path);
         let sock = UnixDatagram::bind(&notify_path).unwrap();
@@ -309,7 +319,7 @@ impl Lab {
         let spawned = Instant::now();
         let child = Command::new(DAEMON)
             .args(["run", "--config"])
-            .arg(&config)
+            .arg(config)
             .env("NOTIFY_SOCKET", &notify_path)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -729,7 +739,21 @@ fn bench(base: &str) {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
 
+    let machine = format!("{nproc} x {cpu}, Linux {kernel}");
     let mut lab = Lab::new(base);
+    let (fwd_table, fwd_keys) = forward::bench(&mut lab, started);
+    if std::env::var("CGTPROXY_BENCH_ONLY").is_ok_and(|v| v == "forward") {
+        drop(lab);
+        step("done", started);
+        println!("cgtproxy forwarder benchmark");
+        println!("machine: {machine}");
+        print!("{fwd_table}");
+        let mut j = serde_json::Map::new();
+        j.insert("machine".into(), json!(machine));
+        j.extend(fwd_keys);
+        println!("bench-json: {}", serde_json::Value::Object(j));
+        return;
+    }
     let ev = Events::subscribe();
     fs::create_dir(lab.cg("a/b/c/d/direct")).unwrap();
     let mut next = 1_000_000usize; // names of measured cgroups, never reused
@@ -968,14 +992,15 @@ fn bench(base: &str) {
         ">= 0.95",
     );
     print!("{t}");
+    print!("{fwd_table}");
     println!(
         "({UPDATES} updates per size spaced {} ms; {NFT_UPDATES} nft processes; {ROUNDS} alternating datapath rounds of {} s connects and {} MiB bulk)",
         SPACING.as_millis(),
         CONNECT_TIME.as_secs_f64(),
         BULK_BYTES >> 20
     );
-    let j = json!({
-        "machine": format!("{nproc} x {cpu}, Linux {kernel}"),
+    let mut j = json!({
+        "machine": machine,
         "update_p50_us": round1(pct(&lat_10k, 50)),
         "update_p99_us": round1(pct(&lat_10k, 99)),
         "update_p50_us_1k": round1(pct(&lat_1k, 50)),
@@ -995,6 +1020,9 @@ fn bench(base: &str) {
         "connect_ratio_10k": round3(connect_ratio),
         "throughput_ratio_10k": round3(throughput_ratio),
     });
+    if let Some(o) = j.as_object_mut() {
+        o.extend(fwd_keys);
+    }
     println!("bench-json: {j}");
 }
 
@@ -1070,6 +1098,7 @@ fn client(args: &[String]) {
             assert_eq!(u64::from_be_bytes(ack), bytes, "bulk bytes lost");
             println!("{bytes} {}", t0.elapsed().as_secs_f64());
         }
-        _ => panic!("client connect MILLIS | bulk BYTES"),
+        Some(mode) if mode.starts_with("fwd-") => forward::client(args),
+        _ => panic!("client connect MILLIS | bulk BYTES | fwd-…"),
     }
 }

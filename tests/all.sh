@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests, kernel tests (real packets in private network
 # namespaces; root), the Nix checks that run without nixpkgs, and the systemd VM
-# test. Installs missing Debian/Ubuntu packages first when run as root.
+# test. Installs missing Debian/Ubuntu packages first when run as root (redsocks
+# only for `cargo bench --bench kernel`, which compares the forwarder with it).
 # CGTPROXY_SKIP_VM=1 leaves out the VM test (it needs several minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-dist/ensure-deps.sh nix-bin v2ray microsocks dante-server tinyproxy
+dist/ensure-deps.sh nix-bin v2ray microsocks dante-server tinyproxy redsocks
 if [ "$(id -u)" -ne 0 ]; then
     echo "the kernel tests need root: run  sudo -E env PATH=\"\$PATH\" $0" >&2
     exit 1

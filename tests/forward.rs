@@ -532,3 +532,46 @@ fn the_forwarders_own_traffic_is_never_captured() {
         assert_eq!(lab.take_daemon().stop(), 0);
     });
 }
+
+/// A TCP connection that moves nothing either way for the idle timeout is
+/// closed; one that keeps talking, however slowly, is not. The timeout is
+/// shortened to 600 ms by the test-only `CGTPROXY_TEST_TCP_IDLE_MS`.
+#[test]
+fn idle_tcp_connections_are_closed() {
+    in_namespaces("idle_tcp_connections_are_closed", || {
+        let mut lab = lab("fwd-idle");
+        microsocks(&mut lab, "");
+        lab.daemon_env
+            .push(("CGTPROXY_TEST_TCP_IDLE_MS".into(), "600".into()));
+        let (_, fwd) = start(&mut lab, &[socks_target(MICROSOCKS)], &["proxy"]);
+        // 8 lines 250 ms apart: 2 s in all, never 600 ms quiet.
+        let a = bulk(
+            &lab,
+            "app-proxy",
+            &format!("trickle {PEER4} {BULK_PORT} 8 250"),
+        );
+        assert_eq!(a, "OK trickle 8", "a slow but live connection was cut");
+        // Quiet for 1.5 s: closed by then, so the second echo never comes.
+        let go = lab.dir.join("go");
+        let cmd = format!(
+            "python3 '{}' hold {PEER4} {BULK_PORT} '{}'",
+            helper("bulk.py").display(),
+            go.display()
+        );
+        let mut held = lab.spawn_in("app-proxy", &cmd, Stdio::piped());
+        let mut out = held.stdout.take().unwrap();
+        let mut first = [0u8; 5];
+        std::io::Read::read_exact(&mut out, &mut first).unwrap();
+        assert_eq!(&first, b"held\n");
+        std::thread::sleep(Duration::from_millis(1500));
+        std::fs::write(&go, "").unwrap();
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+        assert!(
+            rest.starts_with("ERR"),
+            "idle connection still open: {rest}"
+        );
+        held.wait().unwrap();
+        assert_eq!(fwd.stop(), 0);
+    });
+}

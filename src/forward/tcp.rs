@@ -11,7 +11,7 @@ use tokio::sync::Semaphore;
 use tracing::debug;
 
 use super::http::{self, HttpError};
-use super::relay::relay;
+use super::relay::{idle_timeout, relay};
 use super::socks5::{self, Socks5Error};
 use super::target::TargetState;
 use super::upstream::{CONNECT_TIMEOUT, Kind, Upstream, UpstreamError};
@@ -31,6 +31,7 @@ pub enum TunnelError {
 /// Accepts until the task is aborted. `conns` bounds the open connections of all
 /// targets together; each connection holds one permit until it ends.
 pub async fn serve(listener: TcpListener, target: Arc<TargetState>, conns: Arc<Semaphore>) {
+    let idle = idle_timeout();
     loop {
         let (app, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -48,7 +49,7 @@ pub async fn serve(listener: TcpListener, target: Arc<TargetState>, conns: Arc<S
         };
         let t = target.clone();
         tokio::spawn(async move {
-            handle(app, peer, &t).await;
+            handle(app, peer, &t, idle).await;
             drop(permit);
         });
     }
@@ -59,7 +60,7 @@ fn reset(app: &TcpStream) {
     let _ = app.set_zero_linger();
 }
 
-async fn handle(mut app: TcpStream, peer: SocketAddr, t: &TargetState) {
+async fn handle(mut app: TcpStream, peer: SocketAddr, t: &TargetState, idle: Duration) {
     let dst = match app.local_addr() {
         Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
         Err(_) => return,
@@ -68,7 +69,7 @@ async fn handle(mut app: TcpStream, peer: SocketAddr, t: &TargetState) {
     match open(&up, dst).await {
         Ok((mut tunnel, early)) => {
             let _ = app.set_nodelay(true);
-            match relay(&mut app, &mut tunnel, &early).await {
+            match relay(&mut app, &mut tunnel, &early, idle).await {
                 Ok(m) => debug!(
                     "{}: {peer} → {dst} via {up}: {} B out, {} B in",
                     t.name, m.to_upstream, m.to_app

@@ -8,6 +8,7 @@ serve PORT             on 0.0.0.0 and ::, per connection the first line picks:
 up HOST PORT N         send N bytes, half-close, check the digest   -> "OK up N <secs>"
 down HOST PORT N       receive N bytes, check them                  -> "OK down N <secs>"
 hold HOST PORT FILE    echo one line, wait until FILE exists, echo another -> "OK hold"
+trickle HOST PORT N MS echo N lines, MS milliseconds apart    -> "OK trickle N"
 many HOST PORT K       open K connections at once, then echo on each -> "OK many K"
 flood HOST PORT N      UDP: one datagram to each of N ports from PORT up -> "OK flood N"
 Errors print "ERR <reason>".
@@ -151,6 +152,17 @@ def main():
         if got != "second":
             return print(f"ERR second echo {got!r}")
         print("OK hold")
+    elif mode == "trickle":
+        n, pause = int(sys.argv[4]), int(sys.argv[5]) / 1000
+        s = connect(host, port)
+        s.sendall(b"echo\n")
+        for i in range(n):
+            time.sleep(pause)
+            s.sendall(f"line {i}\n".encode())
+            got = readline(s)
+            if got != f"line {i}":
+                return print(f"ERR line {i}: {got!r}")
+        print(f"OK trickle {n}")
     elif mode == "many":
         k = int(sys.argv[4])
         conns = [connect(host, port, timeout=30) for _ in range(k)]
