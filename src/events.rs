@@ -173,7 +173,9 @@ impl Events {
                 ],
                 "routing",
             )?,
-            buf: vec![0; 256 * 1024],
+            // One notification per datagram, each far smaller than this; a
+            // larger buffer would only be resident memory.
+            buf: vec![0; 64 * 1024],
         })
     }
 

@@ -68,7 +68,8 @@ impl Watcher {
             hier,
             inotify: Inotify::init().map_err(WatchError::Init)?,
             dirs: HashMap::new(),
-            buf: vec![0; 64 * 1024],
+            // read() drains the queue in a loop, so a few hundred events a read do.
+            buf: vec![0; 16 * 1024],
             test_queue: std::env::var(TEST_QUEUE_ENV)
                 .ok()
                 .and_then(|v| v.parse().ok()),
