@@ -8,6 +8,7 @@ use crate::cgroup::{self, Hierarchy};
 use crate::config::Config;
 use crate::nft::{Nft, Txn};
 use crate::plan;
+use crate::sockdiag;
 
 /// A probe's outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,38 +147,91 @@ fn probe_rp_filter() -> Probe {
     }
 }
 
-/// Whether something listens on `port` in /proc/net/{tcp,tcp6} (state LISTEN) or
-/// is bound to it in /proc/net/{udp,udp6}.
-fn bound(port: u16, files: &[&str], listen_only: bool) -> bool {
-    let hex = format!(":{port:04X}");
-    files.iter().any(|f| {
-        std::fs::read_to_string(f).is_ok_and(|t| {
-            t.lines().skip(1).any(|l| {
-                let cols: Vec<&str> = l.split_whitespace().collect();
-                cols.get(1).is_some_and(|local| local.ends_with(&hex))
-                    && (!listen_only || cols.get(3) == Some(&"0A"))
-            })
-        })
-    })
+/// What the sockets bound to a port say: none, none transparent, some, or
+/// transparency not reported (kernels before 5.10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listening {
+    Nothing,
+    NotTransparent,
+    Transparent,
+    Unknown,
+}
+
+fn listening(found: &[sockdiag::Bound]) -> Listening {
+    if found.is_empty() {
+        Listening::Nothing
+    } else if found.iter().any(|b| b.transparent == Some(true)) {
+        Listening::Transparent
+    } else if found.iter().any(|b| b.transparent.is_none()) {
+        Listening::Unknown
+    } else {
+        Listening::NotTransparent
+    }
+}
+
+/// The verdict on one target's listeners (UDP `None` when the target sends no UDP).
+fn judge_listeners(port: u16, tcp: Listening, udp: Option<Listening>) -> (Verdict, String) {
+    use Listening::*;
+    match (tcp, udp) {
+        (Nothing, _) => (Verdict::Fail, format!("nothing listens on TCP port {port}")),
+        (NotTransparent, _) => (
+            Verdict::Fail,
+            format!(
+                "the TCP listener on port {port} is not transparent (IP_TRANSPARENT): tproxy hands it nothing"
+            ),
+        ),
+        (_, Some(Nothing)) => (
+            Verdict::Warn,
+            format!(
+                "port {port}: TCP only, UDP is dropped by the proxy (set no-udp to send it direct)"
+            ),
+        ),
+        (_, Some(NotTransparent)) => (
+            Verdict::Warn,
+            format!(
+                "the UDP socket on port {port} is not transparent (IP_TRANSPARENT): UDP is lost"
+            ),
+        ),
+        (Unknown, _) | (_, Some(Unknown)) => (
+            Verdict::Ok,
+            format!(
+                "port {port} has listeners (this kernel does not report whether they are transparent)"
+            ),
+        ),
+        (Transparent, Some(Transparent)) => (
+            Verdict::Ok,
+            format!("port {port} has transparent TCP and UDP listeners"),
+        ),
+        (Transparent, None) => (
+            Verdict::Ok,
+            format!("port {port} has a transparent TCP listener (no-udp)"),
+        ),
+    }
 }
 
 fn probe_listeners(cfg: &Config) -> Vec<Probe> {
     cfg.targets
         .iter()
         .map(|t| {
-            let tcp = bound(t.port, &["/proc/net/tcp", "/proc/net/tcp6"], true);
-            let udp = t.no_udp || bound(t.port, &["/proc/net/udp", "/proc/net/udp6"], false);
-            let (verdict, detail) = match (tcp, udp) {
-                (true, true) => (Verdict::Ok, format!("port {} has TCP and UDP listeners", t.port)),
-                (true, false) => (Verdict::Warn, format!("port {}: TCP only, UDP is dropped by the proxy (set no-udp to send it direct)", t.port)),
-                _ => (Verdict::Fail, format!("nothing listens on TCP port {}", t.port)),
+            let read = |proto| sockdiag::bound(t.port, proto).map(|f| listening(&f));
+            let found = read(sockdiag::Proto::Tcp).and_then(|tcp| {
+                let udp = if t.no_udp {
+                    None
+                } else {
+                    Some(read(sockdiag::Proto::Udp)?)
+                };
+                Ok((tcp, udp))
+            });
+            let (verdict, detail) = match found {
+                Ok((tcp, udp)) => judge_listeners(t.port, tcp, udp),
+                Err(e) => (Verdict::Warn, format!("cannot list sockets: {e}")),
             };
             Probe {
                 verdict,
                 name: "listener",
                 fix: (verdict != Verdict::Ok).then(|| {
                     format!(
-                        "start the proxy core with a TPROXY (IP_TRANSPARENT) listener on port {} for target {}",
+                        "start the proxy core with a TPROXY (IP_TRANSPARENT) listener on port {} for target {} (mihomo: tproxy-port; sing-box: a tproxy inbound; v2ray/xray: sockopt tproxy \"tproxy\")",
                         t.port, t.name
                     )
                 }),
@@ -246,22 +300,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn proc_net_listeners_are_found_by_port() {
-        let dir = std::env::temp_dir().join(format!("cgtproxy-doctor-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let tcp = dir.join("tcp");
-        std::fs::write(
-            &tcp,
-            "  sl  local_address rem_address   st\n   0: 00000000:1ED5 00000000:0000 0A 0\n   1: 0100007F:0035 0100007F:9999 01 0\n",
-        )
-        .unwrap();
-        let f = tcp.to_str().unwrap();
-        assert!(bound(7893, &[f], true), "0x1ED5 = 7893 in LISTEN");
+    fn listeners_must_be_transparent() {
+        use Listening::*;
+        let b = |transparent| sockdiag::Bound {
+            ipv6: false,
+            transparent,
+        };
+        assert_eq!(listening(&[]), Nothing);
+        assert_eq!(listening(&[b(Some(false)), b(Some(true))]), Transparent);
+        assert_eq!(listening(&[b(Some(false))]), NotTransparent);
+        assert_eq!(listening(&[b(None)]), Unknown);
+        let v = |tcp, udp| judge_listeners(7893, tcp, udp).0;
+        assert_eq!(v(Transparent, Some(Transparent)), Verdict::Ok);
+        assert_eq!(v(Transparent, None), Verdict::Ok);
+        assert_eq!(v(NotTransparent, Some(Transparent)), Verdict::Fail);
+        assert_eq!(v(Nothing, None), Verdict::Fail);
+        assert_eq!(v(Transparent, Some(Nothing)), Verdict::Warn);
+        assert_eq!(v(Transparent, Some(NotTransparent)), Verdict::Warn);
         assert!(
-            !bound(53, &[f], true),
-            "port 53 is only an established socket"
+            judge_listeners(7893, NotTransparent, None)
+                .1
+                .contains("IP_TRANSPARENT")
         );
-        assert!(bound(53, &[f], false));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -29,6 +29,7 @@ const NFT_MSG_DELSET: u16 = 11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NFT_MSG_NEWGEN: u16 = 15;
+const NFT_MSG_DELOBJ: u16 = 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventsError {
@@ -120,6 +121,7 @@ pub fn judge_nft(datagram: &[u8], table: &str, own_port: u32, damage: &mut Damag
                 | NFT_MSG_DELSET
                 | NFT_MSG_NEWSETELEM
                 | NFT_MSG_DELSETELEM
+                | NFT_MSG_DELOBJ
         );
         let family = payload.first().copied();
         if !relevant || pid == own_port || family != Some(libc::NFPROTO_INET as u8) {
@@ -270,26 +272,11 @@ mod tests {
         let mut r = RuleMessage::default();
         r.attributes = vec![RuleAttribute::FwMark(3000), RuleAttribute::Table(300)];
         let mut dmg = Damage::default();
-        judge_route(
-            &encode(RTM_DELRULE, 0, 0, &r),
-            300,
-            &[3000],
-            &mut dmg,
-        );
+        judge_route(&encode(RTM_DELRULE, 0, 0, &r), 300, &[3000], &mut dmg);
         assert!(dmg.routing);
         let mut dmg = Damage::default();
-        judge_route(
-            &encode(RTM_DELRULE, 0, 0, &r),
-            300,
-            &[3001],
-            &mut dmg,
-        );
-        judge_route(
-            &encode(RTM_NEWRULE, 0, 0, &r),
-            300,
-            &[3000],
-            &mut dmg,
-        );
+        judge_route(&encode(RTM_DELRULE, 0, 0, &r), 300, &[3001], &mut dmg);
+        judge_route(&encode(RTM_NEWRULE, 0, 0, &r), 300, &[3000], &mut dmg);
         assert!(!dmg.any());
         let mut route = RouteMessage::default();
         route.attributes = vec![RouteAttribute::Table(301)];

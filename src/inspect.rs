@@ -10,7 +10,7 @@ use crate::nlmsg::{attr, attrs, c_str};
 
 const SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_GETTABLE: u16 = 1;
-const NFT_MSG_GETRULE: u16 = 7;
+const NFT_MSG_GETOBJ: u16 = 19;
 const NFT_MSG_GETSET: u16 = 10;
 const NFT_MSG_GETSETELEM: u16 = 13;
 const NLMSG_ERROR: u16 = 2;
@@ -36,7 +36,7 @@ pub enum InspectError {
 pub struct Installed {
     /// Level → (cgroup id → class, see `plan::class`).
     pub maps: BTreeMap<u32, BTreeMap<u64, u32>>,
-    /// Chain name → (packets, bytes) of the counters in its rules.
+    /// Named counter (one per target, named after it) → (packets, bytes).
     pub counters: BTreeMap<String, (u64, u64)>,
 }
 
@@ -70,22 +70,19 @@ fn parse_elems(payload: &[u8], out: &mut BTreeMap<u64, u32>) {
     }
 }
 
-/// Sums the counters of one NFT_MSG_NEWRULE payload.
-fn parse_rule_counters(payload: &[u8]) -> Option<(String, u64, u64)> {
-    // NFTA_RULE_CHAIN = 2, NFTA_RULE_EXPRESSIONS = 4 → NFTA_LIST_ELEM → NAME 1, DATA 2.
-    let chain = attr(payload, 2).map(string)?;
-    let exprs = attr(payload, 4)?;
-    let (mut packets, mut bytes) = (0, 0);
-    for (_, e) in attrs(exprs) {
-        if attr(e, 1).map(string).as_deref() == Some("counter")
-            && let Some(d) = attr(e, 2)
-        {
-            // NFTA_COUNTER_BYTES = 1, NFTA_COUNTER_PACKETS = 2.
-            bytes += attr(d, 1).and_then(be64).unwrap_or(0);
-            packets += attr(d, 2).and_then(be64).unwrap_or(0);
-        }
+/// Parses one NFT_MSG_NEWOBJ payload (after nfgenmsg) of a counter object into
+/// (name, packets, bytes).
+fn parse_counter(payload: &[u8]) -> Option<(String, u64, u64)> {
+    // NFTA_OBJ_NAME = 2, NFTA_OBJ_TYPE = 3 (NFT_OBJECT_COUNTER = 1), NFTA_OBJ_DATA = 4
+    // → NFTA_COUNTER_BYTES = 1, NFTA_COUNTER_PACKETS = 2.
+    if attr(payload, 3)? != 1u32.to_be_bytes() {
+        return None;
     }
-    Some((chain, packets, bytes))
+    let name = attr(payload, 2).map(string)?;
+    let data = attr(payload, 4)?;
+    let bytes = attr(data, 1).and_then(be64).unwrap_or(0);
+    let packets = attr(data, 2).and_then(be64).unwrap_or(0);
+    Some((name, packets, bytes))
 }
 
 /// A dump request: header, nfgenmsg (inet) and string attributes.
@@ -207,11 +204,10 @@ pub fn read(table: &str) -> Result<Option<Installed>, InspectError> {
         )?;
         installed.maps.insert(level, elems);
     }
-    d.dump(NFT_MSG_GETRULE, &[(1, table)], "listing rules", |p| {
-        if let Some((chain, packets, bytes)) = parse_rule_counters(&p[4.min(p.len())..]) {
-            let e = installed.counters.entry(chain).or_insert((0, 0));
-            e.0 += packets;
-            e.1 += bytes;
+    // NFTA_OBJ_TABLE = 1.
+    d.dump(NFT_MSG_GETOBJ, &[(1, table)], "listing counters", |p| {
+        if let Some((name, packets, bytes)) = parse_counter(&p[4.min(p.len())..]) {
+            installed.counters.insert(name, (packets, bytes));
         }
     })?;
     Ok(Some(installed))
@@ -245,16 +241,20 @@ mod tests {
     }
 
     #[test]
-    fn rule_counters_are_summed() {
-        let counter = {
+    fn counter_objects_are_parsed() {
+        let data = {
             let mut d = nla(1, &500u64.to_be_bytes());
             d.extend(nla(2, &7u64.to_be_bytes()));
-            let mut e = nla(1, b"counter\0");
-            e.extend(nla(2, &d));
-            nla(1, &e)
+            d
         };
-        let mut p = nla(2, b"proxy-mark\0");
-        p.extend(nla(4, &counter));
-        assert_eq!(parse_rule_counters(&p), Some(("proxy-mark".into(), 7, 500)));
+        let mut p = nla(1, b"cgtproxy\0");
+        p.extend(nla(2, b"proxy\0"));
+        p.extend(nla(3, &1u32.to_be_bytes()));
+        p.extend(nla(4, &data));
+        assert_eq!(parse_counter(&p), Some(("proxy".into(), 7, 500)));
+        let mut quota = nla(2, b"q\0");
+        quota.extend(nla(3, &2u32.to_be_bytes()));
+        quota.extend(nla(4, &data));
+        assert_eq!(parse_counter(&quota), None, "not a counter object");
     }
 }

@@ -14,6 +14,7 @@ mod notify;
 mod plan;
 mod render;
 mod route;
+mod sockdiag;
 mod status;
 mod watch;
 

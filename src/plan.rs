@@ -315,6 +315,8 @@ pub enum Stmt {
     /// `dnat ip to a:p` / `dnat ip6 to [a]:p`
     Dnat(IpAddr, u16),
     Counter,
+    /// `counter name "NAME"`: into one of [`TableSpec::counters`].
+    NamedCounter(String),
     Verdict(Verdict),
 }
 
@@ -360,6 +362,8 @@ pub struct SetSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableSpec {
     pub name: String,
+    /// Named counter objects, one per target (named after it).
+    pub counters: Vec<String>,
     pub sets: Vec<SetSpec>,
     pub chains: Vec<ChainSpec>,
 }
@@ -624,8 +628,12 @@ pub fn table(cfg: &Config, levels: &BTreeSet<u32>, elements: &Elements) -> Table
                 Stmt::Verdict(Verdict::Return),
             ]);
         }
-        // The counter is what `cgtproxy status` reports per target.
-        rules.push(vec![Stmt::SetMark(t.mark), Stmt::Counter]);
+        // The named counter is what `cgtproxy status` (and `nft list counters`)
+        // reports per target: connections and packets sent to its listener.
+        rules.push(vec![
+            Stmt::SetMark(t.mark),
+            Stmt::NamedCounter(t.name.clone()),
+        ]);
         chains.push(ChainSpec {
             name: mark_chain(&t.name),
             hook: None,
@@ -664,6 +672,7 @@ pub fn table(cfg: &Config, levels: &BTreeSet<u32>, elements: &Elements) -> Table
     }
     TableSpec {
         name: cfg.table.clone(),
+        counters: cfg.targets.iter().map(|t| t.name.clone()).collect(),
         sets,
         chains,
     }
@@ -861,7 +870,7 @@ mod tests {
                     Stmt::SetMark(0),
                     Stmt::Verdict(Verdict::Return)
                 ],
-                vec![Stmt::SetMark(9), Stmt::Counter],
+                vec![Stmt::SetMark(9), Stmt::NamedCounter("p".into())],
             ]
         );
         let pre = t.chains.iter().find(|ch| ch.name == "prerouting").unwrap();

@@ -46,6 +46,7 @@ fn stmt(s: &Stmt) -> String {
         Stmt::Dnat(IpAddr::V4(a), p) => format!("dnat ip to {a}:{p}"),
         Stmt::Dnat(IpAddr::V6(a), p) => format!("dnat ip6 to [{a}]:{p}"),
         Stmt::Counter => "counter".into(),
+        Stmt::NamedCounter(n) => format!("counter name \"{n}\""),
         Stmt::Verdict(v) => verdict(v),
     }
 }
@@ -58,6 +59,9 @@ pub fn render(t: &TableSpec, paths: &HashMap<u64, String>) -> String {
     let _ = writeln!(o, "add table inet {}", t.name);
     let _ = writeln!(o, "delete table inet {}", t.name);
     let _ = writeln!(o, "table inet {} {{", t.name);
+    for c in &t.counters {
+        let _ = writeln!(o, "\tcounter {c} {{\n\t}}");
+    }
     for s in &t.sets {
         let keyword = match s.kind {
             SetKind::Bypass(..) => "set",

@@ -230,12 +230,11 @@ impl Routes {
                 }
                 match m.ty {
                     NLMSG_ERROR => {
-                        let code = nlmsg::error_code(m.payload()).ok_or_else(|| {
-                            RouteError::Decode {
+                        let code =
+                            nlmsg::error_code(m.payload()).ok_or_else(|| RouteError::Decode {
                                 step: step.to_owned(),
                                 msg: "truncated error message".into(),
-                            }
-                        })?;
+                            })?;
                         return Ok((got, (code != 0).then_some(code)));
                     }
                     NLMSG_DONE => return Ok((got, None)),

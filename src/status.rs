@@ -99,12 +99,7 @@ pub fn status(cfg: &Config, as_json: bool) -> Result<(String, bool), StatusError
     let ok = installed.is_some() && routing_ok && missing + wrong + extra == 0;
 
     let (direct, drop, per) = tree.counts(cfg.targets.len());
-    let counters = |name: &str| {
-        inst.counters
-            .get(&plan::mark_chain(name))
-            .copied()
-            .unwrap_or((0, 0))
-    };
+    let counters = |name: &str| inst.counters.get(name).copied().unwrap_or((0, 0));
     if as_json {
         // Kernel map elements per class name (direct, drop, a target's name).
         let mut by_class: BTreeMap<String, usize> = BTreeMap::new();

@@ -530,11 +530,11 @@ fn status_and_explain_read_the_kernel() {
         lab.mkcg("drop");
         let cfg = lab.write_config("c.json", &proxy_target(), &rules(&lab));
         lab.start_daemon(&cfg);
-        let cli = |args: &[&str]| {
+        let cli_with = |cfg: &std::path::Path, args: &[&str]| {
             let out = std::process::Command::new(env!("CARGO_BIN_EXE_cgtproxy"))
                 .args(args)
                 .arg("--config")
-                .arg(&cfg)
+                .arg(cfg)
                 .output()
                 .unwrap();
             (
@@ -542,6 +542,12 @@ fn status_and_explain_read_the_kernel() {
                 String::from_utf8_lossy(&out.stdout).into_owned(),
             )
         };
+        let cli = |args: &[&str]| cli_with(&cfg, args);
+        // Two proxied exchanges, counted by the target's named counter.
+        for proto in ["tcp", "udp"] {
+            let a = lab.talk("proxy/x", proto, PEER4, PEER_PORT);
+            assert!(proxied(&a, PEER4), "{proto}: {a}");
+        }
         let (code, out) = cli(&["status"]);
         assert_eq!(code, Some(0), "{out}");
         assert!(
@@ -552,7 +558,13 @@ fn status_and_explain_read_the_kernel() {
         assert_eq!(code, Some(0));
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(v["ok"], true);
-        assert!(v["targets"][0]["packets"].as_u64().is_some());
+        let packets = v["targets"][0]["packets"].as_u64().unwrap_or(0);
+        assert!(packets >= 2, "{out}");
+        let listed = nft("list counter inet cgtproxy proxy");
+        assert!(
+            listed.contains(&format!("packets {packets} ")),
+            "status and nft disagree:\n{out}\n{listed}"
+        );
 
         let path = format!("{}/proxy/x", lab.base);
         let (code, out) = cli(&["explain", &path]);
@@ -593,10 +605,27 @@ fn status_and_explain_read_the_kernel() {
         let (code, out) = cli(&["doctor"]);
         assert_eq!(code, Some(0), "{out}");
         assert!(
-            out.contains("ok   nftables") && out.contains("TCP and UDP listeners"),
+            out.contains("ok   nftables") && out.contains("transparent TCP and UDP listeners"),
             "{out}"
         );
         assert!(!sh_any("nft list tables").contains("cgtproxy-doctor"));
+        // A listener without IP_TRANSPARENT gets nothing from tproxy: doctor fails.
+        lab.start_service_in("plain", "python3 -m http.server 7894 --bind 0.0.0.0", 7894);
+        let two = lab.write_config(
+            "two.json",
+            &format!(
+                r#"{{"proxy":{{"port":{PROXY_PORT},"mark":{MARK}}},"plain":{{"port":7894,"mark":3001,"no-udp":true}}}}"#
+            ),
+            &rules(&lab),
+        );
+        let (code, out) = cli_with(&two, &["doctor"]);
+        assert_eq!(code, Some(3), "{out}");
+        assert!(
+            out.contains(
+                "FAIL listener: target plain: the TCP listener on port 7894 is not transparent"
+            ),
+            "{out}"
+        );
         assert_eq!(lab.take_daemon().stop(), 0);
     });
 }

@@ -1,7 +1,8 @@
 //! The only module that calls libnftnl directly. The `nftnl` crate covers tables,
 //! chains, rules and batches; what it lacks is here: the `tproxy`, `socket cgroupv2`,
-//! `ct direction`, named-set `lookup`/`map`/`vmap` and `nat` expressions, maps,
-//! interval sets and set elements carrying verdicts.
+//! `ct direction`, named-set `lookup`/`map`/`vmap`, `nat` and named-counter
+//! expressions, maps, interval sets, set elements carrying verdicts, and counter
+//! objects.
 
 use std::ffi::{CStr, CString, c_char, c_void};
 use std::ptr::NonNull;
@@ -112,7 +113,12 @@ pub enum Expr {
         family: u32,
     },
     Counter,
+    /// `counter name "NAME"`: counts into the table's named counter object.
+    CounterRef(CString),
 }
+
+/// `NFT_OBJECT_COUNTER` (not in libc).
+const NFT_OBJECT_COUNTER: u32 = 1;
 
 /// Allocates an expression by name; libnftnl only fails here on out-of-memory.
 fn alloc_expr(name: &CStr) -> NonNull<sys::nftnl_expr> {
@@ -246,6 +252,53 @@ impl Expression for Expr {
                 e
             }
             Expr::Counter => alloc_expr(c"counter"),
+            Expr::CounterRef(name) => {
+                let e = alloc_expr(c"objref");
+                set_u32(e, sys::NFTNL_EXPR_OBJREF_IMM_TYPE, NFT_OBJECT_COUNTER);
+                set_str(e, sys::NFTNL_EXPR_OBJREF_IMM_NAME, name);
+                e
+            }
+        }
+    }
+}
+
+/// A named counter object in an `inet` table, starting at zero.
+#[derive(Debug, Clone)]
+pub struct CounterObj {
+    pub table: CString,
+    pub name: CString,
+}
+
+/// Owns a libnftnl object for the duration of one message build.
+struct RawObj(NonNull<sys::nftnl_obj>);
+
+impl Drop for RawObj {
+    fn drop(&mut self) {
+        // SAFETY: we own the object.
+        unsafe { sys::nftnl_obj_free(self.0.as_ptr()) }
+    }
+}
+
+// SAFETY: `write` only writes one message built by libnftnl: four small attributes.
+unsafe impl NlMsg for CounterObj {
+    unsafe fn write(&self, buf: *mut c_void, seq: u32, msg_type: MsgType) {
+        // SAFETY: plain allocation; NULL only on out-of-memory.
+        let ptr = unsafe { sys::nftnl_obj_alloc() };
+        let obj = RawObj(NonNull::new(ptr).unwrap_or_else(|| std::process::abort()));
+        let (t, f) = match msg_type {
+            MsgType::Add => (libc::NFT_MSG_NEWOBJ, libc::NLM_F_CREATE | libc::NLM_F_ACK),
+            MsgType::Del => (libc::NFT_MSG_DELOBJ, libc::NLM_F_ACK),
+        };
+        // SAFETY: the object is live; the strings are NUL-terminated and copied;
+        // `buf` has room for a message (trait contract).
+        unsafe {
+            let o = obj.0.as_ptr();
+            sys::nftnl_obj_set_u32(o, sys::NFTNL_OBJ_FAMILY as u16, libc::NFPROTO_INET as u32);
+            sys::nftnl_obj_set_str(o, sys::NFTNL_OBJ_TABLE as u16, self.table.as_ptr());
+            sys::nftnl_obj_set_str(o, sys::NFTNL_OBJ_NAME as u16, self.name.as_ptr());
+            sys::nftnl_obj_set_u32(o, sys::NFTNL_OBJ_TYPE as u16, NFT_OBJECT_COUNTER);
+            let nlh = header(buf, t, f, seq);
+            sys::nftnl_obj_nlmsg_build_payload(nlh, o);
         }
     }
 }
@@ -667,6 +720,40 @@ mod tests {
         udata.extend([1, 4]);
         udata.extend(1u32.to_ne_bytes());
         assert_eq!(attr(p, 13), udata);
+    }
+
+    #[test]
+    fn named_counter_reference_and_object() {
+        let (name, data) = expr_bytes(&Expr::CounterRef(c"proxy".into()));
+        assert_eq!(name, "objref");
+        // NFTA_OBJREF_IMM_TYPE = 1 (NFT_OBJECT_COUNTER = 1), NFTA_OBJREF_IMM_NAME = 2,
+        // an NLA_STRING the kernel takes without a terminating NUL.
+        assert_eq!(attr(&data, 1), 1u32.to_be_bytes());
+        assert_eq!(attr(&data, 2), b"proxy");
+
+        let mut batch = Batch::new();
+        let obj = CounterObj {
+            table: c"cgtproxy".into(),
+            name: c"proxy".into(),
+        };
+        batch.add(&obj, MsgType::Add);
+        batch.add(&obj, MsgType::Del);
+        let msgs = messages(batch);
+        let (_, flags, p) = msgs
+            .iter()
+            .find(|(ty, _, _)| *ty == libc::NFT_MSG_NEWOBJ as u16)
+            .unwrap();
+        assert_ne!(*flags & libc::NLM_F_CREATE as u16, 0);
+        // NFTA_OBJ_TABLE = 1, NFTA_OBJ_NAME = 2, NFTA_OBJ_TYPE = 3; NFTA_OBJ_DATA
+        // (4) without values, so the counter starts at zero.
+        assert_eq!(attr(p, 1), b"cgtproxy\0");
+        assert_eq!(attr(p, 2), b"proxy\0");
+        assert_eq!(attr(p, 3), 1u32.to_be_bytes());
+        assert!(attrs(p).iter().all(|(t, d)| *t != 4 || d.is_empty()));
+        assert!(
+            msgs.iter()
+                .any(|(ty, _, _)| *ty == libc::NFT_MSG_DELOBJ as u16)
+        );
     }
 
     #[test]

@@ -170,6 +170,7 @@ fn exprs(s: &Stmt) -> Result<Vec<Expr>, NftError> {
             ]
         }
         Stmt::Counter => vec![Expr::Counter],
+        Stmt::NamedCounter(n) => vec![Expr::CounterRef(cstring(n)?)],
         Stmt::Verdict(v) => vec![Expr::Verdict(ffi_verdict(v)?)],
     })
 }
@@ -262,6 +263,14 @@ impl Txn {
         self.delete_table(&spec.name)?;
         let table = Table::new(cstring(&spec.name)?, ProtoFamily::Inet);
         self.add(&table, MsgType::Add, format!("table inet {}", spec.name));
+        // Counters before the rules that name them.
+        for c in &spec.counters {
+            let obj = ffi::CounterObj {
+                table: cstring(&spec.name)?,
+                name: cstring(c)?,
+            };
+            self.add(&obj, MsgType::Add, format!("counter {c}"));
+        }
         for s in &spec.sets {
             self.add_set(&spec.name, s)?;
         }
