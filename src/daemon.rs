@@ -578,8 +578,15 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
             }
         }
         if ino {
-            match d.watcher.read() {
-                Ok(changes) => d.on_changes(changes),
+            // New cgroups are committed first; what their listing finds below
+            // them (created in the meantime) follows in a second transaction.
+            let read = d.watcher.read().and_then(|changes| {
+                d.on_changes(changes);
+                d.watcher.expand()
+            });
+            match read {
+                Ok(more) if more.is_empty() => {}
+                Ok(more) => d.on_changes(more),
                 Err(e) => {
                     error!("{e}");
                     if let Err(c) = d.cleanup() {

@@ -46,6 +46,8 @@ pub struct Watcher {
     /// path, shared with the cgroup handed out.
     dirs: HashMap<i32, Rc<str>>,
     buf: Vec<u8>,
+    /// New directories reported by `read` but not yet watched and listed.
+    pending: Vec<Rc<str>>,
     /// Test-only (`CGTPROXY_TEST_INOTIFY_QUEUE`): treat a burst of more events
     /// than this as a queue overflow, since the kernel's queue size is a global
     /// sysctl that a test must not change.
@@ -70,6 +72,7 @@ impl Watcher {
             dirs: HashMap::new(),
             // read() drains the queue in a loop, so a few hundred events a read do.
             buf: vec![0; 16 * 1024],
+            pending: Vec::new(),
             test_queue: std::env::var(TEST_QUEUE_ENV)
                 .ok()
                 .and_then(|v| v.parse().ok()),
@@ -119,7 +122,9 @@ impl Watcher {
         })
     }
 
-    /// Drains every queued event (never blocks) into changes.
+    /// Drains every queued event (never blocks) into changes. A new directory is
+    /// reported at once, unwatched, so that its element can be committed before
+    /// the slower watching and listing: call [`Watcher::expand`] next.
     pub fn read(&mut self) -> Result<Vec<Change>, WatchError> {
         let mut raw = Vec::new();
         loop {
@@ -163,16 +168,35 @@ impl Watcher {
             let Some(name) = name.to_str() else { continue };
             let path = child_path(parent, name);
             if mask.contains(EventMask::CREATE) {
-                let found = self.walk(&path)?;
-                if !found.is_empty() {
-                    changes.push(Change::Added(found));
+                if let Some(cg) = self.hier.describe(&path) {
+                    self.pending.push(Rc::clone(&cg.path));
+                    changes.push(Change::Added(vec![cg]));
                 }
             } else if mask.intersects(EventMask::DELETE | EventMask::MOVED_FROM) {
                 changes.push(Change::Removed(path));
             }
         }
         if lost {
+            self.pending.clear();
             return Ok(vec![Change::Rescan(self.scan()?)]);
+        }
+        Ok(changes)
+    }
+
+    /// Watches and lists the directories `read` reported, returning what was
+    /// created below them in the meantime (the directories themselves are not
+    /// repeated). Watch first, then list: nothing created in between is missed.
+    pub fn expand(&mut self) -> Result<Vec<Change>, WatchError> {
+        let mut changes = Vec::new();
+        for top in std::mem::take(&mut self.pending) {
+            let below: Vec<Cgroup> = self
+                .walk(&top)?
+                .into_iter()
+                .filter(|c| c.path != top)
+                .collect();
+            if !below.is_empty() {
+                changes.push(Change::Added(below));
+            }
         }
         Ok(changes)
     }
@@ -210,7 +234,8 @@ mod tests {
         // A directory created with children already in it (as if in a burst).
         std::fs::create_dir_all(d.join("a/c/d/e")).unwrap();
         std::fs::remove_dir(d.join("a/b")).unwrap();
-        let changes = w.read().unwrap();
+        let mut changes = w.read().unwrap();
+        changes.extend(w.expand().unwrap());
         let mut added = Vec::new();
         let mut removed = Vec::new();
         for c in changes {
@@ -225,6 +250,13 @@ mod tests {
         assert_eq!(added, ["/a/c", "/a/c/d", "/a/c/d/e"]);
         assert_eq!(removed, ["/a/b"]);
         assert!(w.read().unwrap().is_empty());
+        // The new directories are watched too.
+        std::fs::create_dir(d.join("a/c/d/e/f")).unwrap();
+        match w.read().unwrap().as_slice() {
+            [Change::Added(v)] => assert_eq!(paths(v), ["/a/c/d/e/f"]),
+            other => panic!("expected one addition, got {other:?}"),
+        }
+        assert!(w.expand().unwrap().is_empty());
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -265,6 +297,7 @@ mod tests {
             }
             other => panic!("expected one addition, got {other:?}"),
         }
+        assert!(w.expand().unwrap().is_empty());
         std::fs::remove_dir(d.join("a/b")).unwrap();
         assert_eq!(
             w.read().unwrap(),

@@ -480,6 +480,9 @@ pub struct Nft {
     /// Our netlink port id: notifications of our own changes carry it.
     port: u32,
     buf: Vec<u8>,
+    /// The send buffer size last set: raised only when a batch needs more, so a
+    /// one-element update costs no extra system calls.
+    sndbuf: usize,
 }
 
 impl Nft {
@@ -491,10 +494,13 @@ impl Nft {
         sock.set_cap_ack(true).map_err(NftError::Socket)?;
         setsockopt(&sock, sockopt::ReceiveTimeout, &TimeVal::new(10, 0))
             .map_err(|e| NftError::Socket(e.into()))?;
+        // Room for the acks of a whole-table batch.
+        let _ = setsockopt(&sock, sockopt::RcvBufForce, &(4 << 20));
         Ok(Nft {
             sock,
             port,
             buf: vec![0; 64 * 1024],
+            sndbuf: 0,
         })
     }
 
@@ -515,10 +521,12 @@ impl Nft {
         // A batch is processed only if it arrives in one sendmsg, which the socket
         // buffer must hold; raising it needs CAP_NET_ADMIN, which we have.
         let want = (bytes + 64 * 1024).max(256 * 1024);
-        if setsockopt(&self.sock, sockopt::SndBufForce, &want).is_err() {
-            let _ = setsockopt(&self.sock, sockopt::SndBuf, &want);
+        if want > self.sndbuf {
+            if setsockopt(&self.sock, sockopt::SndBufForce, &want).is_err() {
+                let _ = setsockopt(&self.sock, sockopt::SndBuf, &want);
+            }
+            self.sndbuf = want;
         }
-        let _ = setsockopt(&self.sock, sockopt::RcvBufForce, &(4 << 20));
         let iov: Vec<IoSlice<'_>> = pages.iter().map(|p| IoSlice::new(p)).collect();
         let kernel = NetlinkAddr::new(0, 0);
         sendmsg(
