@@ -171,6 +171,19 @@ fn nft(args: &[&str]) {
     );
 }
 
+/// A table that only turns conntrack on (as any stateful firewall does), for a
+/// baseline that isolates the cost of our own rules from conntrack's: our
+/// output chain's `ct direction` needs conntrack, which a bare namespace lacks.
+fn conntrack_only(on: bool) {
+    if on {
+        nft(&["add table inet ctonly"]);
+        nft(&["add chain inet ctonly out { type filter hook output priority 0; }"]);
+        nft(&["add rule inet ctonly out ct direction reply return"]);
+    } else {
+        nft(&["delete table inet ctonly"]);
+    }
+}
+
 fn sh(cmd: &str) {
     let out = Command::new("sh").args(["-c", cmd]).output().expect("sh");
     assert!(
@@ -682,6 +695,14 @@ fn datapath(lab: &Lab) -> (f64, f64) {
     (rate(&connect), rate(&bulk) / 1e6)
 }
 
+/// [`datapath`] with only [`conntrack_only`]'s table installed.
+fn datapath_conntrack(lab: &Lab) -> (f64, f64) {
+    conntrack_only(true);
+    let r = datapath(lab);
+    conntrack_only(false);
+    r
+}
+
 fn pct(sorted: &[Duration], p: usize) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -779,6 +800,7 @@ fn bench(base: &str) {
     lab.populate(1000, 10_000);
     let (mut conn_base, mut conn_table, mut bulk_base, mut bulk_table) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut conn_ct, mut bulk_ct) = (Vec::new(), Vec::new());
     let mut startups_10k = Vec::new();
     let mut all_10k = 0;
     let mut running = false;
@@ -794,19 +816,25 @@ fn bench(base: &str) {
             let (ct, bt) = datapath(&lab);
             lab.stop_daemon();
             settle();
+            let (cc, bc) = datapath_conntrack(&lab);
             let (cb, bb) = datapath(&lab);
             conn_table.push(ct);
             bulk_table.push(bt);
+            conn_ct.push(cc);
+            bulk_ct.push(bc);
             conn_base.push(cb);
             bulk_base.push(bb);
         } else {
             let (cb, bb) = datapath(&lab);
+            let (cc, bc) = datapath_conntrack(&lab);
             startups_10k.push(ms(lab.start_daemon()));
             all_10k = lab.hierarchy_size();
             settle();
             let (ct, bt) = datapath(&lab);
             conn_base.push(cb);
             bulk_base.push(bb);
+            conn_ct.push(cc);
+            bulk_ct.push(bc);
             conn_table.push(ct);
             bulk_table.push(bt);
         }
@@ -904,6 +932,8 @@ fn bench(base: &str) {
     };
     let connect_ratio = paired(&conn_table, &conn_base);
     let throughput_ratio = paired(&bulk_table, &bulk_base);
+    let connect_ratio_ct = paired(&conn_table, &conn_ct);
+    let throughput_ratio_ct = paired(&bulk_table, &bulk_ct);
     let speedup = pct(&lat_nft, 50) / pct(&lat_10k, 50);
 
     let mut t = String::new();
@@ -1006,6 +1036,11 @@ fn bench(base: &str) {
         ">= 0.95",
     );
     row(
+        "connects/s with conntrack only; ratio to that",
+        format!("{:.0}; {connect_ratio_ct:.3}", median(&mut conn_ct.clone())),
+        "",
+    );
+    row(
         "bulk MB/s: no table / 10,000 (median)",
         format!(
             "{:.0} / {:.0}",
@@ -1018,6 +1053,14 @@ fn bench(base: &str) {
         "throughput ratio (median of per-round ratios)",
         format!("{throughput_ratio:.3}"),
         ">= 0.95",
+    );
+    row(
+        "bulk MB/s with conntrack only; ratio to that",
+        format!(
+            "{:.0}; {throughput_ratio_ct:.3}",
+            median(&mut bulk_ct.clone())
+        ),
+        "",
     );
     print!("{t}");
     print!("{fwd_table}");
@@ -1047,6 +1090,8 @@ fn bench(base: &str) {
         "idle_wakeups_per_s": round3(idle_wakeups),
         "connect_ratio_10k": round3(connect_ratio),
         "throughput_ratio_10k": round3(throughput_ratio),
+        "connect_ratio_10k_vs_conntrack": round3(connect_ratio_ct),
+        "throughput_ratio_10k_vs_conntrack": round3(throughput_ratio_ct),
     });
     if let Some(o) = j.as_object_mut() {
         o.extend(fwd_keys);
