@@ -217,6 +217,15 @@ pub fn children(dir: &Path) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// Whether `dir` may have sub-directories. cgroup2 (kernfs) reports a directory's
+/// link count as 2 plus its sub-directories, so 2 means none: one `statx` instead
+/// of opening and listing a directory full of control files. Read after the
+/// watch is added, so a child created later is still seen as an event. Other
+/// file systems may report 1 ("not counted"): those are listed.
+fn has_subdirs(dir: &Path) -> bool {
+    std::fs::symlink_metadata(dir).map_or(true, |m| m.nlink() != 2)
+}
+
 /// Walks the tree from cgroup `path` down. `enter(cgroup)` runs before a
 /// directory is listed (the watcher adds its watch there) and returns false for a
 /// directory that vanished, which is then skipped.
@@ -237,6 +246,10 @@ pub fn walk_with<E>(
         let Some(dir) = hier.dir(&cg.path) else {
             continue;
         };
+        if !has_subdirs(&dir) {
+            found.push(cg);
+            continue;
+        }
         for (name, id) in children(&dir) {
             stack.push(Cgroup {
                 path: child_path(&cg.path, &name).into(),
@@ -317,6 +330,20 @@ mod tests {
         assert_eq!(root.dir("/a/b"), Some("/sys/fs/cgroup/a/b".into()));
         assert_eq!(child_path("/", "a"), "/a");
         assert_eq!(child_path("/a", "b"), "/a/b");
+    }
+
+    #[test]
+    fn only_directories_with_subdirectories_are_listed() {
+        let dir = std::env::temp_dir().join(format!("cgtproxy-nlink-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("leaf")).unwrap();
+        std::fs::write(dir.join("leaf/cgroup.procs"), "").unwrap();
+        assert!(has_subdirs(&dir));
+        assert!(
+            !has_subdirs(&dir.join("leaf")),
+            "files are not sub-directories"
+        );
+        assert!(has_subdirs(&dir.join("gone")), "unknown: list it");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
