@@ -97,21 +97,30 @@ enum Cmd {
 }
 
 fn init_logging(level: Option<&str>) {
-    use tracing_subscriber::EnvFilter;
-    let filter = match level {
-        Some(l) => EnvFilter::new(l),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // Levels and `target=level` directives, as RUST_LOG takes them; not the
+    // span/field filters of EnvFilter, whose regex engine would be a tenth of
+    // the binary (and all of it resident).
+    let spec = level
+        .map(str::to_owned)
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".into());
+    let filter = spec.parse::<Targets>().unwrap_or_else(|e| {
+        eprintln!("ignoring log filter {spec:?} ({e}); logging at info");
+        Targets::new().with_default(tracing::Level::INFO)
+    });
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false);
     // journald stamps lines itself.
+    let registry = tracing_subscriber::registry().with(filter);
     if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().init();
+        registry.with(fmt.without_time()).init();
     } else {
-        builder.init();
+        registry.with(fmt).init();
     }
 }
 
