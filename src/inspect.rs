@@ -4,17 +4,15 @@
 
 use std::collections::BTreeMap;
 
-use netlink_sys::{Socket, SocketAddr, constants::NETLINK_NETFILTER};
+use netlink_sys::constants::NETLINK_NETFILTER;
 
-use crate::nlmsg::{attr, attrs, c_str};
+use crate::nlmsg::{Channel, attr, attrs, c_str};
 
 const SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_GETTABLE: u16 = 1;
 const NFT_MSG_GETOBJ: u16 = 19;
 const NFT_MSG_GETSET: u16 = 10;
 const NFT_MSG_GETSETELEM: u16 = 13;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_DUMP: u16 = 0x300;
 
@@ -107,21 +105,13 @@ fn request(msg: u16, seq: u32, strings: &[(u16, &str)]) -> Vec<u8> {
 }
 
 struct Dumper {
-    sock: Socket,
-    seq: u32,
-    buf: Vec<u8>,
+    chan: Channel,
 }
 
 impl Dumper {
     fn open() -> Result<Dumper, InspectError> {
-        let mut sock = Socket::new(NETLINK_NETFILTER).map_err(InspectError::Socket)?;
-        sock.bind_auto().map_err(InspectError::Socket)?;
-        sock.connect(&SocketAddr::new(0, 0))
-            .map_err(InspectError::Socket)?;
         Ok(Dumper {
-            sock,
-            seq: 0,
-            buf: vec![0; 256 * 1024],
+            chan: Channel::open(NETLINK_NETFILTER, 256 * 1024).map_err(InspectError::Socket)?,
         })
     }
 
@@ -134,37 +124,21 @@ impl Dumper {
         step: &str,
         mut f: impl FnMut(&[u8]),
     ) -> Result<bool, InspectError> {
-        self.seq += 1;
-        let io = |source| InspectError::Io {
-            step: step.to_owned(),
-            source,
-        };
-        self.sock
-            .send(&request(msg, self.seq, strings), 0)
-            .map_err(io)?;
-        loop {
-            let n = self.sock.recv(&mut &mut self.buf[..], 0).map_err(io)?;
-            for m in crate::nlmsg::messages(&self.buf[..n]) {
-                let payload = m.payload();
-                match m.ty {
-                    NLMSG_DONE => return Ok(true),
-                    NLMSG_ERROR => {
-                        let errno = payload
-                            .get(..4)
-                            .map(|e| i32::from_ne_bytes([e[0], e[1], e[2], e[3]]))
-                            .unwrap_or(0);
-                        return match -errno {
-                            0 => Ok(true),
-                            libc::ENOENT => Ok(false),
-                            e => Err(InspectError::Kernel {
-                                step: step.to_owned(),
-                                errno: nix::Error::from_raw(e),
-                            }),
-                        };
-                    }
-                    _ => f(payload),
-                }
-            }
+        let errno = self
+            .chan
+            .exchange(|seq| request(msg, seq, strings), |m| f(m.payload()))
+            .map_err(|source| InspectError::Io {
+                step: step.to_owned(),
+                source,
+            })?
+            .unwrap_or(0);
+        match -errno {
+            0 => Ok(true),
+            libc::ENOENT => Ok(false),
+            e => Err(InspectError::Kernel {
+                step: step.to_owned(),
+                errno: nix::Error::from_raw(e),
+            }),
         }
     }
 }

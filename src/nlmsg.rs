@@ -1,5 +1,11 @@
-//! Walking netlink messages and attributes in received bytes. Every read is
-//! bounds-checked: a truncated or malformed datagram ends the walk, never panics.
+//! Walking netlink messages and attributes in received bytes, and one
+//! request/reply exchange with the kernel. Every read is bounds-checked: a
+//! truncated or malformed datagram ends the walk, never panics.
+
+use netlink_sys::{Socket, SocketAddr};
+
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
 
 /// One netlink message of a datagram.
 #[derive(Debug, Clone, Copy)]
@@ -75,6 +81,54 @@ pub fn encode(ty: u16, flags: u16, seq: u32, body: &[u8]) -> Vec<u8> {
 /// The errno of an `NLMSG_ERROR` message's payload (0 for an ack), if complete.
 pub fn error_code(payload: &[u8]) -> Option<i32> {
     Some(i32::from_ne_bytes(payload.get(..4)?.try_into().ok()?))
+}
+
+/// A netlink socket connected to the kernel, for requests and their replies.
+pub struct Channel {
+    sock: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl Channel {
+    /// Opens a socket of netlink `protocol`; replies are read `buf_len` bytes at
+    /// a time (a dump datagram is at most 32 KiB).
+    pub fn open(protocol: isize, buf_len: usize) -> std::io::Result<Channel> {
+        let mut sock = Socket::new(protocol)?;
+        sock.bind_auto()?;
+        sock.connect(&SocketAddr::new(0, 0))?;
+        Ok(Channel {
+            sock,
+            seq: 0,
+            buf: vec![0; buf_len],
+        })
+    }
+
+    /// Sends the request `build(seq)` makes for a fresh sequence number and hands
+    /// each reply with that number to `f`, until the kernel's ack or error, or the
+    /// end of a dump. Returns the errno of the final message (0: ack or end of
+    /// dump, negative: error), or `None` for an error message cut short.
+    pub fn exchange(
+        &mut self,
+        build: impl FnOnce(u32) -> Vec<u8>,
+        mut f: impl FnMut(Msg<'_>),
+    ) -> std::io::Result<Option<i32>> {
+        self.seq += 1;
+        self.sock.send(&build(self.seq), 0)?;
+        loop {
+            let n = self.sock.recv(&mut &mut self.buf[..], 0)?;
+            for m in messages(self.buf.get(..n).unwrap_or(&[])) {
+                if m.seq != self.seq {
+                    continue;
+                }
+                match m.ty {
+                    NLMSG_ERROR => return Ok(error_code(m.payload())),
+                    NLMSG_DONE => return Ok(Some(0)),
+                    _ => f(m),
+                }
+            }
+        }
+    }
 }
 
 /// A string attribute without its terminating NUL.

@@ -10,7 +10,7 @@ use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
-use netlink_sys::{Socket, SocketAddr, constants::NETLINK_ROUTE};
+use netlink_sys::constants::NETLINK_ROUTE;
 
 use crate::nlmsg;
 
@@ -24,8 +24,6 @@ const RTM_GETROUTE: u16 = 26;
 pub const RTM_NEWRULE: u16 = 32;
 pub const RTM_DELRULE: u16 = 33;
 const RTM_GETRULE: u16 = 34;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 
 /// A rule or route as read from rtnetlink.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,9 +99,7 @@ pub struct Plan {
 
 /// An rtnetlink socket.
 pub struct Routes {
-    sock: Socket,
-    seq: u32,
-    buf: Vec<u8>,
+    chan: nlmsg::Channel,
 }
 
 fn rule_msg(fam: Fam, mark: u32, table: u32) -> RuleMessage {
@@ -193,14 +189,8 @@ fn is_our_rule(r: &RuleMessage, mark: u32, table: u32) -> bool {
 
 impl Routes {
     pub fn open() -> Result<Routes, RouteError> {
-        let mut sock = Socket::new(NETLINK_ROUTE).map_err(RouteError::Socket)?;
-        sock.bind_auto().map_err(RouteError::Socket)?;
-        sock.connect(&SocketAddr::new(0, 0))
-            .map_err(RouteError::Socket)?;
         Ok(Routes {
-            sock,
-            seq: 0,
-            buf: vec![0; 64 * 1024],
+            chan: nlmsg::Channel::open(NETLINK_ROUTE, 64 * 1024).map_err(RouteError::Socket)?,
         })
     }
 
@@ -213,35 +203,22 @@ impl Routes {
         flags: u16,
         step: &str,
     ) -> Result<(Vec<RtMsg>, Option<i32>), RouteError> {
-        self.seq += 1;
-        let out = encode(ty, NLM_F_REQUEST | flags, self.seq, body);
-        let io = |source| RouteError::Io {
-            step: step.to_owned(),
-            source,
-        };
-        self.sock.send(&out, 0).map_err(io)?;
         let mut got = Vec::new();
-        loop {
-            let n = self.sock.recv(&mut &mut self.buf[..], 0).map_err(io)?;
-            let datagram = self.buf.get(..n).unwrap_or(&[]);
-            for m in nlmsg::messages(datagram) {
-                if m.seq != self.seq {
-                    continue;
-                }
-                match m.ty {
-                    NLMSG_ERROR => {
-                        let code =
-                            nlmsg::error_code(m.payload()).ok_or_else(|| RouteError::Decode {
-                                step: step.to_owned(),
-                                msg: "truncated error message".into(),
-                            })?;
-                        return Ok((got, (code != 0).then_some(code)));
-                    }
-                    NLMSG_DONE => return Ok((got, None)),
-                    ty => got.extend(RtMsg::parse(ty, m.payload())),
-                }
-            }
-        }
+        let code = self
+            .chan
+            .exchange(
+                |seq| encode(ty, NLM_F_REQUEST | flags, seq, body),
+                |m| got.extend(RtMsg::parse(m.ty, m.payload())),
+            )
+            .map_err(|source| RouteError::Io {
+                step: step.to_owned(),
+                source,
+            })?
+            .ok_or_else(|| RouteError::Decode {
+                step: step.to_owned(),
+                msg: "truncated error message".into(),
+            })?;
+        Ok((got, (code != 0).then_some(code)))
     }
 
     fn check(step: String, errno: Option<i32>, ok: &[i32]) -> Result<(), RouteError> {

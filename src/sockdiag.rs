@@ -3,15 +3,13 @@
 //! proxy core listening without it receives nothing. Read with sock_diag
 //! (`NETLINK_SOCK_DIAG`), which reports each socket's options since Linux 5.10.
 
-use netlink_sys::{Socket, SocketAddr, constants::NETLINK_SOCK_DIAG};
+use netlink_sys::constants::NETLINK_SOCK_DIAG;
 
 use crate::nlmsg;
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 /// `INET_DIAG_SOCKOPT`: struct inet_diag_sockopt, two bytes of bit fields.
 const INET_DIAG_SOCKOPT: u16 = 22;
 /// `struct inet_diag_msg`: family, state, timer, retrans, the 48-byte socket id,
@@ -99,38 +97,28 @@ pub fn bound(port: u16, proto: Proto) -> Result<Vec<Bound>, SockDiagError> {
         Proto::Tcp => "TCP listeners",
         Proto::Udp => "UDP sockets",
     };
-    let mut sock = Socket::new(NETLINK_SOCK_DIAG).map_err(SockDiagError::Socket)?;
-    sock.bind_auto().map_err(SockDiagError::Socket)?;
-    sock.connect(&SocketAddr::new(0, 0))
-        .map_err(SockDiagError::Socket)?;
-    let io = |source| SockDiagError::Io { what, source };
+    let mut chan =
+        nlmsg::Channel::open(NETLINK_SOCK_DIAG, 32 * 1024).map_err(SockDiagError::Socket)?;
     let mut found = Vec::new();
-    let mut buf = vec![0; 32 * 1024];
-    for (seq, family) in [(1, libc::AF_INET as u8), (2, libc::AF_INET6 as u8)] {
-        sock.send(&request(family, proto, seq), 0).map_err(io)?;
-        'dump: loop {
-            let n = sock.recv(&mut &mut buf[..], 0).map_err(io)?;
-            for m in nlmsg::messages(buf.get(..n).unwrap_or(&[])) {
-                match m.ty {
-                    NLMSG_DONE => break 'dump,
-                    NLMSG_ERROR => match nlmsg::error_code(m.payload()) {
-                        Some(0) | None => break 'dump,
-                        Some(e) => {
-                            return Err(SockDiagError::Kernel {
-                                what,
-                                errno: nix::Error::from_raw(-e),
-                            });
-                        }
-                    },
-                    _ => {
-                        if let Some((p, b)) = parse(m.payload())
-                            && p == port
-                        {
-                            found.push(b);
-                        }
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        let code = chan
+            .exchange(
+                |seq| request(family, proto, seq),
+                |m| {
+                    if let Some((p, b)) = parse(m.payload())
+                        && p == port
+                    {
+                        found.push(b);
                     }
-                }
-            }
+                },
+            )
+            .map_err(|source| SockDiagError::Io { what, source })?;
+        // An error message cut short ends the dump like an ack.
+        if let Some(e) = code.filter(|&e| e != 0) {
+            return Err(SockDiagError::Kernel {
+                what,
+                errno: nix::Error::from_raw(-e),
+            });
         }
     }
     Ok(found)
