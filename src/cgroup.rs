@@ -226,17 +226,14 @@ fn has_subdirs(dir: &Path) -> bool {
     std::fs::symlink_metadata(dir).map_or(true, |m| m.nlink() != 2)
 }
 
-/// Walks the tree from cgroup `path` down. `enter(cgroup)` runs before a
-/// directory is listed (the watcher adds its watch there) and returns false for a
-/// directory that vanished, which is then skipped.
+/// Walks the tree from cgroup `top` (as [`Hierarchy::describe`] found it) down.
+/// `enter(cgroup)` runs before a directory is listed (the watcher adds its watch
+/// there) and returns false for a directory that vanished, which is then skipped.
 pub fn walk_with<E>(
     hier: &Hierarchy,
-    path: &str,
+    top: Cgroup,
     mut enter: impl FnMut(&Cgroup) -> Result<bool, E>,
 ) -> Result<Vec<Cgroup>, E> {
-    let Some(top) = hier.describe(path) else {
-        return Ok(Vec::new());
-    };
     let mut found = Vec::new();
     let mut stack = vec![top];
     while let Some(cg) = stack.pop() {
@@ -264,10 +261,10 @@ pub fn walk_with<E>(
 
 /// Lists every cgroup of the hierarchy without watching it (for `render`).
 pub fn walk(hier: &Hierarchy) -> Vec<Cgroup> {
-    walk_with(hier, hier.root_path(), |_| {
-        Ok::<_, std::convert::Infallible>(true)
-    })
-    .unwrap_or_default()
+    let Some(root) = hier.describe(hier.root_path()) else {
+        return Vec::new();
+    };
+    walk_with(hier, root, |_| Ok::<_, std::convert::Infallible>(true)).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -47,7 +47,7 @@ pub struct Watcher {
     dirs: HashMap<i32, Rc<str>>,
     buf: Vec<u8>,
     /// New directories reported by `read` but not yet watched and listed.
-    pending: Vec<Rc<str>>,
+    pending: Vec<Cgroup>,
     /// Test-only (`CGTPROXY_TEST_INOTIFY_QUEUE`): treat a burst of more events
     /// than this as a queue overflow, since the kernel's queue size is a global
     /// sysctl that a test must not change.
@@ -91,15 +91,17 @@ impl Watcher {
     /// Watches and lists the whole tree.
     pub fn scan(&mut self) -> Result<Vec<Cgroup>, WatchError> {
         self.dirs.clear();
-        let root = self.hier.root_path().to_owned();
-        self.walk(&root)
+        match self.hier.describe(self.hier.root_path()) {
+            Some(root) => self.walk(root),
+            None => Ok(Vec::new()),
+        }
     }
 
-    /// Watches cgroup `path` and everything below it, returning the cgroups found.
+    /// Watches cgroup `top` and everything below it, returning the cgroups found.
     /// Directories that vanish on the way are skipped.
-    fn walk(&mut self, path: &str) -> Result<Vec<Cgroup>, WatchError> {
+    fn walk(&mut self, top: Cgroup) -> Result<Vec<Cgroup>, WatchError> {
         let (hier, inotify, dirs) = (&self.hier, &mut self.inotify, &mut self.dirs);
-        walk_with(hier, path, |cg| {
+        walk_with(hier, top, |cg| {
             let Some(path) = hier.dir(&cg.path) else {
                 return Ok(false);
             };
@@ -169,7 +171,7 @@ impl Watcher {
             let path = child_path(parent, name);
             if mask.contains(EventMask::CREATE) {
                 if let Some(cg) = self.hier.describe(&path) {
-                    self.pending.push(Rc::clone(&cg.path));
+                    self.pending.push(cg.clone());
                     changes.push(Change::Added(vec![cg]));
                 }
             } else if mask.intersects(EventMask::DELETE | EventMask::MOVED_FROM) {
@@ -189,10 +191,11 @@ impl Watcher {
     pub fn expand(&mut self) -> Result<Vec<Change>, WatchError> {
         let mut changes = Vec::new();
         for top in std::mem::take(&mut self.pending) {
+            let path = Rc::clone(&top.path);
             let below: Vec<Cgroup> = self
-                .walk(&top)?
+                .walk(top)?
                 .into_iter()
-                .filter(|c| c.path != top)
+                .filter(|c| c.path != path)
                 .collect();
             if !below.is_empty() {
                 changes.push(Change::Added(below));
