@@ -158,6 +158,19 @@ fn remove_tree(dir: &Path) {
     }
 }
 
+/// Makes closing `s` send RST: no TIME_WAIT, so a connect loop never runs out
+/// of ports.
+fn reset_on_close(s: &TcpStream) -> nix::Result<()> {
+    setsockopt(
+        s,
+        sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    )
+}
+
 /// Runs `nft ARGS` and insists that it succeeds.
 fn nft(args: &[&str]) {
     let out = Command::new("nft")
@@ -1139,16 +1152,7 @@ fn client(args: &[String]) {
             // Bounded in time and count.
             while t0.elapsed() < window && n < 1_000_000 {
                 let s = TcpStream::connect((PEER, CONNECT_PORT)).expect("connect");
-                // Close with RST: no TIME_WAIT, so ports never run out.
-                setsockopt(
-                    &s,
-                    sockopt::Linger,
-                    &libc::linger {
-                        l_onoff: 1,
-                        l_linger: 0,
-                    },
-                )
-                .unwrap();
+                reset_on_close(&s).unwrap();
                 drop(s);
                 n += 1;
             }

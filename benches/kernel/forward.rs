@@ -26,10 +26,9 @@ use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{setsockopt, sockopt};
 use serde_json::{Map, Value, json};
 
-use super::{Lab, PEER, median, round1, round3, rss_kib, sh, step};
+use super::{Lab, PEER, median, reset_on_close, round1, round3, rss_kib, sh, step};
 
 const MICROSOCKS: u16 = 1080;
 const DANTE: u16 = 1081;
@@ -843,14 +842,7 @@ fn rr_loop(addr: SocketAddr, socks: Option<SocketAddr>, deadline: Instant) -> (u
             s.write_all(&req)?;
             let mut ans = [0u8; RR_SIZE];
             s.read_exact(&mut ans)?;
-            setsockopt(
-                &s,
-                sockopt::Linger,
-                &libc::linger {
-                    l_onoff: 1,
-                    l_linger: 0,
-                },
-            )?;
+            reset_on_close(&s)?;
             Ok(())
         };
         match once() {
