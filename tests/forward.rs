@@ -362,17 +362,7 @@ fn reload_switches_upstream_and_keeps_open_flows() {
         dante(&mut lab);
         let (cfg, fwd) = start(&mut lab, &[socks_target(MICROSOCKS)], &["proxy"]);
         // A long-lived flow through microsocks.
-        let go = lab.dir.join("go");
-        let cmd = format!(
-            "python3 '{}' hold {PEER4} {BULK_PORT} '{}'",
-            helper("bulk.py").display(),
-            go.display()
-        );
-        let mut held = lab.spawn_in("app-proxy", &cmd, Stdio::piped());
-        let mut out = held.stdout.take().unwrap();
-        let mut first = [0u8; 5];
-        std::io::Read::read_exact(&mut out, &mut first).unwrap();
-        assert_eq!(&first, b"held\n");
+        let held = Held::open(&lab, "app-proxy");
 
         // Switch to dante and reload.
         let text = std::fs::read_to_string(&cfg).unwrap().replace(
@@ -393,11 +383,7 @@ fn reload_switches_upstream_and_keeps_open_flows() {
         assert_eq!(a, format!("peer {DANTE4}"), "new flows use dante");
 
         // The old flow still works.
-        std::fs::write(&go, "").unwrap();
-        let mut rest = String::new();
-        std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
-        assert_eq!(rest.trim(), "OK hold");
-        held.wait().unwrap();
+        assert_eq!(held.release(), "OK hold");
 
         // An invalid config keeps the running one.
         std::fs::write(&cfg, "{").unwrap();
@@ -425,6 +411,40 @@ fn a_thousand_concurrent_connections() {
     });
 }
 
+/// A TCP connection from cgroup `rel` to the bulk server through the forwarder,
+/// held open by bulk.py (it has exchanged a first line) until released.
+struct Held {
+    child: std::process::Child,
+    out: std::process::ChildStdout,
+    go: PathBuf,
+}
+
+impl Held {
+    fn open(lab: &Lab, rel: &str) -> Held {
+        let go = lab.dir.join("go");
+        let cmd = format!(
+            "python3 '{}' hold {PEER4} {BULK_PORT} '{}'",
+            helper("bulk.py").display(),
+            go.display()
+        );
+        let mut child = lab.spawn_in(rel, &cmd, Stdio::piped());
+        let mut out = child.stdout.take().unwrap();
+        let mut first = [0u8; 5];
+        std::io::Read::read_exact(&mut out, &mut first).unwrap();
+        assert_eq!(&first, b"held\n");
+        Held { child, out, go }
+    }
+
+    /// Lets the connection finish its exchange; returns bulk.py's verdict.
+    fn release(mut self) -> String {
+        std::fs::write(&self.go, "").unwrap();
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut self.out, &mut rest).unwrap();
+        self.child.wait().unwrap();
+        rest.trim().to_owned()
+    }
+}
+
 /// A field of the forwarder's /proc/PID/status, in KiB.
 fn status_kib(d: &Daemon, field: &str) -> u64 {
     let text = std::fs::read_to_string(format!("/proc/{}/status", d.child.id())).unwrap();
@@ -440,17 +460,7 @@ fn sigterm_drains_open_connections() {
         let mut lab = lab("fwd-drain");
         microsocks(&mut lab, "");
         let (_, mut fwd) = start(&mut lab, &[socks_target(MICROSOCKS)], &["proxy"]);
-        let go = lab.dir.join("go");
-        let cmd = format!(
-            "python3 '{}' hold {PEER4} {BULK_PORT} '{}'",
-            helper("bulk.py").display(),
-            go.display()
-        );
-        let mut held = lab.spawn_in("app-proxy", &cmd, Stdio::piped());
-        let mut out = held.stdout.take().unwrap();
-        let mut first = [0u8; 5];
-        std::io::Read::read_exact(&mut out, &mut first).unwrap();
-        assert_eq!(&first, b"held\n");
+        let held = Held::open(&lab, "app-proxy");
         fwd.signal(Signal::SIGTERM);
         fwd.wait_notify("STOPPING=1", FAST);
         std::thread::sleep(Duration::from_millis(300));
@@ -458,11 +468,7 @@ fn sigterm_drains_open_connections() {
             fwd.child.try_wait().unwrap().is_none(),
             "exited with a flow open"
         );
-        std::fs::write(&go, "").unwrap();
-        let mut rest = String::new();
-        std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
-        assert_eq!(rest.trim(), "OK hold");
-        held.wait().unwrap();
+        assert_eq!(held.release(), "OK hold");
         let t0 = Instant::now();
         let status = fwd.child.wait().unwrap();
         assert_eq!(status.code(), Some(0));
@@ -552,26 +558,13 @@ fn idle_tcp_connections_are_closed() {
         );
         assert_eq!(a, "OK trickle 8", "a slow but live connection was cut");
         // Quiet for 1.5 s: closed by then, so the second echo never comes.
-        let go = lab.dir.join("go");
-        let cmd = format!(
-            "python3 '{}' hold {PEER4} {BULK_PORT} '{}'",
-            helper("bulk.py").display(),
-            go.display()
-        );
-        let mut held = lab.spawn_in("app-proxy", &cmd, Stdio::piped());
-        let mut out = held.stdout.take().unwrap();
-        let mut first = [0u8; 5];
-        std::io::Read::read_exact(&mut out, &mut first).unwrap();
-        assert_eq!(&first, b"held\n");
+        let held = Held::open(&lab, "app-proxy");
         std::thread::sleep(Duration::from_millis(1500));
-        std::fs::write(&go, "").unwrap();
-        let mut rest = String::new();
-        std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+        let rest = held.release();
         assert!(
             rest.starts_with("ERR"),
             "idle connection still open: {rest}"
         );
-        held.wait().unwrap();
         assert_eq!(fwd.stop(), 0);
     });
 }
