@@ -47,20 +47,25 @@ def readline(s):
     return b.decode().strip()
 
 
+def drain(s):
+    """Reads s to its end: (sha256 hex digest, byte count)."""
+    h, n = hashlib.sha256(), 0
+    while True:
+        d = s.recv(1 << 16)
+        if not d:
+            return h.hexdigest(), n
+        h.update(d)
+        n += len(d)
+
+
 def handle(c):
     try:
         cmd = readline(c).split()
         if not cmd:
             return
         if cmd[0] == "up":
-            h, n = hashlib.sha256(), 0
-            while True:
-                d = c.recv(1 << 16)
-                if not d:
-                    break
-                h.update(d)
-                n += len(d)
-            c.sendall(f"{h.hexdigest()} {n}\n".encode())
+            hexdigest, n = drain(c)
+            c.sendall(f"{hexdigest} {n}\n".encode())
         elif cmd[0] == "down":
             for chunk in pattern(int(cmd[1])):
                 c.sendall(chunk)
@@ -128,15 +133,9 @@ def main():
         n = int(sys.argv[4])
         s = connect(host, port)
         s.sendall(f"down {n}\n".encode())
-        h, got = hashlib.sha256(), 0
-        while True:
-            d = s.recv(1 << 16)
-            if not d:
-                break
-            h.update(d)
-            got += len(d)
-        if got != n or h.hexdigest() != digest(n):
-            return print(f"ERR got {got} bytes, digest match {h.hexdigest() == digest(n)}")
+        hexdigest, got = drain(s)
+        if got != n or hexdigest != digest(n):
+            return print(f"ERR got {got} bytes, digest match {hexdigest == digest(n)}")
         print(f"OK down {n} {time.monotonic() - t0:.2f}")
     elif mode == "hold":
         f = sys.argv[4]
