@@ -210,18 +210,30 @@ fn judge_listeners(port: u16, tcp: Listening, udp: Option<Listening>) -> (Verdic
 }
 
 fn probe_listeners(cfg: &Config) -> Vec<Probe> {
+    // One dump per protocol serves every target.
+    let tcp = sockdiag::list(sockdiag::Proto::Tcp);
+    let udp = if cfg.targets.iter().all(|t| t.no_udp) {
+        Ok(Vec::new())
+    } else {
+        sockdiag::list(sockdiag::Proto::Udp)
+    };
+    let on = |list: &[(u16, sockdiag::Bound)], port: u16| {
+        let found: Vec<sockdiag::Bound> = list
+            .iter()
+            .filter(|(p, _)| *p == port)
+            .map(|(_, b)| *b)
+            .collect();
+        listening(&found)
+    };
     cfg.targets
         .iter()
         .map(|t| {
-            let read = |proto| sockdiag::bound(t.port, proto).map(|f| listening(&f));
-            let found = read(sockdiag::Proto::Tcp).and_then(|tcp| {
-                let udp = if t.no_udp {
-                    None
-                } else {
-                    Some(read(sockdiag::Proto::Udp)?)
-                };
-                Ok((tcp, udp))
-            });
+            let found = match (&tcp, &udp) {
+                (Err(e), _) => Err(e),
+                (Ok(tcp), _) if t.no_udp => Ok((on(tcp, t.port), None)),
+                (Ok(_), Err(e)) => Err(e),
+                (Ok(tcp), Ok(udp)) => Ok((on(tcp, t.port), Some(on(udp, t.port)))),
+            };
             let (verdict, detail) = match found {
                 Ok((tcp, udp)) => judge_listeners(t.port, tcp, udp),
                 Err(e) => (Verdict::Warn, format!("cannot list sockets: {e}")),

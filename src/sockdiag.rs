@@ -91,8 +91,8 @@ fn parse(payload: &[u8]) -> Option<(u16, Bound)> {
     ))
 }
 
-/// The sockets of this network namespace bound to `port` (TCP: listening).
-pub fn bound(port: u16, proto: Proto) -> Result<Vec<Bound>, SockDiagError> {
+/// The sockets of this network namespace (TCP: listening) with their local ports.
+pub fn list(proto: Proto) -> Result<Vec<(u16, Bound)>, SockDiagError> {
     let what = match proto {
         Proto::Tcp => "TCP listeners",
         Proto::Udp => "UDP sockets",
@@ -104,13 +104,7 @@ pub fn bound(port: u16, proto: Proto) -> Result<Vec<Bound>, SockDiagError> {
         let code = chan
             .exchange(
                 |seq| request(family, proto, seq),
-                |m| {
-                    if let Some((p, b)) = parse(m.payload())
-                        && p == port
-                    {
-                        found.push(b);
-                    }
-                },
+                |m| found.extend(parse(m.payload())),
             )
             .map_err(|source| SockDiagError::Io { what, source })?;
         // An error message cut short ends the dump like an ack.
