@@ -8,6 +8,8 @@ use crate::cgroup::{self, Hierarchy};
 use crate::config::Config;
 use crate::nft::{Nft, Txn};
 use crate::plan;
+use crate::precedence::{self, Placement};
+use crate::rpfilter;
 use crate::sockdiag;
 
 /// A probe's outcome.
@@ -48,16 +50,24 @@ fn probe_kernel(cfg: &Config) -> Probe {
     let levels: BTreeSet<u32> = [1].into();
     let spec = plan::table(&probe_cfg, &levels, &Default::default());
     let result = Nft::open().and_then(|mut nft| {
+        let flags = nft.table_flags(&spec.name)?;
         let mut txn = Txn::new();
-        txn.replace_table(&spec)?;
+        txn.replace_table(&spec, false, flags)?;
         txn.delete_table(&spec.name)?;
-        nft.commit(txn)
+        nft.commit(txn).map(|()| flags)
     });
     match result {
-        Ok(()) => Probe {
+        Ok(flags) => Probe {
             verdict: Verdict::Ok,
             name: "nftables",
-            detail: "nf_tables accepts socket cgroupv2, verdict maps, tproxy and nat".into(),
+            detail: format!(
+                "nf_tables accepts socket cgroupv2, verdict maps, tproxy and nat; {}",
+                match flags {
+                    6 => "table flags owner and persist: nobody else can flush or delete the table, and it outlives a crash",
+                    2 => "table flag owner (no persist, Linux < 6.9): nobody else can flush the table, but a crash removes it",
+                    _ => "no table flags (Linux < 5.12): a foreign flush removes the table until the daemon restores it",
+                }
+            ),
             fix: None,
         },
         Err(e) => Probe {
@@ -282,6 +292,135 @@ fn probe_flush() -> Probe {
     }
 }
 
+/// Whether a foreign ip rule takes (or would take) marked packets before ours.
+fn probe_rule_order(cfg: &Config) -> Probe {
+    let name = "ip rule order";
+    let marks: Vec<u32> = cfg.targets.iter().map(|t| t.mark).collect();
+    let rules = match crate::route::Routes::open().and_then(|mut r| r.all_rules()) {
+        Ok(r) => r,
+        Err(e) => {
+            return Probe {
+                verdict: Verdict::Warn,
+                name,
+                detail: format!("cannot list ip rules: {e}"),
+                fix: None,
+            };
+        }
+    };
+    let before = precedence::preceding(&rules, &marks, cfg.route_table);
+    if !before.is_empty() {
+        return Probe {
+            verdict: Verdict::Fail,
+            name,
+            detail: format!(
+                "these rules take marked packets before ours, so proxied traffic is dropped: {}",
+                before.join("; ")
+            ),
+            fix: Some(format!(
+                "remove them, or set rule-priority below theirs (now {}); the daemon moves ahead of rules added after it by itself",
+                cfg.rule_priority
+            )),
+        };
+    }
+    match precedence::placement(cfg.rule_priority, &rules, &marks, cfg.route_table) {
+        Placement::Blocked { by, .. } => Probe {
+            verdict: Verdict::Fail,
+            name,
+            detail: format!(
+                "ip rule {by} takes marked packets at priority 0, where nothing can precede it"
+            ),
+            fix: Some("remove that rule or give it a priority above 0".into()),
+        },
+        Placement::Ahead { priority, of } => Probe {
+            verdict: Verdict::Warn,
+            name,
+            detail: format!(
+                "ip rule {of} would take marked packets before rule-priority {}; the daemon places its rules at {priority} instead",
+                cfg.rule_priority
+            ),
+            fix: Some(format!(
+                "set rule-priority to {priority} or less to say so in the configuration"
+            )),
+        },
+        Placement::Configured(p) => Probe {
+            verdict: Verdict::Ok,
+            name,
+            detail: format!("no foreign ip rule can take marked packets before priority {p}"),
+            fix: None,
+        },
+    }
+}
+
+/// Runs a read-only listing command; `None` when it is absent or fails.
+fn command_output(program: &str, args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Reverse-path filters in the host's firewall that would drop looped packets.
+fn probe_rpfilter(cfg: &Config) -> Probe {
+    let name = "firewall rpfilter";
+    let mut found = Vec::new();
+    let nft = command_output("nft", &["-j", "list", "ruleset"]);
+    if let Some(json) = nft.as_deref().and_then(|t| serde_json::from_str(t).ok()) {
+        for t in &cfg.targets {
+            for f in rpfilter::dropping(&json, t.mark) {
+                let what = format!("nftables {f} (mark {:#x} of {})", t.mark, t.name);
+                if !found.contains(&what) {
+                    found.push(what);
+                }
+            }
+        }
+    }
+    for save in ["iptables-save", "ip6tables-save"] {
+        if let Some(text) = command_output(save, &["-t", "mangle"]) {
+            found.extend(
+                rpfilter::iptables_drops(&text)
+                    .into_iter()
+                    .map(|l| format!("{save}: {l}")),
+            );
+        }
+    }
+    if nft.is_none() && found.is_empty() {
+        return Probe {
+            verdict: Verdict::Warn,
+            name,
+            detail: "cannot run `nft -j list ruleset`: the firewall's reverse-path filter was not checked".into(),
+            fix: None,
+        };
+    }
+    if found.is_empty() {
+        return Probe {
+            verdict: Verdict::Ok,
+            name,
+            detail: "no reverse-path filter drops packets carrying the targets' marks".into(),
+            fix: None,
+        };
+    }
+    let marks: Vec<String> = cfg
+        .targets
+        .iter()
+        .map(|t| format!("{:#x}", t.mark))
+        .collect();
+    Probe {
+        verdict: Verdict::Fail,
+        name,
+        detail: format!(
+            "a reverse-path filter drops the packets looped to the listeners: {}",
+            found.join("; ")
+        ),
+        fix: Some(format!(
+            "accept the marks before the check. NixOS: services.cgtproxy.reversePathExemption = true (the default), or networking.firewall.extraReversePathFilterRules = \"meta mark {{ {m} }} accept\"; firewalld: IPv6_rpfilter=loose in /etc/firewalld/firewalld.conf; your own ruleset: `meta mark {{ {m} }} accept` before the fib rule; iptables: `-m rpfilter --validmark`",
+            m = marks.join(", ")
+        )),
+    }
+}
+
 /// Runs every probe; returns the report and whether nothing failed.
 pub fn doctor(cfg: &Config) -> (String, bool) {
     let mut probes = vec![probe_kernel(cfg)];
@@ -289,6 +428,10 @@ pub fn doctor(cfg: &Config) -> (String, bool) {
     probes.push(cg);
     probes.extend(watches);
     probes.push(probe_rp_filter());
+    if !cfg.targets.is_empty() {
+        probes.push(probe_rule_order(cfg));
+        probes.push(probe_rpfilter(cfg));
+    }
     probes.extend(probe_listeners(cfg));
     probes.push(probe_flush());
     let mut o = String::new();

@@ -302,6 +302,8 @@ pub enum Stmt {
     Mark(u32),
     /// `meta mark != 0`
     Marked,
+    /// `oif != "lo"` (the loopback interface is index 1 in every namespace)
+    OifNotLoopback,
     /// `meta mark set N`
     SetMark(u32),
     /// `meta mark set socket cgroupv2 level L map @map meta mark vmap @classes`:
@@ -329,6 +331,8 @@ pub enum Hook {
     PreroutingFilter,
     /// `type nat hook output priority -100`
     OutputNat,
+    /// `type filter hook postrouting priority mangle`
+    PostroutingFilter,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -472,6 +476,32 @@ pub fn output_chain(stub: bool) -> ChainSpec {
         name: "output".into(),
         hook: Some(Hook::OutputRoute),
         rules,
+    }
+}
+
+/// Name of the chain that keeps marked packets from leaving.
+pub const GUARD: &str = "guard";
+
+/// The fail-closed guard: a packet carrying a target's mark must leave through
+/// `lo`, looped back to the listener. If anything else routes it — a VPN's or
+/// mesh network's ip rule evaluated before ours, our route deleted — it is
+/// dropped here instead of reaching its destination directly.
+pub fn guard_chain(cfg: &Config) -> ChainSpec {
+    ChainSpec {
+        name: GUARD.into(),
+        hook: Some(Hook::PostroutingFilter),
+        rules: cfg
+            .targets
+            .iter()
+            .map(|t| {
+                vec![
+                    Stmt::Mark(t.mark),
+                    Stmt::OifNotLoopback,
+                    Stmt::Counter,
+                    Stmt::Verdict(Verdict::Drop),
+                ]
+            })
+            .collect(),
     }
 }
 
@@ -656,6 +686,9 @@ pub fn table(cfg: &Config, levels: &BTreeSet<u32>, elements: &Elements) -> Table
     }
     chains.push(classify_chain(levels));
     chains.push(output_chain(stub));
+    if !cfg.targets.is_empty() {
+        chains.push(guard_chain(cfg));
+    }
     if !prerouting.is_empty() {
         chains.push(ChainSpec {
             name: "prerouting".into(),
