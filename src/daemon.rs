@@ -155,6 +155,9 @@ const HEAL_WINDOW: Duration = Duration::from_secs(30);
 /// STATUS= at most this often: a burst of cgroups must not flood PID 1.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Environment variable of the test-only knob that creates the table without flags.
+pub const TEST_NO_TABLE_FLAGS_ENV: &str = "CGTPROXY_TEST_NO_TABLE_FLAGS";
+
 /// First retry of a failed walk of the tree (watch limit, inotify errors).
 const RESCAN_DELAY: Duration = Duration::from_millis(500);
 
@@ -355,7 +358,7 @@ impl Daemon {
         if !new_levels.is_empty() {
             levels.extend(&new_levels);
             txn.add_level_maps(&table, &new_levels)?;
-            txn.rewrite_chain(&table, &plan::classify_chain(&levels))?;
+            txn.rewrite_chain(&table, &plan::classify_chain(&self.cfg, &levels))?;
         }
         let group = |list: &[(plan::Key, crate::config::Action)]| {
             let mut by: BTreeMap<u32, Vec<(u64, u32)>> = BTreeMap::new();
@@ -725,7 +728,13 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     let tree = Tree::build(&cfg, &watcher.scan()?);
 
     let mut nft = Nft::open()?;
-    let table_flags = nft.table_flags(&format!("{}-flags-probe", cfg.table))?;
+    // Test-only knob: the behaviour of kernels without table flags (a foreign
+    // flush removes the table; the daemon restores it), on one that has them.
+    let table_flags = if std::env::var_os(TEST_NO_TABLE_FLAGS_ENV).is_some() {
+        0
+    } else {
+        nft.table_flags(&format!("{}-flags-probe", cfg.table))?
+    };
     info!(
         "table inet {} flags: {}",
         cfg.table,

@@ -304,6 +304,10 @@ pub enum Stmt {
     Marked,
     /// `oif != "lo"` (the loopback interface is index 1 in every namespace)
     OifNotLoopback,
+    /// `ct mark N`
+    CtMark(u32),
+    /// `ct mark set meta mark`
+    SaveCtMark,
     /// `meta mark set N`
     SetMark(u32),
     /// `meta mark set socket cgroupv2 level L map @map meta mark vmap @classes`:
@@ -509,9 +513,11 @@ pub fn guard_chain(cfg: &Config) -> ChainSpec {
 pub const CLASSIFY: &str = "classify";
 
 /// One class lookup per level, deepest first, so the nearest classified ancestor
-/// decides.
-pub fn classify_chain(levels: &BTreeSet<u32>) -> ChainSpec {
-    let rules = levels
+/// decides. A packet that none decides, because the kernel sends it without a
+/// full socket (a TIME_WAIT ack, a reset), keeps its connection's target: else
+/// it would leave by the ordinary route, to the destination or into a VPN.
+pub fn classify_chain(cfg: &Config, levels: &BTreeSet<u32>) -> ChainSpec {
+    let mut rules: Vec<Vec<Stmt>> = levels
         .iter()
         .rev()
         .map(|&level| {
@@ -521,6 +527,11 @@ pub fn classify_chain(levels: &BTreeSet<u32>) -> ChainSpec {
             }]
         })
         .collect();
+    rules.extend(
+        cfg.targets
+            .iter()
+            .map(|t| vec![Stmt::CtMark(t.mark), Stmt::SetMark(t.mark)]),
+    );
     ChainSpec {
         name: CLASSIFY.into(),
         hook: None,
@@ -660,8 +671,12 @@ pub fn table(cfg: &Config, levels: &BTreeSet<u32>, elements: &Elements) -> Table
         }
         // The named counter is what `cgtproxy status` (and `nft list counters`)
         // reports per target: connections and packets sent to its listener.
+        // The connection remembers the mark: packets the kernel sends for it
+        // without a full socket (TCP's TIME_WAIT acks and resets) carry no
+        // cgroup, and the classify chain restores their mark from it.
         rules.push(vec![
             Stmt::SetMark(t.mark),
+            Stmt::SaveCtMark,
             Stmt::NamedCounter(t.name.clone()),
         ]);
         chains.push(ChainSpec {
@@ -684,7 +699,7 @@ pub fn table(cfg: &Config, levels: &BTreeSet<u32>, elements: &Elements) -> Table
             ]);
         }
     }
-    chains.push(classify_chain(levels));
+    chains.push(classify_chain(cfg, levels));
     chains.push(output_chain(stub));
     if !cfg.targets.is_empty() {
         chains.push(guard_chain(cfg));
@@ -868,8 +883,13 @@ mod tests {
     }
 
     #[test]
-    fn levels_are_ordered_deepest_first() {
-        let chain = classify_chain(&[2, 5, 3].into());
+    fn levels_are_ordered_deepest_first_then_the_connection_mark() {
+        let chain = classify_chain(&cfg(), &[2, 5, 3].into());
+        assert_eq!(
+            chain.rules.last(),
+            Some(&vec![Stmt::CtMark(3000), Stmt::SetMark(3000)]),
+            "packets without a full socket keep their connection's target"
+        );
         let levels: Vec<u32> = chain
             .rules
             .iter()
@@ -903,7 +923,11 @@ mod tests {
                     Stmt::SetMark(0),
                     Stmt::Verdict(Verdict::Return)
                 ],
-                vec![Stmt::SetMark(9), Stmt::NamedCounter("p".into())],
+                vec![
+                    Stmt::SetMark(9),
+                    Stmt::SaveCtMark,
+                    Stmt::NamedCounter("p".into())
+                ],
             ]
         );
         let pre = t.chains.iter().find(|ch| ch.name == "prerouting").unwrap();

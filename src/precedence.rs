@@ -82,6 +82,15 @@ fn fwmark(r: &RuleMessage) -> Option<(u32, u32)> {
     Some((mark, mask))
 }
 
+/// Whether attribute `a` sets a suppressor. The kernel reports
+/// `suppress_prefixlength` on every rule, as -1 when it is not set.
+fn suppresses(a: &RuleAttribute) -> bool {
+    matches!(
+        a,
+        RuleAttribute::SuppressPrefixLen(n) | RuleAttribute::SuppressIfGroup(n) if *n != u32::MAX
+    )
+}
+
 /// Whether `r` is exactly our `fwmark mark lookup table` (at any priority).
 pub fn is_ours(r: &RuleMessage, mark: u32, table: u32) -> bool {
     if r.header.action != RuleAction::ToTable
@@ -105,9 +114,7 @@ pub fn is_ours(r: &RuleMessage, mark: u32, table: u32) -> bool {
                 | RuleAttribute::IpProtocol(_)
                 | RuleAttribute::SourcePortRange(_)
                 | RuleAttribute::DestinationPortRange(_)
-                | RuleAttribute::SuppressPrefixLen(_)
-                | RuleAttribute::SuppressIfGroup(_)
-        )
+        ) || suppresses(a)
     });
     !selectors_other_than_the_mark && fwmark(r) == Some((mark, u32::MAX)) && rule_table(r) == table
 }
@@ -299,9 +306,13 @@ pub fn describe(r: &RuleMessage) -> String {
         RuleAction::Prohibit => s.push_str(" prohibit"),
         _ => {}
     }
-    for a in &r.attributes {
-        if let RuleAttribute::SuppressPrefixLen(n) = a {
-            s.push_str(&format!(" suppress_prefixlength {n}"));
+    for a in r.attributes.iter().filter(|a| suppresses(a)) {
+        match a {
+            RuleAttribute::SuppressPrefixLen(n) => {
+                s.push_str(&format!(" suppress_prefixlength {n}"))
+            }
+            RuleAttribute::SuppressIfGroup(n) => s.push_str(&format!(" suppress_ifgroup {n}")),
+            _ => {}
         }
     }
     s
@@ -324,12 +335,18 @@ mod tests {
         m
     }
 
+    /// Our rule as the kernel dumps it: with the unset suppressor (-1) and the
+    /// full mark mask.
     fn ours(prio: u32) -> RuleMessage {
         rule(
             prio,
             RuleAction::ToTable,
             300,
-            vec![RuleAttribute::FwMark(3000)],
+            vec![
+                RuleAttribute::FwMark(3000),
+                RuleAttribute::FwMask(u32::MAX),
+                RuleAttribute::SuppressPrefixLen(u32::MAX),
+            ],
         )
     }
 

@@ -38,6 +38,8 @@ fn stmt(s: &Stmt) -> String {
         Stmt::Mark(m) => format!("meta mark {m:#x}"),
         Stmt::Marked => "meta mark != 0x0".into(),
         Stmt::OifNotLoopback => "oif != \"lo\"".into(),
+        Stmt::CtMark(m) => format!("ct mark {m:#x}"),
+        Stmt::SaveCtMark => "ct mark set meta mark".into(),
         Stmt::SetMark(m) => format!("meta mark set {m:#x}"),
         Stmt::CgroupClass { level, map } => format!(
             "meta mark set socket cgroupv2 level {level} map @{map} meta mark vmap @{}",

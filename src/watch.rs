@@ -52,16 +52,17 @@ pub struct Watcher {
     /// than this as a queue overflow, since the kernel's queue size is a global
     /// sysctl that a test must not change.
     test_queue: Option<usize>,
-    /// Test-only (`CGTPROXY_TEST_MAX_WATCHES`): refuse watches beyond this many
-    /// with `ENOSPC`, as the kernel does at `fs.inotify.max_user_watches`, a
-    /// host-wide limit that a test must not change.
-    test_max_watches: Option<usize>,
+    /// Test-only (`CGTPROXY_TEST_WATCHES_FULL_BELOW`): refuse watches of the
+    /// directories below this cgroup path with `ENOSPC`, as the kernel does at
+    /// `fs.inotify.max_user_watches`, a host-wide limit that a test must not
+    /// change (and that other programs' watches would make unpredictable).
+    test_full_below: Option<String>,
 }
 
 /// Environment variable of the test-only overflow knob.
 pub const TEST_QUEUE_ENV: &str = "CGTPROXY_TEST_INOTIFY_QUEUE";
 /// Environment variable of the test-only watch-limit knob.
-pub const TEST_MAX_WATCHES_ENV: &str = "CGTPROXY_TEST_MAX_WATCHES";
+pub const TEST_FULL_BELOW_ENV: &str = "CGTPROXY_TEST_WATCHES_FULL_BELOW";
 
 const MASK: WatchMask = WatchMask::CREATE
     .union(WatchMask::DELETE)
@@ -83,9 +84,9 @@ impl Watcher {
             test_queue: std::env::var(TEST_QUEUE_ENV)
                 .ok()
                 .and_then(|v| v.parse().ok()),
-            test_max_watches: std::env::var(TEST_MAX_WATCHES_ENV)
+            test_full_below: std::env::var(TEST_FULL_BELOW_ENV)
                 .ok()
-                .and_then(|v| v.parse().ok()),
+                .map(|p| format!("{}/", p.trim_end_matches('/'))),
         })
     }
 
@@ -122,13 +123,13 @@ impl Watcher {
     /// in [`Watcher::unwatched`].
     fn walk(&mut self, top: Cgroup) -> Result<Vec<Cgroup>, WatchError> {
         let (hier, inotify, dirs) = (&self.hier, &mut self.inotify, &mut self.dirs);
-        let (unwatched, max) = (&mut self.unwatched, self.test_max_watches);
+        let (unwatched, full) = (&mut self.unwatched, self.test_full_below.as_deref());
         walk_with(hier, top, |cg| {
             let Some(path) = hier.dir(&cg.path) else {
                 return Ok(false);
             };
-            let added = match max {
-                Some(max) if dirs.len() >= max => {
+            let added = match full {
+                Some(below) if cg.path.starts_with(below) => {
                     Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
                 }
                 _ => inotify.watches().add(&path, MASK),

@@ -457,6 +457,9 @@ fn v2ray_as_the_tproxy_listener() {
 fn repairs_what_others_remove() {
     in_namespaces("repairs_what_others_remove", || {
         let mut lab = Lab::new("heal");
+        // As on kernels without table flags (before 5.12), where anyone may
+        // flush or delete the table; tests/coexistence.rs covers the flags.
+        lab.daemon_env = vec![("CGTPROXY_TEST_NO_TABLE_FLAGS".into(), "1".into())];
         lab.start_listener("listener", PROXY_PORT, "proxy");
         lab.mkcg("proxy");
         let cfg = lab.write_config("c.json", &proxy_target(), &rules(&lab));

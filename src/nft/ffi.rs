@@ -81,6 +81,10 @@ pub enum Expr {
     /// `meta mark set` from [`REG_1`].
     SetMark,
     CtDirection,
+    /// `ct mark` into [`REG_1`].
+    CtMark,
+    /// `ct mark set` from [`REG_1`].
+    SetCtMark,
     Payload {
         base: PayloadBase,
         offset: u32,
@@ -179,6 +183,18 @@ impl Expression for Expr {
                 let e = alloc_expr(c"ct");
                 set_u32(e, sys::NFTNL_EXPR_CT_KEY, libc::NFT_CT_DIRECTION as u32);
                 set_u32(e, sys::NFTNL_EXPR_CT_DREG, REG_1);
+                e
+            }
+            Expr::CtMark => {
+                let e = alloc_expr(c"ct");
+                set_u32(e, sys::NFTNL_EXPR_CT_KEY, libc::NFT_CT_MARK as u32);
+                set_u32(e, sys::NFTNL_EXPR_CT_DREG, REG_1);
+                e
+            }
+            Expr::SetCtMark => {
+                let e = alloc_expr(c"ct");
+                set_u32(e, sys::NFTNL_EXPR_CT_KEY, libc::NFT_CT_MARK as u32);
+                set_u32(e, sys::NFTNL_EXPR_CT_SREG, REG_1);
                 e
             }
             Expr::Payload { base, offset, len } => {
@@ -882,6 +898,20 @@ mod tests {
         // NFTA_META_KEY = 2, NFTA_META_SREG = 3.
         assert_eq!(attr(&data, 2), (libc::NFT_META_MARK as u32).to_be_bytes());
         assert_eq!(attr(&data, 3), 1u32.to_be_bytes());
+    }
+
+    #[test]
+    fn ct_mark_load_and_set() {
+        // NFTA_CT_DREG = 1, NFTA_CT_KEY = 2, NFTA_CT_SREG = 4.
+        let (name, data) = expr_bytes(&Expr::CtMark);
+        assert_eq!(name, "ct");
+        assert_eq!(attr(&data, 2), (libc::NFT_CT_MARK as u32).to_be_bytes());
+        assert_eq!(attr(&data, 1), 1u32.to_be_bytes());
+        let (name, data) = expr_bytes(&Expr::SetCtMark);
+        assert_eq!(name, "ct");
+        assert_eq!(attr(&data, 2), (libc::NFT_CT_MARK as u32).to_be_bytes());
+        assert_eq!(attr(&data, 4), 1u32.to_be_bytes());
+        assert!(attrs(&data).iter().all(|(t, _)| *t != 1), "no destination");
     }
 
     #[test]

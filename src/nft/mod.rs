@@ -132,6 +132,8 @@ fn exprs(s: &Stmt) -> Result<Vec<Expr>, NftError> {
                 data: 1u32.to_ne_bytes().to_vec(),
             },
         ],
+        Stmt::CtMark(m) => vec![Expr::CtMark, cmp(m.to_ne_bytes().to_vec())],
+        Stmt::SaveCtMark => vec![Expr::Meta(MetaKey::Mark), Expr::SetCtMark],
         Stmt::SetMark(m) => vec![
             Expr::Load {
                 reg: REG_1,
