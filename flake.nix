@@ -23,6 +23,20 @@
         "aarch64-linux"
       ];
       forAllSystems = f: lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
+
+      # The modules' package option defaults to pkgs.cgtproxy (mkPackageOption).
+      # Where the user's pkgs lack it, these modules take it from overlays.default
+      # applied to those pkgs. Not by setting nixpkgs.overlays: read-only pkgs
+      # (runNixOSTest's nodes, home-manager.useGlobalPkgs) refuse that.
+      withPackage =
+        optionPath: module:
+        { lib, pkgs, ... }:
+        {
+          imports = [ module ];
+          config = lib.setAttrByPath optionPath (
+            lib.mkDefault (pkgs.cgtproxy or (self.overlays.default pkgs pkgs).cgtproxy)
+          );
+        };
     in
     {
       packages = forAllSystems (pkgs: rec {
@@ -35,12 +49,12 @@
       };
 
       nixosModules = rec {
-        cgtproxy = ./nix/nixos-module.nix;
+        cgtproxy = withPackage [ "services" "cgtproxy" "package" ] ./nix/nixos-module.nix;
         default = cgtproxy;
       };
 
       homeManagerModules = rec {
-        cgtproxy = ./nix/hm-module.nix;
+        cgtproxy = withPackage [ "programs" "cgtproxy" "package" ] ./nix/hm-module.nix;
         default = cgtproxy;
       };
       # The name home-manager's own flake module (flake-parts) now uses.

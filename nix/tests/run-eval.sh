@@ -2,11 +2,16 @@
 # Runs the module-evaluation tests (nix/tests/eval.nix) with Nix and nixpkgs' lib
 # only. NIXPKGS_LIB: a checkout of nix-community/nixpkgs.lib, or of nixpkgs
 # (either the repository root or its lib/ directory). Never commit that copy.
+# With CI=true a missing NIXPKGS_LIB fails the run instead of skipping.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 
 if [ -z "${NIXPKGS_LIB:-}" ]; then
-  echo "eval tests skipped: set NIXPKGS_LIB to a checkout of nixpkgs' lib"
+  if [ "${CI:-}" = true ]; then
+    echo "eval tests: NIXPKGS_LIB is not set (CI must run them)" >&2
+    exit 1
+  fi
+  echo "eval tests left out: set NIXPKGS_LIB to a checkout of nixpkgs' lib (nix flake check runs them too)"
   exit 0
 fi
 lib=$(cd "$NIXPKGS_LIB" && pwd)
@@ -15,18 +20,51 @@ if [ ! -f "$lib/default.nix" ] || [ ! -f "$lib/modules.nix" ]; then
   echo "eval tests: NIXPKGS_LIB=$NIXPKGS_LIB holds no nixpkgs lib" >&2
   exit 1
 fi
+libArg="import (/. + \"$lib\")"
 
 # --store dummy://: pure evaluation, no store and no daemon, so Debian's
 # nix-bin works as any user on a machine that never ran Nix.
-if ! out=$(nix-instantiate --store dummy:// --eval --strict --json \
-  "$root/nix/tests/eval.nix" --arg lib "import (/. + \"$lib\")"); then
-  echo "eval tests: 0 passed, 1 failed"
-  exit 1
-fi
-python3 - "$out" <<'PY'
+eval_json() {
+  nix-instantiate --store dummy:// --eval --strict --json "$@" --arg lib "$libArg"
+}
+
+# A suite file returns { passed; failed; names; } or throws listing failures.
+suite() {
+  local label=$1 out
+  shift
+  if ! out=$(eval_json "$@"); then
+    echo "$label: 0 passed, 1 failed"
+    return 1
+  fi
+  python3 - "$label" "$out" <<'PY'
 import json, sys
-r = json.loads(sys.argv[1])
+label, r = sys.argv[1], json.loads(sys.argv[2])
 for name in r["names"]:
     print(f"ok {name}")
-print(f"eval tests: {r['passed']} passed, {r['failed']} failed")
+print(f"{label}: {r['passed']} passed, {r['failed']} failed")
 PY
+}
+
+# A misspelled key must fail evaluation with an error naming it (eval.nix can
+# only see that evaluation throws, not what it says).
+typo() {
+  local settings=$1 option=$2 err
+  if err=$(eval_json "$root/nix/tests/eval-settings.nix" --arg settings "$settings" 2>&1); then
+    echo "FAIL typo: $settings evaluated without error" >&2
+    return 1
+  fi
+  if ! grep -qF "The option \`services.cgtproxy.settings.$option' does not exist" <<<"$err"; then
+    echo "FAIL typo: the error for $settings does not name $option:" >&2
+    echo "$err" >&2
+    return 1
+  fi
+  echo "ok typo $option"
+}
+
+rc=0
+suite "eval tests" "$root/nix/tests/eval.nix" || rc=1
+typo '{ rule-priorty = 5000; }' rule-priorty || rc=1
+typo '{ tproxies.p = { port = 1; mark = 1; dns-hijack = { ip = "127.0.0.1"; tpc = true; }; }; }' \
+  tproxies.p.dns-hijack.tpc || rc=1
+typo '{ rules = [ { match = "x"; direct = true; tproxi = "p"; } ]; }' 'rules."[definition 1-entry 1]".tproxi' || rc=1
+exit "$rc"
