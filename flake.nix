@@ -99,11 +99,15 @@
               '';
 
           # Module evaluation against stand-ins: the same tests nix/tests/run-eval.sh runs.
-          eval =
-            let
-              result = import ./nix/tests/eval.nix { inherit lib; };
-            in
-            pkgs.writeText "cgtproxy-eval-tests" (builtins.toJSON result);
+          eval = pkgs.writeText "cgtproxy-eval-tests" (
+            builtins.toJSON {
+              nixos = import ./nix/tests/eval.nix { inherit lib; };
+              home-manager = import ./nix/tests/eval-hm.nix {
+                inherit lib;
+                homeManager = home-manager.outPath;
+              };
+            }
+          );
 
           # Each shipped unit against its Nix hardening file.
           unit-drift =

@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
-# Runs the module-evaluation tests (nix/tests/eval.nix) with Nix and nixpkgs' lib
-# only. NIXPKGS_LIB: a checkout of nix-community/nixpkgs.lib, or of nixpkgs
-# (either the repository root or its lib/ directory). Never commit that copy.
-# With CI=true a missing NIXPKGS_LIB fails the run instead of skipping.
+# Runs the module-evaluation tests with Nix and checkouts of their inputs only:
+#   NIXPKGS_LIB   nix-community/nixpkgs.lib, or nixpkgs (its root or its lib/):
+#                 nix/tests/eval.nix (the NixOS module);
+#   HOME_MANAGER  home-manager (the flake.lock revision): nix/tests/eval-hm.nix,
+#                 the home-manager module inside all of home-manager's modules.
+# Never commit those copies. Without one, its tests are left out (said so); with
+# CI=true, a missing one fails the run.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 
-if [ -z "${NIXPKGS_LIB:-}" ]; then
+# missing VAR WHAT: says what is left out, or fails in CI.
+missing() {
   if [ "${CI:-}" = true ]; then
-    echo "eval tests: NIXPKGS_LIB is not set (CI must run them)" >&2
+    echo "eval tests: $1 is not set; CI must run $2" >&2
     exit 1
   fi
-  echo "eval tests left out: set NIXPKGS_LIB to a checkout of nixpkgs' lib (nix flake check runs them too)"
+  echo "left out: $2 (set $1; \`nix flake check\` runs them too)"
+}
+
+if [ -z "${NIXPKGS_LIB:-}" ]; then
+  missing NIXPKGS_LIB "all module-evaluation tests"
   exit 0
 fi
 lib=$(cd "$NIXPKGS_LIB" && pwd)
@@ -67,4 +75,16 @@ typo '{ rule-priorty = 5000; }' rule-priorty || rc=1
 typo '{ tproxies.p = { port = 1; mark = 1; dns-hijack = { ip = "127.0.0.1"; tpc = true; }; }; }' \
   tproxies.p.dns-hijack.tpc || rc=1
 typo '{ rules = [ { match = "x"; direct = true; tproxi = "p"; } ]; }' 'rules."[definition 1-entry 1]".tproxi' || rc=1
+
+if [ -n "${HOME_MANAGER:-}" ]; then
+  hm=$(cd "$HOME_MANAGER" && pwd)
+  if [ ! -f "$hm/modules/modules.nix" ]; then
+    echo "eval tests: HOME_MANAGER=$HOME_MANAGER holds no home-manager" >&2
+    exit 1
+  fi
+  suite "home-manager eval tests" "$root/nix/tests/eval-hm.nix" \
+    --arg homeManager "/. + \"$hm\"" || rc=1
+else
+  missing HOME_MANAGER "the home-manager module's tests"
+fi
 exit "$rc"
