@@ -109,6 +109,29 @@
             }
           );
 
+          # The VM tests' nodes through the modules, and their scripts linted as the
+          # test driver does: what run-eval.sh checks, here without building a VM.
+          vm-eval =
+            let
+              result = import ./nix/tests/eval-vm.nix {
+                inherit lib;
+                homeManager = home-manager.outPath;
+              };
+            in
+            pkgs.runCommand "cgtproxy-vm-eval"
+              {
+                nativeBuildInputs = [
+                  pkgs.python3
+                  pkgs.python3Packages.pyflakes
+                ];
+                scripts = builtins.toJSON result.scripts;
+                passAsFile = [ "scripts" ];
+              }
+              ''
+                python3 ${./nix/tests/vm_lint.py} "$scriptsPath"
+                touch "$out"
+              '';
+
           # Each shipped unit against its Nix hardening file.
           unit-drift =
             pkgs.runCommand "cgtproxy-unit-drift"

@@ -9,7 +9,7 @@
 
 let
   standIns = import ./stand-ins.nix { inherit lib; };
-  inherit (standIns) storeDir fakeDrv pkgs;
+  inherit (standIns) storeDir fakeDrv;
   inherit (import ./helpers.nix { inherit lib; })
     failedAssertions
     refusedWith
@@ -18,17 +18,11 @@ let
     ;
   exe = "${standIns.cgtproxy}/bin/cgtproxy";
 
-  # As home-manager's own entry point builds it, with the pkgs given (useGlobalPkgs).
-  hmLib = import (homeManager + "/modules/lib/stdlib-extended.nix") lib;
-  hmModules = import (homeManager + "/modules/modules.nix") {
-    inherit pkgs;
-    lib = hmLib;
-    useNixpkgsModule = false;
-  };
+  hm' = standIns.homeManager homeManager;
   evalHm =
     cfg:
-    (hmLib.evalModules {
-      modules = hmModules ++ [
+    (hm'.lib.evalModules {
+      modules = hm'.modules ++ [
         ../hm-module.nix
         {
           home.username = "alice";
@@ -39,7 +33,7 @@ let
         cfg
       ];
       class = "homeManager";
-      specialArgs.modulesPath = toString (homeManager + "/modules");
+      inherit (hm') specialArgs;
     }).config;
 
   # The files home-manager links into the home directory, by path relative to it.

@@ -3,7 +3,9 @@
 #   NIXPKGS_LIB   nix-community/nixpkgs.lib, or nixpkgs (its root or its lib/):
 #                 nix/tests/eval.nix (the NixOS module);
 #   HOME_MANAGER  home-manager (the flake.lock revision): nix/tests/eval-hm.nix,
-#                 the home-manager module inside all of home-manager's modules.
+#                 the home-manager module inside all of home-manager's modules,
+#                 and nix/tests/eval-vm.nix, the VM tests' nodes, whose scripts
+#                 vm_lint.py then lints as the test driver does (pyflakes).
 # Never commit those copies. Without one, its tests are left out (said so); with
 # CI=true, a missing one fails the run.
 set -euo pipefail
@@ -36,21 +38,36 @@ eval_json() {
   nix-instantiate --store dummy:// --eval --strict --json "$@" --arg lib "$libArg"
 }
 
-# A suite file returns { passed; failed; names; } or throws listing failures.
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+# A suite file returns { passed; failed; names; } or throws listing failures;
+# its result stays in $tmp/result.json.
 suite() {
-  local label=$1 out
+  local label=$1
   shift
-  if ! out=$(eval_json "$@"); then
+  if ! eval_json "$@" >"$tmp/result.json"; then
     echo "$label: 0 passed, 1 failed"
     return 1
   fi
-  python3 - "$label" "$out" <<'PY'
+  python3 - "$label" "$tmp/result.json" <<'PY'
 import json, sys
-label, r = sys.argv[1], json.loads(sys.argv[2])
+label, r = sys.argv[1], json.load(open(sys.argv[2]))
 for name in r["names"]:
     print(f"ok {name}")
 print(f"{label}: {r['passed']} passed, {r['failed']} failed")
 PY
+}
+
+# Debian's pyflakes3, or pyflakes for Debian's python3 (python3 on PATH may be another).
+pyflakes_cmd() {
+  if command -v pyflakes3 >/dev/null; then
+    echo pyflakes3
+  elif command -v pyflakes >/dev/null; then
+    echo pyflakes
+  elif /usr/bin/python3 -m pyflakes --version >/dev/null 2>&1; then
+    echo "/usr/bin/python3 -m pyflakes"
+  fi
 }
 
 # A misspelled key must fail evaluation with an error naming it (eval.nix can
@@ -82,8 +99,23 @@ if [ -n "${HOME_MANAGER:-}" ]; then
     echo "eval tests: HOME_MANAGER=$HOME_MANAGER holds no home-manager" >&2
     exit 1
   fi
-  suite "home-manager eval tests" "$root/nix/tests/eval-hm.nix" \
-    --arg homeManager "/. + \"$hm\"" || rc=1
+  hmArg="/. + \"$hm\""
+  suite "home-manager eval tests" "$root/nix/tests/eval-hm.nix" --arg homeManager "$hmArg" || rc=1
+  if suite "VM test nodes" "$root/nix/tests/eval-vm.nix" --arg homeManager "$hmArg"; then
+    pyflakes=$(pyflakes_cmd)
+    if [ -n "$pyflakes" ]; then
+      python3 -c 'import json, sys; json.dump(json.load(sys.stdin)["scripts"], sys.stdout)' \
+        <"$tmp/result.json" >"$tmp/scripts.json"
+      PYFLAKES=$pyflakes python3 "$root/nix/tests/vm_lint.py" "$tmp/scripts.json" || rc=1
+    elif [ "${CI:-}" = true ]; then
+      echo "eval tests: no pyflakes; CI must lint the VM test scripts" >&2
+      rc=1
+    else
+      echo "left out: linting the VM test scripts (install pyflakes3)"
+    fi
+  else
+    rc=1
+  fi
 else
   missing HOME_MANAGER "the home-manager module's tests"
 fi

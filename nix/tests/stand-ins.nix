@@ -40,6 +40,13 @@ let
 
   cgtproxy = fakeDrv "cgtproxy-0.1.0" { meta.mainProgram = "cgtproxy"; };
 
+  scriptBin =
+    name: text:
+    fakeDrv name {
+      inherit text;
+      meta.mainProgram = name;
+    };
+
   freeformAttrs = types.attrsOf (types.submodule { freeformType = types.attrsOf types.anything; });
 in
 rec {
@@ -71,17 +78,20 @@ rec {
     });
     writeText = name: text: fakeDrv name { inherit text; };
     writeTextFile = args: fakeDrv args.name args;
-    writeShellScriptBin =
-      name: text:
-      fakeDrv name {
-        inherit text;
-        meta.mainProgram = name;
-      };
+    writeTextDir = path: text: fakeDrv (baseNameOf path) { inherit text; };
+    writeScriptBin = scriptBin;
+    writeShellScriptBin = scriptBin;
     runCommand = name: env: script: fakeDrv name { inherit env script; };
     runCommandLocal = name: env: script: fakeDrv name { inherit env script; };
   }
-  # Packages that home-manager's modules read while evaluating the files asked for.
+  # Packages that home-manager's modules (while evaluating the files asked for)
+  # and the VM tests' nodes read.
   // lib.genAttrs [
+    "coreutils"
+    "curl"
+    "microsocks"
+    "nftables"
+    "python3"
     "man"
     "shared-mime-info"
     "glibcLocales"
@@ -158,4 +168,21 @@ rec {
       _module.args = { inherit pkgs utils; };
     }
   ];
+
+  # home-manager's complete module set from a checkout of it, built as its own
+  # entry point does, using the pkgs above (as with useGlobalPkgs).
+  homeManager =
+    src:
+    let
+      hmLib = import (src + "/modules/lib/stdlib-extended.nix") lib;
+    in
+    {
+      lib = hmLib;
+      modules = import (src + "/modules/modules.nix") {
+        inherit pkgs;
+        lib = hmLib;
+        useNixpkgsModule = false;
+      };
+      specialArgs.modulesPath = toString (src + "/modules");
+    };
 }
