@@ -7,13 +7,13 @@
 # CGTPROXY_SKIP_VM=1 leaves out the VM test (it needs several minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-dist/ensure-deps.sh nix-bin pyflakes3 v2ray microsocks dante-server tinyproxy redsocks
+dist/ensure-deps.sh nix-bin pyflakes3 debootstrap v2ray microsocks dante-server tinyproxy redsocks
 if [ "$(id -u)" -ne 0 ]; then
     echo "the kernel tests need root: run  sudo -E env PATH=\"\$PATH\" $0" >&2
     exit 1
 fi
 
-echo "== Nix: parse, hardening drift, module evaluation"
+echo "== Nix: parse, hardening drift, module evaluation, flake show/check"
 nix/tests/parse-all.sh
 nix/tests/unit-drift.sh
 # Offline copies of nixpkgs' lib and home-manager (test data beside the clone,
@@ -25,6 +25,7 @@ if [ -d "$fixtures" ]; then
     export HOME_MANAGER="${HOME_MANAGER:-$fixtures/home-manager}"
 fi
 nix/tests/run-eval.sh
+nix/tests/flake-check.sh
 
 if [ -z "${CGTPROXY_SKIP_VM:-}" ] && [ -x tests/vm/run.sh ]; then
     echo "== systemd VM test"
