@@ -32,6 +32,30 @@ let
     report
     ;
 
+  # The flake's NixOS module, as a user's flake gets it, with PKGS.
+  flakeModuleWith =
+    pkgs:
+    let
+      outputs = (import ../../flake.nix).outputs {
+        self = outputs;
+        nixpkgs = { inherit lib; };
+        home-manager = { };
+      };
+    in
+    (lib.evalModules {
+      modules = [
+        standIns.nixosOptions
+        outputs.nixosModules.default
+        {
+          _module.args = {
+            inherit pkgs;
+            inherit (standIns) utils;
+          };
+          services.cgtproxy.enable = true;
+        }
+      ];
+    }).config;
+
   noSlices = {
     services.cgtproxy.slices.enable = false;
     services.cgtproxy.checkConfig = false;
@@ -344,6 +368,24 @@ let
         hasPrivateNetwork = false;
         hasUser = false;
       };
+    };
+    # pkgs.cgtproxy where the user's pkgs have it, else overlays.default's.
+    testFlakeModulePackage = {
+      expr =
+        map (pkgs: (flakeModuleWith pkgs).services.cgtproxy.package.name)
+          [
+            standIns.pkgs
+            (
+              removeAttrs standIns.pkgs [ "cgtproxy" ]
+              // {
+                callPackage = path: _: fakeDrv "built-from-${baseNameOf path}" { };
+              }
+            )
+          ];
+      expected = [
+        "cgtproxy-0.1.0"
+        "built-from-package.nix"
+      ];
     };
     testDisabled = {
       expr =
