@@ -51,19 +51,20 @@ let
         package = fakeDrv "firefox" { };
         target = "proxy";
       };
-      # A unit from a package (not declared to home-manager) ...
+      # A unit that a package ships, unknown to home-manager.
       services.syncthing = "direct";
-      # ... and one that home-manager itself writes.
-      services.ssh-socks = "proxy";
       flatpaks."org.mozilla.firefox" = "proxy";
       flatpaks."com.example.Game" = "drop";
     };
-    systemd.user.services.ssh-socks = {
-      Unit.Description = "SOCKS proxy over ssh";
-      Service.ExecStart = "/run/current-system/sw/bin/ssh -N -D 1080 gateway";
-    };
   };
   files = homeFiles hm;
+
+  # The same choice for the unit that home-manager's own module writes.
+  hmSyncthing = evalHm {
+    services.syncthing.enable = true;
+    programs.cgtproxy.services.syncthing = "direct";
+  };
+  syncthingFiles = homeFiles hmSyncthing;
 
   evalNixos =
     cfg:
@@ -109,34 +110,36 @@ let
         ]
       ];
     };
-    # A drop-in per service; no unit file of ours that would hide the package's.
-    testHmServiceDropIns = {
+    # A drop-in, and no unit file of ours that would hide the package's.
+    testHmServiceDropIn = {
       expr = {
-        syncthing = files."${unitDir}/syncthing.service.d/cgtproxy-slice.conf".text or null;
-        ssh-socks = files."${unitDir}/ssh-socks.service.d/cgtproxy-slice.conf".text or null;
-        syncthingUnit = files ? "${unitDir}/syncthing.service";
+        dropIn = files."${unitDir}/syncthing.service.d/cgtproxy-slice.conf".text or null;
+        unit = files ? "${unitDir}/syncthing.service";
       };
       expected = {
-        syncthing = "[Service]\nSlice=cgtproxy-direct.slice\n";
-        ssh-socks = "[Service]\nSlice=cgtproxy-proxy.slice\n";
-        syncthingUnit = false;
+        dropIn = "[Service]\nSlice=cgtproxy-direct.slice\n";
+        unit = false;
       };
     };
-    # home-manager's own unit is written as declared, next to the drop-in.
+    # home-manager's own unit keeps its file and ExecStart=; the drop-in adds Slice=.
     testHmOwnUnitKept = {
       expr =
         let
-          inherit (hm.systemd.user.services.ssh-socks) Service;
+          inherit (hmSyncthing.systemd.user.services.syncthing) Service;
         in
         {
-          file = files ? "${unitDir}/ssh-socks.service";
-          inherit (Service) ExecStart;
+          unit = syncthingFiles ? "${unitDir}/syncthing.service";
+          execStart = map (lib.hasInfix "/bin/syncthing serve") Service.ExecStart;
           slice = Service ? Slice;
+          dropIn = syncthingFiles."${unitDir}/syncthing.service.d/cgtproxy-slice.conf".text or null;
+          assertions = failedAssertions hmSyncthing;
         };
       expected = {
-        file = true;
-        ExecStart = [ "/run/current-system/sw/bin/ssh -N -D 1080 gateway" ];
+        unit = true;
+        execStart = [ true ];
         slice = false;
+        dropIn = "[Service]\nSlice=cgtproxy-direct.slice\n";
+        assertions = [ ];
       };
     };
     testHmDesktopEntry = {

@@ -87,6 +87,7 @@ rec {
   # Packages that home-manager's modules (while evaluating the files asked for)
   # and the VM tests' nodes read.
   // lib.genAttrs [
+    "syncthing"
     "coreutils"
     "curl"
     "microsocks"
@@ -95,7 +96,13 @@ rec {
     "man"
     "shared-mime-info"
     "glibcLocales"
-  ] (name: fakeDrv name { version = "0"; })
+  ] (
+    name:
+    fakeDrv name {
+      version = "0";
+      meta.mainProgram = name;
+    }
+  )
   // {
     stdenv = {
       buildPlatform.canExecute = _: true;
