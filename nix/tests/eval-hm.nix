@@ -9,7 +9,7 @@
 
 let
   standIns = import ./stand-ins.nix { inherit lib; };
-  inherit (standIns) storeDir fakeDrv;
+  inherit (standIns) storeDir fakeDrv evalNixos;
   inherit (import ./helpers.nix { inherit lib; })
     failedAssertions
     refusedWith
@@ -65,15 +65,6 @@ let
     programs.cgtproxy.services.syncthing = "direct";
   };
   syncthingFiles = homeFiles hmSyncthing;
-
-  evalNixos =
-    cfg:
-    (lib.evalModules {
-      modules = standIns.nixosModules ++ [
-        { services.cgtproxy.enable = true; }
-        cfg
-      ];
-    }).config;
 
   tests = {
     testHmSlices = {

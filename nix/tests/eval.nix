@@ -8,21 +8,15 @@
 
 let
   standIns = import ./stand-ins.nix { inherit lib; };
-  inherit (standIns) storeDir fakeDrv;
+  inherit (standIns)
+    storeDir
+    fakeDrv
+    nixosModules
+    evalNixos
+    ;
   exe = "${standIns.cgtproxy}/bin/cgtproxy";
   # What ExecStart= holds with the stand-in for nixpkgs' utils.escapeSystemdExecArgs.
   execArgs = args: { escapedExecArgs = args; };
-
-  inherit (standIns) nixosModules;
-
-  evalNixos =
-    cfg:
-    (lib.evalModules {
-      modules = nixosModules ++ [
-        { services.cgtproxy.enable = true; }
-        cfg
-      ];
-    }).config;
 
   inherit (import ./helpers.nix { inherit lib; })
     failedAssertions

@@ -175,6 +175,15 @@ rec {
       _module.args = { inherit pkgs utils; };
     }
   ];
+  # The configuration with services.cgtproxy enabled and the module CFG.
+  evalNixos =
+    cfg:
+    (lib.evalModules {
+      modules = nixosModules ++ [
+        { services.cgtproxy.enable = true; }
+        cfg
+      ];
+    }).config;
 
   # home-manager's complete module set from a checkout of it, built as its own
   # entry point does, using the pkgs above (as with useGlobalPkgs).
