@@ -480,13 +480,23 @@ in
         }
       ];
 
+    # From Linux 5.12 the daemon's table is flagged owner and `flush ruleset`
+    # leaves it alone; only older kernels lose it on every reload.
     warnings =
-      lib.optional (config.networking.nftables.enable && config.networking.nftables.flushRuleset)
+      lib.optional
+        (
+          config.networking.nftables.enable
+          && config.networking.nftables.flushRuleset
+          && lib.versionOlder config.boot.kernelPackages.kernel.version "5.12"
+        )
         ''
-          services.cgtproxy: networking.nftables.flushRuleset is on, so every reload of
-          nftables.service (as nixos-rebuild switch does when the ruleset changed) runs
-          `flush ruleset` and wipes cgtproxy's table until `systemctl restart cgtproxy`.
-          Set networking.nftables.flushRuleset = false; NixOS then replaces only its own tables.'';
+          services.cgtproxy: networking.nftables.flushRuleset is on and this kernel
+          (${config.boot.kernelPackages.kernel.version}) is older than 5.12, which cannot
+          flag cgtproxy's table as owned: every reload of nftables.service (as
+          nixos-rebuild switch does when the ruleset changed) runs `flush ruleset`, which
+          removes the table until the daemon restores it, milliseconds later; traffic sent
+          in between goes direct. Set networking.nftables.flushRuleset = false; NixOS then
+          replaces only its own tables.'';
 
     services.cgtproxy.settings.rules = lib.mkMerge [
       # Before everything else, the slices too: the forwarder's own traffic is

@@ -18,7 +18,7 @@ use crate::cgroup::{CgroupError, Hierarchy};
 use crate::config::{Config, ConfigError};
 use crate::events::{Damage, Events, EventsError};
 use crate::inspect::{self, InspectError};
-use crate::nft::{Nft, NftError, Txn};
+use crate::nft::{Nft, NftError, TABLE_F_OWNER, TABLE_F_PERSIST, Txn};
 use crate::notify;
 use crate::plan::{self, Delta, Elements, Tree};
 use crate::precedence::{self, Placement};
@@ -738,10 +738,12 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     info!(
         "table inet {} flags: {}",
         cfg.table,
-        match table_flags {
-            0 => "none (Linux < 5.12: a foreign flush removes it until we restore it)",
-            2 => "owner (Linux < 6.9 has no persist: a crash removes it)",
-            _ => "owner, persist",
+        if table_flags & TABLE_F_PERSIST != 0 {
+            "owner, persist"
+        } else if table_flags & TABLE_F_OWNER != 0 {
+            "owner (Linux < 6.9 has no persist: a crash removes it)"
+        } else {
+            "none (Linux < 5.12: a foreign flush removes it until we restore it)"
         }
     );
     let mut routes = Routes::open()?;

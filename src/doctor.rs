@@ -6,7 +6,7 @@ use std::fmt::Write;
 
 use crate::cgroup::{self, Hierarchy};
 use crate::config::Config;
-use crate::nft::{Nft, Txn};
+use crate::nft::{Nft, TABLE_F_OWNER, TABLE_F_PERSIST, Txn};
 use crate::plan;
 use crate::precedence::{self, Placement};
 use crate::rpfilter;
@@ -34,8 +34,9 @@ fn read_sysctl(path: &str) -> Option<String> {
 }
 
 /// The kernel features, probed by committing a throw-away table that uses them
-/// and deleting it in the same transaction, so nothing is left behind.
-fn probe_kernel(cfg: &Config) -> Probe {
+/// and deleting it in the same transaction, so nothing is left behind. Also
+/// returns the table flags the kernel takes, when the probe worked.
+fn probe_kernel(cfg: &Config) -> (Probe, Option<u32>) {
     let mut probe_cfg = cfg.clone();
     probe_cfg.table = "cgtproxy-doctor".into();
     if probe_cfg.targets.is_empty() {
@@ -56,16 +57,19 @@ fn probe_kernel(cfg: &Config) -> Probe {
         txn.delete_table(&spec.name)?;
         nft.commit(txn).map(|()| flags)
     });
-    match result {
+    let flags = result.as_ref().ok().copied();
+    let probe = match result {
         Ok(flags) => Probe {
             verdict: Verdict::Ok,
             name: "nftables",
             detail: format!(
                 "nf_tables accepts socket cgroupv2, verdict maps, tproxy and nat; {}",
-                match flags {
-                    6 => "table flags owner and persist: nobody else can flush or delete the table, and it outlives a crash",
-                    2 => "table flag owner (no persist, Linux < 6.9): nobody else can flush the table, but a crash removes it",
-                    _ => "no table flags (Linux < 5.12): a foreign flush removes the table until the daemon restores it",
+                if flags & TABLE_F_PERSIST != 0 {
+                    "table flags owner and persist: nobody else can flush or delete the table, and it outlives a crash"
+                } else if flags & TABLE_F_OWNER != 0 {
+                    "table flag owner (no persist, Linux < 6.9): nobody else can flush the table, but a crash removes it"
+                } else {
+                    "no table flags (Linux < 5.12): a foreign flush removes the table until the daemon restores it"
                 }
             ),
             fix: None,
@@ -78,7 +82,8 @@ fn probe_kernel(cfg: &Config) -> Probe {
                 "run as root (CAP_NET_ADMIN); the kernel needs nf_tables with nft_socket, nft_tproxy and nft_nat (modprobe nft_socket nft_tproxy nft_nat)".into(),
             ),
         },
-    }
+    };
+    (probe, flags)
 }
 
 fn probe_cgroups(cfg: &Config) -> (Probe, Option<Probe>) {
@@ -263,7 +268,9 @@ fn probe_listeners(cfg: &Config) -> Vec<Probe> {
         .collect()
 }
 
-fn probe_flush() -> Probe {
+/// An nftables.service that flushes the whole ruleset: harmless where the
+/// table is flagged owner (`flags`), a gap in coverage on every reload where not.
+fn probe_flush(flags: Option<u32>) -> Probe {
     let conf = std::fs::read_to_string("/etc/nftables.conf").unwrap_or_default();
     let enabled = [
         "/etc/systemd/system/multi-user.target.wants/nftables.service",
@@ -271,11 +278,18 @@ fn probe_flush() -> Probe {
     ]
     .iter()
     .any(|p| std::path::Path::new(p).exists());
-    if enabled
+    let flushes = enabled
         && conf
             .lines()
-            .any(|l| l.trim_start().starts_with("flush ruleset"))
-    {
+            .any(|l| l.trim_start().starts_with("flush ruleset"));
+    if flushes && flags.is_some_and(|f| f & TABLE_F_OWNER != 0) {
+        Probe {
+            verdict: Verdict::Ok,
+            name: "flush ruleset",
+            detail: "nftables.service flushes the whole ruleset, which leaves our table alone: it is flagged owner".into(),
+            fix: None,
+        }
+    } else if flushes {
         Probe {
             verdict: Verdict::Warn,
             name: "flush ruleset",
@@ -423,7 +437,8 @@ fn probe_rpfilter(cfg: &Config) -> Probe {
 
 /// Runs every probe; returns the report and whether nothing failed.
 pub fn doctor(cfg: &Config) -> (String, bool) {
-    let mut probes = vec![probe_kernel(cfg)];
+    let (kernel, flags) = probe_kernel(cfg);
+    let mut probes = vec![kernel];
     let (cg, watches) = probe_cgroups(cfg);
     probes.push(cg);
     probes.extend(watches);
@@ -433,7 +448,7 @@ pub fn doctor(cfg: &Config) -> (String, bool) {
         probes.push(probe_rpfilter(cfg));
     }
     probes.extend(probe_listeners(cfg));
-    probes.push(probe_flush());
+    probes.push(probe_flush(flags));
     let mut o = String::new();
     for p in &probes {
         let v = match p.verdict {

@@ -57,7 +57,8 @@ fn class_name(cfg: &Config, class: u32) -> String {
 
 /// A table's flags by name (`owner`, `persist`), `none` without any.
 fn flag_names(flags: u32) -> Vec<&'static str> {
-    let names: Vec<&str> = [(2, "owner"), (4, "persist")]
+    use crate::nft::{TABLE_F_OWNER, TABLE_F_PERSIST};
+    let names: Vec<&str> = [(TABLE_F_OWNER, "owner"), (TABLE_F_PERSIST, "persist")]
         .into_iter()
         .filter(|(bit, _)| flags & bit != 0)
         .map(|(_, n)| n)

@@ -7,11 +7,16 @@
 # CGTPROXY_SKIP_VM=1 leaves out the VM test (it needs several minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-dist/ensure-deps.sh nix-bin pyflakes3 debootstrap v2ray microsocks dante-server tinyproxy redsocks
+# The kernel tests need root: as another user, the same command goes through
+# sudo, keeping PATH (rustup's cargo) and the environment (CI, CGTPROXY_*).
 if [ "$(id -u)" -ne 0 ]; then
-    echo "the kernel tests need root: run  sudo -E env PATH=\"\$PATH\" $0" >&2
-    exit 1
+    if ! command -v sudo >/dev/null; then
+        echo "the kernel tests need root, and there is no sudo: run $0 as root" >&2
+        exit 1
+    fi
+    exec sudo -E env PATH="$PATH" "$0" "$@"
 fi
+dist/ensure-deps.sh nix-bin pyflakes3 debootstrap v2ray microsocks dante-server tinyproxy redsocks
 
 echo "== Nix: parse, hardening drift, module evaluation, flake show/check"
 nix/tests/parse-all.sh

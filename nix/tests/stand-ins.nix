@@ -139,6 +139,11 @@ rec {
         type = types.listOf types.package;
         default = [ ];
       };
+      # The kernel's version decides whether nftables' flush can touch our table.
+      boot.kernelPackages = mkOption {
+        type = types.attrs;
+        default.kernel.version = "6.12.40";
+      };
       networking.nftables.enable = mkOption {
         type = types.bool;
         default = false;
