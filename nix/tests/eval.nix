@@ -455,12 +455,14 @@ let
           AmbientCapabilities
           RestrictAddressFamilies
           ;
-        # The same sandbox as the daemon's, but for the address families.
+        # The same sandbox as the daemon's, but for the address families (and no
+        # runtime directory: it keeps no state).
         sameAsDaemon =
           removeAttrs hardeningForward [ "RestrictAddressFamilies" ]
           == removeAttrs (import ../hardening.nix) [
             "RestrictAddressFamilies"
             "IPAddressDeny"
+            "RuntimeDirectory"
           ];
         hasIPAddressDeny = forwardUnit.serviceConfig ? IPAddressDeny;
         hasUser = forwardUnit.serviceConfig ? User;
