@@ -374,9 +374,19 @@ fn a_killed_instance_never_blocks_the_next_start() {
         let cfg = lab.write_config("c.json", &proxy_target(), &rules(&lab));
         lab.start_daemon(&cfg);
         lab.take_daemon().kill();
-        // The stale table and rules are still there, and still route.
+        // The table (flagged persist) and the rules outlive the crash and still
+        // decide: proxied stays proxied, dropped stays dropped, nothing opens.
         assert!(sh_any("nft list tables").contains("cgtproxy"));
+        assert!(proxied(&lab.talk("proxy", "tcp", PEER4, PEER_PORT), PEER4));
+        assert!(proxied(&lab.talk("proxy", "udp", PEER6, PEER_PORT), PEER6));
+        assert!(failed(&lab.talk("drop", "tcp", PEER4, PEER_PORT)));
+        // The orphan belongs to nobody now: an admin could delete it by hand.
+        assert!(!sh_any("nft list table inet cgtproxy").contains("flags owner"));
         lab.start_daemon(&cfg);
+        assert!(
+            sh_any("nft list table inet cgtproxy").contains("flags owner"),
+            "the new instance adopted the table"
+        );
         assert!(proxied(&lab.talk("proxy", "tcp", PEER4, PEER_PORT), PEER4));
         assert!(failed(&lab.talk("drop", "tcp", PEER4, PEER_PORT)));
         let rules = sh_any("ip rule");
