@@ -218,7 +218,9 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("cgtproxy: {e:#}");
+            // Every message already ends with its cause; `{e:#}` would print the
+            // cause's chain a second time.
+            eprintln!("cgtproxy: {e}");
             ExitCode::FAILURE
         }
     }
