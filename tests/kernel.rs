@@ -137,7 +137,8 @@ fn follows_cgroups_created_nested_removed_and_recreated() {
             assert!(lab.eventually(FAST, || failed(&lab.talk("drop", "tcp", PEER4, PEER_PORT))));
             // Removed and re-created under the same name: a new cgroup id, still routed.
             std::fs::remove_dir(lab.cg_dir("drop")).unwrap();
-            std::thread::sleep(Duration::from_millis(200));
+            let gone = lab.eventually(FAST, || !elements_by_class(&cfg).contains_key("drop"));
+            assert!(gone, "the removed cgroup's element stayed");
             lab.mkcg("drop");
             assert!(lab.eventually(FAST, || failed(&lab.talk("drop", "tcp", PEER4, PEER_PORT))));
             let before = elements_by_class(&cfg);
@@ -587,7 +588,12 @@ fn status_and_explain_read_the_kernel() {
             "{out}"
         );
         let mut sleeper = lab.spawn_in("drop", "sleep 30", std::process::Stdio::null());
-        std::thread::sleep(Duration::from_millis(100));
+        let drop_cg = format!("{}/drop", lab.base);
+        let moved = lab.eventually(FAST, || {
+            std::fs::read_to_string(format!("/proc/{}/cgroup", sleeper.id()))
+                .is_ok_and(|c| c.lines().any(|l| l.ends_with(&drop_cg)))
+        });
+        assert!(moved, "the process never reached its cgroup");
         let (code, out) = cli(&["explain", &sleeper.id().to_string()]);
         let _ = sleeper.kill();
         let _ = sleeper.wait();
@@ -712,8 +718,16 @@ fn sigkill_during_a_large_startup_then_restart() {
             std::fs::create_dir(lab.cg_dir(&format!("many/c{i}"))).unwrap();
         }
         let first = lab.spawn_daemon(&cfg);
-        std::thread::sleep(Duration::from_millis(200));
+        // Killed while it walks the 50,000 cgroups or commits their table.
+        let walking = lab.eventually(FAST, || first.log().contains("watching cgroup2"));
+        assert!(walking, "{}", first.log());
         first.kill();
+        // All or nothing: no table, or the whole of it.
+        let left = elements_by_class(&cfg).get("drop").copied().unwrap_or(0);
+        assert!(
+            left == 0 || left == 50_000,
+            "a partial table was left: {left} elements"
+        );
         let t0 = std::time::Instant::now();
         lab.start_daemon(&cfg);
         eprintln!("ready {:?} after a start with 50,000 cgroups", t0.elapsed());

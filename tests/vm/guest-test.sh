@@ -292,10 +292,10 @@ check reload-active systemctl is-active --quiet cgtproxy.service
 expect reload-rule-change-tcp4 "TPROXY $PEER4 $PEER_PORT" exec direct tcp "$PEER4"
 expect reload-rule-change-udp6 "TPROXY $PEER6 $PEER_PORT" exec direct udp "$PEER6"
 
-sleep 1
 before=$(ruleset_shape)
 install -m 0644 "$P/config-invalid.json" /etc/cgtproxy/config.json
-since=$(date '+%Y-%m-%d %H:%M:%S')
+# The journal from here on (a cursor: a timestamp has whole seconds only).
+cursor=$(journalctl -u cgtproxy.service -n 0 --show-cursor --no-pager | sed -n 's/^-- cursor: //p')
 systemctl reload cgtproxy.service
 info "reload with an invalid config: systemctl exit $?"
 check reload-invalid-active systemctl is-active --quiet cgtproxy.service
@@ -309,7 +309,7 @@ fi
 # Through systemd-run, not `cgtproxy exec`: exec reads the (now invalid)
 # config file itself.
 expect reload-invalid-keeps-traffic "TPROXY $PEER4 $PEER_PORT" slice direct tcp "$PEER4"
-journalctl -u cgtproxy.service --since "$since" -o cat --no-pager | grep -v '^Reload' | head -n 3 |
+journalctl -u cgtproxy.service --after-cursor "$cursor" -o cat --no-pager | grep -v '^Reload' | head -n 3 |
   sed 's/\x1b\[[0-9;]*m//g' | while read -r l; do info "reload-invalid log: $l"; done
 if out=$(as_alice cgtproxy exec direct -- true 2>&1); then
   info "exec direct with an invalid config file: runs"
@@ -340,10 +340,9 @@ systemctl daemon-reload
 before=$(arrived)
 as_alice systemd-run --user --quiet --unit=stream --slice=cgtproxy-proxy.slice \
   -p StandardOutput=file:/tmp/stream.json python3 "$P/stream.py" "$PEER4" "$PEER_PORT" 12 50 5
-sleep 2
+for _ in $(seq 50); do as_alice systemctl --user is-active --quiet stream.service && break; sleep 0.1; done
 for verb in start reload restart; do
   check "nftables-$verb" systemctl "$verb" nftables.service
-  sleep 1
 done
 for _ in $(seq 120); do [ -s /tmp/stream.json ] && break; sleep 0.5; done
 info "stream through nftables.service start/reload/restart: $(cat /tmp/stream.json 2>/dev/null)"
