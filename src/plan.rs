@@ -142,6 +142,22 @@ impl Tree {
             .collect()
     }
 
+    /// What the planner decided for cgroup `path`: its traffic's action and the
+    /// ancestor-or-self whose rule decides it (`explain` reports this, so it can
+    /// never tell another story than the table). `None` when it is untouched.
+    pub fn decision(&self, path: &str) -> Option<(Action, &str)> {
+        let mut p = Some(path);
+        while let Some(at) = p {
+            if let Some((key, n)) = self.nodes.get_key_value(at)
+                && let Some(a) = n.own
+            {
+                return Some((a, key));
+            }
+            p = parent_of(at);
+        }
+        None
+    }
+
     /// Number of cgroups whose traffic each action decides (direct, drop, per target).
     pub fn counts(&self, targets: usize) -> (usize, usize, Vec<usize>) {
         let (mut direct, mut drop, mut per) = (0, 0, vec![0; targets]);
@@ -880,6 +896,35 @@ mod tests {
         assert_eq!(v6, vec![(1, 1)]);
         let all = merge_ranges(&["0.0.0.0/0".parse().unwrap()], Family::V4);
         assert_eq!(all, vec![(0, u32::MAX as u128)]);
+    }
+
+    #[test]
+    fn a_decision_names_the_ancestor_that_decides() {
+        let c = Config::parse(
+            r#"{"version":1,"tproxies":{"proxy":{"port":1,"mark":3000}},
+            "rules":[{"match":"/inner-direct\\.scope$","direct":true},
+                     {"match":"/proxy\\.slice$","tproxy":"proxy"}]}"#,
+            "t",
+        )
+        .unwrap();
+        let t = Tree::build(
+            &c,
+            &[
+                cg("/user.slice", 1),
+                cg("/user.slice/proxy.slice", 2),
+                cg("/user.slice/proxy.slice/a.scope", 3),
+                cg("/user.slice/proxy.slice/inner-direct.scope", 4),
+            ],
+        );
+        assert_eq!(
+            t.decision("/user.slice/proxy.slice/a.scope"),
+            Some((Action::Tproxy(0), "/user.slice/proxy.slice"))
+        );
+        assert_eq!(
+            t.decision("/user.slice/proxy.slice/inner-direct.scope"),
+            Some((Action::Direct, "/user.slice/proxy.slice/inner-direct.scope"))
+        );
+        assert_eq!(t.decision("/user.slice"), None);
     }
 
     #[test]
