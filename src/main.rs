@@ -17,6 +17,7 @@ mod render;
 mod route;
 mod rpfilter;
 mod runstate;
+mod schedule;
 mod sockdiag;
 mod status;
 mod watch;
