@@ -347,8 +347,9 @@ done
 for _ in $(seq 120); do [ -s /tmp/stream.json ] && break; sleep 0.5; done
 info "stream through nftables.service start/reload/restart: $(cat /tmp/stream.json 2>/dev/null)"
 check nftables-flush-keeps-table has_table
-check nftables-flush-stream-proxied grep -q '"tcp_proxy"' /tmp/stream.json
-if grep -q peer /tmp/stream.json; then fail nftables-flush-nothing-direct "answered by the peer: $(cat /tmp/stream.json)"
+# vmnet.py's listener answers "TPROXY …", its peer server "PEER …".
+check nftables-flush-stream-proxied grep -q '"tcp_TPROXY"' /tmp/stream.json
+if grep -q PEER /tmp/stream.json; then fail nftables-flush-nothing-direct "answered by the peer: $(cat /tmp/stream.json)"
 elif [ "$(arrived)" != "$before" ]; then fail nftables-flush-nothing-direct "$(( $(arrived) - before )) packets reached the peer"
 else pass nftables-flush-nothing-direct; fi
 check nftables-flush-owner-refuses-delete sh -c '! nft delete table inet cgtproxy 2>/dev/null'
@@ -381,8 +382,8 @@ Endpoint = $PEER4:51820
 AllowedIPs = 0.0.0.0/0, ::/0
 WG
   umask 022
-  if wg-quick up wg0 >/tmp/wg-quick.log 2>&1; then pass wg-quick-up
-  else fail wg-quick-up "wg-quick up failed"; evidence </tmp/wg-quick.log; fi
+  if bash -x "$(command -v wg-quick)" up wg0 >/tmp/wg-quick.log 2>&1; then pass wg-quick-up
+  else fail wg-quick-up "wg-quick up failed"; tail -n 40 /tmp/wg-quick.log | evidence; fi
   ours_first() {
     local fam=$1 ours theirs
     ours=$(ip "-$fam" rule | awk -F: "/fwmark $MARK lookup $RT/ { print \$1; exit }")
