@@ -426,12 +426,9 @@ impl Daemon {
 
     /// Notices foreign changes to our table or routing and schedules a repair.
     fn on_events(&mut self) {
-        let damage: Damage = self.events.read(
-            &self.cfg.table,
-            self.nft.port(),
-            self.route_plan.table,
-            &self.route_plan.marks,
-        );
+        let damage: Damage = self
+            .events
+            .read(&self.cfg.table, self.nft.port(), &self.route_plan);
         if damage.rules_changed {
             self.place();
         }
