@@ -233,6 +233,10 @@ fn wg_quick_rules_added_after_the_daemon_never_take_proxied_traffic() {
                 log.contains("not from all fwmark 0xca6c lookup 51820"),
                 "{log}"
             );
+            assert!(
+                !log.contains("restored"),
+                "a move is no damage to repair: {log}"
+            );
 
             // A restart with the tunnel up places the rules ahead at once.
             let before = tunnel.arrived();
