@@ -8,10 +8,6 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use support::*;
 
-fn proxy_target() -> String {
-    format!(r#"{{"proxy":{{"port":{PROXY_PORT},"mark":{MARK}}}}}"#)
-}
-
 /// The usual rules: listener direct, `direct`, `drop` and `proxy` subtrees.
 fn rules(lab: &Lab) -> String {
     format!(
@@ -34,10 +30,6 @@ fn stop_clean(lab: &mut Lab, mark: &str) {
         !state.contains("cgtproxy") && !state.contains(mark) && !state.contains("table 300"),
         "left behind:\n{state}"
     );
-}
-
-fn proxied(answer: &str, dst: &str) -> bool {
-    answer.starts_with(&format!("proxy {dst} {PEER_PORT}"))
 }
 
 fn reached_peer(answer: &str) -> bool {

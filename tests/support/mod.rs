@@ -80,6 +80,16 @@ pub const PEER_PORT: u16 = 8080;
 pub const PROXY_PORT: u16 = 7893;
 pub const MARK: u32 = 3000;
 
+/// The one TPROXY target most tests use: the listener's port and [`MARK`].
+pub fn proxy_target() -> String {
+    format!(r#"{{"proxy":{{"port":{PROXY_PORT},"mark":{MARK}}}}}"#)
+}
+
+/// Whether `answer` came from the test listener with original destination `dst`.
+pub fn proxied(answer: &str, dst: &str) -> bool {
+    answer.starts_with(&format!("proxy {dst} {PEER_PORT}"))
+}
+
 pub struct Lab {
     pub dir: PathBuf,
     pub mount: PathBuf,
