@@ -12,6 +12,9 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 
+echo "== systemd-analyze security of the shipped units (offline)"
+tests/exposure.sh
+
 echo "== Nix: parse, hardening drift, module evaluation"
 nix/tests/parse-all.sh
 nix/tests/unit-drift.sh
