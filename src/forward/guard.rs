@@ -6,15 +6,24 @@
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::RwLock;
+use std::sync::{Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use nix::ifaddrs::getifaddrs;
 
+/// How long a listing of this host's addresses is trusted. Flows to our ports
+/// come in floods when they come (a loop, or someone trying): one listing a
+/// second, not one per datagram. An address added since is recognised at
+/// most this late.
+const ADDRESSES_TTL: Duration = Duration::from_secs(1);
+
 /// The targets' ports (of every target, with an upstream or served by a proxy
-/// core), replaced on reload.
+/// core), replaced on reload, and this host's addresses, listed at most once
+/// per [`ADDRESSES_TTL`].
 #[derive(Default)]
 pub struct LoopGuard {
     ports: RwLock<BTreeSet<u16>>,
+    addresses: Mutex<Option<(Instant, Vec<IpAddr>)>>,
 }
 
 impl LoopGuard {
@@ -32,26 +41,42 @@ impl LoopGuard {
             .unwrap_or_else(|p| p.into_inner())
             .contains(&dst.port());
         // Only flows to the targets' ports pay for the address lookup.
-        port_is_ours && is_local(dst.ip())
+        port_is_ours && self.is_local(dst.ip())
+    }
+
+    /// Whether `ip` is an address of this host: loopback, unspecified (which
+    /// reaches the host itself) or configured on an interface.
+    fn is_local(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        if ip.is_loopback() || ip.is_unspecified() {
+            return true;
+        }
+        let mut cached = self.addresses.lock().unwrap_or_else(|p| p.into_inner());
+        let fresh = cached
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < ADDRESSES_TTL);
+        if !fresh {
+            match host_addresses() {
+                Ok(list) => *cached = Some((Instant::now(), list)),
+                // Cannot tell: refusing a flow to one of our ports is the
+                // smaller harm than a loop that eats every descriptor.
+                Err(_) => return true,
+            }
+        }
+        cached.as_ref().is_some_and(|(_, list)| list.contains(&ip))
     }
 }
 
-/// Whether `ip` is an address of this host: loopback, unspecified (which
-/// reaches the host itself) or configured on an interface.
-fn is_local(ip: IpAddr) -> bool {
-    let ip = ip.to_canonical();
-    if ip.is_loopback() || ip.is_unspecified() {
-        return true;
-    }
-    match getifaddrs() {
-        Ok(addrs) => addrs.filter_map(|a| a.address).any(|a| {
-            a.as_sockaddr_in().map(|s| IpAddr::V4(s.ip())) == Some(ip)
-                || a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())) == Some(ip)
-        }),
-        // Cannot tell: refusing a flow to one of our ports is the smaller harm
-        // than a loop that eats every descriptor.
-        Err(_) => true,
-    }
+/// The addresses configured on this host's interfaces.
+fn host_addresses() -> nix::Result<Vec<IpAddr>> {
+    Ok(getifaddrs()?
+        .filter_map(|a| a.address)
+        .filter_map(|a| {
+            a.as_sockaddr_in()
+                .map(|s| IpAddr::V4(s.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
+        })
+        .collect())
 }
 
 #[cfg(test)]

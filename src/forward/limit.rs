@@ -38,10 +38,9 @@ pub const UDP_FLOWS: Kind = Kind {
 /// Why a new connection or flow was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
-    Total {
-        kind: Kind,
-        limit: usize,
-    },
+    /// `limit` are open in all.
+    Total { kind: Kind, limit: usize },
+    /// `limit` are open from `src`.
     Source {
         kind: Kind,
         limit: usize,

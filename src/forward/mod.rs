@@ -88,9 +88,13 @@ impl Options {
 
 /// What every target's tasks share: the limits and the loop guard.
 pub struct Shared {
+    /// Open TCP connections, in all and per source.
     pub conns: Arc<Gate>,
+    /// Open UDP flows, in all and per source.
     pub flows: Arc<Gate>,
+    /// Refuses flows back to this host's own listener ports.
     pub guard: LoopGuard,
+    /// How long an upstream may take to connect and answer.
     pub handshake_timeout: Duration,
 }
 
