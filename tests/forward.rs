@@ -504,19 +504,33 @@ fn a_flood_of_udp_flows_is_bounded() {
         // An upstream nobody answers (10.99.0.99 has no owner on the link): every
         // flow waits in its handshake for seconds, holding its table entry.
         let t = target("proxy", PROXY_PORT, MARK, "socks5://10.99.0.99:1080", None);
+        lab.forward_args = ["--max-connections", "2048", "--max-udp-flows", "1500"]
+            .map(String::from)
+            .to_vec();
         let (_, fwd) = start(&mut lab, &[t], &["proxy"]);
         let before = status_kib(&fwd, "VmRSS");
+        // From the host's IPv4 address: its share (1024 by default) and no more.
         let a = bulk(&lab, "app-proxy", &format!("flood {PEER4} 20000 5000"));
         assert!(a.starts_with("OK flood 5000"), "{a}");
+        let logged =
+            |what: &str| lab.eventually(Duration::from_secs(5), || fwd.log().contains(what));
         assert!(
-            lab.eventually(Duration::from_secs(5), || fwd
-                .log()
-                .contains("limit reached: 1024 UDP flows open from 10.99.0.1")),
+            logged(
+                "limit reached: 1024 UDP flows open from 10.99.0.1 (--max-udp-flows-per-source)"
+            ),
+            "{}",
+            fwd.log()
+        );
+        // From its IPv6 address, a second source: the rest of the total.
+        let a = bulk(&lab, "app-proxy", &format!("flood {PEER6} 20000 5000"));
+        assert!(a.starts_with("OK flood 5000"), "{a}");
+        assert!(
+            logged("limit reached: 1500 UDP flows open in all (--max-udp-flows)"),
             "{}",
             fwd.log()
         );
         let peak = status_kib(&fwd, "VmHWM");
-        eprintln!("5000 new UDP flows: RSS {before} KiB before, peak {peak} KiB");
+        eprintln!("10000 new UDP flows: RSS {before} KiB before, peak {peak} KiB");
         assert!(peak < before + 64 * 1024, "peak RSS {peak} KiB");
         assert_eq!(fwd.stop(), 0);
     });

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use nix::ifaddrs::getifaddrs;
 
+use super::target::Limiter;
+
 /// How long a listing of this host's addresses is trusted. Flows to our ports
 /// come in floods when they come (a loop, or someone trying): one listing a
 /// second, not one per datagram. An address added since is recognised at
@@ -24,6 +26,8 @@ const ADDRESSES_TTL: Duration = Duration::from_secs(1);
 pub struct LoopGuard {
     ports: RwLock<BTreeSet<u16>>,
     addresses: Mutex<Option<(Instant, Vec<IpAddr>)>>,
+    /// Refused loops are logged apart from other warnings.
+    log: Limiter,
 }
 
 impl LoopGuard {
@@ -31,6 +35,11 @@ impl LoopGuard {
     pub fn set_ports(&self, ports: impl IntoIterator<Item = u16>) {
         let mut g = self.ports.write().unwrap_or_else(|p| p.into_inner());
         *g = ports.into_iter().collect();
+    }
+
+    /// Logs a refused loop (`msg` says whose), a few a second.
+    pub fn warn(&self, msg: impl FnOnce() -> String) {
+        self.log.warn(msg);
     }
 
     /// Whether a flow to `dst` would come back to this host's own listeners.

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use super::target::Limiter;
+
 /// What a gate counts, for its log lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Kind {
@@ -79,6 +81,10 @@ pub struct Gate {
     counts: Mutex<Counts>,
     /// Woken whenever the last open one closes.
     idle: Notify,
+    /// Refusals are logged apart from other warnings, and each limit apart
+    /// from the other, so that neither line is lost among the rest.
+    total_log: Limiter,
+    source_log: Limiter,
 }
 
 impl Gate {
@@ -91,7 +97,18 @@ impl Gate {
             per_source,
             counts: Mutex::default(),
             idle: Notify::new(),
+            total_log: Limiter::new(),
+            source_log: Limiter::new(),
         })
+    }
+
+    /// Logs a refusal by this gate (`msg` says whose and what), a few a second
+    /// per limit.
+    pub fn warn(&self, refusal: &Refusal, msg: impl FnOnce() -> String) {
+        match refusal {
+            Refusal::Total { .. } => self.total_log.warn(msg),
+            Refusal::Source { .. } => self.source_log.warn(msg),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Counts> {

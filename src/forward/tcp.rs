@@ -66,8 +66,11 @@ pub async fn serve(listener: TcpListener, target: Arc<TargetState>, shared: Arc<
             Err(_) => continue,
         };
         if shared.guard.is_loop(dst) {
-            target.warn(|| {
-                format!("{peer} → {dst}: refused: the destination is this host's own listener port (a loop)")
+            shared.guard.warn(|| {
+                format!(
+                    "{}: {peer} → {dst}: refused: the destination is this host's own listener port (a loop)",
+                    target.name
+                )
             });
             reset(&app);
             continue;
@@ -75,7 +78,9 @@ pub async fn serve(listener: TcpListener, target: Arc<TargetState>, shared: Arc<
         let pass = match shared.conns.admit(peer.ip()) {
             Ok(p) => p,
             Err(refusal) => {
-                target.warn(|| format!("{peer} → {dst}: {refusal}; reset"));
+                shared.conns.warn(&refusal, || {
+                    format!("{}: {peer} → {dst}: {refusal}; reset", target.name)
+                });
                 reset(&app);
                 continue;
             }

@@ -71,10 +71,10 @@ pub async fn serve(sock: UdpSocket, target: Arc<TargetState>, shared: Arc<Shared
         let dst = SocketAddr::new(d.dst.ip().to_canonical(), d.dst.port());
         // Also what was sent to the listener's port directly, not by TPROXY.
         if shared.guard.is_loop(dst) {
-            target.warn(|| {
+            shared.guard.warn(|| {
                 format!(
-                    "UDP {} → {dst}: refused: the destination is this host's own listener port (a loop)",
-                    d.src
+                    "{}: UDP {} → {dst}: refused: the destination is this host's own listener port (a loop)",
+                    target.name, d.src
                 )
             });
             continue;
@@ -123,7 +123,9 @@ fn dispatch(
                 e.remove();
             }
             drop(map);
-            target.warn(|| format!("UDP {src} → {dst}: {refusal}; dropped"));
+            flows.warn(&refusal, || {
+                format!("{}: UDP {src} → {dst}: {refusal}; dropped", target.name)
+            });
         }
     }
 }
