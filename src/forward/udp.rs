@@ -105,7 +105,7 @@ fn dispatch(
     data: Vec<u8>,
 ) {
     let mut map = lock(table);
-    let entry = match map.entry((src, dst)) {
+    let (entry, data) = match map.entry((src, dst)) {
         Entry::Occupied(e) => match e.get().try_send(data) {
             Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => return,
             // The flow just ended: a new one takes its place, if admitted.
@@ -113,7 +113,6 @@ fn dispatch(
         },
         Entry::Vacant(e) => (Entry::Vacant(e), data),
     };
-    let (entry, data) = entry;
     match flows.admit(src.ip()) {
         Ok(pass) => {
             entry.insert_entry(spawn_flow(table, target, pass, up, src, dst, data));
