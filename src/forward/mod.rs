@@ -80,9 +80,11 @@ pub struct Options {
 impl Options {
     /// Descriptors the limits can take at most.
     fn fds_needed(&self) -> u64 {
-        self.max_connections * FDS_PER_CONNECTION
-            + self.max_udp_flows * FDS_PER_UDP_FLOW
-            + FDS_SPARE
+        // Saturating: the flags take any u64.
+        self.max_connections
+            .saturating_mul(FDS_PER_CONNECTION)
+            .saturating_add(self.max_udp_flows.saturating_mul(FDS_PER_UDP_FLOW))
+            .saturating_add(FDS_SPARE)
     }
 }
 
