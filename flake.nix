@@ -23,6 +23,20 @@
         "aarch64-linux"
       ];
       forAllSystems = f: lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
+
+      # The modules' package option defaults to pkgs.cgtproxy (mkPackageOption).
+      # Where the user's pkgs lack it, these modules take it from overlays.default
+      # applied to those pkgs. Not by setting nixpkgs.overlays: read-only pkgs
+      # (runNixOSTest's nodes, home-manager.useGlobalPkgs) refuse that.
+      withPackage =
+        optionPath: module:
+        { lib, pkgs, ... }:
+        {
+          imports = [ module ];
+          config = lib.setAttrByPath optionPath (
+            lib.mkDefault (pkgs.cgtproxy or (self.overlays.default pkgs pkgs).cgtproxy)
+          );
+        };
     in
     {
       packages = forAllSystems (pkgs: rec {
@@ -35,12 +49,12 @@
       };
 
       nixosModules = rec {
-        cgtproxy = ./nix/nixos-module.nix;
+        cgtproxy = withPackage [ "services" "cgtproxy" "package" ] ./nix/nixos-module.nix;
         default = cgtproxy;
       };
 
       homeManagerModules = rec {
-        cgtproxy = ./nix/hm-module.nix;
+        cgtproxy = withPackage [ "programs" "cgtproxy" "package" ] ./nix/hm-module.nix;
         default = cgtproxy;
       };
       # The name home-manager's own flake module (flake-parts) now uses.
@@ -85,11 +99,38 @@
               '';
 
           # Module evaluation against stand-ins: the same tests nix/tests/run-eval.sh runs.
-          eval =
+          eval = pkgs.writeText "cgtproxy-eval-tests" (
+            builtins.toJSON {
+              nixos = import ./nix/tests/eval.nix { inherit lib; };
+              home-manager = import ./nix/tests/eval-hm.nix {
+                inherit lib;
+                homeManager = home-manager.outPath;
+              };
+            }
+          );
+
+          # The VM tests' nodes through the modules, and their scripts linted as the
+          # test driver does: what run-eval.sh checks, here without building a VM.
+          vm-eval =
             let
-              result = import ./nix/tests/eval.nix { inherit lib; };
+              result = import ./nix/tests/eval-vm.nix {
+                inherit lib;
+                homeManager = home-manager.outPath;
+              };
             in
-            pkgs.writeText "cgtproxy-eval-tests" (builtins.toJSON result);
+            pkgs.runCommand "cgtproxy-vm-eval"
+              {
+                nativeBuildInputs = [
+                  pkgs.python3
+                  pkgs.python3Packages.pyflakes
+                ];
+                scripts = builtins.toJSON result.scripts;
+                passAsFile = [ "scripts" ];
+              }
+              ''
+                python3 ${./nix/tests/vm_lint.py} "$scriptsPath"
+                touch "$out"
+              '';
 
           # Each shipped unit against its Nix hardening file.
           unit-drift =

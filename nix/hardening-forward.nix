@@ -12,6 +12,8 @@
 builtins.removeAttrs (import ./hardening.nix) [
   # It serves IP traffic of the host: any address, its own cgroup included.
   "IPAddressDeny"
+  # It keeps no runtime state.
+  "RuntimeDirectory"
 ]
 // {
   # IP for the apps' flows and the upstreams, AF_UNIX for sd_notify; no netlink.

@@ -57,5 +57,8 @@
   SystemCallFilter = [ "@system-service" "~@resources @privileged" ];
 
   # Nothing it creates should be readable by others.
+  # /run/cgtproxy: where the daemon says why it is degraded, for `cgtproxy
+  # status` (the only thing it writes; removed when it stops).
+  RuntimeDirectory = "cgtproxy";
   UMask = "0077";
 }

@@ -59,12 +59,9 @@ in
   options.programs.cgtproxy = {
     enable = lib.mkEnableOption "per-application routing through the system's cgtproxy daemon";
 
-    package = mkOption {
-      type = types.package;
-      default = pkgs.callPackage ./package.nix { };
-      defaultText = lib.literalExpression "pkgs.callPackage ./package.nix { }";
-      description = "The cgtproxy package (for `cgtproxy exec`).";
-    };
+    # pkgs.cgtproxy: the flake's modules provide it from overlays.default when the
+    # user's pkgs lack it, so a package the user overlays in is the one used.
+    package = lib.mkPackageOption pkgs "cgtproxy" { extraDescription = "For `cgtproxy exec`."; };
 
     targets = mkOption {
       type = types.listOf targetType;
@@ -94,7 +91,11 @@ in
       example = {
         syncthing = "direct";
       };
-      description = "User services (by unit name without `.service`) to run in a target's slice (`Service.Slice`).";
+      description = ''
+        User services (by unit name without `.service`) to run in a target's slice:
+        a drop-in `NAME.service.d/cgtproxy-slice.conf` sets `Slice=`, so the unit
+        itself may come from a package or from home-manager.
+      '';
     };
 
     flatpaks = mkOption {
@@ -171,7 +172,18 @@ in
       ) allTargets
     );
 
-    systemd.user.services = lib.mapAttrs (_: target: { Service.Slice = sliceOf target; }) cfg.services;
+    # Drop-ins, not systemd.user.services: a unit file of ours would hide the
+    # unit that a package ships (leaving a service without ExecStart=), while a
+    # drop-in adds to whichever unit is there, home-manager's own included.
+    xdg.configFile = lib.mapAttrs' (
+      name: target:
+      lib.nameValuePair "systemd/user/${name}.service.d/cgtproxy-slice.conf" {
+        text = ''
+          [Service]
+          Slice=${sliceOf target}
+        '';
+      }
+    ) cfg.services;
 
     xdg.dataFile = lib.mapAttrs' (
       id: app: lib.nameValuePair "applications/${id}.desktop" { source = wrapDesktopFile id app; }

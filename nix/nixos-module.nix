@@ -2,6 +2,7 @@
   config,
   lib,
   pkgs,
+  utils,
   ...
 }:
 
@@ -29,10 +30,6 @@ let
       map dropNulls v
     else
       v;
-
-  # As systemd parses ExecStart=: JSON quoting is valid C quoting; `%` and `$`
-  # would be specifiers and variables.
-  escapeExecArg = arg: lib.replaceStrings [ "%" "$" ] [ "%%" "$$" ] (builtins.toJSON (toString arg));
 
   targetNames = builtins.attrNames cfg.settings.tproxies;
   reserved = [
@@ -150,8 +147,31 @@ let
     }
   ) (lib.groupBy' (acc: n: acc ++ [ n ]) [ ] (n: toString cfg.settings.tproxies.${n}.mark) targetNames);
 
+  # No freeformType in these submodules: like the daemon, evaluation refuses a key
+  # it does not know, naming it, instead of passing a typo through.
+  # The daemon's checks of dns-hijack, here too so that they hold without the
+  # build-time `cgtproxy check` (which cross-compiling skips).
+  dnsAssertions = lib.concatLists (
+    lib.mapAttrsToList (
+      name: t:
+      let
+        d = t.dns-hijack;
+        where = "services.cgtproxy.settings.tproxies.${name}.dns-hijack";
+      in
+      lib.optionals (d != null) [
+        {
+          assertion = d.ip != null || d.ip6 != null;
+          message = "${where}: needs ip, ip6 or both.";
+        }
+        {
+          assertion = !d.stub || d.ip != null;
+          message = "${where}.stub: needs ip (the stub 127.0.0.53 is IPv4).";
+        }
+      ]
+    ) cfg.settings.tproxies
+  );
+
   dnsHijackModule = {
-    freeformType = json.type;
     options = {
       ip = mkOption {
         type = types.nullOr types.str;
@@ -175,11 +195,19 @@ let
         default = false;
         description = "Also redirect TCP/53, not only UDP/53.";
       };
+      stub = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Also redirect the target's queries to systemd-resolved's stub listener
+          (127.0.0.53), which {option}`services.cgtproxy.settings.bypass` would
+          otherwise exempt. Needs {option}`ip`.
+        '';
+      };
     };
   };
 
   tproxyModule = {
-    freeformType = json.type;
     options = {
       port = mkOption {
         type = types.ints.between 1 65535;
@@ -233,7 +261,6 @@ let
   };
 
   ruleModule = {
-    freeformType = json.type;
     options = {
       match = mkOption {
         type = types.str;
@@ -265,19 +292,16 @@ in
   options.services.cgtproxy = {
     enable = mkEnableOption "cgtproxy, the per-application transparent proxy rule manager";
 
-    package = mkOption {
-      type = types.package;
-      default = pkgs.callPackage ./package.nix { };
-      defaultText = literalExpression "pkgs.callPackage ./package.nix { }";
-      description = "The cgtproxy package.";
-    };
+    # pkgs.cgtproxy: the flake's modules provide it from overlays.default when the
+    # user's pkgs lack it, so a package the user overlays in is the one used.
+    package = lib.mkPackageOption pkgs "cgtproxy" { };
 
     settings = mkOption {
       default = { };
       description = ''
         The daemon's configuration, rendered to `${configPath}`. Keys are the JSON
-        file's own (see the project's DESIGN.md); keys without a typed option here
-        are passed through as they are.
+        file's own (see the "Configuration" section of the project's README.md);
+        like the daemon, evaluation refuses a key it does not know.
       '';
       example = literalExpression ''
         {
@@ -289,7 +313,6 @@ in
         }
       '';
       type = types.submodule {
-        freeformType = json.type;
         options = {
           version = mkOption {
             type = types.enum [ 1 ];
@@ -310,6 +333,16 @@ in
             type = types.strMatching "[A-Za-z0-9_-]+";
             default = "cgtproxy";
             description = "Name of the `inet` nftables table that the daemon owns.";
+          };
+          rule-priority = mkOption {
+            type = types.nullOr (types.ints.between 1 32765);
+            default = null;
+            example = 5000;
+            description = ''
+              Priority of the daemon's ip rules (IPv4 and IPv6). null leaves the key
+              out, so the daemon's default applies (ahead of common VPN and mesh
+              clients' rules; the README says which value and why).
+            '';
           };
           bypass = mkOption {
             type = types.listOf types.str;
@@ -427,6 +460,7 @@ in
     assertions =
       ruleAssertions
       ++ markAssertions
+      ++ dnsAssertions
       ++ map (n: {
         assertion = !(builtins.elem n reserved);
         message = "services.cgtproxy.settings.tproxies.${n}: `direct` and `drop` are reserved names (cgtproxy exec, slices).";
@@ -446,13 +480,23 @@ in
         }
       ];
 
+    # From Linux 5.12 the daemon's table is flagged owner and `flush ruleset`
+    # leaves it alone; only older kernels lose it on every reload.
     warnings =
-      lib.optional (config.networking.nftables.enable && config.networking.nftables.flushRuleset)
+      lib.optional
+        (
+          config.networking.nftables.enable
+          && config.networking.nftables.flushRuleset
+          && lib.versionOlder config.boot.kernelPackages.kernel.version "5.12"
+        )
         ''
-          services.cgtproxy: networking.nftables.flushRuleset is on, so every reload of
-          nftables.service (as nixos-rebuild switch does when the ruleset changed) runs
-          `flush ruleset` and wipes cgtproxy's table until `systemctl restart cgtproxy`.
-          Set networking.nftables.flushRuleset = false; NixOS then replaces only its own tables.'';
+          services.cgtproxy: networking.nftables.flushRuleset is on and this kernel
+          (${config.boot.kernelPackages.kernel.version}) is older than 5.12, which cannot
+          flag cgtproxy's table as owned: every reload of nftables.service (as
+          nixos-rebuild switch does when the ruleset changed) runs `flush ruleset`, which
+          removes the table until the daemon restores it, milliseconds later; traffic sent
+          in between goes direct. Set networking.nftables.flushRuleset = false; NixOS then
+          replaces only its own tables.'';
 
     services.cgtproxy.settings.rules = lib.mkMerge [
       # Before everything else, the slices too: the forwarder's own traffic is
@@ -492,7 +536,7 @@ in
       reloadTriggers = [ configFile ];
       serviceConfig = import ./hardening.nix // {
         Type = "notify-reload";
-        ExecStart = lib.concatMapStringsSep " " escapeExecArg (
+        ExecStart = utils.escapeSystemdExecArgs (
           [
             (lib.getExe cfg.package)
             "run"
@@ -521,7 +565,7 @@ in
       reloadTriggers = [ configFile ];
       serviceConfig = import ./hardening-forward.nix // {
         Type = "notify-reload";
-        ExecStart = lib.concatMapStringsSep " " escapeExecArg [
+        ExecStart = utils.escapeSystemdExecArgs [
           (lib.getExe cfg.package)
           "forward"
           "--config"

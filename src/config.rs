@@ -63,6 +63,8 @@ struct RawConfig {
     #[serde(default = "default_route_table")]
     route_table: u32,
     table: Option<String>,
+    #[serde(default = "default_rule_priority")]
+    rule_priority: u32,
     #[serde(default)]
     bypass: Vec<String>,
     #[serde(default)]
@@ -78,6 +80,37 @@ fn auto() -> String {
 fn default_route_table() -> u32 {
     300
 }
+
+/// The default priority of our ip rules: ahead of every VPN and mesh client that
+/// installs its rules at a priority of its own (Tailscale 5210–5270, sing-box's
+/// and mihomo's `auto-route` 9000 and up, rules added to a stock system without a
+/// priority: 32765 downwards), with room below for the daemon to step ahead of a
+/// rule added later without one (see `precedence`).
+pub const DEFAULT_RULE_PRIORITY: u32 = 100;
+
+fn default_rule_priority() -> u32 {
+    DEFAULT_RULE_PRIORITY
+}
+
+/// Marks that other software on the same host routes by, which a target must not
+/// use: its packets would be taken by their rules. (mark, mask, whose).
+const FOREIGN_MARKS: &[(u32, u32, &str)] = &[
+    // wg-quick's default fwmark and table (its `not fwmark 51820` rule).
+    (51820, u32::MAX, "WireGuard's (wg-quick) fwmark 51820"),
+    // Tailscale's bypass and subnet-route marks, matched under mask 0xff0000.
+    (
+        0x40000,
+        0xff0000,
+        "Tailscale's fwmark bits 0x40000/0xff0000",
+    ),
+    (
+        0x80000,
+        0xff0000,
+        "Tailscale's fwmark bits 0x80000/0xff0000",
+    ),
+    // Mullvad's fwmark ("mole").
+    (0x6d6f_6c65, u32::MAX, "Mullvad's fwmark 0x6d6f6c65"),
+];
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -196,6 +229,9 @@ pub struct Config {
     pub cgroup_root: CgroupRoot,
     pub route_table: u32,
     pub table: String,
+    /// The priority our ip rules are installed at (unless a foreign rule makes the
+    /// daemon step ahead of it).
+    pub rule_priority: u32,
     /// Bypass destinations, v4 and v6 mixed, as given.
     pub bypass: Vec<IpNet>,
     /// Sorted by name, so indices are stable for equal configs.
@@ -254,6 +290,7 @@ impl Config {
     /// reload can keep the table and only change elements.
     pub fn same_structure(&self, other: &Config) -> bool {
         self.route_table == other.route_table
+            && self.rule_priority == other.rule_priority
             && self.table == other.table
             && self.bypass == other.bypass
             && self.targets == other.targets
@@ -338,6 +375,12 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
             raw.route_table
         ));
     }
+    if !(1..=32765).contains(&raw.rule_priority) {
+        errs.push(format!(
+            "rule-priority: {} is outside 1..=32765 (0 is the local table's, 32766 and 32767 main's and default's)",
+            raw.rule_priority
+        ));
+    }
     let table = raw.table.unwrap_or_else(|| "cgtproxy".to_owned());
     if !valid_name(&table) {
         errs.push(format!(
@@ -373,6 +416,14 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
         } else if t.mark == DIRECT_CLASS || t.mark == DROP_CLASS {
             errs.push(format!(
                 "{key}.mark: {:#x} is reserved for cgtproxy's direct and drop classes",
+                t.mark
+            ));
+        } else if let Some((_, _, whose)) = FOREIGN_MARKS
+            .iter()
+            .find(|(m, mask, _)| t.mark & mask == *m)
+        {
+            errs.push(format!(
+                "{key}.mark: {:#x} collides with {whose}; choose another mark",
                 t.mark
             ));
         } else if let Some(other) = marks.insert(t.mark, name.clone()) {
@@ -510,6 +561,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
             cgroup_root,
             route_table: raw.route_table,
             table,
+            rule_priority: raw.rule_priority,
             bypass,
             targets,
             rules,
@@ -658,6 +710,39 @@ mod tests {
     fn the_class_marks_are_reserved() {
         let e = err(r#"{"version":1,"tproxies":{"p":{"port":1,"mark":1667724289}}}"#);
         assert!(e.contains("tproxies.p.mark: 0x63677401 is reserved"), "{e}");
+    }
+
+    #[test]
+    fn marks_that_vpn_and_mesh_clients_route_by_are_refused() {
+        for (mark, whose) in [
+            (51820, "WireGuard"),
+            (0x80000, "Tailscale"),
+            (0x4_4321, "Tailscale"),
+            (0x6d6f_6c65, "Mullvad"),
+        ] {
+            let e = err(&format!(
+                r#"{{"version":1,"tproxies":{{"p":{{"port":1,"mark":{mark}}}}}}}"#
+            ));
+            assert!(e.contains("tproxies.p.mark:") && e.contains(whose), "{e}");
+        }
+        Config::parse(
+            r#"{"version":1,"tproxies":{"p":{"port":1,"mark":51821}}}"#,
+            "t",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn rule_priority_defaults_ahead_of_vpn_rules_and_is_bounded() {
+        let c = Config::parse(r#"{"version":1}"#, "t").unwrap();
+        assert_eq!(c.rule_priority, DEFAULT_RULE_PRIORITY);
+        const { assert!(DEFAULT_RULE_PRIORITY < 5210, "ahead of Tailscale's rules") };
+        for p in [0, 32766, 40000] {
+            let e = err(&format!(r#"{{"version":1,"rule-priority":{p}}}"#));
+            assert!(e.contains("rule-priority:"), "{e}");
+        }
+        let c = Config::parse(r#"{"version":1,"rule-priority":32765}"#, "t").unwrap();
+        assert_eq!(c.rule_priority, 32765);
     }
 
     #[test]

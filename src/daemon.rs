@@ -17,10 +17,13 @@ use tracing::{debug, error, info, warn};
 use crate::cgroup::{CgroupError, Hierarchy};
 use crate::config::{Config, ConfigError};
 use crate::events::{Damage, Events, EventsError};
-use crate::nft::{Nft, NftError, Txn};
+use crate::inspect::{self, InspectError};
+use crate::nft::{Nft, NftError, TABLE_F_OWNER, TABLE_F_PERSIST, Txn};
 use crate::notify;
 use crate::plan::{self, Delta, Elements, Tree};
+use crate::precedence::{self, Placement};
 use crate::route::{self, RouteError, Routes};
+use crate::runstate;
 use crate::watch::{Change, WatchError, Watcher};
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +40,8 @@ pub enum DaemonError {
     Route(#[from] RouteError),
     #[error(transparent)]
     Events(#[from] EventsError),
+    #[error("reading table inet {table} back: {source}")]
+    Inspect { table: String, source: InspectError },
     #[error("{step}: {source}")]
     Sys {
         step: &'static str,
@@ -44,6 +49,10 @@ pub enum DaemonError {
     },
     #[error("cleanup failed: {0}")]
     Cleanup(String),
+    #[error(
+        "table inet {table} belongs to another process (flag owner): is another cgtproxy running? (`nft list tables` names it)"
+    )]
+    Owned { table: String },
 }
 
 fn sys(step: &'static str) -> impl FnOnce(nix::Error) -> DaemonError {
@@ -53,16 +62,33 @@ fn sys(step: &'static str) -> impl FnOnce(nix::Error) -> DaemonError {
 /// Longest wait between retries of a failed kernel update.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// Whether table `name` exists now; an error if another process owns it.
+fn table_exists(nft: &Nft, name: &str) -> Result<bool, DaemonError> {
+    let state = inspect::table_state(name).map_err(|source| DaemonError::Inspect {
+        table: name.to_owned(),
+        source,
+    })?;
+    match state {
+        Some(t) if t.owner.is_some_and(|o| o != nft.port()) => Err(DaemonError::Owned {
+            table: name.to_owned(),
+        }),
+        s => Ok(s.is_some()),
+    }
+}
+
 /// Replaces the whole table with the desired one in one transaction, keeping maps
 /// for `keep_levels` too; `also` names a previous table (renamed by a reload) to
-/// delete in the same breath. Returns the installed elements and levels.
+/// delete in the same breath. A table of the same name left by an earlier
+/// instance (a crash leaves it, flagged persist) is replaced, which adopts it.
+/// Returns the installed elements and levels.
 fn install_table(
     nft: &mut Nft,
+    flags: u32,
     cfg: &Config,
     tree: &Tree,
     keep_levels: &BTreeSet<u32>,
     also: Option<&str>,
-) -> Result<(Elements, BTreeSet<u32>), NftError> {
+) -> Result<(Elements, BTreeSet<u32>), DaemonError> {
     let elements = tree.elements();
     let levels: BTreeSet<u32> = plan::levels(&elements)
         .union(keep_levels)
@@ -70,10 +96,12 @@ fn install_table(
         .collect();
     let spec = plan::table(cfg, &levels, &elements);
     let mut txn = Txn::large();
-    if let Some(old) = also.filter(|o| *o != spec.name) {
+    if let Some(old) = also.filter(|o| *o != spec.name)
+        && table_exists(nft, old)?
+    {
         txn.delete_table(old)?;
     }
-    txn.replace_table(&spec)?;
+    txn.replace_table(&spec, table_exists(nft, &spec.name)?, flags)?;
     nft.commit(txn)?;
     Ok((elements, levels))
 }
@@ -90,6 +118,16 @@ struct Daemon {
     /// Levels with a map and a rule in the output chain (kept once created).
     levels: BTreeSet<u32>,
     route_plan: route::Plan,
+    /// The table flags this kernel takes (`owner`, `persist`), probed at start.
+    table_flags: u32,
+    /// Why the daemon is degraded (part of the tree unwatched), if it is.
+    degraded: Option<String>,
+    /// When the tree is walked again after a watcher failure, and the wait
+    /// after that one.
+    rescan_at: Option<Instant>,
+    rescan_delay: Duration,
+    /// A foreign ip rule at priority 0 that takes marked packets before ours.
+    blocked_by: Option<String>,
     /// Set after a failed update: the next retry rebuilds the whole table.
     dirty: bool,
     backoff: Duration,
@@ -117,11 +155,42 @@ const HEAL_WINDOW: Duration = Duration::from_secs(30);
 /// STATUS= at most this often: a burst of cgroups must not flood PID 1.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 
-fn route_plan(cfg: &Config) -> route::Plan {
+/// Environment variable of the test-only knob that creates the table without flags.
+pub const TEST_NO_TABLE_FLAGS_ENV: &str = "CGTPROXY_TEST_NO_TABLE_FLAGS";
+
+/// First retry of a failed walk of the tree (watch limit, inotify errors).
+const RESCAN_DELAY: Duration = Duration::from_millis(500);
+
+/// The routing entries for `cfg`, at the priority `placement` chose.
+fn route_plan(cfg: &Config, placement: &Placement) -> route::Plan {
     route::Plan {
         table: cfg.route_table,
         marks: cfg.targets.iter().map(|t| t.mark).collect(),
+        priority: placement.priority(),
     }
+}
+
+/// Where `cfg`'s ip rules must go among the rules installed now. If they cannot
+/// be read, the configured priority (the next rule event tries again).
+fn placement(routes: &mut Routes, cfg: &Config) -> Placement {
+    let marks: Vec<u32> = cfg.targets.iter().map(|t| t.mark).collect();
+    match routes.all_rules() {
+        Ok(rules) => precedence::placement(cfg.rule_priority, &rules, &marks, cfg.route_table),
+        Err(e) => {
+            error!(
+                "{e}; keeping our ip rules at priority {}",
+                cfg.rule_priority
+            );
+            Placement::Configured(cfg.rule_priority)
+        }
+    }
+}
+
+/// The kernel's inotify watch limit, for messages.
+fn watch_limit() -> String {
+    std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 impl Daemon {
@@ -134,8 +203,16 @@ impl Daemon {
             .zip(per)
             .map(|(t, n)| format!("{} {n}", t.name))
             .collect();
+        let mut problems = Vec::new();
+        if let Some(d) = &self.degraded {
+            problems.push(format!("degraded: {d}; "));
+        }
+        if let Some(b) = &self.blocked_by {
+            problems.push(format!("blocked: ip rule {b} takes marked packets first; "));
+        }
         format!(
-            "{} cgroups: direct {direct}, drop {drop}{}{}; {} map elements",
+            "{}{} cgroups: direct {direct}, drop {drop}{}{}; {} map elements",
+            problems.concat(),
             self.tree.len(),
             if targets.is_empty() { "" } else { ", " },
             targets.join(", "),
@@ -143,10 +220,120 @@ impl Daemon {
         )
     }
 
+    /// Keeps our ip rules ahead of any foreign rule that could take marked
+    /// packets first (see [`precedence`]), moving them when such a rule comes or
+    /// goes. The new rules go in before the old ones go out.
+    fn place(&mut self) {
+        let p = placement(&mut self.routes, &self.cfg);
+        match &p {
+            Placement::Blocked { by, .. } => {
+                if self.blocked_by.as_ref() != Some(by) {
+                    error!(
+                        "ip rule {by} takes packets marked for our targets before our rules, at priority 0 where nothing can precede it: their traffic is dropped, not sent past the proxy, until that rule goes"
+                    );
+                    self.blocked_by = Some(by.clone());
+                    self.publish_status();
+                }
+            }
+            _ => {
+                if self.blocked_by.take().is_some() {
+                    info!("no ip rule at priority 0 takes marked packets any more");
+                    self.publish_status();
+                }
+            }
+        }
+        if p.priority() == self.route_plan.priority || self.route_plan.marks.is_empty() {
+            return;
+        }
+        match &p {
+            Placement::Ahead { priority, of } => warn!(
+                "ip rule {of} could take marked packets before ours: moving our rules from priority {} to {priority}",
+                self.route_plan.priority
+            ),
+            _ => info!(
+                "no foreign ip rule precedes priority {} any more: moving our rules back there",
+                self.cfg.rule_priority
+            ),
+        }
+        let mut plan = self.route_plan.clone();
+        plan.priority = p.priority();
+        match self.routes.install(&plan) {
+            Ok(()) => self.route_plan = plan,
+            Err(e) => {
+                error!("moving our ip rules: {e}");
+                self.dirty = true;
+                self.arm_retry();
+            }
+        }
+    }
+
+    /// Enters (or stays in) the degraded state: what is installed stays, and
+    /// the tree is walked again after a growing delay.
+    fn degrade(&mut self, reason: String) {
+        if self.degraded.is_none() {
+            error!(
+                "degraded: {reason}; the installed rules stay in place; walking the tree again in {:?}",
+                self.rescan_delay
+            );
+        }
+        if self.degraded.as_ref() != Some(&reason) {
+            runstate::set_degraded(&reason);
+            self.degraded = Some(reason);
+            self.publish_status();
+        }
+        if self.rescan_at.is_none() {
+            self.rescan_at = Some(Instant::now() + self.rescan_delay);
+            self.rescan_delay = (self.rescan_delay * 2).min(MAX_BACKOFF);
+            self.arm_timer();
+        }
+    }
+
+    /// After a walk: degraded while part of the tree is unwatched, whole again
+    /// once all of it is.
+    fn check_watched(&mut self) {
+        match self.watcher.unwatched() {
+            Some((first, n)) => {
+                let reason = format!(
+                    "{n} cgroup directories are not watched (the first: {first}): the inotify watch limit (fs.inotify.max_user_watches = {}) is reached, so cgroups created below them are not classified on their own; raise it, e.g. `sysctl fs.inotify.max_user_watches=524288`",
+                    watch_limit()
+                );
+                self.degrade(reason);
+            }
+            None => {
+                if self.degraded.take().is_some() {
+                    info!("the whole cgroup tree is watched again; no longer degraded");
+                    runstate::clear();
+                    self.publish_status();
+                }
+                self.rescan_at = None;
+                self.rescan_delay = RESCAN_DELAY;
+            }
+        }
+    }
+
+    /// Walks the whole tree again and converges on it.
+    fn rescan(&mut self) {
+        match self.watcher.scan() {
+            Ok(all) => {
+                self.tree = Tree::build(&self.cfg, &all);
+                let delta = plan::diff(&self.installed, &self.tree.elements());
+                self.converge(delta);
+                self.check_watched();
+            }
+            Err(e) => self.degrade(e.to_string()),
+        }
+    }
+
     /// Rebuilds the whole table from the current configuration and tree.
-    fn replace_all(&mut self) -> Result<(), NftError> {
-        let (elements, levels) =
-            install_table(&mut self.nft, &self.cfg, &self.tree, &self.levels, None)?;
+    fn replace_all(&mut self) -> Result<(), DaemonError> {
+        let (elements, levels) = install_table(
+            &mut self.nft,
+            self.table_flags,
+            &self.cfg,
+            &self.tree,
+            &self.levels,
+            None,
+        )?;
         self.installed = elements;
         self.levels = levels;
         Ok(())
@@ -171,7 +358,7 @@ impl Daemon {
         if !new_levels.is_empty() {
             levels.extend(&new_levels);
             txn.add_level_maps(&table, &new_levels)?;
-            txn.rewrite_chain(&table, &plan::classify_chain(&levels))?;
+            txn.rewrite_chain(&table, &plan::classify_chain(&self.cfg, &levels))?;
         }
         let group = |list: &[(plan::Key, crate::config::Action)]| {
             let mut by: BTreeMap<u32, Vec<(u64, u32)>> = BTreeMap::new();
@@ -199,7 +386,7 @@ impl Daemon {
         let result = if self.dirty {
             self.replace_all()
         } else {
-            self.apply(&delta)
+            self.apply(&delta).map_err(DaemonError::from)
         };
         match result {
             Ok(()) => {
@@ -246,7 +433,7 @@ impl Daemon {
 
     /// Arms the timer for the earliest pending deadline.
     fn arm_timer(&mut self) {
-        let Some(at) = [self.retry_at, self.status_at, self.heal_at]
+        let Some(at) = [self.retry_at, self.status_at, self.heal_at, self.rescan_at]
             .into_iter()
             .flatten()
             .min()
@@ -275,6 +462,10 @@ impl Daemon {
             self.heal_at = None;
             self.heal();
         }
+        if self.rescan_at.is_some_and(|t| t <= now) {
+            self.rescan_at = None;
+            self.rescan();
+        }
         if self.status_at.is_some_and(|t| t <= now) {
             self.status_at = None;
             notify::status(&self.status());
@@ -291,6 +482,9 @@ impl Daemon {
             self.route_plan.table,
             &self.route_plan.marks,
         );
+        if damage.rules_changed {
+            self.place();
+        }
         if !damage.any() {
             return;
         }
@@ -387,20 +581,24 @@ impl Daemon {
         notify::ready(&self.status());
     }
 
+    /// Applies a new configuration all or nothing: everything new (a watcher for
+    /// a new hierarchy, the table, the ip rules) is built and installed before
+    /// anything old is let go; on any failure the old state stands.
     fn try_reload(&mut self) -> Result<(), DaemonError> {
         let path = crate::config::resolve_path(self.config_path.as_deref());
         let new = Config::load(path.as_deref())?;
+        let mut new_watcher = None;
         if new.cgroup_root != self.cfg.cgroup_root {
             let hier = Hierarchy::discover(&new.cgroup_root)?;
             if &hier != self.watcher.hierarchy() {
-                let mut w = Watcher::new(hier)?;
-                let all = w.scan()?;
-                self.watcher = w;
-                self.tree = Tree::build(&self.cfg, &all);
+                new_watcher = Some(Watcher::new(hier)?);
             }
         }
-        let tree = Tree::build(&new, &self.tree.cgroups());
-        let new_routes = route_plan(&new);
+        let cgroups = match new_watcher.as_mut() {
+            Some(w) => w.scan()?,
+            None => self.tree.cgroups(),
+        };
+        let tree = Tree::build(&new, &cgroups);
         if new.same_structure(&self.cfg) && !self.dirty {
             let delta = plan::diff(&self.installed, &tree.elements());
             let old = std::mem::replace(&mut self.cfg, new);
@@ -409,56 +607,82 @@ impl Daemon {
                 return Err(e.into());
             }
         } else {
-            self.routes.install(&new_routes)?;
-            let installed = install_table(
-                &mut self.nft,
-                &new,
-                &tree,
-                &BTreeSet::new(),
-                Some(&self.cfg.table),
-            );
+            let new_routes = route_plan(&new, &placement(&mut self.routes, &new));
+            // Rules this reload adds (not the moved ones): what a failure undoes.
+            let added = route::Plan {
+                marks: new_routes
+                    .marks
+                    .iter()
+                    .filter(|m| {
+                        !(self.route_plan.table == new_routes.table
+                            && self.route_plan.marks.contains(m))
+                    })
+                    .copied()
+                    .collect(),
+                ..new_routes.clone()
+            };
+            let installed = self
+                .routes
+                .install(&new_routes)
+                .map_err(DaemonError::from)
+                .and_then(|()| {
+                    install_table(
+                        &mut self.nft,
+                        self.table_flags,
+                        &new,
+                        &tree,
+                        &BTreeSet::new(),
+                        Some(&self.cfg.table),
+                    )
+                });
             let (elements, levels) = match installed {
                 Ok(done) => done,
                 Err(e) => {
-                    // Leave routing as it was for the old table, which still stands.
-                    let added = route::Plan {
-                        table: new_routes.table,
-                        marks: new_routes
-                            .marks
-                            .iter()
-                            .filter(|m| {
-                                !(self.route_plan.table == new_routes.table
-                                    && self.route_plan.marks.contains(m))
-                            })
-                            .copied()
-                            .collect(),
-                    };
                     if let Err(re) = self.routes.remove_rules(&added) {
                         warn!("undoing new ip rules: {re}");
                     }
-                    return Err(e.into());
+                    return Err(e);
                 }
             };
             self.installed = elements;
             self.levels = levels;
-            self.routes.retire(&self.route_plan, &new_routes)?;
+            // The new state stands; what the old one needed and the new does not
+            // is only clutter now, so a failure to remove it is not a failed reload.
+            if let Err(e) = self.routes.retire(&self.route_plan, &new_routes) {
+                warn!("removing ip rules the new configuration no longer uses: {e}");
+            }
             self.route_plan = new_routes;
             self.cfg = new;
             self.dirty = false;
         }
         self.tree = tree;
+        if let Some(w) = new_watcher {
+            info!(
+                "watching cgroup2 hierarchy at {}",
+                w.hierarchy().mount.display()
+            );
+            self.watcher = w;
+            self.rescan_at = None;
+            self.check_watched();
+        }
         Ok(())
     }
 
     /// Removes everything we installed.
     fn cleanup(&mut self) -> Result<(), DaemonError> {
+        runstate::clear();
         let mut errors = Vec::new();
-        let mut txn = Txn::new();
-        let r = txn
-            .delete_table(&self.cfg.table)
-            .and_then(|()| self.nft.commit(txn));
-        if let Err(e) = r {
-            errors.push(format!("deleting table inet {}: {e}", self.cfg.table));
+        let table = &self.cfg.table;
+        let deleted = table_exists(&self.nft, table).and_then(|exists| {
+            if !exists {
+                return Ok(());
+            }
+            let mut txn = Txn::new();
+            txn.delete_table(table)?;
+            Ok(self.nft.commit(txn)?)
+        });
+        if let Err(e) = deleted {
+            errors.push(format!("deleting table inet {table}: {e}"));
         }
         if let Err(e) = self.routes.remove(&self.route_plan) {
             errors.push(e.to_string());
@@ -503,14 +727,46 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     // The scan's list is as large as the tree: do not keep it for the daemon's life.
     let tree = Tree::build(&cfg, &watcher.scan()?);
 
+    let mut nft = Nft::open()?;
+    // Test-only knob: the behaviour of kernels without table flags (a foreign
+    // flush removes the table; the daemon restores it), on one that has them.
+    let table_flags = if std::env::var_os(TEST_NO_TABLE_FLAGS_ENV).is_some() {
+        0
+    } else {
+        nft.table_flags(&format!("{}-flags-probe", cfg.table))?
+    };
+    info!(
+        "table inet {} flags: {}",
+        cfg.table,
+        if table_flags & TABLE_F_PERSIST != 0 {
+            "owner, persist"
+        } else if table_flags & TABLE_F_OWNER != 0 {
+            "owner (Linux < 6.9 has no persist: a crash removes it)"
+        } else {
+            "none (Linux < 5.12: a foreign flush removes it until we restore it)"
+        }
+    );
+    let mut routes = Routes::open()?;
+    let placed = placement(&mut routes, &cfg);
+    if let Placement::Ahead { priority, of } = &placed {
+        warn!(
+            "ip rule {of} could take marked packets before priority {}: our rules go to priority {priority}",
+            cfg.rule_priority
+        );
+    }
     let mut d = Daemon {
         config_path,
-        route_plan: route_plan(&cfg),
+        route_plan: route_plan(&cfg, &placed),
         cfg,
         watcher,
         tree,
-        nft: Nft::open()?,
-        routes: Routes::open()?,
+        nft,
+        routes,
+        table_flags,
+        degraded: None,
+        rescan_at: None,
+        rescan_delay: RESCAN_DELAY,
+        blocked_by: None,
         installed: Elements::new(),
         levels: BTreeSet::new(),
         dirty: false,
@@ -533,6 +789,13 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         }
         return Err(e.into());
     }
+    if let Placement::Blocked { by, .. } = placed {
+        error!(
+            "ip rule {by} takes packets marked for our targets before our rules, at priority 0 where nothing can precede it: their traffic is dropped, not sent past the proxy, until that rule goes"
+        );
+        d.blocked_by = Some(by);
+    }
+    d.check_watched();
     let status = d.status();
     info!("ready: {status}");
     notify::ready(&status);
@@ -584,16 +847,15 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
                 d.on_changes(changes);
                 d.watcher.expand()
             });
+            // A watcher error never takes the rules down: apps keep their
+            // verdicts (fail closed) while the tree is walked again.
             match read {
                 Ok(more) if more.is_empty() => {}
                 Ok(more) => d.on_changes(more),
-                Err(e) => {
-                    error!("{e}");
-                    if let Err(c) = d.cleanup() {
-                        error!("{c}");
-                    }
-                    return Err(e.into());
-                }
+                Err(e) => d.degrade(e.to_string()),
+            }
+            if d.watcher.unwatched().is_some() {
+                d.check_watched();
             }
         }
         if ev {

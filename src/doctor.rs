@@ -6,8 +6,10 @@ use std::fmt::Write;
 
 use crate::cgroup::{self, Hierarchy};
 use crate::config::Config;
-use crate::nft::{Nft, Txn};
+use crate::nft::{Nft, TABLE_F_OWNER, TABLE_F_PERSIST, Txn};
 use crate::plan;
+use crate::precedence::{self, Placement};
+use crate::rpfilter;
 use crate::sockdiag;
 
 /// A probe's outcome.
@@ -32,8 +34,9 @@ fn read_sysctl(path: &str) -> Option<String> {
 }
 
 /// The kernel features, probed by committing a throw-away table that uses them
-/// and deleting it in the same transaction, so nothing is left behind.
-fn probe_kernel(cfg: &Config) -> Probe {
+/// and deleting it in the same transaction, so nothing is left behind. Also
+/// returns the table flags the kernel takes, when the probe worked.
+fn probe_kernel(cfg: &Config) -> (Probe, Option<u32>) {
     let mut probe_cfg = cfg.clone();
     probe_cfg.table = "cgtproxy-doctor".into();
     if probe_cfg.targets.is_empty() {
@@ -48,16 +51,27 @@ fn probe_kernel(cfg: &Config) -> Probe {
     let levels: BTreeSet<u32> = [1].into();
     let spec = plan::table(&probe_cfg, &levels, &Default::default());
     let result = Nft::open().and_then(|mut nft| {
+        let flags = nft.table_flags(&spec.name)?;
         let mut txn = Txn::new();
-        txn.replace_table(&spec)?;
+        txn.replace_table(&spec, false, flags)?;
         txn.delete_table(&spec.name)?;
-        nft.commit(txn)
+        nft.commit(txn).map(|()| flags)
     });
-    match result {
-        Ok(()) => Probe {
+    let flags = result.as_ref().ok().copied();
+    let probe = match result {
+        Ok(flags) => Probe {
             verdict: Verdict::Ok,
             name: "nftables",
-            detail: "nf_tables accepts socket cgroupv2, verdict maps, tproxy and nat".into(),
+            detail: format!(
+                "nf_tables accepts socket cgroupv2, verdict maps, tproxy and nat; {}",
+                if flags & TABLE_F_PERSIST != 0 {
+                    "table flags owner and persist: nobody else can flush or delete the table, and it outlives a crash"
+                } else if flags & TABLE_F_OWNER != 0 {
+                    "table flag owner (no persist, Linux < 6.9): nobody else can flush the table, but a crash removes it"
+                } else {
+                    "no table flags (Linux < 5.12): a foreign flush removes the table until the daemon restores it"
+                }
+            ),
             fix: None,
         },
         Err(e) => Probe {
@@ -68,7 +82,8 @@ fn probe_kernel(cfg: &Config) -> Probe {
                 "run as root (CAP_NET_ADMIN); the kernel needs nf_tables with nft_socket, nft_tproxy and nft_nat (modprobe nft_socket nft_tproxy nft_nat)".into(),
             ),
         },
-    }
+    };
+    (probe, flags)
 }
 
 fn probe_cgroups(cfg: &Config) -> (Probe, Option<Probe>) {
@@ -328,7 +343,9 @@ fn probe_exposure(cfg: &Config) -> Vec<Probe> {
         .collect()
 }
 
-fn probe_flush() -> Probe {
+/// An nftables.service that flushes the whole ruleset: harmless where the
+/// table is flagged owner (`flags`), a gap in coverage on every reload where not.
+fn probe_flush(flags: Option<u32>) -> Probe {
     let conf = std::fs::read_to_string("/etc/nftables.conf").unwrap_or_default();
     let enabled = [
         "/etc/systemd/system/multi-user.target.wants/nftables.service",
@@ -336,11 +353,18 @@ fn probe_flush() -> Probe {
     ]
     .iter()
     .any(|p| std::path::Path::new(p).exists());
-    if enabled
+    let flushes = enabled
         && conf
             .lines()
-            .any(|l| l.trim_start().starts_with("flush ruleset"))
-    {
+            .any(|l| l.trim_start().starts_with("flush ruleset"));
+    if flushes && flags.is_some_and(|f| f & TABLE_F_OWNER != 0) {
+        Probe {
+            verdict: Verdict::Ok,
+            name: "flush ruleset",
+            detail: "nftables.service flushes the whole ruleset, which leaves our table alone: it is flagged owner".into(),
+            fix: None,
+        }
+    } else if flushes {
         Probe {
             verdict: Verdict::Warn,
             name: "flush ruleset",
@@ -357,16 +381,150 @@ fn probe_flush() -> Probe {
     }
 }
 
+/// Whether a foreign ip rule takes (or would take) marked packets before ours.
+fn probe_rule_order(cfg: &Config) -> Probe {
+    let name = "ip rule order";
+    let marks: Vec<u32> = cfg.targets.iter().map(|t| t.mark).collect();
+    let rules = match crate::route::Routes::open().and_then(|mut r| r.all_rules()) {
+        Ok(r) => r,
+        Err(e) => {
+            return Probe {
+                verdict: Verdict::Warn,
+                name,
+                detail: format!("cannot list ip rules: {e}"),
+                fix: None,
+            };
+        }
+    };
+    let before = precedence::preceding(&rules, &marks, cfg.route_table);
+    if !before.is_empty() {
+        return Probe {
+            verdict: Verdict::Fail,
+            name,
+            detail: format!(
+                "these rules take marked packets before ours, so proxied traffic is dropped: {}",
+                before.join("; ")
+            ),
+            fix: Some(format!(
+                "remove them, or set rule-priority below theirs (now {}); the daemon moves ahead of rules added after it by itself",
+                cfg.rule_priority
+            )),
+        };
+    }
+    match precedence::placement(cfg.rule_priority, &rules, &marks, cfg.route_table) {
+        Placement::Blocked { by, .. } => Probe {
+            verdict: Verdict::Fail,
+            name,
+            detail: format!(
+                "ip rule {by} takes marked packets at priority 0, where nothing can precede it"
+            ),
+            fix: Some("remove that rule or give it a priority above 0".into()),
+        },
+        Placement::Ahead { priority, of } => Probe {
+            verdict: Verdict::Warn,
+            name,
+            detail: format!(
+                "ip rule {of} would take marked packets before rule-priority {}; the daemon places its rules at {priority} instead",
+                cfg.rule_priority
+            ),
+            fix: Some(format!(
+                "set rule-priority to {priority} or less to say so in the configuration"
+            )),
+        },
+        Placement::Configured(p) => Probe {
+            verdict: Verdict::Ok,
+            name,
+            detail: format!("no foreign ip rule can take marked packets before priority {p}"),
+            fix: None,
+        },
+    }
+}
+
+/// Runs a read-only listing command; `None` when it is absent or fails.
+fn command_output(program: &str, args: &[&str]) -> Option<String> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Reverse-path filters in the host's firewall that would drop looped packets.
+fn probe_rpfilter(cfg: &Config) -> Probe {
+    let name = "firewall rpfilter";
+    let mut found = Vec::new();
+    let nft = command_output("nft", &["-j", "list", "ruleset"]);
+    if let Some(json) = nft.as_deref().and_then(|t| serde_json::from_str(t).ok()) {
+        for t in &cfg.targets {
+            for f in rpfilter::dropping(&json, t.mark) {
+                let what = format!("nftables {f} (mark {:#x} of {})", t.mark, t.name);
+                if !found.contains(&what) {
+                    found.push(what);
+                }
+            }
+        }
+    }
+    for save in ["iptables-save", "ip6tables-save"] {
+        if let Some(text) = command_output(save, &["-t", "mangle"]) {
+            found.extend(
+                rpfilter::iptables_drops(&text)
+                    .into_iter()
+                    .map(|l| format!("{save}: {l}")),
+            );
+        }
+    }
+    if nft.is_none() && found.is_empty() {
+        return Probe {
+            verdict: Verdict::Warn,
+            name,
+            detail: "cannot run `nft -j list ruleset`: the firewall's reverse-path filter was not checked".into(),
+            fix: None,
+        };
+    }
+    if found.is_empty() {
+        return Probe {
+            verdict: Verdict::Ok,
+            name,
+            detail: "no reverse-path filter drops packets carrying the targets' marks".into(),
+            fix: None,
+        };
+    }
+    let marks: Vec<String> = cfg
+        .targets
+        .iter()
+        .map(|t| format!("{:#x}", t.mark))
+        .collect();
+    Probe {
+        verdict: Verdict::Fail,
+        name,
+        detail: format!(
+            "a reverse-path filter drops the packets looped to the listeners: {}",
+            found.join("; ")
+        ),
+        fix: Some(format!(
+            "accept the marks before the check. NixOS: services.cgtproxy.reversePathExemption = true (the default), or networking.firewall.extraReversePathFilterRules = \"meta mark {{ {m} }} accept\"; firewalld: IPv6_rpfilter=loose in /etc/firewalld/firewalld.conf; your own ruleset: `meta mark {{ {m} }} accept` before the fib rule; iptables: `-m rpfilter --validmark`",
+            m = marks.join(", ")
+        )),
+    }
+}
+
 /// Runs every probe; returns the report and whether nothing failed.
 pub fn doctor(cfg: &Config) -> (String, bool) {
-    let mut probes = vec![probe_kernel(cfg)];
+    let (kernel, flags) = probe_kernel(cfg);
+    let mut probes = vec![kernel];
     let (cg, watches) = probe_cgroups(cfg);
     probes.push(cg);
     probes.extend(watches);
     probes.push(probe_rp_filter());
+    if !cfg.targets.is_empty() {
+        probes.push(probe_rule_order(cfg));
+        probes.push(probe_rpfilter(cfg));
+    }
     probes.extend(probe_listeners(cfg));
     probes.extend(probe_exposure(cfg));
-    probes.push(probe_flush());
+    probes.push(probe_flush(flags));
     let mut o = String::new();
     for p in &probes {
         let v = match p.verdict {

@@ -9,7 +9,7 @@ use netlink_sys::{Socket, constants};
 use nix::sys::socket::{setsockopt, sockopt};
 
 use crate::nlmsg::{self, c_str};
-use crate::route::{RTM_DELROUTE, RTM_DELRULE, RtMsg, route_table, rule_table};
+use crate::route::{RTM_DELROUTE, RTM_DELRULE, RTM_NEWRULE, RtMsg, route_table, rule_table};
 
 /// `NFNLGRP_NFTABLES`.
 const NFNLGRP_NFTABLES: u32 = 7;
@@ -47,6 +47,9 @@ pub struct Damage {
     pub table: bool,
     /// One of our ip rules or routes was removed.
     pub routing: bool,
+    /// An ip rule was added or removed (anyone's): where ours must sit may
+    /// have changed (see `precedence`).
+    pub rules_changed: bool,
     /// Notifications were lost: our state is unknown.
     pub lost: bool,
     /// The process that committed a foreign nftables change, if the kernel said.
@@ -139,6 +142,9 @@ pub fn judge_nft(datagram: &[u8], table: &str, own_port: u32, damage: &mut Damag
 /// `marks`, or a removed route in table `table`.
 pub fn judge_route(datagram: &[u8], table: u32, marks: &[u32], damage: &mut Damage) {
     for m in nlmsg::messages(datagram) {
+        if m.ty == RTM_NEWRULE || m.ty == RTM_DELRULE {
+            damage.rules_changed = true;
+        }
         match (m.ty, RtMsg::parse(m.ty, m.payload())) {
             (RTM_DELRULE, Some(RtMsg::Rule(r))) => {
                 let mark = r.attributes.iter().find_map(|a| match a {
@@ -266,7 +272,7 @@ mod tests {
 
     #[test]
     fn removed_rules_and_routes_of_ours_are_damage() {
-        use crate::route::{RTM_NEWRULE, encode};
+        use crate::route::encode;
         use netlink_packet_route::route::{RouteAttribute, RouteMessage};
         use netlink_packet_route::rule::RuleMessage;
         let mut r = RuleMessage::default();
@@ -278,6 +284,7 @@ mod tests {
         judge_route(&encode(RTM_DELRULE, 0, 0, &r), 300, &[3001], &mut dmg);
         judge_route(&encode(RTM_NEWRULE, 0, 0, &r), 300, &[3000], &mut dmg);
         assert!(!dmg.any());
+        assert!(dmg.rules_changed, "any rule change re-checks our placement");
         let mut route = RouteMessage::default();
         route.attributes = vec![RouteAttribute::Table(301)];
         judge_route(&encode(RTM_DELROUTE, 0, 0, &route), 300, &[], &mut dmg);

@@ -29,9 +29,19 @@ pub enum InspectError {
     Kernel { step: String, errno: nix::Error },
 }
 
+/// A table's flags and owner, as the kernel reports them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TableState {
+    /// `NFT_TABLE_F_*` bits (owner 2, persist 4).
+    pub flags: u32,
+    /// The netlink port id of the owning socket, when the table is owned.
+    pub owner: Option<u32>,
+}
+
 /// Our table as installed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Installed {
+    pub state: TableState,
     /// Level → (cgroup id → class, see `plan::class`).
     pub maps: BTreeMap<u32, BTreeMap<u64, u32>>,
     /// Named counter (one per target, named after it) → (packets, bytes).
@@ -143,21 +153,48 @@ impl Dumper {
     }
 }
 
+fn be32(b: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(b.get(..4)?.try_into().ok()?))
+}
+
+/// Parses one NFT_MSG_NEWTABLE payload (nfgenmsg included): the state of table
+/// `name` of family inet, or `None` for another table.
+fn parse_table(p: &[u8], name: &str) -> Option<TableState> {
+    if p.first() != Some(&(libc::NFPROTO_INET as u8)) {
+        return None;
+    }
+    let a = p.get(4..)?;
+    // NFTA_TABLE_NAME = 1, NFTA_TABLE_FLAGS = 2, NFTA_TABLE_OWNER = 7.
+    if attr(a, 1).map(string).as_deref() != Some(name) {
+        return None;
+    }
+    Some(TableState {
+        flags: attr(a, 2).and_then(be32).unwrap_or(0),
+        owner: attr(a, 7).and_then(be32),
+    })
+}
+
+fn find_table(d: &mut Dumper, table: &str) -> Result<Option<TableState>, InspectError> {
+    let mut found = None;
+    d.dump(NFT_MSG_GETTABLE, &[], "listing tables", |p| {
+        if let Some(t) = parse_table(p, table) {
+            found = Some(t);
+        }
+    })?;
+    Ok(found)
+}
+
+/// The flags and owner of table `table` (inet); `None` when it does not exist.
+pub fn table_state(table: &str) -> Result<Option<TableState>, InspectError> {
+    find_table(&mut Dumper::open()?, table)
+}
+
 /// Reads table `table` (inet) from the kernel; `None` when it does not exist.
 pub fn read(table: &str) -> Result<Option<Installed>, InspectError> {
     let mut d = Dumper::open()?;
-    let mut exists = false;
-    d.dump(NFT_MSG_GETTABLE, &[], "listing tables", |p| {
-        // NFTA_TABLE_NAME = 1.
-        if p.first() == Some(&(libc::NFPROTO_INET as u8))
-            && attr(&p[4.min(p.len())..], 1).map(string).as_deref() == Some(table)
-        {
-            exists = true;
-        }
-    })?;
-    if !exists {
+    let Some(state) = find_table(&mut d, table)? else {
         return Ok(None);
-    }
+    };
     let mut maps = Vec::new();
     d.dump(NFT_MSG_GETSET, &[(1, table)], "listing sets", |p| {
         // NFTA_SET_NAME = 2.
@@ -167,7 +204,10 @@ pub fn read(table: &str) -> Result<Option<Installed>, InspectError> {
             maps.push((level, name));
         }
     })?;
-    let mut installed = Installed::default();
+    let mut installed = Installed {
+        state,
+        ..Installed::default()
+    };
     for (level, name) in maps {
         let mut elems = BTreeMap::new();
         d.dump(
@@ -212,6 +252,24 @@ mod tests {
         let mut out = BTreeMap::new();
         parse_elems(&nla(3, &list), &mut out);
         assert_eq!(out, [(11, 3), (12, 2)].into());
+    }
+
+    #[test]
+    fn table_flags_and_owner_are_parsed() {
+        let mut p = vec![libc::NFPROTO_INET as u8, 0, 0, 0];
+        p.extend(nla(1, b"cgtproxy\0"));
+        p.extend(nla(2, &6u32.to_be_bytes()));
+        p.extend(nla(7, &4242u32.to_be_bytes()));
+        assert_eq!(
+            parse_table(&p, "cgtproxy"),
+            Some(TableState {
+                flags: 6,
+                owner: Some(4242)
+            })
+        );
+        assert_eq!(parse_table(&p, "other"), None);
+        p[0] = libc::NFPROTO_IPV4 as u8;
+        assert_eq!(parse_table(&p, "cgtproxy"), None, "not inet");
     }
 
     #[test]

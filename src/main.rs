@@ -12,8 +12,11 @@ mod nft;
 mod nlmsg;
 mod notify;
 mod plan;
+mod precedence;
 mod render;
 mod route;
+mod rpfilter;
+mod runstate;
 mod sockdiag;
 mod status;
 mod watch;
@@ -217,7 +220,9 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("cgtproxy: {e:#}");
+            // Every message already ends with its cause; `{e:#}` would print the
+            // cause's chain a second time.
+            eprintln!("cgtproxy: {e}");
             ExitCode::FAILURE
         }
     }

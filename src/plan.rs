@@ -302,6 +302,12 @@ pub enum Stmt {
     Mark(u32),
     /// `meta mark != 0`
     Marked,
+    /// `oif != "lo"` (the loopback interface is index 1 in every namespace)
+    OifNotLoopback,
+    /// `ct mark N`
+    CtMark(u32),
+    /// `ct mark set meta mark`
+    SaveCtMark,
     /// `meta mark set N`
     SetMark(u32),
     /// `meta mark set socket cgroupv2 level L map @map meta mark vmap @classes`:
@@ -331,6 +337,8 @@ pub enum Hook {
     PreroutingFilter,
     /// `type nat hook output priority -100`
     OutputNat,
+    /// `type filter hook postrouting priority mangle`
+    PostroutingFilter,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -487,13 +495,41 @@ pub fn output_chain(stub: bool) -> ChainSpec {
     }
 }
 
+/// Name of the chain that keeps marked packets from leaving.
+pub const GUARD: &str = "guard";
+
+/// The fail-closed guard: a packet carrying a target's mark must leave through
+/// `lo`, looped back to the listener. If anything else routes it — a VPN's or
+/// mesh network's ip rule evaluated before ours, our route deleted — it is
+/// dropped here instead of reaching its destination directly.
+pub fn guard_chain(cfg: &Config) -> ChainSpec {
+    ChainSpec {
+        name: GUARD.into(),
+        hook: Some(Hook::PostroutingFilter),
+        rules: cfg
+            .targets
+            .iter()
+            .map(|t| {
+                vec![
+                    Stmt::Mark(t.mark),
+                    Stmt::OifNotLoopback,
+                    Stmt::Counter,
+                    Stmt::Verdict(Verdict::Drop),
+                ]
+            })
+            .collect(),
+    }
+}
+
 /// Name of the chain holding the per-level map lookups.
 pub const CLASSIFY: &str = "classify";
 
 /// One class lookup per level, deepest first, so the nearest classified ancestor
-/// decides.
-pub fn classify_chain(levels: &BTreeSet<u32>) -> ChainSpec {
-    let rules = levels
+/// decides. A packet that none decides, because the kernel sends it without a
+/// full socket (a TIME_WAIT ack, a reset), keeps its connection's target: else
+/// it would leave by the ordinary route, to the destination or into a VPN.
+pub fn classify_chain(cfg: &Config, levels: &BTreeSet<u32>) -> ChainSpec {
+    let mut rules: Vec<Vec<Stmt>> = levels
         .iter()
         .rev()
         .map(|&level| {
@@ -503,6 +539,11 @@ pub fn classify_chain(levels: &BTreeSet<u32>) -> ChainSpec {
             }]
         })
         .collect();
+    rules.extend(
+        cfg.targets
+            .iter()
+            .map(|t| vec![Stmt::CtMark(t.mark), Stmt::SetMark(t.mark)]),
+    );
     ChainSpec {
         name: CLASSIFY.into(),
         hook: None,
@@ -642,8 +683,12 @@ pub fn table(cfg: &Config, levels: &BTreeSet<u32>, elements: &Elements) -> Table
         }
         // The named counter is what `cgtproxy status` (and `nft list counters`)
         // reports per target: connections and packets sent to its listener.
+        // The connection remembers the mark: packets the kernel sends for it
+        // without a full socket (TCP's TIME_WAIT acks and resets) carry no
+        // cgroup, and the classify chain restores their mark from it.
         rules.push(vec![
             Stmt::SetMark(t.mark),
+            Stmt::SaveCtMark,
             Stmt::NamedCounter(t.name.clone()),
         ]);
         chains.push(ChainSpec {
@@ -676,8 +721,11 @@ pub fn table(cfg: &Config, levels: &BTreeSet<u32>, elements: &Elements) -> Table
             }
         }
     }
-    chains.push(classify_chain(levels));
+    chains.push(classify_chain(cfg, levels));
     chains.push(output_chain(stub));
+    if !cfg.targets.is_empty() {
+        chains.push(guard_chain(cfg));
+    }
     if !prerouting.is_empty() {
         chains.push(ChainSpec {
             name: "prerouting".into(),
@@ -857,8 +905,13 @@ mod tests {
     }
 
     #[test]
-    fn levels_are_ordered_deepest_first() {
-        let chain = classify_chain(&[2, 5, 3].into());
+    fn levels_are_ordered_deepest_first_then_the_connection_mark() {
+        let chain = classify_chain(&cfg(), &[2, 5, 3].into());
+        assert_eq!(
+            chain.rules.last(),
+            Some(&vec![Stmt::CtMark(3000), Stmt::SetMark(3000)]),
+            "packets without a full socket keep their connection's target"
+        );
         let levels: Vec<u32> = chain
             .rules
             .iter()
@@ -892,7 +945,11 @@ mod tests {
                     Stmt::SetMark(0),
                     Stmt::Verdict(Verdict::Return)
                 ],
-                vec![Stmt::SetMark(9), Stmt::NamedCounter("p".into())],
+                vec![
+                    Stmt::SetMark(9),
+                    Stmt::SaveCtMark,
+                    Stmt::NamedCounter("p".into())
+                ],
             ]
         );
         let pre = t.chains.iter().find(|ch| ch.name == "prerouting").unwrap();

@@ -37,6 +37,9 @@ fn stmt(s: &Stmt) -> String {
         Stmt::Dport(p) => format!("th dport {p}"),
         Stmt::Mark(m) => format!("meta mark {m:#x}"),
         Stmt::Marked => "meta mark != 0x0".into(),
+        Stmt::OifNotLoopback => "oif != \"lo\"".into(),
+        Stmt::CtMark(m) => format!("ct mark {m:#x}"),
+        Stmt::SaveCtMark => "ct mark set meta mark".into(),
         Stmt::SetMark(m) => format!("meta mark set {m:#x}"),
         Stmt::CgroupClass { level, map } => format!(
             "meta mark set socket cgroupv2 level {level} map @{map} meta mark vmap @{}",
@@ -128,6 +131,12 @@ pub fn render(t: &TableSpec, paths: &HashMap<u64, String>) -> String {
             }
             Some(Hook::OutputNat) => {
                 let _ = writeln!(o, "\t\ttype nat hook output priority -100; policy accept;");
+            }
+            Some(Hook::PostroutingFilter) => {
+                let _ = writeln!(
+                    o,
+                    "\t\ttype filter hook postrouting priority mangle; policy accept;"
+                );
             }
             None => {}
         }

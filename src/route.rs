@@ -13,6 +13,8 @@ use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_sys::constants::NETLINK_ROUTE;
 
 use crate::nlmsg;
+pub use crate::precedence::rule_table;
+use crate::precedence::{is_ours, rule_priority};
 
 // rtnetlink message types (linux/rtnetlink.h). Rules and routes are parsed and
 // emitted one kind at a time, not through the crate's all-families message enum,
@@ -95,6 +97,8 @@ impl Fam {
 pub struct Plan {
     pub table: u32,
     pub marks: Vec<u32>,
+    /// The priority of the fwmark rules (see [`crate::precedence::placement`]).
+    pub priority: u32,
 }
 
 /// An rtnetlink socket.
@@ -102,12 +106,16 @@ pub struct Routes {
     chan: nlmsg::Channel,
 }
 
-fn rule_msg(fam: Fam, mark: u32, table: u32) -> RuleMessage {
+/// `fwmark mark lookup table`, at `priority` (0: any, for deletion).
+fn rule_msg(fam: Fam, mark: u32, table: u32, priority: u32) -> RuleMessage {
     let mut m = RuleMessage::default();
     m.header.family = fam.af();
     m.header.action = RuleAction::ToTable;
     m.header.table = u8::try_from(table).unwrap_or(0);
     m.attributes = vec![RuleAttribute::FwMark(mark), RuleAttribute::Table(table)];
+    if priority != 0 {
+        m.attributes.push(RuleAttribute::Priority(priority));
+    }
     m
 }
 
@@ -142,49 +150,6 @@ pub fn route_table(r: &RouteMessage) -> u32 {
             _ => None,
         })
         .unwrap_or(u32::from(r.header.table))
-}
-
-/// The table a rule looks up: the attribute, or the header for small tables.
-pub fn rule_table(r: &RuleMessage) -> u32 {
-    r.attributes
-        .iter()
-        .find_map(|a| match a {
-            RuleAttribute::Table(t) => Some(*t),
-            _ => None,
-        })
-        .unwrap_or(u32::from(r.header.table))
-}
-
-/// Whether a dumped rule is exactly `fwmark mark lookup table` with no other selector.
-fn is_our_rule(r: &RuleMessage, mark: u32, table: u32) -> bool {
-    if r.header.action != RuleAction::ToTable || r.header.dst_len != 0 || r.header.src_len != 0 {
-        return false;
-    }
-    let mut has_mark = false;
-    for a in &r.attributes {
-        match a {
-            RuleAttribute::FwMark(m) if *m == mark => has_mark = true,
-            RuleAttribute::FwMask(0xffff_ffff) => {}
-            RuleAttribute::Table(_) => {}
-            // Any other selector makes it somebody else's rule; the kernel also
-            // reports non-selecting attributes (priority, protocol, suppressors).
-            RuleAttribute::Destination(_)
-            | RuleAttribute::Source(_)
-            | RuleAttribute::Iifname(_)
-            | RuleAttribute::Oifname(_)
-            | RuleAttribute::FwMark(_)
-            | RuleAttribute::FwMask(_)
-            | RuleAttribute::Goto(_)
-            | RuleAttribute::TunId(_)
-            | RuleAttribute::L3MDev(true)
-            | RuleAttribute::UidRange(_)
-            | RuleAttribute::IpProtocol(_)
-            | RuleAttribute::SourcePortRange(_)
-            | RuleAttribute::DestinationPortRange(_) => return false,
-            _ => {}
-        }
-    }
-    has_mark && rule_table(r) == table
 }
 
 impl Routes {
@@ -232,16 +197,31 @@ impl Routes {
         }
     }
 
-    /// Whether the rule `fwmark mark lookup table` of family `fam` is installed.
-    pub fn rule_exists(&mut self, fam: Fam, mark: u32, table: u32) -> Result<bool, RouteError> {
+    /// The ip rules of family `fam`, in the kernel's evaluation order.
+    pub fn rules(&mut self, fam: Fam) -> Result<Vec<RuleMessage>, RouteError> {
         let mut q = RuleMessage::default();
         q.header.family = fam.af();
         let (rules, errno) = self.request(RTM_GETRULE, &q, NLM_F_DUMP, "listing ip rules")?;
         Self::check("listing ip rules".into(), errno, &[])?;
-        Ok(rules.iter().any(|m| match m {
-            RtMsg::Rule(r) => is_our_rule(r, mark, table),
-            RtMsg::Route(_) => false,
-        }))
+        Ok(rules
+            .into_iter()
+            .filter_map(|m| match m {
+                RtMsg::Rule(r) => Some(r),
+                RtMsg::Route(_) => None,
+            })
+            .collect())
+    }
+
+    /// The ip rules of both families, each in the kernel's evaluation order.
+    pub fn all_rules(&mut self) -> Result<Vec<RuleMessage>, RouteError> {
+        let mut all = self.rules(Fam::V4)?;
+        all.extend(self.rules(Fam::V6)?);
+        Ok(all)
+    }
+
+    /// Whether the rule `fwmark mark lookup table` of family `fam` is installed.
+    pub fn rule_exists(&mut self, fam: Fam, mark: u32, table: u32) -> Result<bool, RouteError> {
+        Ok(self.rules(fam)?.iter().any(|r| is_ours(r, mark, table)))
     }
 
     /// Whether `local default dev lo` is in table `table` for family `fam`.
@@ -280,22 +260,48 @@ impl Routes {
                 &step,
             )?;
             Self::check(step, errno, &[])?;
+            let existing = self.rules(fam)?;
             for &mark in &plan.marks {
-                if self.rule_exists(fam, mark, plan.table)? {
-                    continue;
+                let mine = |r: &&RuleMessage| is_ours(r, mark, plan.table);
+                if !existing
+                    .iter()
+                    .filter(mine)
+                    .any(|r| rule_priority(r) == plan.priority)
+                {
+                    let step = format!(
+                        "{} rule add fwmark {mark:#x} lookup {} priority {}",
+                        fam.name(),
+                        plan.table,
+                        plan.priority
+                    );
+                    let (_, errno) = self.request(
+                        RTM_NEWRULE,
+                        &rule_msg(fam, mark, plan.table, plan.priority),
+                        NLM_F_ACK | NLM_F_CREATE,
+                        &step,
+                    )?;
+                    Self::check(step, errno, &[libc::EEXIST])?;
                 }
-                let step = format!(
-                    "{} rule add fwmark {mark:#x} lookup {}",
-                    fam.name(),
-                    plan.table
-                );
-                let (_, errno) = self.request(
-                    RTM_NEWRULE,
-                    &rule_msg(fam, mark, plan.table),
-                    NLM_F_ACK | NLM_F_CREATE,
-                    &step,
-                )?;
-                Self::check(step, errno, &[libc::EEXIST])?;
+                // Only once the new rule stands: the old ones at other priorities
+                // (a moved placement, an earlier instance) go.
+                for old in existing.iter().filter(mine) {
+                    let p = rule_priority(old);
+                    if p == plan.priority {
+                        continue;
+                    }
+                    let step = format!(
+                        "{} rule del fwmark {mark:#x} lookup {} priority {p}",
+                        fam.name(),
+                        plan.table
+                    );
+                    let (_, errno) = self.request(
+                        RTM_DELRULE,
+                        &rule_msg(fam, mark, plan.table, p),
+                        NLM_F_ACK,
+                        &step,
+                    )?;
+                    Self::check(step, errno, &[libc::ENOENT])?;
+                }
             }
         }
         Ok(())
@@ -314,7 +320,7 @@ impl Routes {
                     );
                     let (_, errno) = self.request(
                         RTM_DELRULE,
-                        &rule_msg(fam, mark, plan.table),
+                        &rule_msg(fam, mark, plan.table, 0),
                         NLM_F_ACK,
                         &step,
                     )?;
@@ -362,6 +368,7 @@ impl Routes {
                 .filter(|m| !new.marks.contains(m))
                 .copied()
                 .collect(),
+            priority: old.priority,
         };
         self.remove_rules(&gone)
     }
@@ -373,18 +380,19 @@ mod tests {
 
     #[test]
     fn only_a_plain_fwmark_rule_counts_as_ours() {
-        let ours = rule_msg(Fam::V4, 3000, 300);
-        assert!(is_our_rule(&ours, 3000, 300));
-        assert!(!is_our_rule(&ours, 3001, 300));
-        assert!(!is_our_rule(&ours, 3000, 301));
-        let mut other = rule_msg(Fam::V4, 3000, 300);
+        let ours = rule_msg(Fam::V4, 3000, 300, 100);
+        assert!(is_ours(&ours, 3000, 300));
+        assert_eq!(rule_priority(&ours), 100);
+        assert!(!is_ours(&ours, 3001, 300));
+        assert!(!is_ours(&ours, 3000, 301));
+        let mut other = rule_msg(Fam::V4, 3000, 300, 100);
         other.attributes.push(RuleAttribute::Iifname("eth0".into()));
-        assert!(!is_our_rule(&other, 3000, 300));
-        let mut small = rule_msg(Fam::V4, 7, 100);
+        assert!(!is_ours(&other, 3000, 300));
+        let mut small = rule_msg(Fam::V4, 7, 100, 0);
         small
             .attributes
             .retain(|a| !matches!(a, RuleAttribute::Table(_)));
-        assert!(is_our_rule(&small, 7, 100), "table in the header only");
+        assert!(is_ours(&small, 7, 100), "table in the header only");
     }
 
     #[test]

@@ -10,7 +10,9 @@ use crate::cgroup::{self, Cgroup, Hierarchy};
 use crate::config::{Action, Config};
 use crate::inspect::{self, Installed};
 use crate::plan::{self, Tree};
+use crate::precedence;
 use crate::route::{Fam, Routes};
+use crate::runstate;
 
 /// Exit status when the kernel state differs from the configuration.
 pub const EXIT_DRIFT: u8 = 3;
@@ -53,6 +55,21 @@ fn class_name(cfg: &Config, class: u32) -> String {
     }
 }
 
+/// A table's flags by name (`owner`, `persist`), `none` without any.
+fn flag_names(flags: u32) -> Vec<&'static str> {
+    use crate::nft::{TABLE_F_OWNER, TABLE_F_PERSIST};
+    let names: Vec<&str> = [(TABLE_F_OWNER, "owner"), (TABLE_F_PERSIST, "persist")]
+        .into_iter()
+        .filter(|(bit, _)| flags & bit != 0)
+        .map(|(_, n)| n)
+        .collect();
+    if names.is_empty() {
+        vec!["none"]
+    } else {
+        names
+    }
+}
+
 /// The status report; returns the text (or JSON) and whether all is as configured.
 pub fn status(cfg: &Config, as_json: bool) -> Result<(String, bool), StatusError> {
     let installed = inspect::read(&cfg.table)?;
@@ -61,6 +78,9 @@ pub fn status(cfg: &Config, as_json: bool) -> Result<(String, bool), StatusError
     let want = tree.elements();
 
     let mut routes = Routes::open()?;
+    let marks: Vec<u32> = cfg.targets.iter().map(|t| t.mark).collect();
+    let preceding = precedence::preceding(&routes.all_rules()?, &marks, cfg.route_table);
+    let degraded = runstate::degraded();
     let mut routing = Vec::new();
     for fam in [Fam::V4, Fam::V6] {
         for t in &cfg.targets {
@@ -95,8 +115,9 @@ pub fn status(cfg: &Config, as_json: bool) -> Result<(String, bool), StatusError
             .filter(|id| !want.contains_key(&(*level, **id)))
             .count();
     }
-    let routing_ok = routing.iter().all(|r| r.2);
-    let ok = installed.is_some() && routing_ok && missing + wrong + extra == 0;
+    let routing_ok = routing.iter().all(|r| r.2) && preceding.is_empty();
+    let ok =
+        installed.is_some() && routing_ok && missing + wrong + extra == 0 && degraded.is_none();
 
     let (direct, drop, per) = tree.counts(cfg.targets.len());
     let counters = |name: &str| inst.counters.get(name).copied().unwrap_or((0, 0));
@@ -131,6 +152,9 @@ pub fn status(cfg: &Config, as_json: bool) -> Result<(String, bool), StatusError
             "cgroups": tree.len(), "direct": direct, "drop": drop, "targets": targets,
             "elements": inst.maps.values().map(BTreeMap::len).sum::<usize>(),
             "routing": routing,
+            "preceding_rules": preceding,
+            "degraded": degraded,
+            "table_flags": installed.as_ref().map(|i| flag_names(i.state.flags)),
             "drift": {"missing": missing, "wrong": wrong, "extra": extra},
             "elements_by_class": by_class,
         });
@@ -145,10 +169,11 @@ pub fn status(cfg: &Config, as_json: bool) -> Result<(String, bool), StatusError
             let n: usize = i.maps.values().map(BTreeMap::len).sum();
             let _ = writeln!(
                 o,
-                "table inet {}: installed, {} map elements in {} level maps",
+                "table inet {}: installed, {} map elements in {} level maps; flags: {}",
                 cfg.table,
                 n,
-                i.maps.len()
+                i.maps.len(),
+                flag_names(i.state.flags).join(", ")
             );
         }
     }
@@ -176,6 +201,15 @@ pub fn status(cfg: &Config, as_json: bool) -> Result<(String, bool), StatusError
             "{what}: {}",
             if *present { "present" } else { "MISSING" }
         );
+    }
+    for rule in &preceding {
+        let _ = writeln!(
+            o,
+            "ip rule {rule}: takes marked packets before ours (they are dropped, not proxied): remove it, or set rule-priority below it"
+        );
+    }
+    if let Some(d) = &degraded {
+        let _ = writeln!(o, "daemon DEGRADED: {d}");
     }
     if missing + wrong + extra == 0 {
         let _ = writeln!(o, "drift: none");

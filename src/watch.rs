@@ -14,10 +14,6 @@ use crate::cgroup::{Cgroup, Hierarchy, child_path, walk_with};
 pub enum WatchError {
     #[error("inotify_init: {0}")]
     Init(std::io::Error),
-    #[error(
-        "cannot watch {path}: the inotify watch limit is reached; raise fs.inotify.max_user_watches"
-    )]
-    Limit { path: String },
     #[error("cannot watch {path}: {source}")]
     Watch {
         path: String,
@@ -48,14 +44,25 @@ pub struct Watcher {
     buf: Vec<u8>,
     /// New directories reported by `read` but not yet watched and listed.
     pending: Vec<Cgroup>,
+    /// Directories found but not watched because the inotify watch limit was
+    /// reached: their cgroups are known, but what appears below them is not seen
+    /// until a later [`Watcher::scan`] succeeds. The first one's path, and how many.
+    unwatched: Option<(String, usize)>,
     /// Test-only (`CGTPROXY_TEST_INOTIFY_QUEUE`): treat a burst of more events
     /// than this as a queue overflow, since the kernel's queue size is a global
     /// sysctl that a test must not change.
     test_queue: Option<usize>,
+    /// Test-only (`CGTPROXY_TEST_WATCHES_FULL_BELOW`): refuse watches of the
+    /// directories below this cgroup path with `ENOSPC`, as the kernel does at
+    /// `fs.inotify.max_user_watches`, a host-wide limit that a test must not
+    /// change (and that other programs' watches would make unpredictable).
+    test_full_below: Option<String>,
 }
 
 /// Environment variable of the test-only overflow knob.
 pub const TEST_QUEUE_ENV: &str = "CGTPROXY_TEST_INOTIFY_QUEUE";
+/// Environment variable of the test-only watch-limit knob.
+pub const TEST_FULL_BELOW_ENV: &str = "CGTPROXY_TEST_WATCHES_FULL_BELOW";
 
 const MASK: WatchMask = WatchMask::CREATE
     .union(WatchMask::DELETE)
@@ -73,10 +80,20 @@ impl Watcher {
             // read() drains the queue in a loop, so a few hundred events a read do.
             buf: vec![0; 16 * 1024],
             pending: Vec::new(),
+            unwatched: None,
             test_queue: std::env::var(TEST_QUEUE_ENV)
                 .ok()
                 .and_then(|v| v.parse().ok()),
+            test_full_below: std::env::var(TEST_FULL_BELOW_ENV)
+                .ok()
+                .map(|p| format!("{}/", p.trim_end_matches('/'))),
         })
+    }
+
+    /// Directories not watched because the watch limit was reached: the first
+    /// one's path and how many, or `None` when the whole tree is watched.
+    pub fn unwatched(&self) -> Option<(&str, usize)> {
+        self.unwatched.as_ref().map(|(p, n)| (p.as_str(), *n))
     }
 
     pub fn hierarchy(&self) -> &Hierarchy {
@@ -88,9 +105,12 @@ impl Watcher {
         self.inotify.as_fd()
     }
 
-    /// Watches and lists the whole tree.
+    /// Watches and lists the whole tree. Directories already watched keep their
+    /// watch (inotify returns the same descriptor), so a rescan costs no extra
+    /// watches.
     pub fn scan(&mut self) -> Result<Vec<Cgroup>, WatchError> {
         self.dirs.clear();
+        self.unwatched = None;
         match self.hier.describe(self.hier.root_path()) {
             Some(root) => self.walk(root),
             None => Ok(Vec::new()),
@@ -98,21 +118,32 @@ impl Watcher {
     }
 
     /// Watches cgroup `top` and everything below it, returning the cgroups found.
-    /// Directories that vanish on the way are skipped.
+    /// Directories that vanish on the way are skipped; directories beyond the
+    /// watch limit are still listed (their cgroups are classified), and counted
+    /// in [`Watcher::unwatched`].
     fn walk(&mut self, top: Cgroup) -> Result<Vec<Cgroup>, WatchError> {
         let (hier, inotify, dirs) = (&self.hier, &mut self.inotify, &mut self.dirs);
+        let (unwatched, full) = (&mut self.unwatched, self.test_full_below.as_deref());
         walk_with(hier, top, |cg| {
             let Some(path) = hier.dir(&cg.path) else {
                 return Ok(false);
             };
-            match inotify.watches().add(&path, MASK) {
+            let added = match full {
+                Some(below) if cg.path.starts_with(below) => {
+                    Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+                }
+                _ => inotify.watches().add(&path, MASK),
+            };
+            match added {
                 Ok(wd) => {
                     dirs.insert(wd.get_watch_descriptor_id(), cg.path.clone());
                     Ok(true)
                 }
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => Err(WatchError::Limit {
-                    path: path.display().to_string(),
-                }),
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                    let (_, n) = unwatched.get_or_insert_with(|| (cg.path.to_string(), 0));
+                    *n += 1;
+                    Ok(true)
+                }
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
                     Ok(false)
                 }

@@ -374,9 +374,19 @@ fn a_killed_instance_never_blocks_the_next_start() {
         let cfg = lab.write_config("c.json", &proxy_target(), &rules(&lab));
         lab.start_daemon(&cfg);
         lab.take_daemon().kill();
-        // The stale table and rules are still there, and still route.
+        // The table (flagged persist) and the rules outlive the crash and still
+        // decide: proxied stays proxied, dropped stays dropped, nothing opens.
         assert!(sh_any("nft list tables").contains("cgtproxy"));
+        assert!(proxied(&lab.talk("proxy", "tcp", PEER4, PEER_PORT), PEER4));
+        assert!(proxied(&lab.talk("proxy", "udp", PEER6, PEER_PORT), PEER6));
+        assert!(failed(&lab.talk("drop", "tcp", PEER4, PEER_PORT)));
+        // The orphan belongs to nobody now: an admin could delete it by hand.
+        assert!(!sh_any("nft list table inet cgtproxy").contains("flags owner"));
         lab.start_daemon(&cfg);
+        assert!(
+            sh_any("nft list table inet cgtproxy").contains("flags owner"),
+            "the new instance adopted the table"
+        );
         assert!(proxied(&lab.talk("proxy", "tcp", PEER4, PEER_PORT), PEER4));
         assert!(failed(&lab.talk("drop", "tcp", PEER4, PEER_PORT)));
         let rules = sh_any("ip rule");
@@ -457,6 +467,9 @@ fn v2ray_as_the_tproxy_listener() {
 fn repairs_what_others_remove() {
     in_namespaces("repairs_what_others_remove", || {
         let mut lab = Lab::new("heal");
+        // As on kernels without table flags (before 5.12), where anyone may
+        // flush or delete the table; tests/coexistence.rs covers the flags.
+        lab.daemon_env = vec![("CGTPROXY_TEST_NO_TABLE_FLAGS".into(), "1".into())];
         lab.start_listener("listener", PROXY_PORT, "proxy");
         lab.mkcg("proxy");
         let cfg = lab.write_config("c.json", &proxy_target(), &rules(&lab));

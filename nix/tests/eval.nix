@@ -1,8 +1,5 @@
-# Module-evaluation tests for nix/nixos-module.nix and nix/hm-module.nix.
-#
-# Needs only nixpkgs' lib: the few NixOS / home-manager options the modules touch
-# are declared here as stand-ins, and `pkgs` is a stub whose builders return
-# inspectable attribute sets instead of derivations.
+# Module-evaluation tests for nix/nixos-module.nix, with nixpkgs' lib and the
+# stand-ins of stand-ins.nix (home-manager's module: eval-hm.nix).
 #
 #   nix-instantiate --eval --strict --json nix/tests/eval.nix --arg lib 'import <nixpkgs/lib>'
 #
@@ -10,183 +7,48 @@
 { lib }:
 
 let
-  inherit (lib) mkOption types;
+  standIns = import ./stand-ins.nix { inherit lib; };
+  inherit (standIns)
+    storeDir
+    fakeDrv
+    nixosModules
+    evalNixos
+    ;
+  exe = "${standIns.cgtproxy}/bin/cgtproxy";
+  # What ExecStart= holds with the stand-in for nixpkgs' utils.escapeSystemdExecArgs.
+  execArgs = args: { escapedExecArgs = args; };
 
-  storeDir = "/nix/store";
-  fakeDrv =
-    name: extra:
-    {
-      type = "derivation";
-      inherit name;
-      outPath = "${storeDir}/00000000000000000000000000000000-${name}";
-      meta = { };
-    }
-    // extra;
+  inherit (import ./helpers.nix { inherit lib; })
+    failedAssertions
+    refusedWith
+    throws
+    searches
+    report
+    ;
 
-  jsonValue =
+  # The flake's NixOS module, as a user's flake gets it, with PKGS.
+  flakeModuleWith =
+    pkgs:
     let
-      valueType =
-        types.nullOr (
-          types.oneOf [
-            types.bool
-            types.int
-            types.float
-            types.str
-            types.path
-            (types.attrsOf valueType)
-            (types.listOf valueType)
-          ]
-        )
-        // {
-          description = "JSON value";
-        };
+      outputs = (import ../../flake.nix).outputs {
+        self = outputs;
+        nixpkgs = { inherit lib; };
+        home-manager = { };
+      };
     in
-    valueType;
-
-  pkgs = {
-    formats.json =
-      { }:
-      {
-        type = jsonValue;
-        generate = name: value: fakeDrv name { inherit value; };
-      };
-    writeText = name: text: fakeDrv name { inherit text; };
-    writeShellScriptBin =
-      name: text:
-      fakeDrv name {
-        inherit text;
-        meta.mainProgram = name;
-      };
-    runCommand = name: env: script: fakeDrv name { inherit env script; };
-    callPackage = _: _: throw "eval tests must set the package explicitly";
-    stdenv = {
-      buildPlatform.canExecute = _: true;
-      hostPlatform = { };
-    };
-  };
-
-  cgtproxyPkg = fakeDrv "cgtproxy-0.1.0" { meta.mainProgram = "cgtproxy"; };
-  exe = "${cgtproxyPkg}/bin/cgtproxy";
-
-  freeformAttrs = types.attrsOf (types.submodule { freeformType = types.attrsOf types.anything; });
-
-  common = {
-    options = {
-      assertions = mkOption {
-        type = types.listOf types.unspecified;
-        default = [ ];
-      };
-      warnings = mkOption {
-        type = types.listOf types.str;
-        default = [ ];
-      };
-    };
-    config._module.args.pkgs = pkgs;
-  };
-
-  nixosStubs = {
-    options = {
-      environment.etc = mkOption {
-        type = freeformAttrs;
-        default = { };
-      };
-      environment.systemPackages = mkOption {
-        type = types.listOf types.package;
-        default = [ ];
-      };
-      networking.nftables.enable = mkOption {
-        type = types.bool;
-        default = false;
-      };
-      networking.nftables.flushRuleset = mkOption {
-        type = types.bool;
-        default = true;
-      };
-      networking.firewall.checkReversePath = mkOption {
-        type = types.either types.bool (
-          types.enum [
-            "strict"
-            "loose"
-          ]
-        );
-        default = true;
-      };
-      networking.firewall.extraReversePathFilterRules = mkOption {
-        type = types.lines;
-        default = "";
-      };
-      systemd.services = mkOption {
-        type = freeformAttrs;
-        default = { };
-      };
-    };
-  };
-
-  hmStubs = {
-    options = {
-      home.packages = mkOption {
-        type = types.listOf types.package;
-        default = [ ];
-      };
-      systemd.user.slices = mkOption {
-        type = freeformAttrs;
-        default = { };
-      };
-      systemd.user.services = mkOption {
-        type = freeformAttrs;
-        default = { };
-      };
-      xdg.dataFile = mkOption {
-        type = freeformAttrs;
-        default = { };
-      };
-    };
-  };
-
-  evalNixos =
-    cfg:
     (lib.evalModules {
       modules = [
-        common
-        nixosStubs
-        ../nixos-module.nix
+        standIns.nixosOptions
+        outputs.nixosModules.default
         {
-          services.cgtproxy = {
-            enable = true;
-            package = cgtproxyPkg;
+          _module.args = {
+            inherit pkgs;
+            inherit (standIns) utils;
           };
+          services.cgtproxy.enable = true;
         }
-        cfg
       ];
     }).config;
-
-  evalHm =
-    cfg:
-    (lib.evalModules {
-      modules = [
-        common
-        hmStubs
-        ../hm-module.nix
-        {
-          programs.cgtproxy = {
-            enable = true;
-            package = cgtproxyPkg;
-          };
-        }
-        cfg
-      ];
-    }).config;
-
-  failedAssertions = config: map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
-  # Messages of the failed assertions that contain every one of `parts`.
-  refusedWith =
-    config: parts:
-    lib.any (m: lib.all (p: lib.hasInfix p m) parts) (failedAssertions config);
-  # True when evaluating `value` deeply throws (a type error, say).
-  throws = value: !(builtins.tryEval (builtins.deepSeq value value)).success;
-
-  # Rust-regex search approximated with POSIX ERE (same syntax for these patterns).
-  searches = regex: path: builtins.match ".*(${regex}).*" path != null;
 
   noSlices = {
     services.cgtproxy.slices.enable = false;
@@ -310,55 +172,58 @@ let
   };
   withAuth = evalNixos withAuthModule;
 
-  hm = evalHm {
-    programs.cgtproxy = {
-      targets = [ "proxy" ];
-      apps.firefox = {
-        package = fakeDrv "firefox" { };
-        target = "proxy";
-      };
-      services.syncthing = "direct";
-      flatpaks."org.mozilla.firefox" = "proxy";
-      flatpaks."com.example.Game" = "drop";
-    };
-  };
-
   tests = {
     # --- NixOS module: rendering ---
     testDesignJson = {
       expr = designCfg.services.cgtproxy.configFile.value;
-      expected = builtins.fromJSON designJson;
+      # Typed options render their defaults; the contract's example predates `stub`.
+      expected = lib.recursiveUpdate (builtins.fromJSON designJson) {
+        tproxies.proxy.dns-hijack.stub = false;
+      };
     };
     testEtcFile = {
       expr = designCfg.environment.etc."cgtproxy/config.json".source == designCfg.services.cgtproxy.configFile;
       expected = true;
     };
-    testFreeformPassThrough = {
+    # Every key of the daemon's config has a typed option; set ones are rendered.
+    testEveryKeyTyped = {
       expr =
         (evalNixos {
           imports = [
             noSlices
             proxyOnly
           ];
-          services.cgtproxy.settings.tproxies.proxy.upstream = "socks5://127.0.0.1:1080";
-          services.cgtproxy.settings.future-key = "kept";
+          services.cgtproxy.settings.rule-priority = 5000;
+          services.cgtproxy.settings.tproxies.proxy = {
+            upstream = "socks5://127.0.0.1:1080";
+            dns-hijack = {
+              ip = "127.0.0.1";
+              stub = true;
+            };
+          };
         }).services.cgtproxy.configFile.value;
       expected = {
         version = 1;
         cgroup-root = "AUTO";
         route-table = 300;
         table = "cgtproxy";
+        rule-priority = 5000;
         bypass = [
           "127.0.0.0/8"
           "::1/128"
         ];
-        future-key = "kept";
         tproxies.proxy = {
           port = 7893;
           mark = 3000;
           no-udp = false;
           no-ipv6 = false;
           upstream = "socks5://127.0.0.1:1080";
+          dns-hijack = {
+            ip = "127.0.0.1";
+            port = 53;
+            tcp = false;
+            stub = true;
+          };
         };
         # The upstream turns the forwarder on, and with it this rule.
         rules = [
@@ -369,6 +234,27 @@ let
         ];
       };
     };
+    # Unset, rule-priority is left out: the daemon's default applies.
+    testRulePriorityUnset = {
+      expr = designCfg.services.cgtproxy.configFile.value ? rule-priority;
+      expected = false;
+    };
+    # As the daemon refuses unknown keys, evaluation does (run-eval.sh checks
+    # that the error names the key).
+    testUnknownKeys = {
+      expr = map (s: throws (evalNixos { services.cgtproxy.settings = s; }).services.cgtproxy.settings) [
+        { rule-priorty = 5000; }
+        { tproxies.proxy = { port = 1; mark = 1; no_udp = true; }; }
+        { tproxies.proxy = { port = 1; mark = 1; dns-hijack = { ip = "127.0.0.1"; tpc = true; }; }; }
+        { rules = [ { match = "x"; direct = true; tproxi = "proxy"; } ]; }
+      ];
+      expected = [
+        true
+        true
+        true
+        true
+      ];
+    };
     testCheckConfig = {
       expr =
         let
@@ -377,7 +263,7 @@ let
         [
           f.name
           (lib.hasInfix "cgtproxy check --config ${storeDir}/00000000000000000000000000000000-cgtproxy-config.json" f.script)
-          (f.env.nativeBuildInputs == [ cgtproxyPkg ])
+          (f.env.nativeBuildInputs == [ standIns.cgtproxy ])
         ];
       expected = [
         "cgtproxy-config.json"
@@ -397,16 +283,32 @@ let
     };
     testExecStart = {
       expr = designUnit.serviceConfig.ExecStart;
-      expected = ''"${exe}" "run" "--config" "/etc/cgtproxy/config.json" "--log-level" "info"'';
+      expected = execArgs [
+        exe
+        "run"
+        "--config"
+        "/etc/cgtproxy/config.json"
+        "--log-level"
+        "info"
+      ];
     };
-    testExecStartEscapes = {
+    # Each extra argument reaches nixpkgs' escaping helper as one argument.
+    testExecStartExtraArgs = {
       expr =
         (evalNixos {
           imports = [ proxyOnly ];
           services.cgtproxy.logLevel = "debug";
           services.cgtproxy.extraArgs = [ "--x=$HOME 100%" ];
         }).systemd.services.cgtproxy.serviceConfig.ExecStart;
-      expected = ''"${exe}" "run" "--config" "/etc/cgtproxy/config.json" "--log-level" "debug" "--x=$$HOME 100%%"'';
+      expected = execArgs [
+        exe
+        "run"
+        "--config"
+        "/etc/cgtproxy/config.json"
+        "--log-level"
+        "debug"
+        "--x=$HOME 100%"
+      ];
     };
     testOrdering = {
       expr = {
@@ -461,17 +363,28 @@ let
         hasUser = false;
       };
     };
+    # pkgs.cgtproxy where the user's pkgs have it, else overlays.default's.
+    testFlakeModulePackage = {
+      expr =
+        map (pkgs: (flakeModuleWith pkgs).services.cgtproxy.package.name)
+          [
+            standIns.pkgs
+            (
+              removeAttrs standIns.pkgs [ "cgtproxy" ]
+              // {
+                callPackage = path: _: fakeDrv "built-from-${baseNameOf path}" { };
+              }
+            )
+          ];
+      expected = [
+        "cgtproxy-0.1.0"
+        "built-from-package.nix"
+      ];
+    };
     testDisabled = {
       expr =
         let
-          c =
-            (lib.evalModules {
-              modules = [
-                common
-                nixosStubs
-                ../nixos-module.nix
-              ];
-            }).config;
+          c = (lib.evalModules { modules = nixosModules; }).config;
         in
         [
           (c.systemd.services ? cgtproxy)
@@ -518,7 +431,14 @@ let
         ];
         wantedBy = [ "multi-user.target" ];
         Type = "notify-reload";
-        ExecStart = ''"${exe}" "forward" "--config" "/etc/cgtproxy/config.json" "--log-level" "info"'';
+        ExecStart = execArgs [
+          exe
+          "forward"
+          "--config"
+          "/etc/cgtproxy/config.json"
+          "--log-level"
+          "info"
+        ];
         Restart = "on-failure";
         TimeoutStopSec = "15s";
         LimitNOFILE = 65536;
@@ -535,12 +455,14 @@ let
           AmbientCapabilities
           RestrictAddressFamilies
           ;
-        # The same sandbox as the daemon's, but for the address families.
+        # The same sandbox as the daemon's, but for the address families (and no
+        # runtime directory: it keeps no state).
         sameAsDaemon =
           removeAttrs hardeningForward [ "RestrictAddressFamilies" ]
           == removeAttrs (import ../hardening.nix) [
             "RestrictAddressFamilies"
             "IPAddressDeny"
+            "RuntimeDirectory"
           ];
         hasIPAddressDeny = forwardUnit.serviceConfig ? IPAddressDeny;
         hasUser = forwardUnit.serviceConfig ? User;
@@ -645,8 +567,14 @@ let
     };
 
     # --- NixOS module: interplay with the firewall ---
+    # Only a kernel without the owner flag (before 5.12) loses the table to a flush.
     testFlushRulesetWarning = {
       expr = map (c: builtins.length c.warnings) [
+        (evalNixos {
+          imports = [ proxyOnly ];
+          networking.nftables.enable = true;
+          boot.kernelPackages.kernel.version = "5.10.240";
+        })
         (evalNixos {
           imports = [ proxyOnly ];
           networking.nftables.enable = true;
@@ -655,11 +583,13 @@ let
           imports = [ proxyOnly ];
           networking.nftables.enable = true;
           networking.nftables.flushRuleset = false;
+          boot.kernelPackages.kernel.version = "5.10.240";
         })
         (evalNixos proxyOnly)
       ];
       expected = [
         1
+        0
         0
         0
       ];
@@ -670,6 +600,7 @@ let
           (evalNixos {
             imports = [ proxyOnly ];
             networking.nftables.enable = true;
+            boot.kernelPackages.kernel.version = "5.10.240";
           }).warnings
       );
       expected = true;
@@ -835,6 +766,31 @@ let
       }) [ "services.cgtproxy.settings.route-table = 254" ];
       expected = true;
     };
+    testDnsHijackRefused = {
+      expr =
+        let
+          refused =
+            dnsHijack:
+            refusedWith (evalNixos {
+              services.cgtproxy.settings.tproxies.p = {
+                port = 1;
+                mark = 1;
+                dns-hijack = dnsHijack;
+              };
+            });
+        in
+        [
+          (refused { tcp = true; } [ "tproxies.p.dns-hijack:" "needs ip, ip6 or both" ])
+          (refused {
+            ip6 = "::1";
+            stub = true;
+          } [ "tproxies.p.dns-hijack.stub:" "needs ip" ])
+        ];
+      expected = [
+        true
+        true
+      ];
+    };
     testGoodConfigNoAssertion = {
       expr = failedAssertions withSlices ++ failedAssertions designCfg ++ failedAssertions withAuth;
       expected = [ ];
@@ -857,6 +813,8 @@ let
             { tproxies.p = { port = 1; mark = 1; upstream = "ftp://x:1"; }; }
             { version = 2; }
             { cgroup-root = "relative"; }
+            { rule-priority = 0; }
+            { rule-priority = 32766; }
             { rules = [ { tproxy = "p"; } ]; }
             { tproxies.p = { port = 1; mark = 1; }; }
           ];
@@ -868,128 +826,12 @@ let
         true
         true
         true
-        false
-      ];
-    };
-
-    # --- home-manager module ---
-    testHmSlices = {
-      expr = lib.mapAttrs (_: s: s.Unit.Description) hm.systemd.user.slices;
-      expected = {
-        cgtproxy-proxy = "cgtproxy: apps whose traffic goes to proxy";
-        cgtproxy-direct = "cgtproxy: apps whose traffic goes to direct";
-        cgtproxy-drop = "cgtproxy: apps whose traffic goes to drop";
-      };
-    };
-    testHmSlicesStartWithTheManager = {
-      expr = lib.mapAttrs (_: s: s.Install.WantedBy) hm.systemd.user.slices;
-      expected = {
-        cgtproxy-proxy = [ "default.target" ];
-        cgtproxy-direct = [ "default.target" ];
-        cgtproxy-drop = [ "default.target" ];
-      };
-    };
-    testHmExecHelper = {
-      expr =
-        let
-          h = builtins.head hm.home.packages;
-        in
-        [
-          h.name
-          (lib.hasInfix ''exec ${exe} exec "$@"'' h.text)
-        ];
-      expected = [
-        "cgtproxy-exec"
         true
-      ];
-    };
-    testHmServiceSlice = {
-      expr = hm.systemd.user.services.syncthing.Service.Slice;
-      expected = "cgtproxy-direct.slice";
-    };
-    testHmDesktopWrap = {
-      expr =
-        let
-          f = hm.xdg.dataFile."applications/firefox.desktop".source;
-        in
-        [
-          (lib.hasInfix "${storeDir}/00000000000000000000000000000000-firefox/share/applications/firefox.desktop" f.script)
-          (lib.hasInfix "s|^Exec=|Exec=${exe} exec proxy -- |" f.script)
-          (lib.hasInfix "/^DBusActivatable=/d" f.script)
-        ];
-      expected = [
-        true
-        true
-        true
-      ];
-    };
-    testHmFlatpakRules = {
-      expr = hm.programs.cgtproxy.systemRules;
-      expected = [
-        {
-          match = "/app-flatpak-com\\.example\\.Game-[0-9]+\\.scope$";
-          drop = true;
-        }
-        {
-          match = "/app-flatpak-org\\.mozilla\\.firefox-[0-9]+\\.scope$";
-          tproxy = "proxy";
-        }
-      ];
-    };
-    testHmFlatpakRuleMatches = {
-      expr = map (p: searches (lib.last hm.programs.cgtproxy.systemRules).match p) [
-        "/user.slice/user-1000.slice/user@1000.service/app.slice/app-flatpak-org.mozilla.firefox-4242.scope"
-        "/user.slice/user-1000.slice/user@1000.service/app.slice/app-flatpak-orgXmozilla.firefox-4242.scope"
-      ];
-      expected = [
         true
         false
       ];
-    };
-    testHmRulesAcceptedBySystem = {
-      expr = failedAssertions (evalNixos {
-        imports = [ proxyOnly ];
-        services.cgtproxy.settings.rules = hm.programs.cgtproxy.systemRules;
-      });
-      expected = [ ];
-    };
-    testHmUnknownTarget = {
-      expr = map (parts: refusedWith (evalHm {
-        programs.cgtproxy.apps.x = {
-          package = fakeDrv "x" { };
-          target = "nope";
-        };
-        programs.cgtproxy.services.y = "nope2";
-        programs.cgtproxy.flatpaks.z = "nope3";
-      }) parts) [
-        [ "programs.cgtproxy.apps.x.target" "\"nope\"" ]
-        [ "programs.cgtproxy.services.y" "\"nope2\"" ]
-        [ "programs.cgtproxy.flatpaks.\"z\"" "\"nope3\"" ]
-      ];
-      expected = [
-        true
-        true
-        true
-      ];
-    };
-    testHmGoodNoAssertion = {
-      expr = failedAssertions hm;
-      expected = [ ];
     };
   };
 
-  failures = lib.runTests tests;
-  names = builtins.attrNames tests;
 in
-if failures == [ ] then
-  {
-    passed = builtins.length names;
-    failed = 0;
-    inherit names;
-  }
-else
-  throw "cgtproxy eval tests failed (${toString (builtins.length failures)} of ${toString (builtins.length names)}):\n${
-    lib.concatMapStringsSep "\n" (
-      f: "  ${f.name}: expected ${builtins.toJSON f.expected}, got ${builtins.toJSON f.result}"
-    ) failures
-  }"
+report "eval" tests

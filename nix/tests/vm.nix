@@ -61,9 +61,11 @@ in
         imports = [ nixosModule ];
 
         # The firewall in nftables form with its reverse-path check on, so the
-        # module's exemption for looped-back packets is exercised.
+        # module's exemption for looped-back packets is exercised, and with
+        # nftables' default `flush ruleset` on every reload: the table, flagged
+        # owner, must survive it.
         networking.nftables.enable = true;
-        networking.nftables.flushRuleset = false;
+        networking.nftables.flushRuleset = true;
         networking.firewall.checkReversePath = true;
 
         services.cgtproxy = {
@@ -272,6 +274,20 @@ in
           client.fail(in_slice("reloadtest.slice", http(T4)))
           out = client.succeed(in_slice("cgtproxy-proxy.slice", http(T4)))
           assert out.strip() == f"proxied {T4}:80", out
+
+      with subtest("nftables.service reloads flush the ruleset, not our table; the rpfilter exemption holds"):
+          for verb in ("reload", "restart"):
+              client.succeed(f"systemctl {verb} nftables.service")
+              client.succeed("nft list table inet cgtproxy | grep -q 'flags owner'")
+              out = client.succeed(in_slice("cgtproxy-proxy.slice", http(T4)))
+              assert out.strip() == f"proxied {T4}:80", f"after {verb}: {out}"
+              out = client.succeed(in_slice("cgtproxy-proxy.slice", http(T6)))
+              assert out.strip() == f"proxied [{T6}]:80", f"after {verb}: {out}"
+          client.succeed("nft list chain inet nixos-fw rpfilter-allow | grep -q 'meta mark'")
+          out = client.succeed("cgtproxy doctor --config /etc/cgtproxy/config.json || true")
+          print(out)
+          assert "ok   firewall rpfilter" in out, out
+          assert "ok   ip rule order" in out, out
 
       with subtest("killed, it is restarted and routes again"):
           pid = main_pid()

@@ -63,6 +63,8 @@ pub enum MetaKey {
     L4Proto,
     NfProto,
     Mark,
+    /// The output interface's index.
+    Oif,
 }
 
 /// Where a payload load starts.
@@ -79,6 +81,10 @@ pub enum Expr {
     /// `meta mark set` from [`REG_1`].
     SetMark,
     CtDirection,
+    /// `ct mark` into [`REG_1`].
+    CtMark,
+    /// `ct mark set` from [`REG_1`].
+    SetCtMark,
     Payload {
         base: PayloadBase,
         offset: u32,
@@ -164,6 +170,7 @@ impl Expression for Expr {
                     MetaKey::L4Proto => libc::NFT_META_L4PROTO,
                     MetaKey::NfProto => libc::NFT_META_NFPROTO,
                     MetaKey::Mark => libc::NFT_META_MARK,
+                    MetaKey::Oif => libc::NFT_META_OIF,
                 };
                 set_u32(e, sys::NFTNL_EXPR_META_KEY, k as u32);
                 set_u32(e, sys::NFTNL_EXPR_META_DREG, REG_1);
@@ -179,6 +186,18 @@ impl Expression for Expr {
                 let e = alloc_expr(c"ct");
                 set_u32(e, sys::NFTNL_EXPR_CT_KEY, libc::NFT_CT_DIRECTION as u32);
                 set_u32(e, sys::NFTNL_EXPR_CT_DREG, REG_1);
+                e
+            }
+            Expr::CtMark => {
+                let e = alloc_expr(c"ct");
+                set_u32(e, sys::NFTNL_EXPR_CT_KEY, libc::NFT_CT_MARK as u32);
+                set_u32(e, sys::NFTNL_EXPR_CT_DREG, REG_1);
+                e
+            }
+            Expr::SetCtMark => {
+                let e = alloc_expr(c"ct");
+                set_u32(e, sys::NFTNL_EXPR_CT_KEY, libc::NFT_CT_MARK as u32);
+                set_u32(e, sys::NFTNL_EXPR_CT_SREG, REG_1);
                 e
             }
             Expr::Payload { base, offset, len } => {
@@ -258,6 +277,56 @@ impl Expression for Expr {
                 set_str(e, sys::NFTNL_EXPR_OBJREF_IMM_NAME, name);
                 e
             }
+        }
+    }
+}
+
+/// `NFT_TABLE_F_OWNER` (Linux 5.12): only the creating netlink socket may change
+/// or delete the table, and `nft flush ruleset` from anyone else leaves it.
+pub const TABLE_F_OWNER: u32 = 2;
+/// `NFT_TABLE_F_PERSIST` (Linux 6.9, with owner): the table outlives its owner's
+/// socket, unowned, and the next process to add it with both flags adopts it.
+pub const TABLE_F_PERSIST: u32 = 4;
+
+/// An `inet` table with flags. The `nftnl` crate's table always carries flags 0,
+/// which the kernel refuses as an update of a table flagged owner.
+#[derive(Debug, Clone)]
+pub struct TableMsg {
+    pub name: CString,
+    pub flags: u32,
+}
+
+/// Owns a libnftnl table for the duration of one message build.
+struct RawTable(NonNull<sys::nftnl_table>);
+
+impl Drop for RawTable {
+    fn drop(&mut self) {
+        // SAFETY: we own the table.
+        unsafe { sys::nftnl_table_free(self.0.as_ptr()) }
+    }
+}
+
+// SAFETY: `write` only writes one message built by libnftnl: three small attributes.
+unsafe impl NlMsg for TableMsg {
+    unsafe fn write(&self, buf: *mut c_void, seq: u32, msg_type: MsgType) {
+        // SAFETY: plain allocation; NULL only on out-of-memory.
+        let ptr = unsafe { sys::nftnl_table_alloc() };
+        let table = RawTable(NonNull::new(ptr).unwrap_or_else(|| std::process::abort()));
+        let t = match msg_type {
+            MsgType::Add => libc::NFT_MSG_NEWTABLE,
+            MsgType::Del => libc::NFT_MSG_DELTABLE,
+        };
+        // SAFETY: the table is live; the name is NUL-terminated and copied; `buf`
+        // has room for a message (trait contract).
+        unsafe {
+            let o = table.0.as_ptr();
+            sys::nftnl_table_set_u32(o, sys::NFTNL_TABLE_FAMILY as u16, libc::NFPROTO_INET as u32);
+            sys::nftnl_table_set_str(o, sys::NFTNL_TABLE_NAME as u16, self.name.as_ptr());
+            if msg_type == MsgType::Add {
+                sys::nftnl_table_set_u32(o, sys::NFTNL_TABLE_FLAGS as u16, self.flags);
+            }
+            let nlh = header(buf, t, libc::NLM_F_ACK, seq);
+            sys::nftnl_table_nlmsg_build_payload(nlh, o);
         }
     }
 }
@@ -617,6 +686,39 @@ mod tests {
         out
     }
 
+    #[test]
+    fn a_table_carries_owner_and_persist_flags_and_a_delete_none() {
+        let mut batch = Batch::new();
+        let t = TableMsg {
+            name: c"cgtproxy".into(),
+            flags: TABLE_F_OWNER | TABLE_F_PERSIST,
+        };
+        batch.add(&t, MsgType::Add);
+        batch.add(&t, MsgType::Del);
+        let msgs = messages(batch);
+        let new = msgs
+            .iter()
+            .find(|(ty, _, _)| *ty == libc::NFT_MSG_NEWTABLE as u16)
+            .unwrap();
+        // NFTA_TABLE_NAME = 1, NFTA_TABLE_FLAGS = 2 (big-endian).
+        assert_eq!(attr(&new.2, 1), b"cgtproxy\0");
+        assert_eq!(attr(&new.2, 2), 6u32.to_be_bytes());
+        let del = msgs
+            .iter()
+            .find(|(ty, _, _)| *ty == libc::NFT_MSG_DELTABLE as u16)
+            .unwrap();
+        assert_eq!(attr(&del.2, 1), b"cgtproxy\0");
+        assert!(attrs(&del.2).iter().all(|(ty, _)| *ty != 2), "no flags");
+    }
+
+    #[test]
+    fn meta_oif_loads_the_output_interface_index() {
+        let (name, data) = expr_bytes(&Expr::Meta(MetaKey::Oif));
+        assert_eq!(name, "meta");
+        // NFTA_META_DREG = 1, NFTA_META_KEY = 2.
+        assert_eq!(attr(&data, 2), (libc::NFT_META_OIF as u32).to_be_bytes());
+    }
+
     /// The NFTA_EXPR_DATA payload of the only expression of a one-expression rule.
     fn expr_bytes(expr: &Expr) -> (String, Vec<u8>) {
         let table = Table::new(c"t", ProtoFamily::Inet);
@@ -801,6 +903,20 @@ mod tests {
         // NFTA_META_KEY = 2, NFTA_META_SREG = 3.
         assert_eq!(attr(&data, 2), (libc::NFT_META_MARK as u32).to_be_bytes());
         assert_eq!(attr(&data, 3), 1u32.to_be_bytes());
+    }
+
+    #[test]
+    fn ct_mark_load_and_set() {
+        // NFTA_CT_DREG = 1, NFTA_CT_KEY = 2, NFTA_CT_SREG = 4.
+        let (name, data) = expr_bytes(&Expr::CtMark);
+        assert_eq!(name, "ct");
+        assert_eq!(attr(&data, 2), (libc::NFT_CT_MARK as u32).to_be_bytes());
+        assert_eq!(attr(&data, 1), 1u32.to_be_bytes());
+        let (name, data) = expr_bytes(&Expr::SetCtMark);
+        assert_eq!(name, "ct");
+        assert_eq!(attr(&data, 2), (libc::NFT_CT_MARK as u32).to_be_bytes());
+        assert_eq!(attr(&data, 4), 1u32.to_be_bytes());
+        assert!(attrs(&data).iter().all(|(t, _)| *t != 1), "no destination");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use nix::sys::time::TimeVal;
 
 use crate::plan::{ChainSpec, Family, Hook, SetKind, SetSpec, Stmt, TableSpec, Verdict};
 use ffi::{ELEMS_PER_MSG, Elem, Elems, Expr, Key, MetaKey, PayloadBase, REG_1, REG_2, SetDef};
+pub use ffi::{TABLE_F_OWNER, TABLE_F_PERSIST};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
@@ -124,6 +125,16 @@ fn exprs(s: &Stmt) -> Result<Vec<Expr>, NftError> {
                 data: 0u32.to_ne_bytes().to_vec(),
             },
         ],
+        // The loopback device is index 1 in every network namespace.
+        Stmt::OifNotLoopback => vec![
+            Expr::Meta(MetaKey::Oif),
+            Expr::Cmp {
+                eq: false,
+                data: 1u32.to_ne_bytes().to_vec(),
+            },
+        ],
+        Stmt::CtMark(m) => vec![Expr::CtMark, cmp(m.to_ne_bytes().to_vec())],
+        Stmt::SaveCtMark => vec![Expr::Meta(MetaKey::Mark), Expr::SetCtMark],
         Stmt::SetMark(m) => vec![
             Expr::Load {
                 reg: REG_1,
@@ -259,19 +270,35 @@ impl Txn {
         self.labels.push(label);
     }
 
-    /// Deletes table `name` if it exists (adding it first makes the delete safe).
+    /// Deletes table `name`, which must exist.
     pub fn delete_table(&mut self, name: &str) -> Result<(), NftError> {
-        let table = Table::new(cstring(name)?, ProtoFamily::Inet);
-        self.add(&table, MsgType::Add, format!("table inet {name}"));
+        let table = ffi::TableMsg {
+            name: cstring(name)?,
+            flags: 0,
+        };
         self.add(&table, MsgType::Del, format!("delete table inet {name}"));
         Ok(())
     }
 
-    /// Replaces any table of the same name with `spec`, atomically.
-    pub fn replace_table(&mut self, spec: &TableSpec) -> Result<(), NftError> {
-        self.delete_table(&spec.name)?;
+    /// Replaces any table of the same name with `spec`, atomically: `exists`
+    /// says whether one is there to delete first, `flags` are the new table's
+    /// (`ffi::TABLE_F_*`).
+    pub fn replace_table(
+        &mut self,
+        spec: &TableSpec,
+        exists: bool,
+        flags: u32,
+    ) -> Result<(), NftError> {
+        if exists {
+            self.delete_table(&spec.name)?;
+        }
+        let msg = ffi::TableMsg {
+            name: cstring(&spec.name)?,
+            flags,
+        };
+        self.add(&msg, MsgType::Add, format!("table inet {}", spec.name));
+        // Chains name their table; this object is never sent.
         let table = Table::new(cstring(&spec.name)?, ProtoFamily::Inet);
-        self.add(&table, MsgType::Add, format!("table inet {}", spec.name));
         // Counters before the rules that name them.
         for c in &spec.counters {
             let obj = ffi::CounterObj {
@@ -423,6 +450,10 @@ impl Txn {
                 chain.set_hook(nftnl::Hook::Out, libc::NF_IP_PRI_NAT_DST);
                 chain.set_type(ChainType::Nat);
             }
+            Some(Hook::PostroutingFilter) => {
+                chain.set_hook(nftnl::Hook::PostRouting, libc::NF_IP_PRI_MANGLE);
+                chain.set_type(ChainType::Filter);
+            }
             None => {}
         }
         if c.hook.is_some() {
@@ -516,6 +547,33 @@ impl Nft {
     /// The socket's netlink port id.
     pub fn port(&self) -> u32 {
         self.port
+    }
+
+    /// The strongest table flags this kernel takes: owner and persist (6.9+),
+    /// owner (5.12+), or none. Probed with a table added and deleted in one
+    /// transaction; the kernel refuses unknown flags with `EOPNOTSUPP`.
+    pub fn table_flags(&mut self, probe_name: &str) -> Result<u32, NftError> {
+        for flags in [
+            ffi::TABLE_F_OWNER | ffi::TABLE_F_PERSIST,
+            ffi::TABLE_F_OWNER,
+        ] {
+            let t = ffi::TableMsg {
+                name: cstring(probe_name)?,
+                flags,
+            };
+            let mut txn = Txn::new();
+            txn.add(&t, MsgType::Add, format!("probe table inet {probe_name}"));
+            txn.add(&t, MsgType::Del, format!("delete probe table {probe_name}"));
+            match self.commit(txn) {
+                Ok(()) => return Ok(flags),
+                Err(NftError::Kernel {
+                    errno: nix::Error::EOPNOTSUPP,
+                    ..
+                }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(0)
     }
 
     /// Commits a transaction: all of it, or nothing.

@@ -323,6 +323,105 @@ else info "exec direct with an invalid config file: refused: $(echo "$out" | hea
 # Back to a valid config: a restart below must be able to read it.
 install -m 0644 "$P/config-reload.json" /etc/cgtproxy/config.json
 
+# --- coexistence: nftables.service's flush ruleset, a wg-quick tunnel ------------------
+# What reached the peer namespace directly on the test port, counted there.
+ip netns exec peer nft -f - <<'NFT'
+table inet count {
+  counter arrived { }
+  chain c {
+    type filter hook prerouting priority -300; policy accept;
+    ip saddr 10.99.0.1 meta l4proto { tcp, udp } th dport 8080 counter name "arrived"
+    ip6 saddr fd99::1 meta l4proto { tcp, udp } th dport 8080 counter name "arrived"
+  }
+}
+NFT
+arrived() { ip netns exec peer nft list counter inet count arrived | awk '/packets/ { print $2 }'; }
+# The start configuration again (the direct slice direct), reloaded.
+install -m 0644 "$P/config.json" /etc/cgtproxy/config.json
+check coexist-reload systemctl reload cgtproxy.service
+# Debian's own nftables.service, whose /etc/nftables.conf starts with `flush
+# ruleset`, started, reloaded and restarted while an app of alice streams.
+rm -f /etc/systemd/system/nftables.service
+systemctl daemon-reload
+before=$(arrived)
+as_alice systemd-run --user --quiet --unit=stream --slice=cgtproxy-proxy.slice \
+  -p StandardOutput=file:/tmp/stream.json python3 "$P/stream.py" "$PEER4" "$PEER_PORT" 12 50 5
+sleep 2
+for verb in start reload restart; do
+  check "nftables-$verb" systemctl "$verb" nftables.service
+  sleep 1
+done
+for _ in $(seq 120); do [ -s /tmp/stream.json ] && break; sleep 0.5; done
+info "stream through nftables.service start/reload/restart: $(cat /tmp/stream.json 2>/dev/null)"
+check nftables-flush-keeps-table has_table
+check nftables-flush-stream-proxied grep -q '"tcp_proxy"' /tmp/stream.json
+if grep -q peer /tmp/stream.json; then fail nftables-flush-nothing-direct "answered by the peer: $(cat /tmp/stream.json)"
+elif [ "$(arrived)" != "$before" ]; then fail nftables-flush-nothing-direct "$(( $(arrived) - before )) packets reached the peer"
+else pass nftables-flush-nothing-direct; fi
+check nftables-flush-owner-refuses-delete sh -c '! nft delete table inet cgtproxy 2>/dev/null'
+systemctl stop nftables.service
+
+# WireGuard: a full tunnel brought up with wg-quick after cgtproxy. Its rules
+# (added without a priority) land ahead of ours; the daemon moves ahead of them.
+if modprobe wireguard 2>/dev/null && command -v wg-quick >/dev/null; then
+  umask 077
+  mkdir -p /etc/wireguard
+  hk=$(wg genkey); pk=$(wg genkey)
+  hpub=$(echo "$hk" | wg pubkey); ppub=$(echo "$pk" | wg pubkey)
+  # The tunnel's far end, in the peer namespace.
+  ip -n peer link add wg1 type wireguard
+  echo "$pk" >/tmp/wg-peer.key
+  ip netns exec peer wg set wg1 listen-port 51820 private-key /tmp/wg-peer.key \
+    peer "$hpub" allowed-ips 10.77.0.1/32,fd77::1/128
+  ip -n peer addr add 10.77.0.2/24 dev wg1
+  ip -n peer -6 addr add fd77::2/64 dev wg1 nodad
+  ip -n peer link set wg1 up
+  systemd-run --quiet --unit=wg-whoami -p Type=notify \
+    ip netns exec peer python3 "$P/vmnet.py" whoami 8082 10.77.0.2 fd77::2
+  cat >/etc/wireguard/wg0.conf <<WG
+[Interface]
+PrivateKey = $hk
+Address = 10.77.0.1/24, fd77::1/64
+[Peer]
+PublicKey = $ppub
+Endpoint = $PEER4:51820
+AllowedIPs = 0.0.0.0/0, ::/0
+WG
+  umask 022
+  if wg-quick up wg0 >/tmp/wg-quick.log 2>&1; then pass wg-quick-up
+  else fail wg-quick-up "wg-quick up failed"; evidence </tmp/wg-quick.log; fi
+  ours_first() {
+    local fam=$1 ours theirs
+    ours=$(ip "-$fam" rule | awk -F: "/fwmark $MARK lookup $RT/ { print \$1; exit }")
+    theirs=$(ip "-$fam" rule | awk -F: '/lookup 51820/ { print $1; exit }')
+    [ -n "$ours" ] && [ -n "$theirs" ] && [ "$ours" -lt "$theirs" ]
+  }
+  for _ in $(seq 50); do ours_first 4 && ours_first 6 && break; sleep 0.1; done
+  check wg-our-rules-first-v4 ours_first 4
+  check wg-our-rules-first-v6 ours_first 6
+  ip -4 rule | evidence 12
+  # Unmarked traffic takes the tunnel (the far end sees the tunnel's address);
+  # the proxied app's still reaches the listener, original destination intact.
+  expect wg-direct-through-tunnel "FROM 10.77.0.1" exec direct tcp 10.77.0.2 8082
+  expect wg-proxy-tcp4 "TPROXY 10.77.0.2 8082" exec proxy tcp 10.77.0.2 8082
+  expect wg-proxy-udp4 "TPROXY 10.77.0.2 8082" exec proxy udp 10.77.0.2 8082
+  expect wg-proxy-tcp6 "TPROXY fd77::2 8082" exec proxy tcp fd77::2 8082
+  expect wg-proxy-udp6 "TPROXY fd77::2 8082" exec proxy udp fd77::2 8082
+  out=$(cgtproxy status --config /etc/cgtproxy/config.json 2>&1)
+  st=$?
+  if [ "$st" = 0 ]; then pass wg-status-ok; else fail wg-status-ok "exit $st"; echo "$out" | evidence; fi
+  journalctl -b -u cgtproxy.service -o cat --no-pager | grep 'moving our rules' | sed 's/\x1b\[[0-9;]*m//g' |
+    head -n 2 | while read -r l; do info "wg: $l"; done
+  check wg-quick-down wg-quick down wg0
+  back() { [ "$(ip -4 rule | awk -F: "/fwmark $MARK lookup $RT/ { print \$1; exit }")" = 100 ]; }
+  for _ in $(seq 50); do back && break; sleep 0.1; done
+  check wg-down-rules-back-at-100 back
+else
+  info "the guest kernel has no wireguard module or wg-quick is missing: WireGuard part skipped"
+fi
+install -m 0644 "$P/config-reload.json" /etc/cgtproxy/config.json
+check coexist-reload-back systemctl reload cgtproxy.service
+
 # --- crash: SIGKILL, Restart=on-failure -----------------------------------------------
 pid=$(main_pid)
 t=$(now)

@@ -18,12 +18,13 @@ tree=$out/tree
 # linux-image-cloud-amd64: virtio/NVMe/ext4 built in, so it boots without initrd.
 # Upstreams of `cgtproxy forward`: shadowsocks-libev (its ss-local is a SOCKS5
 # server with UDP ASSOCIATE; trixie has no dante) and microsocks (TCP only,
-# with a password).
+# with a password). wireguard-tools: a real wg-quick tunnel brought up after
+# cgtproxy (the cloud kernel has the wireguard module).
 packages=(
   systemd systemd-sysv dbus dbus-user-session libpam-systemd
   nftables iproute2 python3 kmod libnss-systemd
   linux-image-cloud-amd64 libnftnl11 libmnl0
-  shadowsocks-libev microsocks
+  shadowsocks-libev microsocks wireguard-tools
 )
 
 rm -rf "$tree"
