@@ -16,6 +16,7 @@ fn full() -> Value {
         "cgroup-root": "AUTO",
         "route-table": 300,
         "table": "cgtproxy",
+        "rule-priority": 100,
         "bypass": ["127.0.0.0/8", "10.0.0.0/8", "::1/128", "fc00::/7"],
         "tproxies": {
             "proxy": {
@@ -122,7 +123,7 @@ proptest! {
     #[test]
     fn random_json_is_judged_cleanly(v in arb_json(), key in prop_oneof![
         Just("version"), Just("tproxies"), Just("rules"), Just("bypass"), Just("route-table"),
-        Just("cgroup-root"), Just("table")]) {
+        Just("cgroup-root"), Just("table"), Just("rule-priority")]) {
         judge(v.to_string().as_bytes())?;
         let mut cfg = full();
         cfg[key] = v;
