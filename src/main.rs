@@ -64,6 +64,8 @@ enum Cmd {
     Forward {
         #[arg(long)]
         config: Option<PathBuf>,
+        #[command(flatten)]
+        opts: forward::Options,
     },
     /// Show the installed state from the kernel and any drift from the config
     /// (exit 3 when the kernel differs from the configuration).
@@ -191,7 +193,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }),
         Cmd::Render { config } => render(config).map(|()| ExitCode::SUCCESS),
-        Cmd::Forward { config } => forward::run(config)
+        Cmd::Forward { config, opts } => forward::run(config, opts)
             .map(|()| ExitCode::SUCCESS)
             .map_err(anyhow::Error::from),
         Cmd::Status { config, json } => {

@@ -620,6 +620,10 @@ fn status_and_explain_read_the_kernel() {
             "{out}"
         );
         assert!(!sh_any("nft list tables").contains("cgtproxy-doctor"));
+        assert!(
+            out.contains("ok   exposure: target proxy: port 7893 is bound to loopback only"),
+            "{out}"
+        );
         // A listener without IP_TRANSPARENT gets nothing from tproxy: doctor fails.
         lab.start_service_in("plain", "python3 -m http.server 7894 --bind 0.0.0.0", 7894);
         let two = lab.write_config(
@@ -635,6 +639,11 @@ fn status_and_explain_read_the_kernel() {
             out.contains(
                 "FAIL listener: target plain: the TCP listener on port 7894 is not transparent"
             ),
+            "{out}"
+        );
+        // Bound to a wildcard address, the network reaches it: doctor warns.
+        assert!(
+            out.contains("warn exposure: target plain: port 7894 is reachable from the network (TCP on 0.0.0.0)"),
             "{out}"
         );
         assert_eq!(lab.take_daemon().stop(), 0);

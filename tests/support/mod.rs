@@ -100,6 +100,8 @@ pub struct Lab {
     pub daemon: Option<Daemon>,
     /// Extra environment for the daemon.
     pub daemon_env: Vec<(String, String)>,
+    /// Extra arguments for `cgtproxy forward` (limits, timeouts).
+    pub forward_args: Vec<String>,
 }
 
 pub struct Daemon {
@@ -198,6 +200,7 @@ impl Lab {
             services: Vec::new(),
             daemon: None,
             daemon_env: Vec::new(),
+            forward_args: Vec::new(),
         };
         let server = Command::new("nsenter")
             .args(["-t", &ppid.to_string(), "-n", "python3"])
@@ -378,9 +381,15 @@ impl Lab {
                 c
             }
         };
+        let extra: &[String] = if subcommand == "forward" {
+            &self.forward_args
+        } else {
+            &[]
+        };
         let mut child = cmd
             .args([subcommand, "--config"])
             .arg(config)
+            .args(extra)
             .env("NOTIFY_SOCKET", &notify_path)
             .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .env(

@@ -23,6 +23,12 @@ UP4=10.98.0.2    # ss-local (SOCKS5 with UDP) on :1080, via ss-server
 UP4_B=10.98.0.3  # microsocks (TCP only, password) on UP4:1081 connects from here
 UP6=fd98::2
 MAX_EXPOSURE=1.2 # systemd-analyze security target from issue 7
+# The forwarder's bound: the daemon's sandbox without netlink (-0.1) but with
+# IP sockets (+0.3: it relays to any destination) and without an IP address
+# allow list (+0.2: its peers are the host's own, DHCP-given source addresses
+# and any upstream). Issue 18 asks for 1.2; no unit setting that keeps it
+# working gets there (see README, Threat model). A regression guard.
+MAX_FORWARD_EXPOSURE=1.5
 
 exec 2>&1
 report() { echo "$*" >&3; echo "$*"; }
@@ -480,7 +486,14 @@ else fail "exposure-at-most-$MAX_EXPOSURE" "exposure ${exposure:-unknown}"
   systemd-analyze security --no-pager cgtproxy.service 2>&1 | grep -E '✗' | evidence 30
 fi
 
-info "systemd-analyze security cgtproxy-forward: $(systemd-analyze security --no-pager cgtproxy-forward.service 2>&1 | grep -i 'overall exposure' | sed 's/.*→ //')"
+fwd_exposure_line=$(systemd-analyze security --no-pager cgtproxy-forward.service 2>&1 | grep -i 'overall exposure')
+fwd_exposure=$(echo "$fwd_exposure_line" | grep -oE '[0-9]+\.[0-9]+' | head -n1)
+info "systemd-analyze security cgtproxy-forward: ${fwd_exposure_line#*→ }"
+if [ -n "$fwd_exposure" ] && awk -v e="$fwd_exposure" -v m="$MAX_FORWARD_EXPOSURE" 'BEGIN { exit !(e <= m) }'; then
+  pass "forward-exposure-at-most-$MAX_FORWARD_EXPOSURE"
+else fail "forward-exposure-at-most-$MAX_FORWARD_EXPOSURE" "exposure ${fwd_exposure:-unknown}"
+  systemd-analyze security --no-pager cgtproxy-forward.service 2>&1 | grep -E '✗' | evidence 30
+fi
 
 # --- evidence for the host (printed there when anything failed) -------------------------
 echo "# journalctl -u cgtproxy-forward" | evidence
