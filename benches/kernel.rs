@@ -28,6 +28,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use cgtproxy::kernel::nlmsg::{attr, attrs, messages};
 use netlink_sys::{Socket, constants::NETLINK_NETFILTER};
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::socket::{MsgFlags, recv, setsockopt, sockopt};
@@ -537,52 +538,31 @@ impl Events {
     }
 }
 
-/// Netlink attributes of `buf`: (type without flag bits, payload).
-fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    let mut off = 0;
-    std::iter::from_fn(move || {
-        let head = buf.get(off..off + 4)?;
-        let len = u16::from_ne_bytes([head[0], head[1]]) as usize;
-        let kind = u16::from_ne_bytes([head[2], head[3]]) & 0x3fff;
-        let payload = buf.get(off + 4..off + len.max(4))?;
-        off += len.max(4).div_ceil(4) * 4;
-        Some((kind, payload))
-    })
-}
-
-fn attr(buf: &[u8], kind: u16) -> Option<&[u8]> {
-    attrs(buf).find(|&(k, _)| k == kind).map(|(_, p)| p)
-}
-
 /// The 64-bit keys of the elements added to a `level*` map, from one datagram of
 /// nftables events (one or more netlink messages).
-fn new_level_keys(mut buf: &[u8]) -> Vec<u64> {
+fn new_level_keys(buf: &[u8]) -> Vec<u64> {
     let mut keys = Vec::new();
-    while buf.len() >= 16 {
-        let len = u32::from_ne_bytes(buf[0..4].try_into().unwrap()) as usize;
-        let kind = u16::from_ne_bytes([buf[4], buf[5]]);
-        if len < 16 || len > buf.len() {
-            break;
-        }
+    for m in messages(buf) {
         // Payload: struct nfgenmsg (4 bytes), then attributes.
-        if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM && len >= 20 {
-            let body = &buf[20..len];
-            let is_level =
-                attr(body, NFTA_SET_ELEM_LIST_SET).is_some_and(|s| s.starts_with(b"level"));
-            if let (true, Some(list)) = (is_level, attr(body, NFTA_SET_ELEM_LIST_ELEMENTS)) {
-                for (k, elem) in attrs(list) {
-                    let value = (k == NFTA_LIST_ELEM)
-                        .then(|| attr(elem, NFTA_SET_ELEM_KEY))
-                        .flatten()
-                        .and_then(|key| attr(key, NFTA_DATA_VALUE))
-                        .and_then(|v| <[u8; 8]>::try_from(v).ok());
-                    if let Some(v) = value {
-                        keys.push(u64::from_ne_bytes(v));
-                    }
+        let Some(body) = m.payload().get(4..) else {
+            continue;
+        };
+        if m.ty != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM {
+            continue;
+        }
+        let is_level = attr(body, NFTA_SET_ELEM_LIST_SET).is_some_and(|s| s.starts_with(b"level"));
+        if let (true, Some(list)) = (is_level, attr(body, NFTA_SET_ELEM_LIST_ELEMENTS)) {
+            for (k, elem) in attrs(list) {
+                let value = (k == NFTA_LIST_ELEM)
+                    .then(|| attr(elem, NFTA_SET_ELEM_KEY))
+                    .flatten()
+                    .and_then(|key| attr(key, NFTA_DATA_VALUE))
+                    .and_then(|v| <[u8; 8]>::try_from(v).ok());
+                if let Some(v) = value {
+                    keys.push(u64::from_ne_bytes(v));
                 }
             }
         }
-        buf = &buf[(len.div_ceil(4) * 4).min(buf.len())..];
     }
     keys
 }

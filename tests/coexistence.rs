@@ -127,6 +127,26 @@ fn eventually_plain(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
+/// wg-quick's nftables rules for interface `dev` with addresses `v4` and `v6`,
+/// as its add_default() writes them (wireguard-tools, linux.bash).
+fn load_wg_quick_nft(dev: &str, v4: &str, v6: &str) {
+    for (pf, addr) in [("ip", v4), ("ip6", v6)] {
+        let t = format!("wg-quick-{dev}");
+        let script = format!(
+            "add table {pf} {t}
+add chain {pf} {t} preraw {{ type filter hook prerouting priority -300; }}
+add chain {pf} {t} premangle {{ type filter hook prerouting priority -150; }}
+add chain {pf} {t} postmangle {{ type filter hook postrouting priority -150; }}
+add rule {pf} {t} preraw iifname != \"{dev}\" {pf} daddr {addr} fib saddr type != local drop
+add rule {pf} {t} postmangle meta l4proto udp mark 51820 ct mark set mark
+add rule {pf} {t} premangle meta l4proto udp meta mark set ct mark
+"
+        );
+        let out = sh_any(&format!("printf '%s' '{script}' | nft -f - && echo loaded"));
+        assert!(out.contains("loaded"), "wg-quick's rules: {out}");
+    }
+}
+
 /// The priority of our v4 rule (`fwmark 0xbb8`), and of the first rule that
 /// looks up `table`, as `ip rule` lists them.
 fn priorities(family: &str, table: &str) -> (Option<u32>, Option<u32>) {
@@ -189,7 +209,11 @@ fn wg_quick_rules_added_after_the_daemon_never_take_proxied_traffic() {
                 ),
                 Stdio::piped(),
             );
-            std::thread::sleep(Duration::from_millis(500));
+            let flowing = lab.eventually(FAST, || {
+                sh_any("nft list counter inet cgtproxy proxy").contains("packets")
+                    && !sh_any("nft list counter inet cgtproxy proxy").contains("packets 0 ")
+            });
+            assert!(flowing, "the stream never started");
             for fam in ["-4", "-6"] {
                 // wg-quick's own commands (add_default in wg-quick/linux.bash).
                 sh_any(&format!(
@@ -213,7 +237,35 @@ fn wg_quick_rules_added_after_the_daemon_never_take_proxied_traffic() {
                     sh_any("ip rule; ip -6 rule")
                 );
             }
-            all_proxied(&lab, &tunnel, "after wg-quick came up");
+            all_proxied(&lab, &tunnel, "after wg-quick's rules");
+
+            // wg-quick's nftables table too. Its anti-spoofing rule drops what
+            // reaches the tunnel's own address from another interface with a
+            // foreign source: exactly the proxy's answers (from the original
+            // destination) to an app whose connection took the tunnel's address
+            // as its source, chosen before our mark re-routed it. Proxied
+            // traffic then fails, closed.
+            load_wg_quick_nft("vpn0", "10.98.0.1", "fd98::1");
+            for (proto, dst) in [("tcp", INET4), ("udp", INET6)] {
+                let a = lab.talk("proxy", proto, dst, PEER_PORT);
+                assert!(
+                    a.starts_with("ERR"),
+                    "{proto} {dst} through wg-quick's filter: {a}"
+                );
+            }
+            assert_eq!(
+                tunnel.arrived(),
+                0,
+                "failed closed, nothing into the tunnel"
+            );
+            // The README's remedy: let wg-quick's filter pass what arrives on lo.
+            for fam in ["ip", "ip6"] {
+                let out = sh_any(&format!(
+                    "nft insert rule {fam} wg-quick-vpn0 preraw iifname lo accept && echo ok"
+                ));
+                assert!(out.contains("ok"), "{out}");
+            }
+            all_proxied(&lab, &tunnel, "with wg-quick's filter and the remedy");
             // The tunnel does take what is not ours: the test can see a leak.
             assert!(
                 lab.talk("direct", "udp", INET4, PEER_PORT)

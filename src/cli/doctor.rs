@@ -4,13 +4,13 @@
 use std::collections::BTreeSet;
 use std::fmt::Write;
 
-use crate::cgroup::{self, Hierarchy};
 use crate::config::Config;
-use crate::nft::{Nft, TABLE_F_OWNER, TABLE_F_PERSIST, Txn};
-use crate::plan;
-use crate::precedence::{self, Placement};
-use crate::rpfilter;
-use crate::sockdiag;
+use crate::core::precedence::{self, Placement};
+use crate::core::rpfilter;
+use crate::core::table;
+use crate::kernel::nft::{Nft, TABLE_F_OWNER, TABLE_F_PERSIST, Txn};
+use crate::kernel::sockdiag;
+use crate::watch::hierarchy::{self, Hierarchy};
 
 /// A probe's outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +49,7 @@ fn probe_kernel(cfg: &Config) -> (Probe, Option<u32>) {
         }
     }
     let levels: BTreeSet<u32> = [1].into();
-    let spec = plan::table(&probe_cfg, &levels, &Default::default());
+    let spec = table::table(&probe_cfg, &levels, &Default::default());
     let result = Nft::open().and_then(|mut nft| {
         let flags = nft.table_flags(&spec.name)?;
         let mut txn = Txn::new();
@@ -101,7 +101,7 @@ fn probe_cgroups(cfg: &Config) -> (Probe, Option<Probe>) {
             );
         }
     };
-    let n = cgroup::walk(&hier).len();
+    let n = hierarchy::walk(&hier).len();
     let found = Probe {
         verdict: Verdict::Ok,
         name: "cgroup2",
@@ -385,7 +385,7 @@ fn probe_flush(flags: Option<u32>) -> Probe {
 fn probe_rule_order(cfg: &Config) -> Probe {
     let name = "ip rule order";
     let marks: Vec<u32> = cfg.targets.iter().map(|t| t.mark).collect();
-    let rules = match crate::route::Routes::open().and_then(|mut r| r.all_rules()) {
+    let rules = match crate::kernel::route::Routes::open().and_then(|mut r| r.all_rules()) {
         Ok(r) => r,
         Err(e) => {
             return Probe {
@@ -504,7 +504,7 @@ fn probe_rpfilter(cfg: &Config) -> Probe {
             found.join("; ")
         ),
         fix: Some(format!(
-            "accept the marks before the check. NixOS: services.cgtproxy.reversePathExemption = true (the default), or networking.firewall.extraReversePathFilterRules = \"meta mark {{ {m} }} accept\"; firewalld: IPv6_rpfilter=loose in /etc/firewalld/firewalld.conf; your own ruleset: `meta mark {{ {m} }} accept` before the fib rule; iptables: `-m rpfilter --validmark`",
+            "accept the marks before the check. NixOS: services.cgtproxy.reversePathExemption = true (the default), or networking.firewall.extraReversePathFilterRules = \"meta mark {{ {m} }} accept\"; firewalld: IPv6_rpfilter=loose in /etc/firewalld/firewalld.conf; wg-quick (its `preraw` chain): `PostUp = nft insert rule ip wg-quick-%i preraw iifname lo accept; nft insert rule ip6 wg-quick-%i preraw iifname lo accept` in the tunnel's config; your own ruleset: `meta mark {{ {m} }} accept` before the fib rule; iptables: `-m rpfilter --validmark`",
             m = marks.join(", ")
         )),
     }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use netlink_sys::constants::NETLINK_NETFILTER;
 
-use crate::nlmsg::{Channel, attr, attrs, c_str};
+use crate::kernel::nlmsg::{Channel, attr, attrs, c_str};
 
 const SUBSYS_NFTABLES: u16 = 10;
 const NFT_MSG_GETTABLE: u16 = 1;
@@ -42,7 +42,7 @@ pub struct TableState {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Installed {
     pub state: TableState,
-    /// Level → (cgroup id → class, see `plan::class`).
+    /// Level → (cgroup id → class, see `table::class`).
     pub maps: BTreeMap<u32, BTreeMap<u64, u32>>,
     /// Named counter (one per target, named after it) → (packets, bytes).
     pub counters: BTreeMap<String, (u64, u64)>,

@@ -7,9 +7,9 @@ use std::os::fd::{AsFd, BorrowedFd};
 use netlink_sys::{Socket, constants};
 use nix::sys::socket::{setsockopt, sockopt};
 
-use crate::nlmsg::{self, c_str};
-use crate::precedence::{is_ours, rule_priority};
-use crate::route::{Plan, RTM_DELROUTE, RTM_DELRULE, RTM_NEWRULE, RtMsg, route_table};
+use crate::core::precedence::{is_ours, rule_priority};
+use crate::kernel::nlmsg::{self, c_str};
+use crate::kernel::route::{Plan, RTM_DELROUTE, RTM_DELRULE, RTM_NEWRULE, RtMsg, route_table};
 
 /// `NFNLGRP_NFTABLES`.
 const NFNLGRP_NFTABLES: u32 = 7;
@@ -270,7 +270,7 @@ mod tests {
 
     #[test]
     fn removed_rules_and_routes_of_ours_are_damage() {
-        use crate::route::encode;
+        use crate::kernel::route::encode;
         use netlink_packet_route::route::{RouteAttribute, RouteMessage};
         use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
         let plan = |marks: Vec<u32>| Plan {

@@ -1,0 +1,9 @@
+//! Everything that talks to the kernel over netlink: nftables transactions and
+//! dumps, policy routing, change notifications, socket diagnostics.
+
+pub mod events;
+pub mod inspect;
+pub mod nft;
+pub mod nlmsg;
+pub mod route;
+pub mod sockdiag;
