@@ -16,16 +16,8 @@ use crate::core::precedence::{is_ours, rule_priority};
 use crate::core::table::Family;
 use crate::kernel::nlmsg;
 
-// rtnetlink message types (linux/rtnetlink.h). Rules and routes are parsed and
-// emitted one kind at a time, not through the crate's all-families message enum,
-// so that the parsers of links, qdiscs, neighbours... stay out of the binary
-// (about a tenth of it, all resident).
-pub const RTM_NEWROUTE: u16 = 24;
-pub const RTM_DELROUTE: u16 = 25;
-const RTM_GETROUTE: u16 = 26;
-pub const RTM_NEWRULE: u16 = 32;
-pub const RTM_DELRULE: u16 = 33;
-const RTM_GETRULE: u16 = 34;
+pub use crate::kernel::consts::{RTM_DELROUTE, RTM_DELRULE, RTM_NEWROUTE, RTM_NEWRULE};
+use crate::kernel::consts::{RTM_GETROUTE, RTM_GETRULE};
 
 /// A rule or route as read from rtnetlink.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,11 +8,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use netlink_sys::constants::NETLINK_SOCK_DIAG;
 
 use crate::core::table::Proto;
+use crate::kernel::consts::{NLM_F_DUMP, NLM_F_REQUEST, SOCK_DIAG_BY_FAMILY};
 use crate::kernel::nlmsg;
 
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_DUMP: u16 = 0x300;
 /// `INET_DIAG_SOCKOPT`: struct inet_diag_sockopt, two bytes of bit fields.
 const INET_DIAG_SOCKOPT: u16 = 22;
 /// `struct inet_diag_msg`: family, state, timer, retrans, the 48-byte socket id,

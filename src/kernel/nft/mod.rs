@@ -663,9 +663,7 @@ impl Nft {
 
 /// NLMSG_ERROR replies in a datagram: (sequence, errno ≤ 0, extended-ack message).
 fn parse_acks(b: &[u8]) -> Vec<(u32, i32, Option<String>)> {
-    const NLMSG_ERROR: u16 = 2;
-    const NLM_F_ACK_TLVS: u16 = 0x200;
-    const NLMSGERR_ATTR_MSG: u16 = 1;
+    use crate::kernel::consts::{NLM_F_ACK_TLVS, NLMSG_ERROR, NLMSGERR_ATTR_MSG};
     let mut out = Vec::new();
     for m in crate::kernel::nlmsg::messages(b) {
         let msg = m.bytes;
