@@ -16,8 +16,9 @@ use crate::core::precedence::{is_ours, rule_priority};
 use crate::core::table::Family;
 use crate::kernel::nlmsg;
 
-pub use crate::kernel::consts::{RTM_DELROUTE, RTM_DELRULE, RTM_NEWROUTE, RTM_NEWRULE};
-use crate::kernel::consts::{RTM_GETROUTE, RTM_GETRULE};
+use crate::kernel::consts::{
+    RTM_DELROUTE, RTM_DELRULE, RTM_GETROUTE, RTM_GETRULE, RTM_NEWROUTE, RTM_NEWRULE,
+};
 
 /// A rule or route as read from rtnetlink.
 #[derive(Debug, Clone, PartialEq, Eq)]
