@@ -37,6 +37,10 @@ use serde_json::json;
 
 #[path = "kernel/forward.rs"]
 mod forward;
+#[path = "../tests/support/netns.rs"]
+mod netns;
+
+use netns::{Netns, remove_tree};
 
 /// Set in the environment of the re-executed process: the name of its cgroup subtree.
 const INNER: &str = "CGTPROXY_BENCH_BASE";
@@ -131,34 +135,6 @@ fn host_cgroup2() -> Option<PathBuf> {
     })
 }
 
-/// Removes a cgroup subtree deepest-first; a cgroup that still holds processes is
-/// killed (`cgroup.kill`) and retried.
-fn remove_tree(dir: &Path) {
-    let mut dirs = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        if let Ok(rd) = fs::read_dir(&d) {
-            for e in rd.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    stack.push(e.path());
-                }
-            }
-        }
-        dirs.push(d);
-    }
-    for d in dirs.iter().rev() {
-        for attempt in 0..100 {
-            if fs::remove_dir(d).is_ok() || !d.exists() {
-                break;
-            }
-            if attempt == 0 {
-                let _ = fs::write(d.join("cgroup.kill"), "1");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
 /// Makes closing `s` send RST: no TIME_WAIT, so a connect loop never runs out
 /// of ports.
 fn reset_on_close(s: &TcpStream) -> nix::Result<()> {
@@ -216,7 +192,7 @@ struct Lab {
     mount: PathBuf,
     /// Name of our subtree below the cgroup2 root, without a leading `/`.
     base: String,
-    peer: Option<Child>,
+    peer: Option<Netns>,
     server: Option<Child>,
     daemon: Option<Daemon>,
 }
@@ -240,19 +216,10 @@ impl Lab {
         sh("mount -t cgroup2 none /sys/fs/cgroup");
         fs::create_dir_all(lab.cg("a/b/c/d")).unwrap();
         sh("ip link set lo up");
-        // The peer namespace plays "the internet": a process that only holds it.
-        let peer = Command::new("unshare")
-            .args(["--net", "--", "sleep", "3600"])
-            .spawn()
-            .unwrap();
-        let ppid = peer.id();
+        // The peer namespace plays "the internet".
+        let peer = Netns::new();
+        let ppid = peer.pid();
         lab.peer = Some(peer);
-        let mine = fs::read_link("/proc/self/ns/net").unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while fs::read_link(format!("/proc/{ppid}/ns/net")).ok().as_ref() == Some(&mine) {
-            assert!(Instant::now() < deadline, "peer namespace not created");
-            std::thread::sleep(Duration::from_millis(10));
-        }
         sh(&format!(
             "ip link add veth0 type veth peer name veth1 netns {ppid} &&
              ip addr add 10.99.0.1/24 dev veth0 && ip link set veth0 up &&
@@ -420,11 +387,11 @@ impl Drop for Lab {
             let _ = d.child.kill();
             let _ = d.child.wait();
         }
-        for c in [self.server.take(), self.peer.take()].into_iter().flatten() {
-            let mut c = c;
+        if let Some(mut c) = self.server.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+        self.peer.take();
         remove_tree(&self.mount.join(&self.base));
         // The mounts die with our mount namespace; only the directory is shared.
         let _ = Command::new("umount").arg(&self.mount).status();

@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use support::*;
@@ -70,26 +70,13 @@ fn counted(pid: u32) -> u64 {
 /// A stand-in for a VPN tunnel or an exit node: a namespace behind `vpn0`,
 /// which routing table `table` sends everything to. Counts what arrives.
 struct Tunnel {
-    holder: Child,
+    far: Netns,
 }
 
 impl Tunnel {
     fn new(table: u32) -> Tunnel {
-        let holder = Command::new("unshare")
-            .args(["--net", "--", "sleep", "3600"])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let pid = holder.id();
-        let mine = std::fs::read_link("/proc/self/ns/net").unwrap();
-        let t = Tunnel { holder };
-        let apart = eventually_plain(FAST, || {
-            std::fs::read_link(format!("/proc/{pid}/ns/net"))
-                .ok()
-                .as_ref()
-                != Some(&mine)
-        });
-        assert!(apart, "tunnel namespace not created");
+        let far = Netns::new();
+        let pid = far.pid();
         let out = sh_any(&format!(
             "ip link add vpn0 type veth peer name vpn1 netns {pid} &&
              ip addr add 10.98.0.1/24 dev vpn0 && ip addr add fd98::1/64 dev vpn0 nodad &&
@@ -101,30 +88,12 @@ impl Tunnel {
         ));
         assert!(out.contains("done"), "tunnel: {out}");
         install_counter(pid);
-        t
+        Tunnel { far }
     }
 
     fn arrived(&self) -> u64 {
-        counted(self.holder.id())
+        counted(self.far.pid())
     }
-}
-
-impl Drop for Tunnel {
-    fn drop(&mut self) {
-        let _ = self.holder.kill();
-        let _ = self.holder.wait();
-    }
-}
-
-fn eventually_plain(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    f()
 }
 
 /// wg-quick's nftables rules for interface `dev` with addresses `v4` and `v6`,
