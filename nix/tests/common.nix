@@ -22,7 +22,8 @@
         wantedBy = [ "multi-user.target" ];
         before = [ "cgtproxy.service" ];
         serviceConfig = {
-          ExecStart = "${pkgs.python3}/bin/python3 ${./tproxy-listener.py} ${toString port} /run/tproxy-listener.log";
+          # HTTP answers "proxied <original destination>"; every flow logged.
+          ExecStart = "${pkgs.python3}/bin/python3 ${../../tests/helpers/listener.py} ${toString port} proxied --http --log /run/tproxy-listener.log";
           # IP_TRANSPARENT sockets.
           AmbientCapabilities = [ "CAP_NET_ADMIN" ];
         };

@@ -149,7 +149,7 @@ systemd-run --quiet --unit=peer-server -p Type=notify \
 # The transparent proxy: a system service whose cgroup the config classifies
 # direct, so its own traffic is never looped back to itself.
 systemd-run --quiet --unit=tproxy-listener -p Type=notify \
-  python3 "$P/vmnet.py" listener "$LISTEN_PORT"
+  python3 "$P/listener.py" "$LISTEN_PORT" TPROXY
 # alice lingers (image.sh): her user manager is started at boot.
 systemctl start user@1000.service
 
