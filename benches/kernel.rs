@@ -1,4 +1,4 @@
-//! Kernel benchmark (issue 4): update latency, scale, datapath cost and footprint of
+//! Kernel benchmark: update latency, scale, datapath cost and footprint of
 //! the daemon, measured against the real kernel. Root only; run with
 //! `cargo bench --bench kernel` (Cargo builds the release daemon binary first).
 //!

@@ -12,8 +12,8 @@ use serde::Deserialize;
 /// Where `run`, `check`, `render` and `exec` look when no `--config` is given.
 pub const DEFAULT_PATH: &str = "/etc/cgtproxy/config.json";
 
-/// The built-in configuration used when the default file is absent: the reference
-/// project's slice convention, one TPROXY target on port 7893.
+/// The built-in configuration used when the default file is absent: the slice
+/// convention of black-desk/cgtproxy, one TPROXY target on port 7893.
 pub const BUILTIN: &str = r#"{
   "version": 1,
   "cgroup-root": "AUTO",

@@ -1,4 +1,4 @@
-//! The forwarder comparison (issue 8): `cgtproxy forward`, v2ray's dokodemo-door
+//! The forwarder comparison: `cgtproxy forward`, v2ray's dokodemo-door
 //! and redsocks side by side in one run, over the same path to the same upstream.
 //!
 //! The path: an app in a cgroup of its own sends to a server in the peer

@@ -22,12 +22,12 @@ WHOAMI_PORT=8081
 UP4=10.98.0.2    # ss-local (SOCKS5 with UDP) on :1080, via ss-server
 UP4_B=10.98.0.3  # microsocks (TCP only, password) on UP4:1081 connects from here
 UP6=fd98::2
-MAX_EXPOSURE=1.2 # systemd-analyze security target from issue 7
+MAX_EXPOSURE=1.2 # systemd-analyze security: the daemon's bound
 # The forwarder's bound: the daemon's sandbox without netlink (-0.1) but with
 # IP sockets (+0.3: it relays to any destination) and without an IP address
 # allow list (+0.2: its peers are the host's own, DHCP-given source addresses
-# and any upstream). Issue 18 asks for 1.2; no unit setting that keeps it
-# working gets there (see README, Threat model). A regression guard.
+# and any upstream). No unit setting that keeps it working gets to the
+# daemon's 1.2 (see README, Threat model). A regression guard.
 MAX_FORWARD_EXPOSURE=1.5
 
 exec 2>&1
