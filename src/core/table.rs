@@ -529,15 +529,11 @@ mod tests {
     use super::*;
     use crate::core::tree::Elements;
 
+    /// One target and overlapping bypass ranges; rules do not matter here.
     fn cfg() -> Config {
         Config::parse(
-            r#"{"version":1,"route-table":300,"bypass":["10.0.0.0/8","10.1.0.0/16","11.0.0.0/8","::1"],
-            "tproxies":{"proxy":{"port":7893,"mark":3000}},
-            "rules":[
-              {"match":"^/system\\.slice/mihomo\\.service$","direct":true},
-              {"match":"/inner-direct\\.scope$","direct":true},
-              {"match":"/drop\\.slice(/|$)","drop":true},
-              {"match":"/proxy\\.slice(/|$)","tproxy":"proxy"}]}"#,
+            r#"{"version":1,"bypass":["10.0.0.0/8","10.1.0.0/16","11.0.0.0/8","::1"],
+            "tproxies":{"proxy":{"port":7893,"mark":3000}}}"#,
             "t",
         )
         .unwrap()

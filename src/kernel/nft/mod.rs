@@ -60,6 +60,20 @@ fn nfproto(f: Family) -> u8 {
     }
 }
 
+/// The family of `addr`, and the loads that put it into [`REG_1`] and `port`
+/// into [`REG_2`], where `tproxy` and `nat` read them.
+fn address_and_port(addr: &IpAddr, port: u16) -> (u32, [Expr; 2]) {
+    let (data, family) = match addr {
+        IpAddr::V4(a) => (a.octets().to_vec(), libc::NFPROTO_IPV4),
+        IpAddr::V6(a) => (a.octets().to_vec(), libc::NFPROTO_IPV6),
+    };
+    let port = Expr::Load {
+        reg: REG_2,
+        data: port.to_be_bytes().to_vec(),
+    };
+    (family as u32, [Expr::Load { reg: REG_1, data }, port])
+}
+
 /// The expressions that implement one statement.
 fn exprs(s: &Stmt) -> Result<Vec<Expr>, NftError> {
     let cmp = |data: Vec<u8>| Expr::Cmp { eq: true, data };
@@ -160,36 +174,12 @@ fn exprs(s: &Stmt) -> Result<Vec<Expr>, NftError> {
             },
         ],
         Stmt::Tproxy(addr, port) => {
-            let (data, family) = match addr {
-                IpAddr::V4(a) => (a.octets().to_vec(), libc::NFPROTO_IPV4),
-                IpAddr::V6(a) => (a.octets().to_vec(), libc::NFPROTO_IPV6),
-            };
-            vec![
-                Expr::Load { reg: REG_1, data },
-                Expr::Load {
-                    reg: REG_2,
-                    data: port.to_be_bytes().to_vec(),
-                },
-                Expr::Tproxy {
-                    family: family as u32,
-                },
-            ]
+            let (family, [addr, port]) = address_and_port(addr, *port);
+            vec![addr, port, Expr::Tproxy { family }]
         }
         Stmt::Dnat(addr, port) => {
-            let (data, family) = match addr {
-                IpAddr::V4(a) => (a.octets().to_vec(), libc::NFPROTO_IPV4),
-                IpAddr::V6(a) => (a.octets().to_vec(), libc::NFPROTO_IPV6),
-            };
-            vec![
-                Expr::Load { reg: REG_1, data },
-                Expr::Load {
-                    reg: REG_2,
-                    data: port.to_be_bytes().to_vec(),
-                },
-                Expr::Dnat {
-                    family: family as u32,
-                },
-            ]
+            let (family, [addr, port]) = address_and_port(addr, *port);
+            vec![addr, port, Expr::Dnat { family }]
         }
         Stmt::Counter => vec![Expr::Counter],
         Stmt::NamedCounter(n) => vec![Expr::CounterRef(cstring(n)?)],
