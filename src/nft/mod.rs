@@ -15,8 +15,8 @@ use nix::sys::socket::{MsgFlags, NetlinkAddr, recv, sendmsg, setsockopt, sockopt
 use nix::sys::time::TimeVal;
 
 use crate::plan::{ChainSpec, Family, Hook, SetKind, SetSpec, Stmt, TableSpec, Verdict};
-pub use ffi::{TABLE_F_OWNER, TABLE_F_PERSIST};
 use ffi::{ELEMS_PER_MSG, Elem, Elems, Expr, Key, MetaKey, PayloadBase, REG_1, REG_2, SetDef};
+pub use ffi::{TABLE_F_OWNER, TABLE_F_PERSIST};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
