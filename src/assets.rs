@@ -28,7 +28,8 @@ ConfigurationDirectory=, \fI$CONFIGURATION_DIRECTORY/config.json\fR). When it is
 absent, the built\-in default applies: one TPROXY target \fBproxy\fR on port 7893,
 and the slices \fB\%cgtproxy\-proxy.slice\fR, \fB\%cgtproxy\-direct.slice\fR and
 \fB\%cgtproxy\-drop.slice\fR; \fIexamples/config.json\fR in the package's
-documentation directory is a copy of it.
+documentation directory is a copy of it. The units name this file explicitly:
+without it they fail to start rather than run the default.
 .TP
 \fBcgtproxy.service\fR, \fBcgtproxy\-forward.service\fR
 The systemd units of the daemon and of the built\-in forwarder. Installing the
