@@ -59,6 +59,8 @@ pub enum Cmd {
         /// Configuration file [default: /etc/cgtproxy/config.json, else built-in].
         #[arg(long)]
         config: Option<PathBuf>,
+        #[command(flatten)]
+        opts: crate::forward::Options,
     },
     /// Show the installed state from the kernel and any drift from the config
     /// (exit 3 when the kernel differs from the configuration).

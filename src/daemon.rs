@@ -24,6 +24,7 @@ use crate::plan::{self, Delta, Elements, Tree};
 use crate::precedence::{self, Placement};
 use crate::route::{self, RouteError, Routes};
 use crate::runstate;
+use crate::schedule::{HEAL_WINDOW, Schedule};
 use crate::watch::{Change, WatchError, Watcher};
 
 #[derive(Debug, thiserror::Error)]
@@ -58,9 +59,6 @@ pub enum DaemonError {
 fn sys(step: &'static str) -> impl FnOnce(nix::Error) -> DaemonError {
     move |source| DaemonError::Sys { step, source }
 }
-
-/// Longest wait between retries of a failed kernel update.
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Whether table `name` exists now; an error if another process owns it.
 fn table_exists(nft: &Nft, name: &str) -> Result<bool, DaemonError> {
@@ -122,44 +120,19 @@ struct Daemon {
     table_flags: u32,
     /// Why the daemon is degraded (part of the tree unwatched), if it is.
     degraded: Option<String>,
-    /// When the tree is walked again after a watcher failure, and the wait
-    /// after that one.
-    rescan_at: Option<Instant>,
-    rescan_delay: Duration,
     /// A foreign ip rule at priority 0 that takes marked packets before ours.
     blocked_by: Option<String>,
     /// Set after a failed update: the next retry rebuilds the whole table.
     dirty: bool,
-    backoff: Duration,
-    /// When a failed update is retried.
-    retry_at: Option<Instant>,
-    /// When a deferred STATUS= goes out, and when the last one did.
-    status_at: Option<Instant>,
-    status_sent: Option<Instant>,
-    /// When foreign damage is repaired; the delay grows while it keeps recurring.
-    heal_at: Option<Instant>,
-    heal_delay: Duration,
-    heals: Vec<Instant>,
+    /// Retries, repairs, walks of the tree and deferred status lines.
+    sched: Schedule,
     culprit: Option<String>,
     events: Events,
     timer: TimerFd,
 }
 
-/// First repair this soon after damage: coalesces the burst of notifications one
-/// `nft flush ruleset` produces.
-const HEAL_DELAY: Duration = Duration::from_millis(10);
-/// This many repairs within [`HEAL_WINDOW`] means someone keeps undoing us.
-const HEAL_BURST: usize = 5;
-const HEAL_WINDOW: Duration = Duration::from_secs(30);
-
-/// STATUS= at most this often: a burst of cgroups must not flood PID 1.
-const STATUS_INTERVAL: Duration = Duration::from_secs(1);
-
 /// Environment variable of the test-only knob that creates the table without flags.
 pub const TEST_NO_TABLE_FLAGS_ENV: &str = "CGTPROXY_TEST_NO_TABLE_FLAGS";
-
-/// First retry of a failed walk of the tree (watch limit, inotify errors).
-const RESCAN_DELAY: Duration = Duration::from_millis(500);
 
 /// The routing entries for `cfg`, at the priority `placement` chose.
 fn route_plan(cfg: &Config, placement: &Placement) -> route::Plan {
@@ -273,7 +246,7 @@ impl Daemon {
         if self.degraded.is_none() {
             error!(
                 "degraded: {reason}; the installed rules stay in place; walking the tree again in {:?}",
-                self.rescan_delay
+                self.sched.rescan.delay()
             );
         }
         if self.degraded.as_ref() != Some(&reason) {
@@ -281,11 +254,8 @@ impl Daemon {
             self.degraded = Some(reason);
             self.publish_status();
         }
-        if self.rescan_at.is_none() {
-            self.rescan_at = Some(Instant::now() + self.rescan_delay);
-            self.rescan_delay = (self.rescan_delay * 2).min(MAX_BACKOFF);
-            self.arm_timer();
-        }
+        self.sched.rescan.arm(Instant::now());
+        self.arm_timer();
     }
 
     /// After a walk: degraded while part of the tree is unwatched, whole again
@@ -305,8 +275,7 @@ impl Daemon {
                     runstate::clear();
                     self.publish_status();
                 }
-                self.rescan_at = None;
-                self.rescan_delay = RESCAN_DELAY;
+                self.sched.rescan.reset();
             }
         }
     }
@@ -394,13 +363,14 @@ impl Daemon {
                     info!("table rebuilt after an earlier failure");
                 }
                 self.dirty = false;
-                self.backoff = Duration::from_millis(100);
+                self.sched.retry.reset();
                 self.publish_status();
             }
             Err(e) => {
                 error!(
                     "updating table inet {}: {e}; rebuilding it in {:?}",
-                    self.cfg.table, self.backoff
+                    self.cfg.table,
+                    self.sched.retry.delay()
                 );
                 self.dirty = true;
                 self.arm_retry();
@@ -409,35 +379,22 @@ impl Daemon {
     }
 
     fn arm_retry(&mut self) {
-        self.retry_at = Some(Instant::now() + self.backoff);
-        self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        self.sched.retry.arm(Instant::now());
         self.arm_timer();
     }
 
-    /// Sends STATUS= now, or defers it to keep within [`STATUS_INTERVAL`].
+    /// Sends STATUS= now, or defers it (see [`crate::schedule::StatusLine`]).
     fn publish_status(&mut self) {
-        let now = Instant::now();
-        match self.status_sent {
-            Some(t) if now < t + STATUS_INTERVAL => {
-                if self.status_at.is_none() {
-                    self.status_at = Some(t + STATUS_INTERVAL);
-                    self.arm_timer();
-                }
-            }
-            _ => {
-                notify::status(&self.status());
-                self.status_sent = Some(now);
-            }
+        if self.sched.status.send_now(Instant::now()) {
+            notify::status(&self.status());
+        } else {
+            self.arm_timer();
         }
     }
 
     /// Arms the timer for the earliest pending deadline.
     fn arm_timer(&mut self) {
-        let Some(at) = [self.retry_at, self.status_at, self.heal_at, self.rescan_at]
-            .into_iter()
-            .flatten()
-            .min()
-        else {
+        let Some(at) = self.sched.next() else {
             return;
         };
         let left = at
@@ -452,36 +409,26 @@ impl Daemon {
     /// Runs whatever deadline has passed.
     fn on_timer(&mut self) {
         let now = Instant::now();
-        if self.retry_at.is_some_and(|t| t <= now) {
-            self.retry_at = None;
-            if self.dirty {
-                self.converge(Delta::default());
-            }
+        if self.sched.retry.take_due(now) && self.dirty {
+            self.converge(Delta::default());
         }
-        if self.heal_at.is_some_and(|t| t <= now) {
-            self.heal_at = None;
+        if self.sched.heal.take_due(now) {
             self.heal();
         }
-        if self.rescan_at.is_some_and(|t| t <= now) {
-            self.rescan_at = None;
+        if self.sched.rescan.take_due(now) {
             self.rescan();
         }
-        if self.status_at.is_some_and(|t| t <= now) {
-            self.status_at = None;
+        if self.sched.status.take_due(now) {
             notify::status(&self.status());
-            self.status_sent = Some(now);
         }
         self.arm_timer();
     }
 
     /// Notices foreign changes to our table or routing and schedules a repair.
     fn on_events(&mut self) {
-        let damage: Damage = self.events.read(
-            &self.cfg.table,
-            self.nft.port(),
-            self.route_plan.table,
-            &self.route_plan.marks,
-        );
+        let damage: Damage = self
+            .events
+            .read(&self.cfg.table, self.nft.port(), &self.route_plan);
         if damage.rules_changed {
             self.place();
         }
@@ -494,17 +441,12 @@ impl Daemon {
         if damage.lost {
             warn!("kernel notifications were lost; rebuilding the table to be sure");
         }
-        if self.heal_at.is_none() {
-            self.heal_at = Some(Instant::now() + self.heal_delay);
-            self.arm_timer();
-        }
+        self.sched.heal.damaged(Instant::now());
+        self.arm_timer();
     }
 
     /// Restores the table and routing in one go after foreign damage.
     fn heal(&mut self) {
-        let now = Instant::now();
-        self.heals.retain(|t| now.duration_since(*t) < HEAL_WINDOW);
-        self.heals.push(now);
         let by = self
             .culprit
             .take()
@@ -531,16 +473,10 @@ impl Daemon {
                 self.arm_retry();
             }
         }
-        if self.heals.len() >= HEAL_BURST {
-            self.heal_delay = (self.heal_delay * 2).min(MAX_BACKOFF);
+        if let Some((n, wait)) = self.sched.heal.recurring() {
             warn!(
-                "our rules were undone {} times in {:?}: something keeps removing them; waiting {:?} before the next repair",
-                self.heals.len(),
-                HEAL_WINDOW,
-                self.heal_delay
+                "our rules were undone {n} times in {HEAL_WINDOW:?}: something keeps removing them; waiting {wait:?} before the next repair"
             );
-        } else if self.heals.len() == 1 {
-            self.heal_delay = HEAL_DELAY;
         }
     }
 
@@ -662,7 +598,7 @@ impl Daemon {
                 w.hierarchy().mount.display()
             );
             self.watcher = w;
-            self.rescan_at = None;
+            self.sched.rescan.reset();
             self.check_watched();
         }
         Ok(())
@@ -764,19 +700,11 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         routes,
         table_flags,
         degraded: None,
-        rescan_at: None,
-        rescan_delay: RESCAN_DELAY,
         blocked_by: None,
         installed: Elements::new(),
         levels: BTreeSet::new(),
         dirty: false,
-        backoff: Duration::from_millis(100),
-        retry_at: None,
-        status_at: None,
-        status_sent: None,
-        heal_at: None,
-        heal_delay: HEAL_DELAY,
-        heals: Vec::new(),
+        sched: Schedule::default(),
         culprit: None,
         events: Events::open()?,
         timer,

@@ -268,6 +268,81 @@ fn probe_listeners(cfg: &Config) -> Vec<Probe> {
         .collect()
 }
 
+/// The sockets among `found` that the network can reach: bound to a wildcard
+/// or to a non-loopback address, as "TCP on 0.0.0.0".
+fn reachable(proto: &str, found: &[sockdiag::Bound]) -> Vec<String> {
+    found
+        .iter()
+        .filter(|b| !b.addr.to_canonical().is_loopback())
+        .map(|b| match b.addr {
+            std::net::IpAddr::V6(a) => format!("{proto} on [{a}]"),
+            a => format!("{proto} on {a}"),
+        })
+        .collect()
+}
+
+/// Whether a target's listener is reachable from the network. The daemon's
+/// tproxy statements deliver to 127.0.0.1 and ::1, so a listener needs no more;
+/// one bound to a wildcard or a LAN address also takes connections from
+/// neighbours to HOST:PORT, and the proxy relays them, its own port included.
+fn probe_exposure(cfg: &Config) -> Vec<Probe> {
+    let (tcp, udp) = match (
+        sockdiag::list(sockdiag::Proto::Tcp),
+        sockdiag::list(sockdiag::Proto::Udp),
+    ) {
+        (Ok(t), Ok(u)) => (t, u),
+        // probe_listeners already reports why sockets cannot be listed.
+        _ => return Vec::new(),
+    };
+    let on = |list: &[(u16, sockdiag::Bound)], port: u16| -> Vec<sockdiag::Bound> {
+        list.iter()
+            .filter(|(p, _)| *p == port)
+            .map(|(_, b)| *b)
+            .collect()
+    };
+    cfg.targets
+        .iter()
+        .filter_map(|t| {
+            let tcp = on(&tcp, t.port);
+            let udp = if t.no_udp { Vec::new() } else { on(&udp, t.port) };
+            if tcp.is_empty() && udp.is_empty() {
+                // Nothing listens: probe_listeners says so.
+                return None;
+            }
+            let open: Vec<String> = reachable("TCP", &tcp)
+                .into_iter()
+                .chain(reachable("UDP", &udp))
+                .collect();
+            Some(if open.is_empty() {
+                Probe {
+                    verdict: Verdict::Ok,
+                    name: "exposure",
+                    detail: format!(
+                        "target {}: port {} is bound to loopback only",
+                        t.name, t.port
+                    ),
+                    fix: None,
+                }
+            } else {
+                Probe {
+                    verdict: Verdict::Warn,
+                    name: "exposure",
+                    detail: format!(
+                        "target {}: port {} is reachable from the network ({})",
+                        t.name,
+                        t.port,
+                        open.join(", ")
+                    ),
+                    fix: Some(format!(
+                        "bind the listener on port {} to 127.0.0.1 and ::1, where tproxy delivers (mihomo: two `listeners` of type tproxy with `listen: 127.0.0.1` and `listen: \"::1\"`; sing-box: tproxy inbounds with \"listen\": \"127.0.0.1\" and \"::1\"; v2ray/xray: dokodemo-door inbounds with \"listen\")",
+                        t.port
+                    )),
+                }
+            })
+        })
+        .collect()
+}
+
 /// An nftables.service that flushes the whole ruleset: harmless where the
 /// table is flagged owner (`flags`), a gap in coverage on every reload where not.
 fn probe_flush(flags: Option<u32>) -> Probe {
@@ -448,6 +523,7 @@ pub fn doctor(cfg: &Config) -> (String, bool) {
         probes.push(probe_rpfilter(cfg));
     }
     probes.extend(probe_listeners(cfg));
+    probes.extend(probe_exposure(cfg));
     probes.push(probe_flush(flags));
     let mut o = String::new();
     for p in &probes {
@@ -474,6 +550,7 @@ mod tests {
         use Listening::*;
         let b = |transparent| sockdiag::Bound {
             ipv6: false,
+            addr: std::net::Ipv4Addr::LOCALHOST.into(),
             transparent,
         };
         assert_eq!(listening(&[]), Nothing);
@@ -492,5 +569,27 @@ mod tests {
                 .1
                 .contains("IP_TRANSPARENT")
         );
+    }
+
+    #[test]
+    fn wildcard_and_lan_bound_listeners_are_reachable() {
+        let b = |addr: &str| sockdiag::Bound {
+            ipv6: addr.contains(':'),
+            addr: addr.parse().unwrap(),
+            transparent: Some(true),
+        };
+        let found = [
+            b("127.0.0.1"),
+            b("::1"),
+            b("::ffff:127.0.0.1"),
+            b("0.0.0.0"),
+            b("::"),
+            b("192.168.1.5"),
+        ];
+        assert_eq!(
+            reachable("TCP", &found),
+            ["TCP on 0.0.0.0", "TCP on [::]", "TCP on 192.168.1.5"]
+        );
+        assert!(reachable("UDP", &found[..3]).is_empty());
     }
 }

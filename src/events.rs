@@ -4,12 +4,12 @@
 
 use std::os::fd::{AsFd, BorrowedFd};
 
-use netlink_packet_route::rule::RuleAttribute;
 use netlink_sys::{Socket, constants};
 use nix::sys::socket::{setsockopt, sockopt};
 
 use crate::nlmsg::{self, c_str};
-use crate::route::{RTM_DELROUTE, RTM_DELRULE, RTM_NEWRULE, RtMsg, route_table, rule_table};
+use crate::precedence::{is_ours, rule_priority};
+use crate::route::{Plan, RTM_DELROUTE, RTM_DELRULE, RTM_NEWRULE, RtMsg, route_table};
 
 /// `NFNLGRP_NFTABLES`.
 const NFNLGRP_NFTABLES: u32 = 7;
@@ -138,24 +138,22 @@ pub fn judge_nft(datagram: &[u8], table: &str, own_port: u32, damage: &mut Damag
     }
 }
 
-/// Judges rtnetlink notifications: a removed rule `fwmark M lookup T` with one of
-/// `marks`, or a removed route in table `table`.
-pub fn judge_route(datagram: &[u8], table: u32, marks: &[u32], damage: &mut Damage) {
+/// Judges rtnetlink notifications: a removed rule of `plan` (ours, at its
+/// priority: the daemon itself removes ours at an old one when it moves them),
+/// or a removed route in its table.
+pub fn judge_route(datagram: &[u8], plan: &Plan, damage: &mut Damage) {
     for m in nlmsg::messages(datagram) {
         if m.ty == RTM_NEWRULE || m.ty == RTM_DELRULE {
             damage.rules_changed = true;
         }
         match (m.ty, RtMsg::parse(m.ty, m.payload())) {
-            (RTM_DELRULE, Some(RtMsg::Rule(r))) => {
-                let mark = r.attributes.iter().find_map(|a| match a {
-                    RuleAttribute::FwMark(m) => Some(*m),
-                    _ => None,
-                });
-                if rule_table(&r) == table && mark.is_some_and(|m| marks.contains(&m)) {
-                    damage.routing = true;
-                }
+            (RTM_DELRULE, Some(RtMsg::Rule(r)))
+                if rule_priority(&r) == plan.priority
+                    && plan.marks.iter().any(|&mark| is_ours(&r, mark, plan.table)) =>
+            {
+                damage.routing = true;
             }
-            (RTM_DELROUTE, Some(RtMsg::Route(r))) if route_table(&r) == table => {
+            (RTM_DELROUTE, Some(RtMsg::Route(r))) if route_table(&r) == plan.table => {
                 damage.routing = true;
             }
             _ => {}
@@ -196,7 +194,7 @@ impl Events {
     }
 
     /// Reads every pending notification on both sockets (never blocks).
-    pub fn read(&mut self, table: &str, own_port: u32, route_table: u32, marks: &[u32]) -> Damage {
+    pub fn read(&mut self, table: &str, own_port: u32, routing: &Plan) -> Damage {
         let mut damage = Damage::default();
         loop {
             match self.nft.recv(&mut &mut self.buf[..], libc::MSG_DONTWAIT) {
@@ -209,7 +207,7 @@ impl Events {
         loop {
             match self.route.recv(&mut &mut self.buf[..], libc::MSG_DONTWAIT) {
                 Ok(0) => break,
-                Ok(n) => judge_route(&self.buf[..n], route_table, marks, &mut damage),
+                Ok(n) => judge_route(&self.buf[..n], routing, &mut damage),
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => damage.lost = true,
                 Err(_) => break,
             }
@@ -274,25 +272,40 @@ mod tests {
     fn removed_rules_and_routes_of_ours_are_damage() {
         use crate::route::encode;
         use netlink_packet_route::route::{RouteAttribute, RouteMessage};
-        use netlink_packet_route::rule::RuleMessage;
+        use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
+        let plan = |marks: Vec<u32>| Plan {
+            table: 300,
+            marks,
+            priority: 100,
+        };
         let mut r = RuleMessage::default();
-        r.attributes = vec![RuleAttribute::FwMark(3000), RuleAttribute::Table(300)];
+        r.header.action = RuleAction::ToTable;
+        r.attributes = vec![
+            RuleAttribute::FwMark(3000),
+            RuleAttribute::Table(300),
+            RuleAttribute::Priority(100),
+        ];
         let mut dmg = Damage::default();
-        judge_route(&encode(RTM_DELRULE, 0, 0, &r), 300, &[3000], &mut dmg);
+        judge_route(&encode(RTM_DELRULE, 0, 0, &r), &plan(vec![3000]), &mut dmg);
         assert!(dmg.routing);
         let mut dmg = Damage::default();
-        judge_route(&encode(RTM_DELRULE, 0, 0, &r), 300, &[3001], &mut dmg);
-        judge_route(&encode(RTM_NEWRULE, 0, 0, &r), 300, &[3000], &mut dmg);
+        judge_route(&encode(RTM_DELRULE, 0, 0, &r), &plan(vec![3001]), &mut dmg);
+        judge_route(&encode(RTM_NEWRULE, 0, 0, &r), &plan(vec![3000]), &mut dmg);
         assert!(!dmg.any());
         assert!(dmg.rules_changed, "any rule change re-checks our placement");
+        // Ours at another priority: the daemon itself removes it when it moves.
+        let mut moved = plan(vec![3000]);
+        moved.priority = 98;
+        judge_route(&encode(RTM_DELRULE, 0, 0, &r), &moved, &mut dmg);
+        assert!(!dmg.any(), "our old rule, removed by the move");
         let mut route = RouteMessage::default();
         route.attributes = vec![RouteAttribute::Table(301)];
-        judge_route(&encode(RTM_DELROUTE, 0, 0, &route), 300, &[], &mut dmg);
+        judge_route(&encode(RTM_DELROUTE, 0, 0, &route), &plan(vec![]), &mut dmg);
         assert!(!dmg.any(), "another table's route");
         route.attributes = vec![RouteAttribute::Table(300)];
         let mut two = encode(RTM_DELRULE, 0, 0, &RuleMessage::default());
         two.extend(encode(RTM_DELROUTE, 0, 0, &route));
-        judge_route(&two, 300, &[3000], &mut dmg);
+        judge_route(&two, &plan(vec![3000]), &mut dmg);
         assert!(dmg.routing, "our route, second in the datagram");
     }
 }

@@ -19,6 +19,7 @@ mod render;
 mod route;
 mod rpfilter;
 mod runstate;
+mod schedule;
 mod sockdiag;
 mod status;
 mod watch;
@@ -131,7 +132,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }),
         Cmd::Render { config } => render(config).map(|()| ExitCode::SUCCESS),
-        Cmd::Forward { config } => forward::run(config)
+        Cmd::Forward { config, opts } => forward::run(config, opts)
             .map(|()| ExitCode::SUCCESS)
             .map_err(anyhow::Error::from),
         Cmd::Status { config, json } => {
@@ -159,7 +160,9 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("cgtproxy: {e:#}");
+            // Every message already ends with its cause; `{e:#}` would print the
+            // cause's chain a second time.
+            eprintln!("cgtproxy: {e}");
             ExitCode::FAILURE
         }
     }

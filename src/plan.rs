@@ -3,7 +3,7 @@
 //! No I/O here, so every decision is unit-tested without root.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::Bound;
 use std::rc::Rc;
 
@@ -140,6 +140,22 @@ impl Tree {
             .filter(|n| n.element)
             .filter_map(|n| n.own.map(|a| ((n.level, n.id), a)))
             .collect()
+    }
+
+    /// What the planner decided for cgroup `path`: its traffic's action and the
+    /// ancestor-or-self whose rule decides it (`explain` reports this, so it can
+    /// never tell another story than the table). `None` when it is untouched.
+    pub fn decision(&self, path: &str) -> Option<(Action, &str)> {
+        let mut p = Some(path);
+        while let Some(at) = p {
+            if let Some((key, n)) = self.nodes.get_key_value(at)
+                && let Some(a) = n.own
+            {
+                return Some((a, key));
+            }
+            p = parent_of(at);
+        }
+        None
     }
 
     /// Number of cgroups whose traffic each action decides (direct, drop, per target).
@@ -316,8 +332,10 @@ pub enum Stmt {
         level: u32,
         map: String,
     },
-    /// `tproxy to :port`
-    Tproxy(u16),
+    /// `tproxy ip to 127.0.0.1:port` / `tproxy ip6 to [::1]:port`: always a
+    /// loopback address, so the listener can bind to loopback and stay out of
+    /// reach of the network.
+    Tproxy(IpAddr, u16),
     /// `dnat ip to a:p` / `dnat ip6 to [a]:p`
     Dnat(IpAddr, u16),
     Counter,
@@ -379,6 +397,16 @@ pub struct TableSpec {
 /// Name of the class map of one level.
 pub fn level_map(level: u32) -> String {
     format!("level{level}")
+}
+
+/// The loopback address of a family: where `tproxy` hands a target's packets.
+/// A listener bound there receives the looped traffic of local apps and is
+/// unreachable from the network, as a wildcard-bound one would not be.
+pub fn loopback(f: Family) -> IpAddr {
+    match f {
+        Family::V4 => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        Family::V6 => IpAddr::V6(Ipv6Addr::LOCALHOST),
+    }
 }
 
 /// Name of a target's marking chain.
@@ -689,14 +717,24 @@ pub fn table(cfg: &Config, levels: &BTreeSet<u32>, elements: &Elements) -> Table
         } else {
             &[Proto::Tcp, Proto::Udp]
         };
-        for &p in protos {
-            prerouting.push(vec![
-                Stmt::Mark(t.mark),
-                Stmt::L4Proto(p),
-                Stmt::Tproxy(t.port),
-                Stmt::Counter,
-                Stmt::Verdict(Verdict::Accept),
-            ]);
+        // One rule per family: a tproxy statement with an address serves only
+        // its own family. A no-ipv6 target's IPv6 traffic is never marked.
+        let families: &[Family] = if t.no_ipv6 {
+            &[Family::V4]
+        } else {
+            &[Family::V4, Family::V6]
+        };
+        for &f in families {
+            for &p in protos {
+                prerouting.push(vec![
+                    Stmt::Mark(t.mark),
+                    Stmt::NfProto(f),
+                    Stmt::L4Proto(p),
+                    Stmt::Tproxy(loopback(f), t.port),
+                    Stmt::Counter,
+                    Stmt::Verdict(Verdict::Accept),
+                ]);
+            }
         }
     }
     chains.push(classify_chain(cfg, levels));
@@ -883,6 +921,35 @@ mod tests {
     }
 
     #[test]
+    fn a_decision_names_the_ancestor_that_decides() {
+        let c = Config::parse(
+            r#"{"version":1,"tproxies":{"proxy":{"port":1,"mark":3000}},
+            "rules":[{"match":"/inner-direct\\.scope$","direct":true},
+                     {"match":"/proxy\\.slice$","tproxy":"proxy"}]}"#,
+            "t",
+        )
+        .unwrap();
+        let t = Tree::build(
+            &c,
+            &[
+                cg("/user.slice", 1),
+                cg("/user.slice/proxy.slice", 2),
+                cg("/user.slice/proxy.slice/a.scope", 3),
+                cg("/user.slice/proxy.slice/inner-direct.scope", 4),
+            ],
+        );
+        assert_eq!(
+            t.decision("/user.slice/proxy.slice/a.scope"),
+            Some((Action::Tproxy(0), "/user.slice/proxy.slice"))
+        );
+        assert_eq!(
+            t.decision("/user.slice/proxy.slice/inner-direct.scope"),
+            Some((Action::Direct, "/user.slice/proxy.slice/inner-direct.scope"))
+        );
+        assert_eq!(t.decision("/user.slice"), None);
+    }
+
+    #[test]
     fn levels_are_ordered_deepest_first_then_the_connection_mark() {
         let chain = classify_chain(&cfg(), &[2, 5, 3].into());
         assert_eq!(
@@ -931,6 +998,17 @@ mod tests {
             ]
         );
         let pre = t.chains.iter().find(|ch| ch.name == "prerouting").unwrap();
-        assert_eq!(pre.rules.len(), 1, "no UDP tproxy rule for a no-udp target");
+        assert_eq!(
+            pre.rules,
+            vec![vec![
+                Stmt::Mark(9),
+                Stmt::NfProto(Family::V4),
+                Stmt::L4Proto(Proto::Tcp),
+                Stmt::Tproxy(IpAddr::V4(Ipv4Addr::LOCALHOST), 1),
+                Stmt::Counter,
+                Stmt::Verdict(Verdict::Accept),
+            ]],
+            "one TCP rule to loopback: no UDP (no-udp), no IPv6 (no-ipv6)"
+        );
     }
 }

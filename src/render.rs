@@ -45,7 +45,8 @@ fn stmt(s: &Stmt) -> String {
             "meta mark set socket cgroupv2 level {level} map @{map} meta mark vmap @{}",
             plan::CLASSES
         ),
-        Stmt::Tproxy(port) => format!("tproxy to :{port}"),
+        Stmt::Tproxy(IpAddr::V4(a), port) => format!("tproxy ip to {a}:{port}"),
+        Stmt::Tproxy(IpAddr::V6(a), port) => format!("tproxy ip6 to [{a}]:{port}"),
         Stmt::Dnat(IpAddr::V4(a), p) => format!("dnat ip to {a}:{p}"),
         Stmt::Dnat(IpAddr::V6(a), p) => format!("dnat ip6 to [{a}]:{p}"),
         Stmt::Counter => "counter".into(),

@@ -13,7 +13,6 @@ use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_sys::constants::NETLINK_ROUTE;
 
 use crate::nlmsg;
-pub use crate::precedence::rule_table;
 use crate::precedence::{is_ours, rule_priority};
 
 // rtnetlink message types (linux/rtnetlink.h). Rules and routes are parsed and

@@ -3,6 +3,8 @@
 //! proxy core listening without it receives nothing. Read with sock_diag
 //! (`NETLINK_SOCK_DIAG`), which reports each socket's options since Linux 5.10.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
 use netlink_sys::constants::NETLINK_SOCK_DIAG;
 
 use crate::nlmsg;
@@ -56,6 +58,8 @@ pub enum Proto {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bound {
     pub ipv6: bool,
+    /// The local address it is bound to (unspecified for a wildcard).
+    pub addr: IpAddr,
     /// `None` when the kernel does not report socket options (before 5.10).
     pub transparent: Option<bool>,
 }
@@ -76,8 +80,17 @@ fn request(family: u8, proto: Proto, seq: u32) -> Vec<u8> {
 /// Parses one struct inet_diag_msg and its attributes: (local port, socket).
 fn parse(payload: &[u8]) -> Option<(u16, Bound)> {
     let family = *payload.first()?;
-    // The id starts at byte 4 with the source (local) port, big-endian.
+    let ipv6 = i32::from(family) == libc::AF_INET6;
+    // The id starts at byte 4 with the source (local) port, big-endian, then
+    // the destination port and the source address (16 bytes; IPv4 in the
+    // first 4).
     let port = u16::from_be_bytes(payload.get(4..6)?.try_into().ok()?);
+    let src: [u8; 16] = payload.get(8..24)?.try_into().ok()?;
+    let addr = if ipv6 {
+        IpAddr::V6(Ipv6Addr::from(src))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(src[0], src[1], src[2], src[3]))
+    };
     let attrs = payload.get(DIAG_MSG_LEN..).unwrap_or(&[]);
     let transparent = nlmsg::attr(attrs, INET_DIAG_SOCKOPT)
         .and_then(|o| o.first())
@@ -85,7 +98,8 @@ fn parse(payload: &[u8]) -> Option<(u16, Bound)> {
     Some((
         port,
         Bound {
-            ipv6: i32::from(family) == libc::AF_INET6,
+            ipv6,
+            addr,
             transparent,
         },
     ))
@@ -125,6 +139,13 @@ mod tests {
     fn diag_msg(family: u8, port: u16, sockopt: Option<u8>) -> Vec<u8> {
         let mut m = vec![family, 10, 0, 0];
         m.extend(port.to_be_bytes());
+        m.extend([0, 0]);
+        // Source address: ::1, or 127.0.0.1 in the first four bytes.
+        if i32::from(family) == libc::AF_INET6 {
+            m.extend(std::net::Ipv6Addr::LOCALHOST.octets());
+        } else {
+            m.extend([127, 0, 0, 1]);
+        }
         m.resize(DIAG_MSG_LEN, 0);
         if let Some(o) = sockopt {
             m.extend(6u16.to_ne_bytes());
@@ -143,6 +164,7 @@ mod tests {
                 7893,
                 Bound {
                     ipv6: true,
+                    addr: "::1".parse().unwrap(),
                     transparent: Some(true)
                 }
             )
@@ -150,6 +172,7 @@ mod tests {
         // Every other option set, transparent not.
         let plain = parse(&diag_msg(libc::AF_INET as u8, 53, Some(!TRANSPARENT_BIT))).unwrap();
         assert_eq!(plain.1.transparent, Some(false));
+        assert_eq!(plain.1.addr, IpAddr::V4(Ipv4Addr::LOCALHOST));
         assert!(!plain.1.ipv6);
         let old_kernel = parse(&diag_msg(libc::AF_INET as u8, 53, None)).unwrap();
         assert_eq!(old_kernel.1.transparent, None);
@@ -167,5 +190,14 @@ mod tests {
         let p = m.payload();
         assert_eq!(p[..2], [libc::AF_INET6 as u8, libc::IPPROTO_TCP as u8]);
         assert_eq!(p[4..8], (1u32 << 10).to_ne_bytes(), "LISTEN only");
+    }
+
+    proptest::proptest! {
+        /// Whatever the kernel (or a bug) puts in a message: parsed or
+        /// skipped, never a panic.
+        #[test]
+        fn any_message_parses_or_is_skipped(m in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..120)) {
+            let _ = parse(&m);
+        }
     }
 }

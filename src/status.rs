@@ -70,61 +70,124 @@ fn flag_names(flags: u32) -> Vec<&'static str> {
     }
 }
 
-/// The status report; returns the text (or JSON) and whether all is as configured.
-pub fn status(cfg: &Config, as_json: bool) -> Result<(String, bool), StatusError> {
-    let installed = inspect::read(&cfg.table)?;
-    let hier = Hierarchy::discover(&cfg.cgroup_root)?;
-    let tree = Tree::build(cfg, &cgroup::walk(&hier));
-    let want = tree.elements();
+/// Map elements that differ between what the configuration wants and what the
+/// kernel holds.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Drift {
+    /// Wanted, absent.
+    missing: usize,
+    /// Present with another class.
+    wrong: usize,
+    /// Present, not wanted.
+    extra: usize,
+}
 
-    let mut routes = Routes::open()?;
-    let marks: Vec<u32> = cfg.targets.iter().map(|t| t.mark).collect();
-    let preceding = precedence::preceding(&routes.all_rules()?, &marks, cfg.route_table);
-    let degraded = runstate::degraded();
-    let mut routing = Vec::new();
-    for fam in [Fam::V4, Fam::V6] {
-        for t in &cfg.targets {
-            routing.push((
-                fam,
-                Some(t.mark),
-                routes.rule_exists(fam, t.mark, cfg.route_table)?,
-            ));
-        }
-        if !cfg.targets.is_empty() {
-            routing.push((fam, None, routes.route_exists(fam, cfg.route_table)?));
-        }
+impl Drift {
+    fn none(&self) -> bool {
+        self.missing + self.wrong + self.extra == 0
     }
+}
 
-    // Drift: elements the configuration wants that the kernel lacks or has
-    // otherwise, and elements the kernel has that it does not want.
-    let mut missing = 0;
-    let mut wrong = 0;
-    let mut extra = 0;
-    let empty = Installed::default();
-    let inst = installed.as_ref().unwrap_or(&empty);
-    for (&(level, id), &a) in &want {
+/// Compares the wanted elements with the installed maps.
+fn drift(cfg: &Config, want: &plan::Elements, inst: &Installed) -> Drift {
+    let mut d = Drift::default();
+    for (&(level, id), &a) in want {
         match inst.maps.get(&level).and_then(|m| m.get(&id)) {
-            None => missing += 1,
-            Some(&c) if c != plan::class(cfg, a) => wrong += 1,
+            None => d.missing += 1,
+            Some(&c) if c != plan::class(cfg, a) => d.wrong += 1,
             Some(_) => {}
         }
     }
     for (level, m) in &inst.maps {
-        extra += m
+        d.extra += m
             .keys()
             .filter(|id| !want.contains_key(&(*level, **id)))
             .count();
     }
-    let routing_ok = routing.iter().all(|r| r.2) && preceding.is_empty();
-    let ok =
-        installed.is_some() && routing_ok && missing + wrong + extra == 0 && degraded.is_none();
+    d
+}
 
-    let (direct, drop, per) = tree.counts(cfg.targets.len());
-    let counters = |name: &str| inst.counters.get(name).copied().unwrap_or((0, 0));
-    if as_json {
+/// One ip rule or route of ours: its family, the mark of a rule (`None` for the
+/// route) and whether the kernel has it.
+type RoutingEntry = (Fam, Option<u32>, bool);
+
+/// What `status` found in the kernel, against the configuration.
+struct Report {
+    installed: Option<Installed>,
+    cgroups: usize,
+    direct: usize,
+    drop: usize,
+    /// Cgroups per target, in the configuration's order.
+    per_target: Vec<usize>,
+    routing: Vec<RoutingEntry>,
+    /// Foreign ip rules that take marked packets before ours.
+    preceding: Vec<String>,
+    degraded: Option<String>,
+    drift: Drift,
+}
+
+impl Report {
+    fn gather(cfg: &Config) -> Result<Report, StatusError> {
+        let installed = inspect::read(&cfg.table)?;
+        let hier = Hierarchy::discover(&cfg.cgroup_root)?;
+        let tree = Tree::build(cfg, &cgroup::walk(&hier));
+        let mut routes = Routes::open()?;
+        let marks: Vec<u32> = cfg.targets.iter().map(|t| t.mark).collect();
+        let preceding = precedence::preceding(&routes.all_rules()?, &marks, cfg.route_table);
+        let mut routing = Vec::new();
+        for fam in [Fam::V4, Fam::V6] {
+            for t in &cfg.targets {
+                routing.push((
+                    fam,
+                    Some(t.mark),
+                    routes.rule_exists(fam, t.mark, cfg.route_table)?,
+                ));
+            }
+            if !cfg.targets.is_empty() {
+                routing.push((fam, None, routes.route_exists(fam, cfg.route_table)?));
+            }
+        }
+        let drift = drift(
+            cfg,
+            &tree.elements(),
+            installed.as_ref().unwrap_or(&Installed::default()),
+        );
+        let (direct, drop, per_target) = tree.counts(cfg.targets.len());
+        Ok(Report {
+            installed,
+            cgroups: tree.len(),
+            direct,
+            drop,
+            per_target,
+            routing,
+            preceding,
+            degraded: runstate::degraded(),
+            drift,
+        })
+    }
+
+    /// All as configured: installed, routed, first in rule order, no drift,
+    /// not degraded.
+    fn ok(&self) -> bool {
+        self.installed.is_some()
+            && self.routing.iter().all(|r| r.2)
+            && self.preceding.is_empty()
+            && self.drift.none()
+            && self.degraded.is_none()
+    }
+
+    fn counters(&self, name: &str) -> (u64, u64) {
+        self.installed
+            .as_ref()
+            .and_then(|i| i.counters.get(name).copied())
+            .unwrap_or((0, 0))
+    }
+
+    fn json(&self, cfg: &Config) -> String {
+        let maps = self.installed.as_ref().map(|i| &i.maps);
         // Kernel map elements per class name (direct, drop, a target's name).
         let mut by_class: BTreeMap<String, usize> = BTreeMap::new();
-        for m in inst.maps.values() {
+        for m in maps.into_iter().flat_map(|m| m.values()) {
             for &c in m.values() {
                 *by_class.entry(class_name(cfg, c)).or_default() += 1;
             }
@@ -132,14 +195,15 @@ pub fn status(cfg: &Config, as_json: bool) -> Result<(String, bool), StatusError
         let targets: Vec<_> = cfg
             .targets
             .iter()
-            .zip(&per)
+            .zip(&self.per_target)
             .map(|(t, n)| {
-                let (packets, bytes) = counters(&t.name);
+                let (packets, bytes) = self.counters(&t.name);
                 json!({"name": t.name, "port": t.port, "mark": t.mark, "cgroups": n,
                        "packets": packets, "bytes": bytes})
             })
             .collect();
-        let routing: Vec<_> = routing
+        let routing: Vec<_> = self
+            .routing
             .iter()
             .map(|(fam, mark, present)| {
                 json!({"family": if *fam == Fam::V4 { "ipv4" } else { "ipv6" },
@@ -147,82 +211,95 @@ pub fn status(cfg: &Config, as_json: bool) -> Result<(String, bool), StatusError
                        "mark": mark, "table": cfg.route_table, "present": present})
             })
             .collect();
+        let d = self.drift;
         let v = json!({
-            "table": cfg.table, "installed": installed.is_some(), "ok": ok,
-            "cgroups": tree.len(), "direct": direct, "drop": drop, "targets": targets,
-            "elements": inst.maps.values().map(BTreeMap::len).sum::<usize>(),
+            "table": cfg.table, "installed": self.installed.is_some(), "ok": self.ok(),
+            "cgroups": self.cgroups, "direct": self.direct, "drop": self.drop,
+            "targets": targets,
+            "elements": maps.map_or(0, |m| m.values().map(BTreeMap::len).sum::<usize>()),
             "routing": routing,
-            "preceding_rules": preceding,
-            "degraded": degraded,
-            "table_flags": installed.as_ref().map(|i| flag_names(i.state.flags)),
-            "drift": {"missing": missing, "wrong": wrong, "extra": extra},
+            "preceding_rules": self.preceding,
+            "degraded": self.degraded,
+            "table_flags": self.installed.as_ref().map(|i| flag_names(i.state.flags)),
+            "drift": {"missing": d.missing, "wrong": d.wrong, "extra": d.extra},
             "elements_by_class": by_class,
         });
-        return Ok((format!("{v:#}\n"), ok));
+        format!("{v:#}\n")
     }
-    let mut o = String::new();
-    match &installed {
-        None => {
-            let _ = writeln!(o, "table inet {}: not installed", cfg.table);
+
+    fn text(&self, cfg: &Config) -> String {
+        let mut o = String::new();
+        match &self.installed {
+            None => {
+                let _ = writeln!(o, "table inet {}: not installed", cfg.table);
+            }
+            Some(i) => {
+                let n: usize = i.maps.values().map(BTreeMap::len).sum();
+                let _ = writeln!(
+                    o,
+                    "table inet {}: installed, {} map elements in {} level maps; flags: {}",
+                    cfg.table,
+                    n,
+                    i.maps.len(),
+                    flag_names(i.state.flags).join(", ")
+                );
+            }
         }
-        Some(i) => {
-            let n: usize = i.maps.values().map(BTreeMap::len).sum();
+        let _ = writeln!(
+            o,
+            "cgroups: {} ({} direct, {} dropped, the rest per target below or untouched)",
+            self.cgroups, self.direct, self.drop
+        );
+        for (t, n) in cfg.targets.iter().zip(&self.per_target) {
+            let (packets, bytes) = self.counters(&t.name);
             let _ = writeln!(
                 o,
-                "table inet {}: installed, {} map elements in {} level maps; flags: {}",
-                cfg.table,
-                n,
-                i.maps.len(),
-                flag_names(i.state.flags).join(", ")
+                "target {}: port {}, mark {:#x}: {n} cgroups, {packets} packets, {bytes} bytes marked",
+                t.name, t.port, t.mark
             );
         }
+        for (fam, mark, present) in &self.routing {
+            let f = if *fam == Fam::V4 { "ip" } else { "ip -6" };
+            let what = match mark {
+                Some(m) => format!("{f} rule fwmark {m:#x} lookup {}", cfg.route_table),
+                None => format!("{f} route local default dev lo table {}", cfg.route_table),
+            };
+            let _ = writeln!(
+                o,
+                "{what}: {}",
+                if *present { "present" } else { "MISSING" }
+            );
+        }
+        for rule in &self.preceding {
+            let _ = writeln!(
+                o,
+                "ip rule {rule}: takes marked packets before ours (they are dropped, not proxied): remove it, or set rule-priority below it"
+            );
+        }
+        if let Some(d) = &self.degraded {
+            let _ = writeln!(o, "daemon DEGRADED: {d}");
+        }
+        let d = self.drift;
+        if d.none() {
+            let _ = writeln!(o, "drift: none");
+        } else {
+            let _ = writeln!(
+                o,
+                "drift: {} elements missing, {} with another verdict, {} not wanted (is the daemon running with this config?)",
+                d.missing, d.wrong, d.extra
+            );
+        }
+        o
     }
-    let _ = writeln!(
-        o,
-        "cgroups: {} ({direct} direct, {drop} dropped, the rest per target below or untouched)",
-        tree.len()
-    );
-    for (t, n) in cfg.targets.iter().zip(&per) {
-        let (packets, bytes) = counters(&t.name);
-        let _ = writeln!(
-            o,
-            "target {}: port {}, mark {:#x}: {n} cgroups, {packets} packets, {bytes} bytes marked",
-            t.name, t.port, t.mark
-        );
-    }
-    for (fam, mark, present) in &routing {
-        let f = if *fam == Fam::V4 { "ip" } else { "ip -6" };
-        let what = match mark {
-            Some(m) => format!("{f} rule fwmark {m:#x} lookup {}", cfg.route_table),
-            None => format!("{f} route local default dev lo table {}", cfg.route_table),
-        };
-        let _ = writeln!(
-            o,
-            "{what}: {}",
-            if *present { "present" } else { "MISSING" }
-        );
-    }
-    for rule in &preceding {
-        let _ = writeln!(
-            o,
-            "ip rule {rule}: takes marked packets before ours (they are dropped, not proxied): remove it, or set rule-priority below it"
-        );
-    }
-    if let Some(d) = &degraded {
-        let _ = writeln!(o, "daemon DEGRADED: {d}");
-    }
-    if missing + wrong + extra == 0 {
-        let _ = writeln!(o, "drift: none");
-    } else {
-        let _ = writeln!(
-            o,
-            "drift: {missing} elements missing, {wrong} with another verdict, {extra} not wanted (is the daemon running with this config?)"
-        );
-    }
-    Ok((o, ok))
 }
 
-/// Resolves a PID, a cgroup path or a unit name to cgroups.
+/// The status report; returns the text (or JSON) and whether all is as configured.
+pub fn status(cfg: &Config, as_json: bool) -> Result<(String, bool), StatusError> {
+    let r = Report::gather(cfg)?;
+    let text = if as_json { r.json(cfg) } else { r.text(cfg) };
+    Ok((text, r.ok()))
+}
+
 fn resolve(hier: &Hierarchy, what: &str) -> Result<Vec<Cgroup>, StatusError> {
     if let Ok(pid) = what.parse::<u32>() {
         let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
@@ -267,7 +344,10 @@ pub fn explain(cfg: &Config, what: &str) -> Result<(String, bool), StatusError> 
             }
         }
         chain.reverse();
-        let mut decision: (Option<Action>, Option<String>) = (None, None);
+        // The planner's own decision, from the planner's own tree of the chain.
+        let known: Vec<Cgroup> = chain.iter().filter_map(|p| hier.describe(p)).collect();
+        let tree = Tree::build(cfg, &known);
+        let decision = tree.decision(&cg.path);
         for path in &chain {
             let rule = cfg
                 .rules
@@ -282,7 +362,6 @@ pub fn explain(cfg: &Config, what: &str) -> Result<(String, bool), StatusError> 
                         r.regex.as_str(),
                         describe(cfg, Some(r.action))
                     );
-                    decision = (Some(r.action), Some(path.clone()));
                 }
                 None => {
                     let _ = writeln!(o, "  {path}: no rule matches");
@@ -292,10 +371,9 @@ pub fn explain(cfg: &Config, what: &str) -> Result<(String, bool), StatusError> 
         let _ = writeln!(
             o,
             "decision: {}{}",
-            describe(cfg, decision.0),
+            describe(cfg, decision.map(|d| d.0)),
             decision
-                .1
-                .map(|p| format!(", decided by {p}"))
+                .map(|(_, by)| format!(", decided by {by}"))
                 .unwrap_or_default()
         );
         // What the kernel will do: the deepest ancestor-or-self with an element.
@@ -310,7 +388,7 @@ pub fn explain(cfg: &Config, what: &str) -> Result<(String, bool), StatusError> 
                 }
             }
         }
-        let agrees = match (&kernel, decision.0) {
+        let agrees = match (&kernel, decision.map(|d| d.0)) {
             (None, None) => true,
             (Some((_, _, c)), Some(a)) => *c == plan::class(cfg, a),
             _ => false,
@@ -338,4 +416,40 @@ pub fn explain(cfg: &Config, what: &str) -> Result<(String, bool), StatusError> 
         }
     }
     Ok((o, all_agree))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drift_counts_missing_wrong_and_extra_elements() {
+        let cfg = Config::parse(
+            r#"{"version":1,"tproxies":{"p":{"port":1,"mark":3000}}}"#,
+            "t",
+        )
+        .unwrap();
+        let want: plan::Elements = [
+            ((2, 10), Action::Tproxy(0)),
+            ((2, 11), Action::Drop),
+            ((3, 12), Action::Direct),
+        ]
+        .into();
+        let mut inst = Installed::default();
+        inst.maps
+            .insert(2, [(10, 3000), (11, 3000), (13, 3000)].into());
+        assert_eq!(
+            drift(&cfg, &want, &inst),
+            Drift {
+                missing: 1,
+                wrong: 1,
+                extra: 1
+            }
+        );
+        inst.maps
+            .insert(2, [(10, 3000), (11, crate::config::DROP_CLASS)].into());
+        inst.maps
+            .insert(3, [(12, crate::config::DIRECT_CLASS)].into());
+        assert!(drift(&cfg, &want, &inst).none());
+    }
 }

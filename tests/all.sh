@@ -18,6 +18,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 dist/ensure-deps.sh nix-bin pyflakes3 debootstrap v2ray microsocks dante-server tinyproxy redsocks
 
+echo "== systemd-analyze security of the shipped units (offline)"
+tests/exposure.sh
+
 echo "== Nix: parse, hardening drift, module evaluation, flake show/check"
 nix/tests/parse-all.sh
 nix/tests/unit-drift.sh

@@ -10,10 +10,6 @@ use std::time::Duration;
 
 use support::*;
 
-fn proxy_target() -> String {
-    format!(r#"{{"proxy":{{"port":{PROXY_PORT},"mark":{MARK}}}}}"#)
-}
-
 fn rules(lab: &Lab) -> String {
     format!(
         r#"[{{"match":"{}","direct":true}},{{"match":"{}","direct":true}},
@@ -23,10 +19,6 @@ fn rules(lab: &Lab) -> String {
         lab.re("proxy")
     )
     .replace('\\', "\\\\")
-}
-
-fn proxied(answer: &str, dst: &str) -> bool {
-    answer.starts_with(&format!("proxy {dst} {PEER_PORT}"))
 }
 
 const FAST: Duration = Duration::from_secs(5);
@@ -232,6 +224,10 @@ fn wg_quick_rules_added_after_the_daemon_never_take_proxied_traffic() {
             assert!(
                 log.contains("not from all fwmark 0xca6c lookup 51820"),
                 "{log}"
+            );
+            assert!(
+                !log.contains("restored"),
+                "a move is no damage to repair: {log}"
             );
 
             // A restart with the tunnel up places the rules ahead at once.

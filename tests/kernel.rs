@@ -8,10 +8,6 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use support::*;
 
-fn proxy_target() -> String {
-    format!(r#"{{"proxy":{{"port":{PROXY_PORT},"mark":{MARK}}}}}"#)
-}
-
 /// The usual rules: listener direct, `direct`, `drop` and `proxy` subtrees.
 fn rules(lab: &Lab) -> String {
     format!(
@@ -34,10 +30,6 @@ fn stop_clean(lab: &mut Lab, mark: &str) {
         !state.contains("cgtproxy") && !state.contains(mark) && !state.contains("table 300"),
         "left behind:\n{state}"
     );
-}
-
-fn proxied(answer: &str, dst: &str) -> bool {
-    answer.starts_with(&format!("proxy {dst} {PEER_PORT}"))
 }
 
 fn reached_peer(answer: &str) -> bool {
@@ -137,7 +129,8 @@ fn follows_cgroups_created_nested_removed_and_recreated() {
             assert!(lab.eventually(FAST, || failed(&lab.talk("drop", "tcp", PEER4, PEER_PORT))));
             // Removed and re-created under the same name: a new cgroup id, still routed.
             std::fs::remove_dir(lab.cg_dir("drop")).unwrap();
-            std::thread::sleep(Duration::from_millis(200));
+            let gone = lab.eventually(FAST, || !elements_by_class(&cfg).contains_key("drop"));
+            assert!(gone, "the removed cgroup's element stayed");
             lab.mkcg("drop");
             assert!(lab.eventually(FAST, || failed(&lab.talk("drop", "tcp", PEER4, PEER_PORT))));
             let before = elements_by_class(&cfg);
@@ -587,7 +580,12 @@ fn status_and_explain_read_the_kernel() {
             "{out}"
         );
         let mut sleeper = lab.spawn_in("drop", "sleep 30", std::process::Stdio::null());
-        std::thread::sleep(Duration::from_millis(100));
+        let drop_cg = format!("{}/drop", lab.base);
+        let moved = lab.eventually(FAST, || {
+            std::fs::read_to_string(format!("/proc/{}/cgroup", sleeper.id()))
+                .is_ok_and(|c| c.lines().any(|l| l.ends_with(&drop_cg)))
+        });
+        assert!(moved, "the process never reached its cgroup");
         let (code, out) = cli(&["explain", &sleeper.id().to_string()]);
         let _ = sleeper.kill();
         let _ = sleeper.wait();
@@ -622,6 +620,10 @@ fn status_and_explain_read_the_kernel() {
             "{out}"
         );
         assert!(!sh_any("nft list tables").contains("cgtproxy-doctor"));
+        assert!(
+            out.contains("ok   exposure: target proxy: port 7893 is bound to loopback only"),
+            "{out}"
+        );
         // A listener without IP_TRANSPARENT gets nothing from tproxy: doctor fails.
         lab.start_service_in("plain", "python3 -m http.server 7894 --bind 0.0.0.0", 7894);
         let two = lab.write_config(
@@ -637,6 +639,11 @@ fn status_and_explain_read_the_kernel() {
             out.contains(
                 "FAIL listener: target plain: the TCP listener on port 7894 is not transparent"
             ),
+            "{out}"
+        );
+        // Bound to a wildcard address, the network reaches it: doctor warns.
+        assert!(
+            out.contains("warn exposure: target plain: port 7894 is reachable from the network (TCP on 0.0.0.0)"),
             "{out}"
         );
         assert_eq!(lab.take_daemon().stop(), 0);
@@ -712,8 +719,16 @@ fn sigkill_during_a_large_startup_then_restart() {
             std::fs::create_dir(lab.cg_dir(&format!("many/c{i}"))).unwrap();
         }
         let first = lab.spawn_daemon(&cfg);
-        std::thread::sleep(Duration::from_millis(200));
+        // Killed while it walks the 50,000 cgroups or commits their table.
+        let walking = lab.eventually(FAST, || first.log().contains("watching cgroup2"));
+        assert!(walking, "{}", first.log());
         first.kill();
+        // All or nothing: no table, or the whole of it.
+        let left = elements_by_class(&cfg).get("drop").copied().unwrap_or(0);
+        assert!(
+            left == 0 || left == 50_000,
+            "a partial table was left: {left} elements"
+        );
         let t0 = std::time::Instant::now();
         lab.start_daemon(&cfg);
         eprintln!("ready {:?} after a start with 50,000 cgroups", t0.elapsed());

@@ -45,10 +45,14 @@ where
     s.write_all(req.as_bytes()).await?;
 
     let mut buf = Vec::with_capacity(1024);
+    // Where the search for the blank line resumes: a reply trickling in byte
+    // by byte costs linear time, not quadratic.
+    let mut scanned = 0;
     let end = loop {
-        if let Some(i) = find(&buf, b"\r\n\r\n") {
-            break i + 4;
+        if let Some(i) = find(&buf[scanned..], b"\r\n\r\n") {
+            break scanned + i + 4;
         }
+        scanned = buf.len().saturating_sub(3);
         if buf.len() >= MAX_HEAD {
             return Err(HttpError::TooLong);
         }
@@ -166,6 +170,49 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(want), "{e}");
+        }
+    }
+
+    use super::super::testio::{Scripted, block_on, mutate};
+    use proptest::prelude::*;
+
+    const VALID: &[u8] = b"HTTP/1.1 200 Connection established\r\nVia: x\r\n\r\nhello";
+
+    proptest! {
+        /// Random and mutated replies, cut anywhere: a clean error, or a
+        /// `200` status line whose bytes after the header are handed back.
+        #[test]
+        fn reply_never_panics(changes in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..6),
+                              keep in 0usize..80,
+                              random in proptest::collection::vec(any::<u8>(), 0..200),
+                              sizes in proptest::collection::vec(0usize..7, 0..4)) {
+            let dst: SocketAddr = "192.0.2.1:443".parse().unwrap();
+            for reply in [mutate(VALID, &changes, keep), random.clone()] {
+                let mut s = Scripted::new(&reply, &sizes);
+                match block_on(connect(&mut s, dst, None)) {
+                    Ok(rest) => {
+                        prop_assert!(reply.starts_with(b"HTTP/1."));
+                        // What came after the header, as far as it was read.
+                        let end = find(&reply, b"\r\n\r\n").map(|i| i + 4);
+                        prop_assert!(end.is_some_and(|e| reply[e..].starts_with(&rest)));
+                    }
+                    Err(e) => prop_assert!(!e.to_string().is_empty()),
+                }
+            }
+        }
+
+        /// A header that never ends is cut off at the limit, however it
+        /// trickles in: memory stays bounded.
+        #[test]
+        fn endless_header_is_too_long(line in "[a-zA-Z: ]{1,40}", sizes in proptest::collection::vec(1usize..3000, 1..4)) {
+            let mut reply = b"HTTP/1.1 200 OK\r\n".to_vec();
+            while reply.len() < MAX_HEAD + 4096 {
+                reply.extend_from_slice(line.as_bytes());
+                reply.extend_from_slice(b"\r\n");
+            }
+            let mut s = Scripted::new(&reply, &sizes);
+            let r = block_on(connect(&mut s, "192.0.2.1:443".parse().unwrap(), None));
+            prop_assert!(matches!(r, Err(HttpError::TooLong)), "{:?}", r);
         }
     }
 }

@@ -27,12 +27,14 @@ impl ListenError {
     }
 }
 
-/// The wildcard address of one family on `port`.
-pub fn any(v6: bool, port: u16) -> SocketAddr {
+/// The loopback address of one family on `port`: where the daemon's `tproxy`
+/// statements deliver, and out of the network's reach (a wildcard-bound
+/// transparent listener also takes connections to the host's own addresses).
+pub fn loopback(v6: bool, port: u16) -> SocketAddr {
     if v6 {
-        SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0))
+        SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::LOCALHOST, port, 0, 0))
     } else {
-        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
     }
 }
 

@@ -254,4 +254,90 @@ mod tests {
         assert!(matches!(r, Err(Socks5Error::AuthRejected(1))), "{r:?}");
         server.await.unwrap();
     }
+
+    use super::super::testio::{Scripted, block_on, mutate};
+    use proptest::prelude::*;
+
+    fn creds() -> Credentials {
+        Credentials {
+            user: "u".into(),
+            password: "p".into(),
+        }
+    }
+
+    /// Valid replies to a CONNECT: bound address v4, v6 and a name.
+    fn valid_replies() -> Vec<Vec<u8>> {
+        vec![
+            vec![5, 0, 0, 1, 10, 0, 0, 1, 0x1f, 0x90],
+            [&[5u8, 0, 0, 4][..], &[0xfd; 16], &[0, 80]].concat(),
+            [&[5u8, 0, 0, 3, 4][..], b"host", &[0, 80]].concat(),
+        ]
+    }
+
+    proptest! {
+        /// Any bytes from the server, in any cut: login ends, and succeeds only
+        /// on a version-5 answer naming a method we offered.
+        #[test]
+        fn login_never_panics(reply in proptest::collection::vec(any::<u8>(), 0..16),
+                              sizes in proptest::collection::vec(0usize..4, 0..4),
+                              with_auth in any::<bool>()) {
+            let c = creds();
+            let auth = with_auth.then_some(&c);
+            let mut s = Scripted::new(&reply, &sizes);
+            let r = block_on(login(&mut s, auth));
+            if r.is_ok() {
+                prop_assert_eq!(reply[0], VERSION);
+                prop_assert!(reply[1] == NO_AUTH || (with_auth && reply[1] == USER_PASS));
+            }
+        }
+
+        /// Random and mutated CONNECT replies: a clean error or a well-formed
+        /// success, never a panic, never a read past the end.
+        #[test]
+        fn connect_reply_never_panics(pick in 0usize..3,
+                                      changes in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..4),
+                                      keep in 0usize..32,
+                                      random in proptest::collection::vec(any::<u8>(), 0..40),
+                                      sizes in proptest::collection::vec(0usize..5, 0..4)) {
+            let dst: SocketAddr = "192.0.2.1:443".parse().unwrap();
+            for reply in [mutate(&valid_replies()[pick], &changes, keep), random.clone()] {
+                let mut s = Scripted::new(&reply, &sizes);
+                match block_on(connect(&mut s, dst)) {
+                    Ok(()) => {
+                        prop_assert_eq!(&reply[..2], &[VERSION, 0]);
+                        prop_assert!([ATYP_V4, ATYP_DOMAIN, ATYP_V6].contains(&reply[3]));
+                    }
+                    Err(e) => prop_assert!(!e.to_string().is_empty()),
+                }
+            }
+        }
+
+        /// The bound address of a UDP ASSOCIATE reply, from random bytes.
+        #[test]
+        fn udp_associate_reply_never_panics(reply in proptest::collection::vec(any::<u8>(), 0..40)) {
+            let mut s = Scripted::new(&reply, &[]);
+            let _ = block_on(udp_associate(&mut s, "0.0.0.0:0".parse().unwrap()));
+        }
+
+        /// Datagrams from the relay: any bytes are dropped or split without a
+        /// panic, and what is split off is the datagram's own tail.
+        #[test]
+        fn udp_unwrap_never_panics(d in proptest::collection::vec(any::<u8>(), 0..64)) {
+            if let Some((_, payload)) = udp_unwrap(&d) {
+                prop_assert!(d.ends_with(payload));
+                prop_assert!(d.len() - payload.len() == 10 || d.len() - payload.len() == 22);
+            }
+        }
+
+        /// Whatever we wrap, we unwrap unchanged.
+        #[test]
+        fn udp_header_round_trips_for_any_payload(v6 in any::<bool>(), ip in any::<u128>(), port in any::<u16>(),
+                                                  data in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let ip = if v6 { IpAddr::V6(Ipv6Addr::from(ip)) } else { IpAddr::V4(Ipv4Addr::from(ip as u32)) };
+            let dst = SocketAddr::new(ip, port);
+            let mut out = Vec::new();
+            udp_wrap(dst, &data, &mut out);
+            prop_assert_eq!(udp_unwrap(&out), Some((dst, &data[..])));
+        }
+    }
 }

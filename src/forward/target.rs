@@ -56,19 +56,13 @@ impl TargetState {
     /// Logs a per-flow warning, at most a few a second; the rest are counted and
     /// reported with the next one that passes.
     pub fn warn(&self, msg: impl FnOnce() -> String) {
-        if let Some(skipped) = self.warnings.pass() {
-            let more = if skipped > 0 {
-                format!(" ({skipped} similar messages suppressed)")
-            } else {
-                String::new()
-            };
-            tracing::warn!("{}: {}{more}", self.name, msg());
-        }
+        self.warnings.warn(|| format!("{}: {}", self.name, msg()));
     }
 }
 
-/// Lets `BURST` events through per second.
-struct Limiter {
+/// Lets `BURST` events through per second. Each kind of event that must not
+/// drown in another (a limit reached, a loop refused) has a limiter of its own.
+pub struct Limiter {
     start: Instant,
     /// Current second (since `start`) in the high 32 bits, count in the low 32.
     window: AtomicU64,
@@ -77,12 +71,32 @@ struct Limiter {
 
 const BURST: u64 = 5;
 
+impl Default for Limiter {
+    fn default() -> Limiter {
+        Limiter::new()
+    }
+}
+
 impl Limiter {
-    fn new() -> Limiter {
+    /// A limiter whose first second starts now.
+    pub fn new() -> Limiter {
         Limiter {
             start: Instant::now(),
             window: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
+        }
+    }
+
+    /// Logs `msg` as a warning if this event passes, with the count of those
+    /// suppressed since the last that passed.
+    pub fn warn(&self, msg: impl FnOnce() -> String) {
+        if let Some(skipped) = self.pass() {
+            let more = if skipped > 0 {
+                format!(" ({skipped} similar messages suppressed)")
+            } else {
+                String::new()
+            };
+            tracing::warn!("{}{more}", msg());
         }
     }
 

@@ -7,14 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tracing::debug;
 
+use super::Shared;
 use super::http::{self, HttpError};
 use super::relay::{idle_timeout, relay};
 use super::socks5::{self, Socks5Error};
 use super::target::TargetState;
-use super::upstream::{CONNECT_TIMEOUT, Kind, Upstream, UpstreamError};
+use super::upstream::{Kind, Upstream, UpstreamError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelError {
@@ -24,33 +24,71 @@ pub enum TunnelError {
     Socks5(#[from] Socks5Error),
     #[error(transparent)]
     Http(#[from] HttpError),
-    #[error("upstream handshake took longer than {CONNECT_TIMEOUT:?}")]
-    Timeout,
+    #[error("upstream handshake took longer than {0:?}")]
+    Timeout(Duration),
 }
 
-/// Accepts until the task is aborted. `conns` bounds the open connections of all
-/// targets together; each connection holds one permit until it ends.
-pub async fn serve(listener: TcpListener, target: Arc<TargetState>, conns: Arc<Semaphore>) {
+/// First pause after a failed accept; it doubles up to [`ACCEPT_BACKOFF_MAX`].
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+/// Longest pause between accepts while they keep failing.
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Accepts until the task is aborted. `shared.conns` bounds the open
+/// connections of all targets together and per source; each connection holds
+/// its pass until it ends. Connections back to our own ports are refused.
+pub async fn serve(listener: TcpListener, target: Arc<TargetState>, shared: Arc<Shared>) {
     let idle = idle_timeout();
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let (app, peer) = match listener.accept().await {
-            Ok(x) => x,
+            Ok(x) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                x
+            }
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                target.warn(|| format!("accept on port {}: {e}", target.port));
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // EMFILE/ENFILE leave the connection queued, so accepting again
+                // at once fails again: pause, longer each time, and keep the
+                // listener alive for when descriptors are free.
+                target.warn(|| {
+                    format!(
+                        "accept on port {}: {e}; retrying in {backoff:?}",
+                        target.port
+                    )
+                });
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 continue;
             }
         };
-        let Ok(permit) = conns.clone().try_acquire_owned() else {
-            target.warn(|| format!("{peer}: too many open connections; reset"));
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        let dst = match app.local_addr() {
+            Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
+            Err(_) => continue,
+        };
+        if shared.guard.is_loop(dst) {
+            shared.guard.warn(|| {
+                format!(
+                    "{}: {peer} → {dst}: refused: the destination is this host's own listener port (a loop)",
+                    target.name
+                )
+            });
             reset(&app);
             continue;
+        }
+        let pass = match shared.conns.admit(peer.ip()) {
+            Ok(p) => p,
+            Err(refusal) => {
+                shared.conns.warn(&refusal, || {
+                    format!("{}: {peer} → {dst}: {refusal}; reset", target.name)
+                });
+                reset(&app);
+                continue;
+            }
         };
         let t = target.clone();
         tokio::spawn(async move {
-            handle(app, peer, &t, idle).await;
-            drop(permit);
+            handle(app, peer, dst, &t, idle).await;
+            drop(pass);
         });
     }
 }
@@ -60,11 +98,13 @@ fn reset(app: &TcpStream) {
     let _ = app.set_zero_linger();
 }
 
-async fn handle(mut app: TcpStream, peer: SocketAddr, t: &TargetState, idle: Duration) {
-    let dst = match app.local_addr() {
-        Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
-        Err(_) => return,
-    };
+async fn handle(
+    mut app: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    t: &TargetState,
+    idle: Duration,
+) {
     let up = t.upstream();
     match open(&up, dst).await {
         Ok((mut tunnel, early)) => {
@@ -99,7 +139,7 @@ pub async fn open(up: &Upstream, dst: SocketAddr) -> Result<(TcpStream, Vec<u8>)
         };
         Ok::<_, TunnelError>((s, early))
     };
-    tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+    tokio::time::timeout(up.timeout, handshake)
         .await
-        .unwrap_or(Err(TunnelError::Timeout))
+        .unwrap_or(Err(TunnelError::Timeout(up.timeout)))
 }

@@ -1,7 +1,9 @@
 //! UDP: one SOCKS5 UDP association per flow (app address, original destination),
 //! answered from a transparent socket bound to the destination. Flows end after
-//! an idle timeout; the flow table is bounded, so a flood of new flows costs
-//! dropped datagrams, never memory. An upstream without UDP drops it.
+//! an idle timeout; flows are bounded in all and per source, so a flood of new
+//! flows costs dropped datagrams, never memory or descriptors. Datagrams back
+//! to this host's own listener ports are dropped (a loop). An upstream without
+//! UDP drops it.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -15,13 +17,13 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, warn};
 
+use super::Shared;
+use super::limit::{Gate, Pass};
 use super::listen::{self, ListenError};
 use super::socks5::{self, Socks5Error};
 use super::target::TargetState;
-use super::upstream::{self, CONNECT_TIMEOUT, Kind, Upstream, UpstreamError};
+use super::upstream::{self, Kind, Upstream, UpstreamError};
 
-/// Flows per listener; datagrams of new flows beyond it are dropped.
-pub const MAX_FLOWS: usize = 1024;
 /// Datagrams queued per flow while its association is being set up.
 const QUEUE: usize = 64;
 /// A flow without traffic either way for this long ends.
@@ -41,8 +43,8 @@ pub enum UdpError {
     Socks5(#[from] Socks5Error),
     #[error("UDP ASSOCIATE: {0}")]
     Io(#[from] std::io::Error),
-    #[error("UDP ASSOCIATE took longer than {CONNECT_TIMEOUT:?}")]
-    Timeout,
+    #[error("UDP ASSOCIATE took longer than {0:?}")]
+    Timeout(Duration),
     #[error("the upstream's UDP relay {0} is of another address family than our socket")]
     Family(SocketAddr),
 }
@@ -55,9 +57,8 @@ fn lock(t: &Table) -> std::sync::MutexGuard<'_, HashMap<Key, mpsc::Sender<Vec<u8
 }
 
 /// Receives from a transparent UDP listener until the task is aborted.
-pub async fn serve(sock: UdpSocket, target: Arc<TargetState>) {
+pub async fn serve(sock: UdpSocket, target: Arc<TargetState>, shared: Arc<Shared>) {
     let table: Table = Arc::default();
-    let local = sock.local_addr().ok();
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let d = match listen::recv_orig(&sock, &mut buf).await {
@@ -67,8 +68,16 @@ pub async fn serve(sock: UdpSocket, target: Arc<TargetState>) {
                 continue;
             }
         };
-        if Some(d.dst) == local {
-            continue; // sent to the port itself, not redirected by TPROXY
+        let dst = SocketAddr::new(d.dst.ip().to_canonical(), d.dst.port());
+        // Also what was sent to the listener's port directly, not by TPROXY.
+        if shared.guard.is_loop(dst) {
+            shared.guard.warn(|| {
+                format!(
+                    "{}: UDP {} → {dst}: refused: the destination is this host's own listener port (a loop)",
+                    target.name, d.src
+                )
+            });
+            continue;
         }
         let up = target.upstream();
         if up.kind != Kind::Socks5 {
@@ -82,38 +91,40 @@ pub async fn serve(sock: UdpSocket, target: Arc<TargetState>) {
             continue;
         }
         let data = buf[..d.len].to_vec();
-        dispatch(&table, &target, up, d.src, d.dst, data);
+        dispatch(&table, &target, &shared.flows, up, d.src, dst, data);
     }
 }
 
 fn dispatch(
     table: &Table,
     target: &Arc<TargetState>,
+    flows: &Arc<Gate>,
     up: Arc<Upstream>,
     src: SocketAddr,
     dst: SocketAddr,
     data: Vec<u8>,
 ) {
     let mut map = lock(table);
-    let full = map.len() >= MAX_FLOWS;
-    match map.entry((src, dst)) {
-        Entry::Occupied(mut e) => match e.get().try_send(data) {
-            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
-            Err(mpsc::error::TrySendError::Closed(data)) => {
-                // The flow just ended: start a new one in its place.
-                let tx = spawn_flow(table, target, up, src, dst, data);
-                e.insert(tx);
-            }
+    let (entry, data) = match map.entry((src, dst)) {
+        Entry::Occupied(e) => match e.get().try_send(data) {
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => return,
+            // The flow just ended: a new one takes its place, if admitted.
+            Err(mpsc::error::TrySendError::Closed(data)) => (Entry::Occupied(e), data),
         },
-        Entry::Vacant(e) => {
-            if full {
-                drop(map);
-                target.warn(|| {
-                    format!("UDP flow table full ({MAX_FLOWS} flows): dropping {src} → {dst}")
-                });
-                return;
+        Entry::Vacant(e) => (Entry::Vacant(e), data),
+    };
+    match flows.admit(src.ip()) {
+        Ok(pass) => {
+            entry.insert_entry(spawn_flow(table, target, pass, up, src, dst, data));
+        }
+        Err(refusal) => {
+            if let Entry::Occupied(e) = entry {
+                e.remove();
             }
-            e.insert(spawn_flow(table, target, up, src, dst, data));
+            drop(map);
+            flows.warn(&refusal, || {
+                format!("{}: UDP {src} → {dst}: {refusal}; dropped", target.name)
+            });
         }
     }
 }
@@ -121,6 +132,7 @@ fn dispatch(
 fn spawn_flow(
     table: &Table,
     target: &Arc<TargetState>,
+    pass: Pass,
     up: Arc<Upstream>,
     src: SocketAddr,
     dst: SocketAddr,
@@ -133,6 +145,7 @@ fn spawn_flow(
         if let Err(e) = flow(&up, src, dst, rx).await {
             t.warn(|| format!("UDP {src} → {dst} via {up}: {e}"));
         }
+        drop(pass);
         // Remove our entry unless a newer flow has replaced it (ours is closed:
         // its receiver was dropped with `flow`).
         let mut map = lock(&table);
@@ -170,9 +183,9 @@ async fn flow(
     mut rx: mpsc::Receiver<Vec<u8>>,
 ) -> Result<(), UdpError> {
     let reply = listen::udp_reply(dst, src)?;
-    let (mut ctrl, relay) = tokio::time::timeout(CONNECT_TIMEOUT, associate(up))
+    let (mut ctrl, relay) = tokio::time::timeout(up.timeout, associate(up))
         .await
-        .unwrap_or(Err(UdpError::Timeout))?;
+        .unwrap_or(Err(UdpError::Timeout(up.timeout)))?;
     debug!("UDP {src} → {dst}: associated via {up}");
     let idle = if dst.port() == 53 { DNS_IDLE } else { IDLE };
     let mut deadline = Instant::now() + idle;

@@ -21,10 +21,6 @@ use crate::config::{self, Target};
 /// every target's mark.
 pub const OWN_MARK: u32 = crate::config::FORWARD_MARK;
 
-/// How long connecting to the upstream and its handshake may take before the
-/// app's connection is given up.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("reading upstream-auth-file {path}: {source}")]
@@ -48,8 +44,8 @@ pub enum UpstreamError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("connecting to upstream {addr}: no answer within {CONNECT_TIMEOUT:?}")]
-    Timeout { addr: String },
+    #[error("connecting to upstream {addr}: no answer within {timeout:?}")]
+    Timeout { addr: String, timeout: Duration },
     #[error("marking the socket to upstream {addr} (SO_MARK needs CAP_NET_ADMIN): {source}")]
     Mark { addr: String, source: nix::Error },
 }
@@ -81,6 +77,9 @@ pub struct Upstream {
     /// `host:port` as configured; resolved at each connection.
     pub addr: String,
     pub auth: Option<Credentials>,
+    /// How long connecting and the handshake may take before the app's
+    /// connection (or UDP flow) is given up.
+    pub timeout: Duration,
 }
 
 impl fmt::Display for Upstream {
@@ -95,7 +94,8 @@ impl fmt::Display for Upstream {
 
 impl Upstream {
     /// The upstream of `target`, reading its auth file; `None` if it has none.
-    pub fn of(target: &Target) -> Result<Option<Upstream>, UpstreamError> {
+    /// `timeout` bounds each connection's connect and handshake.
+    pub fn of(target: &Target, timeout: Duration) -> Result<Option<Upstream>, UpstreamError> {
         let Some(up) = &target.upstream else {
             return Ok(None);
         };
@@ -107,7 +107,12 @@ impl Upstream {
             Some(p) => Some(read_auth(p)?),
             None => None,
         };
-        Ok(Some(Upstream { kind, addr, auth }))
+        Ok(Some(Upstream {
+            kind,
+            addr,
+            auth,
+            timeout,
+        }))
     }
 
     /// The upstream's addresses, resolved now.
@@ -141,11 +146,12 @@ impl Upstream {
                 addr: self.addr.clone(),
             }))
         };
-        tokio::time::timeout(CONNECT_TIMEOUT, fut)
+        tokio::time::timeout(self.timeout, fut)
             .await
             .unwrap_or_else(|_| {
                 Err(UpstreamError::Timeout {
                     addr: self.addr.clone(),
+                    timeout: self.timeout,
                 })
             })
     }
@@ -247,5 +253,17 @@ mod tests {
     fn debug_hides_the_password() {
         let c = parse_auth("me:secret").unwrap();
         assert!(!format!("{c:?}").contains("secret"));
+    }
+
+    proptest::proptest! {
+        /// Any auth-file text: credentials or a clean refusal, never a panic;
+        /// accepted parts are 1 to 255 bytes.
+        #[test]
+        fn any_auth_text_parses_or_is_refused(text in "\\PC{0,300}") {
+            if let Ok(c) = parse_auth(&text) {
+                proptest::prop_assert!((1..=255).contains(&c.user.len()));
+                proptest::prop_assert!((1..=255).contains(&c.password.len()));
+            }
+        }
     }
 }

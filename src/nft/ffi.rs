@@ -112,8 +112,11 @@ pub enum Expr {
         sreg: u32,
         dreg: Option<u32>,
     },
-    /// `tproxy to :port`, port in [`REG_1`], address family taken from the packet.
-    Tproxy,
+    /// `tproxy <family> to addr:port`, address in [`REG_1`], port in [`REG_2`];
+    /// it serves only packets of `family` (`NFPROTO_IPV4` or `NFPROTO_IPV6`).
+    Tproxy {
+        family: u32,
+    },
     /// `dnat <family> to addr:port`, address in [`REG_1`], port in [`REG_2`].
     Dnat {
         family: u32,
@@ -252,14 +255,11 @@ impl Expression for Expr {
                 }
                 e
             }
-            Expr::Tproxy => {
+            Expr::Tproxy { family } => {
                 let e = alloc_expr(c"tproxy");
-                set_u32(
-                    e,
-                    sys::NFTNL_EXPR_TPROXY_FAMILY,
-                    libc::NFPROTO_UNSPEC as u32,
-                );
-                set_u32(e, sys::NFTNL_EXPR_TPROXY_REG_PORT, REG_1);
+                set_u32(e, sys::NFTNL_EXPR_TPROXY_FAMILY, *family);
+                set_u32(e, sys::NFTNL_EXPR_TPROXY_REG_ADDR, REG_1);
+                set_u32(e, sys::NFTNL_EXPR_TPROXY_REG_PORT, REG_2);
                 e
             }
             Expr::Dnat { family } => {
@@ -747,13 +747,18 @@ mod tests {
     }
 
     #[test]
-    fn tproxy_takes_port_from_reg1_for_either_family() {
-        let (name, data) = expr_bytes(&Expr::Tproxy);
-        assert_eq!(name, "tproxy");
-        // NFTA_TPROXY_FAMILY = 1 (NFPROTO_UNSPEC), NFTA_TPROXY_REG_PORT = 3.
-        let mut want = be32_attr(1, 0);
-        want.extend(be32_attr(3, 1));
-        assert_eq!(data, want);
+    fn tproxy_takes_address_from_reg1_and_port_from_reg2() {
+        for family in [libc::NFPROTO_IPV4, libc::NFPROTO_IPV6] {
+            let (name, data) = expr_bytes(&Expr::Tproxy {
+                family: family as u32,
+            });
+            assert_eq!(name, "tproxy");
+            // NFTA_TPROXY_FAMILY = 1, NFTA_TPROXY_REG_ADDR = 2, NFTA_TPROXY_REG_PORT = 3.
+            let mut want = be32_attr(1, family as u32);
+            want.extend(be32_attr(2, 1));
+            want.extend(be32_attr(3, 2));
+            assert_eq!(data, want);
+        }
     }
 
     #[test]

@@ -157,13 +157,22 @@ fn exprs(s: &Stmt) -> Result<Vec<Expr>, NftError> {
                 dreg: Some(ffi::REG_VERDICT),
             },
         ],
-        Stmt::Tproxy(port) => vec![
-            Expr::Load {
-                reg: REG_1,
-                data: port.to_be_bytes().to_vec(),
-            },
-            Expr::Tproxy,
-        ],
+        Stmt::Tproxy(addr, port) => {
+            let (data, family) = match addr {
+                IpAddr::V4(a) => (a.octets().to_vec(), libc::NFPROTO_IPV4),
+                IpAddr::V6(a) => (a.octets().to_vec(), libc::NFPROTO_IPV6),
+            };
+            vec![
+                Expr::Load { reg: REG_1, data },
+                Expr::Load {
+                    reg: REG_2,
+                    data: port.to_be_bytes().to_vec(),
+                },
+                Expr::Tproxy {
+                    family: family as u32,
+                },
+            ]
+        }
         Stmt::Dnat(addr, port) => {
             let (data, family) = match addr {
                 IpAddr::V4(a) => (a.octets().to_vec(), libc::NFPROTO_IPV4),
@@ -750,15 +759,21 @@ mod tests {
                 data: 0x0102_0304u32.to_ne_bytes().to_vec()
             }
         );
-        let e = exprs(&Stmt::Tproxy(7893)).unwrap();
+        let e = exprs(&Stmt::Tproxy("::1".parse().unwrap(), 7893)).unwrap();
         assert_eq!(
             e,
             vec![
                 Expr::Load {
                     reg: REG_1,
+                    data: std::net::Ipv6Addr::LOCALHOST.octets().to_vec()
+                },
+                Expr::Load {
+                    reg: REG_2,
                     data: 7893u16.to_be_bytes().to_vec()
                 },
-                Expr::Tproxy
+                Expr::Tproxy {
+                    family: libc::NFPROTO_IPV6 as u32
+                }
             ]
         );
     }

@@ -1,20 +1,21 @@
 #!/usr/bin/env python3
 """One TCP or UDP exchange; prints the answer, or "ERR <reason>".
-Usage: client.py tcp|udp HOST PORT"""
+Usage: client.py tcp|udp HOST PORT [TIMEOUT-SECONDS, default 2]"""
 import socket
 import sys
 
 proto, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+timeout = float(sys.argv[4]) if len(sys.argv) > 4 else 2
 fam = socket.AF_INET6 if ":" in host else socket.AF_INET
 try:
     if proto == "tcp":
         s = socket.socket(fam, socket.SOCK_STREAM)
-        s.settimeout(2)
+        s.settimeout(timeout)
         s.connect((host, port))
         print(s.recv(256).decode().strip())
     else:
         s = socket.socket(fam, socket.SOCK_DGRAM)
-        s.settimeout(2)
+        s.settimeout(timeout)
         s.sendto(b"hello", (host, port))
         data, src = s.recvfrom(256)
         print(data.decode().strip(), "from", src[0])

@@ -4,6 +4,8 @@
 TCP: answers "proxy <original-destination-ip> <port>".
 UDP: reads the original destination from IP(V6)_RECVORIGDSTADDR and answers from a
 transparent socket bound to that destination, as real proxy cores do.
+Bound to 127.0.0.1 and ::1, as the README tells proxy cores to be: the daemon's
+tproxy statements deliver there, and the network cannot reach it.
 Usage: listener.py PORT [LABEL]
 """
 import select
@@ -32,7 +34,7 @@ def transparent(fam, typ):
 
 
 socks = {}
-for fam, any_addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+for fam, any_addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
     t = transparent(fam, socket.SOCK_STREAM)
     t.bind((any_addr, port))
     t.listen(128)

@@ -80,6 +80,16 @@ pub const PEER_PORT: u16 = 8080;
 pub const PROXY_PORT: u16 = 7893;
 pub const MARK: u32 = 3000;
 
+/// The one TPROXY target most tests use: the listener's port and [`MARK`].
+pub fn proxy_target() -> String {
+    format!(r#"{{"proxy":{{"port":{PROXY_PORT},"mark":{MARK}}}}}"#)
+}
+
+/// Whether `answer` came from the test listener with original destination `dst`.
+pub fn proxied(answer: &str, dst: &str) -> bool {
+    answer.starts_with(&format!("proxy {dst} {PEER_PORT}"))
+}
+
 pub struct Lab {
     pub dir: PathBuf,
     pub mount: PathBuf,
@@ -90,6 +100,8 @@ pub struct Lab {
     pub daemon: Option<Daemon>,
     /// Extra environment for the daemon.
     pub daemon_env: Vec<(String, String)>,
+    /// Extra arguments for `cgtproxy forward` (limits, timeouts).
+    pub forward_args: Vec<String>,
 }
 
 pub struct Daemon {
@@ -188,6 +200,7 @@ impl Lab {
             services: Vec::new(),
             daemon: None,
             daemon_env: Vec::new(),
+            forward_args: Vec::new(),
         };
         let server = Command::new("nsenter")
             .args(["-t", &ppid.to_string(), "-n", "python3"])
@@ -368,9 +381,15 @@ impl Lab {
                 c
             }
         };
+        let extra: &[String] = if subcommand == "forward" {
+            &self.forward_args
+        } else {
+            &[]
+        };
         let mut child = cmd
             .args([subcommand, "--config"])
             .arg(config)
+            .args(extra)
             .env("NOTIFY_SOCKET", &notify_path)
             .envs(self.daemon_env.iter().map(|(k, v)| (k, v)))
             .env(

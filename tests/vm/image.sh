@@ -19,12 +19,13 @@ tree=$out/tree
 # Upstreams of `cgtproxy forward`: shadowsocks-libev (its ss-local is a SOCKS5
 # server with UDP ASSOCIATE; trixie has no dante) and microsocks (TCP only,
 # with a password). wireguard-tools: a real wg-quick tunnel brought up after
-# cgtproxy (the cloud kernel has the wireguard module).
+# cgtproxy (the cloud kernel has the wireguard module; wg-quick runs sysctl,
+# from procps).
 packages=(
   systemd systemd-sysv dbus dbus-user-session libpam-systemd
   nftables iproute2 python3 kmod libnss-systemd
   linux-image-cloud-amd64 libnftnl11 libmnl0
-  shadowsocks-libev microsocks wireguard-tools
+  shadowsocks-libev microsocks wireguard-tools procps
 )
 
 rm -rf "$tree"
