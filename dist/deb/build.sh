@@ -19,7 +19,9 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 here=$repo/dist/deb
 
-bin= unit=$repo/dist/systemd/cgtproxy.service forward_unit=$repo/dist/systemd/cgtproxy-forward.service
+bin=''
+unit=$repo/dist/systemd/cgtproxy.service
+forward_unit=$repo/dist/systemd/cgtproxy-forward.service
 out=$repo/target/debian
 while [ $# -gt 0 ]; do
     case $1 in
@@ -96,8 +98,9 @@ package_unit() {
             -e "/^Description=/a Documentation=man:$page(1)" "$src"
     } >"$dst"
     chmod 644 "$dst"
-    [ "$(grep -c '^ExecStart=' "$dst")" = 1 ] && grep -q '^ExecStart=/usr/bin/cgtproxy ' "$dst" \
-        || die "$src: expected one ExecStart=/usr/local/bin/cgtproxy ... line to rewrite"
+    if [ "$(grep -c '^ExecStart=' "$dst")" != 1 ] || ! grep -q '^ExecStart=/usr/bin/cgtproxy ' "$dst"; then
+        die "$src: expected one ExecStart=/usr/local/bin/cgtproxy ... line to rewrite"
+    fi
 }
 package_unit "$unit"
 package_unit "$forward_unit"
@@ -106,7 +109,8 @@ assets=$work/assets
 "$bin" generate-assets "$assets" || die "$bin generate-assets failed"
 install -d "$root/usr/share/man/man1"
 for page in "$assets"/man/*.1; do
-    gzip -9n <"$page" >"$root/usr/share/man/man1/$(basename "$page").gz"
+    name=$(basename "$page")
+    gzip -9n <"$page" >"$root/usr/share/man/man1/$name.gz"
 done
 install -Dm644 "$assets/completions/cgtproxy.bash" "$root/usr/share/bash-completion/completions/cgtproxy"
 install -Dm644 "$assets/completions/_cgtproxy" "$root/usr/share/zsh/vendor-completions/_cgtproxy"

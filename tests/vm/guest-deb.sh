@@ -4,9 +4,10 @@
 #     its dependencies are in the image), checks that installing started and
 #     enabled nothing, then writes the configuration and enables the daemon
 #     (guest-test.sh starts it).
-#   deb_purge: with the daemon running and enabled, apt purges the package and
-#     checks what is left: no rules, no package file, no unit, no enable link,
-#     and the administrator's configuration untouched.
+#   deb_purge: with the daemon running, reinstalls the package as an upgrade
+#     (the daemon keeps running); then, with both units enabled, apt purges
+#     it and checks what is left: no rules, no package file, no unit, no
+#     enable link, and the administrator's configuration untouched.
 
 deb_install() {
   local debs=("$P"/cgtproxy_*.deb)
@@ -41,6 +42,18 @@ deb_install() {
 
 deb_purge() {
   systemctl is-active --quiet cgtproxy.service || systemctl start cgtproxy.service
+  # An upgrade (the same package again: prerm upgrade, postinst configure
+  # OLD-VERSION) leaves a running daemon running and says it runs the old binary.
+  local pid
+  pid=$(main_pid)
+  if dpkg -i "$P"/cgtproxy_*.deb >/tmp/dpkg-reinstall.log 2>&1 && [ "$(main_pid)" = "$pid" ]; then
+    pass deb-upgrade-keeps-running
+  else
+    fail deb-upgrade-keeps-running "MainPID $pid -> $(main_pid)"; evidence 40 </tmp/dpkg-reinstall.log
+  fi
+  if grep -q 'cgtproxy.service still runs the old binary' /tmp/dpkg-reinstall.log; then
+    pass deb-upgrade-names-running-unit
+  else fail deb-upgrade-names-running-unit "no note"; evidence 40 </tmp/dpkg-reinstall.log; fi
   systemctl enable --quiet cgtproxy-forward.service
   local files
   files=$(dpkg-query -L cgtproxy | while read -r f; do [ -f "$f" ] && echo "$f"; done)
