@@ -28,6 +28,7 @@ use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use cgtproxy::kernel::nlmsg::{attr, attrs, messages};
 use netlink_sys::{Socket, constants::NETLINK_NETFILTER};
 use nix::sys::signal::{SigSet, Signal, kill};
 use nix::sys::socket::{MsgFlags, recv, setsockopt, sockopt};
@@ -36,6 +37,10 @@ use serde_json::json;
 
 #[path = "kernel/forward.rs"]
 mod forward;
+#[path = "../tests/support/netns.rs"]
+mod netns;
+
+use netns::{Netns, remove_tree};
 
 /// Set in the environment of the re-executed process: the name of its cgroup subtree.
 const INNER: &str = "CGTPROXY_BENCH_BASE";
@@ -130,34 +135,6 @@ fn host_cgroup2() -> Option<PathBuf> {
     })
 }
 
-/// Removes a cgroup subtree deepest-first; a cgroup that still holds processes is
-/// killed (`cgroup.kill`) and retried.
-fn remove_tree(dir: &Path) {
-    let mut dirs = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        if let Ok(rd) = fs::read_dir(&d) {
-            for e in rd.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    stack.push(e.path());
-                }
-            }
-        }
-        dirs.push(d);
-    }
-    for d in dirs.iter().rev() {
-        for attempt in 0..100 {
-            if fs::remove_dir(d).is_ok() || !d.exists() {
-                break;
-            }
-            if attempt == 0 {
-                let _ = fs::write(d.join("cgroup.kill"), "1");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
 /// Makes closing `s` send RST: no TIME_WAIT, so a connect loop never runs out
 /// of ports.
 fn reset_on_close(s: &TcpStream) -> nix::Result<()> {
@@ -215,7 +192,7 @@ struct Lab {
     mount: PathBuf,
     /// Name of our subtree below the cgroup2 root, without a leading `/`.
     base: String,
-    peer: Option<Child>,
+    peer: Option<Netns>,
     server: Option<Child>,
     daemon: Option<Daemon>,
 }
@@ -239,19 +216,10 @@ impl Lab {
         sh("mount -t cgroup2 none /sys/fs/cgroup");
         fs::create_dir_all(lab.cg("a/b/c/d")).unwrap();
         sh("ip link set lo up");
-        // The peer namespace plays "the internet": a process that only holds it.
-        let peer = Command::new("unshare")
-            .args(["--net", "--", "sleep", "3600"])
-            .spawn()
-            .unwrap();
-        let ppid = peer.id();
+        // The peer namespace plays "the internet".
+        let peer = Netns::new();
+        let ppid = peer.pid();
         lab.peer = Some(peer);
-        let mine = fs::read_link("/proc/self/ns/net").unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while fs::read_link(format!("/proc/{ppid}/ns/net")).ok().as_ref() == Some(&mine) {
-            assert!(Instant::now() < deadline, "peer namespace not created");
-            std::thread::sleep(Duration::from_millis(10));
-        }
         sh(&format!(
             "ip link add veth0 type veth peer name veth1 netns {ppid} &&
              ip addr add 10.99.0.1/24 dev veth0 && ip link set veth0 up &&
@@ -419,11 +387,11 @@ impl Drop for Lab {
             let _ = d.child.kill();
             let _ = d.child.wait();
         }
-        for c in [self.server.take(), self.peer.take()].into_iter().flatten() {
-            let mut c = c;
+        if let Some(mut c) = self.server.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+        self.peer.take();
         remove_tree(&self.mount.join(&self.base));
         // The mounts die with our mount namespace; only the directory is shared.
         let _ = Command::new("umount").arg(&self.mount).status();
@@ -537,52 +505,31 @@ impl Events {
     }
 }
 
-/// Netlink attributes of `buf`: (type without flag bits, payload).
-fn attrs(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    let mut off = 0;
-    std::iter::from_fn(move || {
-        let head = buf.get(off..off + 4)?;
-        let len = u16::from_ne_bytes([head[0], head[1]]) as usize;
-        let kind = u16::from_ne_bytes([head[2], head[3]]) & 0x3fff;
-        let payload = buf.get(off + 4..off + len.max(4))?;
-        off += len.max(4).div_ceil(4) * 4;
-        Some((kind, payload))
-    })
-}
-
-fn attr(buf: &[u8], kind: u16) -> Option<&[u8]> {
-    attrs(buf).find(|&(k, _)| k == kind).map(|(_, p)| p)
-}
-
 /// The 64-bit keys of the elements added to a `level*` map, from one datagram of
 /// nftables events (one or more netlink messages).
-fn new_level_keys(mut buf: &[u8]) -> Vec<u64> {
+fn new_level_keys(buf: &[u8]) -> Vec<u64> {
     let mut keys = Vec::new();
-    while buf.len() >= 16 {
-        let len = u32::from_ne_bytes(buf[0..4].try_into().unwrap()) as usize;
-        let kind = u16::from_ne_bytes([buf[4], buf[5]]);
-        if len < 16 || len > buf.len() {
-            break;
-        }
+    for m in messages(buf) {
         // Payload: struct nfgenmsg (4 bytes), then attributes.
-        if kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM && len >= 20 {
-            let body = &buf[20..len];
-            let is_level =
-                attr(body, NFTA_SET_ELEM_LIST_SET).is_some_and(|s| s.starts_with(b"level"));
-            if let (true, Some(list)) = (is_level, attr(body, NFTA_SET_ELEM_LIST_ELEMENTS)) {
-                for (k, elem) in attrs(list) {
-                    let value = (k == NFTA_LIST_ELEM)
-                        .then(|| attr(elem, NFTA_SET_ELEM_KEY))
-                        .flatten()
-                        .and_then(|key| attr(key, NFTA_DATA_VALUE))
-                        .and_then(|v| <[u8; 8]>::try_from(v).ok());
-                    if let Some(v) = value {
-                        keys.push(u64::from_ne_bytes(v));
-                    }
+        let Some(body) = m.payload().get(4..) else {
+            continue;
+        };
+        if m.ty != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM {
+            continue;
+        }
+        let is_level = attr(body, NFTA_SET_ELEM_LIST_SET).is_some_and(|s| s.starts_with(b"level"));
+        if let (true, Some(list)) = (is_level, attr(body, NFTA_SET_ELEM_LIST_ELEMENTS)) {
+            for (k, elem) in attrs(list) {
+                let value = (k == NFTA_LIST_ELEM)
+                    .then(|| attr(elem, NFTA_SET_ELEM_KEY))
+                    .flatten()
+                    .and_then(|key| attr(key, NFTA_DATA_VALUE))
+                    .and_then(|v| <[u8; 8]>::try_from(v).ok());
+                if let Some(v) = value {
+                    keys.push(u64::from_ne_bytes(v));
                 }
             }
         }
-        buf = &buf[(len.div_ceil(4) * 4).min(buf.len())..];
     }
     keys
 }

@@ -180,7 +180,7 @@ pub struct DnsHijack {
 pub const FORWARD_MARK: u32 = 0x6367_7466;
 
 /// Marks the classify chain gives direct and dropped cgroups' packets for a moment
-/// (see `plan::class`); no target may use them.
+/// (see `table::class`); no target may use them.
 pub const DIRECT_CLASS: u32 = 0x6367_7401;
 pub const DROP_CLASS: u32 = 0x6367_7402;
 

@@ -1,34 +1,15 @@
-//! cgtproxy: per-application transparent proxying by cgroup v2 path.
+//! The `cgtproxy` command line: parses arguments and hands each subcommand to
+//! the library.
 
-mod args;
-mod assets;
-mod cgroup;
-mod config;
-mod daemon;
-mod doctor;
-mod events;
-mod exec;
-mod forward;
-mod inspect;
-mod nft;
-mod nlmsg;
-mod notify;
-mod plan;
-mod precedence;
-mod render;
-mod route;
-mod rpfilter;
-mod runstate;
-mod schedule;
-mod sockdiag;
-mod status;
-mod watch;
+use cgtproxy::cli::args::{self, Cmd, Invocation};
+use cgtproxy::cli::{assets, doctor, exec, explain, status};
+use cgtproxy::core::{render, table, tree};
+use cgtproxy::watch::hierarchy;
+use cgtproxy::{config, daemon, forward};
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-
-use args::{Cmd, Invocation};
 
 fn init_logging(level: Option<&str>) {
     use tracing_subscriber::filter::Targets;
@@ -71,14 +52,14 @@ fn load(config: Option<PathBuf>) -> anyhow::Result<config::Config> {
 
 fn render(config: Option<PathBuf>) -> anyhow::Result<()> {
     let cfg = load(config)?;
-    let cgroups = match cgroup::Hierarchy::discover(&cfg.cgroup_root) {
-        Ok(h) => cgroup::walk(&h),
+    let cgroups = match hierarchy::Hierarchy::discover(&cfg.cgroup_root) {
+        Ok(h) => hierarchy::walk(&h),
         Err(e) => {
             eprintln!("note: {e}; rendering without cgroups");
             Vec::new()
         }
     };
-    let tree = plan::Tree::build(&cfg, &cgroups);
+    let tree = tree::Tree::build(&cfg, &cgroups);
     let elements = tree.elements();
     let paths = cgroups
         .into_iter()
@@ -87,7 +68,7 @@ fn render(config: Option<PathBuf>) -> anyhow::Result<()> {
     print!(
         "{}",
         render::render(
-            &plan::table(&cfg, &plan::levels(&elements), &elements),
+            &table::table(&cfg, &table::levels(&elements), &elements),
             &paths
         )
     );
@@ -140,7 +121,7 @@ fn main() -> ExitCode {
         }
         Cmd::Doctor { config } => report(load(config).map(|c| doctor::doctor(&c))),
         Cmd::Explain { config, what } => {
-            report(load(config).and_then(|c| Ok(status::explain(&c, &what)?)))
+            report(load(config).and_then(|c| Ok(explain::explain(&c, &what)?)))
         }
         Cmd::Exec {
             config,

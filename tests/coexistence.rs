@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use support::*;
@@ -70,26 +70,13 @@ fn counted(pid: u32) -> u64 {
 /// A stand-in for a VPN tunnel or an exit node: a namespace behind `vpn0`,
 /// which routing table `table` sends everything to. Counts what arrives.
 struct Tunnel {
-    holder: Child,
+    far: Netns,
 }
 
 impl Tunnel {
     fn new(table: u32) -> Tunnel {
-        let holder = Command::new("unshare")
-            .args(["--net", "--", "sleep", "3600"])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let pid = holder.id();
-        let mine = std::fs::read_link("/proc/self/ns/net").unwrap();
-        let t = Tunnel { holder };
-        let apart = eventually_plain(FAST, || {
-            std::fs::read_link(format!("/proc/{pid}/ns/net"))
-                .ok()
-                .as_ref()
-                != Some(&mine)
-        });
-        assert!(apart, "tunnel namespace not created");
+        let far = Netns::new();
+        let pid = far.pid();
         let out = sh_any(&format!(
             "ip link add vpn0 type veth peer name vpn1 netns {pid} &&
              ip addr add 10.98.0.1/24 dev vpn0 && ip addr add fd98::1/64 dev vpn0 nodad &&
@@ -101,30 +88,32 @@ impl Tunnel {
         ));
         assert!(out.contains("done"), "tunnel: {out}");
         install_counter(pid);
-        t
+        Tunnel { far }
     }
 
     fn arrived(&self) -> u64 {
-        counted(self.holder.id())
+        counted(self.far.pid())
     }
 }
 
-impl Drop for Tunnel {
-    fn drop(&mut self) {
-        let _ = self.holder.kill();
-        let _ = self.holder.wait();
+/// wg-quick's nftables rules for interface `dev` with addresses `v4` and `v6`,
+/// as its add_default() writes them (wireguard-tools, linux.bash).
+fn load_wg_quick_nft(dev: &str, v4: &str, v6: &str) {
+    for (pf, addr) in [("ip", v4), ("ip6", v6)] {
+        let t = format!("wg-quick-{dev}");
+        let script = format!(
+            "add table {pf} {t}
+add chain {pf} {t} preraw {{ type filter hook prerouting priority -300; }}
+add chain {pf} {t} premangle {{ type filter hook prerouting priority -150; }}
+add chain {pf} {t} postmangle {{ type filter hook postrouting priority -150; }}
+add rule {pf} {t} preraw iifname != \"{dev}\" {pf} daddr {addr} fib saddr type != local drop
+add rule {pf} {t} postmangle meta l4proto udp mark 51820 ct mark set mark
+add rule {pf} {t} premangle meta l4proto udp meta mark set ct mark
+"
+        );
+        let out = sh_any(&format!("printf '%s' '{script}' | nft -f - && echo loaded"));
+        assert!(out.contains("loaded"), "wg-quick's rules: {out}");
     }
-}
-
-fn eventually_plain(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    f()
 }
 
 /// The priority of our v4 rule (`fwmark 0xbb8`), and of the first rule that
@@ -189,7 +178,11 @@ fn wg_quick_rules_added_after_the_daemon_never_take_proxied_traffic() {
                 ),
                 Stdio::piped(),
             );
-            std::thread::sleep(Duration::from_millis(500));
+            let flowing = lab.eventually(FAST, || {
+                sh_any("nft list counter inet cgtproxy proxy").contains("packets")
+                    && !sh_any("nft list counter inet cgtproxy proxy").contains("packets 0 ")
+            });
+            assert!(flowing, "the stream never started");
             for fam in ["-4", "-6"] {
                 // wg-quick's own commands (add_default in wg-quick/linux.bash).
                 sh_any(&format!(
@@ -213,7 +206,35 @@ fn wg_quick_rules_added_after_the_daemon_never_take_proxied_traffic() {
                     sh_any("ip rule; ip -6 rule")
                 );
             }
-            all_proxied(&lab, &tunnel, "after wg-quick came up");
+            all_proxied(&lab, &tunnel, "after wg-quick's rules");
+
+            // wg-quick's nftables table too. Its anti-spoofing rule drops what
+            // reaches the tunnel's own address from another interface with a
+            // foreign source: exactly the proxy's answers (from the original
+            // destination) to an app whose connection took the tunnel's address
+            // as its source, chosen before our mark re-routed it. Proxied
+            // traffic then fails, closed.
+            load_wg_quick_nft("vpn0", "10.98.0.1", "fd98::1");
+            for (proto, dst) in [("tcp", INET4), ("udp", INET6)] {
+                let a = lab.talk("proxy", proto, dst, PEER_PORT);
+                assert!(
+                    a.starts_with("ERR"),
+                    "{proto} {dst} through wg-quick's filter: {a}"
+                );
+            }
+            assert_eq!(
+                tunnel.arrived(),
+                0,
+                "failed closed, nothing into the tunnel"
+            );
+            // The README's remedy: let wg-quick's filter pass what arrives on lo.
+            for fam in ["ip", "ip6"] {
+                let out = sh_any(&format!(
+                    "nft insert rule {fam} wg-quick-vpn0 preraw iifname lo accept && echo ok"
+                ));
+                assert!(out.contains("ok"), "{out}");
+            }
+            all_proxied(&lab, &tunnel, "with wg-quick's filter and the remedy");
             // The tunnel does take what is not ours: the test can see a leak.
             assert!(
                 lab.talk("direct", "udp", INET4, PEER_PORT)

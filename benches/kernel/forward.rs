@@ -160,7 +160,7 @@ pub fn bench(lab: &mut Lab, started: Instant) -> (String, Map<String, Value>) {
             "the forwarder comparison needs {tool}: dist/ensure-deps.sh microsocks dante-server v2ray redsocks"
         );
     }
-    let peer = lab.peer.as_ref().expect("peer namespace").id();
+    let peer = lab.peer.as_ref().expect("peer namespace").pid();
     let mut procs = Procs(Vec::new());
     for rel in [
         "fwd/app-cgt",

@@ -13,20 +13,13 @@
 
 let
   listenerPort = 7893;
+  common = import ./common.nix;
 in
 {
   name = "cgtproxy-home-manager";
 
   nodes = {
-    target =
-      { pkgs, ... }:
-      {
-        networking.firewall.allowedTCPPorts = [ 80 ];
-        systemd.services.target-http = {
-          wantedBy = [ "multi-user.target" ];
-          serviceConfig.ExecStart = "${pkgs.python3}/bin/python3 -m http.server 80 --bind :: --directory ${pkgs.writeTextDir "index.html" "target\n"}";
-        };
-      };
+    target = common.targetHttp;
 
     client =
       { pkgs, ... }:
@@ -34,6 +27,7 @@ in
         imports = [
           nixosModule
           homeManagerNixosModule
+          (common.tproxyListener listenerPort)
         ];
 
         services.cgtproxy = {
@@ -44,15 +38,6 @@ in
           settings.tproxies.proxy = {
             port = listenerPort;
             mark = 3000;
-          };
-        };
-
-        systemd.services.tproxy-listener = {
-          wantedBy = [ "multi-user.target" ];
-          before = [ "cgtproxy.service" ];
-          serviceConfig = {
-            ExecStart = "${pkgs.python3}/bin/python3 ${./tproxy-listener.py} ${toString listenerPort} /run/tproxy-listener.log";
-            AmbientCapabilities = [ "CAP_NET_ADMIN" ];
           };
         };
 

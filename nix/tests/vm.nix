@@ -15,6 +15,7 @@ let
   whoamiPort = 8081;
   # The Debian VM test's network actors; `whoami` answers "FROM <client ip>".
   vmnet = ../../tests/vm/vmnet.py;
+  common = import ./common.nix;
 in
 {
   name = "cgtproxy";
@@ -23,17 +24,12 @@ in
     target =
       { pkgs, ... }:
       {
+        imports = [ common.targetHttp ];
         networking.firewall.allowedTCPPorts = [
-          80
           1080
           whoamiPort
         ];
         networking.firewall.allowedUDPPorts = [ whoamiPort ];
-        systemd.services.target-http = {
-          wantedBy = [ "multi-user.target" ];
-          # Dual stack: Python's http.server binds `::` with IPV6_V6ONLY off.
-          serviceConfig.ExecStart = "${pkgs.python3}/bin/python3 -m http.server 80 --bind :: --directory ${pkgs.writeTextDir "index.html" "target\n"}";
-        };
         # Tells who reached it: the client itself, or the upstream (this node).
         systemd.services.whoami = {
           wantedBy = [ "multi-user.target" ];
@@ -58,7 +54,10 @@ in
         target4 = nodes.target.networking.primaryIPAddress;
       in
       {
-        imports = [ nixosModule ];
+        imports = [
+          nixosModule
+          (common.tproxyListener listenerPort)
+        ];
 
         # The firewall in nftables form with its reverse-path check on, so the
         # module's exemption for looped-back packets is exercised, and with
@@ -103,16 +102,6 @@ in
               drop = true;
             }
           ];
-        };
-
-        systemd.services.tproxy-listener = {
-          wantedBy = [ "multi-user.target" ];
-          before = [ "cgtproxy.service" ];
-          serviceConfig = {
-            ExecStart = "${pkgs.python3}/bin/python3 ${./tproxy-listener.py} ${toString listenerPort} /run/tproxy-listener.log";
-            # IP_TRANSPARENT sockets.
-            AmbientCapabilities = [ "CAP_NET_ADMIN" ];
-          };
         };
 
         environment.systemPackages = [

@@ -36,7 +36,7 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use crate::config::{self, Config, ConfigError, Target};
-use crate::notify;
+use crate::daemon::notify;
 use guard::LoopGuard;
 use limit::Gate;
 use listen::ListenError;

@@ -1,25 +1,48 @@
 #!/usr/bin/env python3
-"""A transparent (TPROXY) listener standing in for a proxy core.
+"""The transparent (TPROXY) listener standing in for a proxy core, in every
+test: the kernel tests, the Debian VM test and the NixOS VM tests.
 
-TCP: answers "proxy <original-destination-ip> <port>".
-UDP: reads the original destination from IP(V6)_RECVORIGDSTADDR and answers from a
-transparent socket bound to that destination, as real proxy cores do.
+TCP: answers "LABEL <original-destination-ip> <port>"; with --http, an HTTP/1.0
+response to the request, whose body is "LABEL <original destination>" (as
+1.2.3.4:80 or [::1]:80).
+UDP: reads the original destination from IP(V6)_ORIGDSTADDR and answers
+"LABEL <ip> <port>" from a transparent socket bound to that destination, as
+real proxy cores do.
+With --log FILE, every flow is appended to FILE: "tcp DST from SRC" and
+"udp DST PAYLOAD".
 Bound to 127.0.0.1 and ::1, as the README tells proxy cores to be: the daemon's
 tproxy statements deliver there, and the network cannot reach it.
-Usage: listener.py PORT [LABEL]
+Ready: prints "ready", and tells systemd (READY=1) when run as Type=notify.
+Usage: listener.py PORT [LABEL] [--http] [--log FILE]
 """
+import argparse
+import os
 import select
 import socket
 import struct
-import sys
 
 IP_TRANSPARENT = 19
 IP_RECVORIGDSTADDR = 20
 IPV6_TRANSPARENT = 75
 IPV6_RECVORIGDSTADDR = 74
 
-port = int(sys.argv[1])
-label = sys.argv[2] if len(sys.argv) > 2 else "proxy"
+args = argparse.ArgumentParser()
+args.add_argument("port", type=int)
+args.add_argument("label", nargs="?", default="proxy")
+args.add_argument("--http", action="store_true")
+args.add_argument("--log")
+args = args.parse_args()
+log = open(args.log, "a", encoding="utf-8") if args.log else None
+
+
+def note(line):
+    if log:
+        log.write(line + "\n")
+        log.flush()
+
+
+def endpoint(fam, ip, p):
+    return f"[{ip}]:{p}" if fam == socket.AF_INET6 else f"{ip}:{p}"
 
 
 def transparent(fam, typ):
@@ -34,9 +57,9 @@ def transparent(fam, typ):
 
 
 socks = {}
-for fam, any_addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+for fam, loopback in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
     t = transparent(fam, socket.SOCK_STREAM)
-    t.bind((any_addr, port))
+    t.bind((loopback, args.port))
     t.listen(128)
     socks[t] = ("tcp", fam)
     u = transparent(fam, socket.SOCK_DGRAM)
@@ -44,42 +67,70 @@ for fam, any_addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
         u.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
     else:
         u.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
-    u.bind((any_addr, port))
+    u.bind((loopback, args.port))
     socks[u] = ("udp", fam)
 
 print("ready", flush=True)
+if os.environ.get("NOTIFY_SOCKET"):
+    path = os.environ["NOTIFY_SOCKET"]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as n:
+        n.sendto(b"READY=1", "\0" + path[1:] if path.startswith("@") else path)
 
 
 def orig_dst(fam, cmsgs):
     for level, typ, data in cmsgs:
         if fam == socket.AF_INET and level == socket.SOL_IP and typ == IP_RECVORIGDSTADDR:
-            p, = struct.unpack_from("!H", data, 2)
+            (p,) = struct.unpack_from("!H", data, 2)
             return socket.inet_ntop(socket.AF_INET, data[4:8]), p
         if fam == socket.AF_INET6 and level == socket.IPPROTO_IPV6 and typ == IPV6_RECVORIGDSTADDR:
-            p, = struct.unpack_from("!H", data, 2)
+            (p,) = struct.unpack_from("!H", data, 2)
             return socket.inet_ntop(socket.AF_INET6, data[8:24]), p
     return None
+
+
+def answer_tcp(c, fam):
+    """One connection; the accepted socket's local address is the original
+    destination."""
+    ip, p = c.getsockname()[:2]
+    peer = c.getpeername()
+    if args.http:
+        c.settimeout(5)
+        request = b""
+        while b"\r\n\r\n" not in request:
+            chunk = c.recv(4096)
+            if not chunk:
+                break
+            request += chunk
+        body = f"{args.label} {endpoint(fam, ip, p)}\n".encode()
+        c.sendall(
+            b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+    else:
+        c.sendall(f"{args.label} {ip} {p}\n".encode())
+    note(f"tcp {endpoint(fam, ip, p)} from {endpoint(fam, peer[0], peer[1])}")
 
 
 while True:
     readable, _, _ = select.select(list(socks), [], [])
     for s in readable:
         kind, fam = socks[s]
-        if kind == "tcp":
-            c, _ = s.accept()
-            ip, p = c.getsockname()[:2]
-            try:
-                c.sendall(f"{label} {ip} {p}\n".encode())
-            finally:
-                c.close()
-        else:
+        try:
+            if kind == "tcp":
+                c, _ = s.accept()
+                with c:
+                    answer_tcp(c, fam)
+                continue
             data, cmsgs, _, peer = s.recvmsg(2048, 1024)
             dst = orig_dst(fam, cmsgs)
             if dst is None:
                 continue
-            r = transparent(fam, socket.SOCK_DGRAM)
-            try:
+            note(f"udp {endpoint(fam, *dst)} {data.decode(errors='replace').strip()}")
+            with transparent(fam, socket.SOCK_DGRAM) as r:
                 r.bind(dst)
-                r.sendto(f"{label} {dst[0]} {dst[1]}\n".encode(), peer)
-            finally:
-                r.close()
+                r.sendto(f"{args.label} {dst[0]} {dst[1]}\n".encode(), peer)
+        except OSError:
+            # A peer that went away, or an answer nobody takes: the next flow
+            # is served all the same.
+            continue

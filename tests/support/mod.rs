@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod netns;
+pub use netns::{Netns, remove_tree};
+
 const INNER: &str = "CGTPROXY_KERNEL_TEST_INNER";
 
 /// Runs the calling test (named `name`) inside fresh namespaces. Outside them it
@@ -95,7 +98,7 @@ pub struct Lab {
     pub mount: PathBuf,
     /// Cgroup path of this test's subtree, e.g. `/cgtproxy-test-123-routing`.
     pub base: String,
-    peer: Child,
+    peer: Netns,
     services: Vec<Child>,
     pub daemon: Option<Daemon>,
     /// Extra environment for the daemon.
@@ -167,23 +170,9 @@ impl Lab {
         std::fs::create_dir_all(mount.join(base.trim_start_matches('/'))).unwrap();
 
         sh("ip link set lo up");
-        // The peer namespace: a process that only holds it.
-        let peer = Command::new("unshare")
-            .args(["--net", "--", "sleep", "3600"])
-            .spawn()
-            .unwrap();
-        let ppid = peer.id();
-        // Wait until the peer has its own namespace.
-        let mine = std::fs::read_link("/proc/self/ns/net").unwrap();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::fs::read_link(format!("/proc/{ppid}/ns/net"))
-            .ok()
-            .as_ref()
-            == Some(&mine)
-        {
-            assert!(Instant::now() < deadline, "peer namespace not created");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        // The peer namespace: "the internet".
+        let peer = Netns::new();
+        let ppid = peer.pid();
         sh(&format!(
             "ip link add veth0 type veth peer name veth1 netns {ppid} &&
              ip addr add 10.99.0.1/24 dev veth0 &&
@@ -320,14 +309,14 @@ impl Lab {
 
     /// PID of the process holding the peer ("internet") network namespace.
     pub fn peer_pid(&self) -> u32 {
-        self.peer.id()
+        self.peer.pid()
     }
 
     /// Runs a shell command in the peer namespace; returns its output.
     pub fn in_peer(&self, cmd: &str) -> String {
         sh_any(&format!(
             "nsenter -t {} -n sh -c '{}'",
-            self.peer.id(),
+            self.peer.pid(),
             cmd.replace('\'', "'\\''")
         ))
     }
@@ -336,7 +325,7 @@ impl Lab {
     /// waits until something there listens on TCP `port`.
     pub fn start_peer_service(&mut self, cmd: &str, port: u16) {
         let child = Command::new("nsenter")
-            .args(["-t", &self.peer.id().to_string(), "-n", "sh", "-c"])
+            .args(["-t", &self.peer.pid().to_string(), "-n", "sh", "-c"])
             .arg(format!("exec {cmd}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -485,32 +474,6 @@ pub fn kernel_state() -> String {
     )
 }
 
-/// Removes a cgroup subtree deepest-first, killing anything left in it.
-fn remove_tree(dir: &Path) {
-    let mut dirs = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        if let Ok(rd) = std::fs::read_dir(&d) {
-            for e in rd.flatten() {
-                if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                    stack.push(e.path());
-                }
-            }
-        }
-        dirs.push(d);
-    }
-    for d in dirs.iter().rev() {
-        let kill = d.join("cgroup.kill");
-        let _ = std::fs::write(&kill, "1");
-        for _ in 0..100 {
-            if std::fs::remove_dir(d).is_ok() || !d.exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
 impl Drop for Lab {
     fn drop(&mut self) {
         if let Some(d) = self.daemon.take() {
@@ -520,8 +483,6 @@ impl Drop for Lab {
             let _ = s.kill();
             let _ = s.wait();
         }
-        let _ = self.peer.kill();
-        let _ = self.peer.wait();
         remove_tree(&self.mount.join(self.base.trim_start_matches('/')));
         let _ = Command::new("umount").arg(&self.mount).status();
         let _ = std::fs::remove_dir_all(&self.dir);

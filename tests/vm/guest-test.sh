@@ -147,7 +147,7 @@ systemd-run --quiet --unit=peer-server -p Type=notify \
 # The transparent proxy: a system service whose cgroup the config classifies
 # direct, so its own traffic is never looped back to itself.
 systemd-run --quiet --unit=tproxy-listener -p Type=notify \
-  python3 "$P/vmnet.py" listener "$LISTEN_PORT"
+  python3 "$P/listener.py" "$LISTEN_PORT" TPROXY
 # alice lingers (image.sh): her user manager is started at boot.
 systemctl start user@1000.service
 
@@ -397,13 +397,27 @@ WG
   check wg-our-rules-first-v4 ours_first 4
   check wg-our-rules-first-v6 ours_first 6
   ip -4 rule | evidence 12
-  # Unmarked traffic takes the tunnel (the far end sees the tunnel's address);
-  # the proxied app's still reaches the listener, original destination intact.
+  # Unmarked traffic takes the tunnel (the far end sees the tunnel's address).
   expect wg-direct-through-tunnel "FROM 10.77.0.1" exec direct tcp 10.77.0.2 8082
+  # wg-quick's anti-spoofing rule (its preraw chain) drops the proxy's answers
+  # to an app whose connection took the tunnel's address: proxied traffic
+  # fails, and nothing goes through the tunnel; doctor names the chain.
+  expect wg-proxy-fails-closed-tcp4 ERROR exec proxy tcp 10.77.0.2 8082
+  expect wg-proxy-fails-closed-udp6 ERROR exec proxy udp fd77::2 8082
+  out=$(cgtproxy doctor --config /etc/cgtproxy/config.json 2>&1)
+  if echo "$out" | grep -q 'FAIL firewall rpfilter.*wg-quick-wg0 preraw'; then pass wg-doctor-names-preraw
+  else fail wg-doctor-names-preraw "doctor did not name wg-quick's chain"; echo "$out" | evidence; fi
+  # The README's remedy, as a PostUp would apply it.
+  nft insert rule ip wg-quick-wg0 preraw iifname lo accept
+  nft insert rule ip6 wg-quick-wg0 preraw iifname lo accept
+  # The proxied app's traffic reaches the listener, original destination intact.
   expect wg-proxy-tcp4 "TPROXY 10.77.0.2 8082" exec proxy tcp 10.77.0.2 8082
   expect wg-proxy-udp4 "TPROXY 10.77.0.2 8082" exec proxy udp 10.77.0.2 8082
   expect wg-proxy-tcp6 "TPROXY fd77::2 8082" exec proxy tcp fd77::2 8082
   expect wg-proxy-udp6 "TPROXY fd77::2 8082" exec proxy udp fd77::2 8082
+  out=$(cgtproxy doctor --config /etc/cgtproxy/config.json 2>&1)
+  if echo "$out" | grep -q 'ok   firewall rpfilter'; then pass wg-doctor-ok-with-remedy
+  else fail wg-doctor-ok-with-remedy "doctor still fails"; echo "$out" | evidence; fi
   out=$(cgtproxy status --config /etc/cgtproxy/config.json 2>&1)
   st=$?
   if [ "$st" = 0 ]; then pass wg-status-ok; else fail wg-status-ok "exit $st"; echo "$out" | evidence; fi

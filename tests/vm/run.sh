@@ -115,6 +115,7 @@ install -m 0755 "$here/guest-test.sh" "$payload/guest-test.sh"
 install -m 0644 "$here/guest-deb.sh" "$payload/guest-deb.sh"
 install -m 0644 "$here/vmnet.py" "$payload/vmnet.py"
 install -m 0644 "$here/../helpers/stream.py" "$payload/stream.py"
+install -m 0644 "$here/../helpers/listener.py" "$payload/listener.py"
 install -m 0644 "$here"/config*.json "$payload/"
 # A plain tar as the disk: the guest reads it straight from the block device.
 tar -C "$payload" --owner=0 --group=0 -cf "$out/payload.tar" .

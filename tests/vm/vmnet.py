@@ -1,8 +1,6 @@
 #!/usr/bin/env python3
 """Network actors of the cgtproxy VM test (runs inside the guest).
 
-  vmnet.py listener PORT        transparent (TPROXY) listener, TCP+UDP, v4+v6;
-                                answers "TPROXY <original dst ip> <port>"
   vmnet.py peer PORT ADDR...    plain server on ADDRs (run inside the netns);
                                 answers "PEER <local ip> <port>"
   vmnet.py whoami PORT ADDR...  the same, but answers "FROM <client ip>": who
@@ -11,21 +9,13 @@
                                 one request; prints the answer, exit 0 on an
                                 answer, 1 (with "ERROR ...") otherwise
 
-The answer tells the test who was reached and, for the listener, which
-destination the application originally asked for: the proof that TPROXY
-kept the original destination.
+The answer tells the test who was reached. The TPROXY listener is
+tests/helpers/listener.py, the one all tests use.
 """
 import os
 import selectors
 import socket
 import sys
-
-# Linux constants the socket module may not export.
-IP_TRANSPARENT = 19
-IP_RECVORIGDSTADDR = 20  # also the cmsg type IP_ORIGDSTADDR
-IPV6_TRANSPARENT = 75
-IPV6_RECVORIGDSTADDR = 74  # also the cmsg type IPV6_ORIGDSTADDR
-
 
 def sd_notify(msg):
     """Tell systemd we are ready (Type=notify), so callers need not poll."""
@@ -42,14 +32,7 @@ def log(*args):
     print(*args, flush=True)
 
 
-def transparent(sock, family):
-    if family == socket.AF_INET:
-        sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
-    else:
-        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-
-
-def open_sockets(port, addrs, tproxy):
+def open_sockets(port, addrs):
     """TCP and UDP sockets on each (family, address)."""
     socks = []
     for family, addr in addrs:
@@ -58,13 +41,6 @@ def open_sockets(port, addrs, tproxy):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if tproxy:
-                transparent(s, family)
-                if kind == socket.SOCK_DGRAM:
-                    if family == socket.AF_INET:
-                        s.setsockopt(socket.IPPROTO_IP, IP_RECVORIGDSTADDR, 1)
-                    else:
-                        s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
             s.bind((addr, port))
             if kind == socket.SOCK_STREAM:
                 s.listen(64)
@@ -72,18 +48,8 @@ def open_sockets(port, addrs, tproxy):
     return socks
 
 
-def orig_dst(family, ancdata):
-    """The original destination of a TPROXY'd datagram (from its cmsg)."""
-    for level, ctype, data in ancdata:
-        if family == socket.AF_INET and level == socket.IPPROTO_IP and ctype == IP_RECVORIGDSTADDR:
-            return socket.inet_ntop(socket.AF_INET, data[4:8]), int.from_bytes(data[2:4], "big")
-        if family == socket.AF_INET6 and level == socket.IPPROTO_IPV6 and ctype == IPV6_RECVORIGDSTADDR:
-            return socket.inet_ntop(socket.AF_INET6, data[8:24]), int.from_bytes(data[2:4], "big")
-    return None
-
-
-def serve(port, addrs, tproxy, whoami=False):
-    tag = "TPROXY" if tproxy else "PEER"
+def serve(port, addrs, whoami=False):
+    tag = "PEER"
 
     def answer(local, peer):
         if whoami:
@@ -91,7 +57,7 @@ def serve(port, addrs, tproxy, whoami=False):
         return f"{tag} {local[0]} {local[1]}\n".encode()
 
     sel = selectors.DefaultSelector()
-    for s in open_sockets(port, addrs, tproxy):
+    for s in open_sockets(port, addrs):
         sel.register(s, selectors.EVENT_READ)
     sd_notify("READY=1")
     log(f"{tag} serving port {port} on {addrs}")
@@ -102,25 +68,9 @@ def serve(port, addrs, tproxy, whoami=False):
                 if s.type == socket.SOCK_STREAM:
                     conn, peer = s.accept()
                     with conn:
-                        # For a TPROXY'd connection the local address IS the
-                        # original destination.
                         ip, p = conn.getsockname()[:2]
                         conn.sendall(answer((ip, p), peer))
                         log(f"tcp from {peer[0]}:{peer[1]} to {ip}:{p}")
-                elif tproxy:
-                    data, anc, _, peer = s.recvmsg(2048, socket.CMSG_SPACE(64))
-                    dst = orig_dst(s.family, anc)
-                    if dst is None:
-                        log(f"udp from {peer[:2]} without original destination")
-                        continue
-                    # Answer from the original destination, as a real proxy
-                    # does: the client's connected socket accepts only that.
-                    with socket.socket(s.family, socket.SOCK_DGRAM) as r:
-                        transparent(r, s.family)
-                        r.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                        r.bind(dst)
-                        r.sendto(f"{tag} {dst[0]} {dst[1]}\n".encode(), peer)
-                    log(f"udp from {peer[0]}:{peer[1]} to {dst[0]}:{dst[1]}")
                 else:
                     data, peer = s.recvfrom(2048)
                     ip, p = s.getsockname()[:2]
@@ -151,11 +101,9 @@ def probe(proto, host, port, timeout):
 
 
 def main(argv):
-    if len(argv) >= 2 and argv[0] == "listener":
-        serve(int(argv[1]), [(socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")], True)
-    elif len(argv) >= 3 and argv[0] in ("peer", "whoami"):
+    if len(argv) >= 3 and argv[0] in ("peer", "whoami"):
         addrs = [(socket.AF_INET6 if ":" in a else socket.AF_INET, a) for a in argv[2:]]
-        serve(int(argv[1]), addrs, False, whoami=argv[0] == "whoami")
+        serve(int(argv[1]), addrs, whoami=argv[0] == "whoami")
     elif len(argv) in (4, 5) and argv[0] == "probe" and argv[1] in ("tcp", "udp"):
         timeout = float(argv[4]) if len(argv) == 5 else 3.0
         return probe(argv[1], argv[2], int(argv[3]), timeout)

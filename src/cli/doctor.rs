@@ -4,24 +4,24 @@
 use std::collections::BTreeSet;
 use std::fmt::Write;
 
-use crate::cgroup::{self, Hierarchy};
 use crate::config::Config;
-use crate::nft::{Nft, TABLE_F_OWNER, TABLE_F_PERSIST, Txn};
-use crate::plan;
-use crate::precedence::{self, Placement};
-use crate::rpfilter;
-use crate::sockdiag;
+use crate::core::precedence::{self, Placement};
+use crate::core::rpfilter;
+use crate::core::table::{self, Proto};
+use crate::kernel::nft::{Nft, TABLE_F_OWNER, TABLE_F_PERSIST, Txn};
+use crate::kernel::sockdiag;
+use crate::watch::hierarchy::{self, Hierarchy};
 
-/// A probe's outcome.
+/// What a probe found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub enum Outcome {
     Ok,
     Warn,
     Fail,
 }
 
 struct Probe {
-    verdict: Verdict,
+    verdict: Outcome,
     name: &'static str,
     detail: String,
     fix: Option<String>,
@@ -49,7 +49,7 @@ fn probe_kernel(cfg: &Config) -> (Probe, Option<u32>) {
         }
     }
     let levels: BTreeSet<u32> = [1].into();
-    let spec = plan::table(&probe_cfg, &levels, &Default::default());
+    let spec = table::table(&probe_cfg, &levels, &Default::default());
     let result = Nft::open().and_then(|mut nft| {
         let flags = nft.table_flags(&spec.name)?;
         let mut txn = Txn::new();
@@ -60,7 +60,7 @@ fn probe_kernel(cfg: &Config) -> (Probe, Option<u32>) {
     let flags = result.as_ref().ok().copied();
     let probe = match result {
         Ok(flags) => Probe {
-            verdict: Verdict::Ok,
+            verdict: Outcome::Ok,
             name: "nftables",
             detail: format!(
                 "nf_tables accepts socket cgroupv2, verdict maps, tproxy and nat; {}",
@@ -75,7 +75,7 @@ fn probe_kernel(cfg: &Config) -> (Probe, Option<u32>) {
             fix: None,
         },
         Err(e) => Probe {
-            verdict: Verdict::Fail,
+            verdict: Outcome::Fail,
             name: "nftables",
             detail: e.to_string(),
             fix: Some(
@@ -92,7 +92,7 @@ fn probe_cgroups(cfg: &Config) -> (Probe, Option<Probe>) {
         Err(e) => {
             return (
                 Probe {
-                    verdict: Verdict::Fail,
+                    verdict: Outcome::Fail,
                     name: "cgroup2",
                     detail: e.to_string(),
                     fix: Some("mount cgroup2 (mount -t cgroup2 none /sys/fs/cgroup/unified) or set cgroup-root".into()),
@@ -101,9 +101,9 @@ fn probe_cgroups(cfg: &Config) -> (Probe, Option<Probe>) {
             );
         }
     };
-    let n = cgroup::walk(&hier).len();
+    let n = hierarchy::walk(&hier).len();
     let found = Probe {
-        verdict: Verdict::Ok,
+        verdict: Outcome::Ok,
         name: "cgroup2",
         detail: format!("{} cgroups under {}", n, hier.mount.display()),
         fix: None,
@@ -114,9 +114,9 @@ fn probe_cgroups(cfg: &Config) -> (Probe, Option<Probe>) {
     let watches = if limit > 0 && n * 10 > limit * 8 {
         Probe {
             verdict: if n >= limit {
-                Verdict::Fail
+                Outcome::Fail
             } else {
-                Verdict::Warn
+                Outcome::Warn
             },
             name: "inotify",
             detail: format!("{n} cgroups need as many watches; the limit is {limit}"),
@@ -127,7 +127,7 @@ fn probe_cgroups(cfg: &Config) -> (Probe, Option<Probe>) {
         }
     } else {
         Probe {
-            verdict: Verdict::Ok,
+            verdict: Outcome::Ok,
             name: "inotify",
             detail: format!("{n} watches needed, limit {limit}"),
             fix: None,
@@ -143,7 +143,7 @@ fn probe_rp_filter() -> Probe {
     // Strict mode validates the looped-back packet's source without its mark.
     if (all == "1" || lo == "1") && valid_mark != "1" {
         Probe {
-            verdict: Verdict::Warn,
+            verdict: Outcome::Warn,
             name: "rp_filter",
             detail: format!(
                 "strict reverse-path filtering (all={all}, lo={lo}) without src_valid_mark"
@@ -154,7 +154,7 @@ fn probe_rp_filter() -> Probe {
         }
     } else {
         Probe {
-            verdict: Verdict::Ok,
+            verdict: Outcome::Ok,
             name: "rp_filter",
             detail: format!("all={all}, lo={lo}, src_valid_mark={valid_mark}"),
             fix: None,
@@ -185,40 +185,40 @@ fn listening(found: &[sockdiag::Bound]) -> Listening {
 }
 
 /// The verdict on one target's listeners (UDP `None` when the target sends no UDP).
-fn judge_listeners(port: u16, tcp: Listening, udp: Option<Listening>) -> (Verdict, String) {
+fn judge_listeners(port: u16, tcp: Listening, udp: Option<Listening>) -> (Outcome, String) {
     use Listening::*;
     match (tcp, udp) {
-        (Nothing, _) => (Verdict::Fail, format!("nothing listens on TCP port {port}")),
+        (Nothing, _) => (Outcome::Fail, format!("nothing listens on TCP port {port}")),
         (NotTransparent, _) => (
-            Verdict::Fail,
+            Outcome::Fail,
             format!(
                 "the TCP listener on port {port} is not transparent (IP_TRANSPARENT): tproxy hands it nothing"
             ),
         ),
         (_, Some(Nothing)) => (
-            Verdict::Warn,
+            Outcome::Warn,
             format!(
                 "port {port}: TCP only, UDP is dropped by the proxy (set no-udp to send it direct)"
             ),
         ),
         (_, Some(NotTransparent)) => (
-            Verdict::Warn,
+            Outcome::Warn,
             format!(
                 "the UDP socket on port {port} is not transparent (IP_TRANSPARENT): UDP is lost"
             ),
         ),
         (Unknown, _) | (_, Some(Unknown)) => (
-            Verdict::Ok,
+            Outcome::Ok,
             format!(
                 "port {port} has listeners (this kernel does not report whether they are transparent)"
             ),
         ),
         (Transparent, Some(Transparent)) => (
-            Verdict::Ok,
+            Outcome::Ok,
             format!("port {port} has transparent TCP and UDP listeners"),
         ),
         (Transparent, None) => (
-            Verdict::Ok,
+            Outcome::Ok,
             format!("port {port} has a transparent TCP listener (no-udp)"),
         ),
     }
@@ -226,11 +226,11 @@ fn judge_listeners(port: u16, tcp: Listening, udp: Option<Listening>) -> (Verdic
 
 fn probe_listeners(cfg: &Config) -> Vec<Probe> {
     // One dump per protocol serves every target.
-    let tcp = sockdiag::list(sockdiag::Proto::Tcp);
+    let tcp = sockdiag::list(Proto::Tcp);
     let udp = if cfg.targets.iter().all(|t| t.no_udp) {
         Ok(Vec::new())
     } else {
-        sockdiag::list(sockdiag::Proto::Udp)
+        sockdiag::list(Proto::Udp)
     };
     let on = |list: &[(u16, sockdiag::Bound)], port: u16| {
         let found: Vec<sockdiag::Bound> = list
@@ -251,12 +251,12 @@ fn probe_listeners(cfg: &Config) -> Vec<Probe> {
             };
             let (verdict, detail) = match found {
                 Ok((tcp, udp)) => judge_listeners(t.port, tcp, udp),
-                Err(e) => (Verdict::Warn, format!("cannot list sockets: {e}")),
+                Err(e) => (Outcome::Warn, format!("cannot list sockets: {e}")),
             };
             Probe {
                 verdict,
                 name: "listener",
-                fix: (verdict != Verdict::Ok).then(|| {
+                fix: (verdict != Outcome::Ok).then(|| {
                     format!(
                         "start the proxy core with a TPROXY (IP_TRANSPARENT) listener on port {} for target {} (mihomo: tproxy-port; sing-box: a tproxy inbound; v2ray/xray: sockopt tproxy \"tproxy\")",
                         t.port, t.name
@@ -286,10 +286,7 @@ fn reachable(proto: &str, found: &[sockdiag::Bound]) -> Vec<String> {
 /// one bound to a wildcard or a LAN address also takes connections from
 /// neighbours to HOST:PORT, and the proxy relays them, its own port included.
 fn probe_exposure(cfg: &Config) -> Vec<Probe> {
-    let (tcp, udp) = match (
-        sockdiag::list(sockdiag::Proto::Tcp),
-        sockdiag::list(sockdiag::Proto::Udp),
-    ) {
+    let (tcp, udp) = match (sockdiag::list(Proto::Tcp), sockdiag::list(Proto::Udp)) {
         (Ok(t), Ok(u)) => (t, u),
         // probe_listeners already reports why sockets cannot be listed.
         _ => return Vec::new(),
@@ -315,7 +312,7 @@ fn probe_exposure(cfg: &Config) -> Vec<Probe> {
                 .collect();
             Some(if open.is_empty() {
                 Probe {
-                    verdict: Verdict::Ok,
+                    verdict: Outcome::Ok,
                     name: "exposure",
                     detail: format!(
                         "target {}: port {} is bound to loopback only",
@@ -325,7 +322,7 @@ fn probe_exposure(cfg: &Config) -> Vec<Probe> {
                 }
             } else {
                 Probe {
-                    verdict: Verdict::Warn,
+                    verdict: Outcome::Warn,
                     name: "exposure",
                     detail: format!(
                         "target {}: port {} is reachable from the network ({})",
@@ -359,21 +356,21 @@ fn probe_flush(flags: Option<u32>) -> Probe {
             .any(|l| l.trim_start().starts_with("flush ruleset"));
     if flushes && flags.is_some_and(|f| f & TABLE_F_OWNER != 0) {
         Probe {
-            verdict: Verdict::Ok,
+            verdict: Outcome::Ok,
             name: "flush ruleset",
             detail: "nftables.service flushes the whole ruleset, which leaves our table alone: it is flagged owner".into(),
             fix: None,
         }
     } else if flushes {
         Probe {
-            verdict: Verdict::Warn,
+            verdict: Outcome::Warn,
             name: "flush ruleset",
             detail: "nftables.service is enabled and /etc/nftables.conf starts with `flush ruleset`: each (re)start of it removes our table until the daemon repairs it".into(),
             fix: Some("replace `flush ruleset` by deleting only your own tables (`destroy table inet filter`)".into()),
         }
     } else {
         Probe {
-            verdict: Verdict::Ok,
+            verdict: Outcome::Ok,
             name: "flush ruleset",
             detail: "no enabled nftables.service flushing the whole ruleset found".into(),
             fix: None,
@@ -385,11 +382,11 @@ fn probe_flush(flags: Option<u32>) -> Probe {
 fn probe_rule_order(cfg: &Config) -> Probe {
     let name = "ip rule order";
     let marks: Vec<u32> = cfg.targets.iter().map(|t| t.mark).collect();
-    let rules = match crate::route::Routes::open().and_then(|mut r| r.all_rules()) {
+    let rules = match crate::kernel::route::Routes::open().and_then(|mut r| r.all_rules()) {
         Ok(r) => r,
         Err(e) => {
             return Probe {
-                verdict: Verdict::Warn,
+                verdict: Outcome::Warn,
                 name,
                 detail: format!("cannot list ip rules: {e}"),
                 fix: None,
@@ -399,7 +396,7 @@ fn probe_rule_order(cfg: &Config) -> Probe {
     let before = precedence::preceding(&rules, &marks, cfg.route_table);
     if !before.is_empty() {
         return Probe {
-            verdict: Verdict::Fail,
+            verdict: Outcome::Fail,
             name,
             detail: format!(
                 "these rules take marked packets before ours, so proxied traffic is dropped: {}",
@@ -413,7 +410,7 @@ fn probe_rule_order(cfg: &Config) -> Probe {
     }
     match precedence::placement(cfg.rule_priority, &rules, &marks, cfg.route_table) {
         Placement::Blocked { by, .. } => Probe {
-            verdict: Verdict::Fail,
+            verdict: Outcome::Fail,
             name,
             detail: format!(
                 "ip rule {by} takes marked packets at priority 0, where nothing can precede it"
@@ -421,7 +418,7 @@ fn probe_rule_order(cfg: &Config) -> Probe {
             fix: Some("remove that rule or give it a priority above 0".into()),
         },
         Placement::Ahead { priority, of } => Probe {
-            verdict: Verdict::Warn,
+            verdict: Outcome::Warn,
             name,
             detail: format!(
                 "ip rule {of} would take marked packets before rule-priority {}; the daemon places its rules at {priority} instead",
@@ -432,7 +429,7 @@ fn probe_rule_order(cfg: &Config) -> Probe {
             )),
         },
         Placement::Configured(p) => Probe {
-            verdict: Verdict::Ok,
+            verdict: Outcome::Ok,
             name,
             detail: format!("no foreign ip rule can take marked packets before priority {p}"),
             fix: None,
@@ -477,7 +474,7 @@ fn probe_rpfilter(cfg: &Config) -> Probe {
     }
     if nft.is_none() && found.is_empty() {
         return Probe {
-            verdict: Verdict::Warn,
+            verdict: Outcome::Warn,
             name,
             detail: "cannot run `nft -j list ruleset`: the firewall's reverse-path filter was not checked".into(),
             fix: None,
@@ -485,7 +482,7 @@ fn probe_rpfilter(cfg: &Config) -> Probe {
     }
     if found.is_empty() {
         return Probe {
-            verdict: Verdict::Ok,
+            verdict: Outcome::Ok,
             name,
             detail: "no reverse-path filter drops packets carrying the targets' marks".into(),
             fix: None,
@@ -497,14 +494,14 @@ fn probe_rpfilter(cfg: &Config) -> Probe {
         .map(|t| format!("{:#x}", t.mark))
         .collect();
     Probe {
-        verdict: Verdict::Fail,
+        verdict: Outcome::Fail,
         name,
         detail: format!(
             "a reverse-path filter drops the packets looped to the listeners: {}",
             found.join("; ")
         ),
         fix: Some(format!(
-            "accept the marks before the check. NixOS: services.cgtproxy.reversePathExemption = true (the default), or networking.firewall.extraReversePathFilterRules = \"meta mark {{ {m} }} accept\"; firewalld: IPv6_rpfilter=loose in /etc/firewalld/firewalld.conf; your own ruleset: `meta mark {{ {m} }} accept` before the fib rule; iptables: `-m rpfilter --validmark`",
+            "accept the marks before the check. NixOS: services.cgtproxy.reversePathExemption = true (the default), or networking.firewall.extraReversePathFilterRules = \"meta mark {{ {m} }} accept\"; firewalld: IPv6_rpfilter=loose in /etc/firewalld/firewalld.conf; wg-quick (its `preraw` chain): `PostUp = nft insert rule ip wg-quick-%i preraw iifname lo accept; nft insert rule ip6 wg-quick-%i preraw iifname lo accept` in the tunnel's config; your own ruleset: `meta mark {{ {m} }} accept` before the fib rule; iptables: `-m rpfilter --validmark`",
             m = marks.join(", ")
         )),
     }
@@ -528,16 +525,16 @@ pub fn doctor(cfg: &Config) -> (String, bool) {
     let mut o = String::new();
     for p in &probes {
         let v = match p.verdict {
-            Verdict::Ok => "ok  ",
-            Verdict::Warn => "warn",
-            Verdict::Fail => "FAIL",
+            Outcome::Ok => "ok  ",
+            Outcome::Warn => "warn",
+            Outcome::Fail => "FAIL",
         };
         let _ = writeln!(o, "{v} {}: {}", p.name, p.detail);
         if let Some(fix) = &p.fix {
             let _ = writeln!(o, "     fix: {fix}");
         }
     }
-    let ok = probes.iter().all(|p| p.verdict != Verdict::Fail);
+    let ok = probes.iter().all(|p| p.verdict != Outcome::Fail);
     (o, ok)
 }
 
@@ -558,12 +555,12 @@ mod tests {
         assert_eq!(listening(&[b(Some(false))]), NotTransparent);
         assert_eq!(listening(&[b(None)]), Unknown);
         let v = |tcp, udp| judge_listeners(7893, tcp, udp).0;
-        assert_eq!(v(Transparent, Some(Transparent)), Verdict::Ok);
-        assert_eq!(v(Transparent, None), Verdict::Ok);
-        assert_eq!(v(NotTransparent, Some(Transparent)), Verdict::Fail);
-        assert_eq!(v(Nothing, None), Verdict::Fail);
-        assert_eq!(v(Transparent, Some(Nothing)), Verdict::Warn);
-        assert_eq!(v(Transparent, Some(NotTransparent)), Verdict::Warn);
+        assert_eq!(v(Transparent, Some(Transparent)), Outcome::Ok);
+        assert_eq!(v(Transparent, None), Outcome::Ok);
+        assert_eq!(v(NotTransparent, Some(Transparent)), Outcome::Fail);
+        assert_eq!(v(Nothing, None), Outcome::Fail);
+        assert_eq!(v(Transparent, Some(Nothing)), Outcome::Warn);
+        assert_eq!(v(Transparent, Some(NotTransparent)), Outcome::Warn);
         assert!(
             judge_listeners(7893, NotTransparent, None)
                 .1

@@ -14,7 +14,9 @@ use nftnl::{Batch, Chain, ChainType, MsgType, Policy, ProtoFamily, Rule, Table};
 use nix::sys::socket::{MsgFlags, NetlinkAddr, recv, sendmsg, setsockopt, sockopt};
 use nix::sys::time::TimeVal;
 
-use crate::plan::{ChainSpec, Family, Hook, SetKind, SetSpec, Stmt, TableSpec, Verdict};
+use crate::core::table::{
+    self, ChainSpec, Family, Hook, SetKind, SetSpec, Stmt, TableSpec, Verdict,
+};
 use ffi::{ELEMS_PER_MSG, Elem, Elems, Expr, Key, MetaKey, PayloadBase, REG_1, REG_2, SetDef};
 pub use ffi::{TABLE_F_OWNER, TABLE_F_PERSIST};
 
@@ -152,7 +154,7 @@ fn exprs(s: &Stmt) -> Result<Vec<Expr>, NftError> {
             Expr::SetMark,
             Expr::Meta(MetaKey::Mark),
             Expr::Lookup {
-                set: cstring(crate::plan::CLASSES)?,
+                set: cstring(table::CLASSES)?,
                 sreg: REG_1,
                 dreg: Some(ffi::REG_VERDICT),
             },
@@ -485,7 +487,7 @@ impl Txn {
     pub fn add_level_maps(&mut self, table: &str, levels: &[u32]) -> Result<(), NftError> {
         for &level in levels {
             let spec = SetSpec {
-                name: crate::plan::level_map(level),
+                name: table::level_map(level),
                 kind: SetKind::Level(level, Vec::new()),
             };
             self.add_set(table, &spec)?;
@@ -510,7 +512,7 @@ impl Txn {
         elems: &[(u64, u32)],
         add: bool,
     ) -> Result<(), NftError> {
-        self.class_elems(table, &crate::plan::level_map(level), elems, add)
+        self.class_elems(table, &table::level_map(level), elems, add)
     }
 }
 
@@ -661,20 +663,18 @@ impl Nft {
 
 /// NLMSG_ERROR replies in a datagram: (sequence, errno ≤ 0, extended-ack message).
 fn parse_acks(b: &[u8]) -> Vec<(u32, i32, Option<String>)> {
-    const NLMSG_ERROR: u16 = 2;
-    const NLM_F_ACK_TLVS: u16 = 0x200;
-    const NLMSGERR_ATTR_MSG: u16 = 1;
+    use crate::kernel::consts::{NLM_F_ACK_TLVS, NLMSG_ERROR, NLMSGERR_ATTR_MSG};
     let mut out = Vec::new();
-    for m in crate::nlmsg::messages(b) {
+    for m in crate::kernel::nlmsg::messages(b) {
         let msg = m.bytes;
         // nlmsgerr: error (i32) + the original header (16 bytes, seq at offset 8).
         if m.ty == NLMSG_ERROR && msg.len() >= 16 + 4 + 16 {
             let errno = i32::from_ne_bytes([msg[16], msg[17], msg[18], msg[19]]);
             let seq = u32::from_ne_bytes([msg[28], msg[29], msg[30], msg[31]]);
             let detail = (m.flags & NLM_F_ACK_TLVS != 0)
-                .then(|| crate::nlmsg::attr(&msg[36..], NLMSGERR_ATTR_MSG))
+                .then(|| crate::kernel::nlmsg::attr(&msg[36..], NLMSGERR_ATTR_MSG))
                 .flatten()
-                .map(|s| String::from_utf8_lossy(crate::nlmsg::c_str(s)).into_owned());
+                .map(|s| String::from_utf8_lossy(crate::kernel::nlmsg::c_str(s)).into_owned());
             out.push((seq, errno, detail));
         }
     }

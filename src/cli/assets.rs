@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use clap::CommandFactory;
 use clap_complete::Shell;
 
-use crate::args::Cli;
+use crate::cli::args::Cli;
 use crate::config;
 
 /// The shells whose completion files are written, in completions/ under the
@@ -146,7 +146,7 @@ mod tests {
             "not roff: {}",
             &top[..80.min(top.len())]
         );
-        assert!(top.contains(crate::args::VERSION), "version missing");
+        assert!(top.contains(crate::cli::args::VERSION), "version missing");
         assert!(
             top.contains(".SH FILES") && top.contains(".SH SEE ALSO"),
             "{top}"

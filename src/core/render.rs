@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::fmt::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::plan::{self, Family, Hook, SetKind, Stmt, TableSpec, Verdict};
+use crate::core::table::{self, Family, Hook, SetKind, Stmt, TableSpec, Verdict};
 
 fn verdict(v: &Verdict) -> String {
     match v {
@@ -43,7 +43,7 @@ fn stmt(s: &Stmt) -> String {
         Stmt::SetMark(m) => format!("meta mark set {m:#x}"),
         Stmt::CgroupClass { level, map } => format!(
             "meta mark set socket cgroupv2 level {level} map @{map} meta mark vmap @{}",
-            plan::CLASSES
+            table::CLASSES
         ),
         Stmt::Tproxy(IpAddr::V4(a), port) => format!("tproxy ip to {a}:{port}"),
         Stmt::Tproxy(IpAddr::V6(a), port) => format!("tproxy ip6 to [{a}]:{port}"),
@@ -154,7 +154,8 @@ pub fn render(t: &TableSpec, paths: &HashMap<u64, String>) -> String {
 mod tests {
     use super::*;
     use crate::config::{Action, Config};
-    use crate::plan::{Elements, levels, table};
+    use crate::core::table::{levels, table};
+    use crate::core::tree::Elements;
 
     #[test]
     fn golden_ruleset() {
@@ -176,7 +177,7 @@ mod tests {
         let paths: HashMap<u64, String> =
             [(11, "/a/proxy".to_owned()), (13, "/a/b/c/d".to_owned())].into();
         let got = render(&table(&cfg, &levels(&elements), &elements), &paths);
-        let want = include_str!("../tests/golden/render.nft");
+        let want = include_str!("../../tests/golden/render.nft");
         assert_eq!(got, want, "got:\n{got}");
     }
 }

@@ -7,11 +7,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use netlink_sys::constants::NETLINK_SOCK_DIAG;
 
-use crate::nlmsg;
+use crate::core::table::Proto;
+use crate::kernel::consts::{NLM_F_DUMP, NLM_F_REQUEST, SOCK_DIAG_BY_FAMILY};
+use crate::kernel::nlmsg;
 
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_DUMP: u16 = 0x300;
 /// `INET_DIAG_SOCKOPT`: struct inet_diag_sockopt, two bytes of bit fields.
 const INET_DIAG_SOCKOPT: u16 = 22;
 /// `struct inet_diag_msg`: family, state, timer, retrans, the 48-byte socket id,
@@ -45,15 +44,6 @@ pub enum SockDiagError {
     },
 }
 
-/// The transport protocols a TPROXY target receives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Proto {
-    /// Listening TCP sockets.
-    Tcp,
-    /// Bound UDP sockets.
-    Udp,
-}
-
 /// One socket bound to the port asked about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bound {
@@ -67,8 +57,9 @@ pub struct Bound {
 /// The dump request for one family and protocol (struct inet_diag_req_v2).
 fn request(family: u8, proto: Proto, seq: u32) -> Vec<u8> {
     let (protocol, states) = match proto {
-        Proto::Tcp => (libc::IPPROTO_TCP as u8, 1u32 << TCP_LISTEN),
-        Proto::Udp => (libc::IPPROTO_UDP as u8, u32::MAX),
+        // Listening TCP sockets; bound UDP sockets in any state.
+        Proto::Tcp => (proto.number(), 1u32 << TCP_LISTEN),
+        Proto::Udp => (proto.number(), u32::MAX),
     };
     let mut body = vec![family, protocol, 0, 0];
     body.extend(states.to_ne_bytes());

@@ -3,25 +3,12 @@
 
 use std::os::unix::fs::{DirEntryExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 
 use crate::config::CgroupRoot;
+use crate::core::cgroup::{Cgroup, child_path};
 
 /// `CGROUP2_SUPER_MAGIC`.
 const CGROUP2_MAGIC: i64 = 0x6367_7270;
-
-/// A cgroup as the planner sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cgroup {
-    /// Relative to the hierarchy root, with a leading `/`. Shared (not copied)
-    /// between the planner's tree and the watcher's table: with tens of thousands
-    /// of cgroups the paths are most of the daemon's memory.
-    pub path: Rc<str>,
-    /// The directory's inode number: the id `socket cgroupv2` compares against.
-    pub id: u64,
-    /// Absolute level: 0 for the root.
-    pub level: u32,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -189,15 +176,6 @@ impl Hierarchy {
             id: meta.ino(),
             level,
         })
-    }
-}
-
-/// The cgroup path of child `name` of cgroup `parent`.
-pub fn child_path(parent: &str, name: &str) -> String {
-    if parent == "/" {
-        format!("/{name}")
-    } else {
-        format!("{parent}/{name}")
     }
 }
 

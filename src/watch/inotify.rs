@@ -8,7 +8,8 @@ use std::rc::Rc;
 
 use inotify::{EventMask, Inotify, WatchMask};
 
-use crate::cgroup::{Cgroup, Hierarchy, child_path, walk_with};
+use crate::core::cgroup::{Cgroup, child_path};
+use crate::watch::hierarchy::{Hierarchy, walk_with};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {

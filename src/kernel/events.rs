@@ -7,29 +7,10 @@ use std::os::fd::{AsFd, BorrowedFd};
 use netlink_sys::{Socket, constants};
 use nix::sys::socket::{setsockopt, sockopt};
 
-use crate::nlmsg::{self, c_str};
-use crate::precedence::{is_ours, rule_priority};
-use crate::route::{Plan, RTM_DELROUTE, RTM_DELRULE, RTM_NEWRULE, RtMsg, route_table};
-
-/// `NFNLGRP_NFTABLES`.
-const NFNLGRP_NFTABLES: u32 = 7;
-/// rtnetlink multicast groups (`RTNLGRP_*`).
-const RTNLGRP_IPV4_ROUTE: u32 = 7;
-const RTNLGRP_IPV4_RULE: u32 = 8;
-const RTNLGRP_IPV6_ROUTE: u32 = 11;
-const RTNLGRP_IPV6_RULE: u32 = 19;
-
-/// `NFNL_SUBSYS_NFTABLES`, the high byte of nftables message types.
-const SUBSYS_NFTABLES: u16 = 10;
-const NFT_MSG_DELTABLE: u16 = 2;
-const NFT_MSG_DELCHAIN: u16 = 5;
-const NFT_MSG_NEWRULE: u16 = 6;
-const NFT_MSG_DELRULE: u16 = 8;
-const NFT_MSG_DELSET: u16 = 11;
-const NFT_MSG_NEWSETELEM: u16 = 12;
-const NFT_MSG_DELSETELEM: u16 = 14;
-const NFT_MSG_NEWGEN: u16 = 15;
-const NFT_MSG_DELOBJ: u16 = 20;
+use crate::core::precedence::{is_ours, rule_priority};
+use crate::kernel::consts::*;
+use crate::kernel::nlmsg::{self, c_str};
+use crate::kernel::route::{Plan, RtMsg, route_table};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventsError {
@@ -270,7 +251,7 @@ mod tests {
 
     #[test]
     fn removed_rules_and_routes_of_ours_are_damage() {
-        use crate::route::encode;
+        use crate::kernel::route::encode;
         use netlink_packet_route::route::{RouteAttribute, RouteMessage};
         use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
         let plan = |marks: Vec<u32>| Plan {

@@ -650,24 +650,11 @@ mod tests {
     const NFTA_SET_ELEM_DATA: u16 = 2;
     const NFTA_SET_ELEM_FLAGS: u16 = 3;
 
-    /// Walks netlink attributes: (type without flags, payload).
-    fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
-        let mut out = Vec::new();
-        while b.len() >= 4 {
-            let len = u16::from_ne_bytes([b[0], b[1]]) as usize;
-            let ty = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
-            out.push((ty, &b[4..len]));
-            b = &b[len.div_ceil(4) * 4..];
-        }
-        out
-    }
+    use crate::kernel::nlmsg::attrs;
 
+    /// The payload of attribute `ty`, which must be there.
     fn attr(b: &[u8], ty: u16) -> &[u8] {
-        attrs(b)
-            .into_iter()
-            .find(|(t, _)| *t == ty)
-            .map(|(_, v)| v)
-            .unwrap_or_else(|| panic!("attribute {ty} missing"))
+        crate::kernel::nlmsg::attr(b, ty).unwrap_or_else(|| panic!("attribute {ty} missing"))
     }
 
     /// Serialises a batch into its messages (header + payload after nfgenmsg).

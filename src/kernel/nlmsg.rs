@@ -4,8 +4,7 @@
 
 use netlink_sys::{Socket, SocketAddr};
 
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
+use crate::kernel::consts::{NLMSG_DONE, NLMSG_ERROR};
 
 /// One netlink message of a datagram.
 #[derive(Debug, Clone, Copy)]

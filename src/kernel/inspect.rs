@@ -6,15 +6,11 @@ use std::collections::BTreeMap;
 
 use netlink_sys::constants::NETLINK_NETFILTER;
 
-use crate::nlmsg::{Channel, attr, attrs, c_str};
-
-const SUBSYS_NFTABLES: u16 = 10;
-const NFT_MSG_GETTABLE: u16 = 1;
-const NFT_MSG_GETOBJ: u16 = 19;
-const NFT_MSG_GETSET: u16 = 10;
-const NFT_MSG_GETSETELEM: u16 = 13;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_DUMP: u16 = 0x300;
+use crate::kernel::consts::{
+    NFT_MSG_GETOBJ, NFT_MSG_GETSET, NFT_MSG_GETSETELEM, NFT_MSG_GETTABLE, NLM_F_DUMP,
+    NLM_F_REQUEST, SUBSYS_NFTABLES,
+};
+use crate::kernel::nlmsg::{Channel, attr, attrs, c_str};
 
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
@@ -42,7 +38,7 @@ pub struct TableState {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Installed {
     pub state: TableState,
-    /// Level → (cgroup id → class, see `plan::class`).
+    /// Level → (cgroup id → class, see `table::class`).
     pub maps: BTreeMap<u32, BTreeMap<u64, u32>>,
     /// Named counter (one per target, named after it) → (packets, bytes).
     pub counters: BTreeMap<String, (u64, u64)>,

@@ -12,19 +12,13 @@ use netlink_packet_route::route::{
 use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use netlink_sys::constants::NETLINK_ROUTE;
 
-use crate::nlmsg;
-use crate::precedence::{is_ours, rule_priority};
+use crate::core::precedence::{is_ours, rule_priority};
+use crate::core::table::Family;
+use crate::kernel::nlmsg;
 
-// rtnetlink message types (linux/rtnetlink.h). Rules and routes are parsed and
-// emitted one kind at a time, not through the crate's all-families message enum,
-// so that the parsers of links, qdiscs, neighbours... stay out of the binary
-// (about a tenth of it, all resident).
-pub const RTM_NEWROUTE: u16 = 24;
-pub const RTM_DELROUTE: u16 = 25;
-const RTM_GETROUTE: u16 = 26;
-pub const RTM_NEWRULE: u16 = 32;
-pub const RTM_DELRULE: u16 = 33;
-const RTM_GETRULE: u16 = 34;
+use crate::kernel::consts::{
+    RTM_DELROUTE, RTM_DELRULE, RTM_GETROUTE, RTM_GETRULE, RTM_NEWROUTE, RTM_NEWRULE,
+};
 
 /// A rule or route as read from rtnetlink.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,26 +62,21 @@ pub enum RouteError {
     NoLoopback,
 }
 
-/// IPv4 or IPv6.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fam {
-    V4,
-    V6,
+/// Both families, in the order rules and routes are installed.
+pub const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
+
+fn af(f: Family) -> AddressFamily {
+    match f {
+        Family::V4 => AddressFamily::Inet,
+        Family::V6 => AddressFamily::Inet6,
+    }
 }
 
-impl Fam {
-    fn af(self) -> AddressFamily {
-        match self {
-            Fam::V4 => AddressFamily::Inet,
-            Fam::V6 => AddressFamily::Inet6,
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Fam::V4 => "ip",
-            Fam::V6 => "ip -6",
-        }
+/// The `ip` command for family `f`, for messages.
+pub fn ip_command(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "ip",
+        Family::V6 => "ip -6",
     }
 }
 
@@ -96,7 +85,7 @@ impl Fam {
 pub struct Plan {
     pub table: u32,
     pub marks: Vec<u32>,
-    /// The priority of the fwmark rules (see [`crate::precedence::placement`]).
+    /// The priority of the fwmark rules (see [`crate::core::precedence::placement`]).
     pub priority: u32,
 }
 
@@ -106,9 +95,9 @@ pub struct Routes {
 }
 
 /// `fwmark mark lookup table`, at `priority` (0: any, for deletion).
-fn rule_msg(fam: Fam, mark: u32, table: u32, priority: u32) -> RuleMessage {
+fn rule_msg(fam: Family, mark: u32, table: u32, priority: u32) -> RuleMessage {
     let mut m = RuleMessage::default();
-    m.header.family = fam.af();
+    m.header.family = af(fam);
     m.header.action = RuleAction::ToTable;
     m.header.table = u8::try_from(table).unwrap_or(0);
     m.attributes = vec![RuleAttribute::FwMark(mark), RuleAttribute::Table(table)];
@@ -118,10 +107,10 @@ fn rule_msg(fam: Fam, mark: u32, table: u32, priority: u32) -> RuleMessage {
     m
 }
 
-fn route_msg(fam: Fam, table: u32, lo: u32) -> RouteMessage {
+fn route_msg(fam: Family, table: u32, lo: u32) -> RouteMessage {
     let mut m = RouteMessage::default();
     m.header = RouteHeader {
-        address_family: fam.af(),
+        address_family: af(fam),
         table: u8::try_from(table).unwrap_or(0),
         protocol: RouteProtocol::Boot,
         scope: RouteScope::Host,
@@ -129,8 +118,8 @@ fn route_msg(fam: Fam, table: u32, lo: u32) -> RouteMessage {
         ..RouteHeader::default()
     };
     let dst = match fam {
-        Fam::V4 => RouteAddress::Inet(std::net::Ipv4Addr::UNSPECIFIED),
-        Fam::V6 => RouteAddress::Inet6(std::net::Ipv6Addr::UNSPECIFIED),
+        Family::V4 => RouteAddress::Inet(std::net::Ipv4Addr::UNSPECIFIED),
+        Family::V6 => RouteAddress::Inet6(std::net::Ipv6Addr::UNSPECIFIED),
     };
     m.attributes = vec![
         RouteAttribute::Destination(dst),
@@ -197,9 +186,9 @@ impl Routes {
     }
 
     /// The ip rules of family `fam`, in the kernel's evaluation order.
-    pub fn rules(&mut self, fam: Fam) -> Result<Vec<RuleMessage>, RouteError> {
+    pub fn rules(&mut self, fam: Family) -> Result<Vec<RuleMessage>, RouteError> {
         let mut q = RuleMessage::default();
-        q.header.family = fam.af();
+        q.header.family = af(fam);
         let (rules, errno) = self.request(RTM_GETRULE, &q, NLM_F_DUMP, "listing ip rules")?;
         Self::check("listing ip rules".into(), errno, &[])?;
         Ok(rules
@@ -213,20 +202,20 @@ impl Routes {
 
     /// The ip rules of both families, each in the kernel's evaluation order.
     pub fn all_rules(&mut self) -> Result<Vec<RuleMessage>, RouteError> {
-        let mut all = self.rules(Fam::V4)?;
-        all.extend(self.rules(Fam::V6)?);
+        let mut all = self.rules(Family::V4)?;
+        all.extend(self.rules(Family::V6)?);
         Ok(all)
     }
 
     /// Whether the rule `fwmark mark lookup table` of family `fam` is installed.
-    pub fn rule_exists(&mut self, fam: Fam, mark: u32, table: u32) -> Result<bool, RouteError> {
+    pub fn rule_exists(&mut self, fam: Family, mark: u32, table: u32) -> Result<bool, RouteError> {
         Ok(self.rules(fam)?.iter().any(|r| is_ours(r, mark, table)))
     }
 
     /// Whether `local default dev lo` is in table `table` for family `fam`.
-    pub fn route_exists(&mut self, fam: Fam, table: u32) -> Result<bool, RouteError> {
+    pub fn route_exists(&mut self, fam: Family, table: u32) -> Result<bool, RouteError> {
         let mut q = RouteMessage::default();
-        q.header.address_family = fam.af();
+        q.header.address_family = af(fam);
         let (routes, errno) = self.request(RTM_GETROUTE, &q, NLM_F_DUMP, "listing routes")?;
         Self::check("listing routes".into(), errno, &[])?;
         Ok(routes.iter().any(|m| match m {
@@ -246,10 +235,10 @@ impl Routes {
             return Ok(());
         }
         let lo = nix::net::if_::if_nametoindex("lo").map_err(|_| RouteError::NoLoopback)?;
-        for fam in [Fam::V4, Fam::V6] {
+        for fam in FAMILIES {
             let step = format!(
                 "{} route replace local default dev lo table {}",
-                fam.name(),
+                ip_command(fam),
                 plan.table
             );
             let (_, errno) = self.request(
@@ -269,7 +258,7 @@ impl Routes {
                 {
                     let step = format!(
                         "{} rule add fwmark {mark:#x} lookup {} priority {}",
-                        fam.name(),
+                        ip_command(fam),
                         plan.table,
                         plan.priority
                     );
@@ -290,7 +279,7 @@ impl Routes {
                     }
                     let step = format!(
                         "{} rule del fwmark {mark:#x} lookup {} priority {p}",
-                        fam.name(),
+                        ip_command(fam),
                         plan.table
                     );
                     let (_, errno) = self.request(
@@ -308,13 +297,13 @@ impl Routes {
 
     /// Removes the fwmark rules of `plan`; rules already gone are not an error.
     pub fn remove_rules(&mut self, plan: &Plan) -> Result<(), RouteError> {
-        for fam in [Fam::V4, Fam::V6] {
+        for fam in FAMILIES {
             for &mark in &plan.marks {
                 // Several identical rules may exist (older instances): remove all.
                 while self.rule_exists(fam, mark, plan.table)? {
                     let step = format!(
                         "{} rule del fwmark {mark:#x} lookup {}",
-                        fam.name(),
+                        ip_command(fam),
                         plan.table
                     );
                     let (_, errno) = self.request(
@@ -337,10 +326,10 @@ impl Routes {
         }
         let rules = self.remove_rules(plan);
         let lo = nix::net::if_::if_nametoindex("lo").map_err(|_| RouteError::NoLoopback)?;
-        for fam in [Fam::V4, Fam::V6] {
+        for fam in FAMILIES {
             let step = format!(
                 "{} route del local default dev lo table {}",
-                fam.name(),
+                ip_command(fam),
                 plan.table
             );
             let (_, errno) = self.request(
@@ -379,15 +368,15 @@ mod tests {
 
     #[test]
     fn only_a_plain_fwmark_rule_counts_as_ours() {
-        let ours = rule_msg(Fam::V4, 3000, 300, 100);
+        let ours = rule_msg(Family::V4, 3000, 300, 100);
         assert!(is_ours(&ours, 3000, 300));
         assert_eq!(rule_priority(&ours), 100);
         assert!(!is_ours(&ours, 3001, 300));
         assert!(!is_ours(&ours, 3000, 301));
-        let mut other = rule_msg(Fam::V4, 3000, 300, 100);
+        let mut other = rule_msg(Family::V4, 3000, 300, 100);
         other.attributes.push(RuleAttribute::Iifname("eth0".into()));
         assert!(!is_ours(&other, 3000, 300));
-        let mut small = rule_msg(Fam::V4, 7, 100, 0);
+        let mut small = rule_msg(Family::V4, 7, 100, 0);
         small
             .attributes
             .retain(|a| !matches!(a, RuleAttribute::Table(_)));
@@ -396,11 +385,11 @@ mod tests {
 
     #[test]
     fn large_tables_go_in_the_attribute() {
-        let r = route_msg(Fam::V6, 300, 1);
+        let r = route_msg(Family::V6, 300, 1);
         assert_eq!(r.header.table, 0);
         assert!(r.attributes.contains(&RouteAttribute::Table(300)));
         assert_eq!(r.header.kind, RouteType::Local);
-        let r = route_msg(Fam::V4, 100, 1);
+        let r = route_msg(Family::V4, 100, 1);
         assert_eq!(r.header.table, 100);
     }
 }

@@ -66,6 +66,33 @@ fn matches_mark(expr: &Value, mark: u32) -> Option<bool> {
     Some(hit != negated)
 }
 
+/// What a `match` expression on the input interface (`iifname`, `iif`) says
+/// about a looped packet, which arrives on `lo`.
+fn matches_lo(expr: &Value) -> Option<bool> {
+    let m = expr.get("match")?;
+    let key = m.get("left")?.get("meta")?.get("key")?.as_str()?;
+    if key != "iifname" && key != "iif" {
+        return None;
+    }
+    let right = m.get("right")?;
+    let is_lo = match right {
+        Value::String(name) => name == "lo",
+        Value::Object(o) => o
+            .get("set")
+            .and_then(Value::as_array)
+            .is_some_and(|s| s.iter().any(|v| v == "lo")),
+        _ => return None,
+    };
+    let negated = m.get("op").and_then(Value::as_str) == Some("!=");
+    Some(is_lo != negated)
+}
+
+/// What a condition says about a looped packet carrying `mark`: true, false, or
+/// unknown (`None`).
+fn condition(expr: &Value, mark: u32) -> Option<bool> {
+    matches_mark(expr, mark).or_else(|| matches_lo(expr))
+}
+
 impl<'a> Ruleset<'a> {
     fn parse(json: &'a Value) -> Ruleset<'a> {
         Ruleset {
@@ -100,17 +127,17 @@ impl<'a> Ruleset<'a> {
                 continue;
             };
             // Conditions this packet surely fails make the rule irrelevant.
-            if exprs.iter().any(|e| matches_mark(e, mark) == Some(false)) {
+            if exprs.iter().any(|e| condition(e, mark) == Some(false)) {
                 continue;
             }
-            let by_mark = exprs.iter().any(|e| matches_mark(e, mark) == Some(true));
+            let selected = exprs.iter().any(|e| condition(e, mark) == Some(true));
             let uses_fib = exprs.iter().any(|e| contains_key(e, "fib"));
             let other_conditions = exprs
                 .iter()
-                .filter(|e| e.get("match").is_some() && matches_mark(e, mark).is_none())
+                .filter(|e| e.get("match").is_some() && condition(e, mark).is_none())
                 .count();
             for e in exprs {
-                if e.get("accept").is_some() && by_mark && other_conditions == 0 {
+                if e.get("accept").is_some() && selected && other_conditions == 0 {
                     return Fate::Accepted;
                 }
                 if e.get("drop").is_some() && uses_fib {
@@ -244,6 +271,30 @@ mod tests {
         let found = dropping(&rs, 3000);
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].table, "firewalld");
+    }
+
+    /// wg-quick's anti-spoofing rule (its add_default), and the remedy the
+    /// README gives: accept what arrives on `lo` first.
+    #[test]
+    fn wg_quicks_anti_spoofing_rule_is_found_and_the_lo_exemption_clears_it() {
+        let chain = json!({"chain": {"family": "ip", "table": "wg-quick-wg0",
+            "name": "preraw", "hook": "prerouting", "prio": -300, "policy": "accept"}});
+        let spoof = json!({"rule": {"family": "ip", "table": "wg-quick-wg0", "chain": "preraw",
+            "expr": [
+                {"match": {"op": "!=", "left": {"meta": {"key": "iifname"}}, "right": "wg0"}},
+                {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                    "right": "10.77.0.1"}},
+                {"match": {"op": "!=", "left": {"fib": {"flags": ["saddr"], "result": "type"}},
+                    "right": "local"}},
+                {"drop": null}]}});
+        let lo = json!({"rule": {"family": "ip", "table": "wg-quick-wg0", "chain": "preraw",
+            "expr": [
+                {"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": "lo"}},
+                {"accept": null}]}});
+        let found = dropping(&json!({"nftables": [chain, spoof]}), 3000);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].to_string(), "chain ip wg-quick-wg0 preraw");
+        assert!(dropping(&json!({"nftables": [chain, lo, spoof]}), 3000).is_empty());
     }
 
     #[test]

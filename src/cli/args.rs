@@ -29,6 +29,7 @@ pub struct Cli {
     /// Log level or filter (error, warn, info, debug, trace); overrides RUST_LOG.
     #[arg(long, global = true)]
     pub log_level: Option<String>,
+    /// The subcommand and its arguments.
     #[command(subcommand)]
     pub cmd: Cmd,
 }

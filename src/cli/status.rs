@@ -1,18 +1,19 @@
-//! `cgtproxy status` and `cgtproxy explain`: what the kernel holds, compared with
-//! what the configuration asks for. Read from the kernel, never from a daemon.
+//! `cgtproxy status`: what the kernel holds, compared with what the
+//! configuration asks for. Read from the kernel, never from a daemon.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use serde_json::json;
 
-use crate::cgroup::{self, Cgroup, Hierarchy};
-use crate::config::{Action, Config};
-use crate::inspect::{self, Installed};
-use crate::plan::{self, Tree};
-use crate::precedence;
-use crate::route::{Fam, Routes};
-use crate::runstate;
+use crate::config::Config;
+use crate::core::precedence;
+use crate::core::table::{self, Family};
+use crate::core::tree::{self, Tree};
+use crate::daemon::runstate;
+use crate::kernel::inspect::{self, Installed};
+use crate::kernel::route::{FAMILIES, Routes, ip_command};
+use crate::watch::hierarchy::{self, Hierarchy};
 
 /// Exit status when the kernel state differs from the configuration.
 pub const EXIT_DRIFT: u8 = 3;
@@ -22,29 +23,17 @@ pub enum StatusError {
     #[error(transparent)]
     Inspect(#[from] inspect::InspectError),
     #[error(transparent)]
-    Route(#[from] crate::route::RouteError),
+    Route(#[from] crate::kernel::route::RouteError),
     #[error(transparent)]
-    Cgroup(#[from] crate::cgroup::CgroupError),
+    Cgroup(#[from] crate::watch::hierarchy::CgroupError),
     #[error("cannot read /proc/{pid}/cgroup: {source}")]
     Pid { pid: u32, source: std::io::Error },
     #[error("no cgroup named {0:?} (give a PID, a cgroup path starting with /, or a unit name)")]
     NotFound(String),
 }
 
-fn describe(cfg: &Config, a: Option<Action>) -> String {
-    match a {
-        None => "unclassified (untouched)".into(),
-        Some(Action::Direct) => "direct".into(),
-        Some(Action::Drop) => "drop".into(),
-        Some(Action::Tproxy(i)) => {
-            let t = &cfg.targets[usize::from(i)];
-            format!("tproxy {} (port {}, mark {:#x})", t.name, t.port, t.mark)
-        }
-    }
-}
-
 /// What a class in a level map means.
-fn class_name(cfg: &Config, class: u32) -> String {
+pub(super) fn class_name(cfg: &Config, class: u32) -> String {
     match class {
         crate::config::DIRECT_CLASS => "direct".into(),
         crate::config::DROP_CLASS => "drop".into(),
@@ -57,7 +46,7 @@ fn class_name(cfg: &Config, class: u32) -> String {
 
 /// A table's flags by name (`owner`, `persist`), `none` without any.
 fn flag_names(flags: u32) -> Vec<&'static str> {
-    use crate::nft::{TABLE_F_OWNER, TABLE_F_PERSIST};
+    use crate::kernel::nft::{TABLE_F_OWNER, TABLE_F_PERSIST};
     let names: Vec<&str> = [(TABLE_F_OWNER, "owner"), (TABLE_F_PERSIST, "persist")]
         .into_iter()
         .filter(|(bit, _)| flags & bit != 0)
@@ -89,12 +78,12 @@ impl Drift {
 }
 
 /// Compares the wanted elements with the installed maps.
-fn drift(cfg: &Config, want: &plan::Elements, inst: &Installed) -> Drift {
+fn drift(cfg: &Config, want: &tree::Elements, inst: &Installed) -> Drift {
     let mut d = Drift::default();
     for (&(level, id), &a) in want {
         match inst.maps.get(&level).and_then(|m| m.get(&id)) {
             None => d.missing += 1,
-            Some(&c) if c != plan::class(cfg, a) => d.wrong += 1,
+            Some(&c) if c != table::class(cfg, a) => d.wrong += 1,
             Some(_) => {}
         }
     }
@@ -109,7 +98,7 @@ fn drift(cfg: &Config, want: &plan::Elements, inst: &Installed) -> Drift {
 
 /// One ip rule or route of ours: its family, the mark of a rule (`None` for the
 /// route) and whether the kernel has it.
-type RoutingEntry = (Fam, Option<u32>, bool);
+type RoutingEntry = (Family, Option<u32>, bool);
 
 /// What `status` found in the kernel, against the configuration.
 struct Report {
@@ -130,12 +119,12 @@ impl Report {
     fn gather(cfg: &Config) -> Result<Report, StatusError> {
         let installed = inspect::read(&cfg.table)?;
         let hier = Hierarchy::discover(&cfg.cgroup_root)?;
-        let tree = Tree::build(cfg, &cgroup::walk(&hier));
+        let tree = Tree::build(cfg, &hierarchy::walk(&hier));
         let mut routes = Routes::open()?;
         let marks: Vec<u32> = cfg.targets.iter().map(|t| t.mark).collect();
         let preceding = precedence::preceding(&routes.all_rules()?, &marks, cfg.route_table);
         let mut routing = Vec::new();
-        for fam in [Fam::V4, Fam::V6] {
+        for fam in FAMILIES {
             for t in &cfg.targets {
                 routing.push((
                     fam,
@@ -206,7 +195,7 @@ impl Report {
             .routing
             .iter()
             .map(|(fam, mark, present)| {
-                json!({"family": if *fam == Fam::V4 { "ipv4" } else { "ipv6" },
+                json!({"family": if *fam == Family::V4 { "ipv4" } else { "ipv6" },
                        "kind": if mark.is_some() { "rule" } else { "route" },
                        "mark": mark, "table": cfg.route_table, "present": present})
             })
@@ -259,7 +248,7 @@ impl Report {
             );
         }
         for (fam, mark, present) in &self.routing {
-            let f = if *fam == Fam::V4 { "ip" } else { "ip -6" };
+            let f = ip_command(*fam);
             let what = match mark {
                 Some(m) => format!("{f} rule fwmark {m:#x} lookup {}", cfg.route_table),
                 None => format!("{f} route local default dev lo table {}", cfg.route_table),
@@ -300,127 +289,10 @@ pub fn status(cfg: &Config, as_json: bool) -> Result<(String, bool), StatusError
     Ok((text, r.ok()))
 }
 
-fn resolve(hier: &Hierarchy, what: &str) -> Result<Vec<Cgroup>, StatusError> {
-    if let Ok(pid) = what.parse::<u32>() {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .map_err(|source| StatusError::Pid { pid, source })?;
-        // The cgroup2 line is "0::/path".
-        let path = text
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .ok_or_else(|| StatusError::NotFound(what.to_owned()))?;
-        return resolve(hier, path);
-    }
-    let all = cgroup::walk(hier);
-    let found: Vec<Cgroup> = if what.starts_with('/') {
-        all.into_iter().filter(|c| &*c.path == what).collect()
-    } else {
-        all.into_iter()
-            .filter(|c| c.path.rsplit('/').next() == Some(what))
-            .collect()
-    };
-    if found.is_empty() {
-        return Err(StatusError::NotFound(what.to_owned()));
-    }
-    Ok(found)
-}
-
-/// Explains how the traffic of `what` is classified, and whether the kernel agrees.
-pub fn explain(cfg: &Config, what: &str) -> Result<(String, bool), StatusError> {
-    let hier = Hierarchy::discover(&cfg.cgroup_root)?;
-    let installed = inspect::read(&cfg.table)?;
-    let mut o = String::new();
-    let mut all_agree = true;
-    for cg in resolve(&hier, what)? {
-        let _ = writeln!(o, "cgroup {} (id {}, level {})", cg.path, cg.id, cg.level);
-        // Ancestors-or-self from the top, with the rule each matches.
-        let mut chain = Vec::new();
-        let mut p = cg.path.to_string();
-        loop {
-            chain.push(p.clone());
-            match p.rsplit_once('/') {
-                Some(("", _)) | None => break,
-                Some((parent, _)) => p = parent.to_owned(),
-            }
-        }
-        chain.reverse();
-        // The planner's own decision, from the planner's own tree of the chain.
-        let known: Vec<Cgroup> = chain.iter().filter_map(|p| hier.describe(p)).collect();
-        let tree = Tree::build(cfg, &known);
-        let decision = tree.decision(&cg.path);
-        for path in &chain {
-            let rule = cfg
-                .rules
-                .iter()
-                .position(|r| r.regex.is_match(path))
-                .map(|i| (i, &cfg.rules[i]));
-            match rule {
-                Some((i, r)) => {
-                    let _ = writeln!(
-                        o,
-                        "  {path}: rules[{i}] {:?} → {}",
-                        r.regex.as_str(),
-                        describe(cfg, Some(r.action))
-                    );
-                }
-                None => {
-                    let _ = writeln!(o, "  {path}: no rule matches");
-                }
-            }
-        }
-        let _ = writeln!(
-            o,
-            "decision: {}{}",
-            describe(cfg, decision.map(|d| d.0)),
-            decision
-                .map(|(_, by)| format!(", decided by {by}"))
-                .unwrap_or_default()
-        );
-        // What the kernel will do: the deepest ancestor-or-self with an element.
-        let mut kernel = None;
-        if let Some(inst) = &installed {
-            for path in chain.iter().rev() {
-                if let Some(c) = hier.describe(path)
-                    && let Some(v) = inst.maps.get(&c.level).and_then(|m| m.get(&c.id))
-                {
-                    kernel = Some((path.clone(), c.level, *v));
-                    break;
-                }
-            }
-        }
-        let agrees = match (&kernel, decision.map(|d| d.0)) {
-            (None, None) => true,
-            (Some((_, _, c)), Some(a)) => *c == plan::class(cfg, a),
-            _ => false,
-        };
-        all_agree &= agrees && installed.is_some();
-        match (&installed, kernel) {
-            (None, _) => {
-                let _ = writeln!(o, "kernel: table inet {} is not installed", cfg.table);
-            }
-            (Some(_), None) => {
-                let _ = writeln!(
-                    o,
-                    "kernel: no element for it or an ancestor (traffic untouched): {}",
-                    if agrees { "agrees" } else { "DISAGREES" }
-                );
-            }
-            (Some(_), Some((p, level, class))) => {
-                let _ = writeln!(
-                    o,
-                    "kernel: element at level {level} for {p} → class {}: {}",
-                    class_name(cfg, class),
-                    if agrees { "agrees" } else { "DISAGREES" }
-                );
-            }
-        }
-    }
-    Ok((o, all_agree))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Action;
 
     #[test]
     fn drift_counts_missing_wrong_and_extra_elements() {
@@ -429,7 +301,7 @@ mod tests {
             "t",
         )
         .unwrap();
-        let want: plan::Elements = [
+        let want: tree::Elements = [
             ((2, 10), Action::Tproxy(0)),
             ((2, 11), Action::Drop),
             ((3, 12), Action::Direct),

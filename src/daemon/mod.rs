@@ -2,6 +2,9 @@
 //! timerfd (retries, deferred status) and nothing else, so an idle daemon never
 //! wakes up.
 
+pub mod notify;
+pub mod runstate;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
@@ -14,18 +17,17 @@ use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use tracing::{debug, error, info, warn};
 
-use crate::cgroup::{CgroupError, Hierarchy};
 use crate::config::{Config, ConfigError};
-use crate::events::{Damage, Events, EventsError};
-use crate::inspect::{self, InspectError};
-use crate::nft::{Nft, NftError, TABLE_F_OWNER, TABLE_F_PERSIST, Txn};
-use crate::notify;
-use crate::plan::{self, Delta, Elements, Tree};
-use crate::precedence::{self, Placement};
-use crate::route::{self, RouteError, Routes};
-use crate::runstate;
-use crate::schedule::{HEAL_WINDOW, Schedule};
-use crate::watch::{Change, WatchError, Watcher};
+use crate::core::precedence::{self, Placement};
+use crate::core::schedule::{HEAL_WINDOW, Schedule};
+use crate::core::table;
+use crate::core::tree::{self, Delta, Elements, Tree};
+use crate::kernel::events::{Damage, Events, EventsError};
+use crate::kernel::inspect::{self, InspectError};
+use crate::kernel::nft::{Nft, NftError, TABLE_F_OWNER, TABLE_F_PERSIST, Txn};
+use crate::kernel::route::{self, RouteError, Routes};
+use crate::watch::hierarchy::{CgroupError, Hierarchy};
+use crate::watch::inotify::{Change, WatchError, Watcher};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -88,11 +90,11 @@ fn install_table(
     also: Option<&str>,
 ) -> Result<(Elements, BTreeSet<u32>), DaemonError> {
     let elements = tree.elements();
-    let levels: BTreeSet<u32> = plan::levels(&elements)
+    let levels: BTreeSet<u32> = table::levels(&elements)
         .union(keep_levels)
         .copied()
         .collect();
-    let spec = plan::table(cfg, &levels, &elements);
+    let spec = table::table(cfg, &levels, &elements);
     let mut txn = Txn::large();
     if let Some(old) = also.filter(|o| *o != spec.name)
         && table_exists(nft, old)?
@@ -285,7 +287,7 @@ impl Daemon {
         match self.watcher.scan() {
             Ok(all) => {
                 self.tree = Tree::build(&self.cfg, &all);
-                let delta = plan::diff(&self.installed, &self.tree.elements());
+                let delta = tree::diff(&self.installed, &self.tree.elements());
                 self.converge(delta);
                 self.check_watched();
             }
@@ -313,7 +315,7 @@ impl Daemon {
         if delta.is_empty() {
             return Ok(());
         }
-        let table = self.cfg.table.clone();
+        let name = self.cfg.table.clone();
         let new_levels: Vec<u32> = delta
             .add
             .iter()
@@ -326,23 +328,23 @@ impl Daemon {
         let mut levels = self.levels.clone();
         if !new_levels.is_empty() {
             levels.extend(&new_levels);
-            txn.add_level_maps(&table, &new_levels)?;
-            txn.rewrite_chain(&table, &plan::classify_chain(&self.cfg, &levels))?;
+            txn.add_level_maps(&name, &new_levels)?;
+            txn.rewrite_chain(&name, &table::classify_chain(&self.cfg, &levels))?;
         }
-        let group = |list: &[(plan::Key, crate::config::Action)]| {
+        let group = |list: &[(tree::Key, crate::config::Action)]| {
             let mut by: BTreeMap<u32, Vec<(u64, u32)>> = BTreeMap::new();
             for ((l, id), a) in list {
                 by.entry(*l)
                     .or_default()
-                    .push((*id, plan::class(&self.cfg, *a)));
+                    .push((*id, table::class(&self.cfg, *a)));
             }
             by
         };
         for (level, ids) in group(&delta.del) {
-            txn.map_elements(&table, level, &ids, false)?;
+            txn.map_elements(&name, level, &ids, false)?;
         }
         for (level, elems) in group(&delta.add) {
-            txn.map_elements(&table, level, &elems, true)?;
+            txn.map_elements(&name, level, &elems, true)?;
         }
         self.nft.commit(txn)?;
         delta.apply(&mut self.installed);
@@ -383,7 +385,7 @@ impl Daemon {
         self.arm_timer();
     }
 
-    /// Sends STATUS= now, or defers it (see [`crate::schedule::StatusLine`]).
+    /// Sends STATUS= now, or defers it (see [`crate::core::schedule::StatusLine`]).
     fn publish_status(&mut self) {
         if self.sched.status.send_now(Instant::now()) {
             notify::status(&self.status());
@@ -500,7 +502,7 @@ impl Daemon {
                         all.len()
                     );
                     self.tree = Tree::build(&self.cfg, &all);
-                    delta = plan::diff(&self.installed, &self.tree.elements());
+                    delta = tree::diff(&self.installed, &self.tree.elements());
                 }
             }
         }
@@ -536,7 +538,7 @@ impl Daemon {
         };
         let tree = Tree::build(&new, &cgroups);
         if new.same_structure(&self.cfg) && !self.dirty {
-            let delta = plan::diff(&self.installed, &tree.elements());
+            let delta = tree::diff(&self.installed, &tree.elements());
             let old = std::mem::replace(&mut self.cfg, new);
             if let Err(e) = self.apply(&delta) {
                 self.cfg = old;

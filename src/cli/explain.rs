@@ -1,0 +1,143 @@
+//! `cgtproxy explain`: how the traffic of a process, cgroup or unit is
+//! classified — the planner's own decision — and whether the kernel agrees.
+
+use std::fmt::Write;
+
+use crate::config::{Action, Config};
+use crate::core::cgroup::Cgroup;
+use crate::core::table;
+use crate::core::tree::Tree;
+use crate::kernel::inspect;
+use crate::watch::hierarchy::{self, Hierarchy};
+
+use super::status::{StatusError, class_name};
+
+fn describe(cfg: &Config, a: Option<Action>) -> String {
+    match a {
+        None => "unclassified (untouched)".into(),
+        Some(Action::Direct) => "direct".into(),
+        Some(Action::Drop) => "drop".into(),
+        Some(Action::Tproxy(i)) => {
+            let t = &cfg.targets[usize::from(i)];
+            format!("tproxy {} (port {}, mark {:#x})", t.name, t.port, t.mark)
+        }
+    }
+}
+
+fn resolve(hier: &Hierarchy, what: &str) -> Result<Vec<Cgroup>, StatusError> {
+    if let Ok(pid) = what.parse::<u32>() {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .map_err(|source| StatusError::Pid { pid, source })?;
+        // The cgroup2 line is "0::/path".
+        let path = text
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .ok_or_else(|| StatusError::NotFound(what.to_owned()))?;
+        return resolve(hier, path);
+    }
+    let all = hierarchy::walk(hier);
+    let found: Vec<Cgroup> = if what.starts_with('/') {
+        all.into_iter().filter(|c| &*c.path == what).collect()
+    } else {
+        all.into_iter()
+            .filter(|c| c.path.rsplit('/').next() == Some(what))
+            .collect()
+    };
+    if found.is_empty() {
+        return Err(StatusError::NotFound(what.to_owned()));
+    }
+    Ok(found)
+}
+
+/// Explains how the traffic of `what` is classified, and whether the kernel agrees.
+pub fn explain(cfg: &Config, what: &str) -> Result<(String, bool), StatusError> {
+    let hier = Hierarchy::discover(&cfg.cgroup_root)?;
+    let installed = inspect::read(&cfg.table)?;
+    let mut o = String::new();
+    let mut all_agree = true;
+    for cg in resolve(&hier, what)? {
+        let _ = writeln!(o, "cgroup {} (id {}, level {})", cg.path, cg.id, cg.level);
+        // Ancestors-or-self from the top, with the rule each matches.
+        let mut chain = Vec::new();
+        let mut p = cg.path.to_string();
+        loop {
+            chain.push(p.clone());
+            match p.rsplit_once('/') {
+                Some(("", _)) | None => break,
+                Some((parent, _)) => p = parent.to_owned(),
+            }
+        }
+        chain.reverse();
+        // The planner's own decision, from the planner's own tree of the chain.
+        let known: Vec<Cgroup> = chain.iter().filter_map(|p| hier.describe(p)).collect();
+        let tree = Tree::build(cfg, &known);
+        let decision = tree.decision(&cg.path);
+        for path in &chain {
+            let rule = cfg
+                .rules
+                .iter()
+                .position(|r| r.regex.is_match(path))
+                .map(|i| (i, &cfg.rules[i]));
+            match rule {
+                Some((i, r)) => {
+                    let _ = writeln!(
+                        o,
+                        "  {path}: rules[{i}] {:?} → {}",
+                        r.regex.as_str(),
+                        describe(cfg, Some(r.action))
+                    );
+                }
+                None => {
+                    let _ = writeln!(o, "  {path}: no rule matches");
+                }
+            }
+        }
+        let _ = writeln!(
+            o,
+            "decision: {}{}",
+            describe(cfg, decision.map(|d| d.0)),
+            decision
+                .map(|(_, by)| format!(", decided by {by}"))
+                .unwrap_or_default()
+        );
+        // What the kernel will do: the deepest ancestor-or-self with an element.
+        let mut kernel = None;
+        if let Some(inst) = &installed {
+            for path in chain.iter().rev() {
+                if let Some(c) = hier.describe(path)
+                    && let Some(v) = inst.maps.get(&c.level).and_then(|m| m.get(&c.id))
+                {
+                    kernel = Some((path.clone(), c.level, *v));
+                    break;
+                }
+            }
+        }
+        let agrees = match (&kernel, decision.map(|d| d.0)) {
+            (None, None) => true,
+            (Some((_, _, c)), Some(a)) => *c == table::class(cfg, a),
+            _ => false,
+        };
+        all_agree &= agrees && installed.is_some();
+        match (&installed, kernel) {
+            (None, _) => {
+                let _ = writeln!(o, "kernel: table inet {} is not installed", cfg.table);
+            }
+            (Some(_), None) => {
+                let _ = writeln!(
+                    o,
+                    "kernel: no element for it or an ancestor (traffic untouched): {}",
+                    if agrees { "agrees" } else { "DISAGREES" }
+                );
+            }
+            (Some(_), Some((p, level, class))) => {
+                let _ = writeln!(
+                    o,
+                    "kernel: element at level {level} for {p} → class {}: {}",
+                    class_name(cfg, class),
+                    if agrees { "agrees" } else { "DISAGREES" }
+                );
+            }
+        }
+    }
+    Ok((o, all_agree))
+}

@@ -1,0 +1,51 @@
+//! A cgroup as the planner sees it, and the arithmetic of cgroup paths.
+
+use std::rc::Rc;
+
+/// A cgroup: its path, id and level.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cgroup {
+    /// Relative to the hierarchy root, with a leading `/`. Shared (not copied)
+    /// between the planner's tree and the watcher's table: with tens of thousands
+    /// of cgroups the paths are most of the daemon's memory.
+    pub path: Rc<str>,
+    /// The directory's inode number: the id `socket cgroupv2` compares against.
+    pub id: u64,
+    /// Absolute level: 0 for the root.
+    pub level: u32,
+}
+
+/// The cgroup path of child `name` of cgroup `parent`.
+pub fn child_path(parent: &str, name: &str) -> String {
+    if parent == "/" {
+        format!("/{name}")
+    } else {
+        format!("{parent}/{name}")
+    }
+}
+
+/// The parent of cgroup `path`, or `None` at the top: the root, which is never
+/// classified, counts as no parent.
+pub fn parent_of(path: &str) -> Option<&str> {
+    match path.rsplit_once('/') {
+        Some(("", _)) | None => None,
+        Some((parent, _)) => Some(parent),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_compose_and_decompose() {
+        assert_eq!(child_path("/", "a.slice"), "/a.slice");
+        assert_eq!(child_path("/a.slice", "b.scope"), "/a.slice/b.scope");
+        assert_eq!(parent_of("/a.slice/b.scope"), Some("/a.slice"));
+        assert_eq!(
+            parent_of("/a.slice"),
+            None,
+            "the root is never a parent here"
+        );
+    }
+}

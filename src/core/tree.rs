@@ -1,0 +1,424 @@
+//! The classification tree: which cgroups need a map element of their own (the
+//! nearest classified ancestor decides for the rest), and the smallest change
+//! that takes the installed elements to the desired ones. Pure: every decision
+//! is unit-tested without root.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::rc::Rc;
+
+use crate::config::{Action, Config};
+use crate::core::cgroup::{Cgroup, parent_of};
+
+/// A map element's key: (absolute hierarchy level, cgroup id).
+pub type Key = (u32, u64);
+
+/// Map elements: which cgroup, at which level, gets which verdict.
+pub type Elements = BTreeMap<Key, Action>;
+
+/// Element changes: deletions are applied before additions.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Delta {
+    pub del: Vec<(Key, Action)>,
+    pub add: Vec<(Key, Action)>,
+}
+
+impl Delta {
+    pub fn is_empty(&self) -> bool {
+        self.del.is_empty() && self.add.is_empty()
+    }
+
+    /// Appends `other`, cancelling an addition that `other` deletes again.
+    pub fn extend(&mut self, other: Delta) {
+        for d in other.del {
+            if let Some(pos) = self.add.iter().position(|a| *a == d) {
+                self.add.remove(pos);
+            } else {
+                self.del.push(d);
+            }
+        }
+        self.add.extend(other.add);
+    }
+
+    /// Applies the change to a record of installed elements.
+    pub fn apply(&self, to: &mut Elements) {
+        for (k, _) in &self.del {
+            to.remove(k);
+        }
+        for (k, a) in &self.add {
+            to.insert(*k, *a);
+        }
+    }
+}
+
+/// The element changes that turn `old` into `new`.
+pub fn diff(old: &Elements, new: &Elements) -> Delta {
+    let mut d = Delta::default();
+    for (k, a) in old {
+        if new.get(k) != Some(a) {
+            d.del.push((*k, *a));
+        }
+    }
+    for (k, a) in new {
+        if old.get(k) != Some(a) {
+            d.add.push((*k, *a));
+        }
+    }
+    d
+}
+
+#[derive(Debug, Clone)]
+struct Node {
+    id: u64,
+    level: u32,
+    /// The first matching rule's action.
+    own: Option<Action>,
+    /// The nearest classified ancestor-or-self's action.
+    effective: Option<Action>,
+    /// Whether this cgroup needs its own map element: classified, and deciding
+    /// differently from its nearest classified ancestor. Children of a routed slice
+    /// thus need no element and are covered from their first packet.
+    element: bool,
+}
+
+/// The known cgroups and their classification, kept in path order so that a
+/// parent always precedes its descendants.
+#[derive(Debug, Clone, Default)]
+pub struct Tree {
+    nodes: BTreeMap<Rc<str>, Node>,
+}
+
+impl Tree {
+    /// Classifies a whole set of cgroups.
+    pub fn build(cfg: &Config, cgroups: &[Cgroup]) -> Tree {
+        let mut t = Tree::default();
+        for cg in cgroups {
+            t.insert(cfg, cg);
+        }
+        t
+    }
+
+    /// Number of known cgroups.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether no cgroup is known.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// All known cgroups.
+    pub fn cgroups(&self) -> Vec<Cgroup> {
+        self.nodes
+            .iter()
+            .map(|(p, n)| Cgroup {
+                path: Rc::clone(p),
+                id: n.id,
+                level: n.level,
+            })
+            .collect()
+    }
+
+    #[cfg(test)]
+    fn id(&self, path: &str) -> Option<u64> {
+        self.nodes.get(path).map(|n| n.id)
+    }
+
+    /// The elements the kernel maps should hold.
+    pub fn elements(&self) -> Elements {
+        self.nodes
+            .values()
+            .filter(|n| n.element)
+            .filter_map(|n| n.own.map(|a| ((n.level, n.id), a)))
+            .collect()
+    }
+
+    /// What the planner decided for cgroup `path`: its traffic's action and the
+    /// ancestor-or-self whose rule decides it (`explain` reports this, so it can
+    /// never tell another story than the table). `None` when it is untouched.
+    pub fn decision(&self, path: &str) -> Option<(Action, &str)> {
+        let mut p = Some(path);
+        while let Some(at) = p {
+            if let Some((key, n)) = self.nodes.get_key_value(at)
+                && let Some(a) = n.own
+            {
+                return Some((a, key));
+            }
+            p = parent_of(at);
+        }
+        None
+    }
+
+    /// Number of cgroups whose traffic each action decides (direct, drop, per target).
+    pub fn counts(&self, targets: usize) -> (usize, usize, Vec<usize>) {
+        let (mut direct, mut drop, mut per) = (0, 0, vec![0; targets]);
+        for n in self.nodes.values() {
+            match n.effective {
+                Some(Action::Direct) => direct += 1,
+                Some(Action::Drop) => drop += 1,
+                Some(Action::Tproxy(i)) => {
+                    if let Some(c) = per.get_mut(usize::from(i)) {
+                        *c += 1;
+                    }
+                }
+                None => {}
+            }
+        }
+        (direct, drop, per)
+    }
+
+    /// Adds a cgroup (or notices that a reused path is a new cgroup).
+    pub fn insert(&mut self, cfg: &Config, cg: &Cgroup) -> Delta {
+        let mut delta = Delta::default();
+        match self.nodes.get(&*cg.path) {
+            Some(n) if n.id == cg.id => return delta,
+            Some(_) => delta.extend(self.remove(&cg.path)),
+            None => {}
+        }
+        self.nodes.insert(
+            Rc::clone(&cg.path),
+            Node {
+                id: cg.id,
+                level: cg.level,
+                own: cfg.classify(&cg.path),
+                effective: None,
+                element: false,
+            },
+        );
+        delta.extend(self.refresh(&cg.path));
+        delta
+    }
+
+    /// Removes a cgroup and anything still recorded below it.
+    pub fn remove(&mut self, path: &str) -> Delta {
+        let mut delta = Delta::default();
+        for p in self.subtree(path) {
+            if let Some(n) = self.nodes.remove(&*p)
+                && n.element
+                && let Some(a) = n.own
+            {
+                delta.del.push(((n.level, n.id), a));
+            }
+        }
+        delta
+    }
+
+    /// `path` and the recorded paths below it, parents first.
+    fn subtree(&self, path: &str) -> Vec<Rc<str>> {
+        let below = format!("{path}/");
+        self.nodes
+            .range::<str, _>((Bound::Included(path), Bound::Unbounded))
+            .take_while(|(p, _)| p.starts_with(path))
+            .filter(|(p, _)| &***p == path || p.starts_with(&below))
+            .map(|(p, _)| Rc::clone(p))
+            .collect()
+    }
+
+    /// The effective action of the nearest recorded ancestor.
+    fn inherited(&self, path: &str) -> Option<Action> {
+        let mut p = parent_of(path);
+        while let Some(parent) = p {
+            if let Some(n) = self.nodes.get(parent) {
+                return n.effective;
+            }
+            p = parent_of(parent);
+        }
+        None
+    }
+
+    /// Recomputes the effective action and element of `path` and its descendants.
+    fn refresh(&mut self, path: &str) -> Delta {
+        let mut delta = Delta::default();
+        for p in self.subtree(path) {
+            let inherited = self.inherited(&p);
+            let Some(n) = self.nodes.get_mut(&*p) else {
+                continue;
+            };
+            let element = n.own.is_some() && n.own != inherited;
+            let key = (n.level, n.id);
+            match (n.element, element, n.own) {
+                (false, true, Some(a)) => delta.add.push((key, a)),
+                (true, false, Some(a)) => delta.del.push((key, a)),
+                _ => {}
+            }
+            n.element = element;
+            n.effective = n.own.or(inherited);
+        }
+        delta
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        Config::parse(
+            r#"{"version":1,"route-table":300,"bypass":["10.0.0.0/8","10.1.0.0/16","11.0.0.0/8","::1"],
+            "tproxies":{"proxy":{"port":7893,"mark":3000}},
+            "rules":[
+              {"match":"^/system\\.slice/mihomo\\.service$","direct":true},
+              {"match":"/inner-direct\\.scope$","direct":true},
+              {"match":"/drop\\.slice(/|$)","drop":true},
+              {"match":"/proxy\\.slice(/|$)","tproxy":"proxy"}]}"#,
+            "t",
+        )
+        .unwrap()
+    }
+
+    fn cg(path: &str, id: u64) -> Cgroup {
+        Cgroup {
+            path: path.into(),
+            id,
+            level: path.matches('/').count() as u32,
+        }
+    }
+
+    #[test]
+    fn children_of_a_routed_slice_need_no_element() {
+        let c = cfg();
+        let t = Tree::build(
+            &c,
+            &[
+                cg("/user.slice", 1),
+                cg("/user.slice/proxy.slice", 2),
+                cg("/user.slice/proxy.slice/a.scope", 3),
+                cg("/user.slice/proxy.slice/inner-direct.scope", 4),
+                cg("/system.slice", 5),
+                cg("/system.slice/mihomo.service", 6),
+            ],
+        );
+        let e = t.elements();
+        assert_eq!(
+            e.into_iter().collect::<Vec<_>>(),
+            vec![
+                ((2, 2), Action::Tproxy(0)),
+                ((2, 6), Action::Direct),
+                ((3, 4), Action::Direct),
+            ]
+        );
+        let (direct, drop, per) = t.counts(1);
+        assert_eq!((direct, drop, per), (2, 0, vec![2]));
+    }
+
+    #[test]
+    fn incremental_inserts_and_removals_match_a_full_build() {
+        let c = cfg();
+        let mut t = Tree::default();
+        let mut installed = Elements::new();
+        let seq = [
+            cg("/a", 1),
+            cg("/a/proxy.slice", 2),
+            cg("/a/proxy.slice/x", 3),
+            cg("/a/proxy.slice/x/drop.slice", 4),
+        ];
+        for s in &seq {
+            t.insert(&c, s).apply(&mut installed);
+        }
+        assert_eq!(installed, Tree::build(&c, &seq).elements());
+        assert_eq!(installed.len(), 2);
+        // Duplicate notifications change nothing.
+        assert!(t.insert(&c, &seq[1]).is_empty());
+        // A removed and re-created cgroup (new id) replaces its element.
+        let d = t.insert(&c, &cg("/a/proxy.slice/x/drop.slice", 40));
+        assert_eq!(d.del, vec![((4, 4), Action::Drop)]);
+        assert_eq!(d.add, vec![((4, 40), Action::Drop)]);
+        d.apply(&mut installed);
+        t.remove("/a/proxy.slice/x/drop.slice")
+            .apply(&mut installed);
+        t.remove("/a/proxy.slice/x").apply(&mut installed);
+        assert_eq!(installed.len(), 1);
+        // Removing a parent removes whatever is still recorded below it.
+        let d = t.remove("/a");
+        assert_eq!(d.del, vec![((2, 2), Action::Tproxy(0))]);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_parent_discovered_after_its_child_is_reconciled() {
+        let c = cfg();
+        let mut t = Tree::default();
+        let mut inst = Elements::new();
+        t.insert(&c, &cg("/p/proxy.slice/q/proxy.slice", 9))
+            .apply(&mut inst);
+        assert_eq!(inst.len(), 1);
+        t.insert(&c, &cg("/p/proxy.slice", 2)).apply(&mut inst);
+        // The child now inherits from a classified parent with the same verdict.
+        assert_eq!(
+            inst.into_iter().collect::<Vec<_>>(),
+            vec![((2, 2), Action::Tproxy(0))]
+        );
+    }
+
+    #[test]
+    fn similar_prefixes_are_not_descendants() {
+        let c = cfg();
+        let mut t = Tree::build(&c, &[cg("/x", 1), cg("/x-proxy.slice", 2), cg("/x/y", 3)]);
+        let d = t.remove("/x");
+        assert!(d.is_empty());
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.id("/x-proxy.slice"), Some(2));
+    }
+
+    #[test]
+    fn diff_replaces_changed_verdicts() {
+        let old: Elements = [((1, 1), Action::Direct), ((1, 2), Action::Drop)].into();
+        let new: Elements = [((1, 1), Action::Drop), ((2, 3), Action::Direct)].into();
+        let d = diff(&old, &new);
+        assert_eq!(
+            d.del,
+            vec![((1, 1), Action::Direct), ((1, 2), Action::Drop)]
+        );
+        assert_eq!(
+            d.add,
+            vec![((1, 1), Action::Drop), ((2, 3), Action::Direct)]
+        );
+        let mut x = old.clone();
+        d.apply(&mut x);
+        assert_eq!(x, new);
+        assert!(diff(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn delta_extend_cancels_add_then_delete() {
+        let mut a = Delta {
+            del: vec![],
+            add: vec![((3, 9), Action::Direct)],
+        };
+        a.extend(Delta {
+            del: vec![((3, 9), Action::Direct)],
+            add: vec![],
+        });
+        assert!(a.is_empty());
+    }
+
+    #[test]
+    fn a_decision_names_the_ancestor_that_decides() {
+        let c = Config::parse(
+            r#"{"version":1,"tproxies":{"proxy":{"port":1,"mark":3000}},
+            "rules":[{"match":"/inner-direct\\.scope$","direct":true},
+                     {"match":"/proxy\\.slice$","tproxy":"proxy"}]}"#,
+            "t",
+        )
+        .unwrap();
+        let t = Tree::build(
+            &c,
+            &[
+                cg("/user.slice", 1),
+                cg("/user.slice/proxy.slice", 2),
+                cg("/user.slice/proxy.slice/a.scope", 3),
+                cg("/user.slice/proxy.slice/inner-direct.scope", 4),
+            ],
+        );
+        assert_eq!(
+            t.decision("/user.slice/proxy.slice/a.scope"),
+            Some((Action::Tproxy(0), "/user.slice/proxy.slice"))
+        );
+        assert_eq!(
+            t.decision("/user.slice/proxy.slice/inner-direct.scope"),
+            Some((Action::Direct, "/user.slice/proxy.slice/inner-direct.scope"))
+        );
+        assert_eq!(t.decision("/user.slice"), None);
+    }
+}

@@ -1,0 +1,5 @@
+//! The cgroup2 hierarchy: where it is mounted, how it is walked, and the inotify
+//! watcher that follows it.
+
+pub mod hierarchy;
+pub mod inotify;
