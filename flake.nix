@@ -23,6 +23,9 @@
         "aarch64-linux"
       ];
       forAllSystems = f: lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
+      # What `cgtproxy --version` names after the release: this flake's
+      # revision (every commit then rebuilds the package, README edits too).
+      gitRev = self.shortRev or self.dirtyShortRev or "dirty";
 
       # The modules' package option defaults to pkgs.cgtproxy (mkPackageOption).
       # Where the user's pkgs lack it, these modules take it from overlays.default
@@ -40,12 +43,12 @@
     in
     {
       packages = forAllSystems (pkgs: rec {
-        cgtproxy = pkgs.callPackage ./nix/package.nix { };
+        cgtproxy = pkgs.callPackage ./nix/package.nix { inherit gitRev; };
         default = cgtproxy;
       });
 
       overlays.default = final: _prev: {
-        cgtproxy = final.callPackage ./nix/package.nix { };
+        cgtproxy = final.callPackage ./nix/package.nix { inherit gitRev; };
       };
 
       nixosModules = rec {

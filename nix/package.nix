@@ -1,9 +1,14 @@
 {
   lib,
+  stdenv,
   rustPlatform,
   pkg-config,
+  installShellFiles,
   libnftnl,
   libmnl,
+  # The git revision `cgtproxy --version` names (the flake passes its own):
+  # the build has no .git for build.rs to ask. Empty: the version alone.
+  gitRev ? "",
 }:
 
 let
@@ -37,11 +42,30 @@ rustPlatform.buildRustPackage {
 
   cargoLock.lockFile = ../Cargo.lock;
 
-  nativeBuildInputs = [ pkg-config ];
+  nativeBuildInputs = [
+    pkg-config
+    installShellFiles
+  ];
   buildInputs = [
     libnftnl
     libmnl
   ];
+
+  # build.rs reads it; empty means unknown.
+  CGTPROXY_GIT_REV = gitRev;
+
+  # The man pages, completions and example configuration the Debian package
+  # ships, written by the binary just built (src/assets.rs); so only where
+  # the build machine can run it (not when cross-compiling).
+  postInstall = lib.optionalString (stdenv.buildPlatform.canExecute stdenv.hostPlatform) ''
+    "$out/bin/cgtproxy" generate-assets assets
+    installManPage assets/man/*.1
+    installShellCompletion --cmd cgtproxy \
+      --bash assets/completions/cgtproxy.bash \
+      --zsh assets/completions/_cgtproxy \
+      --fish assets/completions/cgtproxy.fish
+    install -Dm644 assets/examples/config.json "$out/share/doc/cgtproxy/examples/config.json"
+  '';
 
   # Unit tests only: tests/kernel*.rs need root, private namespaces and a real
   # cgroup2 tree, none of which the build sandbox has. (`--lib` errors on a

@@ -1,90 +1,15 @@
 //! The `cgtproxy` command line: parses arguments and hands each subcommand to
 //! the library.
 
-use cgtproxy::cli::{doctor, exec, explain, status};
+use cgtproxy::cli::args::{self, Cmd, Invocation};
+use cgtproxy::cli::{assets, doctor, exec, explain, status};
 use cgtproxy::core::{render, table, tree};
 use cgtproxy::watch::hierarchy;
 use cgtproxy::{config, daemon, forward};
 
-use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-
-use clap::{Parser, Subcommand};
-
-#[derive(Parser)]
-#[command(
-    version,
-    about = "Per-application transparent proxying by cgroup v2 path"
-)]
-struct Cli {
-    /// Log level or filter (error, warn, info, debug, trace); overrides RUST_LOG.
-    #[arg(long, global = true)]
-    log_level: Option<String>,
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
-#[derive(Subcommand)]
-enum Cmd {
-    /// Run the daemon: install the table and routing, follow cgroups, clean up on exit.
-    Run {
-        /// Configuration file [default: /etc/cgtproxy/config.json, else built-in].
-        #[arg(long)]
-        config: Option<PathBuf>,
-    },
-    /// Validate a configuration; exit 1 with the reasons if it is invalid.
-    Check {
-        #[arg(long)]
-        config: Option<PathBuf>,
-    },
-    /// Print the nft ruleset that `run` would install for the cgroups present now.
-    Render {
-        #[arg(long)]
-        config: Option<PathBuf>,
-    },
-    /// Run the built-in transparent forwarder for targets with an `upstream`.
-    Forward {
-        #[arg(long)]
-        config: Option<PathBuf>,
-        #[command(flatten)]
-        opts: forward::Options,
-    },
-    /// Show the installed state from the kernel and any drift from the config
-    /// (exit 3 when the kernel differs from the configuration).
-    Status {
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Machine-readable output.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Explain how the traffic of a PID, cgroup path or unit is classified, and
-    /// whether the kernel agrees (exit 3 when it does not).
-    Explain {
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// A PID, a cgroup path (starting with /) or a unit name (e.g. foo.service).
-        what: String,
-    },
-    /// Probe what the daemon depends on, each with a verdict and a fix
-    /// (exit 3 when a probe fails).
-    Doctor {
-        #[arg(long)]
-        config: Option<PathBuf>,
-    },
-    /// Run CMD in a transient user scope inside cgtproxy-TARGET.slice.
-    Exec {
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// A configured target name, `direct` or `drop`.
-        target: String,
-        /// The command and its arguments.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
-        cmd: Vec<OsString>,
-    },
-}
 
 fn init_logging(level: Option<&str>) {
     use tracing_subscriber::filter::Targets;
@@ -162,7 +87,18 @@ fn report(r: anyhow::Result<(String, bool)>) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match args::parse() {
+        Invocation::Cli(cli) => cli,
+        Invocation::GenerateAssets(dir) => {
+            return match assets::generate(&dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cgtproxy: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    };
     init_logging(cli.log_level.as_deref());
     let result = match cli.cmd {
         Cmd::Run { config } => daemon::run(config)

@@ -3,7 +3,9 @@
 # namespaces; root), the Nix checks that run without nixpkgs (module evaluation
 # with the fixtures in ../shared/nix-fixtures), and the systemd VM test. Installs
 # missing Debian/Ubuntu packages first when run as root (redsocks only for
-# `cargo bench --bench kernel`, which compares the forwarder with it).
+# `cargo bench --bench kernel`, which compares the forwarder with it). The
+# Debian package is built and its contents checked (tests/deb/check.sh); the
+# VM test installs it.
 # CGTPROXY_SKIP_VM=1 leaves out the VM test (it needs several minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +18,7 @@ if [ "$(id -u)" -ne 0 ]; then
     fi
     exec sudo -E env PATH="$PATH" "$0" "$@"
 fi
-dist/ensure-deps.sh nix-bin pyflakes3 debootstrap v2ray microsocks dante-server tinyproxy redsocks
+dist/ensure-deps.sh nix-bin pyflakes3 debootstrap v2ray microsocks dante-server tinyproxy redsocks dpkg-dev
 
 echo "== systemd-analyze security of the shipped units (offline)"
 tests/exposure.sh
@@ -35,10 +37,14 @@ fi
 nix/tests/run-eval.sh
 nix/tests/flake-check.sh
 
+echo "== Debian package: build and contents"
+cargo build --release --locked
+deb=$(dist/deb/build.sh --bin "$PWD/target/release/cgtproxy")
+tests/deb/check.sh "$deb"
+
 if [ -z "${CGTPROXY_SKIP_VM:-}" ] && [ -x tests/vm/run.sh ]; then
-    echo "== systemd VM test"
-    cargo build --release --locked
-    CGTPROXY_BIN="$PWD/target/release/cgtproxy" tests/vm/run.sh
+    echo "== systemd VM test (installs that package)"
+    CGTPROXY_DEB="$deb" tests/vm/run.sh
 fi
 
 echo "== cargo test: unit and kernel tests"

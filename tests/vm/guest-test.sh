@@ -127,11 +127,9 @@ t_test=$(now)
 info "guest kernel $(uname -r), $(systemctl --version | head -n1), boot to test $(now)s"
 
 # --- setup: install the product as the README tells a user ---------------------
-install -m 0755 "$P/cgtproxy" /usr/local/bin/cgtproxy
-install -d -m 0755 /etc/cgtproxy
-install -m 0644 "$P/config.json" /etc/cgtproxy/config.json
-install -m 0644 "$P/cgtproxy.service" /etc/systemd/system/cgtproxy.service
-systemctl daemon-reload
+# The .deb with apt, the configuration, `systemctl enable` (guest-deb.sh).
+. "$P/guest-deb.sh"
+deb_install
 
 # A peer "out there": a network namespace behind a veth.  Its addresses exist
 # only inside this guest.  nodad: usable at once, no 2 s duplicate detection.
@@ -153,7 +151,8 @@ systemd-run --quiet --unit=tproxy-listener -p Type=notify \
 # alice lingers (image.sh): her user manager is started at boot.
 systemctl start user@1000.service
 
-check unit-verify systemd-analyze verify /etc/systemd/system/cgtproxy.service
+# --man=no: the image has no man-db; the package's pages are checked above.
+check unit-verify systemd-analyze verify --man=no /usr/lib/systemd/system/cgtproxy.service
 expect baseline-peer-tcp4 "PEER $PEER4 $PEER_PORT" root - tcp "$PEER4"
 expect baseline-peer-udp6 "PEER $PEER6 $PEER_PORT" root - udp "$PEER6"
 check render-unprivileged as_alice cgtproxy render --config /etc/cgtproxy/config.json
@@ -228,15 +227,13 @@ done
 # The password for the microsocks upstream (config-forward-reload.json), root
 # only, in the credential store the shipped unit imports from.
 (umask 077; mkdir -p /etc/credstore; echo 'fwd:s3cret' >/etc/credstore/cgtproxy.fwd)
-install -m 0644 "$P/cgtproxy-forward.service" /etc/systemd/system/cgtproxy-forward.service
-systemctl daemon-reload
 
 # The lab itself: the upstreams' namespace reaches the peer, and is seen as itself.
 from_up() { [ "$(ip netns exec up python3 "$P/vmnet.py" probe "$1" "$2" "$WHOAMI_PORT" 3)" = "FROM $3" ]; }
 check lab-up-reaches-peer-tcp4 from_up tcp "$PEER4" "$UP4"
 check lab-up-reaches-peer-udp6 from_up udp "$PEER6" "$UP6"
 
-check forward-unit-verify systemd-analyze verify /etc/systemd/system/cgtproxy-forward.service
+check forward-unit-verify systemd-analyze verify --man=no /usr/lib/systemd/system/cgtproxy-forward.service
 expect fwd-baseline-direct-tcp4 "FROM 10.99.0.1" exec direct tcp "$PEER4" "$WHOAMI_PORT"
 # The daemon already routes the slice, but nothing listens yet: nothing is sent direct.
 expect fwd-before-start-tcp4 ERROR exec fwd tcp "$PEER4" "$WHOAMI_PORT"
@@ -491,7 +488,7 @@ if echo "$canary" | grep -q 'status=SYS\|status=31'; then pass seccomp-canary-de
 else fail seccomp-canary-detected "a seccomp kill is not reported as SIGSYS here"; echo "$canary" | evidence; fi
 if seccomp_log | grep -q 'comm="uname"'; then info "the kernel log shows the canary's seccomp record"
 else info "the kernel log has no record of the canary (audit printk rate limit)"; fi
-denials=$(seccomp_log | grep -E 'comm="cgtproxy"|exe="/usr/local/bin/cgtproxy"')
+denials=$(seccomp_log | grep -E 'comm="cgtproxy"|exe="/usr/bin/cgtproxy"')
 sigsys=$(journalctl -b -u cgtproxy.service -u cgtproxy-forward.service -o cat --no-pager | grep -E 'status=31/SYS|SIGSYS')
 if [ -z "$denials$sigsys" ]; then pass no-seccomp-denial
 else fail no-seccomp-denial "cgtproxy hit its syscall filter"; printf '%s\n%s\n' "$denials" "$sigsys" | evidence; fi
@@ -523,5 +520,6 @@ echo "# journalctl -u cgtproxy" | evidence
 journalctl -b -u cgtproxy.service -o short-monotonic --no-pager | evidence 200
 echo "# journalctl -u tproxy-listener (last 20)" | evidence
 journalctl -b -u tproxy-listener.service -o short-monotonic --no-pager | tail -n 20 | evidence
+deb_purge
 info "guest test took $(elapsed "$t_test")s"
 report DONE

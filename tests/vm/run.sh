@@ -1,15 +1,19 @@
 #!/bin/bash
-# cgtproxy VM test: boots a Debian trixie guest under qemu (TCG), installs the
-# release binary and the shipped units (dist/systemd/cgtproxy.service,
-# dist/systemd/cgtproxy-forward.service) and runs tests/vm/guest-test.sh in it.
+# cgtproxy VM test: boots a Debian trixie guest under qemu (TCG), where
+# tests/vm/guest-test.sh installs the Debian package with apt (the release
+# binary and the shipped units, dist/systemd/cgtproxy.service and
+# dist/systemd/cgtproxy-forward.service, packaged by dist/deb/build.sh), drives
+# it through its units and purges it.
 # Run as root from anywhere:
 #
 #   tests/vm/run.sh
 #
 # Environment (all optional):
-#   CGTPROXY_BIN        binary to test (default: target/release/cgtproxy; built
+#   CGTPROXY_DEB        the .deb to test (default: one dist/deb/build.sh makes
+#                       from the three below)
+#   CGTPROXY_BIN        binary to package (default: target/release/cgtproxy; built
 #                       with `cargo build --release` only when absent)
-#   CGTPROXY_UNIT       unit file to install (default: dist/systemd/cgtproxy.service)
+#   CGTPROXY_UNIT       unit file to package (default: dist/systemd/cgtproxy.service)
 #   CGTPROXY_FORWARD_UNIT  the forwarder's (default: dist/systemd/cgtproxy-forward.service)
 #   CGTPROXY_VM_CACHE   image cache (default: /var/cache/cgtproxy-vm)
 #   CGTPROXY_VM_OUT     where logs go (default: a new temporary directory)
@@ -23,6 +27,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/../.." && pwd)
+deb=${CGTPROXY_DEB:-}
 bin=${CGTPROXY_BIN:-$repo/target/release/cgtproxy}
 unit=${CGTPROXY_UNIT:-$repo/dist/systemd/cgtproxy.service}
 forward_unit=${CGTPROXY_FORWARD_UNIT:-$repo/dist/systemd/cgtproxy-forward.service}
@@ -55,14 +60,18 @@ if [ ${#need[@]} -gt 0 ]; then
     || die "apt-get install ${need[*]} failed"
 fi
 
-# --- the binary and the unit -----------------------------------------------------
-if [ ! -x "$bin" ]; then
-  say "$bin absent: cargo build --release"
-  (cd "$repo" && cargo build --release) || die "cargo build --release failed"
-  bin=$repo/target/release/cgtproxy
+# --- the binary and the units, packaged below -------------------------------------
+if [ -n "$deb" ]; then
+  [ -f "$deb" ] || die "package $deb not found"
+else
+  if [ ! -x "$bin" ]; then
+    say "$bin absent: cargo build --release"
+    (cd "$repo" && cargo build --release) || die "cargo build --release failed"
+    bin=$repo/target/release/cgtproxy
+  fi
+  [ -f "$unit" ] || die "unit file $unit not found"
+  [ -f "$forward_unit" ] || die "unit file $forward_unit not found"
 fi
-[ -f "$unit" ] || die "unit file $unit not found"
-[ -f "$forward_unit" ] || die "unit file $forward_unit not found"
 
 # --- the image (cached, keyed by the recipe) --------------------------------------
 key=$(sha256sum "$here/image.sh" | cut -c1-16)
@@ -97,10 +106,13 @@ out=${CGTPROXY_VM_OUT:-$(mktemp -d "${TMPDIR:-/tmp}/cgtproxy-vm.XXXXXX")}
 mkdir -p "$out"
 payload=$out/payload
 rm -rf "$payload"; mkdir -p "$payload"
-install -m 0755 "$bin" "$payload/cgtproxy"
-install -m 0644 "$unit" "$payload/cgtproxy.service"
-install -m 0644 "$forward_unit" "$payload/cgtproxy-forward.service"
+if [ -z "$deb" ]; then
+  deb=$("$repo/dist/deb/build.sh" --bin "$bin" --unit "$unit" --forward-unit "$forward_unit" \
+    --out "$out/deb") || die "dist/deb/build.sh failed"
+fi
+install -m 0644 "$deb" "$payload/"
 install -m 0755 "$here/guest-test.sh" "$payload/guest-test.sh"
+install -m 0644 "$here/guest-deb.sh" "$payload/guest-deb.sh"
 install -m 0644 "$here/vmnet.py" "$payload/vmnet.py"
 install -m 0644 "$here/../helpers/stream.py" "$payload/stream.py"
 install -m 0644 "$here/../helpers/listener.py" "$payload/listener.py"
@@ -157,8 +169,8 @@ if [ "$failed" -gt 0 ]; then
   sed -n 's/^LOG //p' "$out/results.txt" >&2
 fi
 say "timings: image ${image_s}s, qemu (boot + test + poweroff) ${boot_s}s, whole run $((SECONDS - t_start))s"
-# The payload is only a copy of repo files and the binary: keep the logs only.
-rm -rf "$payload" "$out/payload.tar"
+# The payload is only a copy of repo files and the package: keep the logs only.
+rm -rf "$payload" "$out/payload.tar" "$out/deb"
 say "logs: $out"
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

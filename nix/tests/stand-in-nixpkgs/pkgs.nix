@@ -33,6 +33,7 @@ let
   pkgs = lib.genAttrs [
     "cargo"
     "clippy"
+    "installShellFiles"
     "iproute2"
     "libmnl"
     "libnftnl"
@@ -46,6 +47,10 @@ let
   // {
     inherit lib;
     stdenv.hostPlatform = { inherit system; };
+    stdenv.buildPlatform = {
+      inherit system;
+      canExecute = platform: platform.system == system;
+    };
     python3Packages.pyflakes = package "pyflakes";
     callPackage =
       fn: args:
