@@ -94,11 +94,15 @@ package_unit() {
         echo "# installs. Here: systemctl enable --now $name; change settings"
         echo "# with systemctl edit $name."
         echo "#"
-        sed -e 's|^ExecStart=/usr/local/bin/cgtproxy |ExecStart=/usr/bin/cgtproxy |' \
+        # The daemon without --config: /etc/cgtproxy/config.json when it exists,
+        # else the built-in default, so that `apt install` then `systemctl
+        # enable --now cgtproxy` works as it is.
+        sed -e 's|^ExecStart=/usr/local/bin/cgtproxy run --config /etc/cgtproxy/config.json$|ExecStart=/usr/bin/cgtproxy run|' \
+            -e 's|^ExecStart=/usr/local/bin/cgtproxy |ExecStart=/usr/bin/cgtproxy |' \
             -e "/^Description=/a Documentation=man:$page(1)" "$src"
     } >"$dst"
     chmod 644 "$dst"
-    if [ "$(grep -c '^ExecStart=' "$dst")" != 1 ] || ! grep -q '^ExecStart=/usr/bin/cgtproxy ' "$dst"; then
+    if [ "$(grep -c '^ExecStart=' "$dst")" != 1 ] || ! grep -q '^ExecStart=/usr/bin/cgtproxy \(run$\|forward \)' "$dst"; then
         die "$src: expected one ExecStart=/usr/local/bin/cgtproxy ... line to rewrite"
     fi
 }

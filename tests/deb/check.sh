@@ -57,12 +57,17 @@ check nothing-in-etc "the package ships files under /etc" test ! -e "$tmp/root/e
 for unit in cgtproxy.service cgtproxy-forward.service; do
     packaged=$tmp/root/usr/lib/systemd/system/$unit
     exec_lines=$(grep '^ExecStart=' "$packaged")
-    if [ "$(wc -l <<<"$exec_lines")" = 1 ] && [[ $exec_lines == "ExecStart=/usr/bin/cgtproxy "* ]]; then
+    # The daemon runs without --config (the file, else the built-in default);
+    # the forwarder keeps its explicit one (it has nothing to do without it).
+    want="ExecStart=/usr/bin/cgtproxy run"
+    [ "$unit" = cgtproxy-forward.service ] && want="ExecStart=/usr/bin/cgtproxy forward --config /etc/cgtproxy/config.json"
+    if [ "$exec_lines" = "$want" ]; then
         pass "$unit-execstart"
-    else fail "$unit-execstart" "ExecStart lines: $(tr '\n' ' ' <<<"$exec_lines")"; fi
-    # Undo build.sh's three changes; what is left must be the source unit.
+    else fail "$unit-execstart" "ExecStart lines: $(tr '\n' ' ' <<<"$exec_lines"), want $want"; fi
+    # Undo build.sh's changes; what is left must be the source unit.
     sed '1,5d' "$packaged" | grep -v '^Documentation=man:cgtproxy' |
-        sed 's|^ExecStart=/usr/bin/cgtproxy |ExecStart=/usr/local/bin/cgtproxy |' >"$tmp/undone"
+        sed -e 's|^ExecStart=/usr/bin/cgtproxy run$|ExecStart=/usr/local/bin/cgtproxy run --config /etc/cgtproxy/config.json|' \
+            -e 's|^ExecStart=/usr/bin/cgtproxy |ExecStart=/usr/local/bin/cgtproxy |' >"$tmp/undone"
     if diff -u "$repo/dist/systemd/$unit" "$tmp/undone" >"$tmp/diff"; then pass "$unit-as-dist"
     else fail "$unit-as-dist" "differs from dist/systemd/$unit: $(head -c 300 "$tmp/diff" | tr '\n' ' ')"; fi
     page=$(sed -n 's/^Documentation=man:\(cgtproxy[a-z-]*\)(1)$/\1/p' "$packaged")

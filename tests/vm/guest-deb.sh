@@ -2,7 +2,8 @@
 # whose report/check/pass/fail/evidence helpers it uses.
 #   deb_install: apt installs the payload's .deb as a user would (offline:
 #     its dependencies are in the image), checks that installing started and
-#     enabled nothing, then writes the configuration and enables the daemon
+#     enabled nothing, that `systemctl enable --now cgtproxy` then runs the
+#     built-in default, and stops it again to write the configuration
 #     (guest-test.sh starts it).
 #   deb_purge: with the daemon running, reinstalls the package as an upgrade
 #     (the daemon keeps running); then, with both units enabled, apt purges
@@ -34,10 +35,18 @@ deb_install() {
   check deb-man-page test -s /usr/share/man/man1/cgtproxy-run.1.gz
   check deb-bash-completion bash -c '. /usr/share/bash-completion/completions/cgtproxy && complete -p cgtproxy'
 
-  # What the README tells the user to do next.
+  # `systemctl enable --now cgtproxy` right after installing: the built-in
+  # default configuration (no /etc/cgtproxy/config.json yet).
+  check deb-enable-now-without-config systemctl enable --now cgtproxy.service
+  check deb-builtin-default-table nft list table inet cgtproxy
+  if journalctl -u cgtproxy.service -o cat --no-pager | grep -q 'running the built-in default'; then
+    pass deb-says-builtin-default
+  else fail deb-says-builtin-default "no log line saying the built-in default runs"; fi
+  check deb-stop-before-config systemctl stop cgtproxy.service
+
+  # What the README tells the user to do next: their own configuration.
   install -d -m 0755 /etc/cgtproxy
   install -m 0644 "$P/config.json" /etc/cgtproxy/config.json
-  check deb-enable systemctl enable cgtproxy.service
 }
 
 deb_purge() {
