@@ -235,9 +235,10 @@ impl Daemon {
         match self.routes.install(&plan) {
             Ok(()) => self.route_plan = plan,
             Err(e) => {
-                error!("moving our ip rules: {e}");
-                self.dirty = true;
-                self.arm_retry();
+                // The repair reinstalls routing as it stands, then places again.
+                error!("moving our ip rules: {e}; repairing");
+                self.sched.heal.damaged(Instant::now());
+                self.arm_timer();
             }
         }
     }
@@ -457,10 +458,14 @@ impl Daemon {
         let table = self.replace_all();
         let routes = self.routes.install(&self.route_plan);
         match (table, routes) {
-            (Ok(()), Ok(())) => warn!(
-                "restored table inet {} and policy routing after a foreign change{by}",
-                self.cfg.table
-            ),
+            (Ok(()), Ok(())) => {
+                warn!(
+                    "restored table inet {} and policy routing after a foreign change{by}",
+                    self.cfg.table
+                );
+                // The rules around ours may have changed with the damage.
+                self.place();
+            }
             (t, r) => {
                 for e in [
                     t.err().map(|e| e.to_string()),
