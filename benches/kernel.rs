@@ -690,9 +690,9 @@ impl Ratio {
 
     fn of(table: &[f64], base: &[f64]) -> Ratio {
         let mut r: Vec<f64> = table.iter().zip(base).map(|(t, b)| t / b).collect();
-        let (lo, hi) = r
-            .iter()
-            .fold((f64::INFINITY, 0.0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        let (lo, hi) = r.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        });
         if r.is_empty() || !lo.is_finite() || hi > Self::PLAUSIBLE || hi > lo * Self::SPREAD {
             return Ratio::Unstable(r);
         }
