@@ -28,8 +28,10 @@ ConfigurationDirectory=, \fI$CONFIGURATION_DIRECTORY/config.json\fR). When it is
 absent, the built\-in default applies: one TPROXY target \fBproxy\fR on port 7893,
 and the slices \fB\%cgtproxy\-proxy.slice\fR, \fB\%cgtproxy\-direct.slice\fR and
 \fB\%cgtproxy\-drop.slice\fR; \fIexamples/config.json\fR in the package's
-documentation directory is a copy of it. The units name this file explicitly:
-without it they fail to start rather than run the default.
+documentation directory is a copy of it. The Debian package's daemon unit runs
+without \fB\-\-config\fR, so the default applies until the file exists; the
+forwarder's unit, and the units in the source tree for manual installs, name
+the file explicitly and fail to start without it.
 .TP
 \fBcgtproxy.service\fR, \fBcgtproxy\-forward.service\fR
 The systemd units of the daemon and of the built\-in forwarder. Installing the
