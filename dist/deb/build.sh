@@ -181,9 +181,10 @@ Description: per-application transparent proxying by cgroup v2 path
  sing-box, xray, v2ray). It never moves processes and needs only
  CAP_NET_ADMIN. A built-in forwarder relays to SOCKS5 and HTTP upstreams.
  .
- Installing starts nothing: copy the example configuration from
+ Installing starts nothing. systemctl enable --now cgtproxy runs the
+ built-in default configuration; for your own, copy the example from
  /usr/share/doc/cgtproxy/examples/ to /etc/cgtproxy/config.json, adapt it,
- and run systemctl enable --now cgtproxy.
+ and run systemctl reload cgtproxy.
 EOF
 
 (cd "$root" && find usr -type f -print0 | LC_ALL=C sort -z | xargs -0 md5sum) >"$root/DEBIAN/md5sums"
