@@ -241,11 +241,12 @@ fn wg_quick_rules_added_after_the_daemon_never_take_proxied_traffic() {
                     .starts_with("ERR")
             );
             assert!(tunnel.arrived() > 0, "direct traffic must enter the tunnel");
-            let log = lab.daemon.as_ref().unwrap().log();
-            assert!(
-                log.contains("not from all fwmark 0xca6c lookup 51820"),
-                "{log}"
-            );
+            let d = lab.daemon.as_ref().unwrap();
+            let said = lab.eventually(FAST, || {
+                d.log().contains("not from all fwmark 0xca6c lookup 51820")
+            });
+            let log = d.log();
+            assert!(said, "{log}");
             assert!(
                 !log.contains("restored"),
                 "a move is no damage to repair: {log}"
@@ -528,7 +529,8 @@ fn the_watch_limit_degrades_without_removing_anything() {
         }
         let d = lab.daemon.as_ref().unwrap();
         d.wait_notify("degraded:", FAST);
-        assert!(d.log().contains("max_user_watches"), "{}", d.log());
+        let said = lab.eventually(FAST, || d.log().contains("max_user_watches"));
+        assert!(said, "{}", d.log());
         // Nothing was removed, and cgroups below the unwatched ones are covered
         // by their routed ancestor.
         lab.mkcg("proxy/full/app4.scope/deeper");
@@ -573,7 +575,9 @@ fn a_failing_reload_changes_nothing() {
         let d = lab.daemon.as_ref().unwrap();
         d.signal(nix::sys::signal::Signal::SIGHUP);
         d.wait_notify("READY=1", FAST);
-        assert!(d.log().contains("reload failed"), "{}", d.log());
+        // The log arrives through a pipe: wait for it, as for the kernel.
+        let said = lab.eventually(FAST, || d.log().contains("reload failed"));
+        assert!(said, "{}", d.log());
         assert_eq!(sh_any("nft list table inet cgtproxy; ip rule"), before);
         // The old watcher still works: a new cgroup is routed.
         lab.mkcg("proxy/late.scope");

@@ -729,16 +729,22 @@ fn flows_back_to_our_own_ports_are_refused() {
             let a = lab.talk("app-proxy", "udp", host, PROXY_PORT);
             assert!(a.starts_with("ERR"), "UDP to {host}: {a}");
         }
+        let expected = [
+            "→ 10.99.0.1:7893: refused: the destination is this host's own listener port (a loop)",
+            "→ [fd99::1]:7893: refused",
+            "→ 127.0.0.1:7893: refused",
+            "→ [::1]:7893: refused",
+            "UDP 10.99.0.1:",
+        ];
+        // The log arrives through a pipe: wait for all of it.
+        let all = lab.eventually(FAST, || {
+            let log = fwd.log();
+            expected.iter().all(|what| log.contains(what))
+        });
         let log = fwd.log();
-        for what in [
-            "10.99.0.1:7893: refused: the destination is this host's own listener port (a loop)",
-            "[fd99::1]:7893: refused",
-            "127.0.0.1:7893: refused",
-            "[::1]:7893: refused",
-        ] {
-            assert!(log.contains(&format!("→ {what}")), "no {what:?} in\n{log}");
+        for what in expected {
+            assert!(all && log.contains(what), "no {what:?} in\n{log}");
         }
-        assert!(log.contains("UDP 10.99.0.1:"), "{log}");
         assert_eq!(watched(&lab, "upstream"), 0, "a loop reached the upstream");
         // Other flows are served as before.
         let a = lab.talk("app-proxy", "tcp", PEER4, PEER_PORT);
