@@ -12,7 +12,7 @@ use crate::core::table::{self, Family};
 use crate::core::tree::{self, Tree};
 use crate::daemon::runstate;
 use crate::kernel::inspect::{self, Installed};
-use crate::kernel::route::{FAMILIES, Routes, ip_command};
+use crate::kernel::route::{FAMILIES, Routes, has_rule, ip_command};
 use crate::watch::hierarchy::{self, Hierarchy};
 
 /// Exit status when the kernel state differs from the configuration.
@@ -122,14 +122,16 @@ impl Report {
         let tree = Tree::build(cfg, &hierarchy::walk(&hier));
         let mut routes = Routes::open()?;
         let marks: Vec<u32> = cfg.targets.iter().map(|t| t.mark).collect();
-        let preceding = precedence::preceding(&routes.all_rules()?, &marks, cfg.route_table);
+        // One dump of the rules serves both the order and the presence checks.
+        let rules = routes.all_rules()?;
+        let preceding = precedence::preceding(&rules, &marks, cfg.route_table);
         let mut routing = Vec::new();
         for fam in FAMILIES {
             for t in &cfg.targets {
                 routing.push((
                     fam,
                     Some(t.mark),
-                    routes.rule_exists(fam, t.mark, cfg.route_table)?,
+                    has_rule(&rules, fam, t.mark, cfg.route_table),
                 ));
             }
             if !cfg.targets.is_empty() {

@@ -89,6 +89,13 @@ pub struct Plan {
     pub priority: u32,
 }
 
+/// Whether `rules` (a dump) hold our `fwmark mark lookup table` of family `fam`.
+pub fn has_rule(rules: &[RuleMessage], fam: Family, mark: u32, table: u32) -> bool {
+    rules
+        .iter()
+        .any(|r| r.header.family == af(fam) && is_ours(r, mark, table))
+}
+
 /// An rtnetlink socket.
 pub struct Routes {
     chan: nlmsg::Channel,
@@ -209,7 +216,7 @@ impl Routes {
 
     /// Whether the rule `fwmark mark lookup table` of family `fam` is installed.
     pub fn rule_exists(&mut self, fam: Family, mark: u32, table: u32) -> Result<bool, RouteError> {
-        Ok(self.rules(fam)?.iter().any(|r| is_ours(r, mark, table)))
+        Ok(has_rule(&self.rules(fam)?, fam, mark, table))
     }
 
     /// Whether `local default dev lo` is in table `table` for family `fam`.
