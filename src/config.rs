@@ -1,7 +1,7 @@
 //! Configuration: the JSON schema (version 1, cgtproxy's kebab-case keys) and its
 //! validation. Every error names the offending key so a user can find it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 
@@ -71,6 +71,8 @@ struct RawConfig {
     tproxies: BTreeMap<String, RawTarget>,
     #[serde(default)]
     rules: Vec<RawRule>,
+    #[serde(default)]
+    interfaces: Vec<RawRule>,
 }
 
 fn auto() -> String {
@@ -237,6 +239,9 @@ pub struct Config {
     /// Sorted by name, so indices are stable for equal configs.
     pub targets: Vec<Target>,
     pub rules: Vec<Rule>,
+    /// Gateway mode: rules on the names of the interfaces forwarded traffic
+    /// arrives on.
+    pub interfaces: Vec<Rule>,
 }
 
 impl Config {
@@ -284,6 +289,14 @@ impl Config {
             .iter()
             .find(|r| r.regex.is_match(path))
             .map(|r| r.action)
+    }
+
+    /// The first `interfaces` rule matching interface `name`, with its index.
+    pub fn classify_interface(&self, name: &str) -> Option<(usize, Action)> {
+        self.interfaces
+            .iter()
+            .position(|r| r.regex.is_match(name))
+            .map(|i| (i, self.interfaces[i].action))
     }
 
     /// True when the kernel-facing parts (everything but the rules) are equal, so a
@@ -499,11 +512,37 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
             targets.len()
         ));
     }
-    let names: BTreeSet<&str> = targets.iter().map(|t| t.name.as_str()).collect();
 
+    let rules = validate_rules("rules", &raw.rules, &targets, &mut errs);
+    let interfaces = validate_rules("interfaces", &raw.interfaces, &targets, &mut errs);
+
+    if errs.is_empty() {
+        Ok(Config {
+            cgroup_root,
+            route_table: raw.route_table,
+            table,
+            rule_priority: raw.rule_priority,
+            bypass,
+            targets,
+            rules,
+            interfaces,
+        })
+    } else {
+        Err(errs)
+    }
+}
+
+/// Validates the rules of list `list` (`rules` or `interfaces`): a regex and
+/// exactly one action naming a known target.
+fn validate_rules(
+    list: &str,
+    raw: &[RawRule],
+    targets: &[Target],
+    errs: &mut Vec<String>,
+) -> Vec<Rule> {
     let mut rules = Vec::new();
-    for (i, r) in raw.rules.iter().enumerate() {
-        let key = format!("rules[{i}]");
+    for (i, r) in raw.iter().enumerate() {
+        let key = format!("{list}[{i}]");
         let regex = match Regex::new(&r.pattern) {
             Ok(re) => Some(re),
             Err(e) => {
@@ -520,7 +559,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
             {
                 Some(idx) => actions.push(Action::Tproxy(idx)),
                 None => {
-                    let known: Vec<&str> = names.iter().copied().collect();
+                    let known: Vec<&str> = targets.iter().map(|t| t.name.as_str()).collect();
                     errs.push(format!(
                         "{key}.tproxy: no target named {name:?} (known: {})",
                         if known.is_empty() {
@@ -555,20 +594,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
             });
         }
     }
-
-    if errs.is_empty() {
-        Ok(Config {
-            cgroup_root,
-            route_table: raw.route_table,
-            table,
-            rule_priority: raw.rule_priority,
-            bypass,
-            targets,
-            rules,
-        })
-    } else {
-        Err(errs)
-    }
+    rules
 }
 
 #[cfg(test)]

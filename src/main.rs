@@ -68,7 +68,12 @@ fn render(config: Option<PathBuf>) -> anyhow::Result<()> {
     print!(
         "{}",
         render::render(
-            &table::table(&cfg, &table::levels(&elements), &elements),
+            &table::table(
+                &cfg,
+                &table::levels(&elements),
+                &elements,
+                &Default::default(),
+            ),
             &paths
         )
     );

@@ -3,6 +3,7 @@
 //! here does I/O, so all of it is unit-tested without root.
 
 pub mod cgroup;
+pub mod links;
 pub mod precedence;
 pub mod render;
 pub mod rpfilter;

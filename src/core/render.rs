@@ -13,6 +13,7 @@ fn verdict(v: &Verdict) -> String {
         Verdict::Drop => "drop".into(),
         Verdict::Return => "return".into(),
         Verdict::Goto(c) => format!("goto {c}"),
+        Verdict::Jump(c) => format!("jump {c}"),
     }
 }
 
@@ -38,6 +39,22 @@ fn stmt(s: &Stmt) -> String {
         Stmt::Mark(m) => format!("meta mark {m:#x}"),
         Stmt::Marked => "meta mark != 0x0".into(),
         Stmt::OifNotLoopback => "oif != \"lo\"".into(),
+        Stmt::IifNotLoopback => "iif != \"lo\"".into(),
+        Stmt::Unmarked => "meta mark 0x0".into(),
+        Stmt::FibDaddrType(t) => format!(
+            "fib daddr type {}",
+            match t {
+                2 => "local".to_owned(),
+                3 => "broadcast".to_owned(),
+                5 => "multicast".to_owned(),
+                t => t.to_string(),
+            }
+        ),
+        Stmt::IfaceClass => format!(
+            "meta mark set iif map @{} meta mark vmap @{}",
+            table::IFACES,
+            table::CLASSES
+        ),
         Stmt::CtMark(m) => format!("ct mark {m:#x}"),
         Stmt::SaveCtMark => "ct mark set meta mark".into(),
         Stmt::SetMark(m) => format!("meta mark set {m:#x}"),
@@ -69,7 +86,7 @@ pub fn render(t: &TableSpec, paths: &HashMap<u64, String>) -> String {
     for s in &t.sets {
         let keyword = match s.kind {
             SetKind::Bypass(..) => "set",
-            SetKind::Level(..) | SetKind::Classes(..) => "map",
+            SetKind::Level(..) | SetKind::Classes(..) | SetKind::Ifaces(..) => "map",
         };
         let _ = writeln!(o, "\t{keyword} {} {{", s.name);
         match &s.kind {
@@ -103,6 +120,13 @@ pub fn render(t: &TableSpec, paths: &HashMap<u64, String>) -> String {
                     let _ = writeln!(o, "\t\t# {id} : {class:#x}  ({path})");
                 }
             }
+            SetKind::Ifaces(elems) => {
+                let _ = writeln!(o, "\t\ttype iface_index : mark");
+                // Indices are the running system's: they go in comments.
+                for (index, class) in elems {
+                    let _ = writeln!(o, "\t\t# {index} : {class:#x}");
+                }
+            }
             SetKind::Classes(list) => {
                 let _ = writeln!(o, "\t\ttype mark : verdict");
                 let elems: Vec<String> = list
@@ -127,6 +151,12 @@ pub fn render(t: &TableSpec, paths: &HashMap<u64, String>) -> String {
                 let _ = writeln!(
                     o,
                     "\t\ttype filter hook prerouting priority mangle; policy accept;"
+                );
+            }
+            Some(Hook::PreroutingNat) => {
+                let _ = writeln!(
+                    o,
+                    "\t\ttype nat hook prerouting priority dstnat; policy accept;"
                 );
             }
             Some(Hook::OutputNat) => {
@@ -176,7 +206,8 @@ mod tests {
         .into();
         let paths: HashMap<u64, String> =
             [(11, "/a/proxy".to_owned()), (13, "/a/b/c/d".to_owned())].into();
-        let got = render(&table(&cfg, &levels(&elements), &elements), &paths);
+        let ifaces = [(5, 3001)].into();
+        let got = render(&table(&cfg, &levels(&elements), &elements, &ifaces), &paths);
         let want = include_str!("../../tests/golden/render.nft");
         assert_eq!(got, want, "got:\n{got}");
     }

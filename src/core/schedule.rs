@@ -157,6 +157,55 @@ impl StatusLine {
     }
 }
 
+/// After a cgroup appears, the daemon looks this long later (each) for
+/// containers: a manager moves the container's first process into its cgroup
+/// and its links into its namespace around the same moment, in no set order.
+pub const PROBE_AFTER: [Duration; 5] = [
+    Duration::from_millis(2),
+    Duration::from_millis(10),
+    Duration::from_millis(100),
+    Duration::from_secs(1),
+    Duration::from_secs(5),
+];
+
+/// Looks for containers again: follow-ups after new cgroups, coalesced, so a
+/// storm of new cgroups costs as many looks as one.
+#[derive(Debug, Clone, Default)]
+pub struct Probes {
+    due: Vec<Instant>,
+}
+
+/// Follow-ups closer than this to a pending one merge into it.
+const PROBE_COALESCE: Duration = Duration::from_millis(2);
+
+impl Probes {
+    /// Schedules the follow-ups of a cgroup that appeared at `now`.
+    pub fn cgroup_added(&mut self, now: Instant) {
+        for d in PROBE_AFTER {
+            let at = now + d;
+            if !self
+                .due
+                .iter()
+                .any(|&t| t.max(at) - t.min(at) < PROBE_COALESCE)
+            {
+                self.due.push(at);
+            }
+        }
+        self.due.sort_unstable();
+    }
+
+    /// Whether a look is due; those due are then no longer pending.
+    pub fn take_due(&mut self, now: Instant) -> bool {
+        let before = self.due.len();
+        self.due.retain(|&t| t > now);
+        self.due.len() != before
+    }
+
+    fn at(&self) -> Option<Instant> {
+        self.due.first().copied()
+    }
+}
+
 /// All of the daemon's deadlines.
 #[derive(Debug, Clone)]
 pub struct Schedule {
@@ -166,6 +215,7 @@ pub struct Schedule {
     pub rescan: Backoff,
     pub heal: Heal,
     pub status: StatusLine,
+    pub probes: Probes,
 }
 
 /// First retry of a failed kernel update.
@@ -180,6 +230,7 @@ impl Default for Schedule {
             rescan: Backoff::new(RESCAN_DELAY, MAX_BACKOFF),
             heal: Heal::default(),
             status: StatusLine::default(),
+            probes: Probes::default(),
         }
     }
 }
@@ -187,7 +238,13 @@ impl Default for Schedule {
 impl Schedule {
     /// The earliest pending deadline.
     pub fn next(&self) -> Option<Instant> {
-        [self.retry.at, self.rescan.at, self.heal.at, self.status.at]
+        [
+            self.retry.at,
+            self.rescan.at,
+            self.heal.at,
+            self.status.at,
+            self.probes.at(),
+        ]
             .into_iter()
             .flatten()
             .min()
@@ -200,6 +257,22 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_storm_of_new_cgroups_costs_as_many_looks_as_one() {
+        let t0 = Instant::now();
+        let mut p = Probes::default();
+        for i in 0..1000 {
+            p.cgroup_added(t0 + Duration::from_micros(i));
+        }
+        assert_eq!(p.due.len(), PROBE_AFTER.len());
+        assert_eq!(p.at(), Some(t0 + ms(2)));
+        assert!(!p.take_due(t0 + ms(1)));
+        assert!(p.take_due(t0 + ms(10)), "the first two at once");
+        assert_eq!(p.due.len(), PROBE_AFTER.len() - 2);
+        p.cgroup_added(t0 + ms(3000));
+        assert_eq!(p.due.len(), 2 * PROBE_AFTER.len() - 2);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! elements. Pure: the kernel backend (`kernel::nft`) and `render` turn the
 //! same spec into netlink messages and nft syntax.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::rc::Rc;
 
@@ -50,6 +50,7 @@ pub enum Verdict {
     Drop,
     Return,
     Goto(Rc<str>),
+    Jump(Rc<str>),
 }
 
 /// One statement of a rule, close to nft's own vocabulary.
@@ -75,6 +76,12 @@ pub enum Stmt {
     Marked,
     /// `oif != "lo"` (the loopback interface is index 1 in every namespace)
     OifNotLoopback,
+    /// `iif != "lo"`: not looped back by this host, so forwarded to it
+    IifNotLoopback,
+    /// `meta mark 0`
+    Unmarked,
+    /// `fib daddr type T` (T an `RTN_*` address type: local, broadcast…)
+    FibDaddrType(u8),
     /// `ct mark N`
     CtMark(u32),
     /// `ct mark set meta mark`
@@ -87,6 +94,9 @@ pub enum Stmt {
         level: u32,
         map: String,
     },
+    /// `meta mark set iif map @ifaces meta mark vmap @classes`: the input
+    /// interface's class into the mark, then the class's verdict.
+    IfaceClass,
     /// `tproxy ip to 127.0.0.1:port` / `tproxy ip6 to [::1]:port`: always a
     /// loopback address, so the listener can bind to loopback and stay out of
     /// reach of the network.
@@ -108,6 +118,8 @@ pub enum Hook {
     PreroutingFilter,
     /// `type nat hook output priority -100`
     OutputNat,
+    /// `type nat hook prerouting priority dstnat` (-100)
+    PreroutingNat,
     /// `type filter hook postrouting priority mangle`
     PostroutingFilter,
 }
@@ -128,7 +140,12 @@ pub enum SetKind {
     Level(u32, Vec<(u64, u32)>),
     /// The few classes and their verdicts ([`CLASSES`]).
     Classes(Vec<(u32, Verdict)>),
+    /// Map of interface indices to their class ([`IFACES`]): forwarded traffic.
+    Ifaces(Vec<(u32, u32)>),
 }
+
+/// Name of the interface → class map.
+pub const IFACES: &str = "ifaces";
 
 /// Name of the class → verdict map.
 pub const CLASSES: &str = "classes";
@@ -292,6 +309,42 @@ pub fn guard_chain(cfg: &Config) -> ChainSpec {
     }
 }
 
+/// Name of the chain that classifies traffic forwarded to this host.
+pub const FORWARDED: &str = "forwarded";
+
+/// `RTN_LOCAL`, `RTN_BROADCAST`, `RTN_MULTICAST`: destinations on this host.
+const HOST_ADDRESS_TYPES: [u8; 3] = [2, 3, 5];
+
+/// Traffic forwarded to this host (containers, VMs, LAN clients) is classified
+/// by the interface it arrived on, as the output chain classifies local
+/// traffic by cgroup: never what is addressed to this host itself (its
+/// addresses, broadcasts, multicasts), bypass destinations or non-TCP/UDP.
+pub fn forwarded_chain() -> ChainSpec {
+    let mut rules: Vec<Vec<Stmt>> = HOST_ADDRESS_TYPES
+        .iter()
+        .map(|&t| vec![Stmt::FibDaddrType(t), Stmt::Verdict(Verdict::Return)])
+        .collect();
+    rules.extend([
+        vec![
+            Stmt::NfProto(Family::V4),
+            Stmt::DaddrIn(Family::V4, "bypass4".into()),
+            Stmt::Verdict(Verdict::Return),
+        ],
+        vec![
+            Stmt::NfProto(Family::V6),
+            Stmt::DaddrIn(Family::V6, "bypass6".into()),
+            Stmt::Verdict(Verdict::Return),
+        ],
+        vec![Stmt::NotTcpUdp, Stmt::Verdict(Verdict::Return)],
+        vec![Stmt::IfaceClass],
+    ]);
+    ChainSpec {
+        name: FORWARDED.into(),
+        hook: None,
+        rules,
+    }
+}
+
 /// Name of the chain holding the per-level map lookups.
 pub const CLASSIFY: &str = "classify";
 
@@ -327,8 +380,14 @@ pub fn levels(elements: &Elements) -> BTreeSet<u32> {
     elements.keys().map(|k| k.0).collect()
 }
 
-/// Builds the desired table for `cfg`, with maps for `levels` holding `elements`.
-pub fn table(cfg: &Config, levels: &BTreeSet<u32>, elements: &Elements) -> TableSpec {
+/// Builds the desired table for `cfg`, with maps for `levels` holding
+/// `elements` and the interface map holding `ifaces` (index → class).
+pub fn table(
+    cfg: &Config,
+    levels: &BTreeSet<u32>,
+    elements: &Elements,
+    ifaces: &BTreeMap<u32, u32>,
+) -> TableSpec {
     let mut sets = vec![
         SetSpec {
             name: "bypass4".into(),
@@ -355,6 +414,10 @@ pub fn table(cfg: &Config, levels: &BTreeSet<u32>, elements: &Elements) -> Table
         name: CLASSES.into(),
         kind: SetKind::Classes(classes),
     });
+    sets.push(SetSpec {
+        name: IFACES.into(),
+        kind: SetKind::Ifaces(ifaces.iter().map(|(&i, &c)| (i, c)).collect()),
+    });
     for &level in levels {
         let elems = elements
             .range((level, 0)..=(level, u64::MAX))
@@ -374,6 +437,9 @@ pub fn table(cfg: &Config, levels: &BTreeSet<u32>, elements: &Elements) -> Table
         rules: vec![vec![Stmt::SetMark(0)]],
     }];
     let mut prerouting = Vec::new();
+    // Forwarded DNS queries a target hijacks keep their mark past the tproxy
+    // rules, for the prerouting nat chain.
+    let mut hijacked_dns = Vec::new();
     let mut nat = Vec::new();
     let stub = cfg
         .targets
@@ -423,6 +489,13 @@ pub fn table(cfg: &Config, levels: &BTreeSet<u32>, elements: &Elements) -> Table
                         Stmt::L4Proto(p),
                         Stmt::Dport(53),
                         Stmt::SetMark(t.mark),
+                        Stmt::Verdict(Verdict::Return),
+                    ]);
+                    hijacked_dns.push(vec![
+                        Stmt::Mark(t.mark),
+                        Stmt::NfProto(fam),
+                        Stmt::L4Proto(p),
+                        Stmt::Dport(53),
                         Stmt::Verdict(Verdict::Return),
                     ]);
                     nat.push(vec![
@@ -497,19 +570,34 @@ pub fn table(cfg: &Config, levels: &BTreeSet<u32>, elements: &Elements) -> Table
     if !cfg.targets.is_empty() {
         chains.push(guard_chain(cfg));
     }
-    if !prerouting.is_empty() {
-        // Answers are never handed to a listener. A VPN's rule that copies the
-        // connection's mark into every packet (wg-quick's `meta mark set ct mark`
-        // for UDP) puts our mark on the listener's own answers; `tproxy` would
-        // then give them back to the listener instead of the app.
-        prerouting.insert(0, vec![Stmt::CtReply, Stmt::Verdict(Verdict::Return)]);
-        chains.push(ChainSpec {
-            name: "prerouting".into(),
-            hook: Some(Hook::PreroutingFilter),
-            rules: prerouting,
-        });
-    }
+    chains.push(forwarded_chain());
+    // Answers are never handed to a listener. A VPN's rule that copies the
+    // connection's mark into every packet (wg-quick's `meta mark set ct mark`
+    // for UDP) puts our mark on the listener's own answers; `tproxy` would
+    // then give them back to the listener instead of the app. Unmarked
+    // packets from other hosts are forwarded traffic: classified, they get a
+    // target's mark and meet the same tproxy rules as looped local traffic.
+    let mut head = vec![
+        vec![Stmt::CtReply, Stmt::Verdict(Verdict::Return)],
+        vec![
+            Stmt::IifNotLoopback,
+            Stmt::Unmarked,
+            Stmt::Verdict(Verdict::Jump(FORWARDED.into())),
+        ],
+    ];
+    head.append(&mut hijacked_dns);
+    prerouting.splice(0..0, head);
+    chains.push(ChainSpec {
+        name: "prerouting".into(),
+        hook: Some(Hook::PreroutingFilter),
+        rules: prerouting,
+    });
     if !nat.is_empty() {
+        chains.push(ChainSpec {
+            name: "dns-forwarded".into(),
+            hook: Some(Hook::PreroutingNat),
+            rules: nat.clone(),
+        });
         chains.push(ChainSpec {
             name: "dns".into(),
             hook: Some(Hook::OutputNat),
@@ -577,7 +665,7 @@ mod tests {
             "t",
         )
         .unwrap();
-        let t = table(&c, &BTreeSet::new(), &Elements::new());
+        let t = table(&c, &BTreeSet::new(), &Elements::new(), &BTreeMap::new());
         let mark = t.chains.iter().find(|ch| ch.name == "p-mark").unwrap();
         assert_eq!(
             mark.rules,
@@ -606,7 +694,7 @@ mod tests {
             "answers are never handed to a listener"
         );
         assert_eq!(
-            pre.rules[1..],
+            pre.rules[2..],
             vec![vec![
                 Stmt::Mark(9),
                 Stmt::NfProto(Family::V4),

@@ -150,6 +150,14 @@ impl Tree {
         None
     }
 
+    /// Every cgroup whose traffic is decided (classified itself or below a
+    /// classified ancestor), with its action, in path order.
+    pub fn decided(&self) -> impl Iterator<Item = (&str, Action)> {
+        self.nodes
+            .iter()
+            .filter_map(|(p, n)| n.effective.map(|a| (&**p, a)))
+    }
+
     /// Number of cgroups whose traffic each action decides (direct, drop, per target).
     pub fn counts(&self, targets: usize) -> (usize, usize, Vec<usize>) {
         let (mut direct, mut drop, mut per) = (0, 0, vec![0; targets]);

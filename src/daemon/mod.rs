@@ -18,12 +18,14 @@ use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFl
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, ConfigError};
+use crate::core::links::{self, Container, LinkPlan, Why};
 use crate::core::precedence::{self, Placement};
 use crate::core::schedule::{HEAL_WINDOW, Schedule};
 use crate::core::table;
 use crate::core::tree::{self, Delta, Elements, Tree};
 use crate::kernel::events::{Damage, Events, EventsError};
 use crate::kernel::inspect::{self, InspectError};
+use crate::kernel::links::{Links, LinksError};
 use crate::kernel::nft::{Nft, NftError, TABLE_F_OWNER, TABLE_F_PERSIST, Txn};
 use crate::kernel::route::{self, RouteError, Routes};
 use crate::watch::hierarchy::{CgroupError, Hierarchy};
@@ -43,6 +45,8 @@ pub enum DaemonError {
     Route(#[from] RouteError),
     #[error(transparent)]
     Events(#[from] EventsError),
+    #[error(transparent)]
+    Links(#[from] LinksError),
     #[error("reading table inet {table} back: {source}")]
     Inspect { table: String, source: InspectError },
     #[error("{step}: {source}")]
@@ -77,7 +81,7 @@ fn table_exists(nft: &Nft, name: &str) -> Result<bool, DaemonError> {
 }
 
 /// Replaces the whole table with the desired one in one transaction, keeping maps
-/// for `keep_levels` too; `also` names a previous table (renamed by a reload) to
+/// for `keep_levels` too, with `ifaces` in the interface map; `also` names a previous table (renamed by a reload) to
 /// delete in the same breath. A table of the same name left by an earlier
 /// instance (a crash leaves it, flagged persist) is replaced, which adopts it.
 /// Returns the installed elements and levels.
@@ -87,6 +91,7 @@ fn install_table(
     cfg: &Config,
     tree: &Tree,
     keep_levels: &BTreeSet<u32>,
+    ifaces: &BTreeMap<u32, u32>,
     also: Option<&str>,
 ) -> Result<(Elements, BTreeSet<u32>), DaemonError> {
     let elements = tree.elements();
@@ -94,7 +99,7 @@ fn install_table(
         .union(keep_levels)
         .copied()
         .collect();
-    let spec = table::table(cfg, &levels, &elements);
+    let spec = table::table(cfg, &levels, &elements, ifaces);
     let mut txn = Txn::large();
     if let Some(old) = also.filter(|o| *o != spec.name)
         && table_exists(nft, old)?
@@ -131,6 +136,63 @@ struct Daemon {
     culprit: Option<String>,
     events: Events,
     timer: TimerFd,
+    links: Links,
+    /// The interfaces that classify forwarded traffic, and why.
+    link_plan: LinkPlan,
+    /// The interface map the kernel holds now (index → class).
+    ifaces: BTreeMap<u32, u32>,
+}
+
+/// Lists the links of this namespace and the containers behind them, and
+/// decides which interfaces classify forwarded traffic. Processes are only
+/// looked at when some link reaches another namespace.
+fn plan_links(links: &mut Links, cfg: &Config, tree: &Tree) -> Result<LinkPlan, LinksError> {
+    let all = links.dump()?;
+    let reached: BTreeSet<i32> = all.iter().filter_map(|l| l.peer_netns).collect();
+    let containers: Vec<Container> = if cfg.rules.is_empty() {
+        Vec::new()
+    } else {
+        links
+            .cgroups_in(&reached)?
+            .into_iter()
+            .filter_map(|(netns, path)| {
+                tree.decision(&path).map(|(action, by)| Container {
+                    path: by.to_owned(),
+                    action,
+                    netns,
+                })
+            })
+            .collect()
+    };
+    Ok(links::plan(cfg, &all, &containers))
+}
+
+/// Logs what `new` says that `old` did not: warnings, and interfaces with a
+/// new verdict.
+fn announce(cfg: &Config, old: &LinkPlan, new: &LinkPlan) {
+    for w in new.warnings.iter().filter(|w| !old.warnings.contains(w)) {
+        warn!("{w}");
+    }
+    for e in new
+        .entries
+        .iter()
+        .filter(|e| e.bridge.is_none() && !old.entries.contains(e))
+    {
+        info!(
+            "forwarded traffic from interface {} ({}): {}",
+            e.name,
+            why(cfg, e),
+            links::describe(cfg, e.action)
+        );
+    }
+}
+
+/// How an interface got its verdict, for the log.
+fn why(cfg: &Config, e: &links::Entry) -> String {
+    match &e.why {
+        Why::Rule(i) => format!("interfaces[{i}] /{}/", cfg.interfaces[*i].regex),
+        Why::Container(path) => format!("container {path}"),
+    }
 }
 
 /// Environment variable of the test-only knob that creates the table without flags.
@@ -296,16 +358,58 @@ impl Daemon {
         }
     }
 
+    /// Lists links and containers again and brings the interface map in line.
+    /// On failure the map stays as it is (fail closed) and a retry follows.
+    fn refresh_links(&mut self) {
+        let plan = match plan_links(&mut self.links, &self.cfg, &self.tree) {
+            Ok(p) => p,
+            Err(e) => {
+                error!("{e}; the interfaces keep their verdicts; looking again soon");
+                self.sched.probes.cgroup_added(Instant::now());
+                self.arm_timer();
+                return;
+            }
+        };
+        announce(&self.cfg, &self.link_plan, &plan);
+        let (del, add) = links::diff(&self.ifaces, &plan.elements);
+        self.link_plan = plan;
+        if del.is_empty() && add.is_empty() {
+            return;
+        }
+        let mut txn = Txn::new();
+        let done = txn
+            .iface_elements(&self.cfg.table, &del, &add)
+            .and_then(|()| self.nft.commit(txn));
+        match done {
+            Ok(()) => {
+                self.ifaces = self.link_plan.elements.clone();
+                self.publish_status();
+            }
+            Err(e) => {
+                error!(
+                    "updating the interfaces of table inet {}: {e}; rebuilding it in {:?}",
+                    self.cfg.table,
+                    self.sched.retry.delay()
+                );
+                self.dirty = true;
+                self.arm_retry();
+            }
+        }
+    }
+
     /// Rebuilds the whole table from the current configuration and tree.
     fn replace_all(&mut self) -> Result<(), DaemonError> {
+        let ifaces = self.link_plan.elements.clone();
         let (elements, levels) = install_table(
             &mut self.nft,
             self.table_flags,
             &self.cfg,
             &self.tree,
             &self.levels,
+            &ifaces,
             None,
         )?;
+        self.ifaces = ifaces;
         self.installed = elements;
         self.levels = levels;
         Ok(())
@@ -424,6 +528,9 @@ impl Daemon {
         if self.sched.status.take_due(now) {
             notify::status(&self.status());
         }
+        if self.sched.probes.take_due(now) {
+            self.refresh_links();
+        }
         self.arm_timer();
     }
 
@@ -434,6 +541,9 @@ impl Daemon {
             .read(&self.cfg.table, self.nft.port(), &self.route_plan);
         if damage.rules_changed {
             self.place();
+        }
+        if damage.links_changed || damage.lost {
+            self.refresh_links();
         }
         if !damage.any() {
             return;
@@ -495,10 +605,21 @@ impl Daemon {
                     for cg in &list {
                         debug!(path = %cg.path, id = cg.id, level = cg.level, "cgroup added");
                         delta.extend(self.tree.insert(&self.cfg, cg));
+                        if self.tree.decision(&cg.path).is_some() {
+                            self.sched.probes.cgroup_added(Instant::now());
+                        }
                     }
                 }
                 Change::Removed(path) => {
                     debug!(path = %path, "cgroup removed");
+                    if self
+                        .link_plan
+                        .entries
+                        .iter()
+                        .any(|e| matches!(&e.why, Why::Container(p) if p.starts_with(&*path)))
+                    {
+                        self.sched.probes.cgroup_added(Instant::now());
+                    }
                     delta.extend(self.tree.remove(&path));
                 }
                 Change::Rescan(all) => {
@@ -512,6 +633,7 @@ impl Daemon {
             }
         }
         self.converge(delta);
+        self.arm_timer();
     }
 
     fn reload(&mut self) {
@@ -542,11 +664,21 @@ impl Daemon {
             None => self.tree.cgroups(),
         };
         let tree = Tree::build(&new, &cgroups);
+        let link_plan = plan_links(&mut self.links, &new, &tree)?;
         if new.same_structure(&self.cfg) && !self.dirty {
             let delta = tree::diff(&self.installed, &tree.elements());
             let old = std::mem::replace(&mut self.cfg, new);
-            if let Err(e) = self.apply(&delta) {
+            let (del, add) = links::diff(&self.ifaces, &link_plan.elements);
+            let applied = self.apply(&delta).and_then(|()| {
+                let mut txn = Txn::new();
+                txn.iface_elements(&self.cfg.table, &del, &add)?;
+                self.nft.commit(txn)
+            });
+            if let Err(e) = applied {
                 self.cfg = old;
+                // The level maps may have changed: the next retry rebuilds all.
+                self.dirty = true;
+                self.arm_retry();
                 return Err(e.into());
             }
         } else {
@@ -575,6 +707,7 @@ impl Daemon {
                         &new,
                         &tree,
                         &BTreeSet::new(),
+                        &link_plan.elements,
                         Some(&self.cfg.table),
                     )
                 });
@@ -599,6 +732,8 @@ impl Daemon {
             self.dirty = false;
         }
         self.tree = tree;
+        self.ifaces = link_plan.elements.clone();
+        self.link_plan = link_plan;
         if let Some(w) = new_watcher {
             info!(
                 "watching cgroup2 hierarchy at {}",
@@ -697,6 +832,9 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
             cfg.rule_priority
         );
     }
+    let mut links = Links::open()?;
+    let link_plan = plan_links(&mut links, &cfg, &tree)?;
+    announce(&cfg, &LinkPlan::default(), &link_plan);
     let mut d = Daemon {
         config_path,
         route_plan: route_plan(&cfg, &placed),
@@ -715,6 +853,9 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         culprit: None,
         events: Events::open()?,
         timer,
+        links,
+        link_plan,
+        ifaces: BTreeMap::new(),
     };
     d.replace_all()?;
     if let Err(e) = d.routes.install(&d.route_plan) {

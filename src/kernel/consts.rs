@@ -6,6 +6,7 @@
 pub const NLMSG_ERROR: u16 = 2;
 pub const NLMSG_DONE: u16 = 3;
 pub const NLM_F_REQUEST: u16 = 1;
+pub const NLM_F_ACK: u16 = 4;
 /// `NLM_F_ROOT | NLM_F_MATCH`.
 pub const NLM_F_DUMP: u16 = 0x300;
 /// An error reply carries extended-ack attributes.
@@ -51,3 +52,19 @@ pub const RTNLGRP_IPV6_RULE: u32 = 19;
 
 /// sock_diag's request type.
 pub const SOCK_DIAG_BY_FAMILY: u16 = 20;
+
+// rtnetlink links and network-namespace ids.
+pub const RTM_NEWLINK: u16 = 16;
+pub const RTM_DELLINK: u16 = 17;
+pub const RTM_GETLINK: u16 = 18;
+pub const RTM_NEWNSID: u16 = 88;
+pub const RTM_GETNSID: u16 = 90;
+/// `RTNLGRP_LINK`: links appearing, changing, going.
+pub const RTNLGRP_LINK: u32 = 1;
+/// `IFLA_IFNAME`, `IFLA_MASTER`, `IFLA_LINK_NETNSID`.
+pub const IFLA_IFNAME: u16 = 3;
+pub const IFLA_MASTER: u16 = 10;
+pub const IFLA_LINK_NETNSID: u16 = 37;
+/// `NETNSA_NSID` (reply) and `NETNSA_PID` (request).
+pub const NETNSA_NSID: u16 = 1;
+pub const NETNSA_PID: u16 = 2;

@@ -31,6 +31,9 @@ pub struct Damage {
     /// An ip rule was added or removed (anyone's): where ours must sit may
     /// have changed (see `precedence`).
     pub rules_changed: bool,
+    /// A link appeared, changed or went: forwarded traffic's interfaces may
+    /// need new verdicts.
+    pub links_changed: bool,
     /// Notifications were lost: our state is unknown.
     pub lost: bool,
     /// The process that committed a foreign nftables change, if the kernel said.
@@ -127,6 +130,9 @@ pub fn judge_route(datagram: &[u8], plan: &Plan, damage: &mut Damage) {
         if m.ty == RTM_NEWRULE || m.ty == RTM_DELRULE {
             damage.rules_changed = true;
         }
+        if m.ty == RTM_NEWLINK || m.ty == RTM_DELLINK {
+            damage.links_changed = true;
+        }
         match (m.ty, RtMsg::parse(m.ty, m.payload())) {
             (RTM_DELRULE, Some(RtMsg::Rule(r)))
                 if rule_priority(&r) == plan.priority
@@ -157,6 +163,7 @@ impl Events {
                     RTNLGRP_IPV6_RULE,
                     RTNLGRP_IPV4_ROUTE,
                     RTNLGRP_IPV6_ROUTE,
+                    RTNLGRP_LINK,
                 ],
                 "routing",
             )?,

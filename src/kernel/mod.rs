@@ -4,6 +4,7 @@
 pub mod consts;
 pub mod events;
 pub mod inspect;
+pub mod links;
 pub mod nft;
 pub mod nlmsg;
 pub mod route;

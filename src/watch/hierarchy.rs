@@ -160,6 +160,13 @@ impl Hierarchy {
         })
     }
 
+    /// One process of cgroup `path` (the first `cgroup.procs` lists), if it
+    /// has any: a container's namespaces are found through it.
+    pub fn first_pid(&self, path: &str) -> Option<u32> {
+        let procs = std::fs::read_to_string(self.dir(path)?.join("cgroup.procs")).ok()?;
+        procs.lines().next()?.trim().parse().ok()
+    }
+
     /// Describes cgroup `path`; `None` if its directory vanished.
     pub fn describe(&self, path: &str) -> Option<Cgroup> {
         let meta = std::fs::symlink_metadata(self.dir(path)?).ok()?;

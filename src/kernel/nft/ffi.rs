@@ -28,6 +28,8 @@ pub const TYPE_IPADDR: u32 = 7;
 /// nft's `mark` datatype (32-bit, host order): the class a cgroup maps to.
 pub const TYPE_MARK: u32 = 19;
 pub const TYPE_IP6ADDR: u32 = 8;
+/// nft's `iface_index` type.
+pub const TYPE_IFINDEX: u32 = 20;
 
 /// A verdict, as an immediate statement or as a map element's data.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +39,7 @@ pub enum Verdict {
     Return,
     /// Shared: thousands of elements may jump to the same chain.
     Goto(Rc<CStr>),
+    Jump(Rc<CStr>),
 }
 
 impl Verdict {
@@ -46,12 +49,13 @@ impl Verdict {
             Verdict::Drop => libc::NF_DROP,
             Verdict::Return => libc::NFT_RETURN,
             Verdict::Goto(_) => libc::NFT_GOTO,
+            Verdict::Jump(_) => libc::NFT_JUMP,
         }
     }
 
     fn chain(&self) -> Option<&CStr> {
         match self {
-            Verdict::Goto(c) => Some(c),
+            Verdict::Goto(c) | Verdict::Jump(c) => Some(c),
             _ => None,
         }
     }
@@ -65,6 +69,8 @@ pub enum MetaKey {
     Mark,
     /// The output interface's index.
     Oif,
+    /// The input interface's index.
+    Iif,
 }
 
 /// Where a payload load starts.
@@ -124,7 +130,14 @@ pub enum Expr {
     Counter,
     /// `counter name "NAME"`: counts into the table's named counter object.
     CounterRef(CString),
+    /// `fib daddr type`: the destination's address type (`RTN_*`, a host-order
+    /// u32) into [`REG_1`].
+    FibDaddrType,
 }
+
+/// `NFT_FIB_RESULT_ADDRTYPE` and `NFTA_FIB_F_DADDR` (not in libc).
+const NFT_FIB_RESULT_ADDRTYPE: u32 = 3;
+const NFTA_FIB_F_DADDR: u32 = 1 << 1;
 
 /// `NFT_OBJECT_COUNTER` (not in libc).
 const NFT_OBJECT_COUNTER: u32 = 1;
@@ -171,6 +184,7 @@ impl Expression for Expr {
                     MetaKey::NfProto => libc::NFT_META_NFPROTO,
                     MetaKey::Mark => libc::NFT_META_MARK,
                     MetaKey::Oif => libc::NFT_META_OIF,
+                    MetaKey::Iif => libc::NFT_META_IIF,
                 };
                 set_u32(e, sys::NFTNL_EXPR_META_KEY, k as u32);
                 set_u32(e, sys::NFTNL_EXPR_META_DREG, REG_1);
@@ -268,6 +282,13 @@ impl Expression for Expr {
                 set_u32(e, sys::NFTNL_EXPR_NAT_FAMILY, *family);
                 set_u32(e, sys::NFTNL_EXPR_NAT_REG_ADDR_MIN, REG_1);
                 set_u32(e, sys::NFTNL_EXPR_NAT_REG_PROTO_MIN, REG_2);
+                e
+            }
+            Expr::FibDaddrType => {
+                let e = alloc_expr(c"fib");
+                set_u32(e, sys::NFTNL_EXPR_FIB_DREG, REG_1);
+                set_u32(e, sys::NFTNL_EXPR_FIB_RESULT, NFT_FIB_RESULT_ADDRTYPE);
+                set_u32(e, sys::NFTNL_EXPR_FIB_FLAGS, NFTA_FIB_F_DADDR);
                 e
             }
             Expr::Counter => alloc_expr(c"counter"),
@@ -704,6 +725,23 @@ mod tests {
         assert_eq!(name, "meta");
         // NFTA_META_DREG = 1, NFTA_META_KEY = 2.
         assert_eq!(attr(&data, 2), (libc::NFT_META_OIF as u32).to_be_bytes());
+    }
+
+    #[test]
+    fn meta_iif_and_fib_daddr_type_load_what_forwarded_traffic_is_judged_by() {
+        let (name, data) = expr_bytes(&Expr::Meta(MetaKey::Iif));
+        assert_eq!(name, "meta");
+        assert_eq!(attr(&data, 2), (libc::NFT_META_IIF as u32).to_be_bytes());
+        let (name, data) = expr_bytes(&Expr::FibDaddrType);
+        assert_eq!(name, "fib");
+        // NFTA_FIB_DREG = 1, NFTA_FIB_RESULT = 2, NFTA_FIB_FLAGS = 3.
+        assert_eq!(attr(&data, 1), REG_1.to_be_bytes());
+        assert_eq!(attr(&data, 2), 3u32.to_be_bytes());
+        assert_eq!(attr(&data, 3), 2u32.to_be_bytes());
+        let (_, data) = expr_bytes(&Expr::Verdict(Verdict::Jump(Rc::from(c"forwarded"))));
+        let verdict = attr(attr(&data, 2), 2);
+        assert_eq!(attr(verdict, 1), (libc::NFT_JUMP as u32).to_be_bytes());
+        assert_eq!(attr(verdict, 2), b"forwarded\0");
     }
 
     /// The NFTA_EXPR_DATA payload of the only expression of a one-expression rule.

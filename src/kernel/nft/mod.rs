@@ -50,6 +50,7 @@ fn ffi_verdict(v: &Verdict) -> Result<ffi::Verdict, NftError> {
         Verdict::Drop => ffi::Verdict::Drop,
         Verdict::Return => ffi::Verdict::Return,
         Verdict::Goto(c) => ffi::Verdict::Goto(cstring(c)?.into()),
+        Verdict::Jump(c) => ffi::Verdict::Jump(cstring(c)?.into()),
     })
 }
 
@@ -147,6 +148,30 @@ fn exprs(s: &Stmt) -> Result<Vec<Expr>, NftError> {
             Expr::Cmp {
                 eq: false,
                 data: 1u32.to_ne_bytes().to_vec(),
+            },
+        ],
+        Stmt::IifNotLoopback => vec![
+            Expr::Meta(MetaKey::Iif),
+            Expr::Cmp {
+                eq: false,
+                data: 1u32.to_ne_bytes().to_vec(),
+            },
+        ],
+        Stmt::Unmarked => vec![Expr::Meta(MetaKey::Mark), cmp(0u32.to_ne_bytes().to_vec())],
+        Stmt::FibDaddrType(t) => vec![Expr::FibDaddrType, cmp(u32::from(*t).to_ne_bytes().to_vec())],
+        Stmt::IfaceClass => vec![
+            Expr::Meta(MetaKey::Iif),
+            Expr::Lookup {
+                set: cstring(table::IFACES)?,
+                sreg: REG_1,
+                dreg: Some(REG_1),
+            },
+            Expr::SetMark,
+            Expr::Meta(MetaKey::Mark),
+            Expr::Lookup {
+                set: cstring(table::CLASSES)?,
+                sreg: REG_1,
+                dreg: Some(ffi::REG_VERDICT),
             },
         ],
         Stmt::CtMark(m) => vec![Expr::CtMark, cmp(m.to_ne_bytes().to_vec())],
@@ -325,6 +350,7 @@ impl Txn {
             SetKind::Bypass(Family::V6, _) => (ffi::TYPE_IP6ADDR, 16, None, true),
             SetKind::Level(..) => (ffi::TYPE_CGROUPV2, 8, Some(class), false),
             SetKind::Classes(..) => (ffi::TYPE_MARK, 4, Some(ffi::Data::Verdict), false),
+            SetKind::Ifaces(..) => (ffi::TYPE_IFINDEX, 4, Some(class), false),
         };
         let def = SetDef {
             table: cstring(table)?,
@@ -335,7 +361,7 @@ impl Txn {
             data,
             interval,
             // cgroup ids and classes are host-endian; addresses are not.
-            host_order: matches!(s.kind, SetKind::Level(..) | SetKind::Classes(..)),
+            host_order: !matches!(s.kind, SetKind::Bypass(..)),
         };
         self.next_set_id += 1;
         self.add(&def, MsgType::Add, format!("set {}", s.name));
@@ -352,6 +378,7 @@ impl Txn {
                 Ok(())
             }
             SetKind::Level(_, list) => self.class_elems(table, &s.name, list, true),
+            SetKind::Ifaces(list) => self.class_elems(table, &s.name, list, true),
             SetKind::Classes(list) => {
                 let mut elems = Vec::with_capacity(list.len());
                 for (class, v) in list {
@@ -376,14 +403,14 @@ impl Txn {
         Ok(f)
     }
 
-    /// Level-map elements (cgroup id → class), one message per
-    /// [`ELEMS_PER_MSG`], built chunk by chunk so a large table never exists
-    /// twice in memory.
-    fn class_elems(
+    /// Class-map elements (a cgroup id or interface index → class), one
+    /// message per [`ELEMS_PER_MSG`], built chunk by chunk so a large table
+    /// never exists twice in memory.
+    fn class_elems<K: HostKey>(
         &mut self,
         table: &str,
         set: &str,
-        list: &[(u64, u32)],
+        list: &[(K, u32)],
         add: bool,
     ) -> Result<(), NftError> {
         let ty = if add { MsgType::Add } else { MsgType::Del };
@@ -391,7 +418,7 @@ impl Txn {
         for part in list.chunks(ELEMS_PER_MSG) {
             chunk.clear();
             chunk.extend(part.iter().map(|(id, class)| Elem {
-                key: Key::new(&id.to_ne_bytes()),
+                key: id.key(),
                 interval_end: false,
                 verdict: None,
                 value: add.then(|| Key::new(&class.to_ne_bytes())),
@@ -437,6 +464,10 @@ impl Txn {
             Some(Hook::PreroutingFilter) => {
                 chain.set_hook(nftnl::Hook::PreRouting, libc::NF_IP_PRI_MANGLE);
                 chain.set_type(ChainType::Filter);
+            }
+            Some(Hook::PreroutingNat) => {
+                chain.set_hook(nftnl::Hook::PreRouting, libc::NF_IP_PRI_NAT_DST);
+                chain.set_type(ChainType::Nat);
             }
             Some(Hook::OutputNat) => {
                 chain.set_hook(nftnl::Hook::Out, libc::NF_IP_PRI_NAT_DST);
@@ -503,6 +534,41 @@ impl Txn {
         add: bool,
     ) -> Result<(), NftError> {
         self.class_elems(table, &table::level_map(level), elems, add)
+    }
+
+    /// Deletes `del` and adds `add` (interface index → class) in the
+    /// interface map.
+    pub fn iface_elements(
+        &mut self,
+        table: &str,
+        del: &[u32],
+        add: &[(u32, u32)],
+    ) -> Result<(), NftError> {
+        if !del.is_empty() {
+            let gone: Vec<(u32, u32)> = del.iter().map(|&i| (i, 0)).collect();
+            self.class_elems(table, table::IFACES, &gone, false)?;
+        }
+        if !add.is_empty() {
+            self.class_elems(table, table::IFACES, add, true)?;
+        }
+        Ok(())
+    }
+}
+
+/// A map key kept in host byte order (cgroup ids, interface indices).
+trait HostKey {
+    fn key(&self) -> Key;
+}
+
+impl HostKey for u64 {
+    fn key(&self) -> Key {
+        Key::new(&self.to_ne_bytes())
+    }
+}
+
+impl HostKey for u32 {
+    fn key(&self) -> Key {
+        Key::new(&self.to_ne_bytes())
     }
 }
 
