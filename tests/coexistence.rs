@@ -38,35 +38,6 @@ fn default_route_to_the_peer(lab: &Lab) {
     assert!(out.contains("done"), "{out}");
 }
 
-/// Counts, inside namespace `pid`, the TCP/UDP packets to the peer's port: what
-/// arrived there directly. A named counter, so `nft` prints one number.
-fn install_counter(pid: u32) {
-    let script = format!(
-        "table inet count {{
-           counter arrived {{ }}
-           chain c {{
-             type filter hook prerouting priority -300; policy accept;
-             meta l4proto {{ tcp, udp }} th dport {PEER_PORT} counter name \"arrived\"
-           }}
-         }}"
-    );
-    let out = sh_any(&format!(
-        "printf '%s' '{script}' | nsenter -t {pid} -n nft -f - && echo done"
-    ));
-    assert!(out.contains("done"), "counter in namespace {pid}: {out}");
-}
-
-fn counted(pid: u32) -> u64 {
-    let out = sh_any(&format!(
-        "nsenter -t {pid} -n nft list counter inet count arrived"
-    ));
-    out.split_whitespace()
-        .skip_while(|w| *w != "packets")
-        .nth(1)
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no counter in namespace {pid}: {out}"))
-}
-
 /// A stand-in for a VPN tunnel or an exit node: a namespace behind `vpn0`,
 /// which routing table `table` sends everything to. Counts what arrives.
 struct Tunnel {

@@ -49,7 +49,12 @@ fn probe_kernel(cfg: &Config) -> (Probe, Option<u32>) {
         }
     }
     let levels: BTreeSet<u32> = [1].into();
-    let spec = table::table(&probe_cfg, &levels, &Default::default(), &Default::default());
+    let spec = table::table(
+        &probe_cfg,
+        &levels,
+        &Default::default(),
+        &Default::default(),
+    );
     let result = Nft::open().and_then(|mut nft| {
         let flags = nft.table_flags(&spec.name)?;
         let mut txn = Txn::new();

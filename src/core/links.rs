@@ -208,7 +208,11 @@ mod tests {
         let p = plan(
             &cfg(),
             &links,
-            &[container("/machine.slice/machine-wiki.scope", Action::Tproxy(0), 7)],
+            &[container(
+                "/machine.slice/machine-wiki.scope",
+                Action::Tproxy(0),
+                7,
+            )],
         );
         assert_eq!(
             p.elements,
@@ -229,7 +233,11 @@ mod tests {
             "t",
         )
         .unwrap();
-        let p = plan(&c, &[link(1, "lo", None, None), link(2, "x", None, None)], &[]);
+        let p = plan(
+            &c,
+            &[link(1, "lo", None, None), link(2, "x", None, None)],
+            &[],
+        );
         assert_eq!(p.elements, BTreeMap::from([(2, DROP_CLASS)]));
     }
 
@@ -247,10 +255,16 @@ mod tests {
         assert_eq!(p.elements, BTreeMap::from([(4, 20)]));
         assert_eq!(p.entries[0].why, Why::Container("/y.scope".into()));
         assert!(p.warnings[0].contains("shared by /x.scope (direct) and /y.scope (tproxy b)"));
-        assert_eq!(both(Action::Tproxy(1), Action::Drop).elements[&4], DROP_CLASS);
+        assert_eq!(
+            both(Action::Tproxy(1), Action::Drop).elements[&4],
+            DROP_CLASS
+        );
         assert_eq!(both(Action::Tproxy(1), Action::Tproxy(0)).elements[&4], 10);
         assert!(both(Action::Direct, Action::Direct).warnings.is_empty());
-        assert_eq!(both(Action::Direct, Action::Direct).elements[&4], DIRECT_CLASS);
+        assert_eq!(
+            both(Action::Direct, Action::Direct).elements[&4],
+            DIRECT_CLASS
+        );
     }
 
     #[test]
@@ -262,7 +276,11 @@ mod tests {
         let p = plan(&cfg(), &links, &[container("/d.scope", Action::Drop, 7)]);
         assert!(p.elements.is_empty());
         assert_eq!(p.entries[0].bridge.as_deref(), Some("docker0"));
-        assert!(p.warnings[0].contains("through veth1 on bridge docker0"), "{:?}", p.warnings);
+        assert!(
+            p.warnings[0].contains("through veth1 on bridge docker0"),
+            "{:?}",
+            p.warnings
+        );
     }
 
     #[test]

@@ -245,9 +245,9 @@ impl Schedule {
             self.status.at,
             self.probes.at(),
         ]
-            .into_iter()
-            .flatten()
-            .min()
+        .into_iter()
+        .flatten()
+        .min()
     }
 }
 

@@ -279,11 +279,22 @@ impl Lab {
 
     /// Writes a config file: `rules` and `tproxies` are JSON fragments.
     pub fn write_config(&self, file: &str, tproxies: &str, rules: &str) -> PathBuf {
+        self.write_config_with(file, tproxies, rules, "[]")
+    }
+
+    /// [`Lab::write_config`] with `interfaces` rules (a JSON array) too.
+    pub fn write_config_with(
+        &self,
+        file: &str,
+        tproxies: &str,
+        rules: &str,
+        interfaces: &str,
+    ) -> PathBuf {
         let p = self.dir.join(file);
         let text = format!(
             r#"{{"version":1,"cgroup-root":"{}","route-table":300,
             "bypass":["127.0.0.0/8","::1/128","10.99.0.99"],
-            "tproxies":{tproxies},"rules":{rules}}}"#,
+            "tproxies":{tproxies},"rules":{rules},"interfaces":{interfaces}}}"#,
             self.mount.display()
         );
         std::fs::write(&p, text).unwrap();
@@ -465,6 +476,36 @@ pub fn elements_by_class(config: &Path) -> std::collections::BTreeMap<String, us
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Counts, inside namespace `pid`, the TCP/UDP packets to the peer's port: what
+/// arrived there directly. A named counter, so `nft` prints one number.
+pub fn install_counter(pid: u32) {
+    let script = format!(
+        "table inet count {{
+           counter arrived {{ }}
+           chain c {{
+             type filter hook prerouting priority -300; policy accept;
+             meta l4proto {{ tcp, udp }} th dport {PEER_PORT} counter name \"arrived\"
+           }}
+         }}"
+    );
+    let out = sh_any(&format!(
+        "printf '%s' '{script}' | nsenter -t {pid} -n nft -f - && echo done"
+    ));
+    assert!(out.contains("done"), "counter in namespace {pid}: {out}");
+}
+
+/// The packets [`install_counter`] counted in namespace `pid`.
+pub fn counted(pid: u32) -> u64 {
+    let out = sh_any(&format!(
+        "nsenter -t {pid} -n nft list counter inet count arrived"
+    ));
+    out.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter in namespace {pid}: {out}"))
 }
 
 /// The nftables ruleset, ip rules and routes of this namespace.

@@ -158,7 +158,10 @@ fn exprs(s: &Stmt) -> Result<Vec<Expr>, NftError> {
             },
         ],
         Stmt::Unmarked => vec![Expr::Meta(MetaKey::Mark), cmp(0u32.to_ne_bytes().to_vec())],
-        Stmt::FibDaddrType(t) => vec![Expr::FibDaddrType, cmp(u32::from(*t).to_ne_bytes().to_vec())],
+        Stmt::FibDaddrType(t) => vec![
+            Expr::FibDaddrType,
+            cmp(u32::from(*t).to_ne_bytes().to_vec()),
+        ],
         Stmt::IfaceClass => vec![
             Expr::Meta(MetaKey::Iif),
             Expr::Lookup {
