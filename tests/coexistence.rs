@@ -289,17 +289,6 @@ fn tailscale_exit_node_rules_never_take_proxied_traffic() {
 }
 
 /// Runs `cgtproxy ARGS… CONFIG`; returns stdout+stderr and the exit code.
-fn cgtproxy(args: &[&str], cfg: &std::path::Path) -> (String, i32) {
-    let out = Command::new(env!("CARGO_BIN_EXE_cgtproxy"))
-        .args(args)
-        .arg(cfg)
-        .output()
-        .unwrap();
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    (text, out.status.code().unwrap_or(-1))
-}
-
 /// A rule nothing can precede (priority 0, after `local`) is reported by
 /// `status` and `doctor`, and marked packets are dropped, not delivered.
 #[test]

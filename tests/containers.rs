@@ -148,6 +148,20 @@ fn containers_get_their_cgroups_verdict_live() {
             "{log}"
         );
 
+        let (out, code) = cgtproxy(&["explain", "docker-3f2a.scope", "--config"], &cfg);
+        assert!(
+            out.contains("through interface veth3f2a (container /")
+                && out.contains("tproxy proxy (port 7893, mark 0xbb8); kernel agrees"),
+            "{out}"
+        );
+        assert_eq!(code, 0, "{out}");
+        let (out, code) = cgtproxy(&["status", "--config"], &cfg);
+        assert!(
+            out.contains("machine-c.scope): forwarded traffic drop: installed"),
+            "{out}"
+        );
+        assert_eq!(code, 0, "{out}");
+
         // Direct first: it is the one that may reach the peer.
         let a = direct_c.talk("tcp", PEER4, PEER_PORT);
         assert!(a.starts_with("peer 10.77.2.2"), "direct container: {a}");
@@ -287,6 +301,12 @@ fn bridged_containers_are_reported_and_a_bridge_rule_routes_them() {
                     "through vethbbbb on bridge br-apps: its traffic arrives as the bridge's"
                 ),
                 "{log}"
+            );
+            let (out, _) = cgtproxy(&["status", "--config"], &cfg);
+            assert!(
+                out.contains("interface vethbbbb (container /")
+                    && out.contains("NOT CLASSIFIED: a port of bridge br-apps"),
+                "{out}"
             );
             install_counter(lab.peer_pid());
             for (proto, dst) in [("tcp", PEER4), ("udp", PEER6)] {

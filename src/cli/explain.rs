@@ -5,12 +5,14 @@ use std::fmt::Write;
 
 use crate::config::{Action, Config};
 use crate::core::cgroup::Cgroup;
+use crate::core::links::Why;
 use crate::core::table;
 use crate::core::tree::Tree;
 use crate::kernel::inspect;
+use crate::kernel::links::Links;
 use crate::watch::hierarchy::{self, Hierarchy};
 
-use super::status::{StatusError, class_name};
+use super::status::{StatusError, class_name, why};
 
 fn describe(cfg: &Config, a: Option<Action>) -> String {
     match a {
@@ -55,7 +57,11 @@ pub fn explain(cfg: &Config, what: &str) -> Result<(String, bool), StatusError> 
     let installed = inspect::read(&cfg.table)?;
     let mut o = String::new();
     let mut all_agree = true;
-    for cg in resolve(&hier, what)? {
+    let found = resolve(&hier, what)?;
+    // Containers are judged against the whole tree: what decides them may be
+    // any ancestor, and their processes any descendant.
+    let links = Links::open()?.plan(cfg, &Tree::build(cfg, &hierarchy::walk(&hier)))?;
+    for cg in found {
         let _ = writeln!(o, "cgroup {} (id {}, level {})", cg.path, cg.id, cg.level);
         // Ancestors-or-self from the top, with the rule each matches.
         let mut chain = Vec::new();
@@ -137,6 +143,33 @@ pub fn explain(cfg: &Config, what: &str) -> Result<(String, bool), StatusError> 
                     if agrees { "agrees" } else { "DISAGREES" }
                 );
             }
+        }
+        let related = |p: &str| {
+            let below = |a: &str, b: &str| a == b || a.starts_with(&format!("{b}/"));
+            below(p, &cg.path) || below(&cg.path, p)
+        };
+        for e in &links.entries {
+            let Why::Container(p) = &e.why else { continue };
+            if !related(p) {
+                continue;
+            }
+            let kernel = installed.as_ref().and_then(|i| i.ifaces.get(&e.index));
+            let verdict = match (&e.bridge, kernel) {
+                (Some(b), _) => {
+                    format!("NOT CLASSIFIED: a port of bridge {b} (give {b} an `interfaces` rule)")
+                }
+                (None, Some(&c)) if c == table::class(cfg, e.action) => "kernel agrees".into(),
+                (None, Some(&c)) => format!("kernel DISAGREES ({})", class_name(cfg, c)),
+                (None, None) => "kernel DISAGREES (no element)".into(),
+            };
+            all_agree &= e.bridge.is_none() && verdict == "kernel agrees";
+            let _ = writeln!(
+                o,
+                "forwarded from its network namespace through interface {} ({}): {}; {verdict}",
+                e.name,
+                why(cfg, e),
+                describe(cfg, Some(e.action))
+            );
         }
     }
     Ok((o, all_agree))

@@ -7,6 +7,7 @@ use std::fmt::Write;
 use serde_json::json;
 
 use crate::config::Config;
+use crate::core::links::{self, LinkPlan, Why};
 use crate::core::precedence;
 use crate::core::table::{self, Family};
 use crate::core::tree::{self, Tree};
@@ -26,6 +27,8 @@ pub enum StatusError {
     Route(#[from] crate::kernel::route::RouteError),
     #[error(transparent)]
     Cgroup(#[from] crate::watch::hierarchy::CgroupError),
+    #[error(transparent)]
+    Links(#[from] crate::kernel::links::LinksError),
     #[error("cannot read /proc/{pid}/cgroup: {source}")]
     Pid { pid: u32, source: std::io::Error },
     #[error("no cgroup named {0:?} (give a PID, a cgroup path starting with /, or a unit name)")]
@@ -96,6 +99,26 @@ fn drift(cfg: &Config, want: &tree::Elements, inst: &Installed) -> Drift {
     d
 }
 
+/// Adds the interface map's differences to `d`.
+fn iface_drift(d: &mut Drift, want: &BTreeMap<u32, u32>, have: &BTreeMap<u32, u32>) {
+    for (i, c) in want {
+        match have.get(i) {
+            None => d.missing += 1,
+            Some(h) if h != c => d.wrong += 1,
+            Some(_) => {}
+        }
+    }
+    d.extra += have.keys().filter(|i| !want.contains_key(i)).count();
+}
+
+/// How an interface got its verdict.
+pub(super) fn why(cfg: &Config, e: &links::Entry) -> String {
+    match &e.why {
+        Why::Rule(i) => format!("interfaces[{i}] {:?}", cfg.interfaces[*i].regex.as_str()),
+        Why::Container(path) => format!("container {path}"),
+    }
+}
+
 /// One ip rule or route of ours: its family, the mark of a rule (`None` for the
 /// route) and whether the kernel has it.
 type RoutingEntry = (Family, Option<u32>, bool);
@@ -113,6 +136,8 @@ struct Report {
     preceding: Vec<String>,
     degraded: Option<String>,
     drift: Drift,
+    /// The interfaces that classify forwarded traffic.
+    links: LinkPlan,
 }
 
 impl Report {
@@ -138,11 +163,11 @@ impl Report {
                 routing.push((fam, None, routes.route_exists(fam, cfg.route_table)?));
             }
         }
-        let drift = drift(
-            cfg,
-            &tree.elements(),
-            installed.as_ref().unwrap_or(&Installed::default()),
-        );
+        let links = crate::kernel::links::Links::open()?.plan(cfg, &tree)?;
+        let none = Installed::default();
+        let inst = installed.as_ref().unwrap_or(&none);
+        let mut drift = drift(cfg, &tree.elements(), inst);
+        iface_drift(&mut drift, &links.elements, &inst.ifaces);
         let (direct, drop, per_target) = tree.counts(cfg.targets.len());
         Ok(Report {
             installed,
@@ -154,6 +179,7 @@ impl Report {
             preceding,
             degraded: runstate::degraded(),
             drift,
+            links,
         })
     }
 
@@ -202,6 +228,19 @@ impl Report {
                        "mark": mark, "table": cfg.route_table, "present": present})
             })
             .collect();
+        let interfaces: Vec<_> = self
+            .links
+            .entries
+            .iter()
+            .map(|e| {
+                json!({"name": e.name, "index": e.index,
+                       "verdict": links::describe(cfg, e.action), "why": why(cfg, e),
+                       "bridge": e.bridge,
+                       "installed": self.installed.as_ref()
+                           .and_then(|i| i.ifaces.get(&e.index))
+                           .map(|&c| class_name(cfg, c))})
+            })
+            .collect();
         let d = self.drift;
         let v = json!({
             "table": cfg.table, "installed": self.installed.is_some(), "ok": self.ok(),
@@ -214,6 +253,8 @@ impl Report {
             "table_flags": self.installed.as_ref().map(|i| flag_names(i.state.flags)),
             "drift": {"missing": d.missing, "wrong": d.wrong, "extra": d.extra},
             "elements_by_class": by_class,
+            "interfaces": interfaces,
+            "link_warnings": self.links.warnings,
         });
         format!("{v:#}\n")
     }
@@ -259,6 +300,27 @@ impl Report {
                 o,
                 "{what}: {}",
                 if *present { "present" } else { "MISSING" }
+            );
+        }
+        for e in &self.links.entries {
+            let kernel = self
+                .installed
+                .as_ref()
+                .and_then(|i| i.ifaces.get(&e.index).copied());
+            let state = match (&e.bridge, kernel) {
+                (Some(b), _) => format!(
+                    "NOT CLASSIFIED: a port of bridge {b}, its traffic arrives as the bridge's"
+                ),
+                (None, Some(k)) if k == table::class(cfg, e.action) => "installed".to_owned(),
+                (None, Some(k)) => format!("the kernel has {}", class_name(cfg, k)),
+                (None, None) => "MISSING in the kernel".to_owned(),
+            };
+            let _ = writeln!(
+                o,
+                "interface {} ({}): forwarded traffic {}: {state}",
+                e.name,
+                why(cfg, e),
+                links::describe(cfg, e.action)
             );
         }
         for rule in &self.preceding {

@@ -18,7 +18,7 @@ use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFl
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, ConfigError};
-use crate::core::links::{self, Container, LinkPlan, Why};
+use crate::core::links::{self, LinkPlan, Why};
 use crate::core::precedence::{self, Placement};
 use crate::core::schedule::{HEAL_WINDOW, Schedule};
 use crate::core::table;
@@ -141,30 +141,6 @@ struct Daemon {
     link_plan: LinkPlan,
     /// The interface map the kernel holds now (index → class).
     ifaces: BTreeMap<u32, u32>,
-}
-
-/// Lists the links of this namespace and the containers behind them, and
-/// decides which interfaces classify forwarded traffic. Processes are only
-/// looked at when some link reaches another namespace.
-fn plan_links(links: &mut Links, cfg: &Config, tree: &Tree) -> Result<LinkPlan, LinksError> {
-    let all = links.dump()?;
-    let reached: BTreeSet<i32> = all.iter().filter_map(|l| l.peer_netns).collect();
-    let containers: Vec<Container> = if cfg.rules.is_empty() {
-        Vec::new()
-    } else {
-        links
-            .cgroups_in(&reached)?
-            .into_iter()
-            .filter_map(|(netns, path)| {
-                tree.decision(&path).map(|(action, by)| Container {
-                    path: by.to_owned(),
-                    action,
-                    netns,
-                })
-            })
-            .collect()
-    };
-    Ok(links::plan(cfg, &all, &containers))
 }
 
 /// Logs what `new` says that `old` did not: warnings, and interfaces with a
@@ -361,7 +337,7 @@ impl Daemon {
     /// Lists links and containers again and brings the interface map in line.
     /// On failure the map stays as it is (fail closed) and a retry follows.
     fn refresh_links(&mut self) {
-        let plan = match plan_links(&mut self.links, &self.cfg, &self.tree) {
+        let plan = match self.links.plan(&self.cfg, &self.tree) {
             Ok(p) => p,
             Err(e) => {
                 error!("{e}; the interfaces keep their verdicts; looking again soon");
@@ -664,7 +640,7 @@ impl Daemon {
             None => self.tree.cgroups(),
         };
         let tree = Tree::build(&new, &cgroups);
-        let link_plan = plan_links(&mut self.links, &new, &tree)?;
+        let link_plan = self.links.plan(&new, &tree)?;
         if new.same_structure(&self.cfg) && !self.dirty {
             let delta = tree::diff(&self.installed, &tree.elements());
             let old = std::mem::replace(&mut self.cfg, new);
@@ -833,7 +809,7 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         );
     }
     let mut links = Links::open()?;
-    let link_plan = plan_links(&mut links, &cfg, &tree)?;
+    let link_plan = links.plan(&cfg, &tree)?;
     announce(&cfg, &LinkPlan::default(), &link_plan);
     let mut d = Daemon {
         config_path,

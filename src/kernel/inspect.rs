@@ -42,6 +42,8 @@ pub struct Installed {
     pub maps: BTreeMap<u32, BTreeMap<u64, u32>>,
     /// Named counter (one per target, named after it) → (packets, bytes).
     pub counters: BTreeMap<String, (u64, u64)>,
+    /// The interface map: interface index → class.
+    pub ifaces: BTreeMap<u32, u32>,
 }
 
 fn string(b: &[u8]) -> String {
@@ -55,15 +57,17 @@ fn be64(b: &[u8]) -> Option<u64> {
 /// Parses one NFT_MSG_NEWSETELEM payload (after nfgenmsg) of a level map into
 /// (cgroup id, class).
 fn parse_elems(payload: &[u8], out: &mut BTreeMap<u64, u32>) {
+    // Keys are cgroup ids (8 bytes) or interface indices (4), host-endian.
     // NFTA_SET_ELEM_LIST_ELEMENTS = 3 → NFTA_LIST_ELEM = 1 each.
     let Some(list) = attr(payload, 3) else { return };
     for (_, elem) in attrs(list) {
         // NFTA_SET_ELEM_KEY = 1 and NFTA_SET_ELEM_DATA = 2, each → NFTA_DATA_VALUE = 1.
         let value = |ty| attr(elem, ty).and_then(|k| attr(k, 1));
-        let id = value(1)
-            .and_then(|k| k.get(..8))
-            .and_then(|k| k.try_into().ok())
-            .map(u64::from_ne_bytes);
+        let id = value(1).and_then(|k| match k.len() {
+            8 => k.try_into().ok().map(u64::from_ne_bytes),
+            4 => k.try_into().ok().map(u32::from_ne_bytes).map(u64::from),
+            _ => None,
+        });
         let class = value(2)
             .and_then(|d| d.get(..4))
             .and_then(|d| d.try_into().ok())
@@ -214,6 +218,17 @@ pub fn read(table: &str) -> Result<Option<Installed>, InspectError> {
         )?;
         installed.maps.insert(level, elems);
     }
+    let mut ifaces = BTreeMap::new();
+    d.dump(
+        NFT_MSG_GETSETELEM,
+        &[(1, table), (2, crate::core::table::IFACES)],
+        "listing map ifaces",
+        |p| parse_elems(&p[4.min(p.len())..], &mut ifaces),
+    )?;
+    installed.ifaces = ifaces
+        .into_iter()
+        .filter_map(|(k, v)| u32::try_from(k).ok().map(|k| (k, v)))
+        .collect();
     // NFTA_OBJ_TABLE = 1.
     d.dump(NFT_MSG_GETOBJ, &[(1, table)], "listing counters", |p| {
         if let Some((name, packets, bytes)) = parse_counter(&p[4.min(p.len())..]) {

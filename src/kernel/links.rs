@@ -7,7 +7,9 @@ use std::collections::BTreeSet;
 
 use netlink_sys::constants::NETLINK_ROUTE;
 
-use crate::core::links::Link;
+use crate::config::Config;
+use crate::core::links::{self, Container, Link, LinkPlan};
+use crate::core::tree::Tree;
 use crate::kernel::consts::*;
 use crate::kernel::nlmsg::{self, Channel, c_str};
 
@@ -166,6 +168,32 @@ impl Links {
             }
         }
         Ok(out)
+    }
+}
+
+impl Links {
+    /// Lists the links of this namespace and the containers behind them, and
+    /// decides which interfaces classify forwarded traffic (see
+    /// [`links::plan`]). Processes are only looked at when some link reaches
+    /// another namespace and some rule could classify a container.
+    pub fn plan(&mut self, cfg: &Config, tree: &Tree) -> Result<LinkPlan, LinksError> {
+        let all = self.dump()?;
+        let reached: BTreeSet<i32> = all.iter().filter_map(|l| l.peer_netns).collect();
+        let containers: Vec<Container> = if cfg.rules.is_empty() {
+            Vec::new()
+        } else {
+            self.cgroups_in(&reached)?
+                .into_iter()
+                .filter_map(|(netns, path)| {
+                    tree.decision(&path).map(|(action, by)| Container {
+                        path: by.to_owned(),
+                        action,
+                        netns,
+                    })
+                })
+                .collect()
+        };
+        Ok(links::plan(cfg, &all, &containers))
     }
 }
 

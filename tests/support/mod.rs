@@ -508,6 +508,19 @@ pub fn counted(pid: u32) -> u64 {
         .unwrap_or_else(|| panic!("no counter in namespace {pid}: {out}"))
 }
 
+/// Runs `cgtproxy ARGS CONFIG` (the last argument is the config path, after
+/// `--config` in `args`); returns stdout and stderr together, and the exit code.
+pub fn cgtproxy(args: &[&str], cfg: &Path) -> (String, i32) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cgtproxy"))
+        .args(args)
+        .arg(cfg)
+        .output()
+        .unwrap();
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (text, out.status.code().unwrap_or(-1))
+}
+
 /// The nftables ruleset, ip rules and routes of this namespace.
 pub fn kernel_state() -> String {
     sh_any(
