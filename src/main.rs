@@ -73,6 +73,8 @@ fn render(config: Option<PathBuf>) -> anyhow::Result<()> {
                 &table::levels(&elements),
                 &elements,
                 &Default::default(),
+                &[],
+                true,
             ),
             &paths
         )

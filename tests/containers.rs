@@ -265,53 +265,192 @@ fn gateway_mode_routes_what_interfaces_forward_even_when_they_appear_later() {
     );
 }
 
+/// Whether this kernel can route bridge ports (nft `meta broute`: Linux 6.4
+/// and later, built with CONFIG_NFT_BRIDGE_META), from its own config and
+/// version, not from the daemon: the tests check the daemon's probe by it.
+fn kernel_routes_bridge_ports() -> bool {
+    let config = sh_any("zcat /proc/config.gz 2>/dev/null || cat /boot/config-$(uname -r)");
+    let meta = config
+        .lines()
+        .any(|l| l == "CONFIG_NFT_BRIDGE_META=y" || l == "CONFIG_NFT_BRIDGE_META=m");
+    assert!(
+        meta || config.contains("CONFIG_NFT_BRIDGE_META is not set"),
+        "cannot tell from the kernel's config whether it has CONFIG_NFT_BRIDGE_META"
+    );
+    let release = sh_any("uname -r");
+    let mut v = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let version = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+    meta && version >= (6, 4)
+}
+
+/// br_netfilter on (Docker's default) or off, in this namespace only.
+fn br_netfilter(on: bool) {
+    let v = u8::from(on);
+    let out = sh_any(&format!(
+        "sysctl -qw net.bridge.bridge-nf-call-iptables={v} net.bridge.bridge-nf-call-ip6tables={v} && echo done"
+    ));
+    assert!(out.contains("done"), "br_netfilter sysctls: {out}");
+}
+
 #[test]
-fn bridged_containers_are_reported_and_a_bridge_rule_routes_them() {
+fn bridged_containers_get_their_cgroups_verdict_with_and_without_br_netfilter() {
     in_namespaces(
-        "bridged_containers_are_reported_and_a_bridge_rule_routes_them",
+        "bridged_containers_get_their_cgroups_verdict_with_and_without_br_netfilter",
         || {
             let mut lab = Lab::new("bridge");
             be_a_router(&lab);
-            // br_netfilter's bridge pass would see the bridged packets first,
-            // where tproxy cannot deliver them (see the README); a router
-            // without it, as this namespace is made to be.
-            let out = sh_any(
-                "sysctl -qw net.bridge.bridge-nf-call-iptables=0 net.bridge.bridge-nf-call-ip6tables=0; echo done",
-            );
-            assert!(out.contains("done"), "{out}");
             lab.start_listener("core", PROXY_PORT, "proxy");
             bridge("br-apps");
-            let c = container(
+            let p = container(
+                &lab,
+                "proxy/docker-aaaa.scope",
+                1,
+                "vethaaaa",
+                Some("br-apps"),
+            );
+            let d = container(
                 &lab,
                 "drop/docker-bbbb.scope",
-                7,
+                2,
                 "vethbbbb",
                 Some("br-apps"),
             );
-            let cfg = lab.write_config_with(
-                "b.json",
-                &proxy_target(),
-                &rules(&lab),
-                r#"[{"match":"^br-apps$","tproxy":"proxy"}]"#,
+            let direct = container(
+                &lab,
+                "direct/docker-cccc.scope",
+                3,
+                "vethcccc",
+                Some("br-apps"),
             );
+            let cfg = lab.write_config("b.json", &proxy_target(), &rules(&lab));
             lab.start_daemon(&cfg);
+            let routes = kernel_routes_bridge_ports();
             let log = lab.daemon.as_ref().unwrap().log();
-            assert!(
-                log.contains(
-                    "through vethbbbb on bridge br-apps: its traffic arrives as the bridge's"
-                ),
+            assert_eq!(
+                !routes,
+                log.contains("vethaaaa is a port of bridge br-apps and its traffic is tproxy proxy, but this kernel cannot route bridge ports"),
                 "{log}"
             );
-            let (out, _) = cgtproxy(&["status", "--config"], &cfg);
+            let (out, code) = cgtproxy(&["status", "--config"], &cfg);
+            let state = if routes {
+                "installed (routed, not bridged, on bridge br-apps)"
+            } else {
+                "DROPPED: a port of bridge br-apps, and this kernel cannot route bridge ports"
+            };
             assert!(
-                out.contains("interface vethbbbb (container /")
-                    && out.contains("NOT CLASSIFIED: a port of bridge br-apps"),
+                out.contains(&format!(
+                    "docker-aaaa.scope): forwarded traffic tproxy proxy: {state}"
+                )) && out.contains(
+                    "docker-cccc.scope): forwarded traffic direct: stays on bridge br-apps"
+                ),
                 "{out}"
             );
+            assert_eq!(code, if routes { 0 } else { 3 }, "{out}");
             install_counter(lab.peer_pid());
-            for (proto, dst) in [("tcp", PEER4), ("udp", PEER6)] {
-                let a = c.talk(proto, dst, PEER_PORT);
-                assert!(proxied(&a, dst), "{proto} from the bridged container: {a}");
+            for bnf in [true, false] {
+                br_netfilter(bnf);
+                let a = direct.talk("tcp", PEER4, PEER_PORT);
+                assert!(
+                    a.starts_with("peer 10.77.0.13"),
+                    "direct, br_netfilter {bnf}: {a}"
+                );
+                // What the direct container sent is all that may arrive.
+                let before = counted(lab.peer_pid());
+                for (proto, dst) in [
+                    ("tcp", PEER4),
+                    ("udp", PEER4),
+                    ("tcp", PEER6),
+                    ("udp", PEER6),
+                ] {
+                    let a = p.talk(proto, dst, PEER_PORT);
+                    if routes {
+                        assert!(
+                            proxied(&a, dst),
+                            "{proto} to {dst}, br_netfilter {bnf}: {a}"
+                        );
+                    } else {
+                        assert!(
+                            a.starts_with("ERR"),
+                            "{proto} to {dst} fails closed, br_netfilter {bnf}: {a}"
+                        );
+                    }
+                    let a = d.talk(proto, dst, PEER_PORT);
+                    assert!(
+                        a.starts_with("ERR"),
+                        "{proto} to {dst} dropped, br_netfilter {bnf}: {a}"
+                    );
+                }
+                // The bridge's own address is this host's: never proxied.
+                if routes {
+                    lab.start_local_server(9100 + u16::from(bnf), "host", &["10.77.0.1"]);
+                    let a = p.talk("tcp", "10.77.0.1", 9100 + u16::from(bnf));
+                    assert!(a.starts_with("host 10.77.0.11"), "to this host: {a}");
+                }
+                assert_eq!(
+                    counted(lab.peer_pid()),
+                    before,
+                    "went direct, br_netfilter {bnf}"
+                );
+            }
+            // Stopping the daemon takes the bridge table too.
+            lab.take_daemon().stop();
+            let left = sh_any("nft list tables");
+            assert!(!left.contains("cgtproxy"), "{left}");
+        },
+    );
+}
+
+#[test]
+fn a_bridge_rule_routes_its_ports_with_and_without_br_netfilter() {
+    in_namespaces(
+        "a_bridge_rule_routes_its_ports_with_and_without_br_netfilter",
+        || {
+            let mut lab = Lab::new("vmbridge");
+            be_a_router(&lab);
+            lab.start_listener("core", PROXY_PORT, "proxy");
+            bridge("br-vms");
+            let cfg = lab.write_config_with(
+                "v.json",
+                &proxy_target(),
+                &rules(&lab),
+                r#"[{"match":"^br-vms$","tproxy":"proxy"}]"#,
+            );
+            lab.start_daemon(&cfg);
+            // A VM's tap joins the bridge after the daemon started.
+            let vm = container(&lab, "vm-1", 4, "tap-vm1", Some("br-vms"));
+            if kernel_routes_bridge_ports() {
+                let seen = lab.eventually(Duration::from_secs(10), || {
+                    mapped().contains(&"tap-vm1".to_owned())
+                });
+                assert!(
+                    seen,
+                    "a port that joined later is not classified: {:?}",
+                    mapped()
+                );
+            }
+            install_counter(lab.peer_pid());
+            let routes = kernel_routes_bridge_ports();
+            for bnf in [true, false] {
+                br_netfilter(bnf);
+                for (proto, dst) in [("tcp", PEER4), ("udp", PEER6)] {
+                    let a = vm.talk(proto, dst, PEER_PORT);
+                    // Without `meta broute` the port stays bridged: the bridge's
+                    // rule reaches it, except in br_netfilter's bridge pass,
+                    // where tproxy cannot deliver: it fails closed there.
+                    if routes || !bnf {
+                        assert!(
+                            proxied(&a, dst),
+                            "{proto} to {dst}, br_netfilter {bnf}: {a}"
+                        );
+                    } else {
+                        assert!(
+                            a.starts_with("ERR"),
+                            "{proto} to {dst}, br_netfilter {bnf}: {a}"
+                        );
+                    }
+                }
             }
             assert_eq!(counted(lab.peer_pid()), 0, "went direct");
         },

@@ -54,6 +54,8 @@ fn probe_kernel(cfg: &Config) -> (Probe, Option<u32>) {
         &levels,
         &Default::default(),
         &Default::default(),
+        &[],
+        true,
     );
     let result = Nft::open().and_then(|mut nft| {
         let flags = nft.table_flags(&spec.name)?;

@@ -154,15 +154,16 @@ pub fn explain(cfg: &Config, what: &str) -> Result<(String, bool), StatusError> 
                 continue;
             }
             let kernel = installed.as_ref().and_then(|i| i.ifaces.get(&e.index));
+            let mapped = links.elements.contains_key(&e.index);
             let verdict = match (&e.bridge, kernel) {
-                (Some(b), _) => {
-                    format!("NOT CLASSIFIED: a port of bridge {b} (give {b} an `interfaces` rule)")
+                (Some(b), _) if !mapped => {
+                    format!("it stays on bridge {b}, whose verdict (if any) it follows")
                 }
-                (None, Some(&c)) if c == table::class(cfg, e.action) => "kernel agrees".into(),
-                (None, Some(&c)) => format!("kernel DISAGREES ({})", class_name(cfg, c)),
-                (None, None) => "kernel DISAGREES (no element)".into(),
+                (_, Some(&c)) if c == table::class(cfg, e.action) => "kernel agrees".into(),
+                (_, Some(&c)) => format!("kernel DISAGREES ({})", class_name(cfg, c)),
+                (_, None) => "kernel DISAGREES (no element)".into(),
             };
-            all_agree &= e.bridge.is_none() && verdict == "kernel agrees";
+            all_agree &= !mapped || verdict == "kernel agrees";
             let _ = writeln!(
                 o,
                 "forwarded from its network namespace through interface {} ({}): {}; {verdict}",

@@ -29,6 +29,8 @@ pub enum StatusError {
     Cgroup(#[from] crate::watch::hierarchy::CgroupError),
     #[error(transparent)]
     Links(#[from] crate::kernel::links::LinksError),
+    #[error("probing the kernel: {0}")]
+    Nft(#[from] crate::kernel::nft::NftError),
     #[error("cannot read /proc/{pid}/cgroup: {source}")]
     Pid { pid: u32, source: std::io::Error },
     #[error("no cgroup named {0:?} (give a PID, a cgroup path starting with /, or a unit name)")]
@@ -115,6 +117,10 @@ fn iface_drift(d: &mut Drift, want: &BTreeMap<u32, u32>, have: &BTreeMap<u32, u3
 pub(super) fn why(cfg: &Config, e: &links::Entry) -> String {
     match &e.why {
         Why::Rule(i) => format!("interfaces[{i}] {:?}", cfg.interfaces[*i].regex.as_str()),
+        Why::Port(i) => format!(
+            "a port of a bridge interfaces[{i}] {:?} matches",
+            cfg.interfaces[*i].regex.as_str()
+        ),
         Why::Container(path) => format!("container {path}"),
     }
 }
@@ -138,6 +144,9 @@ struct Report {
     drift: Drift,
     /// The interfaces that classify forwarded traffic.
     links: LinkPlan,
+    /// Whether the kernel can route bridge ports (probed only when some
+    /// bridge port is to be routed).
+    can_broute: bool,
 }
 
 impl Report {
@@ -163,7 +172,13 @@ impl Report {
                 routing.push((fam, None, routes.route_exists(fam, cfg.route_table)?));
             }
         }
-        let links = crate::kernel::links::Links::open()?.plan(cfg, &tree)?;
+        let mut links = crate::kernel::links::Links::open()?.plan(cfg, &tree)?;
+        let can_broute = links.broute.is_empty()
+            || crate::kernel::nft::Nft::open()?
+                .can_broute(&format!("{}-broute-probe", cfg.table), 0)?;
+        if !can_broute {
+            links::note_no_broute(cfg, &mut links);
+        }
         let none = Installed::default();
         let inst = installed.as_ref().unwrap_or(&none);
         let mut drift = drift(cfg, &tree.elements(), inst);
@@ -180,6 +195,7 @@ impl Report {
             degraded: runstate::degraded(),
             drift,
             links,
+            can_broute,
         })
     }
 
@@ -191,6 +207,7 @@ impl Report {
             && self.preceding.is_empty()
             && self.drift.none()
             && self.degraded.is_none()
+            && (self.can_broute || self.links.broute.is_empty())
     }
 
     fn counters(&self, name: &str) -> (u64, u64) {
@@ -307,13 +324,20 @@ impl Report {
                 .installed
                 .as_ref()
                 .and_then(|i| i.ifaces.get(&e.index).copied());
+            let mapped = self.links.elements.contains_key(&e.index);
             let state = match (&e.bridge, kernel) {
-                (Some(b), _) => format!(
-                    "NOT CLASSIFIED: a port of bridge {b}, its traffic arrives as the bridge's"
+                (Some(b), _) if !mapped => {
+                    format!("stays on bridge {b}, whose verdict (if any) it follows")
+                }
+                (Some(b), _) if !self.can_broute => format!(
+                    "DROPPED: a port of bridge {b}, and this kernel cannot route bridge ports (nft `meta broute`)"
                 ),
-                (None, Some(k)) if k == table::class(cfg, e.action) => "installed".to_owned(),
-                (None, Some(k)) => format!("the kernel has {}", class_name(cfg, k)),
-                (None, None) => "MISSING in the kernel".to_owned(),
+                (_, Some(k)) if k == table::class(cfg, e.action) => match &e.bridge {
+                    Some(b) => format!("installed (routed, not bridged, on bridge {b})"),
+                    None => "installed".to_owned(),
+                },
+                (_, Some(k)) => format!("the kernel has {}", class_name(cfg, k)),
+                (_, None) => "MISSING in the kernel".to_owned(),
             };
             let _ = writeln!(
                 o,

@@ -39,6 +39,8 @@ pub struct Container {
 pub enum Why {
     /// `interfaces[i]` matches its name.
     Rule(usize),
+    /// It is a port of a bridge whose name `interfaces[i]` matches.
+    Port(usize),
     /// It is a link of the namespace of this cgroup's processes.
     Container(String),
 }
@@ -50,8 +52,7 @@ pub struct Entry {
     pub name: String,
     pub action: Action,
     pub why: Why,
-    /// The bridge a container's link is a port of: what it forwards arrives as
-    /// the bridge's traffic, so this link is not in the map (see [`plan`]).
+    /// The bridge (or other master) this link is a port of (see [`plan`]).
     pub bridge: Option<String>,
 }
 
@@ -60,6 +61,8 @@ pub struct Entry {
 pub struct LinkPlan {
     /// Interface index → class (see [`class`]): the `ifaces` map's elements.
     pub elements: BTreeMap<u32, u32>,
+    /// Bridge ports routed instead of bridged (see `table::broute_chain`).
+    pub broute: Vec<u32>,
     pub entries: Vec<Entry>,
     /// Conflicts and links that cannot be classified, for the log.
     pub warnings: Vec<String>,
@@ -88,10 +91,11 @@ pub fn describe(cfg: &Config, a: Action) -> String {
 /// Decides every interface: an `interfaces` rule matching its name first (the
 /// administrator named it), else the container whose namespace its other end
 /// is in. A namespace shared by cgroups with different verdicts gets the
-/// stricter one ([`stricter`]) and a warning. A container's link that is a
-/// bridge port is reported and left out: its traffic reaches this host's
-/// prerouting as the bridge's, so only an `interfaces` rule on the bridge
-/// classifies it.
+/// stricter one ([`stricter`]) and a warning. The ports of a bridge that a
+/// rule proxies or drops get its verdict. A bridge port whose traffic is
+/// proxied or dropped is routed instead of bridged, and then classified like
+/// a direct link; a direct one stays on the bridge and follows the bridge's
+/// verdict, if it has one.
 pub fn plan(cfg: &Config, links: &[Link], containers: &[Container]) -> LinkPlan {
     let mut out = LinkPlan::default();
     let mut by_netns: BTreeMap<i32, (Action, &str)> = BTreeMap::new();
@@ -117,25 +121,35 @@ pub fn plan(cfg: &Config, links: &[Link], containers: &[Container]) -> LinkPlan 
         }
     }
     let name_of = |i: u32| links.iter().find(|l| l.index == i).map(|l| l.name.clone());
+    let rule_of = |l: &Link| cfg.classify_interface(&l.name);
+    let master_rule = |l: &Link| {
+        let m = links.iter().find(|m| Some(m.index) == l.master)?;
+        rule_of(m).filter(|(_, a)| *a != Action::Direct)
+    };
     for l in links.iter().filter(|l| l.index != LOOPBACK) {
-        let (action, why) = if let Some((i, a)) = cfg.classify_interface(&l.name) {
+        let (action, why) = if let Some((i, a)) = rule_of(l) {
             (a, Why::Rule(i))
         } else if let Some(&(a, path)) = l.peer_netns.and_then(|n| by_netns.get(&n)) {
             (a, Why::Container(path.to_owned()))
+        } else if let Some((i, a)) = master_rule(l) {
+            // A port of a bridge that a rule proxies or drops: routed on the
+            // port, so that br_netfilter's bridge pass never sees it.
+            (a, Why::Port(i))
         } else {
             continue;
         };
-        let bridge = match (&why, l.master) {
-            (Why::Container(_), Some(m)) => Some(name_of(m).unwrap_or_else(|| format!("#{m}"))),
-            _ => None,
-        };
-        if let (Some(b), Why::Container(path)) = (&bridge, &why) {
-            out.warnings.push(format!(
-                "{path} reaches this host through {} on bridge {b}: its traffic arrives as the bridge's and is not classified by its cgroup; give the bridge an `interfaces` rule or the container a direct veth",
-                l.name
-            ));
-        } else {
-            out.elements.insert(l.index, class(cfg, action));
+        let bridge = l
+            .master
+            .map(|m| name_of(m).unwrap_or_else(|| format!("#{m}")));
+        match (&bridge, action) {
+            (Some(_), Action::Direct) => {}
+            (Some(_), _) => {
+                out.broute.push(l.index);
+                out.elements.insert(l.index, class(cfg, action));
+            }
+            (None, _) => {
+                out.elements.insert(l.index, class(cfg, action));
+            }
         }
         out.entries.push(Entry {
             index: l.index,
@@ -146,6 +160,29 @@ pub fn plan(cfg: &Config, links: &[Link], containers: &[Container]) -> LinkPlan 
         });
     }
     out
+}
+
+/// On a kernel that cannot route bridge ports: the ports of a bridge that a
+/// rule classifies stay bridged (the bridge's verdict reaches them, unless
+/// br_netfilter's bridge pass, where `tproxy` cannot deliver, sees them
+/// first); the others, containers' links, have their TCP and UDP to other
+/// hosts dropped, as nothing else would tell their traffic apart — and say so.
+pub fn note_no_broute(cfg: &Config, plan: &mut LinkPlan) {
+    for e in &plan.entries {
+        if matches!(e.why, Why::Port(_)) {
+            plan.broute.retain(|&i| i != e.index);
+            plan.elements.remove(&e.index);
+        }
+    }
+    for e in &plan.entries {
+        if let (Some(b), true) = (&e.bridge, plan.broute.contains(&e.index)) {
+            plan.warnings.push(format!(
+                "{} is a port of bridge {b} and its traffic is {}, but this kernel cannot route bridge ports (nft `meta broute`: Linux 6.4 and later with CONFIG_NFT_BRIDGE_META): its TCP and UDP to other hosts are dropped instead",
+                e.name,
+                describe(cfg, e.action)
+            ));
+        }
+    }
 }
 
 /// Elements to delete and to add to turn map `old` into `new`; a changed class
@@ -268,19 +305,76 @@ mod tests {
     }
 
     #[test]
-    fn a_bridged_container_link_is_reported_not_mapped() {
+    fn a_bridged_container_link_is_routed_unless_it_is_direct() {
         let links = [
             link(3, "docker0", None, None),
             link(4, "veth1", Some(7), Some(3)),
+            link(5, "veth2", Some(8), Some(3)),
         ];
-        let p = plan(&cfg(), &links, &[container("/d.scope", Action::Drop, 7)]);
-        assert!(p.elements.is_empty());
-        assert_eq!(p.entries[0].bridge.as_deref(), Some("docker0"));
-        assert!(
-            p.warnings[0].contains("through veth1 on bridge docker0"),
-            "{:?}",
-            p.warnings
+        let p = plan(
+            &cfg(),
+            &links,
+            &[
+                container("/d.scope", Action::Drop, 7),
+                container("/e.scope", Action::Direct, 8),
+            ],
         );
+        assert_eq!(p.elements, BTreeMap::from([(4, DROP_CLASS)]));
+        assert_eq!(p.broute, [4]);
+        assert_eq!(p.entries[0].bridge.as_deref(), Some("docker0"));
+        assert_eq!(p.entries[1].bridge.as_deref(), Some("docker0"));
+    }
+
+    #[test]
+    fn the_ports_of_a_bridge_a_rule_proxies_are_routed_with_its_verdict() {
+        let c = Config::parse(
+            r#"{"version":1,"tproxies":{"a":{"port":1,"mark":10}},
+            "interfaces":[{"match":"^br-vms$","tproxy":"a"},{"match":"^br-lan$","direct":true},
+                          {"match":"^tap-direct$","direct":true}]}"#,
+            "t",
+        )
+        .unwrap();
+        let links = [
+            link(3, "br-vms", None, None),
+            link(4, "tap0", None, Some(3)),
+            link(5, "tap-direct", None, Some(3)),
+            link(6, "br-lan", None, None),
+            link(7, "eth1", None, Some(6)),
+        ];
+        let p = plan(&c, &links, &[]);
+        assert_eq!(
+            p.elements,
+            BTreeMap::from([(3, 10), (4, 10), (6, DIRECT_CLASS)])
+        );
+        assert_eq!(p.broute, [4], "a direct bridge's ports stay bridged");
+        assert_eq!(p.entries[1].why, Why::Port(0));
+        assert_eq!(p.entries[1].bridge.as_deref(), Some("br-vms"));
+    }
+
+    #[test]
+    fn without_broute_containers_on_bridges_fail_closed_and_bridge_ports_stay() {
+        let c = Config::parse(
+            r#"{"version":1,"tproxies":{"a":{"port":1,"mark":10}},
+            "interfaces":[{"match":"^br-vms$","tproxy":"a"}]}"#,
+            "t",
+        )
+        .unwrap();
+        let links = [
+            link(3, "br-vms", None, None),
+            link(4, "tap0", None, Some(3)),
+            link(5, "veth1", Some(7), Some(3)),
+        ];
+        let mut p = plan(&c, &links, &[container("/d.scope", Action::Tproxy(0), 7)]);
+        assert_eq!(p.broute, [4, 5]);
+        note_no_broute(&c, &mut p);
+        assert_eq!(
+            p.broute,
+            [5],
+            "the container's port is dropped in the bridge table"
+        );
+        assert_eq!(p.elements, BTreeMap::from([(3, 10), (5, 10)]));
+        assert_eq!(p.warnings.len(), 1);
+        assert!(p.warnings[0].starts_with("veth1 is a port of bridge br-vms"));
     }
 
     #[test]

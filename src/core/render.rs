@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::fmt::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::core::table::{self, Family, Hook, SetKind, Stmt, TableSpec, Verdict};
+use crate::core::table::{self, ChainSpec, Family, Hook, SetKind, Stmt, TableSpec, Verdict};
 
 fn verdict(v: &Verdict) -> String {
     match v {
@@ -50,6 +50,9 @@ fn stmt(s: &Stmt) -> String {
                 t => t.to_string(),
             }
         ),
+        Stmt::Iif(i) => format!("iif {i}"),
+        Stmt::PktTypeHost => "meta pkttype host".into(),
+        Stmt::Broute => "meta broute set 1".into(),
         Stmt::IfaceClass => format!(
             "meta mark set iif map @{} meta mark vmap @{}",
             table::IFACES,
@@ -70,6 +73,52 @@ fn stmt(s: &Stmt) -> String {
         Stmt::NamedCounter(n) => format!("counter name \"{n}\""),
         Stmt::Verdict(v) => verdict(v),
     }
+}
+
+/// Writes one chain with its hook line and rules.
+fn write_chain(o: &mut String, c: &ChainSpec) {
+    let _ = writeln!(o, "\tchain {} {{", c.name);
+    match c.hook {
+        Some(Hook::OutputRoute) => {
+            let _ = writeln!(
+                o,
+                "\t\ttype route hook output priority mangle; policy accept;"
+            );
+        }
+        Some(Hook::PreroutingFilter) => {
+            let _ = writeln!(
+                o,
+                "\t\ttype filter hook prerouting priority mangle; policy accept;"
+            );
+        }
+        Some(Hook::PreroutingNat) => {
+            let _ = writeln!(
+                o,
+                "\t\ttype nat hook prerouting priority dstnat; policy accept;"
+            );
+        }
+        Some(Hook::OutputNat) => {
+            let _ = writeln!(o, "\t\ttype nat hook output priority -100; policy accept;");
+        }
+        Some(Hook::BridgePrerouting) => {
+            let _ = writeln!(
+                o,
+                "\t\ttype filter hook prerouting priority -200; policy accept;"
+            );
+        }
+        Some(Hook::PostroutingFilter) => {
+            let _ = writeln!(
+                o,
+                "\t\ttype filter hook postrouting priority mangle; policy accept;"
+            );
+        }
+        None => {}
+    }
+    for r in &c.rules {
+        let parts: Vec<String> = r.iter().map(stmt).collect();
+        let _ = writeln!(o, "\t\t{}", parts.join(" "));
+    }
+    let _ = writeln!(o, "\t}}");
 }
 
 /// The table as an nft script that replaces any previous table of the same name.
@@ -139,44 +188,16 @@ pub fn render(t: &TableSpec, paths: &HashMap<u64, String>) -> String {
         let _ = writeln!(o, "\t}}");
     }
     for c in &t.chains {
-        let _ = writeln!(o, "\tchain {} {{", c.name);
-        match c.hook {
-            Some(Hook::OutputRoute) => {
-                let _ = writeln!(
-                    o,
-                    "\t\ttype route hook output priority mangle; policy accept;"
-                );
-            }
-            Some(Hook::PreroutingFilter) => {
-                let _ = writeln!(
-                    o,
-                    "\t\ttype filter hook prerouting priority mangle; policy accept;"
-                );
-            }
-            Some(Hook::PreroutingNat) => {
-                let _ = writeln!(
-                    o,
-                    "\t\ttype nat hook prerouting priority dstnat; policy accept;"
-                );
-            }
-            Some(Hook::OutputNat) => {
-                let _ = writeln!(o, "\t\ttype nat hook output priority -100; policy accept;");
-            }
-            Some(Hook::PostroutingFilter) => {
-                let _ = writeln!(
-                    o,
-                    "\t\ttype filter hook postrouting priority mangle; policy accept;"
-                );
-            }
-            None => {}
-        }
-        for r in &c.rules {
-            let parts: Vec<String> = r.iter().map(stmt).collect();
-            let _ = writeln!(o, "\t\t{}", parts.join(" "));
-        }
-        let _ = writeln!(o, "\t}}");
+        write_chain(&mut o, c);
     }
     let _ = writeln!(o, "}}");
+    if !t.broute.is_empty() {
+        let _ = writeln!(o, "add table bridge {}", t.name);
+        let _ = writeln!(o, "delete table bridge {}", t.name);
+        let _ = writeln!(o, "table bridge {} {{", t.name);
+        write_chain(&mut o, &table::broute_chain(&t.broute, t.can_broute));
+        let _ = writeln!(o, "}}");
+    }
     o
 }
 
@@ -207,7 +228,10 @@ mod tests {
         let paths: HashMap<u64, String> =
             [(11, "/a/proxy".to_owned()), (13, "/a/b/c/d".to_owned())].into();
         let ifaces = [(5, 3001)].into();
-        let got = render(&table(&cfg, &levels(&elements), &elements, &ifaces), &paths);
+        let got = render(
+            &table(&cfg, &levels(&elements), &elements, &ifaces, &[5], true),
+            &paths,
+        );
         let want = include_str!("../../tests/golden/render.nft");
         assert_eq!(got, want, "got:\n{got}");
     }

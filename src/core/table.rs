@@ -94,6 +94,12 @@ pub enum Stmt {
         level: u32,
         map: String,
     },
+    /// `iif N` (an interface index)
+    Iif(u32),
+    /// `meta pkttype host`: addressed to this host's (the bridge's) MAC
+    PktTypeHost,
+    /// `meta broute set 1` (bridge family): routed on its port, not bridged
+    Broute,
     /// `meta mark set iif map @ifaces meta mark vmap @classes`: the input
     /// interface's class into the mark, then the class's verdict.
     IfaceClass,
@@ -122,6 +128,8 @@ pub enum Hook {
     PreroutingNat,
     /// `type filter hook postrouting priority mangle`
     PostroutingFilter,
+    /// `type filter hook prerouting priority -200` in the bridge family
+    BridgePrerouting,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,6 +172,38 @@ pub struct TableSpec {
     pub counters: Vec<String>,
     pub sets: Vec<SetSpec>,
     pub chains: Vec<ChainSpec>,
+    /// Bridge ports whose frames to the bridge are routed on the port instead
+    /// (see [`broute_chain`]); none: no bridge table.
+    pub broute: Vec<u32>,
+    /// Whether the kernel can route a bridge port's frames (`meta broute`);
+    /// without, they are dropped.
+    pub can_broute: bool,
+}
+
+/// The bridge table's one chain (`type filter hook prerouting priority
+/// -200`, in table `bridge NAME`): TCP and UDP that a classified container on
+/// a bridge sends to the bridge's MAC — traffic to be routed — goes up the
+/// stack on its bridge port, where the inet table classifies it by that port
+/// like a direct veth. Left on the bridge, it would meet the inet hooks as
+/// the bridge's traffic, or with br_netfilter in the bridge's own pass, where
+/// `tproxy` cannot deliver it. A kernel that cannot route them (`meta
+/// broute`: Linux 6.4 and later, with CONFIG_NFT_BRIDGE_META) gets `drop`
+/// instead: such traffic fails closed rather than leaving unproxied.
+pub fn broute_chain(ports: &[u32], can_broute: bool) -> ChainSpec {
+    let mut rules = vec![vec![Stmt::NotTcpUdp, Stmt::Verdict(Verdict::Return)]];
+    rules.extend(ports.iter().map(|&p| {
+        let last = if can_broute {
+            Stmt::Broute
+        } else {
+            Stmt::Verdict(Verdict::Drop)
+        };
+        vec![Stmt::Iif(p), Stmt::PktTypeHost, last]
+    }));
+    ChainSpec {
+        name: "broute".into(),
+        hook: Some(Hook::BridgePrerouting),
+        rules,
+    }
 }
 
 /// Name of the class map of one level.
@@ -387,6 +427,8 @@ pub fn table(
     levels: &BTreeSet<u32>,
     elements: &Elements,
     ifaces: &BTreeMap<u32, u32>,
+    broute: &[u32],
+    can_broute: bool,
 ) -> TableSpec {
     let mut sets = vec![
         SetSpec {
@@ -609,6 +651,8 @@ pub fn table(
         counters: cfg.targets.iter().map(|t| t.name.clone()).collect(),
         sets,
         chains,
+        broute: broute.to_vec(),
+        can_broute,
     }
 }
 
@@ -665,7 +709,14 @@ mod tests {
             "t",
         )
         .unwrap();
-        let t = table(&c, &BTreeSet::new(), &Elements::new(), &BTreeMap::new());
+        let t = table(
+            &c,
+            &BTreeSet::new(),
+            &Elements::new(),
+            &BTreeMap::new(),
+            &[],
+            true,
+        );
         let mark = t.chains.iter().find(|ch| ch.name == "p-mark").unwrap();
         assert_eq!(
             mark.rules,

@@ -81,7 +81,9 @@ fn table_exists(nft: &Nft, name: &str) -> Result<bool, DaemonError> {
 }
 
 /// Replaces the whole table with the desired one in one transaction, keeping maps
-/// for `keep_levels` too, with `ifaces` in the interface map; `also` names a previous table (renamed by a reload) to
+/// for `keep_levels` too, with `links`' interfaces in the interface map and
+/// its bridge ports routed (a bridge table, replaced or removed when
+/// `bridge_present` says one may be there); `also` names a previous table (renamed by a reload) to
 /// delete in the same breath. A table of the same name left by an earlier
 /// instance (a crash leaves it, flagged persist) is replaced, which adopts it.
 /// Returns the installed elements and levels.
@@ -91,7 +93,9 @@ fn install_table(
     cfg: &Config,
     tree: &Tree,
     keep_levels: &BTreeSet<u32>,
-    ifaces: &BTreeMap<u32, u32>,
+    links: &LinkPlan,
+    bridge_present: bool,
+    can_broute: bool,
     also: Option<&str>,
 ) -> Result<(Elements, BTreeSet<u32>), DaemonError> {
     let elements = tree.elements();
@@ -99,14 +103,27 @@ fn install_table(
         .union(keep_levels)
         .copied()
         .collect();
-    let spec = table::table(cfg, &levels, &elements, ifaces);
+    let spec = table::table(
+        cfg,
+        &levels,
+        &elements,
+        &links.elements,
+        &links.broute,
+        can_broute,
+    );
     let mut txn = Txn::large();
-    if let Some(old) = also.filter(|o| *o != spec.name)
-        && table_exists(nft, old)?
-    {
-        txn.delete_table(old)?;
+    if let Some(old) = also.filter(|o| *o != spec.name) {
+        if table_exists(nft, old)? {
+            txn.delete_table(old)?;
+        }
+        if bridge_present {
+            txn.replace_bridge(old, &[], can_broute, flags)?;
+        }
     }
     txn.replace_table(&spec, table_exists(nft, &spec.name)?, flags)?;
+    if bridge_present || !spec.broute.is_empty() {
+        txn.replace_bridge(&spec.name, &spec.broute, can_broute, flags)?;
+    }
     nft.commit(txn)?;
     Ok((elements, levels))
 }
@@ -141,6 +158,25 @@ struct Daemon {
     link_plan: LinkPlan,
     /// The interface map the kernel holds now (index → class).
     ifaces: BTreeMap<u32, u32>,
+    /// The bridge ports the kernel routes now (see `table::broute_chain`).
+    broute: Vec<u32>,
+    /// Whether the kernel can route bridge ports (probed at start).
+    can_broute: bool,
+}
+
+/// The interfaces that classify forwarded traffic (see `Links::plan`), with
+/// a warning for each bridge port that this kernel cannot route.
+fn planned(
+    links: &mut Links,
+    cfg: &Config,
+    tree: &Tree,
+    can_broute: bool,
+) -> Result<LinkPlan, LinksError> {
+    let mut plan = links.plan(cfg, tree)?;
+    if !can_broute {
+        links::note_no_broute(cfg, &mut plan);
+    }
+    Ok(plan)
 }
 
 /// Logs what `new` says that `old` did not: warnings, and interfaces with a
@@ -149,11 +185,7 @@ fn announce(cfg: &Config, old: &LinkPlan, new: &LinkPlan) {
     for w in new.warnings.iter().filter(|w| !old.warnings.contains(w)) {
         warn!("{w}");
     }
-    for e in new
-        .entries
-        .iter()
-        .filter(|e| e.bridge.is_none() && !old.entries.contains(e))
-    {
+    for e in new.entries.iter().filter(|e| !old.entries.contains(e)) {
         info!(
             "forwarded traffic from interface {} ({}): {}",
             e.name,
@@ -167,6 +199,10 @@ fn announce(cfg: &Config, old: &LinkPlan, new: &LinkPlan) {
 fn why(cfg: &Config, e: &links::Entry) -> String {
     match &e.why {
         Why::Rule(i) => format!("interfaces[{i}] /{}/", cfg.interfaces[*i].regex),
+        Why::Port(i) => format!(
+            "a port of a bridge interfaces[{i}] /{}/ matches",
+            cfg.interfaces[*i].regex
+        ),
         Why::Container(path) => format!("container {path}"),
     }
 }
@@ -337,7 +373,7 @@ impl Daemon {
     /// Lists links and containers again and brings the interface map in line.
     /// On failure the map stays as it is (fail closed) and a retry follows.
     fn refresh_links(&mut self) {
-        let plan = match self.links.plan(&self.cfg, &self.tree) {
+        let plan = match planned(&mut self.links, &self.cfg, &self.tree, self.can_broute) {
             Ok(p) => p,
             Err(e) => {
                 error!("{e}; the interfaces keep their verdicts; looking again soon");
@@ -348,17 +384,32 @@ impl Daemon {
         };
         announce(&self.cfg, &self.link_plan, &plan);
         let (del, add) = links::diff(&self.ifaces, &plan.elements);
+        let broute_changed = plan.broute != self.broute;
         self.link_plan = plan;
-        if del.is_empty() && add.is_empty() {
+        if del.is_empty() && add.is_empty() && !broute_changed {
             return;
         }
         let mut txn = Txn::new();
+        // Ports are classified before they are routed, and routed no more
+        // before they are unclassified: never routed unclassified.
         let done = txn
-            .iface_elements(&self.cfg.table, &del, &add)
+            .iface_elements(&self.cfg.table, &[], &add)
+            .and_then(|()| {
+                if broute_changed {
+                    txn.replace_bridge(
+                        &self.cfg.table,
+                        &self.link_plan.broute,
+                        self.can_broute,
+                        self.table_flags,
+                    )?;
+                }
+                txn.iface_elements(&self.cfg.table, &del, &[])
+            })
             .and_then(|()| self.nft.commit(txn));
         match done {
             Ok(()) => {
                 self.ifaces = self.link_plan.elements.clone();
+                self.broute = self.link_plan.broute.clone();
                 self.publish_status();
             }
             Err(e) => {
@@ -375,17 +426,19 @@ impl Daemon {
 
     /// Rebuilds the whole table from the current configuration and tree.
     fn replace_all(&mut self) -> Result<(), DaemonError> {
-        let ifaces = self.link_plan.elements.clone();
         let (elements, levels) = install_table(
             &mut self.nft,
             self.table_flags,
             &self.cfg,
             &self.tree,
             &self.levels,
-            &ifaces,
+            &self.link_plan,
+            !self.broute.is_empty(),
+            self.can_broute,
             None,
         )?;
-        self.ifaces = ifaces;
+        self.ifaces = self.link_plan.elements.clone();
+        self.broute = self.link_plan.broute.clone();
         self.installed = elements;
         self.levels = levels;
         Ok(())
@@ -640,14 +693,23 @@ impl Daemon {
             None => self.tree.cgroups(),
         };
         let tree = Tree::build(&new, &cgroups);
-        let link_plan = self.links.plan(&new, &tree)?;
+        let link_plan = planned(&mut self.links, &new, &tree, self.can_broute)?;
         if new.same_structure(&self.cfg) && !self.dirty {
             let delta = tree::diff(&self.installed, &tree.elements());
             let old = std::mem::replace(&mut self.cfg, new);
             let (del, add) = links::diff(&self.ifaces, &link_plan.elements);
             let applied = self.apply(&delta).and_then(|()| {
                 let mut txn = Txn::new();
-                txn.iface_elements(&self.cfg.table, &del, &add)?;
+                txn.iface_elements(&self.cfg.table, &[], &add)?;
+                if link_plan.broute != self.broute {
+                    txn.replace_bridge(
+                        &self.cfg.table,
+                        &link_plan.broute,
+                        self.can_broute,
+                        self.table_flags,
+                    )?;
+                }
+                txn.iface_elements(&self.cfg.table, &del, &[])?;
                 self.nft.commit(txn)
             });
             if let Err(e) = applied {
@@ -683,7 +745,9 @@ impl Daemon {
                         &new,
                         &tree,
                         &BTreeSet::new(),
-                        &link_plan.elements,
+                        &link_plan,
+                        !self.broute.is_empty(),
+                        self.can_broute,
                         Some(&self.cfg.table),
                     )
                 });
@@ -709,6 +773,7 @@ impl Daemon {
         }
         self.tree = tree;
         self.ifaces = link_plan.elements.clone();
+        self.broute = link_plan.broute.clone();
         self.link_plan = link_plan;
         if let Some(w) = new_watcher {
             info!(
@@ -737,6 +802,15 @@ impl Daemon {
         });
         if let Err(e) = deleted {
             errors.push(format!("deleting table inet {table}: {e}"));
+        }
+        if !self.broute.is_empty() {
+            let mut txn = Txn::new();
+            let deleted = txn
+                .replace_bridge(table, &[], self.can_broute, self.table_flags)
+                .and_then(|()| self.nft.commit(txn));
+            if let Err(e) = deleted {
+                errors.push(format!("deleting table bridge {table}: {e}"));
+            }
         }
         if let Err(e) = self.routes.remove(&self.route_plan) {
             errors.push(e.to_string());
@@ -808,8 +882,27 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
             cfg.rule_priority
         );
     }
+    // A bridge table a crash left (flagged persist) routes ports no map
+    // classifies any more: remove it. Kernels without bridge support refuse,
+    // and have none to remove.
+    let mut txn = Txn::new();
+    if txn
+        .replace_bridge(&cfg.table, &[], false, table_flags)
+        .and_then(|()| nft.commit(txn))
+        .is_err()
+    {
+        debug!("no bridge table to remove");
+    }
+    let can_broute = nft
+        .can_broute(&format!("{}-broute-probe", cfg.table), table_flags)
+        .unwrap_or(false);
+    if !can_broute {
+        info!(
+            "this kernel cannot route bridge ports (nft `meta broute`: Linux 6.4 and later with CONFIG_NFT_BRIDGE_META): proxied or dropped containers on a bridge have their TCP and UDP dropped"
+        );
+    }
     let mut links = Links::open()?;
-    let link_plan = links.plan(&cfg, &tree)?;
+    let link_plan = planned(&mut links, &cfg, &tree, can_broute)?;
     announce(&cfg, &LinkPlan::default(), &link_plan);
     let mut d = Daemon {
         config_path,
@@ -832,6 +925,8 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         links,
         link_plan,
         ifaces: BTreeMap::new(),
+        broute: Vec::new(),
+        can_broute,
     };
     d.replace_all()?;
     if let Err(e) = d.routes.install(&d.route_plan) {

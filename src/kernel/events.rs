@@ -110,8 +110,12 @@ pub fn judge_nft(datagram: &[u8], table: &str, own_port: u32, damage: &mut Damag
                 | NFT_MSG_DELSETELEM
                 | NFT_MSG_DELOBJ
         );
-        let family = payload.first().copied();
-        if !relevant || pid == own_port || family != Some(libc::NFPROTO_INET as u8) {
+        // Our tables: inet, and bridge for routed bridge ports.
+        let ours = matches!(
+            payload.first().map(|&f| i32::from(f)),
+            Some(libc::NFPROTO_INET | libc::NFPROTO_BRIDGE)
+        );
+        if !relevant || pid == own_port || !ours {
             continue;
         }
         // Attribute 1 is the table name in every one of these messages.

@@ -71,6 +71,8 @@ pub enum MetaKey {
     Oif,
     /// The input interface's index.
     Iif,
+    /// The packet type (host, broadcast, multicast, other host).
+    PktType,
 }
 
 /// Where a payload load starts.
@@ -130,10 +132,16 @@ pub enum Expr {
     Counter,
     /// `counter name "NAME"`: counts into the table's named counter object.
     CounterRef(CString),
+    /// `meta broute set` from [`REG_1`] (bridge family, prerouting): the
+    /// frame goes up the stack on its port instead of being bridged.
+    SetBroute,
     /// `fib daddr type`: the destination's address type (`RTN_*`, a host-order
     /// u32) into [`REG_1`].
     FibDaddrType,
 }
+
+/// `NFT_META_BRI_BROUTE` (`meta broute`, in Linux since 2023; not in libc).
+const NFT_META_BRI_BROUTE: u32 = 35;
 
 /// `NFT_FIB_RESULT_ADDRTYPE` and `NFTA_FIB_F_DADDR` (not in libc).
 const NFT_FIB_RESULT_ADDRTYPE: u32 = 3;
@@ -185,6 +193,7 @@ impl Expression for Expr {
                     MetaKey::Mark => libc::NFT_META_MARK,
                     MetaKey::Oif => libc::NFT_META_OIF,
                     MetaKey::Iif => libc::NFT_META_IIF,
+                    MetaKey::PktType => libc::NFT_META_PKTTYPE,
                 };
                 set_u32(e, sys::NFTNL_EXPR_META_KEY, k as u32);
                 set_u32(e, sys::NFTNL_EXPR_META_DREG, REG_1);
@@ -284,6 +293,12 @@ impl Expression for Expr {
                 set_u32(e, sys::NFTNL_EXPR_NAT_REG_PROTO_MIN, REG_2);
                 e
             }
+            Expr::SetBroute => {
+                let e = alloc_expr(c"meta");
+                set_u32(e, sys::NFTNL_EXPR_META_KEY, NFT_META_BRI_BROUTE);
+                set_u32(e, sys::NFTNL_EXPR_META_SREG, REG_1);
+                e
+            }
             Expr::FibDaddrType => {
                 let e = alloc_expr(c"fib");
                 set_u32(e, sys::NFTNL_EXPR_FIB_DREG, REG_1);
@@ -309,12 +324,14 @@ pub const TABLE_F_OWNER: u32 = 2;
 /// socket, unowned, and the next process to add it with both flags adopts it.
 pub const TABLE_F_PERSIST: u32 = 4;
 
-/// An `inet` table with flags. The `nftnl` crate's table always carries flags 0,
+/// A table with flags. The `nftnl` crate's table always carries flags 0,
 /// which the kernel refuses as an update of a table flagged owner.
 #[derive(Debug, Clone)]
 pub struct TableMsg {
     pub name: CString,
     pub flags: u32,
+    /// `NFPROTO_INET`, or `NFPROTO_BRIDGE` for the broute table.
+    pub family: u8,
 }
 
 /// Owns a libnftnl table for the duration of one message build.
@@ -341,12 +358,18 @@ unsafe impl NlMsg for TableMsg {
         // has room for a message (trait contract).
         unsafe {
             let o = table.0.as_ptr();
-            sys::nftnl_table_set_u32(o, sys::NFTNL_TABLE_FAMILY as u16, libc::NFPROTO_INET as u32);
+            sys::nftnl_table_set_u32(o, sys::NFTNL_TABLE_FAMILY as u16, u32::from(self.family));
             sys::nftnl_table_set_str(o, sys::NFTNL_TABLE_NAME as u16, self.name.as_ptr());
             if msg_type == MsgType::Add {
                 sys::nftnl_table_set_u32(o, sys::NFTNL_TABLE_FLAGS as u16, self.flags);
             }
-            let nlh = header(buf, t, libc::NLM_F_ACK, seq);
+            let nlh = sys::nftnl_nlmsg_build_hdr(
+                buf.cast::<c_char>(),
+                t as u16,
+                u16::from(self.family),
+                libc::NLM_F_ACK as u16,
+                seq,
+            );
             sys::nftnl_table_nlmsg_build_payload(nlh, o);
         }
     }
@@ -700,6 +723,7 @@ mod tests {
         let t = TableMsg {
             name: c"cgtproxy".into(),
             flags: TABLE_F_OWNER | TABLE_F_PERSIST,
+            family: libc::NFPROTO_INET as u8,
         };
         batch.add(&t, MsgType::Add);
         batch.add(&t, MsgType::Del);
@@ -738,6 +762,11 @@ mod tests {
         assert_eq!(attr(&data, 1), REG_1.to_be_bytes());
         assert_eq!(attr(&data, 2), 3u32.to_be_bytes());
         assert_eq!(attr(&data, 3), 2u32.to_be_bytes());
+        let (name, data) = expr_bytes(&Expr::SetBroute);
+        assert_eq!(name, "meta");
+        // NFTA_META_KEY = 2, NFTA_META_SREG = 3.
+        assert_eq!(attr(&data, 2), 35u32.to_be_bytes());
+        assert_eq!(attr(&data, 3), REG_1.to_be_bytes());
         let (_, data) = expr_bytes(&Expr::Verdict(Verdict::Jump(Rc::from(c"forwarded"))));
         let verdict = attr(attr(&data, 2), 2);
         assert_eq!(attr(verdict, 1), (libc::NFT_JUMP as u32).to_be_bytes());

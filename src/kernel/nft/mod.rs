@@ -162,6 +162,16 @@ fn exprs(s: &Stmt) -> Result<Vec<Expr>, NftError> {
             Expr::FibDaddrType,
             cmp(u32::from(*t).to_ne_bytes().to_vec()),
         ],
+        Stmt::Iif(i) => vec![Expr::Meta(MetaKey::Iif), cmp(i.to_ne_bytes().to_vec())],
+        // PACKET_HOST = 0.
+        Stmt::PktTypeHost => vec![Expr::Meta(MetaKey::PktType), cmp(vec![0])],
+        Stmt::Broute => vec![
+            Expr::Load {
+                reg: REG_1,
+                data: vec![1],
+            },
+            Expr::SetBroute,
+        ],
         Stmt::IfaceClass => vec![
             Expr::Meta(MetaKey::Iif),
             Expr::Lookup {
@@ -295,9 +305,44 @@ impl Txn {
         let table = ffi::TableMsg {
             name: cstring(name)?,
             flags: 0,
+            family: libc::NFPROTO_INET as u8,
         };
         self.add(&table, MsgType::Del, format!("delete table inet {name}"));
         Ok(())
+    }
+
+    /// Replaces the bridge table `name` with one that routes `ports` (see
+    /// [`table::broute_chain`]), or removes it when `ports` is empty; whether
+    /// or not it exists: it is added first (which adopts one a crash left)
+    /// and deleted.
+    pub fn replace_bridge(
+        &mut self,
+        name: &str,
+        ports: &[u32],
+        can_broute: bool,
+        flags: u32,
+    ) -> Result<(), NftError> {
+        let msg = |flags| -> Result<ffi::TableMsg, NftError> {
+            Ok(ffi::TableMsg {
+                name: cstring(name)?,
+                flags,
+                family: libc::NFPROTO_BRIDGE as u8,
+            })
+        };
+        self.add(&msg(flags)?, MsgType::Add, format!("table bridge {name}"));
+        self.add(
+            &msg(0)?,
+            MsgType::Del,
+            format!("delete table bridge {name}"),
+        );
+        if ports.is_empty() {
+            return Ok(());
+        }
+        self.add(&msg(flags)?, MsgType::Add, format!("table bridge {name}"));
+        let table = Table::new(cstring(name)?, ProtoFamily::Bridge);
+        let chain = table::broute_chain(ports, can_broute);
+        self.add_chain(&table, &chain)?;
+        self.add_rules(&table, &chain)
     }
 
     /// Replaces any table of the same name with `spec`, atomically: `exists`
@@ -315,6 +360,7 @@ impl Txn {
         let msg = ffi::TableMsg {
             name: cstring(&spec.name)?,
             flags,
+            family: libc::NFPROTO_INET as u8,
         };
         self.add(&msg, MsgType::Add, format!("table inet {}", spec.name));
         // Chains name their table; this object is never sent.
@@ -480,6 +526,11 @@ impl Txn {
                 chain.set_hook(nftnl::Hook::PostRouting, libc::NF_IP_PRI_MANGLE);
                 chain.set_type(ChainType::Filter);
             }
+            Some(Hook::BridgePrerouting) => {
+                // NF_BR_PRI_FILTER_BRIDGED: before br_netfilter's own pass (0).
+                chain.set_hook(nftnl::Hook::PreRouting, -200);
+                chain.set_type(ChainType::Filter);
+            }
             None => {}
         }
         if c.hook.is_some() {
@@ -621,6 +672,7 @@ impl Nft {
             let t = ffi::TableMsg {
                 name: cstring(probe_name)?,
                 flags,
+                family: libc::NFPROTO_INET as u8,
             };
             let mut txn = Txn::new();
             txn.add(&t, MsgType::Add, format!("probe table inet {probe_name}"));
@@ -635,6 +687,23 @@ impl Nft {
             }
         }
         Ok(0)
+    }
+
+    /// Whether this kernel can route a bridge port's frames (`meta broute`):
+    /// a bridge table with such a rule, added and deleted in one
+    /// transaction. Refused with `EOPNOTSUPP` without it.
+    pub fn can_broute(&mut self, probe_name: &str, flags: u32) -> Result<bool, NftError> {
+        let mut txn = Txn::new();
+        txn.replace_bridge(probe_name, &[1], true, flags)?;
+        txn.replace_bridge(probe_name, &[], true, flags)?;
+        match self.commit(txn) {
+            Ok(()) => Ok(true),
+            Err(NftError::Kernel {
+                errno: nix::Error::EOPNOTSUPP,
+                ..
+            }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Commits a transaction: all of it, or nothing.
