@@ -81,23 +81,25 @@ fn table_exists(nft: &Nft, name: &str) -> Result<bool, DaemonError> {
 }
 
 /// Replaces the whole table with the desired one in one transaction, keeping maps
-/// for `keep_levels` too, with `links`' interfaces in the interface map and
-/// its bridge ports routed (a bridge table, replaced or removed when
-/// `bridge_present` says one may be there); `also` names a previous table (renamed by a reload) to
-/// delete in the same breath. A table of the same name left by an earlier
+/// for `keep_levels` too, with the wanted interfaces in the interface map and
+/// bridge ports routed (a bridge table, replaced or removed when
+/// `bridge_present` says one may be there); `also` names a previous table
+/// (renamed by a reload) to delete in the same breath. A table of the same name left by an earlier
 /// instance (a crash leaves it, flagged persist) is replaced, which adopts it.
 /// Returns the installed elements and levels.
 fn install_table(
     nft: &mut Nft,
-    flags: u32,
-    cfg: &Config,
-    tree: &Tree,
+    caps: Caps,
+    want: Want<'_>,
     keep_levels: &BTreeSet<u32>,
-    links: &LinkPlan,
     bridge_present: bool,
-    can_broute: bool,
     also: Option<&str>,
 ) -> Result<(Elements, BTreeSet<u32>), DaemonError> {
+    let Want { cfg, tree, links } = want;
+    let Caps {
+        table_flags: flags,
+        can_broute,
+    } = caps;
     let elements = tree.elements();
     let levels: BTreeSet<u32> = table::levels(&elements)
         .union(keep_levels)
@@ -128,6 +130,23 @@ fn install_table(
     Ok((elements, levels))
 }
 
+/// What the kernel can do, probed at start.
+#[derive(Debug, Clone, Copy)]
+struct Caps {
+    /// The table flags it takes (`owner`, `persist`).
+    table_flags: u32,
+    /// Whether it can route bridge ports (`meta broute`).
+    can_broute: bool,
+}
+
+/// What the table should hold: for this configuration, tree and interfaces.
+#[derive(Clone, Copy)]
+struct Want<'a> {
+    cfg: &'a Config,
+    tree: &'a Tree,
+    links: &'a LinkPlan,
+}
+
 struct Daemon {
     config_path: Option<PathBuf>,
     cfg: Config,
@@ -140,8 +159,7 @@ struct Daemon {
     /// Levels with a map and a rule in the output chain (kept once created).
     levels: BTreeSet<u32>,
     route_plan: route::Plan,
-    /// The table flags this kernel takes (`owner`, `persist`), probed at start.
-    table_flags: u32,
+    caps: Caps,
     /// Why the daemon is degraded (part of the tree unwatched), if it is.
     degraded: Option<String>,
     /// A foreign ip rule at priority 0 that takes marked packets before ours.
@@ -160,8 +178,6 @@ struct Daemon {
     ifaces: BTreeMap<u32, u32>,
     /// The bridge ports the kernel routes now (see `table::broute_chain`).
     broute: Vec<u32>,
-    /// Whether the kernel can route bridge ports (probed at start).
-    can_broute: bool,
 }
 
 /// The interfaces that classify forwarded traffic (see `Links::plan`), with
@@ -373,7 +389,7 @@ impl Daemon {
     /// Lists links and containers again and brings the interface map in line.
     /// On failure the map stays as it is (fail closed) and a retry follows.
     fn refresh_links(&mut self) {
-        let plan = match planned(&mut self.links, &self.cfg, &self.tree, self.can_broute) {
+        let plan = match planned(&mut self.links, &self.cfg, &self.tree, self.caps.can_broute) {
             Ok(p) => p,
             Err(e) => {
                 error!("{e}; the interfaces keep their verdicts; looking again soon");
@@ -399,8 +415,8 @@ impl Daemon {
                     txn.replace_bridge(
                         &self.cfg.table,
                         &self.link_plan.broute,
-                        self.can_broute,
-                        self.table_flags,
+                        self.caps.can_broute,
+                        self.caps.table_flags,
                     )?;
                 }
                 txn.iface_elements(&self.cfg.table, &del, &[])
@@ -426,15 +442,17 @@ impl Daemon {
 
     /// Rebuilds the whole table from the current configuration and tree.
     fn replace_all(&mut self) -> Result<(), DaemonError> {
+        let want = Want {
+            cfg: &self.cfg,
+            tree: &self.tree,
+            links: &self.link_plan,
+        };
         let (elements, levels) = install_table(
             &mut self.nft,
-            self.table_flags,
-            &self.cfg,
-            &self.tree,
+            self.caps,
+            want,
             &self.levels,
-            &self.link_plan,
             !self.broute.is_empty(),
-            self.can_broute,
             None,
         )?;
         self.ifaces = self.link_plan.elements.clone();
@@ -693,7 +711,7 @@ impl Daemon {
             None => self.tree.cgroups(),
         };
         let tree = Tree::build(&new, &cgroups);
-        let link_plan = planned(&mut self.links, &new, &tree, self.can_broute)?;
+        let link_plan = planned(&mut self.links, &new, &tree, self.caps.can_broute)?;
         if new.same_structure(&self.cfg) && !self.dirty {
             let delta = tree::diff(&self.installed, &tree.elements());
             let old = std::mem::replace(&mut self.cfg, new);
@@ -705,8 +723,8 @@ impl Daemon {
                     txn.replace_bridge(
                         &self.cfg.table,
                         &link_plan.broute,
-                        self.can_broute,
-                        self.table_flags,
+                        self.caps.can_broute,
+                        self.caps.table_flags,
                     )?;
                 }
                 txn.iface_elements(&self.cfg.table, &del, &[])?;
@@ -739,15 +757,17 @@ impl Daemon {
                 .install(&new_routes)
                 .map_err(DaemonError::from)
                 .and_then(|()| {
+                    let want = Want {
+                        cfg: &new,
+                        tree: &tree,
+                        links: &link_plan,
+                    };
                     install_table(
                         &mut self.nft,
-                        self.table_flags,
-                        &new,
-                        &tree,
+                        self.caps,
+                        want,
                         &BTreeSet::new(),
-                        &link_plan,
                         !self.broute.is_empty(),
-                        self.can_broute,
                         Some(&self.cfg.table),
                     )
                 });
@@ -806,7 +826,7 @@ impl Daemon {
         if !self.broute.is_empty() {
             let mut txn = Txn::new();
             let deleted = txn
-                .replace_bridge(table, &[], self.can_broute, self.table_flags)
+                .replace_bridge(table, &[], self.caps.can_broute, self.caps.table_flags)
                 .and_then(|()| self.nft.commit(txn));
             if let Err(e) = deleted {
                 errors.push(format!("deleting table bridge {table}: {e}"));
@@ -912,7 +932,10 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         tree,
         nft,
         routes,
-        table_flags,
+        caps: Caps {
+            table_flags,
+            can_broute,
+        },
         degraded: None,
         blocked_by: None,
         installed: Elements::new(),
@@ -926,7 +949,6 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         link_plan,
         ifaces: BTreeMap::new(),
         broute: Vec::new(),
-        can_broute,
     };
     d.replace_all()?;
     if let Err(e) = d.routes.install(&d.route_plan) {
