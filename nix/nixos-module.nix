@@ -76,8 +76,11 @@ let
     name: t: "${credentialName name}:${t.upstream-auth-file}"
   ) authFiles;
 
+  # An empty `interfaces` is left out, as the contract's example has none.
   rendered = dropNulls (
-    lib.recursiveUpdate cfg.settings {
+    lib.recursiveUpdate
+      (removeAttrs cfg.settings (lib.optional (cfg.settings.interfaces == [ ]) "interfaces"))
+      {
       tproxies = lib.mapAttrs (name: _: {
         upstream-auth-file = "${credentialDir}/${credentialName name}";
       }) authFiles;
@@ -101,11 +104,14 @@ let
 
   marks = lib.mapAttrsToList (_: t: t.mark) cfg.settings.tproxies;
 
-  ruleAssertions = lib.concatLists (
+  # The same checks for `rules` and `interfaces` (`list` names which).
+  ruleAssertionsOf =
+    list:
+    lib.concatLists (
     lib.imap0 (
       i: r:
       let
-        where = "services.cgtproxy.settings.rules.${toString i} (match = ${builtins.toJSON r.match})";
+        where = "services.cgtproxy.settings.${list}.${toString i} (match = ${builtins.toJSON r.match})";
         actions = lib.filter (a: r.${a} != null) [
           "tproxy"
           "direct"
@@ -134,8 +140,10 @@ let
           message = "${where}: drop must be true when set; remove it instead.";
         }
       ]
-    ) cfg.settings.rules
+    ) cfg.settings.${list}
   );
+
+  ruleAssertions = ruleAssertionsOf "rules" ++ ruleAssertionsOf "interfaces";
 
   markAssertions = lib.mapAttrsToList (
     mark: names:
@@ -364,6 +372,28 @@ in
               Ordered rules; each has {option}`match` and exactly one of
               {option}`tproxy`, {option}`direct` = true, {option}`drop` = true.
               The rules of {option}`services.cgtproxy.slices` come first.
+            '';
+          };
+          interfaces = mkOption {
+            type = types.listOf (types.submodule ruleModule);
+            default = [ ];
+            example = lib.literalExpression ''
+              [
+                { match = "^br-lan$"; tproxy = "proxy"; }
+                { match = "^vnet"; drop = true; }
+              ]
+            '';
+            description = ''
+              Gateway mode: ordered rules on interface names. Traffic this host
+              forwards from a matching interface (a LAN, a bridge, a VM network)
+              gets the rule's verdict; {option}`match` is searched in the name.
+              Interfaces that appear later are covered without a reload.
+              Containers need none of this: a rule in
+              {option}`services.cgtproxy.settings.rules` that matches a
+              container's cgroup (`machine-NAME.scope`, `docker-ID.scope`, a
+              quadlet's unit) routes what it forwards to this host too. Needs
+              `networking.ip_forward` (or the interfaces' own forwarding); see the
+              README's "Containers, VMs and LAN clients".
             '';
           };
         };

@@ -194,6 +194,12 @@ let
             proxyOnly
           ];
           services.cgtproxy.settings.rule-priority = 5000;
+          services.cgtproxy.settings.interfaces = [
+            {
+              match = "^br-lan$";
+              tproxy = "proxy";
+            }
+          ];
           services.cgtproxy.settings.tproxies.proxy = {
             upstream = "socks5://127.0.0.1:1080";
             dns-hijack = {
@@ -208,6 +214,12 @@ let
         route-table = 300;
         table = "cgtproxy";
         rule-priority = 5000;
+        interfaces = [
+          {
+            match = "^br-lan$";
+            tproxy = "proxy";
+          }
+        ];
         bypass = [
           "127.0.0.0/8"
           "::1/128"
@@ -697,6 +709,18 @@ let
           }
         ];
       }) [ "services.cgtproxy.settings.rules.3" "tproxy = \"nope\"" "known: proxy" ];
+      expected = true;
+    };
+    testUnknownTargetInInterfaces = {
+      expr = refusedWith (evalNixos {
+        imports = [ proxyOnly ];
+        services.cgtproxy.settings.interfaces = [
+          {
+            match = "^br-lan$";
+            tproxy = "nope";
+          }
+        ];
+      }) [ "services.cgtproxy.settings.interfaces.0" "tproxy = \"nope\"" "known: proxy" ];
       expected = true;
     };
     testZeroActions = {
