@@ -190,6 +190,32 @@ fn containers_get_their_cgroups_verdict_live() {
         assert!(a.starts_with("host 10.77.1.2"), "to this host: {a}");
         assert_eq!(counted(lab.peer_pid()), 0, "went direct");
 
+        // wg-quick's src_valid_mark with a strict reverse-path filter: the
+        // kernel checks the source against the route our mark selects and
+        // drops forwarded IPv4. doctor names it; the traffic fails closed.
+        sh_any(
+            "sysctl -qw net.ipv4.conf.all.src_valid_mark=1 net.ipv4.conf.all.rp_filter=1 net.ipv4.conf.veth3f2a.rp_filter=1",
+        );
+        let (out, code) = cgtproxy(&["doctor", "--config"], &cfg);
+        assert!(
+            out.contains(
+                "FAIL forwarded: veth3f2a (tproxy proxy): strict rp_filter with src_valid_mark"
+            ) && out.contains("net.ipv4.conf.veth3f2a.rp_filter=2"),
+            "{out}"
+        );
+        assert_ne!(code, 0, "{out}");
+        let a = proxied_c.talk("tcp", PEER4, PEER_PORT);
+        assert!(a.starts_with("ERR"), "strict rp_filter: {a}");
+        assert_eq!(counted(lab.peer_pid()), 0, "went direct");
+        sh_any(
+            "sysctl -qw net.ipv4.conf.all.src_valid_mark=0 net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.veth3f2a.rp_filter=0",
+        );
+        let (out, _) = cgtproxy(&["doctor", "--config"], &cfg);
+        assert!(
+            out.contains("ok   forwarded: veth3f2a (tproxy proxy): no known pitfall"),
+            "{out}"
+        );
+
         // A container started later, then stopped.
         let t0 = Instant::now();
         let late = container(&lab, "proxy/docker-1a7e.scope", 4, "veth1a7e", None);

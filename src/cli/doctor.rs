@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::fmt::Write;
 
-use crate::config::Config;
+use crate::config::{Action, Config};
 use crate::core::precedence::{self, Placement};
 use crate::core::rpfilter;
 use crate::core::table::{self, Proto};
@@ -13,7 +13,7 @@ use crate::kernel::sockdiag;
 use crate::watch::hierarchy::{self, Hierarchy};
 
 /// What a probe found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Outcome {
     Ok,
     Warn,
@@ -514,6 +514,132 @@ fn probe_rpfilter(cfg: &Config) -> Probe {
     }
 }
 
+/// A sysctl of interface `iface` (`net.ipv4.conf.IFACE.KEY`) that the
+/// kernel ORs with `all`'s: on when either is 1.
+fn either_on(iface: &str, key: &str) -> bool {
+    ["all", iface]
+        .iter()
+        .any(|d| read_sysctl(&format!("/proc/sys/net/ipv4/conf/{d}/{key}")).as_deref() == Some("1"))
+}
+
+/// rp_filter of `iface` as the kernel applies it: the larger of `all`'s and
+/// its own.
+fn rp_filter(iface: &str) -> u8 {
+    ["all", iface]
+        .iter()
+        .filter_map(|d| read_sysctl(&format!("/proc/sys/net/ipv4/conf/{d}/rp_filter")))
+        .filter_map(|v| v.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// The pitfalls of forwarded traffic, for each interface that classifies it:
+/// strict reverse-path filtering, loopback DNS redirection, bridges.
+fn probe_forwarded(cfg: &Config) -> Vec<Probe> {
+    let plan = Hierarchy::discover(&cfg.cgroup_root)
+        .map_err(|e| e.to_string())
+        .and_then(|hier| {
+            let tree = crate::core::tree::Tree::build(cfg, &hierarchy::walk(&hier));
+            crate::kernel::links::Links::open()
+                .and_then(|mut l| l.plan(cfg, &tree))
+                .map_err(|e| e.to_string())
+        });
+    let plan = match plan {
+        Ok(p) => p,
+        Err(e) => {
+            return vec![Probe {
+                verdict: Outcome::Warn,
+                name: "forwarded",
+                detail: format!("cannot list the interfaces: {e}"),
+                fix: None,
+            }];
+        }
+    };
+    if plan.entries.is_empty() {
+        return vec![Probe {
+            verdict: Outcome::Ok,
+            name: "forwarded",
+            detail: "no container or interfaces rule classifies forwarded traffic".into(),
+            fix: None,
+        }];
+    }
+    let can_broute = plan.broute.is_empty()
+        || Nft::open()
+            .and_then(|mut n| n.can_broute("cgtproxy-doctor-broute", 0))
+            .unwrap_or(false);
+    let mut out = Vec::new();
+    for e in &plan.entries {
+        let Action::Tproxy(t) = e.action else {
+            continue;
+        };
+        let target = &cfg.targets[usize::from(t)];
+        let routed = plan.broute.contains(&e.index);
+        let mut problems = Vec::new();
+        let mut fixes = Vec::new();
+        let mut verdict = Outcome::Ok;
+        if routed && !can_broute {
+            verdict = Outcome::Fail;
+            problems.push(format!(
+                "a port of bridge {} that this kernel cannot route (nft `meta broute`): its traffic is dropped",
+                e.bridge.as_deref().unwrap_or("?")
+            ));
+            fixes.push(
+                "Linux 6.4 or later with CONFIG_NFT_BRIDGE_META, or a direct veth".to_owned(),
+            );
+        }
+        let strict = rp_filter(&e.name) == 1;
+        if strict && (routed || either_on(&e.name, "src_valid_mark")) {
+            verdict = Outcome::Fail;
+            problems.push(if routed {
+                "strict rp_filter on a bridge port: its IPv4 sources route via the bridge, so the kernel drops them".to_owned()
+            } else {
+                "strict rp_filter with src_valid_mark: the kernel checks the source against the route our mark selects (loopback) and drops IPv4 packets".to_owned()
+            });
+            fixes.push(format!(
+                "sysctl -w net.ipv4.conf.all.rp_filter=2 net.ipv4.conf.{}.rp_filter=2 (loose)",
+                e.name
+            ));
+        }
+        if let Some(d) = &target.dns_hijack {
+            if d.ip.is_some_and(|ip| ip.is_loopback()) && !either_on(&e.name, "route_localnet") {
+                verdict = verdict.max(Outcome::Warn);
+                problems.push(format!(
+                    "its DNS goes to {}: the kernel refuses a loopback destination for traffic from another interface",
+                    d.ip.map(|i| i.to_string()).unwrap_or_default()
+                ));
+                fixes.push(format!(
+                    "sysctl -w net.ipv4.conf.{}.route_localnet=1, or dns-hijack.ip on an address of this host that it reaches",
+                    e.name
+                ));
+            }
+            if d.ip6.is_some_and(|ip| ip.is_loopback()) {
+                verdict = verdict.max(Outcome::Warn);
+                problems.push(
+                    "its IPv6 DNS goes to ::1, which IPv6 never accepts from another interface"
+                        .into(),
+                );
+                fixes.push("dns-hijack.ip6 on an address of this host that it reaches".into());
+            }
+        }
+        out.push(Probe {
+            verdict,
+            name: "forwarded",
+            detail: format!(
+                "{} (tproxy {}): {}",
+                e.name,
+                target.name,
+                if problems.is_empty() {
+                    "no known pitfall".to_owned()
+                } else {
+                    problems.join("; ")
+                }
+            ),
+            fix: (!fixes.is_empty()).then(|| fixes.join("; ")),
+        });
+    }
+    out
+}
+
 /// Runs every probe; returns the report and whether nothing failed.
 pub fn doctor(cfg: &Config) -> (String, bool) {
     let (kernel, flags) = probe_kernel(cfg);
@@ -528,6 +654,7 @@ pub fn doctor(cfg: &Config) -> (String, bool) {
     }
     probes.extend(probe_listeners(cfg));
     probes.extend(probe_exposure(cfg));
+    probes.extend(probe_forwarded(cfg));
     probes.push(probe_flush(flags));
     let mut o = String::new();
     for p in &probes {
