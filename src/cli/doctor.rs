@@ -540,9 +540,7 @@ fn probe_forwarded(cfg: &Config) -> Vec<Probe> {
         .map_err(|e| e.to_string())
         .and_then(|hier| {
             let tree = crate::core::tree::Tree::build(cfg, &hierarchy::walk(&hier));
-            crate::kernel::links::Links::open()
-                .and_then(|mut l| l.plan(cfg, &tree))
-                .map_err(|e| e.to_string())
+            crate::watch::containers::discover(&hier, cfg, &tree).map_err(|e| e.to_string())
         });
     let plan = match plan {
         Ok(p) => p,

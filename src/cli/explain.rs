@@ -9,7 +9,7 @@ use crate::core::links::Why;
 use crate::core::table;
 use crate::core::tree::Tree;
 use crate::kernel::inspect;
-use crate::kernel::links::Links;
+use crate::watch::containers::discover;
 use crate::watch::hierarchy::{self, Hierarchy};
 
 use super::status::{StatusError, class_name, why};
@@ -60,7 +60,7 @@ pub fn explain(cfg: &Config, what: &str) -> Result<(String, bool), StatusError> 
     let found = resolve(&hier, what)?;
     // Containers are judged against the whole tree: what decides them may be
     // any ancestor, and their processes any descendant.
-    let links = Links::open()?.plan(cfg, &Tree::build(cfg, &hierarchy::walk(&hier)))?;
+    let links = discover(&hier, cfg, &Tree::build(cfg, &hierarchy::walk(&hier)))?;
     for cg in found {
         let _ = writeln!(o, "cgroup {} (id {}, level {})", cg.path, cg.id, cg.level);
         // Ancestors-or-self from the top, with the rule each matches.

@@ -172,7 +172,7 @@ impl Report {
                 routing.push((fam, None, routes.route_exists(fam, cfg.route_table)?));
             }
         }
-        let mut links = crate::kernel::links::Links::open()?.plan(cfg, &tree)?;
+        let mut links = crate::watch::containers::discover(&hier, cfg, &tree)?;
         let can_broute = links.broute.is_empty()
             || crate::kernel::nft::Nft::open()?
                 .can_broute(&format!("{}-broute-probe", cfg.table), 0)?;

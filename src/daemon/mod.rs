@@ -28,6 +28,7 @@ use crate::kernel::inspect::{self, InspectError};
 use crate::kernel::links::{Links, LinksError};
 use crate::kernel::nft::{Nft, NftError, TABLE_F_OWNER, TABLE_F_PERSIST, Txn};
 use crate::kernel::route::{self, RouteError, Routes};
+use crate::watch::containers::Containers;
 use crate::watch::hierarchy::{CgroupError, Hierarchy};
 use crate::watch::inotify::{Change, WatchError, Watcher};
 
@@ -172,6 +173,7 @@ struct Daemon {
     events: Events,
     timer: TimerFd,
     links: Links,
+    containers: Containers,
     /// The interfaces that classify forwarded traffic, and why.
     link_plan: LinkPlan,
     /// The interface map the kernel holds now (index → class).
@@ -180,15 +182,17 @@ struct Daemon {
     broute: Vec<u32>,
 }
 
-/// The interfaces that classify forwarded traffic (see `Links::plan`), with
+/// The interfaces that classify forwarded traffic (see `Containers::plan`), with
 /// a warning for each bridge port that this kernel cannot route.
 fn planned(
+    containers: &mut Containers,
     links: &mut Links,
+    hier: &Hierarchy,
     cfg: &Config,
     tree: &Tree,
     can_broute: bool,
 ) -> Result<LinkPlan, LinksError> {
-    let mut plan = links.plan(cfg, tree)?;
+    let mut plan = containers.plan(links, hier, cfg, tree, Instant::now())?;
     if !can_broute {
         links::note_no_broute(cfg, &mut plan);
     }
@@ -389,7 +393,14 @@ impl Daemon {
     /// Lists links and containers again and brings the interface map in line.
     /// On failure the map stays as it is (fail closed) and a retry follows.
     fn refresh_links(&mut self) {
-        let plan = match planned(&mut self.links, &self.cfg, &self.tree, self.caps.can_broute) {
+        let plan = match planned(
+            &mut self.containers,
+            &mut self.links,
+            self.watcher.hierarchy(),
+            &self.cfg,
+            &self.tree,
+            self.caps.can_broute,
+        ) {
             Ok(p) => p,
             Err(e) => {
                 error!("{e}; the interfaces keep their verdicts; looking again soon");
@@ -653,12 +664,15 @@ impl Daemon {
                         debug!(path = %cg.path, id = cg.id, level = cg.level, "cgroup added");
                         delta.extend(self.tree.insert(&self.cfg, cg));
                         if self.tree.decision(&cg.path).is_some() {
-                            self.sched.probes.cgroup_added(Instant::now());
+                            let now = Instant::now();
+                            self.containers.added(&cg.path, now);
+                            self.sched.probes.cgroup_added(now);
                         }
                     }
                 }
                 Change::Removed(path) => {
                     debug!(path = %path, "cgroup removed");
+                    self.containers.removed(&path);
                     if self
                         .link_plan
                         .entries
@@ -711,7 +725,19 @@ impl Daemon {
             None => self.tree.cgroups(),
         };
         let tree = Tree::build(&new, &cgroups);
-        let link_plan = planned(&mut self.links, &new, &tree, self.caps.can_broute)?;
+        // The new rules may decide other cgroups: look at the whole tree.
+        let mut containers = Containers::default();
+        let hier = new_watcher
+            .as_ref()
+            .map_or(self.watcher.hierarchy(), |w| w.hierarchy());
+        let link_plan = planned(
+            &mut containers,
+            &mut self.links,
+            hier,
+            &new,
+            &tree,
+            self.caps.can_broute,
+        )?;
         if new.same_structure(&self.cfg) && !self.dirty {
             let delta = tree::diff(&self.installed, &tree.elements());
             let old = std::mem::replace(&mut self.cfg, new);
@@ -795,6 +821,7 @@ impl Daemon {
         self.ifaces = link_plan.elements.clone();
         self.broute = link_plan.broute.clone();
         self.link_plan = link_plan;
+        self.containers = containers;
         if let Some(w) = new_watcher {
             info!(
                 "watching cgroup2 hierarchy at {}",
@@ -922,7 +949,15 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         );
     }
     let mut links = Links::open()?;
-    let link_plan = planned(&mut links, &cfg, &tree, can_broute)?;
+    let mut containers = Containers::default();
+    let link_plan = planned(
+        &mut containers,
+        &mut links,
+        watcher.hierarchy(),
+        &cfg,
+        &tree,
+        can_broute,
+    )?;
     announce(&cfg, &LinkPlan::default(), &link_plan);
     let mut d = Daemon {
         config_path,
@@ -946,6 +981,7 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         events: Events::open()?,
         timer,
         links,
+        containers,
         link_plan,
         ifaces: BTreeMap::new(),
         broute: Vec::new(),

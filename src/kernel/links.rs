@@ -3,13 +3,9 @@
 //! process lives in. Neither needs `setns` or a capability beyond what
 //! reading them takes.
 
-use std::collections::BTreeSet;
-
 use netlink_sys::constants::NETLINK_ROUTE;
 
-use crate::config::Config;
-use crate::core::links::{self, Container, Link, LinkPlan};
-use crate::core::tree::Tree;
+use crate::core::links::Link;
 use crate::kernel::consts::*;
 use crate::kernel::nlmsg::{self, Channel, c_str};
 
@@ -123,77 +119,6 @@ impl Links {
                 source,
             }),
         }
-    }
-}
-
-/// The cgroup of process `pid` in the unified hierarchy (`0::PATH` in
-/// `/proc/PID/cgroup`, readable by anyone), if it still runs.
-fn cgroup_of(pid: u32) -> Option<String> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(|p| p.trim_end().to_owned())
-}
-
-impl Links {
-    /// The cgroups of the processes that live in one of the namespaces
-    /// `wanted` (ids in this namespace): (namespace id, cgroup path), each
-    /// pair once. Found from the processes' side, one `RTM_GETNSID` per
-    /// process: a host has far fewer processes than cgroups, and only
-    /// namespaces that a link of ours reaches have an id at all.
-    pub fn cgroups_in(
-        &mut self,
-        wanted: &BTreeSet<i32>,
-    ) -> Result<BTreeSet<(i32, String)>, LinksError> {
-        let mut out = BTreeSet::new();
-        if wanted.is_empty() {
-            return Ok(out);
-        }
-        let dir = std::fs::read_dir("/proc").map_err(|source| LinksError::Io {
-            step: "listing /proc",
-            source,
-        })?;
-        for entry in dir.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            if let Some(id) = self.netns_of(pid)?.filter(|i| wanted.contains(i))
-                && let Some(cg) = cgroup_of(pid)
-            {
-                out.insert((id, cg));
-            }
-        }
-        Ok(out)
-    }
-}
-
-impl Links {
-    /// Lists the links of this namespace and the containers behind them, and
-    /// decides which interfaces classify forwarded traffic (see
-    /// [`links::plan`]). Processes are only looked at when some link reaches
-    /// another namespace and some rule could classify a container.
-    pub fn plan(&mut self, cfg: &Config, tree: &Tree) -> Result<LinkPlan, LinksError> {
-        let all = self.dump()?;
-        let reached: BTreeSet<i32> = all.iter().filter_map(|l| l.peer_netns).collect();
-        let containers: Vec<Container> = if cfg.rules.is_empty() {
-            Vec::new()
-        } else {
-            self.cgroups_in(&reached)?
-                .into_iter()
-                .filter_map(|(netns, path)| {
-                    tree.decision(&path).map(|(action, by)| Container {
-                        path: by.to_owned(),
-                        action,
-                        netns,
-                    })
-                })
-                .collect()
-        };
-        Ok(links::plan(cfg, &all, &containers))
     }
 }
 
