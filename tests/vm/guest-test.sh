@@ -193,6 +193,82 @@ if out=$(as_alice cgtproxy exec nosuch -- true 2>&1); then
   fail exec-unknown-target "accepted"
 else pass exec-unknown-target; info "exec nosuch: $(echo "$out" | head -n1)"; fi
 
+# --- containers: systemd-nspawn, routed by their machine-NAME.scope ---------------
+# Two containers run the host's own /usr (--volatile=yes: a tmpfs root), as
+# machined registers them: wiki with a direct veth (ve-wiki), blog on a bridge
+# (vb-blog in br-vm). config.json routes both scopes to the proxy; the host
+# forwards, and the peer routes their addresses back, so a leak would answer.
+sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1
+ip -n peer route add 10.60.0.0/16 via 10.99.0.1
+ip -n peer -6 route add fd60::/16 via fd99::1
+ip link add br-vm type bridge
+ip addr add 10.60.1.1/24 dev br-vm
+ip -6 addr add fd60:1::1/64 dev br-vm nodad
+ip link set br-vm up
+# nspawn NAME NETWORK-OPTION: starts container NAME as a transient service.
+nspawn() {
+  systemd-run --quiet --unit="nspawn-$1" systemd-nspawn --quiet -D / --volatile=yes \
+    -M "$1" "$2" --bind-ro="$P" --as-pid2 /usr/bin/sleep infinity
+}
+leader() { machinectl show -P Leader "$1" 2>/dev/null; }
+# in_container NAME CMD...: CMD in the container's network namespace.
+in_container() { nsenter -t "$(leader "$1")" -n "${@:2}"; }
+# address NAME N HOST-IF GATEWAY4 GATEWAY6: the container's host0 gets
+# 10.60.N.2 and fd60:N::2, its default routes GATEWAY4/6.
+address() {
+  in_container "$1" sh -c "ip link set lo up && ip addr add 10.60.$2.2/24 dev host0 &&
+    ip -6 addr add fd60:$2::2/64 dev host0 nodad && ip link set host0 up &&
+    ip route add default via $4 && ip -6 route add default via $5"
+}
+wait_for() { for _ in $(seq 100); do "$@" && return 0; sleep 0.1; done; return 1; }
+t=$(now)
+nspawn wiki --network-veth
+nspawn blog --network-bridge=br-vm
+if wait_for test -n "$(leader wiki)" && wait_for test -n "$(leader blog)" &&
+  wait_for ip link show ve-wiki && wait_for ip link show vb-blog; then
+  pass containers-started
+  info "two nspawn containers up in $(elapsed "$t")s: $(machinectl list --no-legend | tr -s ' \n' ' ')"
+else
+  fail containers-started "$(machinectl list 2>&1 | tr '\n' ' ')"
+  journalctl -b -u nspawn-wiki -u nspawn-blog -o cat --no-pager | evidence 30
+fi
+check container-scope systemctl is-active machine-wiki.scope
+ip addr add 10.60.0.1/24 dev ve-wiki
+ip -6 addr add fd60::1/64 dev ve-wiki nodad
+ip link set ve-wiki up
+address wiki 0 ve-wiki 10.60.0.1 fd60::1
+address blog 1 vb-blog 10.60.1.1 fd60:1::1
+journal_has() { journalctl -b -u cgtproxy.service -o cat --no-pager | grep -qF "$1"; }
+if wait_for journal_has "forwarded traffic from interface ve-wiki (container /machine.slice/machine-wiki.scope): tproxy proxy"; then
+  pass container-classified
+else fail container-classified "no log line"; journalctl -b -u cgtproxy.service -o cat --no-pager | tail -n 20 | evidence; fi
+for p in tcp4 udp4 tcp6 udp6; do
+  out=$(in_container wiki timeout 20 $(probe_cmd "$(proto "$p")" "$(dst "$p")") 2>&1)
+  if [ "$out" = "TPROXY $(dst "$p") $PEER_PORT" ]; then pass "container-$p"
+  else fail "container-$p" "want 'TPROXY $(dst "$p") $PEER_PORT', got '$out'"; fi
+done
+if out=$(cgtproxy explain machine-wiki.scope 2>&1) && echo "$out" | grep -q "through interface ve-wiki .*kernel agrees"; then
+  pass container-explain
+else fail container-explain "explain"; echo "$out" | evidence; fi
+# On a bridge: routed on its port where the kernel has nft's `meta broute`
+# (Linux 6.4+, CONFIG_NFT_BRIDGE_META), else dropped there: closed either way.
+if modprobe nft_meta_bridge 2>/dev/null && printf '6.4\n%s\n' "$(uname -r | cut -d- -f1)" | sort -V -C; then
+  bridged_want="TPROXY"
+else bridged_want="ERROR"; fi
+info "bridged container expected: $bridged_want (kernel $(uname -r))"
+for p in tcp4 udp6; do
+  out=$(in_container blog timeout 20 $(probe_cmd "$(proto "$p")" "$(dst "$p")") 2>&1)
+  if [ "$bridged_want" = ERROR ] && [[ $out == ERROR* ]]; then pass "container-bridged-$p"
+  elif [ "$out" = "TPROXY $(dst "$p") $PEER_PORT" ]; then pass "container-bridged-$p"
+  else fail "container-bridged-$p" "want '$bridged_want', got '$out'"; cgtproxy status 2>&1 | evidence; fi
+done
+# Stopped: its link goes, and with it its map element.
+t=$(now)
+machinectl terminate wiki blog
+gone() { ! cgtproxy status 2>/dev/null | grep -q "interface ve-wiki\|interface vb-blog"; }
+if wait_for gone; then pass containers-stopped; info "links unmapped $(elapsed "$t")s after machinectl terminate"
+else fail containers-stopped "still listed"; cgtproxy status 2>&1 | evidence; fi
+
 # --- the built-in forwarder (cgtproxy-forward.service) ------------------------------
 # The upstreams' namespace, routed through this host like a proxy on the LAN.
 ip netns add up

@@ -20,12 +20,13 @@ tree=$out/tree
 # server with UDP ASSOCIATE; trixie has no dante) and microsocks (TCP only,
 # with a password). wireguard-tools: a real wg-quick tunnel brought up after
 # cgtproxy (the cloud kernel has the wireguard module; wg-quick runs sysctl,
-# from procps).
+# from procps). systemd-container: systemd-nspawn and machined, a real
+# container manager whose machine-NAME.scope the configuration routes.
 packages=(
   systemd systemd-sysv dbus dbus-user-session libpam-systemd
   nftables iproute2 python3 kmod libnss-systemd
   linux-image-cloud-amd64 libnftnl11 libmnl0
-  shadowsocks-libev microsocks wireguard-tools procps
+  shadowsocks-libev microsocks wireguard-tools procps systemd-container
 )
 
 rm -rf "$tree"
