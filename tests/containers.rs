@@ -139,7 +139,16 @@ fn containers_get_their_cgroups_verdict_live() {
         let proxied_c = container(&lab, "proxy/docker-3f2a.scope", 1, "veth3f2a", None);
         let direct_c = container(&lab, "direct/libpod-b0b0.scope", 2, "vethb0b0", None);
         let dropped_c = container(&lab, "drop/machine-c.scope", 3, "ve-c", None);
-        let cfg = lab.write_config("c.json", &proxy_target(), &rules(&lab));
+        // The target hijacks DNS to a resolver stand-in on an address of this
+        // host (not loopback: the kernel refuses 127.0.0.1 from other
+        // interfaces unless route_localnet is set).
+        let out = sh_any("ip addr add 10.55.0.53/32 dev lo && echo done");
+        assert!(out.contains("done"), "{out}");
+        lab.start_local_server(1053, "dns", &["10.55.0.53"]);
+        let target = format!(
+            r#"{{"proxy":{{"port":{PROXY_PORT},"mark":{MARK},"dns-hijack":{{"ip":"10.55.0.53","port":1053,"tcp":true}}}}}}"#
+        );
+        let cfg = lab.write_config("c.json", &target, &rules(&lab));
         lab.start_daemon(&cfg);
         let log = lab.daemon.as_ref().unwrap().log();
         assert!(
@@ -184,6 +193,12 @@ fn containers_get_their_cgroups_verdict_live() {
                 "{proto} to {dst} from the dropped container: {a}"
             );
         }
+        // DNS is hijacked: the answer comes from the resolver stand-in, which
+        // sees the container; the reply appears to come from 9.9.9.9.
+        let a = proxied_c.talk("udp", "9.9.9.9", 53);
+        assert_eq!(a, "dns 10.77.1.2 from 9.9.9.9", "hijacked UDP DNS");
+        let a = proxied_c.talk("tcp", "9.9.9.9", 53);
+        assert_eq!(a, "dns 10.77.1.2", "hijacked TCP DNS");
         // Its own gateway's address is this host's: never proxied.
         lab.start_local_server(9099, "host", &["10.77.1.1"]);
         let a = proxied_c.talk("tcp", "10.77.1.1", 9099);

@@ -279,8 +279,12 @@ impl Daemon {
         if let Some(b) = &self.blocked_by {
             problems.push(format!("blocked: ip rule {b} takes marked packets first; "));
         }
+        let forwarded = match self.link_plan.entries.len() {
+            0 => String::new(),
+            n => format!("; {n} interfaces for forwarded traffic"),
+        };
         format!(
-            "{}{} cgroups: direct {direct}, drop {drop}{}{}; {} map elements",
+            "{}{} cgroups: direct {direct}, drop {drop}{}{}; {} map elements{forwarded}",
             problems.concat(),
             self.tree.len(),
             if targets.is_empty() { "" } else { ", " },
