@@ -160,10 +160,17 @@ impl StatusLine {
 /// After a cgroup appears, the daemon looks this long later (each) for
 /// containers: a manager moves the container's first process into its cgroup
 /// and its links into its namespace around the same moment, in no set order.
-pub const PROBE_AFTER: [Duration; 5] = [
-    Duration::from_millis(2),
+/// Dense at first, where managers are: a look finds nothing until the
+/// process is in, and each miss costs the gap to the next.
+pub const PROBE_AFTER: [Duration; 10] = [
+    Duration::from_millis(1),
+    Duration::from_millis(3),
+    Duration::from_millis(6),
     Duration::from_millis(10),
+    Duration::from_millis(20),
+    Duration::from_millis(50),
     Duration::from_millis(100),
+    Duration::from_millis(300),
     Duration::from_secs(1),
     Duration::from_secs(5),
 ];
@@ -267,9 +274,9 @@ mod tests {
             p.cgroup_added(t0 + Duration::from_micros(i));
         }
         assert_eq!(p.due.len(), PROBE_AFTER.len());
-        assert_eq!(p.at(), Some(t0 + ms(2)));
-        assert!(!p.take_due(t0 + ms(1)));
-        assert!(p.take_due(t0 + ms(10)), "the first two at once");
+        assert_eq!(p.at(), Some(t0 + ms(1)));
+        assert!(!p.take_due(t0 + Duration::from_micros(500)));
+        assert!(p.take_due(t0 + ms(3)), "the first two at once");
         assert_eq!(p.due.len(), PROBE_AFTER.len() - 2);
         p.cgroup_added(t0 + ms(3000));
         assert_eq!(p.due.len(), 2 * PROBE_AFTER.len() - 2);
