@@ -224,7 +224,8 @@ wait_for() { for _ in $(seq 100); do "$@" && return 0; sleep 0.1; done; return 1
 t=$(now)
 nspawn wiki --network-veth
 nspawn blog --network-bridge=br-vm
-if wait_for test -n "$(leader wiki)" && wait_for test -n "$(leader blog)" &&
+has_leader() { [ -n "$(leader "$1")" ]; }
+if wait_for has_leader wiki && wait_for has_leader blog &&
   wait_for ip link show ve-wiki && wait_for ip link show vb-blog; then
   pass containers-started
   info "two nspawn containers up in $(elapsed "$t")s: $(machinectl list --no-legend | tr -s ' \n' ' ')"
