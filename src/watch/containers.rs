@@ -72,12 +72,6 @@ impl Containers {
         self.pending.retain(|(p, _)| !below(p));
     }
 
-    /// Forgets everything: the next plan looks at the whole tree (after a
-    /// reload, whose rules may decide other cgroups).
-    pub fn reset(&mut self) {
-        *self = Containers::default();
-    }
-
     /// Lists the links, looks for containers where needed (see the module
     /// comment) and decides which interfaces classify forwarded traffic.
     pub fn plan(
