@@ -199,6 +199,30 @@ fn planned(
     Ok(plan)
 }
 
+/// Adds to `txn` what turns the installed interface map and routed bridge
+/// ports into `plan`'s; false when nothing differs. Ports are classified
+/// before they are routed, and routed no more before they are unclassified:
+/// never routed unclassified.
+fn link_changes(
+    txn: &mut Txn,
+    table: &str,
+    (ifaces, broute): (&BTreeMap<u32, u32>, &[u32]),
+    plan: &LinkPlan,
+    caps: Caps,
+) -> Result<bool, NftError> {
+    let (del, add) = links::diff(ifaces, &plan.elements);
+    let broute_changed = plan.broute != broute;
+    if del.is_empty() && add.is_empty() && !broute_changed {
+        return Ok(false);
+    }
+    txn.iface_elements(table, &[], &add)?;
+    if broute_changed {
+        txn.replace_bridge(table, &plan.broute, caps.can_broute, caps.table_flags)?;
+    }
+    txn.iface_elements(table, &del, &[])?;
+    Ok(true)
+}
+
 /// Logs what `new` says that `old` did not: warnings, and interfaces with a
 /// new verdict.
 fn announce(cfg: &Config, old: &LinkPlan, new: &LinkPlan) {
@@ -394,6 +418,11 @@ impl Daemon {
         }
     }
 
+    /// The interface map and the routed bridge ports the kernel holds now.
+    fn installed_links(&self) -> (&BTreeMap<u32, u32>, &[u32]) {
+        (&self.ifaces, &self.broute)
+    }
+
     /// Lists links and containers again and brings the interface map in line.
     /// On failure the map stays as it is (fail closed) and a retry follows.
     fn refresh_links(&mut self) {
@@ -414,29 +443,19 @@ impl Daemon {
             }
         };
         announce(&self.cfg, &self.link_plan, &plan);
-        let (del, add) = links::diff(&self.ifaces, &plan.elements);
-        let broute_changed = plan.broute != self.broute;
         self.link_plan = plan;
-        if del.is_empty() && add.is_empty() && !broute_changed {
-            return;
-        }
         let mut txn = Txn::new();
-        // Ports are classified before they are routed, and routed no more
-        // before they are unclassified: never routed unclassified.
-        let done = txn
-            .iface_elements(&self.cfg.table, &[], &add)
-            .and_then(|()| {
-                if broute_changed {
-                    txn.replace_bridge(
-                        &self.cfg.table,
-                        &self.link_plan.broute,
-                        self.caps.can_broute,
-                        self.caps.table_flags,
-                    )?;
-                }
-                txn.iface_elements(&self.cfg.table, &del, &[])
-            })
-            .and_then(|()| self.nft.commit(txn));
+        let done = match link_changes(
+            &mut txn,
+            &self.cfg.table,
+            self.installed_links(),
+            &self.link_plan,
+            self.caps,
+        ) {
+            Ok(false) => return,
+            Ok(true) => self.nft.commit(txn),
+            Err(e) => Err(e),
+        };
         match done {
             Ok(()) => {
                 self.ifaces = self.link_plan.elements.clone();
@@ -745,20 +764,18 @@ impl Daemon {
         if new.same_structure(&self.cfg) && !self.dirty {
             let delta = tree::diff(&self.installed, &tree.elements());
             let old = std::mem::replace(&mut self.cfg, new);
-            let (del, add) = links::diff(&self.ifaces, &link_plan.elements);
             let applied = self.apply(&delta).and_then(|()| {
                 let mut txn = Txn::new();
-                txn.iface_elements(&self.cfg.table, &[], &add)?;
-                if link_plan.broute != self.broute {
-                    txn.replace_bridge(
-                        &self.cfg.table,
-                        &link_plan.broute,
-                        self.caps.can_broute,
-                        self.caps.table_flags,
-                    )?;
+                if link_changes(
+                    &mut txn,
+                    &self.cfg.table,
+                    self.installed_links(),
+                    &link_plan,
+                    self.caps,
+                )? {
+                    self.nft.commit(txn)?;
                 }
-                txn.iface_elements(&self.cfg.table, &del, &[])?;
-                self.nft.commit(txn)
+                Ok(())
             });
             if let Err(e) = applied {
                 self.cfg = old;
