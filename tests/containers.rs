@@ -302,6 +302,28 @@ fn gateway_mode_routes_what_interfaces_forward_even_when_they_appear_later() {
                 ),
                 "{log}"
             );
+            // A reload that drops the LAN takes effect without a restart.
+            lab.write_config_with(
+                "g.json",
+                &proxy_target(),
+                &rules(&lab),
+                r#"[{"match":"^lan","drop":true}]"#,
+            );
+            let d = lab.daemon.as_ref().unwrap();
+            d.signal(nix::sys::signal::Signal::SIGHUP);
+            let reloaded = lab.eventually(Duration::from_secs(10), || {
+                d.log().contains("configuration reloaded")
+            });
+            assert!(reloaded, "{}", d.log());
+            for (proto, dst) in [("tcp", PEER4), ("udp", PEER6)] {
+                let a = lan.talk(proto, dst, PEER_PORT);
+                assert!(
+                    a.starts_with("ERR"),
+                    "{proto} from the LAN after the reload: {a}"
+                );
+            }
+            assert!(!mapped().contains(&"guest0".to_owned()), "{:?}", mapped());
+            assert_eq!(counted(lab.peer_pid()), 0, "went direct");
         },
     );
 }

@@ -200,9 +200,8 @@ fn planned(
 }
 
 /// Adds to `txn` what turns the installed interface map and routed bridge
-/// ports into `plan`'s; false when nothing differs. Ports are classified
-/// before they are routed, and routed no more before they are unclassified:
-/// never routed unclassified.
+/// ports into `plan`'s; false when nothing differs. One transaction: a port
+/// is never routed without its class, whatever the order inside it.
 fn link_changes(
     txn: &mut Txn,
     table: &str,
@@ -215,11 +214,10 @@ fn link_changes(
     if del.is_empty() && add.is_empty() && !broute_changed {
         return Ok(false);
     }
-    txn.iface_elements(table, &[], &add)?;
+    txn.iface_elements(table, &del, &add)?;
     if broute_changed {
         txn.replace_bridge(table, &plan.broute, caps.can_broute, caps.table_flags)?;
     }
-    txn.iface_elements(table, &del, &[])?;
     Ok(true)
 }
 
