@@ -162,7 +162,9 @@ impl StatusLine {
 /// and its links into its namespace around the same moment, in no set order.
 /// Dense at first, where managers are: a look finds nothing until the
 /// process is in, and each miss costs the gap to the next.
-pub const PROBE_AFTER: [Duration; 10] = [
+pub const PROBE_AFTER: [Duration; 11] = [
+    // At once: systemd puts a scope's first process in as it creates it.
+    Duration::ZERO,
     Duration::from_millis(1),
     Duration::from_millis(3),
     Duration::from_millis(6),
@@ -183,7 +185,7 @@ pub struct Probes {
 }
 
 /// Follow-ups closer than this to a pending one merge into it.
-const PROBE_COALESCE: Duration = Duration::from_millis(2);
+const PROBE_COALESCE: Duration = Duration::from_micros(500);
 
 impl Probes {
     /// Schedules the follow-ups of a cgroup that appeared at `now`.
@@ -271,15 +273,16 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Probes::default();
         for i in 0..1000 {
-            p.cgroup_added(t0 + Duration::from_micros(i));
+            p.cgroup_added(t0 + Duration::from_nanos(i * 400));
         }
         assert_eq!(p.due.len(), PROBE_AFTER.len());
-        assert_eq!(p.at(), Some(t0 + ms(1)));
-        assert!(!p.take_due(t0 + Duration::from_micros(500)));
-        assert!(p.take_due(t0 + ms(3)), "the first two at once");
-        assert_eq!(p.due.len(), PROBE_AFTER.len() - 2);
+        assert_eq!(p.at(), Some(t0));
+        assert!(p.take_due(t0 + Duration::from_micros(500)), "at once");
+        assert!(!p.take_due(t0 + Duration::from_micros(900)));
+        assert!(p.take_due(t0 + ms(3)), "the next two at once");
+        assert_eq!(p.due.len(), PROBE_AFTER.len() - 3);
         p.cgroup_added(t0 + ms(3000));
-        assert_eq!(p.due.len(), 2 * PROBE_AFTER.len() - 2);
+        assert_eq!(p.due.len(), 2 * PROBE_AFTER.len() - 3);
     }
 
     #[test]

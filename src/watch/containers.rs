@@ -4,10 +4,10 @@
 //! (`RTM_GETNSID`): no `/proc` walk, which the daemon's unit hides
 //! (`ProtectProc=invisible`), and no `setns`.
 //!
-//! Looking costs one file read and one netlink exchange per cgroup, so the
-//! whole tree is looked at only when a link reaches a namespace that no
-//! container and no earlier look accounts for; new cgroups are looked at on
-//! their own, a few times while their manager fills them.
+//! Looking costs one file read and one netlink exchange per cgroup, so new
+//! cgroups are looked at on their own, a few times while their manager fills
+//! them, and the whole tree only when a link reaches a namespace that neither
+//! they, nor a known container, nor an earlier look accounts for.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -88,23 +88,22 @@ impl Containers {
             self.found.clear();
             self.pending.clear();
         } else {
+            // New cgroups first: a container's process is most likely in one.
+            let pending: Vec<String> = self.pending.iter().map(|(p, _)| p.clone()).collect();
+            for path in pending {
+                self.look(links, hier, &path, &reached)?;
+            }
             let accounted: BTreeSet<i32> = self
                 .found
                 .values()
+                .chain(self.looked.iter())
                 .copied()
-                .chain(self.looked.iter().copied())
                 .collect();
             if !reached.is_subset(&accounted) {
-                self.found.clear();
                 for (path, _) in tree.decided() {
                     self.look(links, hier, path, &reached)?;
                 }
                 self.looked = reached.clone();
-            } else {
-                let pending: Vec<String> = self.pending.iter().map(|(p, _)| p.clone()).collect();
-                for path in pending {
-                    self.look(links, hier, &path, &reached)?;
-                }
             }
             self.pending.retain(|&(_, until)| until > now);
             // A container's namespace may be gone while its cgroup stays.
