@@ -25,7 +25,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
@@ -58,6 +58,7 @@ const DAEMON: &str = env!("CARGO_BIN_EXE_cgtproxy");
 const PEER: &str = "10.99.0.2";
 const CONNECT_PORT: u16 = 8080;
 const BULK_PORT: u16 = 8081;
+const UDP_PORT: u16 = 8082;
 
 /// How many new cgroups the update-latency runs create, one at a time.
 const UPDATES: usize = 500;
@@ -348,6 +349,11 @@ impl Lab {
         ready - spawned
     }
 
+    /// The peer namespace's holder, for `nsenter` and `ip link … netns`.
+    fn peer_pid(&self) -> u32 {
+        self.peer.as_ref().expect("peer namespace").pid()
+    }
+
     fn daemon(&self) -> &Daemon {
         self.daemon.as_ref().expect("daemon running")
     }
@@ -385,6 +391,20 @@ impl Lab {
 
     /// Runs the bench binary's client in cgroup `rel` and returns its output line.
     fn client_in(&self, rel: &str, args: &[&str]) -> String {
+        self.client_in_netns(rel, None, args)
+    }
+
+    /// [`Lab::client_in`] in the network namespace of process `netns`, if any.
+    fn client_in_netns(&self, rel: &str, netns: Option<u32>, args: &[&str]) -> String {
+        let enter = match netns {
+            Some(pid) => vec![
+                "nsenter".to_owned(),
+                "-t".into(),
+                pid.to_string(),
+                "-n".into(),
+            ],
+            None => Vec::new(),
+        };
         let out = Command::new("sh")
             .args([
                 "-c",
@@ -392,6 +412,7 @@ impl Lab {
                 "sh",
             ])
             .arg(self.cg(rel))
+            .args(enter)
             .arg(std::env::current_exe().unwrap())
             .arg("client")
             .args(args)
@@ -695,6 +716,24 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
+/// How many times the daemon is started to time its start-up.
+const STARTS: usize = 3;
+
+/// Starts the daemon [`STARTS`] times (stopping it in between, and leaving it
+/// running) and returns the median time to READY=1 (ms).
+fn startup_median(lab: &mut Lab) -> f64 {
+    let mut times = Vec::new();
+    for i in 0..STARTS {
+        if i > 0 {
+            lab.stop_daemon();
+            // Let the kernel's deferred freeing of the old table finish.
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        times.push(ms(lab.start_daemon()));
+    }
+    median(&mut times)
+}
+
 /// Prints a section's progress to stderr so a slow run shows where it is.
 fn step(what: &str, started: Instant) {
     eprintln!("[{:6.1} s] {what}", started.elapsed().as_secs_f64());
@@ -743,6 +782,7 @@ fn bench(base: &str) {
         return;
     }
     let plan = datapath::Plan::new(quick);
+    let baseline = datapath::Baseline::new(&lab);
     let ev = Events::subscribe();
     let mut next = 1_000_000usize; // names of measured cgroups, never reused
     let mut fresh = |n: usize| {
@@ -765,9 +805,9 @@ fn bench(base: &str) {
     // 10,000: the datapath, table against conntrack only, then the rest.
     step("creating 10,000 cgroups", started);
     lab.populate(1000, 10_000);
-    let dp_10k = datapath::compare(&mut lab, &plan, "10,000", started);
-    let mut startups_10k = dp_10k.startups_ms.clone();
-    startups_10k.push(ms(lab.start_daemon()));
+    let control = datapath::control(&lab, &baseline, &plan, started);
+    step("start-up at 10,000", started);
+    let startup_10k = startup_median(&mut lab);
     let all_10k = lab.hierarchy_size();
     let pid = lab.daemon().pid();
     // Let a deferred STATUS= go out (at most once a second), then watch it idle.
@@ -779,6 +819,8 @@ fn bench(base: &str) {
     let c0 = ctx_switches(pid);
     std::thread::sleep(idle_window);
     let idle_wakeups = (ctx_switches(pid) - c0) as f64 / idle_window.as_secs_f64();
+
+    let dp_10k = datapath::compare(&lab, &baseline, &plan, "10,000", started).checked(&control);
 
     step("update latency at 10,000", started);
     let (lat_10k, missed_10k, made) = update_latencies(&lab, &ev, fresh(UPDATES), None);
@@ -852,23 +894,22 @@ fn bench(base: &str) {
     // 50,000.
     step("creating 50,000 cgroups", started);
     lab.populate(10_000, 50_000);
-    let dp_50k = datapath::compare(&mut lab, &plan, "50,000", started);
-    let mut startups_50k = dp_50k.startups_ms.clone();
-    startups_50k.push(ms(lab.start_daemon()));
+    step("start-up at 50,000", started);
+    let startup_50k = startup_median(&mut lab);
     let all_50k = lab.hierarchy_size();
     ev.settle(Duration::from_millis(300));
     std::thread::sleep(Duration::from_millis(1500));
     let rss_50k = rss_kib(lab.daemon().pid());
+    let dp_50k = datapath::compare(&lab, &baseline, &plan, "50,000", started).checked(&control);
     step("update latency at 50,000", started);
     let (lat_50k, missed_50k, made) = update_latencies(&lab, &ev, fresh(UPDATES), None);
     remove_all(&ev, &made);
     lab.stop_daemon();
     step("removing 50,000 cgroups", started);
+    drop(baseline);
     drop(lab);
     step("done", started);
 
-    let startup_10k = median(&mut startups_10k);
-    let startup_50k = median(&mut startups_50k);
     let speedup = pct(&lat_nft, 50) / pct(&lat_10k, 50);
 
     let mut t = String::new();
@@ -960,16 +1001,17 @@ fn bench(base: &str) {
         format!("{idle_wakeups:.2}"),
         "0",
     );
+    control.rows("control", &mut row);
     dp_10k.rows("10,000", &mut row);
     dp_50k.rows("50,000", &mut row);
     print!("{t}");
     print!("{fwd_table}");
     println!(
-        "({UPDATES} updates per size spaced {} ms; {NFT_UPDATES} nft processes; datapath: CPU time of client and server, {} conntrack-only phases between {} table phases, each {} connections at depths {:?} and {} MiB bulk at depth {DEEPEST}; softirq time in task time: {})",
+        "({UPDATES} updates per size spaced {} ms; {NFT_UPDATES} nft processes; datapath: CPU time of client and server, lower quartile of {} rounds, each side in turn, order alternating, of {} connections and {} datagrams at depths {:?} and {} MiB bulk at depth {DEEPEST}; ratios: all rounds (table-first rounds, baseline-first rounds); softirq time in task time: {})",
         SPACING.as_millis(),
         plan.rounds,
-        plan.rounds + 1,
         plan.connects,
+        plan.datagrams,
         datapath::DEPTHS,
         plan.bulk_bytes >> 20,
         match datapath::irq_time_accounting() {
@@ -999,6 +1041,7 @@ fn bench(base: &str) {
         "idle_wakeups_per_s": round3(idle_wakeups),
     });
     if let Some(o) = j.as_object_mut() {
+        o.extend(control.json("control"));
         o.extend(dp_10k.json("10k"));
         o.extend(dp_50k.json("50k"));
         o.extend(fwd_keys);
@@ -1009,15 +1052,20 @@ fn bench(base: &str) {
 // ---------------------------------------------------------------------------
 // Traffic helpers, run as subprocesses of the bench binary.
 
-/// In the peer namespace: a connect sink (accept and drop) and a bulk sink (read to
-/// EOF, answer with the byte count).
+/// In the peer namespace: a connect sink (accept and drop), a datagram sink and a
+/// bulk sink (read to EOF, answer with the byte count).
 fn serve() {
     let connect = listener(CONNECT_PORT);
     let bulk = listener(BULK_PORT);
+    let udp = std::net::UdpSocket::bind(("0.0.0.0", UDP_PORT)).expect("binding the UDP sink");
     std::thread::spawn(move || {
         for s in connect.incoming() {
             drop(s);
         }
+    });
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while udp.recv(&mut buf).is_ok() {}
     });
     println!("ready");
     std::io::stdout().flush().unwrap();
@@ -1063,19 +1111,22 @@ fn cpu_ns() -> u64 {
     t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
 
-/// `connect N`: N connections one after another, each closed with a reset;
-/// prints its CPU time and each connect's latency (ns) as JSON.
-/// `bulk BYTES`: sends that many bytes, waits until all arrived, prints its
-/// CPU time as JSON.
+/// `connect ADDR N`: N connections to the server at ADDR one after another,
+/// each closed with a reset; prints its CPU time and each connect's latency
+/// (ns) as JSON.
+/// `bulk ADDR BYTES`: sends that many bytes, waits until all arrived, prints
+/// its CPU time as JSON.
+/// `udp ADDR N`: sends N one-byte datagrams, prints its CPU time as JSON.
 fn client(args: &[String]) {
     match args.first().map(String::as_str) {
         Some("connect") => {
-            let n: usize = args[1].parse().expect("connect N");
+            let peer: Ipv4Addr = args[1].parse().expect("connect ADDR");
+            let n: usize = args[2].parse().expect("connect ADDR N");
             let mut lat = Vec::with_capacity(n);
             let cpu0 = cpu_ns();
             for _ in 0..n {
                 let t0 = Instant::now();
-                let s = TcpStream::connect((PEER, CONNECT_PORT)).expect("connect");
+                let s = TcpStream::connect((peer, CONNECT_PORT)).expect("connect");
                 lat.push(t0.elapsed().as_nanos() as u64);
                 reset_on_close(&s).unwrap();
                 drop(s);
@@ -1084,10 +1135,11 @@ fn client(args: &[String]) {
             println!("{}", json!({"cpu_ns": cpu, "lat_ns": lat}));
         }
         Some("bulk") => {
-            let bytes: u64 = args[1].parse().expect("bulk BYTES");
+            let peer: Ipv4Addr = args[1].parse().expect("bulk ADDR");
+            let bytes: u64 = args[2].parse().expect("bulk ADDR BYTES");
             let buf = vec![0x5au8; 1 << 20];
             let cpu0 = cpu_ns();
-            let mut s = TcpStream::connect((PEER, BULK_PORT)).expect("connect");
+            let mut s = TcpStream::connect((peer, BULK_PORT)).expect("connect");
             let mut left = bytes;
             while left > 0 {
                 let n = left.min(buf.len() as u64) as usize;
@@ -1100,7 +1152,18 @@ fn client(args: &[String]) {
             assert_eq!(u64::from_be_bytes(ack), bytes, "bulk bytes lost");
             println!("{}", json!({"cpu_ns": cpu_ns() - cpu0}));
         }
+        Some("udp") => {
+            let peer: Ipv4Addr = args[1].parse().expect("udp ADDR");
+            let n: usize = args[2].parse().expect("udp ADDR N");
+            let s = std::net::UdpSocket::bind(("0.0.0.0", 0)).expect("UDP socket");
+            s.connect((peer, UDP_PORT)).expect("UDP connect");
+            let cpu0 = cpu_ns();
+            for _ in 0..n {
+                s.send(&[0]).expect("UDP send");
+            }
+            println!("{}", json!({"cpu_ns": cpu_ns() - cpu0}));
+        }
         Some(mode) if mode.starts_with("fwd-") => forward::client(args),
-        _ => panic!("client connect N | bulk BYTES | fwd-…"),
+        _ => panic!("client connect ADDR N | bulk ADDR BYTES | udp ADDR N | fwd-…"),
     }
 }

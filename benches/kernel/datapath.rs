@@ -1,6 +1,9 @@
 //! The datapath's cost: CPU time per connection and per byte with the daemon's
 //! table, against a table that only turns conntrack on (what every stateful
 //! firewall costs anyway), and what one level of the per-level lookups costs.
+//! That last one is measured per packet, with one-byte UDP datagrams: a
+//! connection's ~65 µs hide a lookup of tens of nanoseconds in their noise, a
+//! datagram's few microseconds do not.
 //!
 //! Why CPU time, not rates: on this shared two-core machine a connect loop's
 //! wall clock measures the other developer's load and any SYN lost to an
@@ -10,8 +13,8 @@
 //! process takes the CPU away: we are then simply not running.
 //!
 //! Which CPU time: every packet of the measurement is made by the client (in
-//! the bench's namespace, where the table is) or by the server (in the peer
-//! namespace), both processes in cgroups the bench created. The output hook
+//! the bench's namespace, where the table is, or in the baseline's) or by the
+//! server (in the peer namespace), all processes in cgroups the bench created. The output hook
 //! runs either in the sending syscall (SYN, data, the closing RST) or in the
 //! NET_RX softirq (the handshake's ACK; data sent when an ACK opens the
 //! window). veth's transmit queues the packet on the local CPU and raises
@@ -30,9 +33,11 @@
 //! runtime cgroups add up) around its loop, so its start-up is not counted;
 //! the server's is its cgroup's `usage_usec` over the client's run.
 //!
-//! Rounds alternate: table, baseline, table, …, table (the daemon started and
-//! stopped for each table phase). Each baseline is compared with the mean of
-//! the table phases before and after it, so a slow drift of the machine
+//! Both sides exist at once: the table in the bench's namespace, the
+//! conntrack-only baseline in a second client namespace of its own (see
+//! [`Baseline`]). Each measurement runs on one side and then at once on the
+//! other, and rounds alternate which goes first (table, baseline; baseline,
+//! table; …), so load that comes and goes falls on both alike and slow drift
 //! cancels. A ratio whose rounds disagree, or that says the table made the
 //! datapath cheaper by more than measurement error can, is printed as
 //! `unstable` or `implausible` with its rounds, and is null in bench-json.
@@ -44,7 +49,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 
-use super::{Lab, median, nft, round1, round3, step};
+use super::netns::Netns;
+use super::{DEEPEST, Lab, PEER, round1, round3, sh, step};
 
 /// Depths (absolute cgroup levels) the client runs at. The classified
 /// cgroups sit at levels 2 to 8, so the table has seven level maps: at depth
@@ -54,10 +60,12 @@ pub const DEPTHS: [u32; 3] = [1, 4, 8];
 
 /// Settings of one run: full, or short for iterating (`CGTPROXY_BENCH_QUICK=1`).
 pub struct Plan {
-    /// Baseline phases; there is one table phase more.
+    /// Rounds, each measuring both sides.
     pub rounds: usize,
     /// Connections per client run.
-    pub connects: usize,
+    pub connects: u64,
+    /// Datagrams per client run.
+    pub datagrams: u64,
     /// Bytes of the bulk upload.
     pub bulk_bytes: u64,
 }
@@ -66,86 +74,200 @@ impl Plan {
     pub fn new(quick: bool) -> Plan {
         if quick {
             Plan {
-                rounds: 2,
-                connects: 3000,
-                bulk_bytes: 64 << 20,
+                rounds: 6,
+                connects: 500,
+                datagrams: 5000,
+                bulk_bytes: 16 << 20,
             }
         } else {
             Plan {
-                rounds: 5,
-                connects: 10_000,
-                bulk_bytes: 256 << 20,
+                rounds: 16,
+                connects: 2000,
+                datagrams: 20_000,
+                bulk_bytes: 64 << 20,
             }
+        }
+    }
+
+    /// A round a quarter as long, to warm up with.
+    fn warm_up(&self) -> Plan {
+        Plan {
+            rounds: 1,
+            connects: self.connects / 4,
+            datagrams: self.datagrams / 4,
+            bulk_bytes: self.bulk_bytes / 4,
         }
     }
 }
 
-/// A ratio of the baseline's cost over the table's (so 1.0 means free and
-/// less means dearer), taken per round: its median, or why it is no figure.
+/// The cost of one side from its rounds: their lower quartile. Contention
+/// only adds CPU time (caches and the core shared with other processes, on
+/// this VM by up to a third), so the low end of many short runs is the cost
+/// without it; a quartile rather than the minimum is not one lucky run.
+fn low(rounds: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = rounds.collect();
+    v.sort_by(f64::total_cmp);
+    percentile(&v, 25)
+}
+
+/// A ratio of the baseline's cost over the table's (1.0: free; less:
+/// dearer): the mean of two halves, the ratio from the rounds where the table
+/// went first and from those where the baseline did; or why it is no figure.
+/// How far the halves are apart is the measurement's own error bar.
 pub enum Ratio {
-    Median(f64),
-    /// Rounds that disagree: the machine's noise is larger than what is measured.
-    Unstable(Vec<f64>),
-    /// A round in which the table made the datapath cheaper by more than
-    /// [`Ratio::PLAUSIBLE`] allows: a broken measurement, not a gain.
-    Implausible(Vec<f64>),
+    Value {
+        whole: f64,
+        halves: [f64; 2],
+    },
+    /// The halves disagree: the noise is larger than what is measured, or the
+    /// order of the runs matters.
+    Unstable {
+        whole: f64,
+        halves: [f64; 2],
+    },
+    /// The table made the datapath cheaper by more than [`Ratio::PLAUSIBLE`]
+    /// allows: a broken measurement, not a gain.
+    Implausible {
+        whole: f64,
+        halves: [f64; 2],
+    },
 }
 
 impl Ratio {
     /// Above this a ratio is a broken measurement.
     const PLAUSIBLE: f64 = 1.10;
-    /// Largest over smallest round beyond which rounds disagree.
-    const SPREAD: f64 = 1.10;
+    /// Larger over smaller half beyond which the halves disagree.
+    const SPREAD: f64 = 1.05;
+    /// How far from 1 the control's ratio may be.
+    const CONTROL: f64 = 0.03;
 
-    fn of(mut rounds: Vec<f64>) -> Ratio {
-        let lo = rounds.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = rounds.iter().copied().fold(0.0, f64::max);
-        if rounds.is_empty() || !lo.is_finite() || lo <= 0.0 {
-            return Ratio::Unstable(rounds);
+    /// From each round's cost of the table and of the baseline.
+    fn of(table: &[f64], base: &[f64]) -> Ratio {
+        let ratio = |keep: &dyn Fn(usize) -> bool| {
+            let pick = |v: &[f64]| {
+                let kept: Vec<f64> = v
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| keep(*i))
+                    .map(|(_, x)| *x)
+                    .collect();
+                low(kept.into_iter())
+            };
+            pick(base) / pick(table)
+        };
+        let halves = [ratio(&|i| i % 2 == 0), ratio(&|i| i % 2 == 1)];
+        let whole = (halves[0] + halves[1]) / 2.0;
+        let (lo, hi) = (halves[0].min(halves[1]), halves[0].max(halves[1]));
+        if !(lo.is_finite() && lo > 0.0) || hi > lo * Self::SPREAD {
+            Ratio::Unstable { whole, halves }
+        } else if whole > Self::PLAUSIBLE {
+            Ratio::Implausible { whole, halves }
+        } else {
+            Ratio::Value { whole, halves }
         }
-        if hi > Self::PLAUSIBLE {
-            return Ratio::Implausible(rounds);
-        }
-        if hi > lo * Self::SPREAD {
-            return Ratio::Unstable(rounds);
-        }
-        Ratio::Median(median(&mut rounds))
     }
 
     pub fn value(&self) -> Option<f64> {
         match self {
-            Ratio::Median(m) => Some(*m),
-            Ratio::Unstable(_) | Ratio::Implausible(_) => None,
+            Ratio::Value { whole, .. } => Some(*whole),
+            Ratio::Unstable { .. } | Ratio::Implausible { .. } => None,
+        }
+    }
+
+    /// The same ratio, refused as unstable unless the control's (the same
+    /// measurement with the same table on both sides) is 1 within
+    /// [`Ratio::CONTROL`]: a control further off shows a difference between
+    /// the sides or noise that is not the table's. The control's halves may
+    /// disagree as much as its own rule allows; its mean must still be near 1.
+    fn checked(self, control: &Ratio) -> Ratio {
+        let ok = match control {
+            Ratio::Value { whole, .. } | Ratio::Unstable { whole, .. } => {
+                (whole - 1.0).abs() <= Self::CONTROL
+            }
+            Ratio::Implausible { .. } => false,
+        };
+        match self {
+            Ratio::Value { whole, halves } if !ok => Ratio::Unstable { whole, halves },
+            r => r,
         }
     }
 }
 
 impl std::fmt::Display for Ratio {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let list = |r: &[f64]| {
-            let v: Vec<String> = r.iter().map(|x| format!("{x:.3}")).collect();
-            v.join(", ")
+        let (word, whole, [a, b]) = match self {
+            Ratio::Value { whole, halves } => ("", whole, halves),
+            Ratio::Unstable { whole, halves } => ("unstable ", whole, halves),
+            Ratio::Implausible { whole, halves } => ("implausible ", whole, halves),
         };
-        match self {
-            Ratio::Median(m) => write!(f, "{m:.3}"),
-            Ratio::Unstable(r) => write!(f, "unstable ({})", list(r)),
-            Ratio::Implausible(r) => write!(f, "implausible ({})", list(r)),
-        }
+        write!(f, "{word}{whole:.3} ({a:.3}, {b:.3})")
     }
 }
 
-/// What one phase (one table state) measured.
-struct Phase {
+/// The side a client run measures.
+#[derive(Clone, Copy)]
+enum Side {
+    /// The bench's own namespace, with the daemon's table and ip rules.
+    Table,
+    /// [`Baseline`]'s namespace, with the conntrack-only table.
+    Baseline,
+}
+
+/// The baseline's own client namespace, with a veth pair of its own to the
+/// same peer and a table that only turns conntrack on (as any stateful
+/// firewall does): what isolates the cost of our rules and ip rules from
+/// conntrack's, which our output chain's `ct direction` needs and a bare
+/// namespace lacks. With both sides present at once, every measurement runs
+/// on both back to back, milliseconds apart, so the other developer's load
+/// falls on both alike instead of on whichever phase it happened to meet.
+pub struct Baseline {
+    ns: Netns,
+}
+
+/// Commands (for `sh -c '…'`) making the conntrack-only table.
+const CONNTRACK_ONLY: &str = "nft add table inet ctonly &&
+    nft add chain inet ctonly out \"{ type filter hook output priority 0; }\" &&
+    nft add rule inet ctonly out ct direction reply return";
+
+/// The baseline client's address and the peer's on that link.
+const BASELINE_ADDR: &str = "10.99.1.1";
+const BASELINE_PEER: &str = "10.99.1.2";
+
+impl Baseline {
+    pub fn new(lab: &Lab) -> Baseline {
+        let ns = Netns::new();
+        let (me, peer) = (ns.pid(), lab.peer_pid());
+        sh(&format!(
+            "ip link add vb0 netns {me} type veth peer name vb1 netns {peer} &&
+             nsenter -t {me} -n sh -c 'ip link set lo up &&
+               ip addr add {BASELINE_ADDR}/24 dev vb0 && ip link set vb0 up &&
+               {CONNTRACK_ONLY}' &&
+             nsenter -t {peer} -n sh -c 'ip addr add {BASELINE_PEER}/24 dev vb1 &&
+               ip link set vb1 up'"
+        ));
+        Baseline { ns }
+    }
+}
+
+/// What one side measured in one round.
+#[derive(Default)]
+struct Sample {
     /// CPU time per connection (µs), client at each of [`DEPTHS`].
     connect_us: [f64; 3],
+    /// CPU time per datagram (ns), client at each of [`DEPTHS`].
+    datagram_ns: [f64; 3],
     /// CPU time per MiB uploaded (µs), client at the deepest depth.
     bulk_us_per_mib: f64,
     /// Each connect's latency (µs), client at the deepest depth.
     latency_us: Vec<f64>,
-    /// CPU time of everything else on the machine over the phase, as a share
-    /// of all CPUs' time: the other developer's load.
+}
+
+/// What else ran during one round.
+struct Noise {
+    /// CPU time of everything else on the machine, as a share of all CPUs'
+    /// time: the other developer's load.
     foreign: f64,
-    /// ksoftirqd's CPU time over the phase, as a share of ours.
+    /// ksoftirqd's CPU time, as a share of ours.
     ksoftirqd: f64,
 }
 
@@ -156,10 +278,15 @@ struct Run {
     latency_us: Vec<f64>,
 }
 
-/// Runs the client at `depth` with `args` and adds the server's CPU time.
-fn run(lab: &Lab, depth: u32, args: &[&str]) -> Run {
+/// Runs the client on `side` at `depth` as `mode COUNT` and adds the
+/// server's CPU time.
+fn run(lab: &Lab, baseline: &Baseline, side: Side, depth: u32, mode: &str, count: u64) -> Run {
+    let (netns, peer) = match side {
+        Side::Table => (None, PEER),
+        Side::Baseline => (Some(baseline.ns.pid()), BASELINE_PEER),
+    };
     let server0 = usage_usec(lab);
-    let out = lab.client_in(&Lab::spine(depth), args);
+    let out = lab.client_in_netns(&Lab::spine(depth), netns, &[mode, peer, &count.to_string()]);
     // The server accepts asynchronously: let it drain its queue first.
     sleep(Duration::from_millis(20));
     let server = usage_usec(lab).saturating_sub(server0);
@@ -180,162 +307,172 @@ fn run(lab: &Lab, depth: u32, args: &[&str]) -> Run {
     }
 }
 
-/// Measures the datapath as the table is now.
-fn phase(lab: &Lab, plan: &Plan) -> Phase {
+/// One round: each measurement on both sides back to back, `first` first.
+/// Returns the table's sample, the baseline's, and the round's noise.
+fn round(lab: &Lab, baseline: &Baseline, plan: &Plan, first: Side) -> (Sample, Sample, Noise) {
+    let order = match first {
+        Side::Table => [Side::Table, Side::Baseline],
+        Side::Baseline => [Side::Baseline, Side::Table],
+    };
     let busy0 = busy_us();
     let soft0 = ksoftirqd_us();
     let t0 = Instant::now();
     let mut ours = 0.0;
-    let mut connect_us = [0.0; 3];
-    let mut latency_us = Vec::new();
-    let n = plan.connects.to_string();
-    for (i, &depth) in DEPTHS.iter().enumerate() {
-        let r = run(lab, depth, &["connect", &n]);
+    let mut samples = [Sample::default(), Sample::default()];
+    let mut measure = |side: Side, depth: u32, mode: &str, count: u64| {
+        let r = run(lab, baseline, side, depth, mode, count);
         ours += r.cpu_us;
-        connect_us[i] = r.cpu_us / plan.connects as f64;
-        if i == DEPTHS.len() - 1 {
-            latency_us = r.latency_us;
+        r
+    };
+    for (i, &depth) in DEPTHS.iter().enumerate() {
+        for side in order {
+            let r = measure(side, depth, "connect", plan.connects);
+            let s = &mut samples[side as usize];
+            s.connect_us[i] = r.cpu_us / plan.connects as f64;
+            if i == DEPTHS.len() - 1 {
+                s.latency_us = r.latency_us;
+            }
+        }
+        for side in order {
+            let r = measure(side, depth, "udp", plan.datagrams);
+            samples[side as usize].datagram_ns[i] = r.cpu_us * 1e3 / plan.datagrams as f64;
         }
     }
-    let deepest = DEPTHS[DEPTHS.len() - 1];
-    let bulk = run(lab, deepest, &["bulk", &plan.bulk_bytes.to_string()]);
-    ours += bulk.cpu_us;
+    for side in order {
+        let r = measure(side, DEEPEST, "bulk", plan.bulk_bytes);
+        samples[side as usize].bulk_us_per_mib = r.cpu_us / (plan.bulk_bytes >> 20) as f64;
+    }
     let wall_us = t0.elapsed().as_secs_f64() * 1e6;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    let foreign = (busy_us().saturating_sub(busy0) as f64 - ours).max(0.0) / (wall_us * cpus);
-    Phase {
-        connect_us,
-        bulk_us_per_mib: bulk.cpu_us / (plan.bulk_bytes >> 20) as f64,
-        latency_us,
-        foreign,
+    let noise = Noise {
+        foreign: (busy_us().saturating_sub(busy0) as f64 - ours).max(0.0) / (wall_us * cpus),
         ksoftirqd: ksoftirqd_us().saturating_sub(soft0) as f64 / ours,
-    }
-}
-
-/// A table that only turns conntrack on (as any stateful firewall does): the
-/// baseline that isolates the cost of our own rules from conntrack's, which
-/// our output chain's `ct direction` needs and a bare namespace lacks.
-pub fn conntrack_only(on: bool) {
-    if on {
-        nft(&["add table inet ctonly"]);
-        nft(&["add chain inet ctonly out { type filter hook output priority 0; }"]);
-        nft(&["add rule inet ctonly out ct direction reply return"]);
-    } else {
-        nft(&["delete table inet ctonly"]);
-    }
+    };
+    let [table, base] = samples;
+    (table, base, noise)
 }
 
 /// The comparison at one size.
 pub struct Comparison {
-    /// Start-up times to READY=1 of the table phases (ms).
-    pub startups_ms: Vec<f64>,
     connect: Ratio,
     bulk: Ratio,
-    /// Median CPU µs per connection and per MiB, table and baseline.
+    /// CPU µs per connection and per MiB (see [`low`]), table and baseline.
     connect_us: (f64, f64),
     bulk_us_per_mib: (f64, f64),
     /// Connect latency p50 and p99 (µs), table and baseline.
     latency: ((f64, f64), (f64, f64)),
-    /// Cost of one level's lookup per connection (ns), per round.
-    per_level_ns: Vec<f64>,
-    /// Extra CPU per connection over the baseline at each depth (ns), medians.
+    /// Cost of one level's lookup per datagram (ns): from all rounds, and
+    /// from the table-first and the baseline-first ones.
+    per_level_ns: (f64, [f64; 2]),
+    /// Extra CPU per connection over the baseline at each depth (ns).
     extra_ns: [f64; 3],
-    /// Largest foreign load and ksoftirqd share seen in any phase.
+    /// Extra CPU per datagram over the baseline at each depth (ns).
+    extra_datagram_ns: [f64; 3],
+    /// Largest foreign load and ksoftirqd share seen in any round.
     foreign_max: f64,
     ksoftirqd_max: f64,
 }
 
-/// Alternates table and conntrack-only phases; `label` names the size.
-pub fn compare(lab: &mut Lab, plan: &Plan, label: &str, started: Instant) -> Comparison {
-    let settle = || sleep(Duration::from_millis(300));
-    let mut startups_ms = Vec::new();
-    let mut table_phase = |lab: &mut Lab| {
-        startups_ms.push(lab.start_daemon().as_secs_f64() * 1e3);
-        settle();
-        let p = phase(lab, plan);
-        lab.stop_daemon();
-        settle();
-        p
-    };
-    // Warm up: conntrack's module, the caches, the server's threads.
+/// Measures both sides in rounds whose order alternates (table first, then
+/// baseline first, …), with the daemon running; `label` names the size.
+pub fn compare(
+    lab: &Lab,
+    baseline: &Baseline,
+    plan: &Plan,
+    label: &str,
+    started: Instant,
+) -> Comparison {
+    // Warm up: the caches, conntrack's tables, the server's threads.
     step(&format!("datapath at {label}: warm-up"), started);
-    conntrack_only(true);
-    let warm = Plan {
-        rounds: 0,
-        connects: plan.connects / 4,
-        bulk_bytes: plan.bulk_bytes / 4,
-    };
-    phase(lab, &warm);
-    conntrack_only(false);
-
-    let mut table = vec![table_phase(lab)];
-    let mut base = Vec::new();
-    for round in 0..plan.rounds {
+    round(lab, baseline, &plan.warm_up(), Side::Table);
+    let mut rounds = Vec::new();
+    for r in 0..plan.rounds {
         step(
-            &format!(
-                "datapath at {label}: round {} of {}",
-                round + 1,
-                plan.rounds
-            ),
+            &format!("datapath at {label}: round {} of {}", r + 1, plan.rounds),
             started,
         );
-        conntrack_only(true);
-        base.push(phase(lab, plan));
-        conntrack_only(false);
-        table.push(table_phase(lab));
+        let first = if r % 2 == 0 {
+            Side::Table
+        } else {
+            Side::Baseline
+        };
+        rounds.push(round(lab, baseline, plan, first));
     }
-    Comparison::of(startups_ms, &table, &base)
+    Comparison::of(&rounds)
+}
+
+/// The control: [`compare`] with the conntrack-only table on both sides
+/// (the daemon not running). Its ratios are 1 but for the noise of the
+/// machine and any difference between the two namespaces.
+pub fn control(lab: &Lab, baseline: &Baseline, plan: &Plan, started: Instant) -> Comparison {
+    sh(&format!("sh -c '{CONNTRACK_ONLY}'"));
+    let c = compare(lab, baseline, plan, "control", started);
+    sh("nft delete table inet ctonly");
+    c
 }
 
 impl Comparison {
-    fn of(startups_ms: Vec<f64>, table: &[Phase], base: &[Phase]) -> Comparison {
-        // Each baseline phase against the mean of its two neighbouring table phases.
-        let around = |i: usize, f: &dyn Fn(&Phase) -> f64| (f(&table[i]) + f(&table[i + 1])) / 2.0;
-        let ratio = |f: &dyn Fn(&Phase) -> f64| {
-            Ratio::of(
-                base.iter()
-                    .enumerate()
-                    .map(|(i, b)| f(b) / around(i, f))
-                    .collect(),
-            )
-        };
+    /// Refuses this comparison's ratios where `control`'s are off (see
+    /// [`Ratio::checked`]).
+    pub fn checked(self, control: &Comparison) -> Comparison {
+        Comparison {
+            connect: self.connect.checked(&control.connect),
+            bulk: self.bulk.checked(&control.bulk),
+            ..self
+        }
+    }
+
+    fn of(rounds: &[(Sample, Sample, Noise)]) -> Comparison {
         let deep = DEPTHS.len() - 1;
-        let extra =
-            |i: usize, d: usize| (around(i, &|p| p.connect_us[d]) - base[i].connect_us[d]) * 1e3;
-        let per_level_ns = (0..base.len())
-            .map(|i| slope(&DEPTHS.map(f64::from), &[0, 1, 2].map(|d| extra(i, d))))
-            .collect();
-        let extra_ns = [0, 1, 2]
-            .map(|d| median(&mut (0..base.len()).map(|i| extra(i, d)).collect::<Vec<_>>()));
-        let med = |ps: &[Phase], f: &dyn Fn(&Phase) -> f64| {
-            median(&mut ps.iter().map(f).collect::<Vec<_>>())
-        };
-        let pcts = |ps: &[Phase]| {
-            let mut all: Vec<f64> = ps
+        let side = |f: &dyn Fn(&Sample) -> f64, table: bool, keep: &dyn Fn(usize) -> bool| {
+            low(rounds
                 .iter()
-                .flat_map(|p| p.latency_us.iter().copied())
+                .enumerate()
+                .filter(|(i, _)| keep(*i))
+                .map(|(_, r)| f(if table { &r.0 } else { &r.1 })))
+        };
+        let all = |_: usize| true;
+        let both = |f: &dyn Fn(&Sample) -> f64| (side(f, true, &all), side(f, false, &all));
+        let ratio = |f: &dyn Fn(&Sample) -> f64| {
+            let per_round = |table: bool| -> Vec<f64> {
+                rounds
+                    .iter()
+                    .map(|r| f(if table { &r.0 } else { &r.1 }))
+                    .collect()
+            };
+            Ratio::of(&per_round(true), &per_round(false))
+        };
+        let extra = |f: &dyn Fn(&Sample, usize) -> f64, keep: &dyn Fn(usize) -> bool| {
+            [0, 1, 2].map(|d| side(&|s| f(s, d), true, keep) - side(&|s| f(s, d), false, keep))
+        };
+        let datagram = |s: &Sample, d: usize| s.datagram_ns[d];
+        // At depth d the maps of levels 2..=d are looked up: d - 1 lookups,
+        // so the slope over depth is one lookup's cost.
+        let per_level =
+            |keep: &dyn Fn(usize) -> bool| slope(&DEPTHS.map(f64::from), &extra(&datagram, keep));
+        let pcts = |table: bool| {
+            let mut all: Vec<f64> = rounds
+                .iter()
+                .flat_map(|r| if table { &r.0 } else { &r.1 }.latency_us.iter().copied())
                 .collect();
             all.sort_by(f64::total_cmp);
             (percentile(&all, 50), percentile(&all, 99))
         };
-        let max = |f: &dyn Fn(&Phase) -> f64| table.iter().chain(base).map(f).fold(0.0, f64::max);
+        let max = |f: &dyn Fn(&Noise) -> f64| rounds.iter().map(|r| f(&r.2)).fold(0.0, f64::max);
         Comparison {
-            startups_ms,
-            connect: ratio(&|p| p.connect_us[deep]),
-            bulk: ratio(&|p| p.bulk_us_per_mib),
-            connect_us: (
-                med(table, &|p| p.connect_us[deep]),
-                med(base, &|p| p.connect_us[deep]),
+            connect: ratio(&|s| s.connect_us[deep]),
+            bulk: ratio(&|s| s.bulk_us_per_mib),
+            connect_us: both(&|s| s.connect_us[deep]),
+            bulk_us_per_mib: both(&|s| s.bulk_us_per_mib),
+            latency: (pcts(true), pcts(false)),
+            per_level_ns: (
+                per_level(&all),
+                [per_level(&|i| i % 2 == 0), per_level(&|i| i % 2 == 1)],
             ),
-            bulk_us_per_mib: (
-                med(table, &|p| p.bulk_us_per_mib),
-                med(base, &|p| p.bulk_us_per_mib),
-            ),
-            latency: (pcts(table), pcts(base)),
-            per_level_ns,
-            extra_ns,
-            foreign_max: max(&|p| p.foreign),
-            ksoftirqd_max: max(&|p| p.ksoftirqd),
+            extra_ns: extra(&|s, d| s.connect_us[d] * 1e3, &all),
+            extra_datagram_ns: extra(&datagram, &all),
+            foreign_max: max(&|n| n.foreign),
+            ksoftirqd_max: max(&|n| n.ksoftirqd),
         }
     }
 
@@ -378,15 +515,18 @@ impl Comparison {
             ),
             "",
         );
-        let mut levels = self.per_level_ns.clone();
-        let rounds: Vec<String> = self
-            .per_level_ns
-            .iter()
-            .map(|x| format!("{x:.0}"))
-            .collect();
         row(
-            &format!("  one level's lookup, ns/connection, {label}"),
-            format!("{:.0} ({})", median(&mut levels), rounds.join(", ")),
+            &format!("  extra ns/datagram at depth 1/4/8, {label}"),
+            format!(
+                "{:.0} / {:.0} / {:.0}",
+                self.extra_datagram_ns[0], self.extra_datagram_ns[1], self.extra_datagram_ns[2]
+            ),
+            "",
+        );
+        let (level, [a, b]) = self.per_level_ns;
+        row(
+            &format!("  one level's lookup, ns/packet, {label}"),
+            format!("{level:.0} ({a:.0}, {b:.0})"),
             "",
         );
         row(
@@ -402,7 +542,6 @@ impl Comparison {
 
     /// bench-json keys for size `tag` (`10k`, `50k`).
     pub fn json(&self, tag: &str) -> Map<String, Value> {
-        let mut levels = self.per_level_ns.clone();
         let ((t50, t99), (b50, b99)) = self.latency;
         let mut m = Map::new();
         let mut put = |k: &str, v: Value| {
@@ -434,8 +573,12 @@ impl Comparison {
         put("connect_p50_us_SIZE_conntrack", json!(round1(b50)));
         put("connect_p99_us_SIZE_conntrack", json!(round1(b99)));
         put(
-            "level_lookup_ns_per_connection_SIZE",
-            json!(round1(median(&mut levels))),
+            "level_lookup_ns_per_packet_SIZE",
+            json!(round1(self.per_level_ns.0)),
+        );
+        put(
+            "table_ns_per_packet_no_lookup_SIZE",
+            json!(round1(self.extra_datagram_ns[0])),
         );
         put(
             "datapath_foreign_load_max_SIZE",
