@@ -300,6 +300,19 @@ impl Lab {
 
     /// Starts the daemon with `config` and returns the time from spawn to READY=1.
     fn start_daemon_with(&mut self, config: &Path) -> Duration {
+        self.start_daemon_netns(config, None)
+    }
+
+    /// Starts the daemon in the network namespace of process `netns`.
+    fn start_daemon_in(&mut self, netns: u32) -> Duration {
+        let config = self.config();
+        self.start_daemon_netns(&config, Some(netns))
+    }
+
+    /// Starts the daemon with `config`, in the network namespace of process
+    /// `netns` if any (nsenter execs it: its PID is the daemon's), and returns
+    /// the time from spawn to READY=1.
+    fn start_daemon_netns(&mut self, config: &Path, netns: Option<u32>) -> Duration {
         assert!(self.daemon.is_none());
         let notify_path = self.dir.join("notify");
         let _ = fs::remove_file(&notify_path);
@@ -323,7 +336,15 @@ impl Lab {
         });
         let log = self.dir.join("daemon.log");
         let spawned = Instant::now();
-        let child = Command::new(DAEMON)
+        let mut cmd = match netns {
+            Some(pid) => {
+                let mut c = Command::new("nsenter");
+                c.args(["-t", &pid.to_string(), "-n", DAEMON]);
+                c
+            }
+            None => Command::new(DAEMON),
+        };
+        let child = cmd
             .args(["run", "--config"])
             .arg(config)
             .env("NOTIFY_SOCKET", &notify_path)
@@ -782,7 +803,7 @@ fn bench(base: &str) {
         return;
     }
     let plan = datapath::Plan::new(quick);
-    let baseline = datapath::Baseline::new(&lab);
+    let sides = datapath::Sides::new(&lab);
     let ev = Events::subscribe();
     let mut next = 1_000_000usize; // names of measured cgroups, never reused
     let mut fresh = |n: usize| {
@@ -805,7 +826,8 @@ fn bench(base: &str) {
     // 10,000: the datapath, table against conntrack only, then the rest.
     step("creating 10,000 cgroups", started);
     lab.populate(1000, 10_000);
-    let control = datapath::control(&lab, &baseline, &plan, started);
+    let control = datapath::control(&lab, &sides, &plan, started);
+    let dp_10k = datapath::compare(&mut lab, &sides, &plan, "10,000", started).checked(&control);
     step("start-up at 10,000", started);
     let startup_10k = startup_median(&mut lab);
     let all_10k = lab.hierarchy_size();
@@ -819,8 +841,6 @@ fn bench(base: &str) {
     let c0 = ctx_switches(pid);
     std::thread::sleep(idle_window);
     let idle_wakeups = (ctx_switches(pid) - c0) as f64 / idle_window.as_secs_f64();
-
-    let dp_10k = datapath::compare(&lab, &baseline, &plan, "10,000", started).checked(&control);
 
     step("update latency at 10,000", started);
     let (lat_10k, missed_10k, made) = update_latencies(&lab, &ev, fresh(UPDATES), None);
@@ -894,19 +914,20 @@ fn bench(base: &str) {
     // 50,000.
     step("creating 50,000 cgroups", started);
     lab.populate(10_000, 50_000);
+    let dp_50k = datapath::compare(&mut lab, &sides, &plan, "50,000", started).checked(&control);
     step("start-up at 50,000", started);
     let startup_50k = startup_median(&mut lab);
     let all_50k = lab.hierarchy_size();
     ev.settle(Duration::from_millis(300));
     std::thread::sleep(Duration::from_millis(1500));
     let rss_50k = rss_kib(lab.daemon().pid());
-    let dp_50k = datapath::compare(&lab, &baseline, &plan, "50,000", started).checked(&control);
+
     step("update latency at 50,000", started);
     let (lat_50k, missed_50k, made) = update_latencies(&lab, &ev, fresh(UPDATES), None);
     remove_all(&ev, &made);
     lab.stop_daemon();
     step("removing 50,000 cgroups", started);
-    drop(baseline);
+    drop(sides);
     drop(lab);
     step("done", started);
 

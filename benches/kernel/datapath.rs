@@ -13,8 +13,8 @@
 //! process takes the CPU away: we are then simply not running.
 //!
 //! Which CPU time: every packet of the measurement is made by the client (in
-//! the bench's namespace, where the table is, or in the baseline's) or by the
-//! server (in the peer namespace), all processes in cgroups the bench created. The output hook
+//! the table's client namespace or in the baseline's) or by the server (in
+//! the peer namespace), all processes in cgroups the bench created. The output hook
 //! runs either in the sending syscall (SYN, data, the closing RST) or in the
 //! NET_RX softirq (the handshake's ACK; data sent when an ACK opens the
 //! window). veth's transmit queues the packet on the local CPU and raises
@@ -33,9 +33,9 @@
 //! runtime cgroups add up) around its loop, so its start-up is not counted;
 //! the server's is its cgroup's `usage_usec` over the client's run.
 //!
-//! Both sides exist at once: the table in the bench's namespace, the
-//! conntrack-only baseline in a second client namespace of its own (see
-//! [`Baseline`]). Each measurement runs on one side and then at once on the
+//! Both sides exist at once, in two client namespaces made alike (see
+//! [`Sides`]); a control run with the conntrack-only table on both shows
+//! that they are alike, and every ratio is refused when it is not. Each measurement runs on one side and then at once on the
 //! other, and rounds alternate which goes first (table, baseline; baseline,
 //! table; …), so load that comes and goes falls on both alike and slow drift
 //! cancels. A ratio whose rounds disagree, or that says the table made the
@@ -50,7 +50,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value, json};
 
 use super::netns::Netns;
-use super::{DEEPEST, Lab, PEER, round1, round3, sh, step};
+use super::{DEEPEST, Lab, round1, round3, sh, step};
 
 /// Depths (absolute cgroup levels) the client runs at. The classified
 /// cgroups sit at levels 2 to 8, so the table has seven level maps: at depth
@@ -207,21 +207,25 @@ impl std::fmt::Display for Ratio {
 /// The side a client run measures.
 #[derive(Clone, Copy)]
 enum Side {
-    /// The bench's own namespace, with the daemon's table and ip rules.
+    /// [`Sides::table`]'s namespace: the daemon's table and ip rules.
     Table,
-    /// [`Baseline`]'s namespace, with the conntrack-only table.
+    /// [`Sides::baseline`]'s namespace: the conntrack-only table.
     Baseline,
 }
 
-/// The baseline's own client namespace, with a veth pair of its own to the
-/// same peer and a table that only turns conntrack on (as any stateful
-/// firewall does): what isolates the cost of our rules and ip rules from
-/// conntrack's, which our output chain's `ct direction` needs and a bare
-/// namespace lacks. With both sides present at once, every measurement runs
-/// on both back to back, milliseconds apart, so the other developer's load
-/// falls on both alike instead of on whichever phase it happened to meet.
-pub struct Baseline {
-    ns: Netns,
+/// Two client namespaces made alike, each with a veth pair of its own to the
+/// same peer: the table's, where the daemon runs for the measurement, and the
+/// baseline's, with a table that only turns conntrack on (as any stateful
+/// firewall does), which isolates the cost of our rules and ip rules from
+/// conntrack's (our output chain's `ct direction` needs it; a bare namespace
+/// lacks it). Neither is the bench's own namespace: the forwarder comparison
+/// and the update runs leave state there (sockets, conntrack entries) that
+/// made its connections dearer than a fresh namespace's with the same table.
+/// With both sides present at once, every measurement runs on both back to
+/// back, milliseconds apart, so the other developer's load falls on both alike.
+pub struct Sides {
+    table: Netns,
+    baseline: Netns,
 }
 
 /// Commands (for `sh -c '…'`) making the conntrack-only table.
@@ -229,24 +233,44 @@ const CONNTRACK_ONLY: &str = "nft add table inet ctonly &&
     nft add chain inet ctonly out \"{ type filter hook output priority 0; }\" &&
     nft add rule inet ctonly out ct direction reply return";
 
-/// The baseline client's address and the peer's on that link.
-const BASELINE_ADDR: &str = "10.99.1.1";
-const BASELINE_PEER: &str = "10.99.1.2";
+/// The table side's and the baseline's link to the peer: (client, peer).
+const TABLE_LINK: (&str, &str) = ("10.99.2.1", "10.99.2.2");
+const BASELINE_LINK: (&str, &str) = ("10.99.1.1", "10.99.1.2");
 
-impl Baseline {
-    pub fn new(lab: &Lab) -> Baseline {
-        let ns = Netns::new();
-        let (me, peer) = (ns.pid(), lab.peer_pid());
+impl Sides {
+    pub fn new(lab: &Lab) -> Sides {
+        let sides = Sides {
+            table: client_netns(lab, "vt", TABLE_LINK),
+            baseline: client_netns(lab, "vb", BASELINE_LINK),
+        };
         sh(&format!(
-            "ip link add vb0 netns {me} type veth peer name vb1 netns {peer} &&
-             nsenter -t {me} -n sh -c 'ip link set lo up &&
-               ip addr add {BASELINE_ADDR}/24 dev vb0 && ip link set vb0 up &&
-               {CONNTRACK_ONLY}' &&
-             nsenter -t {peer} -n sh -c 'ip addr add {BASELINE_PEER}/24 dev vb1 &&
-               ip link set vb1 up'"
+            "nsenter -t {} -n sh -c '{CONNTRACK_ONLY}'",
+            sides.baseline.pid()
         ));
-        Baseline { ns }
+        sides
     }
+
+    fn netns(&self, side: Side) -> u32 {
+        match side {
+            Side::Table => self.table.pid(),
+            Side::Baseline => self.baseline.pid(),
+        }
+    }
+}
+
+/// A client namespace linked to the peer by veth pair `NAME0`/`NAME1` with
+/// addresses `link`.
+fn client_netns(lab: &Lab, name: &str, (me, peer): (&str, &str)) -> Netns {
+    let ns = Netns::new();
+    let (pid, ppid) = (ns.pid(), lab.peer_pid());
+    sh(&format!(
+        "ip link add {name}0 netns {pid} type veth peer name {name}1 netns {ppid} &&
+         nsenter -t {pid} -n sh -c 'ip link set lo up &&
+           ip addr add {me}/24 dev {name}0 && ip link set {name}0 up' &&
+         nsenter -t {ppid} -n sh -c 'ip addr add {peer}/24 dev {name}1 &&
+           ip link set {name}1 up'"
+    ));
+    ns
 }
 
 /// What one side measured in one round.
@@ -280,11 +304,12 @@ struct Run {
 
 /// Runs the client on `side` at `depth` as `mode COUNT` and adds the
 /// server's CPU time.
-fn run(lab: &Lab, baseline: &Baseline, side: Side, depth: u32, mode: &str, count: u64) -> Run {
-    let (netns, peer) = match side {
-        Side::Table => (None, PEER),
-        Side::Baseline => (Some(baseline.ns.pid()), BASELINE_PEER),
+fn run(lab: &Lab, sides: &Sides, side: Side, depth: u32, mode: &str, count: u64) -> Run {
+    let peer = match side {
+        Side::Table => TABLE_LINK.1,
+        Side::Baseline => BASELINE_LINK.1,
     };
+    let netns = Some(sides.netns(side));
     let server0 = usage_usec(lab);
     let out = lab.client_in_netns(&Lab::spine(depth), netns, &[mode, peer, &count.to_string()]);
     // The server accepts asynchronously: let it drain its queue first.
@@ -309,7 +334,7 @@ fn run(lab: &Lab, baseline: &Baseline, side: Side, depth: u32, mode: &str, count
 
 /// One round: each measurement on both sides back to back, `first` first.
 /// Returns the table's sample, the baseline's, and the round's noise.
-fn round(lab: &Lab, baseline: &Baseline, plan: &Plan, first: Side) -> (Sample, Sample, Noise) {
+fn round(lab: &Lab, sides: &Sides, plan: &Plan, first: Side) -> (Sample, Sample, Noise) {
     let order = match first {
         Side::Table => [Side::Table, Side::Baseline],
         Side::Baseline => [Side::Baseline, Side::Table],
@@ -320,7 +345,7 @@ fn round(lab: &Lab, baseline: &Baseline, plan: &Plan, first: Side) -> (Sample, S
     let mut ours = 0.0;
     let mut samples = [Sample::default(), Sample::default()];
     let mut measure = |side: Side, depth: u32, mode: &str, count: u64| {
-        let r = run(lab, baseline, side, depth, mode, count);
+        let r = run(lab, sides, side, depth, mode, count);
         ours += r.cpu_us;
         r
     };
@@ -374,17 +399,41 @@ pub struct Comparison {
 }
 
 /// Measures both sides in rounds whose order alternates (table first, then
-/// baseline first, …), with the daemon running; `label` names the size.
+/// baseline first, …), with the daemon running in the table's namespace;
+/// `label` names the size.
 pub fn compare(
-    lab: &Lab,
-    baseline: &Baseline,
+    lab: &mut Lab,
+    sides: &Sides,
     plan: &Plan,
     label: &str,
     started: Instant,
 ) -> Comparison {
+    lab.start_daemon_in(sides.table.pid());
+    // Let the kernel's deferred work after the big commit finish first.
+    sleep(Duration::from_millis(300));
+    let c = rounds(lab, sides, plan, label, started);
+    lab.stop_daemon();
+    c
+}
+
+/// The control: [`compare`] with the conntrack-only table on both sides
+/// (no daemon). Its ratios are 1 but for the noise of the machine and any
+/// difference between the two namespaces.
+pub fn control(lab: &Lab, sides: &Sides, plan: &Plan, started: Instant) -> Comparison {
+    let table = sides.table.pid();
+    sh(&format!("nsenter -t {table} -n sh -c '{CONNTRACK_ONLY}'"));
+    let c = rounds(lab, sides, plan, "control", started);
+    sh(&format!(
+        "nsenter -t {table} -n nft delete table inet ctonly"
+    ));
+    c
+}
+
+/// Rounds of every measurement on both sides, the order alternating.
+fn rounds(lab: &Lab, sides: &Sides, plan: &Plan, label: &str, started: Instant) -> Comparison {
     // Warm up: the caches, conntrack's tables, the server's threads.
     step(&format!("datapath at {label}: warm-up"), started);
-    round(lab, baseline, &plan.warm_up(), Side::Table);
+    round(lab, sides, &plan.warm_up(), Side::Table);
     let mut rounds = Vec::new();
     for r in 0..plan.rounds {
         step(
@@ -396,19 +445,9 @@ pub fn compare(
         } else {
             Side::Baseline
         };
-        rounds.push(round(lab, baseline, plan, first));
+        rounds.push(round(lab, sides, plan, first));
     }
     Comparison::of(&rounds)
-}
-
-/// The control: [`compare`] with the conntrack-only table on both sides
-/// (the daemon not running). Its ratios are 1 but for the noise of the
-/// machine and any difference between the two namespaces.
-pub fn control(lab: &Lab, baseline: &Baseline, plan: &Plan, started: Instant) -> Comparison {
-    sh(&format!("sh -c '{CONNTRACK_ONLY}'"));
-    let c = compare(lab, baseline, plan, "control", started);
-    sh("nft delete table inet ctonly");
-    c
 }
 
 impl Comparison {
