@@ -84,7 +84,7 @@ impl Plan {
                 rounds: 16,
                 connects: 2000,
                 datagrams: 20_000,
-                bulk_bytes: 64 << 20,
+                bulk_bytes: 256 << 20,
             }
         }
     }
