@@ -1,0 +1,710 @@
+//! The datapath's cost: CPU time per connection and per byte with the daemon's
+//! table, against a table that only turns conntrack on (what every stateful
+//! firewall costs anyway), and what one level of the per-level lookups costs.
+//! That last one is measured per packet, with one-byte UDP datagrams: a
+//! connection's ~65 µs hide a lookup of tens of nanoseconds in their noise, a
+//! datagram's few microseconds do not.
+//!
+//! Why CPU time, not rates: on this shared two-core machine a connect loop's
+//! wall clock measures the other developer's load and any SYN lost to an
+//! overflowing accept queue (a 1 s retransmit). A table cannot make a
+//! connection cheaper, but a stalled baseline made it look 3 to 20 times
+//! faster. CPU time spent on our own packets barely moves when another
+//! process takes the CPU away: we are then simply not running.
+//!
+//! Which CPU time: every packet of the measurement is made by the client (in
+//! the table's client namespace or in the baseline's) or by the server (in
+//! the peer namespace), all processes in cgroups the bench created. The output hook
+//! runs either in the sending syscall (SYN, data, the closing RST) or in the
+//! NET_RX softirq (the handshake's ACK; data sent when an ACK opens the
+//! window). veth's transmit queues the packet on the local CPU and raises
+//! NET_RX there, which runs as soon as the sender re-enables bottom halves,
+//! on its stack: the receiving stack of the other namespace and the replies
+//! it sends run on the sender's time too. Without CONFIG_IRQ_TIME_ACCOUNTING
+//! (this kernel's setting; [`irq_time_accounting`] reads it and the bench
+//! prints it) the scheduler charges softirq time to the task it interrupted,
+//! so the client's and server's CPU time hold the whole path. With it, softirq
+//! time is taken out of every task's runtime and these figures would miss the
+//! rules' cost in softirq. What the kernel defers to ksoftirqd under load is
+//! charged to ksoftirqd, not to us: its time in the same window is shown as a
+//! share of ours, so such a leak is seen, not hidden.
+//!
+//! The client reads its own CPU clock (`CLOCK_PROCESS_CPUTIME_ID`, the same
+//! runtime cgroups add up) around its loop, so its start-up is not counted;
+//! the server's is its cgroup's `usage_usec` over the client's run.
+//!
+//! Both sides exist at once, in two client namespaces made alike (see
+//! [`Sides`]); a control run with the conntrack-only table on both shows
+//! that they are alike, and every ratio is refused when it is not. Each measurement runs on one side and then at once on the
+//! other, and rounds alternate which goes first (table, baseline; baseline,
+//! table; …), so load that comes and goes falls on both alike and slow drift
+//! cancels. A ratio whose rounds disagree, or that says the table made the
+//! datapath cheaper by more than measurement error can, is printed as
+//! `unstable` or `implausible` with its rounds, and is null in bench-json.
+
+use std::fs;
+use std::process::Command;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value, json};
+
+use super::netns::Netns;
+use super::{DEEPEST, Lab, round1, round3, sh, step};
+
+/// Depths (absolute cgroup levels) the client runs at. The classified
+/// cgroups sit at levels 2 to 8, so the table has seven level maps: at depth
+/// 1 every lookup ends before its map, at depth d the maps of levels 2..=d
+/// are looked up (and miss: the client's cgroups are unclassified).
+pub const DEPTHS: [u32; 3] = [1, 4, 8];
+
+/// Settings of one run: full, or short for iterating (`CGTPROXY_BENCH_QUICK=1`).
+pub struct Plan {
+    /// Rounds, each measuring both sides.
+    pub rounds: usize,
+    /// Connections per client run.
+    pub connects: u64,
+    /// Datagrams per client run.
+    pub datagrams: u64,
+    /// Bytes of the bulk upload.
+    pub bulk_bytes: u64,
+}
+
+impl Plan {
+    pub fn new(quick: bool) -> Plan {
+        if quick {
+            Plan {
+                rounds: 6,
+                connects: 500,
+                datagrams: 5000,
+                bulk_bytes: 16 << 20,
+            }
+        } else {
+            Plan {
+                rounds: 16,
+                connects: 2000,
+                datagrams: 20_000,
+                bulk_bytes: 256 << 20,
+            }
+        }
+    }
+
+    /// A round a quarter as long, to warm up with.
+    fn warm_up(&self) -> Plan {
+        Plan {
+            rounds: 1,
+            connects: self.connects / 4,
+            datagrams: self.datagrams / 4,
+            bulk_bytes: self.bulk_bytes / 4,
+        }
+    }
+}
+
+/// The cost of one side from its rounds: their lower quartile. Contention
+/// only adds CPU time (caches and the core shared with other processes, on
+/// this VM by up to a third), so the low end of many short runs is the cost
+/// without it; a quartile rather than the minimum is not one lucky run.
+fn low(rounds: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = rounds.collect();
+    v.sort_by(f64::total_cmp);
+    percentile(&v, 25)
+}
+
+/// A ratio of the baseline's cost over the table's (1.0: free; less:
+/// dearer): the mean of two halves, the ratio from the rounds where the table
+/// went first and from those where the baseline did; or why it is no figure.
+/// How far the halves are apart is the measurement's own error bar.
+pub enum Ratio {
+    Value {
+        whole: f64,
+        halves: [f64; 2],
+    },
+    /// The halves disagree: the noise is larger than what is measured, or the
+    /// order of the runs matters.
+    Unstable {
+        whole: f64,
+        halves: [f64; 2],
+    },
+    /// The table made the datapath cheaper by more than [`Ratio::PLAUSIBLE`]
+    /// allows: a broken measurement, not a gain.
+    Implausible {
+        whole: f64,
+        halves: [f64; 2],
+    },
+}
+
+impl Ratio {
+    /// Above this a ratio is a broken measurement.
+    const PLAUSIBLE: f64 = 1.10;
+    /// Larger over smaller half beyond which the halves disagree.
+    const SPREAD: f64 = 1.05;
+    /// How far from 1 the control's ratio may be.
+    const CONTROL: f64 = 0.03;
+
+    /// From each round's cost of the table and of the baseline.
+    fn of(table: &[f64], base: &[f64]) -> Ratio {
+        let ratio = |keep: &dyn Fn(usize) -> bool| {
+            let pick = |v: &[f64]| {
+                let kept: Vec<f64> = v
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| keep(*i))
+                    .map(|(_, x)| *x)
+                    .collect();
+                low(kept.into_iter())
+            };
+            pick(base) / pick(table)
+        };
+        let halves = [ratio(&|i| i % 2 == 0), ratio(&|i| i % 2 == 1)];
+        let whole = (halves[0] + halves[1]) / 2.0;
+        let (lo, hi) = (halves[0].min(halves[1]), halves[0].max(halves[1]));
+        if !(lo.is_finite() && lo > 0.0) || hi > lo * Self::SPREAD {
+            Ratio::Unstable { whole, halves }
+        } else if whole > Self::PLAUSIBLE {
+            Ratio::Implausible { whole, halves }
+        } else {
+            Ratio::Value { whole, halves }
+        }
+    }
+
+    pub fn value(&self) -> Option<f64> {
+        match self {
+            Ratio::Value { whole, .. } => Some(*whole),
+            Ratio::Unstable { .. } | Ratio::Implausible { .. } => None,
+        }
+    }
+
+    /// The same ratio, refused as unstable unless the control's (the same
+    /// measurement with the same table on both sides) is 1 within
+    /// [`Ratio::CONTROL`]: a control further off shows a difference between
+    /// the sides or noise that is not the table's. The control's halves may
+    /// disagree as much as its own rule allows; its mean must still be near 1.
+    fn checked(self, control: &Ratio) -> Ratio {
+        let ok = match control {
+            Ratio::Value { whole, .. } | Ratio::Unstable { whole, .. } => {
+                (whole - 1.0).abs() <= Self::CONTROL
+            }
+            Ratio::Implausible { .. } => false,
+        };
+        match self {
+            Ratio::Value { whole, halves } if !ok => Ratio::Unstable { whole, halves },
+            r => r,
+        }
+    }
+}
+
+impl std::fmt::Display for Ratio {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (word, whole, [a, b]) = match self {
+            Ratio::Value { whole, halves } => ("", whole, halves),
+            Ratio::Unstable { whole, halves } => ("unstable ", whole, halves),
+            Ratio::Implausible { whole, halves } => ("implausible ", whole, halves),
+        };
+        write!(f, "{word}{whole:.3} ({a:.3}, {b:.3})")
+    }
+}
+
+/// The side a client run measures.
+#[derive(Clone, Copy)]
+enum Side {
+    /// [`Sides::table`]'s namespace: the daemon's table and ip rules.
+    Table,
+    /// [`Sides::baseline`]'s namespace: the conntrack-only table.
+    Baseline,
+}
+
+/// Two client namespaces made alike, each with a veth pair of its own to the
+/// same peer: the table's, where the daemon runs for the measurement, and the
+/// baseline's, with a table that only turns conntrack on (as any stateful
+/// firewall does), which isolates the cost of our rules and ip rules from
+/// conntrack's (our output chain's `ct direction` needs it; a bare namespace
+/// lacks it). Neither is the bench's own namespace: the forwarder comparison
+/// and the update runs leave state there (sockets, conntrack entries) that
+/// made its connections dearer than a fresh namespace's with the same table.
+/// With both sides present at once, every measurement runs on both back to
+/// back, milliseconds apart, so the other developer's load falls on both alike.
+pub struct Sides {
+    table: Netns,
+    baseline: Netns,
+}
+
+/// Commands (for `sh -c '…'`) making the conntrack-only table.
+const CONNTRACK_ONLY: &str = "nft add table inet ctonly &&
+    nft add chain inet ctonly out \"{ type filter hook output priority 0; }\" &&
+    nft add rule inet ctonly out ct direction reply return";
+
+/// The table side's and the baseline's link to the peer: (client, peer).
+const TABLE_LINK: (&str, &str) = ("10.99.2.1", "10.99.2.2");
+const BASELINE_LINK: (&str, &str) = ("10.99.1.1", "10.99.1.2");
+
+impl Sides {
+    pub fn new(lab: &Lab) -> Sides {
+        let sides = Sides {
+            table: client_netns(lab, "vt", TABLE_LINK),
+            baseline: client_netns(lab, "vb", BASELINE_LINK),
+        };
+        sh(&format!(
+            "nsenter -t {} -n sh -c '{CONNTRACK_ONLY}'",
+            sides.baseline.pid()
+        ));
+        sides
+    }
+
+    fn netns(&self, side: Side) -> u32 {
+        match side {
+            Side::Table => self.table.pid(),
+            Side::Baseline => self.baseline.pid(),
+        }
+    }
+}
+
+/// A client namespace linked to the peer by veth pair `NAME0`/`NAME1` with
+/// addresses `link`.
+fn client_netns(lab: &Lab, name: &str, (me, peer): (&str, &str)) -> Netns {
+    let ns = Netns::new();
+    let (pid, ppid) = (ns.pid(), lab.peer_pid());
+    sh(&format!(
+        "ip link add {name}0 netns {pid} type veth peer name {name}1 netns {ppid} &&
+         nsenter -t {pid} -n sh -c 'ip link set lo up &&
+           ip addr add {me}/24 dev {name}0 && ip link set {name}0 up' &&
+         nsenter -t {ppid} -n sh -c 'ip addr add {peer}/24 dev {name}1 &&
+           ip link set {name}1 up'"
+    ));
+    ns
+}
+
+/// What one side measured in one round.
+#[derive(Default)]
+struct Sample {
+    /// CPU time per connection (µs), client at each of [`DEPTHS`].
+    connect_us: [f64; 3],
+    /// CPU time per datagram (ns), client at each of [`DEPTHS`].
+    datagram_ns: [f64; 3],
+    /// CPU time per MiB uploaded (µs), client at the deepest depth.
+    bulk_us_per_mib: f64,
+    /// Each connect's latency (µs), client at the deepest depth.
+    latency_us: Vec<f64>,
+}
+
+/// What else ran during one round.
+struct Noise {
+    /// CPU time of everything else on the machine, as a share of all CPUs'
+    /// time: the other developer's load.
+    foreign: f64,
+    /// ksoftirqd's CPU time, as a share of ours.
+    ksoftirqd: f64,
+}
+
+/// One client run's own accounting.
+struct Run {
+    /// Client plus server CPU time.
+    cpu_us: f64,
+    latency_us: Vec<f64>,
+}
+
+/// Runs the client on `side` at `depth` as `mode COUNT` and adds the
+/// server's CPU time.
+fn run(lab: &Lab, sides: &Sides, side: Side, depth: u32, mode: &str, count: u64) -> Run {
+    let peer = match side {
+        Side::Table => TABLE_LINK.1,
+        Side::Baseline => BASELINE_LINK.1,
+    };
+    let netns = Some(sides.netns(side));
+    let server0 = usage_usec(lab);
+    let out = lab.client_in_netns(&Lab::spine(depth), netns, &[mode, peer, &count.to_string()]);
+    // The server accepts asynchronously: let it drain its queue first.
+    sleep(Duration::from_millis(20));
+    let server = usage_usec(lab).saturating_sub(server0);
+    let v: Value = serde_json::from_str(&out).expect("client output is JSON");
+    let client_ns = v["cpu_ns"].as_f64().expect("cpu_ns");
+    let latency_us = v["lat_ns"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_f64)
+                .map(|ns| ns / 1e3)
+                .collect()
+        })
+        .unwrap_or_default();
+    Run {
+        cpu_us: client_ns / 1e3 + server as f64,
+        latency_us,
+    }
+}
+
+/// One round: each measurement on both sides back to back, `first` first.
+/// Returns the table's sample, the baseline's, and the round's noise.
+fn round(lab: &Lab, sides: &Sides, plan: &Plan, first: Side) -> (Sample, Sample, Noise) {
+    let order = match first {
+        Side::Table => [Side::Table, Side::Baseline],
+        Side::Baseline => [Side::Baseline, Side::Table],
+    };
+    let busy0 = busy_us();
+    let soft0 = ksoftirqd_us();
+    let t0 = Instant::now();
+    let mut ours = 0.0;
+    let mut samples = [Sample::default(), Sample::default()];
+    let mut measure = |side: Side, depth: u32, mode: &str, count: u64| {
+        let r = run(lab, sides, side, depth, mode, count);
+        ours += r.cpu_us;
+        r
+    };
+    for (i, &depth) in DEPTHS.iter().enumerate() {
+        for side in order {
+            let r = measure(side, depth, "connect", plan.connects);
+            let s = &mut samples[side as usize];
+            s.connect_us[i] = r.cpu_us / plan.connects as f64;
+            if i == DEPTHS.len() - 1 {
+                s.latency_us = r.latency_us;
+            }
+        }
+        for side in order {
+            let r = measure(side, depth, "udp", plan.datagrams);
+            samples[side as usize].datagram_ns[i] = r.cpu_us * 1e3 / plan.datagrams as f64;
+        }
+    }
+    for side in order {
+        let r = measure(side, DEEPEST, "bulk", plan.bulk_bytes);
+        samples[side as usize].bulk_us_per_mib = r.cpu_us / (plan.bulk_bytes >> 20) as f64;
+    }
+    let wall_us = t0.elapsed().as_secs_f64() * 1e6;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let noise = Noise {
+        foreign: (busy_us().saturating_sub(busy0) as f64 - ours).max(0.0) / (wall_us * cpus),
+        ksoftirqd: ksoftirqd_us().saturating_sub(soft0) as f64 / ours,
+    };
+    let [table, base] = samples;
+    (table, base, noise)
+}
+
+/// The comparison at one size.
+pub struct Comparison {
+    connect: Ratio,
+    bulk: Ratio,
+    /// CPU µs per connection and per MiB (see [`low`]), table and baseline.
+    connect_us: (f64, f64),
+    bulk_us_per_mib: (f64, f64),
+    /// Connect latency p50 and p99 (µs), table and baseline.
+    latency: ((f64, f64), (f64, f64)),
+    /// Cost of one level's lookup per datagram (ns): from all rounds, and
+    /// from the table-first and the baseline-first ones.
+    per_level_ns: (f64, [f64; 2]),
+    /// Extra CPU per connection over the baseline at each depth (ns).
+    extra_ns: [f64; 3],
+    /// Extra CPU per datagram over the baseline at each depth (ns).
+    extra_datagram_ns: [f64; 3],
+    /// Largest foreign load and ksoftirqd share seen in any round.
+    foreign_max: f64,
+    ksoftirqd_max: f64,
+}
+
+/// Measures both sides in rounds whose order alternates (table first, then
+/// baseline first, …), with the daemon running in the table's namespace;
+/// `label` names the size.
+pub fn compare(
+    lab: &mut Lab,
+    sides: &Sides,
+    plan: &Plan,
+    label: &str,
+    started: Instant,
+) -> Comparison {
+    lab.start_daemon_in(sides.table.pid());
+    // Let the kernel's deferred work after the big commit finish first.
+    sleep(Duration::from_millis(300));
+    let c = rounds(lab, sides, plan, label, started);
+    lab.stop_daemon();
+    c
+}
+
+/// The control: [`compare`] with the conntrack-only table on both sides
+/// (no daemon). Its ratios are 1 but for the noise of the machine and any
+/// difference between the two namespaces.
+pub fn control(lab: &Lab, sides: &Sides, plan: &Plan, started: Instant) -> Comparison {
+    let table = sides.table.pid();
+    sh(&format!("nsenter -t {table} -n sh -c '{CONNTRACK_ONLY}'"));
+    let c = rounds(lab, sides, plan, "control", started);
+    sh(&format!(
+        "nsenter -t {table} -n nft delete table inet ctonly"
+    ));
+    c
+}
+
+/// Rounds of every measurement on both sides, the order alternating.
+fn rounds(lab: &Lab, sides: &Sides, plan: &Plan, label: &str, started: Instant) -> Comparison {
+    // Warm up: the caches, conntrack's tables, the server's threads.
+    step(&format!("datapath at {label}: warm-up"), started);
+    round(lab, sides, &plan.warm_up(), Side::Table);
+    let mut rounds = Vec::new();
+    for r in 0..plan.rounds {
+        step(
+            &format!("datapath at {label}: round {} of {}", r + 1, plan.rounds),
+            started,
+        );
+        let first = if r % 2 == 0 {
+            Side::Table
+        } else {
+            Side::Baseline
+        };
+        rounds.push(round(lab, sides, plan, first));
+    }
+    Comparison::of(&rounds)
+}
+
+impl Comparison {
+    /// Refuses this comparison's ratios where `control`'s are off (see
+    /// [`Ratio::checked`]).
+    pub fn checked(self, control: &Comparison) -> Comparison {
+        Comparison {
+            connect: self.connect.checked(&control.connect),
+            bulk: self.bulk.checked(&control.bulk),
+            ..self
+        }
+    }
+
+    fn of(rounds: &[(Sample, Sample, Noise)]) -> Comparison {
+        let deep = DEPTHS.len() - 1;
+        let side = |f: &dyn Fn(&Sample) -> f64, table: bool, keep: &dyn Fn(usize) -> bool| {
+            low(rounds
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| keep(*i))
+                .map(|(_, r)| f(if table { &r.0 } else { &r.1 })))
+        };
+        let all = |_: usize| true;
+        let both = |f: &dyn Fn(&Sample) -> f64| (side(f, true, &all), side(f, false, &all));
+        let ratio = |f: &dyn Fn(&Sample) -> f64| {
+            let per_round = |table: bool| -> Vec<f64> {
+                rounds
+                    .iter()
+                    .map(|r| f(if table { &r.0 } else { &r.1 }))
+                    .collect()
+            };
+            Ratio::of(&per_round(true), &per_round(false))
+        };
+        let extra = |f: &dyn Fn(&Sample, usize) -> f64, keep: &dyn Fn(usize) -> bool| {
+            [0, 1, 2].map(|d| side(&|s| f(s, d), true, keep) - side(&|s| f(s, d), false, keep))
+        };
+        let datagram = |s: &Sample, d: usize| s.datagram_ns[d];
+        // At depth d the maps of levels 2..=d are looked up: d - 1 lookups,
+        // so the slope over depth is one lookup's cost.
+        let per_level =
+            |keep: &dyn Fn(usize) -> bool| slope(&DEPTHS.map(f64::from), &extra(&datagram, keep));
+        let pcts = |table: bool| {
+            let mut all: Vec<f64> = rounds
+                .iter()
+                .flat_map(|r| if table { &r.0 } else { &r.1 }.latency_us.iter().copied())
+                .collect();
+            all.sort_by(f64::total_cmp);
+            (percentile(&all, 50), percentile(&all, 99))
+        };
+        let max = |f: &dyn Fn(&Noise) -> f64| rounds.iter().map(|r| f(&r.2)).fold(0.0, f64::max);
+        Comparison {
+            connect: ratio(&|s| s.connect_us[deep]),
+            bulk: ratio(&|s| s.bulk_us_per_mib),
+            connect_us: both(&|s| s.connect_us[deep]),
+            bulk_us_per_mib: both(&|s| s.bulk_us_per_mib),
+            latency: (pcts(true), pcts(false)),
+            per_level_ns: (
+                per_level(&all),
+                [per_level(&|i| i % 2 == 0), per_level(&|i| i % 2 == 1)],
+            ),
+            extra_ns: extra(&|s, d| s.connect_us[d] * 1e3, &all),
+            extra_datagram_ns: extra(&datagram, &all),
+            foreign_max: max(&|n| n.foreign),
+            ksoftirqd_max: max(&|n| n.ksoftirqd),
+        }
+    }
+
+    /// The rows of the result table for size `label`, through `row`.
+    pub fn rows(&self, label: &str, row: &mut dyn FnMut(&str, String, &str)) {
+        row(
+            &format!("connect CPU us: table / ct-only, {label}"),
+            format!("{:.2} / {:.2}", self.connect_us.0, self.connect_us.1),
+            "",
+        );
+        row(
+            &format!("  connect ratio ct-only/table, {label}"),
+            self.connect.to_string(),
+            ">= 0.95",
+        );
+        row(
+            &format!("bulk CPU us/MiB: table / ct-only, {label}"),
+            format!(
+                "{:.0} / {:.0}",
+                self.bulk_us_per_mib.0, self.bulk_us_per_mib.1
+            ),
+            "",
+        );
+        row(
+            &format!("  bulk ratio ct-only/table, {label}"),
+            self.bulk.to_string(),
+            ">= 0.95",
+        );
+        let ((t50, t99), (b50, b99)) = self.latency;
+        row(
+            &format!("connect p50/p99 us: table; ct-only, {label}"),
+            format!("{t50:.0}/{t99:.0}; {b50:.0}/{b99:.0}"),
+            "",
+        );
+        row(
+            &format!("  extra ns/connection at depth 1/4/8, {label}"),
+            format!(
+                "{:.0} / {:.0} / {:.0}",
+                self.extra_ns[0], self.extra_ns[1], self.extra_ns[2]
+            ),
+            "",
+        );
+        row(
+            &format!("  extra ns/datagram at depth 1/4/8, {label}"),
+            format!(
+                "{:.0} / {:.0} / {:.0}",
+                self.extra_datagram_ns[0], self.extra_datagram_ns[1], self.extra_datagram_ns[2]
+            ),
+            "",
+        );
+        let (level, [a, b]) = self.per_level_ns;
+        row(
+            &format!("  one level's lookup, ns/packet, {label}"),
+            format!("{level:.0} ({a:.0}, {b:.0})"),
+            "",
+        );
+        row(
+            &format!("  noise: foreign load, ksoftirqd max, {label}"),
+            format!(
+                "{:.0} %, {:.1} %",
+                self.foreign_max * 100.0,
+                self.ksoftirqd_max * 100.0
+            ),
+            "",
+        );
+    }
+
+    /// bench-json keys for size `tag` (`10k`, `50k`).
+    pub fn json(&self, tag: &str) -> Map<String, Value> {
+        let ((t50, t99), (b50, b99)) = self.latency;
+        let mut m = Map::new();
+        let mut put = |k: &str, v: Value| {
+            m.insert(k.replace("SIZE", tag), v);
+        };
+        put(
+            "connect_ratio_SIZE_vs_conntrack",
+            json!(self.connect.value().map(round3)),
+        );
+        put(
+            "throughput_ratio_SIZE_vs_conntrack",
+            json!(self.bulk.value().map(round3)),
+        );
+        put("connect_cpu_us_SIZE", json!(round3(self.connect_us.0)));
+        put(
+            "connect_cpu_us_SIZE_conntrack",
+            json!(round3(self.connect_us.1)),
+        );
+        put(
+            "bulk_cpu_us_per_mib_SIZE",
+            json!(round1(self.bulk_us_per_mib.0)),
+        );
+        put(
+            "bulk_cpu_us_per_mib_SIZE_conntrack",
+            json!(round1(self.bulk_us_per_mib.1)),
+        );
+        put("connect_p50_us_SIZE", json!(round1(t50)));
+        put("connect_p99_us_SIZE", json!(round1(t99)));
+        put("connect_p50_us_SIZE_conntrack", json!(round1(b50)));
+        put("connect_p99_us_SIZE_conntrack", json!(round1(b99)));
+        put(
+            "level_lookup_ns_per_packet_SIZE",
+            json!(round1(self.per_level_ns.0)),
+        );
+        put(
+            "table_ns_per_packet_no_lookup_SIZE",
+            json!(round1(self.extra_datagram_ns[0])),
+        );
+        put(
+            "datapath_foreign_load_max_SIZE",
+            json!(round3(self.foreign_max)),
+        );
+        put(
+            "datapath_ksoftirqd_share_max_SIZE",
+            json!(round3(self.ksoftirqd_max)),
+        );
+        m
+    }
+}
+
+/// Least-squares slope of `y` over `x`.
+fn slope(x: &[f64], y: &[f64]) -> f64 {
+    let n = x.len() as f64;
+    let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+    let cov: f64 = x.iter().zip(y).map(|(a, b)| (a - mx) * (b - my)).sum();
+    let var: f64 = x.iter().map(|a| (a - mx) * (a - mx)).sum();
+    cov / var
+}
+
+fn percentile(sorted: &[f64], p: usize) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[(sorted.len() * p).div_ceil(100).saturating_sub(1)]
+}
+
+/// The server cgroup's CPU time so far (µs).
+fn usage_usec(lab: &Lab) -> u64 {
+    let stat = fs::read_to_string(lab.cg(Lab::SERVER).join("cpu.stat")).unwrap_or_default();
+    stat.lines()
+        .find_map(|l| l.strip_prefix("usage_usec ")?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// All CPUs' busy time so far (µs), from /proc/stat (user to steal; ticks of 10 ms).
+fn busy_us() -> u64 {
+    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: u64 = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|v| v.parse::<u64>().ok())
+                .enumerate()
+                // user nice system [idle iowait] irq softirq steal
+                .filter(|(i, _)| !matches!(i, 3 | 4) && *i < 8)
+                .map(|(_, v)| v)
+                .sum()
+        })
+        .unwrap_or(0);
+    ticks * 10_000
+}
+
+/// All ksoftirqd threads' CPU time so far (µs), from their schedstat.
+fn ksoftirqd_us() -> u64 {
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return 0;
+    };
+    procs
+        .flatten()
+        .filter(|e| {
+            fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.starts_with("ksoftirqd/"))
+        })
+        .filter_map(|e| {
+            let s = fs::read_to_string(e.path().join("schedstat")).ok()?;
+            s.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum::<u64>()
+        / 1000
+}
+
+/// Whether the kernel takes softirq time out of tasks' runtime, from its
+/// configuration (None where the kernel does not publish it).
+pub fn irq_time_accounting() -> Option<bool> {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let boot = format!("/boot/config-{}", release.trim());
+    let text = match fs::read_to_string(&boot) {
+        Ok(t) => t,
+        Err(_) => {
+            let out = Command::new("zcat").arg("/proc/config.gz").output().ok()?;
+            out.status.success().then_some(())?;
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+    Some(text.lines().any(|l| l == "CONFIG_IRQ_TIME_ACCOUNTING=y"))
+}
