@@ -10,7 +10,7 @@
 //! they, nor a known container, nor an earlier look accounts for.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::config::Config;
 use crate::core::links::{self, Container, Link, LinkPlan};
@@ -26,13 +26,33 @@ pub struct Containers {
     found: BTreeMap<String, i32>,
     /// The namespaces links reached at the last look at the whole tree.
     looked: BTreeSet<i32>,
-    /// New cgroups still to be looked at, until when.
-    pending: Vec<(String, Instant)>,
+    /// New cgroups still to be looked at.
+    pending: Vec<Pending>,
 }
 
-/// How long a new cgroup is looked at again (the last follow-up).
-fn pending_for() -> Duration {
-    PROBE_AFTER.iter().copied().max().unwrap_or_default()
+/// A new cgroup: when it appeared, and its next follow-up (an index into
+/// [`PROBE_AFTER`]), so that each is looked at once per follow-up, however
+/// many other new cgroups wake the daemon.
+#[derive(Debug)]
+struct Pending {
+    path: String,
+    added: Instant,
+    next: usize,
+}
+
+impl Pending {
+    fn due(&self, now: Instant) -> bool {
+        PROBE_AFTER
+            .get(self.next)
+            .is_some_and(|&d| self.added + d <= now)
+    }
+
+    /// Past every follow-up that is due at `now`.
+    fn advance(&mut self, now: Instant) {
+        while self.due(now) {
+            self.next += 1;
+        }
+    }
 }
 
 impl Containers {
@@ -62,14 +82,18 @@ impl Containers {
 
     /// A decided cgroup appeared: it is looked at over the next seconds.
     pub fn added(&mut self, path: &str, now: Instant) {
-        self.pending.push((path.to_owned(), now + pending_for()));
+        self.pending.push(Pending {
+            path: path.to_owned(),
+            added: now,
+            next: 0,
+        });
     }
 
     /// Cgroup `path` and its subtree are gone.
     pub fn removed(&mut self, path: &str) {
         let below = |p: &str| p == path || p.strip_prefix(path).is_some_and(|r| r.starts_with('/'));
         self.found.retain(|p, _| !below(p));
-        self.pending.retain(|(p, _)| !below(p));
+        self.pending.retain(|p| !below(&p.path));
     }
 
     /// Lists the links, looks for containers where needed (see the module
@@ -88,24 +112,28 @@ impl Containers {
             self.found.clear();
             self.pending.clear();
         } else {
-            // New cgroups first: a container's process is most likely in one.
-            let pending: Vec<String> = self.pending.iter().map(|(p, _)| p.clone()).collect();
-            for path in pending {
-                self.look(links, hier, &path, &reached)?;
+            let accounted = |c: &Containers| -> BTreeSet<i32> {
+                c.found.values().chain(c.looked.iter()).copied().collect()
+            };
+            let unknown = !reached.is_subset(&accounted(self));
+            // New cgroups first (all of them when a namespace is unknown: a
+            // container's process is most likely in one), each otherwise at
+            // its own follow-ups.
+            let mut pending = std::mem::take(&mut self.pending);
+            for p in &mut pending {
+                if unknown || p.due(now) {
+                    self.look(links, hier, &p.path, &reached)?;
+                }
+                p.advance(now);
             }
-            let accounted: BTreeSet<i32> = self
-                .found
-                .values()
-                .chain(self.looked.iter())
-                .copied()
-                .collect();
-            if !reached.is_subset(&accounted) {
+            pending.retain(|p| p.next < PROBE_AFTER.len());
+            self.pending = pending;
+            if !reached.is_subset(&accounted(self)) {
                 for (path, _) in tree.decided() {
                     self.look(links, hier, path, &reached)?;
                 }
                 self.looked = reached.clone();
             }
-            self.pending.retain(|&(_, until)| until > now);
             // A container's namespace may be gone while its cgroup stays.
             self.found.retain(|_, n| reached.contains(n));
         }
@@ -128,4 +156,29 @@ impl Containers {
 /// tree: for the one-shot commands (`status`, `explain`, `doctor`).
 pub fn discover(hier: &Hierarchy, cfg: &Config, tree: &Tree) -> Result<LinkPlan, LinksError> {
     Containers::default().plan(&mut Links::open()?, hier, cfg, tree, Instant::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_new_cgroup_is_looked_at_once_per_follow_up() {
+        let t0 = Instant::now();
+        let mut p = Pending {
+            path: "/c.scope".into(),
+            added: t0,
+            next: 0,
+        };
+        assert!(p.due(t0), "at once");
+        p.advance(t0);
+        assert!(!p.due(t0), "not twice for one follow-up");
+        let late = t0 + Duration::from_millis(15);
+        assert!(p.due(late));
+        p.advance(late);
+        assert_eq!(PROBE_AFTER[p.next], Duration::from_millis(20), "missed ones skipped");
+        p.advance(t0 + Duration::from_secs(6));
+        assert_eq!(p.next, PROBE_AFTER.len(), "done after the last");
+    }
 }
