@@ -10,7 +10,8 @@
 //! Root only; `cargo bench --bench containers`. It re-executes itself under
 //! `unshare --mount --net`; its cgroups live below `/cgtproxy-bench-ct-PID`,
 //! removed at the end. `CGTPROXY_BENCH_CONTAINERS=N` sets the count per order
-//! (default 100). Prints figures and a last line `bench-json: {...}`; asserts
+//! (default 100), `CGTPROXY_BENCH_LOG` the daemon's log filter (default
+//! `warn`). Prints figures and a last line `bench-json: {...}`; asserts
 //! nothing about time.
 
 // Only its `remove_tree` is used here.
@@ -247,7 +248,10 @@ fn run(n: usize, dir: &Path, mount: &Path, base: &str, root: &Path) {
         .args(["run", "--config"])
         .arg(&cfg)
         .env("NOTIFY_SOCKET", &notify_path)
-        .env("RUST_LOG", "warn")
+        .env(
+            "RUST_LOG",
+            std::env::var("CGTPROXY_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting the daemon");

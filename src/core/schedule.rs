@@ -189,15 +189,18 @@ const PROBE_COALESCE: Duration = Duration::from_micros(500);
 
 impl Probes {
     /// Schedules the follow-ups of a cgroup that appeared at `now`.
+    /// A pending look close to a new one merges into the later of the two:
+    /// never earlier than a cgroup's own follow-up, which it would miss.
     pub fn cgroup_added(&mut self, now: Instant) {
         for d in PROBE_AFTER {
             let at = now + d;
-            if !self
+            match self
                 .due
-                .iter()
-                .any(|&t| t.max(at) - t.min(at) < PROBE_COALESCE)
+                .iter_mut()
+                .find(|t| (**t).max(at) - (**t).min(at) < PROBE_COALESCE)
             {
-                self.due.push(at);
+                Some(t) => *t = (*t).max(at),
+                None => self.due.push(at),
             }
         }
         self.due.sort_unstable();
@@ -272,14 +275,17 @@ mod tests {
     fn a_storm_of_new_cgroups_costs_as_many_looks_as_one() {
         let t0 = Instant::now();
         let mut p = Probes::default();
+        let last = t0 + Duration::from_nanos(999 * 400);
         for i in 0..1000 {
             p.cgroup_added(t0 + Duration::from_nanos(i * 400));
         }
         assert_eq!(p.due.len(), PROBE_AFTER.len());
-        assert_eq!(p.at(), Some(t0));
-        assert!(p.take_due(t0 + Duration::from_micros(500)), "at once");
-        assert!(!p.take_due(t0 + Duration::from_micros(900)));
-        assert!(p.take_due(t0 + ms(3)), "the next two at once");
+        // Merged into the later: no cgroup's follow-up comes early.
+        assert_eq!(p.at(), Some(last));
+        assert!(!p.take_due(t0 + Duration::from_micros(300)));
+        assert!(p.take_due(last), "at once");
+        assert!(!p.take_due(last + Duration::from_micros(900)));
+        assert!(p.take_due(last + ms(3)), "the next two at once");
         assert_eq!(p.due.len(), PROBE_AFTER.len() - 3);
         p.cgroup_added(t0 + ms(3000));
         assert_eq!(p.due.len(), 2 * PROBE_AFTER.len() - 3);

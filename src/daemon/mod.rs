@@ -441,6 +441,9 @@ impl Daemon {
             }
         };
         announce(&self.cfg, &self.link_plan, &plan);
+        for path in self.containers.take_done() {
+            self.watcher.unwatch_populated(&path);
+        }
         self.link_plan = plan;
         let mut txn = Txn::new();
         let done = match link_changes(
@@ -678,6 +681,7 @@ impl Daemon {
 
     fn on_changes(&mut self, changes: Vec<Change>) {
         let mut delta = Delta::default();
+        let mut populated = false;
         for c in changes {
             match c {
                 Change::Added(list) => {
@@ -687,6 +691,7 @@ impl Daemon {
                         if self.tree.decision(&cg.path).is_some() {
                             let now = Instant::now();
                             self.containers.added(&cg.path, now);
+                            self.watcher.watch_populated(&cg.path);
                             self.sched.probes.cgroup_added(now);
                         }
                     }
@@ -704,6 +709,10 @@ impl Daemon {
                     }
                     delta.extend(self.tree.remove(&path));
                 }
+                Change::Populated(path) => {
+                    self.containers.populated(&path);
+                    populated = true;
+                }
                 Change::Rescan(all) => {
                     warn!(
                         "inotify lost events (queue overflow or rename); rescanned {} cgroups",
@@ -715,6 +724,9 @@ impl Daemon {
             }
         }
         self.converge(delta);
+        if populated {
+            self.refresh_links();
+        }
         self.arm_timer();
     }
 

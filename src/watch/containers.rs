@@ -28,6 +28,8 @@ pub struct Containers {
     looked: BTreeSet<i32>,
     /// New cgroups still to be looked at.
     pending: Vec<Pending>,
+    /// Those that left `pending` (see [`Containers::take_done`]).
+    done: Vec<String>,
 }
 
 /// A new cgroup: when it appeared, and its next follow-up (an index into
@@ -38,17 +40,21 @@ struct Pending {
     path: String,
     added: Instant,
     next: usize,
+    /// It just got its first process (see `Watcher::watch_populated`).
+    populated: bool,
 }
 
 impl Pending {
     fn due(&self, now: Instant) -> bool {
-        PROBE_AFTER
-            .get(self.next)
-            .is_some_and(|&d| self.added + d <= now)
+        self.populated
+            || PROBE_AFTER
+                .get(self.next)
+                .is_some_and(|&d| self.added + d <= now)
     }
 
     /// Past every follow-up that is due at `now`.
     fn advance(&mut self, now: Instant) {
+        self.populated = false;
         while self.due(now) {
             self.next += 1;
         }
@@ -69,6 +75,7 @@ impl Containers {
             Some(pid) => links.netns_of(pid)?,
             None => None,
         };
+        tracing::debug!(path, ?netns, "looked for a container");
         match netns.filter(|n| reached.contains(n)) {
             Some(n) => {
                 self.found.insert(path.to_owned(), n);
@@ -86,7 +93,21 @@ impl Containers {
             path: path.to_owned(),
             added: now,
             next: 0,
+            populated: false,
         });
+    }
+
+    /// New cgroup `path` got its first process: it is looked at next time.
+    pub fn populated(&mut self, path: &str) {
+        if let Some(p) = self.pending.iter_mut().find(|p| p.path == path) {
+            p.populated = true;
+        }
+    }
+
+    /// New cgroups no longer looked at since the last call: their first
+    /// process is not waited for any more.
+    pub fn take_done(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.done)
     }
 
     /// Cgroup `path` and its subtree are gone.
@@ -110,7 +131,7 @@ impl Containers {
         let reached: BTreeSet<i32> = all.iter().filter_map(|l| l.peer_netns).collect();
         if cfg.rules.is_empty() || reached.is_empty() {
             self.found.clear();
-            self.pending.clear();
+            self.done.extend(self.pending.drain(..).map(|p| p.path));
         } else {
             let accounted = |c: &Containers| -> BTreeSet<i32> {
                 c.found.values().chain(c.looked.iter()).copied().collect()
@@ -119,15 +140,18 @@ impl Containers {
             // New cgroups first (all of them when a namespace is unknown: a
             // container's process is most likely in one), each otherwise at
             // its own follow-ups.
-            let mut pending = std::mem::take(&mut self.pending);
-            for p in &mut pending {
-                if unknown || p.due(now) {
-                    self.look(links, hier, &p.path, &reached)?;
+            for i in 0..self.pending.len() {
+                if unknown || self.pending[i].due(now) {
+                    let path = self.pending[i].path.clone();
+                    self.look(links, hier, &path, &reached)?;
                 }
-                p.advance(now);
+                self.pending[i].advance(now);
             }
-            pending.retain(|p| p.next < PROBE_AFTER.len());
-            self.pending = pending;
+            let (left, kept) = std::mem::take(&mut self.pending)
+                .into_iter()
+                .partition::<Vec<Pending>, _>(|p| p.next >= PROBE_AFTER.len());
+            self.done.extend(left.into_iter().map(|p| p.path));
+            self.pending = kept;
             if !reached.is_subset(&accounted(self)) {
                 for (path, _) in tree.decided() {
                     self.look(links, hier, path, &reached)?;
@@ -170,6 +194,7 @@ mod tests {
             path: "/c.scope".into(),
             added: t0,
             next: 0,
+            populated: false,
         };
         assert!(p.due(t0), "at once");
         p.advance(t0);
@@ -177,7 +202,15 @@ mod tests {
         let late = t0 + Duration::from_millis(15);
         assert!(p.due(late));
         p.advance(late);
-        assert_eq!(PROBE_AFTER[p.next], Duration::from_millis(20), "missed ones skipped");
+        assert_eq!(
+            PROBE_AFTER[p.next],
+            Duration::from_millis(20),
+            "missed ones skipped"
+        );
+        p.populated = true;
+        assert!(p.due(late), "its first process arrived");
+        p.advance(late);
+        assert!(!p.due(late));
         p.advance(t0 + Duration::from_secs(6));
         assert_eq!(p.next, PROBE_AFTER.len(), "done after the last");
     }

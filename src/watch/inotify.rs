@@ -6,7 +6,7 @@ use std::io::ErrorKind;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::rc::Rc;
 
-use inotify::{EventMask, Inotify, WatchMask};
+use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 
 use crate::core::cgroup::{Cgroup, child_path};
 use crate::watch::hierarchy::{Hierarchy, walk_with};
@@ -33,6 +33,9 @@ pub enum Change {
     Removed(String),
     /// Events were lost (queue overflow or a rename): the whole tree as it is now.
     Rescan(Vec<Cgroup>),
+    /// A cgroup watched with [`Watcher::watch_populated`] got its first
+    /// process (or lost its last).
+    Populated(String),
 }
 
 /// Watches one hierarchy.
@@ -42,6 +45,9 @@ pub struct Watcher {
     /// Watch descriptor (its number: smaller than the crate's handle) → cgroup
     /// path, shared with the cgroup handed out.
     dirs: HashMap<i32, Rc<str>>,
+    /// Watches of new cgroups' `cgroup.events` (see
+    /// [`Watcher::watch_populated`]): descriptor number → (descriptor, path).
+    populated: HashMap<i32, (WatchDescriptor, Rc<str>)>,
     buf: Vec<u8>,
     /// New directories reported by `read` but not yet watched and listed.
     pending: Vec<Cgroup>,
@@ -78,6 +84,7 @@ impl Watcher {
             hier,
             inotify: Inotify::init().map_err(WatchError::Init)?,
             dirs: HashMap::new(),
+            populated: HashMap::new(),
             // read() drains the queue in a loop, so a few hundred events a read do.
             buf: vec![0; 16 * 1024],
             pending: Vec::new(),
@@ -191,6 +198,13 @@ impl Watcher {
             }
             if mask.contains(EventMask::IGNORED) {
                 self.dirs.remove(&wd);
+                self.populated.remove(&wd);
+                continue;
+            }
+            if mask.contains(EventMask::MODIFY) {
+                if let Some((_, path)) = self.populated.get(&wd) {
+                    changes.push(Change::Populated(path.to_string()));
+                }
                 continue;
             }
             if !mask.contains(EventMask::ISDIR) {
@@ -215,6 +229,37 @@ impl Watcher {
             return Ok(vec![Change::Rescan(self.scan()?)]);
         }
         Ok(changes)
+    }
+
+    /// Reports when cgroup `path` gets its first process: the kernel touches
+    /// its `cgroup.events` (`populated 1`) when it does. A container manager
+    /// creates the cgroup, then moves the container's process in, which takes
+    /// the kernel tens of milliseconds; this event says when it is done. Best
+    /// effort: without the watch, follow-up looks still find the process.
+    pub fn watch_populated(&mut self, path: &str) {
+        let Some(dir) = self.hier.dir(path) else {
+            return;
+        };
+        if let Ok(wd) = self
+            .inotify
+            .watches()
+            .add(dir.join("cgroup.events"), WatchMask::MODIFY)
+        {
+            self.populated
+                .insert(wd.get_watch_descriptor_id(), (wd, path.into()));
+        }
+    }
+
+    /// Stops reporting cgroup `path`'s first process.
+    pub fn unwatch_populated(&mut self, path: &str) {
+        let found = self
+            .populated
+            .iter()
+            .find(|(_, (_, p))| &**p == path)
+            .map(|(&id, _)| id);
+        if let Some((wd, _)) = found.and_then(|id| self.populated.remove(&id)) {
+            let _ = self.inotify.watches().remove(wd);
+        }
     }
 
     /// Watches and lists the directories `read` reported, returning what was
@@ -278,6 +323,7 @@ mod tests {
                 Change::Added(v) => added.extend(v),
                 Change::Removed(p) => removed.push(p),
                 Change::Rescan(_) => panic!("unexpected rescan"),
+                Change::Populated(p) => panic!("unexpected populated {p}"),
             }
         }
         let mut added = paths(&added);
@@ -293,6 +339,27 @@ mod tests {
         }
         assert!(w.expand().unwrap().is_empty());
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_new_cgroups_first_process_is_reported_until_unwatched() {
+        let d = tmp("populated");
+        std::fs::create_dir_all(d.join("a")).unwrap();
+        // cgroupfs touches this file when the first process enters.
+        std::fs::write(d.join("a/cgroup.events"), "populated 0\n").unwrap();
+        let mut w = Watcher::new(Hierarchy {
+            mount: d.clone(),
+            prefix: String::new(),
+        })
+        .unwrap();
+        w.scan().unwrap();
+        w.watch_populated("/a");
+        std::fs::write(d.join("a/cgroup.events"), "populated 1\n").unwrap();
+        assert_eq!(w.read().unwrap(), [Change::Populated("/a".into())]);
+        w.unwatch_populated("/a");
+        std::fs::write(d.join("a/cgroup.events"), "populated 0\n").unwrap();
+        assert!(w.read().unwrap().is_empty(), "unwatched");
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
