@@ -279,6 +279,24 @@ pub fn merge_ranges(nets: &[IpNet], family: Family) -> Vec<(u128, u128)> {
     out
 }
 
+/// What no verdict touches, local or forwarded: the bypass destinations and
+/// what is neither TCP nor UDP.
+fn untouched() -> [Vec<Stmt>; 3] {
+    [
+        vec![
+            Stmt::NfProto(Family::V4),
+            Stmt::DaddrIn(Family::V4, "bypass4".into()),
+            Stmt::Verdict(Verdict::Return),
+        ],
+        vec![
+            Stmt::NfProto(Family::V6),
+            Stmt::DaddrIn(Family::V6, "bypass6".into()),
+            Stmt::Verdict(Verdict::Return),
+        ],
+        vec![Stmt::NotTcpUdp, Stmt::Verdict(Verdict::Return)],
+    ]
+}
+
 /// The output chain: skip replies, bypass destinations and non-TCP/UDP, then
 /// classify. With `stub`, queries to systemd-resolved's stub are classified
 /// before the bypass check, so a target can hijack them.
@@ -302,20 +320,8 @@ pub fn output_chain(stub: bool) -> ChainSpec {
             ]);
         }
     }
-    rules.extend([
-        vec![
-            Stmt::NfProto(Family::V4),
-            Stmt::DaddrIn(Family::V4, "bypass4".into()),
-            Stmt::Verdict(Verdict::Return),
-        ],
-        vec![
-            Stmt::NfProto(Family::V6),
-            Stmt::DaddrIn(Family::V6, "bypass6".into()),
-            Stmt::Verdict(Verdict::Return),
-        ],
-        vec![Stmt::NotTcpUdp, Stmt::Verdict(Verdict::Return)],
-        vec![classify()],
-    ]);
+    rules.extend(untouched());
+    rules.push(vec![classify()]);
     ChainSpec {
         name: "output".into(),
         hook: Some(Hook::OutputRoute),
@@ -364,20 +370,8 @@ pub fn forwarded_chain() -> ChainSpec {
         .iter()
         .map(|&t| vec![Stmt::FibDaddrType(t), Stmt::Verdict(Verdict::Return)])
         .collect();
-    rules.extend([
-        vec![
-            Stmt::NfProto(Family::V4),
-            Stmt::DaddrIn(Family::V4, "bypass4".into()),
-            Stmt::Verdict(Verdict::Return),
-        ],
-        vec![
-            Stmt::NfProto(Family::V6),
-            Stmt::DaddrIn(Family::V6, "bypass6".into()),
-            Stmt::Verdict(Verdict::Return),
-        ],
-        vec![Stmt::NotTcpUdp, Stmt::Verdict(Verdict::Return)],
-        vec![Stmt::IfaceClass],
-    ]);
+    rules.extend(untouched());
+    rules.push(vec![Stmt::IfaceClass]);
     ChainSpec {
         name: FORWARDED.into(),
         hook: None,

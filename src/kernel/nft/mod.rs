@@ -76,6 +76,26 @@ fn address_and_port(addr: &IpAddr, port: u16) -> (u32, [Expr; 2]) {
 }
 
 /// The expressions that implement one statement.
+/// `meta mark set KEY map @MAP meta mark vmap @classes`: the class that `map`
+/// gives `key` into the mark, then that class's verdict.
+fn class_verdict(key: Expr, map: &str) -> Result<Vec<Expr>, NftError> {
+    Ok(vec![
+        key,
+        Expr::Lookup {
+            set: cstring(map)?,
+            sreg: REG_1,
+            dreg: Some(REG_1),
+        },
+        Expr::SetMark,
+        Expr::Meta(MetaKey::Mark),
+        Expr::Lookup {
+            set: cstring(table::CLASSES)?,
+            sreg: REG_1,
+            dreg: Some(ffi::REG_VERDICT),
+        },
+    ])
+}
+
 fn exprs(s: &Stmt) -> Result<Vec<Expr>, NftError> {
     let cmp = |data: Vec<u8>| Expr::Cmp { eq: true, data };
     Ok(match s {
@@ -172,21 +192,7 @@ fn exprs(s: &Stmt) -> Result<Vec<Expr>, NftError> {
             },
             Expr::SetBroute,
         ],
-        Stmt::IfaceClass => vec![
-            Expr::Meta(MetaKey::Iif),
-            Expr::Lookup {
-                set: cstring(table::IFACES)?,
-                sreg: REG_1,
-                dreg: Some(REG_1),
-            },
-            Expr::SetMark,
-            Expr::Meta(MetaKey::Mark),
-            Expr::Lookup {
-                set: cstring(table::CLASSES)?,
-                sreg: REG_1,
-                dreg: Some(ffi::REG_VERDICT),
-            },
-        ],
+        Stmt::IfaceClass => class_verdict(Expr::Meta(MetaKey::Iif), table::IFACES)?,
         Stmt::CtMark(m) => vec![Expr::CtMark, cmp(m.to_ne_bytes().to_vec())],
         Stmt::SaveCtMark => vec![Expr::Meta(MetaKey::Mark), Expr::SetCtMark],
         Stmt::SetMark(m) => vec![
@@ -196,21 +202,9 @@ fn exprs(s: &Stmt) -> Result<Vec<Expr>, NftError> {
             },
             Expr::SetMark,
         ],
-        Stmt::CgroupClass { level, map } => vec![
-            Expr::SocketCgroup { level: *level },
-            Expr::Lookup {
-                set: cstring(map)?,
-                sreg: REG_1,
-                dreg: Some(REG_1),
-            },
-            Expr::SetMark,
-            Expr::Meta(MetaKey::Mark),
-            Expr::Lookup {
-                set: cstring(table::CLASSES)?,
-                sreg: REG_1,
-                dreg: Some(ffi::REG_VERDICT),
-            },
-        ],
+        Stmt::CgroupClass { level, map } => {
+            class_verdict(Expr::SocketCgroup { level: *level }, map)?
+        }
         Stmt::Tproxy(addr, port) => {
             let (family, [addr, port]) = address_and_port(addr, *port);
             vec![addr, port, Expr::Tproxy { family }]
@@ -505,33 +499,37 @@ impl Txn {
 
     fn add_chain(&mut self, table: &Table, c: &ChainSpec) -> Result<(), NftError> {
         let mut chain = Chain::new(cstring(&c.name)?, table);
-        match c.hook {
+        let base = match c.hook {
             Some(Hook::OutputRoute) => {
-                chain.set_hook(nftnl::Hook::Out, libc::NF_IP_PRI_MANGLE);
-                chain.set_type(ChainType::Route);
+                Some((nftnl::Hook::Out, libc::NF_IP_PRI_MANGLE, ChainType::Route))
             }
-            Some(Hook::PreroutingFilter) => {
-                chain.set_hook(nftnl::Hook::PreRouting, libc::NF_IP_PRI_MANGLE);
-                chain.set_type(ChainType::Filter);
-            }
-            Some(Hook::PreroutingNat) => {
-                chain.set_hook(nftnl::Hook::PreRouting, libc::NF_IP_PRI_NAT_DST);
-                chain.set_type(ChainType::Nat);
-            }
+            Some(Hook::PreroutingFilter) => Some((
+                nftnl::Hook::PreRouting,
+                libc::NF_IP_PRI_MANGLE,
+                ChainType::Filter,
+            )),
+            Some(Hook::PreroutingNat) => Some((
+                nftnl::Hook::PreRouting,
+                libc::NF_IP_PRI_NAT_DST,
+                ChainType::Nat,
+            )),
             Some(Hook::OutputNat) => {
-                chain.set_hook(nftnl::Hook::Out, libc::NF_IP_PRI_NAT_DST);
-                chain.set_type(ChainType::Nat);
+                Some((nftnl::Hook::Out, libc::NF_IP_PRI_NAT_DST, ChainType::Nat))
             }
-            Some(Hook::PostroutingFilter) => {
-                chain.set_hook(nftnl::Hook::PostRouting, libc::NF_IP_PRI_MANGLE);
-                chain.set_type(ChainType::Filter);
-            }
+            Some(Hook::PostroutingFilter) => Some((
+                nftnl::Hook::PostRouting,
+                libc::NF_IP_PRI_MANGLE,
+                ChainType::Filter,
+            )),
+            // NF_BR_PRI_FILTER_BRIDGED: before br_netfilter's own pass (0).
             Some(Hook::BridgePrerouting) => {
-                // NF_BR_PRI_FILTER_BRIDGED: before br_netfilter's own pass (0).
-                chain.set_hook(nftnl::Hook::PreRouting, -200);
-                chain.set_type(ChainType::Filter);
+                Some((nftnl::Hook::PreRouting, -200, ChainType::Filter))
             }
-            None => {}
+            None => None,
+        };
+        if let Some((hook, priority, ty)) = base {
+            chain.set_hook(hook, priority);
+            chain.set_type(ty);
         }
         if c.hook.is_some() {
             chain.set_policy(Policy::Accept);
