@@ -57,7 +57,8 @@ fn check(step: &'static str, r: std::io::Result<Option<i32>>) -> Result<(), Link
 impl Links {
     pub fn open() -> Result<Links, LinksError> {
         Ok(Links {
-            chan: Channel::open(NETLINK_ROUTE, 64 * 1024).map_err(LinksError::Open)?,
+            // A dump datagram is at most 32 KiB.
+            chan: Channel::open(NETLINK_ROUTE, 32 * 1024).map_err(LinksError::Open)?,
         })
     }
 
