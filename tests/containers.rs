@@ -497,6 +497,12 @@ fn a_bridge_rule_routes_its_ports_with_and_without_br_netfilter() {
             let routes = kernel_routes_bridge_ports();
             for bnf in [true, false] {
                 br_netfilter(bnf);
+                let (out, _) = cgtproxy(&["doctor", "--config"], &cfg);
+                assert_eq!(
+                    out.contains("FAIL forwarded: br-vms (tproxy proxy): a bridge whose ports this kernel cannot route"),
+                    !routes && bnf,
+                    "{out}"
+                );
                 for (proto, dst) in [("tcp", PEER4), ("udp", PEER6)] {
                     let a = vm.talk(proto, dst, PEER_PORT);
                     // Without `meta broute` the port stays bridged: the bridge's

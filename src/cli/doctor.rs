@@ -542,7 +542,7 @@ fn probe_forwarded(cfg: &Config) -> Vec<Probe> {
             let tree = crate::core::tree::Tree::build(cfg, &hierarchy::walk(&hier));
             crate::watch::containers::discover(&hier, cfg, &tree).map_err(|e| e.to_string())
         });
-    let plan = match plan {
+    let mut plan = match plan {
         Ok(p) => p,
         Err(e) => {
             return vec![Probe {
@@ -561,10 +561,28 @@ fn probe_forwarded(cfg: &Config) -> Vec<Probe> {
             fix: None,
         }];
     }
-    let can_broute = plan.broute.is_empty()
+    // A bridge here is one whose ports the plan names (sysfs shows the
+    // namespace that mounted it, not necessarily ours).
+    let bridges: BTreeSet<String> = plan
+        .entries
+        .iter()
+        .filter_map(|e| e.bridge.clone())
+        .collect();
+    let is_bridge = |name: &str| bridges.contains(name);
+    let proxied_bridge = plan
+        .entries
+        .iter()
+        .any(|e| matches!(e.action, Action::Tproxy(_)) && is_bridge(&e.name));
+    let can_broute = (plan.broute.is_empty() && !proxied_bridge)
         || Nft::open()
             .and_then(|mut n| n.can_broute("cgtproxy-doctor-broute", 0))
             .unwrap_or(false);
+    let br_netfilter =
+        read_sysctl("/proc/sys/net/bridge/bridge-nf-call-iptables").as_deref() == Some("1");
+    if !can_broute {
+        // As the daemon does: a bridge's ports stay bridged, containers' are dropped.
+        crate::core::links::note_no_broute(cfg, &mut plan);
+    }
     let mut out = Vec::new();
     for e in &plan.entries {
         let Action::Tproxy(t) = e.action else {
@@ -584,6 +602,13 @@ fn probe_forwarded(cfg: &Config) -> Vec<Probe> {
             fixes.push(
                 "Linux 6.4 or later with CONFIG_NFT_BRIDGE_META, or a direct veth".to_owned(),
             );
+        }
+        if is_bridge(&e.name) && !can_broute && br_netfilter {
+            verdict = Outcome::Fail;
+            problems.push(
+                "a bridge whose ports this kernel cannot route (nft `meta broute`), with br_netfilter on: tproxy cannot deliver in the bridge's pass, so its traffic fails closed".to_owned(),
+            );
+            fixes.push("Linux 6.4 or later with CONFIG_NFT_BRIDGE_META, or sysctl -w net.bridge.bridge-nf-call-iptables=0 net.bridge.bridge-nf-call-ip6tables=0 if nothing on this host needs them".to_owned());
         }
         let strict = rp_filter(&e.name) == 1;
         if strict && (routed || either_on(&e.name, "src_valid_mark")) {
