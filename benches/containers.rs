@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cgtproxy::kernel::nlmsg::{Channel, attr, encode, messages};
+use cgtproxy::kernel::nlmsg::{Channel, attr, encode, encode_attr as nla, messages};
 use netlink_sys::{Socket, constants};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{MsgFlags, recv, setsockopt, sockopt};
@@ -147,15 +147,6 @@ fn holder(procs: Option<&Path>) -> Child {
         std::thread::sleep(Duration::from_millis(1));
     }
     child
-}
-
-/// One netlink attribute (nested when `v` holds attributes).
-fn nla(ty: u16, v: &[u8]) -> Vec<u8> {
-    let mut a = ((4 + v.len()) as u16).to_ne_bytes().to_vec();
-    a.extend(ty.to_ne_bytes());
-    a.extend(v);
-    a.resize(a.len().div_ceil(4) * 4, 0);
-    a
 }
 
 /// Creates veth `name` whose peer `eth0` is in the namespace of process

@@ -242,13 +242,7 @@ pub fn read(table: &str) -> Result<Option<Installed>, InspectError> {
 mod tests {
     use super::*;
 
-    fn nla(ty: u16, v: &[u8]) -> Vec<u8> {
-        let mut b = ((4 + v.len()) as u16).to_ne_bytes().to_vec();
-        b.extend(ty.to_ne_bytes());
-        b.extend(v);
-        b.resize(b.len().div_ceil(4) * 4, 0);
-        b
-    }
+    use crate::kernel::nlmsg::encode_attr as nla;
 
     #[test]
     fn elements_with_classes_are_parsed() {

@@ -89,9 +89,7 @@ impl Links {
     pub fn netns_of(&mut self, pid: u32) -> Result<Option<i32>, LinksError> {
         // rtgenmsg (family, padded to 4), then NETNSA_PID.
         let mut body = vec![0u8; 4];
-        body.extend_from_slice(&8u16.to_ne_bytes());
-        body.extend_from_slice(&NETNSA_PID.to_ne_bytes());
-        body.extend_from_slice(&pid.to_ne_bytes());
+        body.extend(nlmsg::encode_attr(NETNSA_PID, &pid.to_ne_bytes()));
         let mut id = None;
         let r = self.chan.exchange(
             // The ack ends the exchange after the reply.
@@ -127,13 +125,7 @@ impl Links {
 mod tests {
     use super::*;
 
-    fn attr(ty: u16, v: &[u8]) -> Vec<u8> {
-        let mut a = ((4 + v.len()) as u16).to_ne_bytes().to_vec();
-        a.extend(ty.to_ne_bytes());
-        a.extend(v);
-        a.resize(a.len().div_ceil(4) * 4, 0);
-        a
-    }
+    use crate::kernel::nlmsg::encode_attr as attr;
 
     #[test]
     fn a_link_message_gives_index_name_peer_and_master() {

@@ -77,6 +77,16 @@ pub fn encode(ty: u16, flags: u16, seq: u32, body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// One attribute: header, `value` (itself attributes, for a nested one) and
+/// the padding to 4 bytes.
+pub fn encode_attr(ty: u16, value: &[u8]) -> Vec<u8> {
+    let mut a = ((4 + value.len()) as u16).to_ne_bytes().to_vec();
+    a.extend(ty.to_ne_bytes());
+    a.extend(value);
+    a.resize(a.len().div_ceil(4) * 4, 0);
+    a
+}
+
 /// The errno of an `NLMSG_ERROR` message's payload (0 for an ack), if complete.
 pub fn error_code(payload: &[u8]) -> Option<i32> {
     Some(i32::from_ne_bytes(payload.get(..4)?.try_into().ok()?))
