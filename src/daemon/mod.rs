@@ -463,15 +463,7 @@ impl Daemon {
                 self.broute = self.link_plan.broute.clone();
                 self.publish_status();
             }
-            Err(e) => {
-                error!(
-                    "updating the interfaces of table inet {}: {e}; rebuilding it in {:?}",
-                    self.cfg.table,
-                    self.sched.retry.delay()
-                );
-                self.dirty = true;
-                self.arm_retry();
-            }
+            Err(e) => self.rebuild_later("the interfaces of ", e),
         }
     }
 
@@ -555,16 +547,20 @@ impl Daemon {
                 self.sched.retry.reset();
                 self.publish_status();
             }
-            Err(e) => {
-                error!(
-                    "updating table inet {}: {e}; rebuilding it in {:?}",
-                    self.cfg.table,
-                    self.sched.retry.delay()
-                );
-                self.dirty = true;
-                self.arm_retry();
-            }
+            Err(e) => self.rebuild_later("", e),
         }
+    }
+
+    /// An update of (`what` of) the table failed: the whole table is rebuilt
+    /// after the retry delay.
+    fn rebuild_later(&mut self, what: &str, e: impl std::fmt::Display) {
+        error!(
+            "updating {what}table inet {}: {e}; rebuilding it in {:?}",
+            self.cfg.table,
+            self.sched.retry.delay()
+        );
+        self.dirty = true;
+        self.arm_retry();
     }
 
     fn arm_retry(&mut self) {
