@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use crate::config::{Action, Config};
-use crate::core::cgroup::Cgroup;
+use crate::core::cgroup::{Cgroup, is_within};
 use crate::core::links::Why;
 use crate::core::table;
 use crate::core::tree::Tree;
@@ -144,10 +144,7 @@ pub fn explain(cfg: &Config, what: &str) -> Result<(String, bool), StatusError> 
                 );
             }
         }
-        let related = |p: &str| {
-            let below = |a: &str, b: &str| a == b || a.starts_with(&format!("{b}/"));
-            below(p, &cg.path) || below(&cg.path, p)
-        };
+        let related = |p: &str| is_within(p, &cg.path) || is_within(&cg.path, p);
         for e in &links.entries {
             let Why::Container(p) = &e.why else { continue };
             if !related(p) {

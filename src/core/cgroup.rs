@@ -33,9 +33,26 @@ pub fn parent_of(path: &str) -> Option<&str> {
     }
 }
 
+/// Whether cgroup `path` is `top` or below it (`/a/bc` is not below `/a/b`).
+pub fn is_within(path: &str, top: &str) -> bool {
+    top == "/"
+        || path
+            .strip_prefix(top)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn within_means_self_or_below_never_a_sibling_prefix() {
+        assert!(is_within("/a/b", "/a/b"));
+        assert!(is_within("/a/b/c", "/a/b"));
+        assert!(!is_within("/a/bc", "/a/b"));
+        assert!(!is_within("/a", "/a/b"));
+        assert!(is_within("/a", "/"));
+    }
 
     #[test]
     fn paths_compose_and_decompose() {

@@ -18,6 +18,7 @@ use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFl
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, ConfigError};
+use crate::core::cgroup::is_within;
 use crate::core::links::{self, LinkPlan, Why};
 use crate::core::precedence::{self, Placement};
 use crate::core::schedule::{HEAL_WINDOW, Schedule};
@@ -699,7 +700,7 @@ impl Daemon {
                         .link_plan
                         .entries
                         .iter()
-                        .any(|e| matches!(&e.why, Why::Container(p) if p.starts_with(&*path)))
+                        .any(|e| matches!(&e.why, Why::Container(p) if is_within(p, &path)))
                     {
                         self.sched.probes.cgroup_added(Instant::now());
                     }

@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use crate::config::Config;
+use crate::core::cgroup::is_within;
 use crate::core::links::{self, Container, Link, LinkPlan};
 use crate::core::schedule::PROBE_AFTER;
 use crate::core::tree::Tree;
@@ -112,9 +113,8 @@ impl Containers {
 
     /// Cgroup `path` and its subtree are gone.
     pub fn removed(&mut self, path: &str) {
-        let below = |p: &str| p == path || p.strip_prefix(path).is_some_and(|r| r.starts_with('/'));
-        self.found.retain(|p, _| !below(p));
-        self.pending.retain(|p| !below(&p.path));
+        self.found.retain(|p, _| !is_within(p, path));
+        self.pending.retain(|p| !is_within(&p.path, path));
     }
 
     /// Lists the links, looks for containers where needed (see the module
