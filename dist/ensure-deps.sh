@@ -4,7 +4,7 @@
 # Usage: dist/ensure-deps.sh [extra-package ...]
 set -euo pipefail
 
-packages=(libnftnl-dev libmnl-dev pkg-config nftables iproute2 util-linux python3 "$@")
+packages=(libnftnl-dev libmnl-dev pkg-config clang libbpf-dev nftables iproute2 util-linux python3 "$@")
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

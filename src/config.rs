@@ -73,6 +73,20 @@ struct RawConfig {
     rules: Vec<RawRule>,
     #[serde(default)]
     interfaces: Vec<RawRule>,
+    #[serde(default)]
+    datapath: Datapath,
+}
+
+/// How classified sockets are routed (key `datapath`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Datapath {
+    /// The nftables table and policy routing, for TPROXY listeners.
+    #[default]
+    Nft,
+    /// cgroup socket hooks redirecting `connect()` to REDIRECT-style listeners
+    /// (`SO_ORIGINAL_DST`); no marks, routes or table.
+    Ebpf,
 }
 
 fn auto() -> String {
@@ -242,6 +256,7 @@ pub struct Config {
     /// Gateway mode: rules on the names of the interfaces forwarded traffic
     /// arrives on.
     pub interfaces: Vec<Rule>,
+    pub datapath: Datapath,
 }
 
 impl Config {
@@ -308,6 +323,7 @@ impl Config {
             && self.bypass == other.bypass
             && self.targets == other.targets
             && self.cgroup_root == other.cgroup_root
+            && self.datapath == other.datapath
     }
 }
 
@@ -515,6 +531,20 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
 
     let rules = validate_rules("rules", &raw.rules, &targets, &mut errs);
     let interfaces = validate_rules("interfaces", &raw.interfaces, &targets, &mut errs);
+    if raw.datapath == Datapath::Ebpf {
+        // What the eBPF datapath cannot do yet is refused, never ignored.
+        if !interfaces.is_empty() {
+            errs.push(
+                "interfaces: forwarded traffic never meets the ebpf datapath's socket hooks; use \"datapath\": \"nft\" for gateway mode".into(),
+            );
+        }
+        for t in targets.iter().filter(|t| t.dns_hijack.is_some()) {
+            errs.push(format!(
+                "tproxies.{}.dns-hijack: the ebpf datapath does not hijack DNS yet; use \"datapath\": \"nft\"",
+                t.name
+            ));
+        }
+    }
 
     if errs.is_empty() {
         Ok(Config {
@@ -526,6 +556,7 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
             targets,
             rules,
             interfaces,
+            datapath: raw.datapath,
         })
     } else {
         Err(errs)

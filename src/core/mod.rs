@@ -2,6 +2,7 @@
 //! smallest change, and the judgements made on what the kernel reports. Nothing
 //! here does I/O, so all of it is unit-tested without root.
 
+pub mod bpfmaps;
 pub mod cgroup;
 pub mod links;
 pub mod precedence;

@@ -17,13 +17,15 @@ use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Datapath};
+use crate::core::bpfmaps;
 use crate::core::cgroup::is_within;
 use crate::core::links::{self, LinkPlan, Why};
 use crate::core::precedence::{self, Placement};
 use crate::core::schedule::{HEAL_WINDOW, Schedule};
 use crate::core::table;
 use crate::core::tree::{self, Delta, Elements, Tree};
+use crate::kernel::bpf::{self, BpfError};
 use crate::kernel::events::{Damage, Events, EventsError};
 use crate::kernel::inspect::{self, InspectError};
 use crate::kernel::links::{Links, LinksError};
@@ -49,6 +51,12 @@ pub enum DaemonError {
     Events(#[from] EventsError),
     #[error(transparent)]
     Links(#[from] LinksError),
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+    #[error(
+        "the datapath changes from {from:?} to {to:?}: that needs a restart (`systemctl restart cgtproxy`), not a reload"
+    )]
+    DatapathChange { from: Datapath, to: Datapath },
     #[error("reading table inet {table} back: {source}")]
     Inspect { table: String, source: InspectError },
     #[error("{step}: {source}")]
@@ -181,6 +189,9 @@ struct Daemon {
     ifaces: BTreeMap<u32, u32>,
     /// The bridge ports the kernel routes now (see `table::broute_chain`).
     broute: Vec<u32>,
+    /// The eBPF datapath, when the configuration chose it: then there is no
+    /// table, no routing and no interface map.
+    bpf: Option<bpf::Datapath>,
 }
 
 /// The interfaces that classify forwarded traffic (see `Containers::plan`), with
@@ -255,9 +266,14 @@ pub const TEST_NO_TABLE_FLAGS_ENV: &str = "CGTPROXY_TEST_NO_TABLE_FLAGS";
 
 /// The routing entries for `cfg`, at the priority `placement` chose.
 fn route_plan(cfg: &Config, placement: &Placement) -> route::Plan {
+    let marks = match cfg.datapath {
+        Datapath::Nft => cfg.targets.iter().map(|t| t.mark).collect(),
+        // Nothing is marked: no ip rules, no route.
+        Datapath::Ebpf => Vec::new(),
+    };
     route::Plan {
         table: cfg.route_table,
-        marks: cfg.targets.iter().map(|t| t.mark).collect(),
+        marks,
         priority: placement.priority(),
     }
 }
@@ -425,6 +441,9 @@ impl Daemon {
     /// Lists links and containers again and brings the interface map in line.
     /// On failure the map stays as it is (fail closed) and a retry follows.
     fn refresh_links(&mut self) {
+        if self.bpf.is_some() {
+            return;
+        }
         let plan = match planned(
             &mut self.containers,
             &mut self.links,
@@ -470,6 +489,14 @@ impl Daemon {
 
     /// Rebuilds the whole table from the current configuration and tree.
     fn replace_all(&mut self) -> Result<(), DaemonError> {
+        if let Some(b) = self.bpf.as_mut() {
+            let elements = self.tree.elements();
+            b.set_targets(&bpfmaps::targets(&self.cfg))?;
+            b.set_bypass(&bpfmaps::bypass(&self.cfg))?;
+            b.replace_cgroups(&bpfmaps::cgroups(&self.cfg, &elements))?;
+            self.installed = elements;
+            return Ok(());
+        }
         let want = Want {
             cfg: &self.cfg,
             tree: &self.tree,
@@ -491,8 +518,14 @@ impl Daemon {
     }
 
     /// Applies element changes in one transaction, adding maps for new levels.
-    fn apply(&mut self, delta: &Delta) -> Result<(), NftError> {
+    fn apply(&mut self, delta: &Delta) -> Result<(), DaemonError> {
         if delta.is_empty() {
+            return Ok(());
+        }
+        if let Some(b) = self.bpf.as_mut() {
+            let (del, add) = bpfmaps::changes(&self.cfg, delta);
+            b.update(&del, &add)?;
+            delta.apply(&mut self.installed);
             return Ok(());
         }
         let name = self.cfg.table.clone();
@@ -537,7 +570,7 @@ impl Daemon {
         let result = if self.dirty {
             self.replace_all()
         } else {
-            self.apply(&delta).map_err(DaemonError::from)
+            self.apply(&delta)
         };
         match result {
             Ok(()) => {
@@ -685,7 +718,7 @@ impl Daemon {
                     for cg in &list {
                         debug!(path = %cg.path, id = cg.id, level = cg.level, "cgroup added");
                         delta.extend(self.tree.insert(&self.cfg, cg));
-                        if self.tree.decision(&cg.path).is_some() {
+                        if self.bpf.is_none() && self.tree.decision(&cg.path).is_some() {
                             let now = Instant::now();
                             self.containers.added(&cg.path, now);
                             self.watcher.watch_populated(&cg.path);
@@ -743,6 +776,12 @@ impl Daemon {
     fn try_reload(&mut self) -> Result<(), DaemonError> {
         let path = crate::config::resolve_path(self.config_path.as_deref());
         let new = Config::load(path.as_deref())?;
+        if new.datapath != self.cfg.datapath {
+            return Err(DaemonError::DatapathChange {
+                from: self.cfg.datapath,
+                to: new.datapath,
+            });
+        }
         let mut new_watcher = None;
         if new.cgroup_root != self.cfg.cgroup_root {
             let hier = Hierarchy::discover(&new.cgroup_root)?;
@@ -760,26 +799,31 @@ impl Daemon {
         let hier = new_watcher
             .as_ref()
             .map_or(self.watcher.hierarchy(), |w| w.hierarchy());
-        let link_plan = planned(
-            &mut containers,
-            &mut self.links,
-            hier,
-            &new,
-            &tree,
-            self.caps.can_broute,
-        )?;
+        let link_plan = match self.bpf {
+            Some(_) => LinkPlan::default(),
+            None => planned(
+                &mut containers,
+                &mut self.links,
+                hier,
+                &new,
+                &tree,
+                self.caps.can_broute,
+            )?,
+        };
         if new.same_structure(&self.cfg) && !self.dirty {
             let delta = tree::diff(&self.installed, &tree.elements());
             let old = std::mem::replace(&mut self.cfg, new);
             let applied = self.apply(&delta).and_then(|()| {
                 let mut txn = Txn::new();
-                if link_changes(
-                    &mut txn,
-                    &self.cfg.table,
-                    self.installed_links(),
-                    &link_plan,
-                    self.caps,
-                )? {
+                if self.bpf.is_none()
+                    && link_changes(
+                        &mut txn,
+                        &self.cfg.table,
+                        self.installed_links(),
+                        &link_plan,
+                        self.caps,
+                    )?
+                {
                     self.nft.commit(txn)?;
                 }
                 Ok(())
@@ -789,8 +833,20 @@ impl Daemon {
                 // The level maps may have changed: the next retry rebuilds all.
                 self.dirty = true;
                 self.arm_retry();
-                return Err(e.into());
+                return Err(e);
             }
+        } else if self.bpf.is_some() {
+            // Targets or bypass changed: the maps are rewritten from the new state.
+            let old = std::mem::replace(&mut self.cfg, new);
+            let old_tree = std::mem::replace(&mut self.tree, tree.clone());
+            if let Err(e) = self.replace_all() {
+                self.cfg = old;
+                self.tree = old_tree;
+                self.dirty = true;
+                self.arm_retry();
+                return Err(e);
+            }
+            self.dirty = false;
         } else {
             let new_routes = route_plan(&new, &placement(&mut self.routes, &new));
             // Rules this reload adds (not the moved ones): what a failure undoes.
@@ -865,6 +921,8 @@ impl Daemon {
     /// Removes everything we installed.
     fn cleanup(&mut self) -> Result<(), DaemonError> {
         runstate::clear();
+        // Dropping the datapath detaches its programs.
+        self.bpf = None;
         let mut errors = Vec::new();
         let table = &self.cfg.table;
         let deleted = table_exists(&self.nft, table).and_then(|exists| {
@@ -896,6 +954,77 @@ impl Daemon {
             Err(DaemonError::Cleanup(errors.join("; ")))
         }
     }
+}
+
+/// What [`start_nft`] works with.
+struct NftStart<'a> {
+    nft: &'a mut Nft,
+    routes: &'a mut Routes,
+    links: &'a mut Links,
+    containers: &'a mut Containers,
+}
+
+/// The nft datapath's start: probes the kernel's table flags and bridge
+/// support, removes a bridge table a crash left, places the ip rules and plans
+/// the interfaces.
+fn start_nft(
+    cfg: &Config,
+    ctx: NftStart<'_>,
+    hier: &Hierarchy,
+    tree: &Tree,
+) -> Result<(Caps, Placement, LinkPlan), DaemonError> {
+    // Test-only knob: the behaviour of kernels without table flags (a foreign
+    // flush removes the table; the daemon restores it), on one that has them.
+    let table_flags = if std::env::var_os(TEST_NO_TABLE_FLAGS_ENV).is_some() {
+        0
+    } else {
+        ctx.nft.table_flags(&format!("{}-flags-probe", cfg.table))?
+    };
+    info!(
+        "table inet {} flags: {}",
+        cfg.table,
+        if table_flags & TABLE_F_PERSIST != 0 {
+            "owner, persist"
+        } else if table_flags & TABLE_F_OWNER != 0 {
+            "owner (Linux < 6.9 has no persist: a crash removes it)"
+        } else {
+            "none (Linux < 5.12: a foreign flush removes it until we restore it)"
+        }
+    );
+    let placed = placement(ctx.routes, cfg);
+    if let Placement::Ahead { priority, of } = &placed {
+        warn!(
+            "ip rule {of} could take marked packets before priority {}: our rules go to priority {priority}",
+            cfg.rule_priority
+        );
+    }
+    // A bridge table a crash left (flagged persist) routes ports no map
+    // classifies any more: remove it. Kernels without bridge support refuse,
+    // and have none to remove.
+    let mut txn = Txn::new();
+    if txn
+        .replace_bridge(&cfg.table, &[], false, table_flags)
+        .and_then(|()| ctx.nft.commit(txn))
+        .is_err()
+    {
+        debug!("no bridge table to remove");
+    }
+    let can_broute = ctx
+        .nft
+        .can_broute(&format!("{}-broute-probe", cfg.table), table_flags)
+        .unwrap_or(false);
+    if !can_broute {
+        info!(
+            "this kernel cannot route bridge ports (nft `meta broute`: Linux 6.4 and later with CONFIG_NFT_BRIDGE_META): proxied or dropped containers on a bridge have their TCP and UDP dropped"
+        );
+    }
+    let link_plan = planned(ctx.containers, ctx.links, hier, cfg, tree, can_broute)?;
+    announce(cfg, &LinkPlan::default(), &link_plan);
+    let caps = Caps {
+        table_flags,
+        can_broute,
+    };
+    Ok((caps, placed, link_plan))
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -931,62 +1060,30 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     let tree = Tree::build(&cfg, &watcher.scan()?);
 
     let mut nft = Nft::open()?;
-    // Test-only knob: the behaviour of kernels without table flags (a foreign
-    // flush removes the table; the daemon restores it), on one that has them.
-    let table_flags = if std::env::var_os(TEST_NO_TABLE_FLAGS_ENV).is_some() {
-        0
-    } else {
-        nft.table_flags(&format!("{}-flags-probe", cfg.table))?
-    };
-    info!(
-        "table inet {} flags: {}",
-        cfg.table,
-        if table_flags & TABLE_F_PERSIST != 0 {
-            "owner, persist"
-        } else if table_flags & TABLE_F_OWNER != 0 {
-            "owner (Linux < 6.9 has no persist: a crash removes it)"
-        } else {
-            "none (Linux < 5.12: a foreign flush removes it until we restore it)"
-        }
-    );
     let mut routes = Routes::open()?;
-    let placed = placement(&mut routes, &cfg);
-    if let Placement::Ahead { priority, of } = &placed {
-        warn!(
-            "ip rule {of} could take marked packets before priority {}: our rules go to priority {priority}",
-            cfg.rule_priority
-        );
-    }
-    // A bridge table a crash left (flagged persist) routes ports no map
-    // classifies any more: remove it. Kernels without bridge support refuse,
-    // and have none to remove.
-    let mut txn = Txn::new();
-    if txn
-        .replace_bridge(&cfg.table, &[], false, table_flags)
-        .and_then(|()| nft.commit(txn))
-        .is_err()
-    {
-        debug!("no bridge table to remove");
-    }
-    let can_broute = nft
-        .can_broute(&format!("{}-broute-probe", cfg.table), table_flags)
-        .unwrap_or(false);
-    if !can_broute {
-        info!(
-            "this kernel cannot route bridge ports (nft `meta broute`: Linux 6.4 and later with CONFIG_NFT_BRIDGE_META): proxied or dropped containers on a bridge have their TCP and UDP dropped"
-        );
-    }
     let mut links = Links::open()?;
     let mut containers = Containers::default();
-    let link_plan = planned(
-        &mut containers,
-        &mut links,
-        watcher.hierarchy(),
-        &cfg,
-        &tree,
-        can_broute,
-    )?;
-    announce(&cfg, &LinkPlan::default(), &link_plan);
+    let (caps, placed, link_plan, bpf) = match cfg.datapath {
+        Datapath::Nft => {
+            let ctx = NftStart {
+                nft: &mut nft,
+                routes: &mut routes,
+                links: &mut links,
+                containers: &mut containers,
+            };
+            let (caps, placed, link_plan) = start_nft(&cfg, ctx, watcher.hierarchy(), &tree)?;
+            (caps, placed, link_plan, None)
+        }
+        Datapath::Ebpf => {
+            let caps = Caps {
+                table_flags: 0,
+                can_broute: false,
+            };
+            let placed = Placement::Configured(cfg.rule_priority);
+            let d = bpf::Datapath::load(&watcher.hierarchy().mount)?;
+            (caps, placed, LinkPlan::default(), Some(d))
+        }
+    };
     let mut d = Daemon {
         config_path,
         route_plan: route_plan(&cfg, &placed),
@@ -995,10 +1092,7 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         tree,
         nft,
         routes,
-        caps: Caps {
-            table_flags,
-            can_broute,
-        },
+        caps,
         degraded: None,
         blocked_by: None,
         installed: Elements::new(),
@@ -1013,8 +1107,17 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         link_plan,
         ifaces: BTreeMap::new(),
         broute: Vec::new(),
+        bpf,
     };
     d.replace_all()?;
+    if let Some(b) = d.bpf.as_mut() {
+        // The maps are full: only now does any socket meet the programs.
+        b.attach()?;
+        info!(
+            "datapath ebpf: socket programs attached at the cgroup2 root {}",
+            b.root.display()
+        );
+    }
     if let Err(e) = d.routes.install(&d.route_plan) {
         // Nothing half-applied: take the table down again.
         if let Err(c) = d.cleanup() {

@@ -12,8 +12,11 @@ With --log FILE, every flow is appended to FILE: "tcp DST from SRC" and
 "udp DST PAYLOAD".
 Bound to 127.0.0.1 and ::1, as the README tells proxy cores to be: the daemon's
 tproxy statements deliver there, and the network cannot reach it.
+With --redirect, a REDIRECT-style listener instead (as redsocks, or the eBPF
+datapath's listeners): TCP only, not transparent, the original destination read
+with getsockopt SO_ORIGINAL_DST (IPv4) or IP6T_SO_ORIGINAL_DST (IPv6).
 Ready: prints "ready", and tells systemd (READY=1) when run as Type=notify.
-Usage: listener.py PORT [LABEL] [--http] [--log FILE]
+Usage: listener.py PORT [LABEL] [--http] [--redirect] [--log FILE]
 """
 import argparse
 import os
@@ -25,11 +28,13 @@ IP_TRANSPARENT = 19
 IP_RECVORIGDSTADDR = 20
 IPV6_TRANSPARENT = 75
 IPV6_RECVORIGDSTADDR = 74
+SO_ORIGINAL_DST = 80  # IP6T_SO_ORIGINAL_DST is 80 too
 
 args = argparse.ArgumentParser()
 args.add_argument("port", type=int)
 args.add_argument("label", nargs="?", default="proxy")
 args.add_argument("--http", action="store_true")
+args.add_argument("--redirect", action="store_true")
 args.add_argument("--log")
 args = args.parse_args()
 log = open(args.log, "a", encoding="utf-8") if args.log else None
@@ -48,7 +53,10 @@ def endpoint(fam, ip, p):
 def transparent(fam, typ):
     s = socket.socket(fam, typ)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if fam == socket.AF_INET:
+    if args.redirect:
+        if fam == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    elif fam == socket.AF_INET:
         s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
     else:
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -62,6 +70,8 @@ for fam, loopback in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
     t.bind((loopback, args.port))
     t.listen(128)
     socks[t] = ("tcp", fam)
+    if args.redirect:
+        continue
     u = transparent(fam, socket.SOCK_DGRAM)
     if fam == socket.AF_INET:
         u.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
@@ -88,10 +98,19 @@ def orig_dst(fam, cmsgs):
     return None
 
 
+def original_dst(c, fam):
+    """SO_ORIGINAL_DST of an accepted socket, as (ip, port)."""
+    if fam == socket.AF_INET:
+        raw = c.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+        return socket.inet_ntop(fam, raw[4:8]), struct.unpack_from("!H", raw, 2)[0]
+    raw = c.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+    return socket.inet_ntop(fam, raw[8:24]), struct.unpack_from("!H", raw, 2)[0]
+
+
 def answer_tcp(c, fam):
     """One connection; the accepted socket's local address is the original
-    destination."""
-    ip, p = c.getsockname()[:2]
+    destination (TPROXY), or SO_ORIGINAL_DST tells it (--redirect)."""
+    ip, p = original_dst(c, fam) if args.redirect else c.getsockname()[:2]
     peer = c.getpeername()
     if args.http:
         c.settimeout(5)

@@ -41,6 +41,49 @@ pub fn in_namespaces(name: &str, body: impl FnOnce()) {
     assert!(status.success(), "{name} failed inside its namespaces");
 }
 
+/// The host's cgroup2 mount (hybrid systems have it at /sys/fs/cgroup/unified).
+fn host_cgroup2() -> PathBuf {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    info.lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let mount = pre.split_whitespace().nth(4)?;
+            (post.split_whitespace().next() == Some("cgroup2")).then(|| PathBuf::from(mount))
+        })
+        .expect("a cgroup2 mount")
+}
+
+/// Like [`in_namespaces`], in a cgroup namespace as well, rooted at a cgroup
+/// of the test's own: a cgroup2 mount inside shows that cgroup as its root, so
+/// what the daemon attaches "at the root" (the eBPF datapath's programs)
+/// covers the test's processes only, never the host's.
+pub fn in_cgroup_namespace(name: &str, body: impl FnOnce()) {
+    if std::env::var_os(INNER).is_some() {
+        body();
+        return;
+    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "kernel tests need root (they create namespaces, cgroups and BPF programs)"
+    );
+    let root = host_cgroup2().join(format!("cgtproxy-ns-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&root).expect("the test's root cgroup");
+    let exe = std::env::current_exe().expect("test binary path");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > '{}' && exec unshare --cgroup --mount --net --propagation private -- \"$0\" \"$@\"",
+            root.join("cgroup.procs").display()
+        ))
+        .arg(exe)
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(INNER, "1")
+        .status()
+        .expect("running unshare");
+    remove_tree(&root);
+    assert!(status.success(), "{name} failed inside its namespaces");
+}
+
 fn sh(cmd: &str) -> String {
     let out = Command::new("sh")
         .args(["-c", cmd])
@@ -237,6 +280,19 @@ impl Lab {
         );
         let mut child = self.spawn_in(rel, &cmd, Stdio::piped());
         wait_ready(&mut child, "listener");
+        self.services.push(child);
+    }
+
+    /// Starts the listener in REDIRECT style (TCP, `SO_ORIGINAL_DST`) in cgroup
+    /// `rel`, answering with `label`.
+    pub fn start_redirect_listener(&mut self, rel: &str, port: u16, label: &str) {
+        self.mkcg(rel);
+        let cmd = format!(
+            "python3 '{}' {port} {label} --redirect",
+            helper("listener.py").display()
+        );
+        let mut child = self.spawn_in(rel, &cmd, Stdio::piped());
+        wait_ready(&mut child, "redirect listener");
         self.services.push(child);
     }
 

@@ -1,0 +1,383 @@
+// SPDX-License-Identifier: MIT OR GPL-2.0
+//
+// The eBPF datapath: cgroup socket hooks attached at the cgroup2 root. A socket
+// follows the nearest classified ancestor-or-self of the cgroup of the task that
+// connects or sends (map `cgroups`: cgroup id -> class, as the nft level maps).
+//
+// - DIRECT and unclassified: untouched.
+// - DROP: connect() and sendmsg() fail with EPERM.
+// - a target: TCP connect() is redirected to the target's loopback listener
+//   (127.0.0.1 or ::1, the target's port). The original destination is kept by
+//   socket cookie, moved to the client's local port once the kernel chose it
+//   (sockops, TCP_CONNECT_CB), and handed to the listener by getsockopt
+//   SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST on the accepted socket, as a NAT
+//   REDIRECT would. UDP of a target fails with EPERM (fail closed: the
+//   datapath does not carry it yet) unless the target says `no-udp` (direct).
+// - bypass destinations (LPM tries) and non-TCP/UDP sockets are untouched.
+//
+// The userspace side (src/kernel/bpf/mod.rs) owns the map layouts below: keep
+// the two in step.
+
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <linux/in6.h>
+#include <linux/socket.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define AF_INET 2
+#define AF_INET6 10
+#define SOL_IP 0
+#define SOL_IPV6 41
+/* SO_ORIGINAL_DST (linux/netfilter_ipv4.h) and IP6T_SO_ORIGINAL_DST share 80. */
+#define SO_ORIGINAL_DST 80
+
+/* Classes, as src/config.rs's DIRECT_CLASS and DROP_CLASS; a target's class is
+ * its mark. */
+#define DIRECT_CLASS 0x63677401
+#define DROP_CLASS 0x63677402
+
+/* Deepest cgroup level looked at (the kernel's own limit is far higher; a
+ * deeper cgroup follows its classified ancestors above this level). */
+#define MAX_LEVELS 64
+
+#define ALLOW 1
+#define DENY 0
+
+struct target {
+	__u16 port; /* host order */
+	__u8 no_udp;
+	__u8 no_ipv6;
+};
+
+/* An original destination: the family says which address is set. */
+struct orig {
+	__u32 addr[4]; /* network order; IPv4 in addr[0] */
+	__u16 port;    /* network order */
+	__u16 family;
+};
+
+struct lpm4 {
+	__u32 prefixlen;
+	__u32 addr;
+};
+
+struct lpm6 {
+	__u32 prefixlen;
+	__u32 addr[4];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1 << 20);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u64);
+	__type(value, __u32);
+} cgroups SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 256);
+	__type(key, __u32);
+	__type(value, struct target);
+} targets SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lpm4);
+	__type(value, __u8);
+} bypass4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lpm6);
+	__type(value, __u8);
+} bypass6 SEC(".maps");
+
+/* connect() -> TCP_CONNECT_CB: original destination by socket cookie. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct orig);
+} by_cookie SEC(".maps");
+
+/* TCP_CONNECT_CB -> the listener's getsockopt: by the client's local port
+ * (every redirected client talks to a loopback listener, so its port is
+ * unique while it lives). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct orig);
+} by_port SEC(".maps");
+
+/* The class of the calling task's cgroup: its nearest classified
+ * ancestor-or-self, 0 when there is none. Level 0 (the root) is never
+ * classified. */
+static __always_inline __u32 class_of_task(void)
+{
+	__u32 class = 0;
+
+	for (int level = 1; level < MAX_LEVELS; level++) {
+		__u64 id = bpf_get_current_ancestor_cgroup_id(level);
+		__u32 *c;
+
+		if (!id)
+			break;
+		c = bpf_map_lookup_elem(&cgroups, &id);
+		if (c)
+			class = *c;
+	}
+	return class;
+}
+
+static __always_inline int bypassed4(__u32 addr)
+{
+	struct lpm4 key = { .prefixlen = 32, .addr = addr };
+
+	return bpf_map_lookup_elem(&bypass4, &key) != 0;
+}
+
+static __always_inline int bypassed6(const __u32 addr[4])
+{
+	struct lpm6 key = { .prefixlen = 128 };
+
+	key.addr[0] = addr[0];
+	key.addr[1] = addr[1];
+	key.addr[2] = addr[2];
+	key.addr[3] = addr[3];
+	return bpf_map_lookup_elem(&bypass6, &key) != 0;
+}
+
+/* ::ffff:a.b.c.d, an IPv4 destination of an IPv6 socket. */
+static __always_inline int v4_mapped(const __u32 addr[4])
+{
+	return addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0xffff);
+}
+
+/* What a classified socket's connect() or sendmsg() gets, before any rewrite:
+ * ALLOW untouched, DENY, or 2 for "redirect to *t". */
+#define REDIRECT 2
+
+static __always_inline int decide(__u32 protocol, int v6, int bypassed,
+				  struct target **t)
+{
+	__u32 class;
+
+	if (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP)
+		return ALLOW;
+	class = class_of_task();
+	if (!class || class == DIRECT_CLASS)
+		return ALLOW;
+	if (class == DROP_CLASS)
+		return DENY;
+	*t = bpf_map_lookup_elem(&targets, &class);
+	/* A class without its target: the maps are being rewritten. */
+	if (!*t)
+		return DENY;
+	if (bypassed)
+		return ALLOW;
+	if (v6 && (*t)->no_ipv6)
+		return ALLOW;
+	if (protocol == IPPROTO_UDP)
+		return (*t)->no_udp ? ALLOW : DENY;
+	return REDIRECT;
+}
+
+static __always_inline void remember(struct bpf_sock_addr *ctx,
+				     const struct orig *o)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+
+	bpf_map_update_elem(&by_cookie, &cookie, o, BPF_ANY);
+}
+
+SEC("cgroup/connect4")
+int cgtproxy_conn4(struct bpf_sock_addr *ctx)
+{
+	struct target *t = 0;
+	__u32 dst = ctx->user_ip4;
+	int verdict = decide(ctx->protocol, 0, bypassed4(dst), &t);
+	struct orig o = {};
+
+	if (verdict != REDIRECT || !t)
+		return verdict == DENY ? DENY : ALLOW;
+	o.family = AF_INET;
+	o.addr[0] = dst;
+	o.port = (__u16)ctx->user_port;
+	remember(ctx, &o);
+	ctx->user_ip4 = bpf_htonl(0x7f000001);
+	ctx->user_port = bpf_htons(t->port);
+	return ALLOW;
+}
+
+SEC("cgroup/connect6")
+int cgtproxy_conn6(struct bpf_sock_addr *ctx)
+{
+	struct target *t = 0;
+	__u32 dst[4];
+	struct orig o = {};
+	int mapped, verdict;
+
+	dst[0] = ctx->user_ip6[0];
+	dst[1] = ctx->user_ip6[1];
+	dst[2] = ctx->user_ip6[2];
+	dst[3] = ctx->user_ip6[3];
+	mapped = v4_mapped(dst);
+	verdict = decide(ctx->protocol, !mapped,
+			 mapped ? bypassed4(dst[3]) : bypassed6(dst), &t);
+	if (verdict != REDIRECT || !t)
+		return verdict == DENY ? DENY : ALLOW;
+	o.port = (__u16)ctx->user_port;
+	if (mapped) {
+		/* The IPv4 listener, reached through the mapped address. */
+		o.family = AF_INET;
+		o.addr[0] = dst[3];
+		remember(ctx, &o);
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = bpf_htonl(0xffff);
+		ctx->user_ip6[3] = bpf_htonl(0x7f000001);
+	} else {
+		o.family = AF_INET6;
+		o.addr[0] = dst[0];
+		o.addr[1] = dst[1];
+		o.addr[2] = dst[2];
+		o.addr[3] = dst[3];
+		remember(ctx, &o);
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = 0;
+		ctx->user_ip6[3] = bpf_htonl(1);
+	}
+	ctx->user_port = bpf_htons(t->port);
+	return ALLOW;
+}
+
+/* Unconnected UDP (sendto): the same verdicts; a target's UDP is refused. */
+SEC("cgroup/sendmsg4")
+int cgtproxy_send4(struct bpf_sock_addr *ctx)
+{
+	struct target *t = 0;
+
+	return decide(ctx->protocol, 0, bypassed4(ctx->user_ip4), &t) == DENY ?
+		       DENY :
+		       ALLOW;
+}
+
+SEC("cgroup/sendmsg6")
+int cgtproxy_send6(struct bpf_sock_addr *ctx)
+{
+	struct target *t = 0;
+	__u32 dst[4];
+	int mapped;
+
+	dst[0] = ctx->user_ip6[0];
+	dst[1] = ctx->user_ip6[1];
+	dst[2] = ctx->user_ip6[2];
+	dst[3] = ctx->user_ip6[3];
+	mapped = v4_mapped(dst);
+	return decide(ctx->protocol, !mapped,
+		      mapped ? bypassed4(dst[3]) : bypassed6(dst), &t) == DENY ?
+		       DENY :
+		       ALLOW;
+}
+
+/* The kernel chose the redirected client's local port: file the original
+ * destination under it for the listener. */
+SEC("sockops")
+int cgtproxy_sockop(struct bpf_sock_ops *ctx)
+{
+	__u64 cookie;
+	__u32 port;
+	struct orig *o;
+
+	if (ctx->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
+		return 1;
+	cookie = bpf_get_socket_cookie(ctx);
+	o = bpf_map_lookup_elem(&by_cookie, &cookie);
+	if (!o)
+		return 1;
+	port = ctx->local_port;
+	bpf_map_update_elem(&by_port, &port, o, BPF_ANY);
+	bpf_map_delete_elem(&by_cookie, &cookie);
+	return 1;
+}
+
+/* Whether the accepted socket's peer is a loopback address, as every
+ * redirected client's is. */
+static __always_inline int loopback_peer(struct bpf_sock *sk)
+{
+	/* Every field is read up front: the verifier refuses the pointer
+	 * arithmetic clang makes of loads on separate branches. */
+	__u32 family = sk->family;
+	__u32 ip4 = sk->dst_ip4;
+	__u32 a0 = sk->dst_ip6[0];
+	__u32 a1 = sk->dst_ip6[1];
+	__u32 a2 = sk->dst_ip6[2];
+	__u32 a3 = sk->dst_ip6[3];
+
+	if (family == AF_INET)
+		return ip4 == bpf_htonl(0x7f000001);
+	if (a0 || a1)
+		return 0;
+	if (a2 == bpf_htonl(0xffff))
+		return a3 == bpf_htonl(0x7f000001);
+	return !a2 && a3 == bpf_htonl(1);
+}
+
+/* SO_ORIGINAL_DST on a socket a loopback listener accepted from a redirected
+ * client. The kernel's own answer (conntrack's, for NAT) stands when it has
+ * one. */
+SEC("cgroup/getsockopt")
+int cgtproxy_getopt(struct bpf_sockopt *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	void *end = ctx->optval_end;
+	struct orig *o;
+	__u32 port;
+
+	if (ctx->optname != SO_ORIGINAL_DST || ctx->retval == 0 || !sk)
+		return 1;
+	if (ctx->level != SOL_IP && ctx->level != SOL_IPV6)
+		return 1;
+	if (sk->protocol != IPPROTO_TCP || !loopback_peer(sk))
+		return 1;
+	port = bpf_ntohs(sk->dst_port);
+	o = bpf_map_lookup_elem(&by_port, &port);
+	if (!o)
+		return 1;
+	if (ctx->level == SOL_IP) {
+		struct sockaddr_in *sa = ctx->optval;
+
+		if (o->family != AF_INET || (void *)(sa + 1) > end)
+			return 1;
+		__builtin_memset(sa, 0, sizeof(*sa));
+		sa->sin_family = AF_INET;
+		sa->sin_port = o->port;
+		sa->sin_addr.s_addr = o->addr[0];
+		ctx->optlen = sizeof(*sa);
+	} else {
+		struct sockaddr_in6 *sa = ctx->optval;
+
+		if (o->family != AF_INET6 || (void *)(sa + 1) > end)
+			return 1;
+		__builtin_memset(sa, 0, sizeof(*sa));
+		sa->sin6_family = AF_INET6;
+		sa->sin6_port = o->port;
+		sa->sin6_addr.in6_u.u6_addr32[0] = o->addr[0];
+		sa->sin6_addr.in6_u.u6_addr32[1] = o->addr[1];
+		sa->sin6_addr.in6_u.u6_addr32[2] = o->addr[2];
+		sa->sin6_addr.in6_u.u6_addr32[3] = o->addr[3];
+		ctx->optlen = sizeof(*sa);
+	}
+	ctx->retval = 0;
+	return 1;
+}
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";

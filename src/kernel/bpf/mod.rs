@@ -1,0 +1,291 @@
+//! The eBPF datapath's kernel side: loads the programs of `cgtproxy.bpf.c`
+//! (built by build.rs), fills their maps and attaches them at the cgroup2 root.
+//! Loading and attaching need CAP_BPF and CAP_NET_ADMIN (the program types are
+//! networking ones); nothing else.
+//!
+//! The programs are attached through BPF links held by this process: a clean
+//! stop or a crash detaches them all, and sockets then connect directly
+//! (nothing sends traffic into a listener that may be gone). Each map is
+//! filled before any program is attached, so no socket meets a half-built
+//! state at start.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use aya::maps::lpm_trie::{Key, LpmTrie};
+use aya::maps::{HashMap, MapData};
+use aya::programs::{CgroupAttachMode, Program};
+use aya::{Ebpf, include_bytes_aligned};
+
+use crate::core::bpfmaps::{Bypass, TargetEntry};
+
+/// The compiled programs (see build.rs).
+static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cgtproxy.bpf.o"));
+
+/// The programs, by function name (the kernel keeps 15 characters of it), in
+/// the order they are attached: the listener-side ones first, so a redirected
+/// connection always finds them.
+const PROGRAMS: [&str; 6] = [
+    "cgtproxy_getopt",
+    "cgtproxy_sockop",
+    "cgtproxy_send4",
+    "cgtproxy_send6",
+    "cgtproxy_conn4",
+    "cgtproxy_conn6",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error("eBPF datapath: {step}: {cause}")]
+    Step { step: String, cause: String },
+    #[error("eBPF datapath: opening the cgroup2 root {}: {source}", path.display())]
+    Root {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// `e` and its causes, each once ("a: b: c"); aya keeps the errno in a cause.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+fn step<E: std::error::Error>(what: impl Into<String>) -> impl FnOnce(E) -> BpfError {
+    let step = what.into();
+    move |e| BpfError::Step {
+        step,
+        cause: chain(&e),
+    }
+}
+
+/// A target's value in the `targets` map (`struct target` in the C source:
+/// port in host order, then the two flags).
+pub fn encode_target(t: &TargetEntry) -> [u8; 4] {
+    let p = t.port.to_ne_bytes();
+    [p[0], p[1], u8::from(t.no_udp), u8::from(t.no_ipv6)]
+}
+
+/// The loaded and attached programs with their maps. Dropping it detaches
+/// everything.
+pub struct Datapath {
+    /// Holds the programs and their links.
+    ebpf: Ebpf,
+    cgroups: HashMap<MapData, u64, u32>,
+    targets: HashMap<MapData, u32, [u8; 4]>,
+    bypass4: LpmTrie<MapData, [u8; 4], u8>,
+    bypass6: LpmTrie<MapData, [u8; 16], u8>,
+    /// The cgroup2 root the programs are attached at.
+    pub root: PathBuf,
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T, BpfError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| BpfError::Step {
+        step: format!("map {name}"),
+        cause: "not in the object".into(),
+    })?;
+    T::try_from(map).map_err(step(format!("map {name}")))
+}
+
+impl Datapath {
+    /// Loads the programs for attaching at `root` (a cgroup2 mount's root
+    /// directory) later, with [`Datapath::attach`], once the maps are full.
+    pub fn load(root: &Path) -> Result<Datapath, BpfError> {
+        let mut ebpf = Ebpf::load(OBJECT).map_err(step("loading the object"))?;
+        Ok(Datapath {
+            cgroups: take(&mut ebpf, "cgroups")?,
+            targets: take(&mut ebpf, "targets")?,
+            bypass4: take(&mut ebpf, "bypass4")?,
+            bypass6: take(&mut ebpf, "bypass6")?,
+            ebpf,
+            root: root.to_owned(),
+        })
+    }
+
+    /// Loads each program into the kernel and attaches it at the root. On
+    /// error, dropping the datapath detaches what was attached.
+    pub fn attach(&mut self) -> Result<(), BpfError> {
+        let cgroup = File::open(&self.root).map_err(|source| BpfError::Root {
+            path: self.root.clone(),
+            source,
+        })?;
+        for name in PROGRAMS {
+            self.attach_one(name, &cgroup)?;
+        }
+        Ok(())
+    }
+
+    fn attach_one(&mut self, name: &str, cgroup: &File) -> Result<(), BpfError> {
+        let prog = self.ebpf.program_mut(name).ok_or_else(|| BpfError::Step {
+            step: format!("program {name}"),
+            cause: "not in the object".into(),
+        })?;
+        let what = format!("loading program {name}");
+        let attaching = format!("attaching program {name}");
+        // Attached as a BPF link (Linux 5.7+), which takes no flags and always
+        // runs beside other programs at the root (systemd's, a container
+        // runtime's): "single" is the flagless mode.
+        let mode = CgroupAttachMode::Single;
+        match prog {
+            Program::CgroupSockAddr(p) => {
+                load(p.load(), &what)?;
+                p.attach(cgroup, mode).map_err(step(attaching))?;
+            }
+            Program::SockOps(p) => {
+                load(p.load(), &what)?;
+                p.attach(cgroup, mode).map_err(step(attaching))?;
+            }
+            Program::CgroupSockopt(p) => {
+                load(p.load(), &what)?;
+                p.attach(cgroup, mode).map_err(step(attaching))?;
+            }
+            _ => {
+                return Err(BpfError::Step {
+                    step: what,
+                    cause: "unexpected program type".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies cgroup map changes: deletions first, then writes.
+    pub fn update(&mut self, del: &[u64], add: &[(u64, u32)]) -> Result<(), BpfError> {
+        for id in del {
+            match self.cgroups.remove(id) {
+                Ok(()) => {}
+                // Already gone: the goal is met.
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(step(format!("deleting cgroup {id}"))(e)),
+            }
+        }
+        for (id, class) in add {
+            self.cgroups
+                .insert(id, class, 0)
+                .map_err(step(format!("writing cgroup {id}")))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the `cgroups` map hold exactly `want`.
+    pub fn replace_cgroups(&mut self, want: &BTreeMap<u64, u32>) -> Result<(), BpfError> {
+        let stale: Vec<u64> = self
+            .cgroups
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want.contains_key(k))
+            .collect();
+        let add: Vec<(u64, u32)> = want.iter().map(|(k, v)| (*k, *v)).collect();
+        self.update(&stale, &add)
+    }
+
+    /// The `cgroups` map as the kernel holds it.
+    pub fn cgroups(&self) -> BTreeMap<u64, u32> {
+        self.cgroups
+            .iter()
+            .filter_map(Result::ok)
+            .collect::<BTreeMap<_, _>>()
+    }
+
+    /// Makes the `targets` map hold exactly `want`.
+    pub fn set_targets(&mut self, want: &BTreeMap<u32, TargetEntry>) -> Result<(), BpfError> {
+        for (class, t) in want {
+            self.targets
+                .insert(class, encode_target(t), 0)
+                .map_err(step(format!("writing target {class}")))?;
+        }
+        let stale: Vec<u32> = self
+            .targets
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want.contains_key(k))
+            .collect();
+        for class in stale {
+            self.targets
+                .remove(&class)
+                .map_err(step(format!("deleting target {class}")))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the bypass tries hold exactly `want`.
+    pub fn set_bypass(&mut self, want: &Bypass) -> Result<(), BpfError> {
+        for (addr, len) in &want.v4 {
+            self.bypass4
+                .insert(&Key::new(*len, *addr), 1, 0)
+                .map_err(step("writing an IPv4 bypass network"))?;
+        }
+        for (addr, len) in &want.v6 {
+            self.bypass6
+                .insert(&Key::new(*len, *addr), 1, 0)
+                .map_err(step("writing an IPv6 bypass network"))?;
+        }
+        let stale4: Vec<Key<[u8; 4]>> = self
+            .bypass4
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want.v4.contains(&(k.data(), k.prefix_len())))
+            .collect();
+        for k in stale4 {
+            self.bypass4
+                .remove(&k)
+                .map_err(step("deleting an IPv4 bypass network"))?;
+        }
+        let stale6: Vec<Key<[u8; 16]>> = self
+            .bypass6
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want.v6.contains(&(k.data(), k.prefix_len())))
+            .collect();
+        for k in stale6 {
+            self.bypass6
+                .remove(&k)
+                .map_err(step("deleting an IPv6 bypass network"))?;
+        }
+        Ok(())
+    }
+}
+
+fn load(r: Result<(), aya::programs::ProgramError>, what: &str) -> Result<(), BpfError> {
+    r.map_err(step(what))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_target_is_its_port_in_host_order_then_the_flags() {
+        let t = TargetEntry {
+            port: 0x1ed5,
+            no_udp: true,
+            no_ipv6: false,
+        };
+        let p = 0x1ed5u16.to_ne_bytes();
+        assert_eq!(encode_target(&t), [p[0], p[1], 1, 0]);
+    }
+
+    #[test]
+    fn the_object_holds_every_program_and_map() {
+        let text = String::from_utf8_lossy(OBJECT);
+        for name in PROGRAMS
+            .iter()
+            .chain(&["cgroups", "targets", "bypass4", "bypass6"])
+        {
+            assert!(text.contains(name), "{name} missing from the object");
+        }
+    }
+}
