@@ -113,3 +113,80 @@ fn ebpf_redirects_tcp_refuses_drop_and_udp_and_detaches_on_stop() {
         },
     );
 }
+
+const MICROSOCKS: u16 = 1080;
+const REDSOCKS_PORT: u16 = 12345;
+
+/// The built-in forwarder and redsocks (Debian's, a REDIRECT-style core that
+/// reads SO_ORIGINAL_DST) serve the eBPF datapath, each relaying through
+/// microsocks in the peer: the destination sees microsocks' address (the
+/// peer's own, 10.99.0.2 / fd99::2), never the host's (10.99.0.1 / fd99::1).
+#[test]
+fn ebpf_feeds_the_built_in_forwarder_and_redsocks() {
+    in_cgroup_namespace("ebpf_feeds_the_built_in_forwarder_and_redsocks", || {
+        let mut lab = Lab::new("ebpf-fwd");
+        lab.forward_args = ["--max-connections", "256", "--max-udp-flows", "256"]
+            .map(String::from)
+            .to_vec();
+        lab.start_peer_service(
+            &format!("microsocks -i {PEER4} -p {MICROSOCKS}"),
+            MICROSOCKS,
+        );
+        let conf = lab.dir.join("redsocks.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "base {{ log_info = on; log = stderr; daemon = off; redirector = iptables; }}
+redsocks {{ local_ip = 127.0.0.1; local_port = {REDSOCKS_PORT}; ip = {PEER4}; port = {MICROSOCKS}; type = socks5; }}
+"
+            ),
+        )
+        .unwrap();
+        lab.start_service_in(
+            "svc",
+            &format!("redsocks -c '{}'", conf.display()),
+            REDSOCKS_PORT,
+        );
+        for rel in ["app-fwd", "app-redsocks"] {
+            lab.mkcg(rel);
+        }
+        let tproxies = format!(
+            r#"{{"fwd":{{"port":{PROXY_PORT},"mark":{MARK},"upstream":"socks5://{PEER4}:{MICROSOCKS}"}},
+                "redsocks":{{"port":{REDSOCKS_PORT},"mark":{},"no-ipv6":true}}}}"#,
+            MARK + 1
+        );
+        let rules = format!(
+            r#"[{{"match":"{}","tproxy":"fwd"}},{{"match":"{}","tproxy":"redsocks"}}]"#,
+            lab.re("app-fwd"),
+            lab.re("app-redsocks"),
+        )
+        .replace('\\', "\\\\");
+        let cfg = ebpf_config(&lab, "fwd.json", &tproxies, &rules);
+        lab.start_daemon(&cfg);
+        // The forwarder runs inside the cgroup it serves: its own upstream
+        // sockets (marked) must never be redirected back to it.
+        let fwd = lab.start_cgtproxy("forward", &cfg, Some("app-fwd/forwarder"));
+
+        for dst in [PEER4, PEER6] {
+            let a = lab.talk("app-fwd", "tcp", dst, PEER_PORT);
+            assert_eq!(a, format!("peer {dst}"), "forwarder to {dst}");
+        }
+        assert_eq!(
+            lab.talk("app-redsocks", "tcp", PEER4, PEER_PORT),
+            format!("peer {PEER4}"),
+            "redsocks"
+        );
+        // redsocks has no IPv6 listener: its target says no-ipv6, so IPv6 goes
+        // direct.
+        assert_eq!(
+            lab.talk("app-redsocks", "tcp", PEER6, PEER_PORT),
+            "peer fd99::1"
+        );
+        // An app connecting to the forwarder's port itself has no original
+        // destination: refused as a loop, never relayed.
+        lab.mkcg("other");
+        let a = lab.talk("other", "tcp", "127.0.0.1", PROXY_PORT);
+        assert!(!a.starts_with("peer"), "{a}");
+        assert_eq!(fwd.stop(), 0);
+    });
+}

@@ -1,5 +1,6 @@
 //! Transparent sockets: the TPROXY listeners (TCP and UDP, one per family) and
-//! the per-flow UDP sockets that answer an app from its original destination.
+//! the per-flow UDP sockets that answer an app from its original destination;
+//! and the original destination of a connection redirected to the listener.
 
 use std::io::IoSliceMut;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -7,7 +8,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::sys::socket::{
     AddressFamily, Backlog, ControlMessageOwned, MsgFlags, SockFlag, SockType, SockaddrStorage,
-    bind, connect, listen, recvmsg, setsockopt, socket, sockopt,
+    bind, connect, getsockopt, listen, recvmsg, setsockopt, socket, sockopt,
 };
 use tokio::io::Interest;
 use tokio::net::{TcpListener, UdpSocket};
@@ -81,6 +82,28 @@ pub fn tcp_listener(addr: SocketAddr) -> Result<TcpListener, ListenError> {
     bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)).map_err(err(what, addr))?;
     listen(&fd, Backlog::new(4096).unwrap_or(Backlog::MAXCONN)).map_err(err(what, addr))?;
     TcpListener::from_std(std::net::TcpListener::from(fd)).map_err(io_err(what, addr))
+}
+
+/// The original destination of a connection that reached the listener by
+/// address rewriting (the eBPF datapath, or a NAT `REDIRECT`) rather than by
+/// TPROXY: `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`, `None` when the kernel
+/// knows none (a connection made to the listener's port itself).
+pub fn original_dst(app: &tokio::net::TcpStream, v6: bool) -> Option<SocketAddr> {
+    if v6 {
+        let a = getsockopt(app, sockopt::Ip6tOriginalDst).ok()?;
+        Some(SocketAddr::V6(SocketAddrV6::new(
+            Ipv6Addr::from(a.sin6_addr.s6_addr),
+            u16::from_be(a.sin6_port),
+            0,
+            0,
+        )))
+    } else {
+        let a = getsockopt(app, sockopt::OriginalDst).ok()?;
+        Some(SocketAddr::V4(SocketAddrV4::new(
+            Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+            u16::from_be(a.sin_port),
+        )))
+    }
 }
 
 /// A transparent UDP listener on `addr` that reports each datagram's original

@@ -11,6 +11,7 @@ use tracing::debug;
 
 use super::Shared;
 use super::http::{self, HttpError};
+use super::listen;
 use super::relay::{idle_timeout, relay};
 use super::socks5::{self, Socks5Error};
 use super::target::TargetState;
@@ -38,6 +39,7 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// its pass until it ends. Connections back to our own ports are refused.
 pub async fn serve(listener: TcpListener, target: Arc<TargetState>, shared: Arc<Shared>) {
     let idle = idle_timeout();
+    let own = listener.local_addr().ok();
     let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
         let (app, peer) = match listener.accept().await {
@@ -62,9 +64,13 @@ pub async fn serve(listener: TcpListener, target: Arc<TargetState>, shared: Arc<
         };
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let dst = match app.local_addr() {
-            Ok(a) => SocketAddr::new(a.ip().to_canonical(), a.port()),
+            // Redirected (the eBPF datapath) rather than handed over by TPROXY:
+            // the kernel remembers where the app was going.
+            Ok(a) if Some(a) == own => listen::original_dst(&app, a.is_ipv6()).unwrap_or(a),
+            Ok(a) => a,
             Err(_) => continue,
         };
+        let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
         if shared.guard.is_loop(dst) {
             shared.guard.warn(|| {
                 format!(

@@ -37,6 +37,10 @@
 #define DIRECT_CLASS 0x63677401
 #define DROP_CLASS 0x63677402
 
+/* The built-in forwarder's upstream sockets carry this mark (src/config.rs's
+ * FORWARD_MARK): never captured again, whatever cgroup they are in. */
+#define FORWARD_MARK 0x63677466
+
 /* Deepest cgroup level looked at (the kernel's own limit is far higher; a
  * deeper cgroup follows its classified ancestors above this level). */
 #define MAX_LEVELS 64
@@ -164,12 +168,15 @@ static __always_inline int v4_mapped(const __u32 addr[4])
  * ALLOW untouched, DENY, or 2 for "redirect to *t". */
 #define REDIRECT 2
 
-static __always_inline int decide(__u32 protocol, int v6, int bypassed,
-				  struct target **t)
+static __always_inline int decide(struct bpf_sock_addr *ctx, int v6,
+				  int bypassed, struct target **t)
 {
+	__u32 protocol = ctx->protocol;
 	__u32 class;
 
 	if (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP)
+		return ALLOW;
+	if (ctx->sk->mark == FORWARD_MARK)
 		return ALLOW;
 	class = class_of_task();
 	if (!class || class == DIRECT_CLASS)
@@ -202,7 +209,7 @@ int cgtproxy_conn4(struct bpf_sock_addr *ctx)
 {
 	struct target *t = 0;
 	__u32 dst = ctx->user_ip4;
-	int verdict = decide(ctx->protocol, 0, bypassed4(dst), &t);
+	int verdict = decide(ctx, 0, bypassed4(dst), &t);
 	struct orig o = {};
 
 	if (verdict != REDIRECT || !t)
@@ -229,7 +236,7 @@ int cgtproxy_conn6(struct bpf_sock_addr *ctx)
 	dst[2] = ctx->user_ip6[2];
 	dst[3] = ctx->user_ip6[3];
 	mapped = v4_mapped(dst);
-	verdict = decide(ctx->protocol, !mapped,
+	verdict = decide(ctx, !mapped,
 			 mapped ? bypassed4(dst[3]) : bypassed6(dst), &t);
 	if (verdict != REDIRECT || !t)
 		return verdict == DENY ? DENY : ALLOW;
@@ -265,7 +272,7 @@ int cgtproxy_send4(struct bpf_sock_addr *ctx)
 {
 	struct target *t = 0;
 
-	return decide(ctx->protocol, 0, bypassed4(ctx->user_ip4), &t) == DENY ?
+	return decide(ctx, 0, bypassed4(ctx->user_ip4), &t) == DENY ?
 		       DENY :
 		       ALLOW;
 }
@@ -282,7 +289,7 @@ int cgtproxy_send6(struct bpf_sock_addr *ctx)
 	dst[2] = ctx->user_ip6[2];
 	dst[3] = ctx->user_ip6[3];
 	mapped = v4_mapped(dst);
-	return decide(ctx->protocol, !mapped,
+	return decide(ctx, !mapped,
 		      mapped ? bypassed4(dst[3]) : bypassed6(dst), &t) == DENY ?
 		       DENY :
 		       ALLOW;
