@@ -77,6 +77,15 @@ struct RawConfig {
     datapath: Datapath,
 }
 
+impl std::fmt::Display for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Datapath::Nft => "nft",
+            Datapath::Ebpf => "ebpf",
+        })
+    }
+}
+
 /// How classified sockets are routed (key `datapath`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]

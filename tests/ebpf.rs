@@ -190,3 +190,85 @@ redsocks {{ local_ip = 127.0.0.1; local_port = {REDSOCKS_PORT}; ip = {PEER4}; po
         assert_eq!(fwd.stop(), 0);
     });
 }
+
+/// What breaks the nft datapath cannot touch this one: another program's
+/// `flush ruleset`, a firewall dropping marked packets, wg-quick's policy rules
+/// (a blackhole default route stands in for its tunnel), strict reverse-path
+/// filtering. Then a reload changes a verdict, a reload to
+/// another datapath is refused with the old rules kept, and a killed daemon
+/// leaves no program behind.
+#[test]
+fn ebpf_is_untouched_by_firewalls_and_vpn_rules_reloads_and_detaches_on_crash() {
+    in_cgroup_namespace(
+        "ebpf_is_untouched_by_firewalls_and_vpn_rules_reloads_and_detaches_on_crash",
+        || {
+            let mut lab = Lab::new("ebpf-coexist");
+            lab.start_redirect_listener("svc", PROXY_PORT, "proxy");
+            for rel in ["proxy", "drop"] {
+                lab.mkcg(rel);
+            }
+            let cfg = ebpf_config(&lab, "c.json", &proxy_target(), &rules(&lab));
+            lab.start_daemon(&cfg);
+            assert!(redirected(
+                &lab.talk("proxy", "tcp", PEER4, PEER_PORT),
+                PEER4
+            ));
+
+            let vpn = "ip rule add not fwmark 51820 table 51820 priority 32764 &&
+                 ip rule add table main suppress_prefixlength 0 priority 32763 &&
+                 ip route add blackhole default table 51820 &&
+                 ip -6 rule add not fwmark 51820 table 51820 priority 32764 &&
+                 ip -6 rule add table main suppress_prefixlength 0 priority 32763 &&
+                 ip -6 route add blackhole default table 51820 &&
+                 sysctl -qw net.ipv4.conf.all.rp_filter=1 net.ipv4.conf.default.rp_filter=1 &&
+                 nft flush ruleset &&
+                 nft add table inet fw &&
+                 nft add chain inet fw out '{ type filter hook output priority 0; policy accept; }' &&
+                 nft add rule inet fw out meta mark != 0 drop &&
+                 echo done";
+            assert!(sh_any(vpn).contains("done"), "setting up the VPN's rules");
+            for dst in [PEER4, PEER6] {
+                assert!(redirected(&lab.talk("proxy", "tcp", dst, PEER_PORT), dst));
+            }
+            sh_any("ip rule del priority 32764; ip -6 rule del priority 32764");
+
+            // Reload: the proxied cgroup becomes dropped.
+            let swapped =
+                format!(r#"[{{"match":"{}","drop":true}}]"#, lab.re("proxy")).replace('\\', "\\\\");
+            let new = ebpf_config(&lab, "c.json", &proxy_target(), &swapped);
+            let d = lab.daemon.as_ref().unwrap();
+            d.signal(nix::sys::signal::Signal::SIGHUP);
+            d.wait_notify("READY=1", std::time::Duration::from_secs(10));
+            assert_eq!(
+                lab.talk("proxy", "tcp", PEER4, PEER_PORT),
+                "ERR PermissionError 1"
+            );
+
+            // Another datapath needs a restart: refused, the rules stay.
+            let text = std::fs::read_to_string(&new).unwrap();
+            std::fs::write(
+                &new,
+                text.replace(r#""datapath":"ebpf""#, r#""datapath":"nft""#),
+            )
+            .unwrap();
+            d.signal(nix::sys::signal::Signal::SIGHUP);
+            d.wait_notify("READY=1", std::time::Duration::from_secs(10));
+            let refused = lab.eventually(std::time::Duration::from_secs(5), || {
+                d.log().contains("from ebpf to nft: that needs a restart")
+            });
+            assert!(refused, "{}", d.log());
+            assert_eq!(
+                lab.talk("proxy", "tcp", PEER4, PEER_PORT),
+                "ERR PermissionError 1"
+            );
+
+            // A crash detaches the programs with the daemon's links: the
+            // cgroup's sockets connect directly again (see the README).
+            lab.take_daemon().kill();
+            assert!(
+                lab.talk("proxy", "tcp", PEER4, PEER_PORT)
+                    .starts_with("peer")
+            );
+        },
+    );
+}

@@ -54,7 +54,7 @@ pub enum DaemonError {
     #[error(transparent)]
     Bpf(#[from] BpfError),
     #[error(
-        "the datapath changes from {from:?} to {to:?}: that needs a restart (`systemctl restart cgtproxy`), not a reload"
+        "the datapath changes from {from} to {to}: that needs a restart (`systemctl restart cgtproxy`), not a reload"
     )]
     DatapathChange { from: Datapath, to: Datapath },
     #[error("reading table inet {table} back: {source}")]
