@@ -703,6 +703,27 @@ mod tests {
     }
 
     #[test]
+    fn datapath_defaults_to_nft_and_refuses_what_ebpf_cannot_do() {
+        assert_eq!(Config::parse(OK, "t").unwrap().datapath, Datapath::Nft);
+        let ebpf = OK.replacen("{", r#"{"datapath":"ebpf","#, 1);
+        assert_eq!(Config::parse(&ebpf, "t").unwrap().datapath, Datapath::Ebpf);
+        let e = err(&OK.replacen("{", r#"{"datapath":"xdp","#, 1));
+        assert!(e.contains("datapath") && e.contains("ebpf"), "{e}");
+        let gateway = ebpf.replacen(
+            r#""rules":"#,
+            r#""interfaces":[{"match":"lan0","drop":true}],"rules":"#,
+            1,
+        );
+        assert!(err(&gateway).contains("interfaces: forwarded traffic"));
+        let hijack = ebpf.replacen(
+            r#""mark":3000"#,
+            r#""mark":3000,"dns-hijack":{"ip":"127.0.0.1"}"#,
+            1,
+        );
+        assert!(err(&hijack).contains("tproxies.proxy.dns-hijack: the ebpf datapath"));
+    }
+
+    #[test]
     fn unknown_keys_are_errors_naming_the_key() {
         let e = err(
             r#"{"version":1,"route-table":300,"tproxies":{"p":{"port":1,"mark":1,"colour":1}}}"#,

@@ -68,6 +68,28 @@ fn ebpf_redirects_tcp_refuses_drop_and_udp_and_detaches_on_stop() {
             ));
             assert_eq!(counted(lab.peer_pid()), 0, "proxied traffic leaked");
 
+            // status and explain read the programs and the map back.
+            let (out, code) = cgtproxy(&["status", "--config"], &cfg);
+            assert_eq!(code, 0, "{out}");
+            assert!(
+                out.contains("cgtproxy_conn4") && out.contains("drift: none"),
+                "{out}"
+            );
+            let by_class = elements_by_class(&cfg);
+            assert_eq!(
+                by_class,
+                [("direct", 1), ("drop", 1), ("proxy", 1)]
+                    .map(|(k, n)| (k.to_owned(), n))
+                    .into()
+            );
+            let deeper = format!("{}/proxy/late/deeper", lab.base);
+            let (out, code) = cgtproxy(&["explain", &deeper, "--config"], &cfg);
+            assert_eq!(code, 0, "{out}");
+            assert!(
+                out.contains("cgroups map entry for") && out.contains("agrees"),
+                "{out}"
+            );
+
             // UDP of a target is refused (EPERM), as is all of a dropped cgroup.
             assert_eq!(
                 lab.talk("proxy", "udp", PEER4, PEER_PORT),
@@ -102,6 +124,9 @@ fn ebpf_redirects_tcp_refuses_drop_and_udp_and_detaches_on_stop() {
             // A clean stop detaches everything: the same cgroup goes direct.
             let d = lab.take_daemon();
             assert_eq!(d.stop(), 0);
+            let (out, code) = cgtproxy(&["status", "--config"], &cfg);
+            assert_ne!(code, 0, "{out}");
+            assert!(out.contains("no cgtproxy programs loaded"), "{out}");
             assert!(
                 lab.talk("proxy", "tcp", PEER4, PEER_PORT)
                     .starts_with("peer")

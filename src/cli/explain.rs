@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use crate::config::{Action, Config};
+use crate::config::{Action, Config, Datapath};
 use crate::core::cgroup::{Cgroup, is_within};
 use crate::core::links::Why;
 use crate::core::table;
@@ -51,16 +51,72 @@ fn resolve(hier: &Hierarchy, what: &str) -> Result<Vec<Cgroup>, StatusError> {
     Ok(found)
 }
 
+/// What the kernel holds, from either datapath.
+enum Kernel {
+    Nft(Option<inspect::Installed>),
+    Ebpf(Option<crate::kernel::bpf::Installed>),
+}
+
+impl Kernel {
+    fn read(cfg: &Config) -> Result<Kernel, StatusError> {
+        Ok(match cfg.datapath {
+            Datapath::Nft => Kernel::Nft(inspect::read(&cfg.table)?),
+            Datapath::Ebpf => Kernel::Ebpf(crate::kernel::bpf::inspect()?),
+        })
+    }
+
+    fn present(&self) -> bool {
+        match self {
+            Kernel::Nft(i) => i.is_some(),
+            Kernel::Ebpf(i) => i.is_some(),
+        }
+    }
+
+    /// The class the kernel holds for cgroup `id` at `level`.
+    fn element(&self, level: u32, id: u64) -> Option<u32> {
+        match self {
+            Kernel::Nft(i) => i.as_ref()?.maps.get(&level)?.get(&id).copied(),
+            Kernel::Ebpf(i) => i.as_ref()?.cgroups.get(&id).copied(),
+        }
+    }
+
+    /// The class the kernel holds for interface `index` (nft only).
+    fn iface(&self, index: u32) -> Option<u32> {
+        match self {
+            Kernel::Nft(i) => i.as_ref()?.ifaces.get(&index).copied(),
+            Kernel::Ebpf(_) => None,
+        }
+    }
+
+    fn absent(&self, cfg: &Config) -> String {
+        match self {
+            Kernel::Nft(_) => format!("table inet {} is not installed", cfg.table),
+            Kernel::Ebpf(_) => "no cgtproxy eBPF programs are loaded".into(),
+        }
+    }
+
+    fn where_(&self, level: u32) -> String {
+        match self {
+            Kernel::Nft(_) => format!("element at level {level}"),
+            Kernel::Ebpf(_) => "cgroups map entry".into(),
+        }
+    }
+}
+
 /// Explains how the traffic of `what` is classified, and whether the kernel agrees.
 pub fn explain(cfg: &Config, what: &str) -> Result<(String, bool), StatusError> {
     let hier = Hierarchy::discover(&cfg.cgroup_root)?;
-    let installed = inspect::read(&cfg.table)?;
+    let installed = Kernel::read(cfg)?;
     let mut o = String::new();
     let mut all_agree = true;
     let found = resolve(&hier, what)?;
     // Containers are judged against the whole tree: what decides them may be
     // any ancestor, and their processes any descendant.
-    let links = discover(&hier, cfg, &Tree::build(cfg, &hierarchy::walk(&hier)))?;
+    // The eBPF datapath never meets forwarded traffic: no interfaces.
+    let links = match cfg.datapath {
+        Datapath::Nft => discover(&hier, cfg, &Tree::build(cfg, &hierarchy::walk(&hier)))?,
+        Datapath::Ebpf => crate::core::links::LinkPlan::default(),
+    };
     for cg in found {
         let _ = writeln!(o, "cgroup {} (id {}, level {})", cg.path, cg.id, cg.level);
         // Ancestors-or-self from the top, with the rule each matches.
@@ -108,14 +164,12 @@ pub fn explain(cfg: &Config, what: &str) -> Result<(String, bool), StatusError> 
         );
         // What the kernel will do: the deepest ancestor-or-self with an element.
         let mut kernel = None;
-        if let Some(inst) = &installed {
-            for path in chain.iter().rev() {
-                if let Some(c) = hier.describe(path)
-                    && let Some(v) = inst.maps.get(&c.level).and_then(|m| m.get(&c.id))
-                {
-                    kernel = Some((path.clone(), c.level, *v));
-                    break;
-                }
+        for path in chain.iter().rev() {
+            if let Some(c) = hier.describe(path)
+                && let Some(v) = installed.element(c.level, c.id)
+            {
+                kernel = Some((path.clone(), c.level, v));
+                break;
             }
         }
         let agrees = match (&kernel, decision.map(|d| d.0)) {
@@ -123,22 +177,23 @@ pub fn explain(cfg: &Config, what: &str) -> Result<(String, bool), StatusError> 
             (Some((_, _, c)), Some(a)) => *c == table::class(cfg, a),
             _ => false,
         };
-        all_agree &= agrees && installed.is_some();
-        match (&installed, kernel) {
-            (None, _) => {
-                let _ = writeln!(o, "kernel: table inet {} is not installed", cfg.table);
+        all_agree &= agrees && installed.present();
+        match (installed.present(), kernel) {
+            (false, _) => {
+                let _ = writeln!(o, "kernel: {}", installed.absent(cfg));
             }
-            (Some(_), None) => {
+            (true, None) => {
                 let _ = writeln!(
                     o,
                     "kernel: no element for it or an ancestor (traffic untouched): {}",
                     if agrees { "agrees" } else { "DISAGREES" }
                 );
             }
-            (Some(_), Some((p, level, class))) => {
+            (true, Some((p, level, class))) => {
                 let _ = writeln!(
                     o,
-                    "kernel: element at level {level} for {p} → class {}: {}",
+                    "kernel: {} for {p} → class {}: {}",
+                    installed.where_(level),
                     class_name(cfg, class),
                     if agrees { "agrees" } else { "DISAGREES" }
                 );
@@ -150,14 +205,14 @@ pub fn explain(cfg: &Config, what: &str) -> Result<(String, bool), StatusError> 
             if !related(p) {
                 continue;
             }
-            let kernel = installed.as_ref().and_then(|i| i.ifaces.get(&e.index));
+            let kernel = installed.iface(e.index);
             let mapped = links.elements.contains_key(&e.index);
             let verdict = match (&e.bridge, kernel) {
                 (Some(b), _) if !mapped => {
                     format!("it stays on bridge {b}, whose verdict (if any) it follows")
                 }
-                (_, Some(&c)) if c == table::class(cfg, e.action) => "kernel agrees".into(),
-                (_, Some(&c)) => format!("kernel DISAGREES ({})", class_name(cfg, c)),
+                (_, Some(c)) if c == table::class(cfg, e.action) => "kernel agrees".into(),
+                (_, Some(c)) => format!("kernel DISAGREES ({})", class_name(cfg, c)),
                 (_, None) => "kernel DISAGREES (no element)".into(),
             };
             all_agree &= !mapped || verdict == "kernel agrees";

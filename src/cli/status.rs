@@ -6,7 +6,8 @@ use std::fmt::Write;
 
 use serde_json::json;
 
-use crate::config::Config;
+use crate::config::{Config, Datapath};
+use crate::core::bpfmaps;
 use crate::core::links::{self, LinkPlan, Why};
 use crate::core::precedence;
 use crate::core::table::{self, Family};
@@ -31,6 +32,8 @@ pub enum StatusError {
     Links(#[from] crate::kernel::links::LinksError),
     #[error("probing the kernel: {0}")]
     Nft(#[from] crate::kernel::nft::NftError),
+    #[error(transparent)]
+    Bpf(#[from] crate::kernel::bpf::BpfError),
     #[error("cannot read /proc/{pid}/cgroup: {source}")]
     Pid { pid: u32, source: std::io::Error },
     #[error("no cgroup named {0:?} (give a PID, a cgroup path starting with /, or a unit name)")]
@@ -370,8 +373,97 @@ impl Report {
     }
 }
 
+/// The eBPF datapath's report: our programs, and the `cgroups` map against the
+/// configuration. Returns the text (or JSON) and whether all is as configured.
+fn ebpf_status(cfg: &Config, as_json: bool) -> Result<(String, bool), StatusError> {
+    let installed = crate::kernel::bpf::inspect()?;
+    let hier = Hierarchy::discover(&cfg.cgroup_root)?;
+    let tree = Tree::build(cfg, &hierarchy::walk(&hier));
+    let want = bpfmaps::cgroups(cfg, &tree.elements());
+    let none = crate::kernel::bpf::Installed::default();
+    let have = &installed.as_ref().unwrap_or(&none).cgroups;
+    let mut d = Drift::default();
+    for (id, c) in &want {
+        match have.get(id) {
+            None => d.missing += 1,
+            Some(h) if h != c => d.wrong += 1,
+            Some(_) => {}
+        }
+    }
+    d.extra = have.keys().filter(|id| !want.contains_key(id)).count();
+    let (direct, drop, per_target) = tree.counts(cfg.targets.len());
+    let degraded = runstate::degraded();
+    let programs = installed
+        .as_ref()
+        .map(|i| i.programs.clone())
+        .unwrap_or_default();
+    let ok = installed.is_some() && d.none() && degraded.is_none();
+    let mut by_class: BTreeMap<String, usize> = BTreeMap::new();
+    for &c in have.values() {
+        *by_class.entry(class_name(cfg, c)).or_default() += 1;
+    }
+    if as_json {
+        let targets: Vec<_> = cfg
+            .targets
+            .iter()
+            .zip(&per_target)
+            .map(|(t, n)| json!({"name": t.name, "port": t.port, "cgroups": n}))
+            .collect();
+        let v = json!({
+            "datapath": "ebpf", "installed": installed.is_some(), "ok": ok,
+            "programs": programs, "cgroups": tree.len(), "direct": direct, "drop": drop,
+            "targets": targets, "elements": have.len(), "degraded": degraded,
+            "drift": {"missing": d.missing, "wrong": d.wrong, "extra": d.extra},
+            "elements_by_class": by_class,
+        });
+        return Ok((format!("{v:#}\n"), ok));
+    }
+    let mut o = String::new();
+    match &installed {
+        None => {
+            let _ = writeln!(o, "datapath ebpf: no cgtproxy programs loaded");
+        }
+        Some(i) => {
+            let _ = writeln!(
+                o,
+                "datapath ebpf: programs {} attached; {} cgroups in the map",
+                i.programs.join(", "),
+                i.cgroups.len()
+            );
+        }
+    }
+    let _ = writeln!(
+        o,
+        "cgroups: {} ({direct} direct, {drop} dropped, the rest per target below or untouched)",
+        tree.len()
+    );
+    for (t, n) in cfg.targets.iter().zip(&per_target) {
+        let _ = writeln!(
+            o,
+            "target {}: TCP redirected to 127.0.0.1/[::1] port {}: {n} cgroups",
+            t.name, t.port
+        );
+    }
+    if let Some(r) = &degraded {
+        let _ = writeln!(o, "daemon DEGRADED: {r}");
+    }
+    if d.none() {
+        let _ = writeln!(o, "drift: none");
+    } else {
+        let _ = writeln!(
+            o,
+            "drift: {} cgroups missing, {} with another verdict, {} not wanted (is the daemon running with this config?)",
+            d.missing, d.wrong, d.extra
+        );
+    }
+    Ok((o, ok))
+}
+
 /// The status report; returns the text (or JSON) and whether all is as configured.
 pub fn status(cfg: &Config, as_json: bool) -> Result<(String, bool), StatusError> {
+    if cfg.datapath == Datapath::Ebpf {
+        return ebpf_status(cfg, as_json);
+    }
     let r = Report::gather(cfg)?;
     let text = if as_json { r.json(cfg) } else { r.text(cfg) };
     Ok((text, r.ok()))

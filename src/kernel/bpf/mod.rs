@@ -192,14 +192,6 @@ impl Datapath {
         self.update(&stale, &add)
     }
 
-    /// The `cgroups` map as the kernel holds it.
-    pub fn cgroups(&self) -> BTreeMap<u64, u32> {
-        self.cgroups
-            .iter()
-            .filter_map(Result::ok)
-            .collect::<BTreeMap<_, _>>()
-    }
-
     /// Makes the `targets` map hold exactly `want`.
     pub fn set_targets(&mut self, want: &BTreeMap<u32, TargetEntry>) -> Result<(), BpfError> {
         for (class, t) in want {
@@ -257,6 +249,53 @@ impl Datapath {
         }
         Ok(())
     }
+}
+
+/// What a running daemon's eBPF datapath holds, as another process reads it
+/// (needs CAP_SYS_ADMIN to open programs and maps by id).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Installed {
+    /// Our programs loaded in the kernel, by name (each held attached by the
+    /// daemon's links).
+    pub programs: Vec<String>,
+    /// The `cgroups` map: cgroup id → class.
+    pub cgroups: BTreeMap<u64, u32>,
+}
+
+/// Finds a running daemon's programs and reads its `cgroups` map; `None` when
+/// none of our programs is loaded.
+pub fn inspect() -> Result<Option<Installed>, BpfError> {
+    let mut found = Installed::default();
+    let mut map_ids = Vec::new();
+    for info in aya::programs::loaded_programs() {
+        let info = info.map_err(step("listing the loaded BPF programs"))?;
+        let Some(name) = info.name_as_str().filter(|n| PROGRAMS.contains(n)) else {
+            continue;
+        };
+        found.programs.push(name.to_owned());
+        if name == "cgtproxy_conn4" {
+            let ids = info
+                .map_ids()
+                .map_err(step(format!("the maps of program {name}")))?;
+            map_ids.extend(ids.unwrap_or_default());
+        }
+    }
+    if found.programs.is_empty() {
+        return Ok(None);
+    }
+    for id in map_ids {
+        let info = aya::maps::MapInfo::from_id(id).map_err(step(format!("map {id}")))?;
+        if info.name_as_str() != Some("cgroups") {
+            continue;
+        }
+        let data = MapData::from_id(id).map_err(step(format!("map {id}")))?;
+        let map = aya::maps::Map::from_map_data(data).map_err(step(format!("map {id}")))?;
+        let cgroups: HashMap<MapData, u64, u32> =
+            HashMap::try_from(map).map_err(step(format!("map {id}")))?;
+        found.cgroups = cgroups.iter().filter_map(Result::ok).collect();
+    }
+    found.programs.sort();
+    Ok(Some(found))
 }
 
 fn load(r: Result<(), aya::programs::ProgramError>, what: &str) -> Result<(), BpfError> {
