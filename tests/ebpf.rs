@@ -68,6 +68,12 @@ fn ebpf_redirects_tcp_refuses_drop_and_udp_and_detaches_on_stop() {
             ));
             assert_eq!(counted(lab.peer_pid()), 0, "proxied traffic leaked");
 
+            // doctor: the kernel loads the programs, the listener is there.
+            let (out, code) = cgtproxy(&["doctor", "--config"], &cfg);
+            assert_eq!(code, 0, "{out}");
+            assert!(out.contains("ok   ebpf: the kernel loads"), "{out}");
+            assert!(out.contains("port 7893 has TCP listeners"), "{out}");
+
             // status and explain read the programs and the map back.
             let (out, code) = cgtproxy(&["status", "--config"], &cfg);
             assert_eq!(code, 0, "{out}");
@@ -188,6 +194,13 @@ redsocks {{ local_ip = 127.0.0.1; local_port = {REDSOCKS_PORT}; ip = {PEER4}; po
         .replace('\\', "\\\\");
         let cfg = ebpf_config(&lab, "fwd.json", &tproxies, &rules);
         lab.start_daemon(&cfg);
+        // No forwarder yet: doctor fails on its target's listener.
+        let (out, code) = cgtproxy(&["doctor", "--config"], &cfg);
+        assert_ne!(code, 0, "{out}");
+        assert!(
+            out.contains("FAIL listener: target fwd: nothing listens on TCP 127.0.0.1:7893"),
+            "{out}"
+        );
         // The forwarder runs inside the cgroup it serves: its own upstream
         // sockets (marked) must never be redirected back to it.
         let fwd = lab.start_cgtproxy("forward", &cfg, Some("app-fwd/forwarder"));

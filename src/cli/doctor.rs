@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::fmt::Write;
 
-use crate::config::{Action, Config};
+use crate::config::{Action, Config, Datapath};
 use crate::core::precedence::{self, Placement};
 use crate::core::rpfilter;
 use crate::core::table::{self, Proto};
@@ -663,8 +663,91 @@ fn probe_forwarded(cfg: &Config) -> Vec<Probe> {
     out
 }
 
+/// The eBPF datapath: the kernel's verifier loads every program (nothing is
+/// attached), which needs CAP_BPF and CAP_NET_ADMIN.
+fn probe_bpf(cfg: &Config) -> Probe {
+    let root = Hierarchy::discover(&cfg.cgroup_root).map(|h| h.mount);
+    let loaded = root.map_err(|e| e.to_string()).and_then(|r| {
+        let mut d = crate::kernel::bpf::Datapath::load(&r).map_err(|e| e.to_string())?;
+        d.verify().map_err(|e| e.to_string())
+    });
+    match loaded {
+        Ok(()) => Probe {
+            verdict: Outcome::Ok,
+            name: "ebpf",
+            detail: "the kernel loads the datapath's programs (cgroup connect4/6, sendmsg4/6, getsockopt; sockops)".into(),
+            fix: None,
+        },
+        Err(e) => Probe {
+            verdict: Outcome::Fail,
+            name: "ebpf",
+            detail: e,
+            fix: Some(
+                "run as root (the datapath needs CAP_BPF and CAP_NET_ADMIN, Linux 5.8 or later with cgroup BPF), or use \"datapath\": \"nft\"".into(),
+            ),
+        },
+    }
+}
+
+/// The eBPF datapath's listeners: a TCP listener on each target's port, on
+/// 127.0.0.1 and (unless no-ipv6) ::1, that reads SO_ORIGINAL_DST.
+fn probe_redirect_listeners(cfg: &Config) -> Vec<Probe> {
+    let tcp = match sockdiag::list(Proto::Tcp) {
+        Ok(t) => t,
+        Err(e) => {
+            return vec![Probe {
+                verdict: Outcome::Warn,
+                name: "listener",
+                detail: format!("cannot list sockets: {e}"),
+                fix: None,
+            }];
+        }
+    };
+    cfg.targets
+        .iter()
+        .map(|t| {
+            let families = |v6: bool| {
+                tcp.iter().any(|(p, b)| {
+                    *p == t.port && (b.addr.is_unspecified() || b.addr.to_canonical().is_loopback()) && b.ipv6 == v6
+                })
+            };
+            let (v4, v6) = (families(false), t.no_ipv6 || families(true));
+            let (verdict, detail) = match (v4, v6) {
+                (true, true) => (Outcome::Ok, format!("port {} has TCP listeners", t.port)),
+                (false, _) => (
+                    Outcome::Fail,
+                    format!("nothing listens on TCP 127.0.0.1:{}", t.port),
+                ),
+                (true, false) => (
+                    Outcome::Fail,
+                    format!("nothing listens on TCP [::1]:{} (IPv6 connections are refused; set no-ipv6 to send them direct)", t.port),
+                ),
+            };
+            Probe {
+                verdict,
+                name: "listener",
+                fix: (verdict != Outcome::Ok).then(|| {
+                    format!(
+                        "start a REDIRECT-style listener (one that reads SO_ORIGINAL_DST) on port {} for target {}: cgtproxy forward, redsocks, mihomo's redir-port, sing-box's redirect inbound, v2ray's dokodemo-door with followRedirect",
+                        t.port, t.name
+                    )
+                }),
+                detail: format!("target {}: {detail}", t.name),
+            }
+        })
+        .collect()
+}
+
 /// Runs every probe; returns the report and whether nothing failed.
 pub fn doctor(cfg: &Config) -> (String, bool) {
+    if cfg.datapath == Datapath::Ebpf {
+        let (cg, watches) = probe_cgroups(cfg);
+        let mut probes = vec![probe_bpf(cfg), cg];
+        probes.extend(watches);
+        probes.extend(probe_redirect_listeners(cfg));
+        probes.extend(probe_exposure(cfg));
+        return report(&probes);
+    }
     let (kernel, flags) = probe_kernel(cfg);
     let mut probes = vec![kernel];
     let (cg, watches) = probe_cgroups(cfg);
@@ -679,8 +762,13 @@ pub fn doctor(cfg: &Config) -> (String, bool) {
     probes.extend(probe_exposure(cfg));
     probes.extend(probe_forwarded(cfg));
     probes.push(probe_flush(flags));
+    report(&probes)
+}
+
+/// One line per probe, with its fix; and whether nothing failed.
+fn report(probes: &[Probe]) -> (String, bool) {
     let mut o = String::new();
-    for p in &probes {
+    for p in probes {
         let v = match p.verdict {
             Outcome::Ok => "ok  ",
             Outcome::Warn => "warn",

@@ -123,12 +123,22 @@ impl Datapath {
             source,
         })?;
         for name in PROGRAMS {
-            self.attach_one(name, &cgroup)?;
+            self.attach_one(name, Some(&cgroup))?;
         }
         Ok(())
     }
 
-    fn attach_one(&mut self, name: &str, cgroup: &File) -> Result<(), BpfError> {
+    /// Loads each program into the kernel (the verifier's judgement) without
+    /// attaching any: what `doctor` asks. Dropping the datapath unloads them.
+    pub fn verify(&mut self) -> Result<(), BpfError> {
+        for name in PROGRAMS {
+            self.attach_one(name, None)?;
+        }
+        Ok(())
+    }
+
+    /// Loads program `name` and attaches it at `cgroup`, if given.
+    fn attach_one(&mut self, name: &str, cgroup: Option<&File>) -> Result<(), BpfError> {
         let prog = self.ebpf.program_mut(name).ok_or_else(|| BpfError::Step {
             step: format!("program {name}"),
             cause: "not in the object".into(),
@@ -142,15 +152,21 @@ impl Datapath {
         match prog {
             Program::CgroupSockAddr(p) => {
                 load(p.load(), &what)?;
-                p.attach(cgroup, mode).map_err(step(attaching))?;
+                if let Some(c) = cgroup {
+                    p.attach(c, mode).map_err(step(attaching))?;
+                }
             }
             Program::SockOps(p) => {
                 load(p.load(), &what)?;
-                p.attach(cgroup, mode).map_err(step(attaching))?;
+                if let Some(c) = cgroup {
+                    p.attach(c, mode).map_err(step(attaching))?;
+                }
             }
             Program::CgroupSockopt(p) => {
                 load(p.load(), &what)?;
-                p.attach(cgroup, mode).map_err(step(attaching))?;
+                if let Some(c) = cgroup {
+                    p.attach(c, mode).map_err(step(attaching))?;
+                }
             }
             _ => {
                 return Err(BpfError::Step {
