@@ -182,6 +182,9 @@
             pkg-config
             libnftnl
             libmnl
+            # build.rs's clang for the eBPF programs, with libbpf's headers.
+            llvmPackages.clang-unwrapped
+            libbpf
             nftables
             iproute2
             python3

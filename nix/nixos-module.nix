@@ -103,6 +103,8 @@ let
       rawConfig;
 
   marks = lib.mapAttrsToList (_: t: t.mark) cfg.settings.tproxies;
+  # The eBPF datapath: no marks, routes or table; CAP_BPF and bpf() for the unit.
+  ebpf = cfg.settings.datapath == "ebpf";
 
   # The same checks for `rules` and `interfaces` (`list` names which).
   ruleAssertionsOf =
@@ -374,6 +376,28 @@ in
               The rules of {option}`services.cgtproxy.slices` come first.
             '';
           };
+          datapath = mkOption {
+            type = types.nullOr (
+              types.enum [
+                "nft"
+                "ebpf"
+              ]
+            );
+            # Unset, the key is left out of the file: the daemon's default, nft.
+            default = null;
+            description = ''
+              How classified sockets are routed. `nft` (the default): the nftables table and
+              policy routing, to TPROXY listeners. `ebpf`: cgroup socket
+              programs redirect a proxied cgroup's TCP `connect()` to the
+              target's port on 127.0.0.1 / ::1, for REDIRECT-style listeners
+              that read `SO_ORIGINAL_DST` (the built-in forwarder, redsocks,
+              mihomo's `redir-port`); no marks, routes or table, so VPN rules and
+              firewalls cannot disturb it. UDP of a target fails with EPERM
+              unless the target says `no-udp`; no `interfaces`, no
+              `dns-hijack`. The unit gains CAP_BPF and the bpf() system call.
+              Changing it restarts the daemon.
+            '';
+          };
           interfaces = mkOption {
             type = types.listOf (types.submodule ruleModule);
             default = [ ];
@@ -497,6 +521,14 @@ in
       }) targetNames
       ++ [
         {
+          assertion = !ebpf || cfg.settings.interfaces == [ ];
+          message = "services.cgtproxy.settings.interfaces: forwarded traffic never meets the ebpf datapath's socket hooks; use settings.datapath = \"nft\" for gateway mode.";
+        }
+        {
+          assertion = !ebpf || lib.all (t: t.dns-hijack == null) (lib.attrValues cfg.settings.tproxies);
+          message = "services.cgtproxy.settings.tproxies: the ebpf datapath does not hijack DNS yet; remove dns-hijack or use settings.datapath = \"nft\".";
+        }
+        {
           assertion = !cfg.forward.enable || forwardTargets != { };
           message = "services.cgtproxy.forward.enable: no target in services.cgtproxy.settings.tproxies has an upstream, so `cgtproxy forward` would have nothing to do.";
         }
@@ -549,7 +581,7 @@ in
     # `cgtproxy exec`, `check`, `render` for users and admins.
     environment.systemPackages = [ cfg.package ];
 
-    networking.firewall.extraReversePathFilterRules = mkIf (cfg.reversePathExemption && marks != [ ]) ''
+    networking.firewall.extraReversePathFilterRules = mkIf (cfg.reversePathExemption && !ebpf && marks != [ ]) ''
       meta mark { ${lib.concatMapStringsSep ", " toString marks} } accept comment "cgtproxy: TPROXY loop via lo"
     '';
 
@@ -564,7 +596,7 @@ in
       # The config lives at a stable path, so a change reloads (SIGHUP) instead
       # of restarting; a new package changes ExecStart= and so restarts.
       reloadTriggers = [ configFile ];
-      serviceConfig = import ./hardening.nix // {
+      serviceConfig = import ./hardening.nix // lib.optionalAttrs ebpf (import ./hardening-ebpf.nix) // {
         Type = "notify-reload";
         ExecStart = utils.escapeSystemdExecArgs (
           [

@@ -6,6 +6,12 @@
   installShellFiles,
   libnftnl,
   libmnl,
+  # The eBPF datapath's programs (build.rs): clang for the bpf target, unwrapped
+  # (the wrapper's hardening flags are for the host), libbpf's and the kernel's
+  # headers.
+  llvmPackages,
+  libbpf,
+  linuxHeaders,
   # The git revision `cgtproxy --version` names (the flake passes its own):
   # the build has no .git for build.rs to ask. Empty: the version alone.
   gitRev ? "",
@@ -53,6 +59,9 @@ rustPlatform.buildRustPackage {
 
   # build.rs reads it; empty means unknown.
   CGTPROXY_GIT_REV = gitRev;
+  # build.rs: the clang and include paths for src/kernel/bpf/cgtproxy.bpf.c.
+  CGTPROXY_CLANG = "${llvmPackages.clang-unwrapped}/bin/clang";
+  CGTPROXY_BPF_CFLAGS = "-I${lib.getDev libbpf}/include -I${linuxHeaders}/include";
 
   # The man pages, completions and example configuration the Debian package
   # ships, written by the binary just built (src/assets.rs); so only where

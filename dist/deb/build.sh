@@ -122,6 +122,9 @@ install -Dm644 "$assets/completions/cgtproxy.fish" "$root/usr/share/fish/vendor_
 
 doc=$root/usr/share/doc/cgtproxy
 install -Dm644 "$assets/examples/config.json" "$doc/examples/config.json"
+# The eBPF datapath's drop-in, for admins to copy into
+# /etc/systemd/system/cgtproxy.service.d/ (not applied by default).
+install -Dm644 "$repo/dist/systemd/cgtproxy-ebpf.conf" "$root/usr/share/cgtproxy/cgtproxy-ebpf.conf"
 gzip -9n <"$repo/README.md" >"$doc/README.md.gz"
 {
     echo "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/"

@@ -698,6 +698,80 @@ let
       expected = 3;
     };
 
+    # --- NixOS module: the eBPF datapath ---
+    testEbpfRendersAndHardens =
+      let
+        c = evalNixos {
+          imports = [
+            noSlices
+            proxyOnly
+          ];
+          services.cgtproxy.settings.datapath = "ebpf";
+        };
+        sc = c.systemd.services.cgtproxy.serviceConfig;
+      in
+      {
+        expr = {
+          datapath = c.services.cgtproxy.configFile.value.datapath;
+          inherit (sc) CapabilityBoundingSet AmbientCapabilities SystemCallFilter DynamicUser;
+          # No marks to exempt from a reverse-path filter.
+          rpfilter = c.networking.firewall.extraReversePathFilterRules;
+        };
+        expected = {
+          datapath = "ebpf";
+          CapabilityBoundingSet = [
+            "CAP_BPF"
+            "CAP_NET_ADMIN"
+          ];
+          AmbientCapabilities = [
+            "CAP_BPF"
+            "CAP_NET_ADMIN"
+          ];
+          SystemCallFilter = [
+            "@system-service"
+            "~@resources @privileged"
+            "bpf"
+          ];
+          DynamicUser = true;
+          rpfilter = "";
+        };
+      };
+    # The default datapath keeps CAP_NET_ADMIN alone.
+    testNftKeepsOneCapability = {
+      expr = {
+        inherit (designUnit.serviceConfig) CapabilityBoundingSet;
+        # Unset, the key is left out: the daemon's default.
+        datapath = designCfg.services.cgtproxy.configFile.value ? datapath;
+      };
+      expected = {
+        CapabilityBoundingSet = [ "CAP_NET_ADMIN" ];
+        datapath = false;
+      };
+    };
+    testEbpfRefusesInterfacesAndDnsHijack = {
+      expr = [
+        (refusedWith (evalNixos {
+          imports = [ proxyOnly ];
+          services.cgtproxy.settings.datapath = "ebpf";
+          services.cgtproxy.settings.interfaces = [
+            {
+              match = "^lan0$";
+              drop = true;
+            }
+          ];
+        }) [ "services.cgtproxy.settings.interfaces" "ebpf datapath" ])
+        (refusedWith (evalNixos {
+          imports = [ proxyOnly ];
+          services.cgtproxy.settings.datapath = "ebpf";
+          services.cgtproxy.settings.tproxies.proxy.dns-hijack.ip = "127.0.0.1";
+        }) [ "dns-hijack" "ebpf datapath" ])
+      ];
+      expected = [
+        true
+        true
+      ];
+    };
+
     # --- NixOS module: refused settings ---
     testUnknownTarget = {
       expr = refusedWith (evalNixos {

@@ -20,6 +20,10 @@ OPERATIONAL = {
     "ImportCredential", "LoadCredential",
 }
 
+# Settings systemd merges as sets when given more than once (a drop-in adding
+# to the unit's): compared as sets.
+SETS = {"CapabilityBoundingSet", "AmbientCapabilities"}
+
 TRUE = {"yes", "true", "on", "1"}
 FALSE = {"no", "false", "off", "0"}
 
@@ -85,6 +89,8 @@ def main(argv):
         if "" in values:
             values = values[len(values) - 1 - values[::-1].index(""):][1:]
         got = " ".join(norm(v) for v in values)
+        if key in SETS:
+            got, want = " ".join(sorted(set(got.split()))), " ".join(sorted(set(want.split())))
         if got != want:
             drift.append(f"{key}: {name} has {want!r}, the unit has {got!r}")
     for key in sorted(set(unit) - set(hardening) - OPERATIONAL):

@@ -35,6 +35,7 @@ dpkg-deb -c "$deb" | awk '$1 !~ /^d/ { print $6 }' | sed 's|^\./||' | sort >"$tm
     echo usr/bin/cgtproxy
     echo usr/lib/systemd/system/cgtproxy.service
     echo usr/lib/systemd/system/cgtproxy-forward.service
+    echo usr/share/cgtproxy/cgtproxy-ebpf.conf
     for page in "$tmp"/assets/man/*.1; do echo "usr/share/man/man1/$(basename "$page").gz"; done
     echo usr/share/bash-completion/completions/cgtproxy
     echo usr/share/zsh/vendor-completions/_cgtproxy

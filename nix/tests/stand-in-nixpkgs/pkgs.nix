@@ -35,8 +35,10 @@ let
     "clippy"
     "installShellFiles"
     "iproute2"
+    "libbpf"
     "libmnl"
     "libnftnl"
+    "linuxHeaders"
     "nftables"
     "pkg-config"
     "python3"
@@ -52,6 +54,7 @@ let
       canExecute = platform: platform.system == system;
     };
     python3Packages.pyflakes = package "pyflakes";
+    llvmPackages.clang-unwrapped = package "clang-unwrapped";
     callPackage =
       fn: args:
       let
