@@ -123,10 +123,11 @@ fn outer() {
     // The inner process removes its subtree itself; if it was killed, do it here,
     // through the host's cgroup2 mount.
     if let Some(root) = host_cgroup2() {
-        let left = root.join(&base);
-        if left.exists() {
-            eprintln!("removing leftover {}", left.display());
-            remove_tree(&left);
+        for left in [root.join(&base), root.join(format!("{base}-apart"))] {
+            if left.exists() {
+                eprintln!("removing leftover {}", left.display());
+                remove_tree(&left);
+            }
         }
     }
     eprintln!("total run time: {:.1} s", started.elapsed().as_secs_f64());
@@ -211,6 +212,8 @@ impl Lab {
         sh("mount -t cgroup2 none /sys/fs/cgroup");
         fs::create_dir_all(lab.cg(&Lab::spine(DEEPEST))).unwrap();
         fs::create_dir_all(lab.cg(Lab::SERVER)).unwrap();
+        fs::create_dir_all(lab.mount.join(lab.apart()).join(Lab::spine(DEEPEST))).unwrap();
+        fs::create_dir_all(lab.dir.join("cgns")).unwrap();
         sh("ip link set lo up");
         // The peer namespace plays "the internet".
         let peer = Netns::new();
@@ -258,6 +261,12 @@ impl Lab {
     /// The peer server's cgroup, below our subtree (unclassified).
     const SERVER: &str = "srv";
 
+    /// A sibling of our subtree, the same spine inside: the eBPF datapath's
+    /// baseline clients run there, outside the subtree its programs cover.
+    fn apart(&self) -> String {
+        format!("{}-apart", self.base)
+    }
+
     /// Filesystem path of cgroup `rel` below our subtree.
     fn cg(&self, rel: &str) -> PathBuf {
         self.mount.join(&self.base).join(rel)
@@ -292,6 +301,30 @@ impl Lab {
         p
     }
 
+    /// Starts the daemon with the eBPF datapath, its programs attached at our
+    /// subtree and never at the host's root: it runs in a cgroup namespace
+    /// rooted there, with a cgroup2 mount of its own (rule paths are then
+    /// relative to the subtree). Returns the time from spawn to READY=1.
+    fn start_ebpf_daemon(&mut self) -> Duration {
+        let cgns = self.dir.join("cgns");
+        let cfg = json!({
+            "version": 1,
+            "datapath": "ebpf",
+            "cgroup-root": cgns,
+            "bypass": ["127.0.0.0/8", "::1/128"],
+            "tproxies": {"proxy": {"port": 7893, "mark": 3000}},
+            "rules": [{"match": "^/(d[0-9]/)*x[0-9]+$", "tproxy": "proxy"}],
+        });
+        let config = self.dir.join("config-ebpf.json");
+        fs::write(&config, cfg.to_string()).unwrap();
+        let launch = format!(
+            "echo $$ > '{}/cgroup.procs' && exec unshare --cgroup --mount --propagation private sh -c 'mount -t cgroup2 none \"$0\" && exec \"$@\"' '{}' \"$0\" \"$@\"",
+            self.mount.join(&self.base).display(),
+            cgns.display()
+        );
+        self.start_daemon_cmd(&config, None, Some(&launch))
+    }
+
     /// Starts the daemon and returns the time from spawn to READY=1.
     fn start_daemon(&mut self) -> Duration {
         let config = self.config();
@@ -313,6 +346,17 @@ impl Lab {
     /// `netns` if any (nsenter execs it: its PID is the daemon's), and returns
     /// the time from spawn to READY=1.
     fn start_daemon_netns(&mut self, config: &Path, netns: Option<u32>) -> Duration {
+        self.start_daemon_cmd(config, netns, None)
+    }
+
+    /// [`Lab::start_daemon_netns`], through the shell command `launch` (which
+    /// execs its arguments: the daemon's command line) if given.
+    fn start_daemon_cmd(
+        &mut self,
+        config: &Path,
+        netns: Option<u32>,
+        launch: Option<&str>,
+    ) -> Duration {
         assert!(self.daemon.is_none());
         let notify_path = self.dir.join("notify");
         let _ = fs::remove_file(&notify_path);
@@ -336,13 +380,18 @@ impl Lab {
         });
         let log = self.dir.join("daemon.log");
         let spawned = Instant::now();
-        let mut cmd = match netns {
-            Some(pid) => {
+        let mut cmd = match (netns, launch) {
+            (_, Some(script)) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", script, DAEMON]);
+                c
+            }
+            (Some(pid), None) => {
                 let mut c = Command::new("nsenter");
                 c.args(["-t", &pid.to_string(), "-n", DAEMON]);
                 c
             }
-            None => Command::new(DAEMON),
+            (None, None) => Command::new(DAEMON),
         };
         let child = cmd
             .args(["run", "--config"])
@@ -460,6 +509,7 @@ impl Drop for Lab {
         }
         self.peer.take();
         remove_tree(&self.mount.join(&self.base));
+        remove_tree(&self.mount.join(self.apart()));
         // The mounts die with our mount namespace; only the directory is shared.
         let _ = Command::new("umount").arg(&self.mount).status();
         let _ = fs::remove_dir_all(&self.dir);
@@ -828,6 +878,8 @@ fn bench(base: &str) {
     lab.populate(1000, 10_000);
     let control = datapath::control(&lab, &sides, &plan, started);
     let dp_10k = datapath::compare(&mut lab, &sides, &plan, "10,000", started).checked(&control);
+    let ebpf_10k =
+        datapath::compare_ebpf(&mut lab, &sides, &plan, "10,000 (ebpf)", started).checked(&control);
     step("start-up at 10,000", started);
     let startup_10k = startup_median(&mut lab);
     let all_10k = lab.hierarchy_size();
@@ -915,6 +967,8 @@ fn bench(base: &str) {
     step("creating 50,000 cgroups", started);
     lab.populate(10_000, 50_000);
     let dp_50k = datapath::compare(&mut lab, &sides, &plan, "50,000", started).checked(&control);
+    let ebpf_50k =
+        datapath::compare_ebpf(&mut lab, &sides, &plan, "50,000 (ebpf)", started).checked(&control);
     step("start-up at 50,000", started);
     let startup_50k = startup_median(&mut lab);
     let all_50k = lab.hierarchy_size();
@@ -1025,6 +1079,8 @@ fn bench(base: &str) {
     control.rows("control", &mut row);
     dp_10k.rows("10,000", &mut row);
     dp_50k.rows("50,000", &mut row);
+    ebpf_10k.rows("10,000", &mut row);
+    ebpf_50k.rows("50,000", &mut row);
     print!("{t}");
     print!("{fwd_table}");
     println!(
@@ -1065,6 +1121,8 @@ fn bench(base: &str) {
         o.extend(control.json("control"));
         o.extend(dp_10k.json("10k"));
         o.extend(dp_50k.json("50k"));
+        o.extend(ebpf_10k.json("10k"));
+        o.extend(ebpf_50k.json("50k"));
         o.extend(fwd_keys);
     }
     println!("bench-json: {j}");

@@ -302,16 +302,63 @@ struct Run {
     latency_us: Vec<f64>,
 }
 
+/// Which datapath a comparison measures, which names its figures.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The daemon's nft table in the table's namespace, against the
+    /// conntrack-only table.
+    Nft,
+    /// The eBPF datapath's programs over the table side's cgroups, against
+    /// cgroups outside them; no table on either side.
+    Ebpf,
+}
+
+impl Kind {
+    /// The two sides' names in the result table.
+    fn names(self) -> (&'static str, &'static str) {
+        match self {
+            Kind::Nft => ("table", "ct-only"),
+            Kind::Ebpf => ("ebpf", "none"),
+        }
+    }
+
+    /// The target for both ratios.
+    fn target(self) -> &'static str {
+        match self {
+            Kind::Nft => ">= 0.95",
+            Kind::Ebpf => ">= 0.98",
+        }
+    }
+
+    /// The cgroup (relative to the bench's subtree) of a client at `depth`
+    /// on `side`. The eBPF datapath's programs sit on the subtree itself, so
+    /// its baseline runs in a sibling subtree at the same absolute levels.
+    fn cgroup(self, lab: &Lab, side: Side, depth: u32) -> String {
+        match (self, side) {
+            (Kind::Ebpf, Side::Baseline) => format!("../{}/{}", lab.apart(), Lab::spine(depth)),
+            _ => Lab::spine(depth),
+        }
+    }
+}
+
 /// Runs the client on `side` at `depth` as `mode COUNT` and adds the
 /// server's CPU time.
-fn run(lab: &Lab, sides: &Sides, side: Side, depth: u32, mode: &str, count: u64) -> Run {
+fn run(
+    lab: &Lab,
+    sides: &Sides,
+    kind: Kind,
+    (side, depth): (Side, u32),
+    mode: &str,
+    count: u64,
+) -> Run {
     let peer = match side {
         Side::Table => TABLE_LINK.1,
         Side::Baseline => BASELINE_LINK.1,
     };
     let netns = Some(sides.netns(side));
     let server0 = usage_usec(lab);
-    let out = lab.client_in_netns(&Lab::spine(depth), netns, &[mode, peer, &count.to_string()]);
+    let cgroup = kind.cgroup(lab, side, depth);
+    let out = lab.client_in_netns(&cgroup, netns, &[mode, peer, &count.to_string()]);
     // The server accepts asynchronously: let it drain its queue first.
     sleep(Duration::from_millis(20));
     let server = usage_usec(lab).saturating_sub(server0);
@@ -334,7 +381,13 @@ fn run(lab: &Lab, sides: &Sides, side: Side, depth: u32, mode: &str, count: u64)
 
 /// One round: each measurement on both sides back to back, `first` first.
 /// Returns the table's sample, the baseline's, and the round's noise.
-fn round(lab: &Lab, sides: &Sides, plan: &Plan, first: Side) -> (Sample, Sample, Noise) {
+fn round(
+    lab: &Lab,
+    sides: &Sides,
+    plan: &Plan,
+    kind: Kind,
+    first: Side,
+) -> (Sample, Sample, Noise) {
     let order = match first {
         Side::Table => [Side::Table, Side::Baseline],
         Side::Baseline => [Side::Baseline, Side::Table],
@@ -345,7 +398,7 @@ fn round(lab: &Lab, sides: &Sides, plan: &Plan, first: Side) -> (Sample, Sample,
     let mut ours = 0.0;
     let mut samples = [Sample::default(), Sample::default()];
     let mut measure = |side: Side, depth: u32, mode: &str, count: u64| {
-        let r = run(lab, sides, side, depth, mode, count);
+        let r = run(lab, sides, kind, (side, depth), mode, count);
         ours += r.cpu_us;
         r
     };
@@ -379,6 +432,7 @@ fn round(lab: &Lab, sides: &Sides, plan: &Plan, first: Side) -> (Sample, Sample,
 
 /// The comparison at one size.
 pub struct Comparison {
+    kind: Kind,
     connect: Ratio,
     bulk: Ratio,
     /// CPU µs per connection and per MiB (see [`low`]), table and baseline.
@@ -411,8 +465,29 @@ pub fn compare(
     lab.start_daemon_in(sides.table.pid());
     // Let the kernel's deferred work after the big commit finish first.
     sleep(Duration::from_millis(300));
-    let c = rounds(lab, sides, plan, label, started);
+    let c = rounds(lab, sides, plan, Kind::Nft, label, started);
     lab.stop_daemon();
+    c
+}
+
+/// The eBPF datapath against none: its programs run for every client of the
+/// table side (their cgroups are below the root it attaches at) and for none
+/// of the baseline's; neither namespace has a table for this comparison.
+pub fn compare_ebpf(
+    lab: &mut Lab,
+    sides: &Sides,
+    plan: &Plan,
+    label: &str,
+    started: Instant,
+) -> Comparison {
+    let base = sides.baseline.pid();
+    sh(&format!(
+        "nsenter -t {base} -n nft delete table inet ctonly"
+    ));
+    lab.start_ebpf_daemon();
+    let c = rounds(lab, sides, plan, Kind::Ebpf, label, started);
+    lab.stop_daemon();
+    sh(&format!("nsenter -t {base} -n sh -c '{CONNTRACK_ONLY}'"));
     c
 }
 
@@ -422,7 +497,7 @@ pub fn compare(
 pub fn control(lab: &Lab, sides: &Sides, plan: &Plan, started: Instant) -> Comparison {
     let table = sides.table.pid();
     sh(&format!("nsenter -t {table} -n sh -c '{CONNTRACK_ONLY}'"));
-    let c = rounds(lab, sides, plan, "control", started);
+    let c = rounds(lab, sides, plan, Kind::Nft, "control", started);
     sh(&format!(
         "nsenter -t {table} -n nft delete table inet ctonly"
     ));
@@ -430,10 +505,17 @@ pub fn control(lab: &Lab, sides: &Sides, plan: &Plan, started: Instant) -> Compa
 }
 
 /// Rounds of every measurement on both sides, the order alternating.
-fn rounds(lab: &Lab, sides: &Sides, plan: &Plan, label: &str, started: Instant) -> Comparison {
+fn rounds(
+    lab: &Lab,
+    sides: &Sides,
+    plan: &Plan,
+    kind: Kind,
+    label: &str,
+    started: Instant,
+) -> Comparison {
     // Warm up: the caches, conntrack's tables, the server's threads.
     step(&format!("datapath at {label}: warm-up"), started);
-    round(lab, sides, &plan.warm_up(), Side::Table);
+    round(lab, sides, &plan.warm_up(), kind, Side::Table);
     let mut rounds = Vec::new();
     for r in 0..plan.rounds {
         step(
@@ -445,9 +527,9 @@ fn rounds(lab: &Lab, sides: &Sides, plan: &Plan, label: &str, started: Instant) 
         } else {
             Side::Baseline
         };
-        rounds.push(round(lab, sides, plan, first));
+        rounds.push(round(lab, sides, plan, kind, first));
     }
-    Comparison::of(&rounds)
+    Comparison::of(kind, &rounds)
 }
 
 impl Comparison {
@@ -461,7 +543,7 @@ impl Comparison {
         }
     }
 
-    fn of(rounds: &[(Sample, Sample, Noise)]) -> Comparison {
+    fn of(kind: Kind, rounds: &[(Sample, Sample, Noise)]) -> Comparison {
         let deep = DEPTHS.len() - 1;
         let side = |f: &dyn Fn(&Sample) -> f64, table: bool, keep: &dyn Fn(usize) -> bool| {
             low(rounds
@@ -499,6 +581,7 @@ impl Comparison {
         };
         let max = |f: &dyn Fn(&Noise) -> f64| rounds.iter().map(|r| f(&r.2)).fold(0.0, f64::max);
         Comparison {
+            kind,
             connect: ratio(&|s| s.connect_us[deep]),
             bulk: ratio(&|s| s.bulk_us_per_mib),
             connect_us: both(&|s| s.connect_us[deep]),
@@ -517,18 +600,20 @@ impl Comparison {
 
     /// The rows of the result table for size `label`, through `row`.
     pub fn rows(&self, label: &str, row: &mut dyn FnMut(&str, String, &str)) {
+        let (ours, base) = self.kind.names();
+        let target = self.kind.target();
         row(
-            &format!("connect CPU us: table / ct-only, {label}"),
+            &format!("connect CPU us: {ours} / {base}, {label}"),
             format!("{:.2} / {:.2}", self.connect_us.0, self.connect_us.1),
             "",
         );
         row(
-            &format!("  connect ratio ct-only/table, {label}"),
+            &format!("  connect ratio {base}/{ours}, {label}"),
             self.connect.to_string(),
-            ">= 0.95",
+            target,
         );
         row(
-            &format!("bulk CPU us/MiB: table / ct-only, {label}"),
+            &format!("bulk CPU us/MiB: {ours} / {base}, {label}"),
             format!(
                 "{:.0} / {:.0}",
                 self.bulk_us_per_mib.0, self.bulk_us_per_mib.1
@@ -536,13 +621,13 @@ impl Comparison {
             "",
         );
         row(
-            &format!("  bulk ratio ct-only/table, {label}"),
+            &format!("  bulk ratio {base}/{ours}, {label}"),
             self.bulk.to_string(),
-            ">= 0.95",
+            target,
         );
         let ((t50, t99), (b50, b99)) = self.latency;
         row(
-            &format!("connect p50/p99 us: table; ct-only, {label}"),
+            &format!("connect p50/p99 us: {ours}; {base}, {label}"),
             format!("{t50:.0}/{t99:.0}; {b50:.0}/{b99:.0}"),
             "",
         );
@@ -583,8 +668,15 @@ impl Comparison {
     pub fn json(&self, tag: &str) -> Map<String, Value> {
         let ((t50, t99), (b50, b99)) = self.latency;
         let mut m = Map::new();
+        // The eBPF datapath's keys: `ebpf_` first, `none` for the baseline.
+        let kind = self.kind;
         let mut put = |k: &str, v: Value| {
-            m.insert(k.replace("SIZE", tag), v);
+            let k = k.replace("SIZE", tag);
+            let k = match kind {
+                Kind::Nft => k,
+                Kind::Ebpf => format!("ebpf_{}", k.replace("conntrack", "none")),
+            };
+            m.insert(k, v);
         };
         put(
             "connect_ratio_SIZE_vs_conntrack",

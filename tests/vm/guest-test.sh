@@ -545,6 +545,51 @@ left=$( (ip -4 route show table "$RT"; ip -6 route show table "$RT") 2>/dev/null
 if [ -z "$left" ]; then pass stop-no-routes; else fail stop-no-routes "table $RT: $left"; fi
 expect stop-traffic-direct "PEER $PEER4 $PEER_PORT" exec proxy tcp "$PEER4"
 
+# --- the eBPF datapath under its unit: the packaged drop-in -----------------------------
+# The same config with "datapath": "ebpf"; the drop-in as the README tells.
+# A REDIRECT-style listener (SO_ORIGINAL_DST) takes the TPROXY listener's port.
+install -Dm644 /usr/share/cgtproxy/cgtproxy-ebpf.conf /etc/systemd/system/cgtproxy.service.d/ebpf.conf
+python3 -c 'import json,sys; c=json.load(open(sys.argv[1])); c["datapath"]="ebpf"; json.dump(c, open("/etc/cgtproxy/config.json","w"))' "$P/config.json"
+systemctl daemon-reload
+systemctl stop tproxy-listener.service
+systemd-run --quiet --unit=redirect-listener -p Type=notify \
+  python3 "$P/listener.py" "$LISTEN_PORT" REDIRECT --redirect
+t=$(now)
+if systemctl start cgtproxy.service; then pass ebpf-start; else fail ebpf-start "systemctl start failed"; fi
+info "ebpf datapath: start took $(elapsed "$t")s; $(systemctl show -P StatusText cgtproxy.service)"
+pid=$(main_pid)
+# CAP_BPF (bit 39) and CAP_NET_ADMIN (bit 12), effective and bounding, nothing else.
+caps=$(awk '/^Cap(Eff|Bnd):/ { printf "%s ", $2 }' "/proc/$pid/status" 2>/dev/null)
+if [ "$caps" = "0000008000001000 0000008000001000 " ]; then pass ebpf-cap-bpf-net-admin-only
+else fail ebpf-cap-bpf-net-admin-only "CapEff CapBnd = $caps"; fi
+if has_table || [ "$(rule_count 4)" != 0 ]; then fail ebpf-no-table-no-rules "found nft or ip rule state"; netstate | evidence
+else pass ebpf-no-table-no-rules; fi
+expect ebpf-proxy-tcp4 "REDIRECT $PEER4 $PEER_PORT" exec proxy tcp "$PEER4"
+expect ebpf-proxy-tcp6 "REDIRECT $PEER6 $PEER_PORT" exec proxy tcp "$PEER6"
+expect ebpf-proxy-slice-tcp4 "REDIRECT $PEER4 $PEER_PORT" slice proxy tcp "$PEER4"
+# UDP of a target fails closed (EPERM), as does all of a dropped app.
+expect ebpf-proxy-udp4-refused ERROR exec proxy udp "$PEER4"
+expect ebpf-drop-tcp6 ERROR exec drop tcp "$PEER6"
+expect ebpf-direct-tcp4 "PEER $PEER4 $PEER_PORT" exec direct tcp "$PEER4"
+expect ebpf-root-untouched "PEER $PEER6 $PEER_PORT" root - tcp "$PEER6"
+check ebpf-status cgtproxy status --config /etc/cgtproxy/config.json
+# The built-in forwarder reads SO_ORIGINAL_DST of what the programs redirect.
+check ebpf-forward-start systemctl start cgtproxy-forward.service
+expect ebpf-fwd-tcp4 "FROM $UP4" exec fwd tcp "$PEER4" "$WHOAMI_PORT"
+check ebpf-forward-stop systemctl stop cgtproxy-forward.service
+ebpf_exposure=$(systemd-analyze security --no-pager cgtproxy.service 2>&1 | grep -i 'overall exposure' | grep -oE '[0-9]+\.[0-9]+' | head -n1)
+info "systemd-analyze security with the ebpf drop-in: $ebpf_exposure"
+if [ -n "$ebpf_exposure" ] && awk -v e="$ebpf_exposure" -v m="$MAX_EXPOSURE" 'BEGIN { exit !(e <= m) }'; then
+  pass "ebpf-exposure-at-most-$MAX_EXPOSURE"
+else fail "ebpf-exposure-at-most-$MAX_EXPOSURE" "exposure ${ebpf_exposure:-unknown}"; fi
+check ebpf-stop systemctl stop cgtproxy.service
+check ebpf-stop-clean-exit test "$(systemctl show -P Result cgtproxy.service)" = success
+expect ebpf-stopped-direct "PEER $PEER4 $PEER_PORT" exec proxy tcp "$PEER4"
+rm /etc/systemd/system/cgtproxy.service.d/ebpf.conf
+install -m 0644 "$P/config.json" /etc/cgtproxy/config.json
+systemctl daemon-reload
+systemctl stop redirect-listener.service
+
 # The journal is where a user reads the daemon: no terminal colour codes there.
 if journalctl -b -u cgtproxy.service -o cat --no-pager | grep -q $'\x1b\['; then
   fail journal-no-ansi "log lines carry ANSI escape codes (stderr is the journal, not a terminal)"
