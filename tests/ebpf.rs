@@ -67,6 +67,30 @@ fn ebpf_redirects_tcp_refuses_drop_and_udp_and_detaches_on_stop() {
                 PEER4
             ));
             assert_eq!(counted(lab.peer_pid()), 0, "proxied traffic leaked");
+            // The app's getpeername() names where it connected, not the
+            // listener (v4, v6, and v4 through an IPv6 socket).
+            for (fam, dst, want) in [
+                ("AF_INET", PEER4, format!("{PEER4} {PEER_PORT}")),
+                ("AF_INET6", PEER6, format!("{PEER6} {PEER_PORT}")),
+                (
+                    "AF_INET6",
+                    "::ffff:10.99.0.2",
+                    format!("::ffff:10.99.0.2 {PEER_PORT}"),
+                ),
+            ] {
+                let script = format!(
+                    "import socket; s = socket.socket(socket.{fam}); s.connect(('{dst}', {PEER_PORT})); a = s.getpeername(); print(a[0], a[1])"
+                );
+                let out = lab
+                    .spawn_in(
+                        "proxy",
+                        &format!("python3 -c \"{script}\""),
+                        std::process::Stdio::piped(),
+                    )
+                    .wait_with_output()
+                    .unwrap();
+                assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), want, "{dst}");
+            }
 
             // doctor: the kernel loads the programs, the listener is there.
             let (out, code) = cgtproxy(&["doctor", "--config"], &cfg);

@@ -11,9 +11,11 @@
 //   socket cookie, moved to the client's local port once the kernel chose it
 //   (sockops, TCP_CONNECT_CB), and handed to the listener by getsockopt
 //   SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST on the accepted socket, as a NAT
-//   REDIRECT would. UDP of a target fails with EPERM (fail closed: the
-//   datapath does not carry it yet) unless the target says `no-udp` (direct).
-// - bypass destinations (LPM tries) and non-TCP/UDP sockets are untouched.
+//   REDIRECT would; getpeername() names the original destination again. UDP
+//   of a target fails with EPERM (fail closed: the datapath does not carry it
+//   yet) unless the target says `no-udp` (direct).
+// - bypass destinations (LPM tries), non-TCP/UDP sockets and the built-in
+//   forwarder's own upstream sockets (marked) are untouched.
 //
 // The userspace side (src/kernel/bpf/mod.rs) owns the map layouts below: keep
 // the two in step.
@@ -102,7 +104,8 @@ struct {
 	__type(value, __u8);
 } bypass6 SEC(".maps");
 
-/* connect() -> TCP_CONNECT_CB: original destination by socket cookie. */
+/* connect() -> TCP_CONNECT_CB and getpeername(): original destination by
+ * socket cookie. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
@@ -312,7 +315,49 @@ int cgtproxy_sockop(struct bpf_sock_ops *ctx)
 		return 1;
 	port = ctx->local_port;
 	bpf_map_update_elem(&by_port, &port, o, BPF_ANY);
-	bpf_map_delete_elem(&by_cookie, &cookie);
+	/* The cookie's entry stays: getpeername() answers from it. */
+	return 1;
+}
+
+/* getpeername() of a redirected socket names the original destination, not
+ * the listener, as it would through a transparent proxy. */
+SEC("cgroup/getpeername4")
+int cgtproxy_peer4(struct bpf_sock_addr *ctx)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct orig *o = bpf_map_lookup_elem(&by_cookie, &cookie);
+
+	if (!o || o->family != AF_INET || ctx->user_ip4 != bpf_htonl(0x7f000001))
+		return 1;
+	ctx->user_ip4 = o->addr[0];
+	ctx->user_port = o->port;
+	return 1;
+}
+
+SEC("cgroup/getpeername6")
+int cgtproxy_peer6(struct bpf_sock_addr *ctx)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct orig *o = bpf_map_lookup_elem(&by_cookie, &cookie);
+	__u32 a2 = ctx->user_ip6[2];
+	__u32 a3 = ctx->user_ip6[3];
+
+	if (!o)
+		return 1;
+	if (o->family == AF_INET) {
+		/* Redirected through ::ffff:127.0.0.1: answer ::ffff:ORIG. */
+		if (a2 != bpf_htonl(0xffff) || a3 != bpf_htonl(0x7f000001))
+			return 1;
+		ctx->user_ip6[3] = o->addr[0];
+	} else {
+		if (a2 || a3 != bpf_htonl(1))
+			return 1;
+		ctx->user_ip6[0] = o->addr[0];
+		ctx->user_ip6[1] = o->addr[1];
+		ctx->user_ip6[2] = o->addr[2];
+		ctx->user_ip6[3] = o->addr[3];
+	}
+	ctx->user_port = o->port;
 	return 1;
 }
 

@@ -26,9 +26,11 @@ static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cgtprox
 /// The programs, by function name (the kernel keeps 15 characters of it), in
 /// the order they are attached: the listener-side ones first, so a redirected
 /// connection always finds them.
-const PROGRAMS: [&str; 6] = [
+const PROGRAMS: [&str; 8] = [
     "cgtproxy_getopt",
     "cgtproxy_sockop",
+    "cgtproxy_peer4",
+    "cgtproxy_peer6",
     "cgtproxy_send4",
     "cgtproxy_send6",
     "cgtproxy_conn4",
