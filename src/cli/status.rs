@@ -393,10 +393,7 @@ fn ebpf_status(cfg: &Config, as_json: bool) -> Result<(String, bool), StatusErro
     d.extra = have.keys().filter(|id| !want.contains_key(id)).count();
     let (direct, drop, per_target) = tree.counts(cfg.targets.len());
     let degraded = runstate::degraded();
-    let programs = installed
-        .as_ref()
-        .map(|i| i.programs.clone())
-        .unwrap_or_default();
+    let programs = installed.as_ref().map_or(0, |i| i.programs);
     let ok = installed.is_some() && d.none() && degraded.is_none();
     let mut by_class: BTreeMap<String, usize> = BTreeMap::new();
     for &c in have.values() {
@@ -426,8 +423,8 @@ fn ebpf_status(cfg: &Config, as_json: bool) -> Result<(String, bool), StatusErro
         Some(i) => {
             let _ = writeln!(
                 o,
-                "datapath ebpf: programs {} attached; {} cgroups in the map",
-                i.programs.join(", "),
+                "datapath ebpf: {} programs loaded and attached; {} cgroups in the map",
+                i.programs,
                 i.cgroups.len()
             );
         }

@@ -148,6 +148,9 @@ pub struct Lab {
     pub daemon_env: Vec<(String, String)>,
     /// Extra arguments for `cgtproxy forward` (limits, timeouts).
     pub forward_args: Vec<String>,
+    /// A command `cgtproxy run` is started through (e.g. `setpriv` limiting
+    /// its capabilities to what its unit grants).
+    pub daemon_wrapper: Vec<String>,
 }
 
 pub struct Daemon {
@@ -233,6 +236,7 @@ impl Lab {
             daemon: None,
             daemon_env: Vec::new(),
             forward_args: Vec::new(),
+            daemon_wrapper: Vec::new(),
         };
         let server = Command::new("nsenter")
             .args(["-t", &ppid.to_string(), "-n", "python3"])
@@ -424,6 +428,12 @@ impl Lab {
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path).unwrap();
         let mut cmd = match cgroup {
+            None if subcommand == "run" && !self.daemon_wrapper.is_empty() => {
+                let mut c = Command::new(&self.daemon_wrapper[0]);
+                c.args(&self.daemon_wrapper[1..])
+                    .arg(env!("CARGO_BIN_EXE_cgtproxy"));
+                c
+            }
             None => Command::new(env!("CARGO_BIN_EXE_cgtproxy")),
             Some(rel) => {
                 let procs = self.mkcg(rel).join("cgroup.procs");

@@ -37,6 +37,12 @@ const PROGRAMS: [&str; 8] = [
     "cgtproxy_conn6",
 ];
 
+/// Every map's name starts with this (see the C source): how another
+/// process tells our programs from others', names or not.
+const MAP_PREFIX: &str = "cgtp_";
+/// The map of classified cgroups.
+const CGROUPS: &str = "cgtp_cgroups";
+
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
     #[error("eBPF datapath: {step}: {cause}")]
@@ -108,10 +114,10 @@ impl Datapath {
     pub fn load(root: &Path) -> Result<Datapath, BpfError> {
         let mut ebpf = Ebpf::load(OBJECT).map_err(step("loading the object"))?;
         Ok(Datapath {
-            cgroups: take(&mut ebpf, "cgroups")?,
-            targets: take(&mut ebpf, "targets")?,
-            bypass4: take(&mut ebpf, "bypass4")?,
-            bypass6: take(&mut ebpf, "bypass6")?,
+            cgroups: take(&mut ebpf, CGROUPS)?,
+            targets: take(&mut ebpf, "cgtp_targets")?,
+            bypass4: take(&mut ebpf, "cgtp_bypass4")?,
+            bypass6: take(&mut ebpf, "cgtp_bypass6")?,
             ebpf,
             root: root.to_owned(),
         })
@@ -273,9 +279,10 @@ impl Datapath {
 /// (needs CAP_SYS_ADMIN to open programs and maps by id).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Installed {
-    /// Our programs loaded in the kernel, by name (each held attached by the
-    /// daemon's links).
-    pub programs: Vec<String>,
+    /// Our programs loaded in the kernel (each held attached by the daemon's
+    /// links). Found by their maps: the loader gives them no name when it
+    /// cannot probe for names (without CAP_PERFMON, as under the unit).
+    pub programs: usize,
     /// The `cgroups` map: cgroup id → class.
     pub cgroups: BTreeMap<u64, u32>,
 }
@@ -284,35 +291,42 @@ pub struct Installed {
 /// none of our programs is loaded.
 pub fn inspect() -> Result<Option<Installed>, BpfError> {
     let mut found = Installed::default();
-    let mut map_ids = Vec::new();
+    let mut names: BTreeMap<u32, String> = BTreeMap::new();
+    let mut cgroups_map = None;
     for info in aya::programs::loaded_programs() {
         let info = info.map_err(step("listing the loaded BPF programs"))?;
-        let Some(name) = info.name_as_str().filter(|n| PROGRAMS.contains(n)) else {
-            continue;
-        };
-        found.programs.push(name.to_owned());
-        if name == "cgtproxy_conn4" {
-            let ids = info
-                .map_ids()
-                .map_err(step(format!("the maps of program {name}")))?;
-            map_ids.extend(ids.unwrap_or_default());
+        let ids = info
+            .map_ids()
+            .map_err(step("the maps of a loaded program"))?
+            .unwrap_or_default();
+        let mut ours = false;
+        for id in ids {
+            let name = match names.get(&id) {
+                Some(n) => n.clone(),
+                None => {
+                    let m = aya::maps::MapInfo::from_id(id).map_err(step(format!("map {id}")))?;
+                    let n = m.name_as_str().unwrap_or_default().to_owned();
+                    names.insert(id, n.clone());
+                    n
+                }
+            };
+            ours |= name.starts_with(MAP_PREFIX);
+            if name == CGROUPS {
+                cgroups_map = Some(id);
+            }
         }
+        found.programs += usize::from(ours);
     }
-    if found.programs.is_empty() {
+    if found.programs == 0 {
         return Ok(None);
     }
-    for id in map_ids {
-        let info = aya::maps::MapInfo::from_id(id).map_err(step(format!("map {id}")))?;
-        if info.name_as_str() != Some("cgroups") {
-            continue;
-        }
+    if let Some(id) = cgroups_map {
         let data = MapData::from_id(id).map_err(step(format!("map {id}")))?;
         let map = aya::maps::Map::from_map_data(data).map_err(step(format!("map {id}")))?;
         let cgroups: HashMap<MapData, u64, u32> =
             HashMap::try_from(map).map_err(step(format!("map {id}")))?;
         found.cgroups = cgroups.iter().filter_map(Result::ok).collect();
     }
-    found.programs.sort();
     Ok(Some(found))
 }
 
@@ -338,10 +352,14 @@ mod tests {
     #[test]
     fn the_object_holds_every_program_and_map() {
         let text = String::from_utf8_lossy(OBJECT);
-        for name in PROGRAMS
-            .iter()
-            .chain(&["cgroups", "targets", "bypass4", "bypass6"])
-        {
+        for name in PROGRAMS.iter().chain(&[
+            CGROUPS,
+            "cgtp_targets",
+            "cgtp_bypass4",
+            "cgtp_bypass6",
+            "cgtp_by_cookie",
+            "cgtp_by_port",
+        ]) {
             assert!(text.contains(name), "{name} missing from the object");
         }
     }
