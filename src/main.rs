@@ -65,6 +65,10 @@ fn render(config: Option<PathBuf>) -> anyhow::Result<()> {
         .into_iter()
         .map(|c| (c.id, c.path.to_string()))
         .collect();
+    if cfg.datapath == config::Datapath::Ebpf {
+        print!("{}", render::render_ebpf(&cfg, &elements, &paths));
+        return Ok(());
+    }
     print!(
         "{}",
         render::render(

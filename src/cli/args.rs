@@ -49,7 +49,8 @@ pub enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Print the nft ruleset that `run` would install for the cgroups present now.
+    /// Print the nft ruleset that `run` would install for the cgroups present now
+    /// (with `"datapath": "ebpf"`: what its maps would hold).
     Render {
         /// Configuration file [default: /etc/cgtproxy/config.json, else built-in].
         #[arg(long)]

@@ -1,5 +1,6 @@
 //! Renders a desired table in nft syntax, for `cgtproxy render` and for reading
 //! golden files. The netlink backend builds the same table from the same spec.
+//! For the eBPF datapath, what its maps would hold instead.
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -201,6 +202,65 @@ pub fn render(t: &TableSpec, paths: &HashMap<u64, String>) -> String {
     o
 }
 
+/// What the eBPF datapath's maps would hold for `cfg` and `elements` (see
+/// [`crate::core::bpfmaps`]), as `#`-commented text; `paths` names cgroup ids.
+pub fn render_ebpf(
+    cfg: &crate::config::Config,
+    elements: &crate::core::tree::Elements,
+    paths: &HashMap<u64, String>,
+) -> String {
+    use crate::core::bpfmaps;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "# datapath ebpf: cgroup socket programs at the cgroup2 root; no nft table, marks or routes"
+    );
+    let _ = writeln!(o, "# targets (class: TCP connect() redirected to)");
+    for t in &cfg.targets {
+        let udp = if t.no_udp {
+            "direct"
+        } else {
+            "refused (EPERM)"
+        };
+        let v6 = if t.no_ipv6 { ", IPv6 direct" } else { "" };
+        let _ = writeln!(
+            o,
+            "{} class {:#x}: 127.0.0.1 / [::1] port {}; UDP {udp}{v6}",
+            t.name, t.mark, t.port
+        );
+    }
+    let b = bpfmaps::bypass(cfg);
+    let _ = writeln!(o, "# bypass (untouched destinations)");
+    for (a, len) in &b.v4 {
+        let _ = writeln!(o, "{}/{len}", Ipv4Addr::from(*a));
+    }
+    for (a, len) in &b.v6 {
+        let _ = writeln!(o, "{}/{len}", Ipv6Addr::from(*a));
+    }
+    let map = bpfmaps::cgroups(cfg, elements);
+    let _ = writeln!(o, "# cgroups (id: class), {} entries", map.len());
+    for (id, class) in &map {
+        let name = match *class {
+            crate::config::DIRECT_CLASS => "direct".to_owned(),
+            crate::config::DROP_CLASS => "drop".to_owned(),
+            c => cfg
+                .targets
+                .iter()
+                .find(|t| t.mark == c)
+                .map_or_else(|| format!("{c:#x}"), |t| t.name.clone()),
+        };
+        match paths.get(id) {
+            Some(p) => {
+                let _ = writeln!(o, "{id}: {name} # {p}");
+            }
+            None => {
+                let _ = writeln!(o, "{id}: {name}");
+            }
+        }
+    }
+    o
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,5 +294,31 @@ mod tests {
         );
         let want = include_str!("../../tests/golden/render.nft");
         assert_eq!(got, want, "got:\n{got}");
+    }
+
+    #[test]
+    fn ebpf_maps_named_in_text() {
+        let cfg = Config::parse(
+            r#"{"version":1,"datapath":"ebpf","bypass":["127.0.0.0/8","::1/128"],
+            "tproxies":{"proxy":{"port":7893,"mark":3000,"no-udp":true}},
+            "rules":[{"match":"x","tproxy":"proxy"},{"match":"y","drop":true}]}"#,
+            "t",
+        )
+        .unwrap();
+        let elements: Elements = [((2, 11), Action::Tproxy(0)), ((3, 12), Action::Drop)].into();
+        let paths: HashMap<u64, String> = [(11, "/a/x".to_owned())].into();
+        assert_eq!(
+            render_ebpf(&cfg, &elements, &paths),
+            "# datapath ebpf: cgroup socket programs at the cgroup2 root; no nft table, marks or routes
+# targets (class: TCP connect() redirected to)
+proxy class 0xbb8: 127.0.0.1 / [::1] port 7893; UDP direct
+# bypass (untouched destinations)
+127.0.0.0/8
+::1/128
+# cgroups (id: class), 2 entries
+11: proxy # /a/x
+12: drop
+"
+        );
     }
 }
