@@ -555,7 +555,11 @@ systemctl stop tproxy-listener.service
 systemd-run --quiet --unit=redirect-listener -p Type=notify \
   python3 "$P/listener.py" "$LISTEN_PORT" REDIRECT --redirect
 t=$(now)
-if systemctl start cgtproxy.service; then pass ebpf-start; else fail ebpf-start "systemctl start failed"; fi
+if systemctl start cgtproxy.service; then pass ebpf-start
+else
+  fail ebpf-start "systemctl start failed"
+  journalctl -b -u cgtproxy.service -o cat --no-pager | tail -n 30 | evidence 30
+fi
 info "ebpf datapath: start took $(elapsed "$t")s; $(systemctl show -P StatusText cgtproxy.service)"
 pid=$(main_pid)
 # CAP_BPF (bit 39) and CAP_NET_ADMIN (bit 12), effective and bounding, nothing else.

@@ -330,8 +330,28 @@ pub fn inspect() -> Result<Option<Installed>, BpfError> {
     Ok(Some(found))
 }
 
+/// How much of a refusing verifier's log an error keeps: its last lines
+/// say why; the whole log is thousands of lines of register states.
+const VERIFIER_TAIL: usize = 12;
+
 fn load(r: Result<(), aya::programs::ProgramError>, what: &str) -> Result<(), BpfError> {
-    r.map_err(step(what))
+    match r {
+        Err(aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        }) => {
+            let log = verifier_log.to_string();
+            let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+            let tail = lines[lines.len().saturating_sub(VERIFIER_TAIL)..].join("\n  ");
+            Err(BpfError::Step {
+                step: what.to_owned(),
+                cause: format!(
+                    "the kernel refused it ({io_error}); the verifier's last words:\n  {tail}"
+                ),
+            })
+        }
+        r => r.map_err(step(what)),
+    }
 }
 
 #[cfg(test)]
