@@ -170,13 +170,17 @@ static __always_inline int v4_mapped(const __u32 addr[4])
 }
 
 /* What a classified socket's connect() or sendmsg() gets, before any rewrite:
- * ALLOW untouched, DENY, or 2 for "redirect to *t". */
+ * ALLOW untouched, DENY, or REDIRECT to the target's listener on *port. The
+ * port is copied out rather than the target's pointer passed back: the 6.12
+ * verifier without CAP_PERFMON loses a map-value pointer spilled through a
+ * pointer to the stack. */
 #define REDIRECT 2
 
 static __always_inline int decide(struct bpf_sock_addr *ctx, int v6,
-				  int bypassed, struct target **t)
+				  int bypassed, __u16 *port)
 {
 	__u32 protocol = ctx->protocol;
+	struct target *t;
 	__u32 class;
 
 	if (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP)
@@ -188,16 +192,17 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, int v6,
 		return ALLOW;
 	if (class == DROP_CLASS)
 		return DENY;
-	*t = bpf_map_lookup_elem(&cgtp_targets, &class);
+	t = bpf_map_lookup_elem(&cgtp_targets, &class);
 	/* A class without its target: the maps are being rewritten. */
-	if (!*t)
+	if (!t)
 		return DENY;
 	if (bypassed)
 		return ALLOW;
-	if (v6 && (*t)->no_ipv6)
+	if (v6 && t->no_ipv6)
 		return ALLOW;
 	if (protocol == IPPROTO_UDP)
-		return (*t)->no_udp ? ALLOW : DENY;
+		return t->no_udp ? ALLOW : DENY;
+	*port = t->port;
 	return REDIRECT;
 }
 
@@ -212,26 +217,26 @@ static __always_inline void remember(struct bpf_sock_addr *ctx,
 SEC("cgroup/connect4")
 int cgtproxy_conn4(struct bpf_sock_addr *ctx)
 {
-	struct target *t = 0;
+	__u16 port = 0;
 	__u32 dst = ctx->user_ip4;
-	int verdict = decide(ctx, 0, bypassed4(dst), &t);
+	int verdict = decide(ctx, 0, bypassed4(dst), &port);
 	struct orig o = {};
 
-	if (verdict != REDIRECT || !t)
-		return verdict == DENY ? DENY : ALLOW;
+	if (verdict != REDIRECT)
+		return verdict;
 	o.family = AF_INET;
 	o.addr[0] = dst;
 	o.port = (__u16)ctx->user_port;
 	remember(ctx, &o);
 	ctx->user_ip4 = bpf_htonl(0x7f000001);
-	ctx->user_port = bpf_htons(t->port);
+	ctx->user_port = bpf_htons(port);
 	return ALLOW;
 }
 
 SEC("cgroup/connect6")
 int cgtproxy_conn6(struct bpf_sock_addr *ctx)
 {
-	struct target *t = 0;
+	__u16 port = 0;
 	__u32 dst[4];
 	struct orig o = {};
 	int mapped, verdict;
@@ -242,9 +247,9 @@ int cgtproxy_conn6(struct bpf_sock_addr *ctx)
 	dst[3] = ctx->user_ip6[3];
 	mapped = v4_mapped(dst);
 	verdict = decide(ctx, !mapped,
-			 mapped ? bypassed4(dst[3]) : bypassed6(dst), &t);
-	if (verdict != REDIRECT || !t)
-		return verdict == DENY ? DENY : ALLOW;
+			 mapped ? bypassed4(dst[3]) : bypassed6(dst), &port);
+	if (verdict != REDIRECT)
+		return verdict;
 	o.port = (__u16)ctx->user_port;
 	if (mapped) {
 		/* The IPv4 listener, reached through the mapped address. */
@@ -267,7 +272,7 @@ int cgtproxy_conn6(struct bpf_sock_addr *ctx)
 		ctx->user_ip6[2] = 0;
 		ctx->user_ip6[3] = bpf_htonl(1);
 	}
-	ctx->user_port = bpf_htons(t->port);
+	ctx->user_port = bpf_htons(port);
 	return ALLOW;
 }
 
@@ -275,9 +280,9 @@ int cgtproxy_conn6(struct bpf_sock_addr *ctx)
 SEC("cgroup/sendmsg4")
 int cgtproxy_send4(struct bpf_sock_addr *ctx)
 {
-	struct target *t = 0;
+	__u16 port = 0;
 
-	return decide(ctx, 0, bypassed4(ctx->user_ip4), &t) == DENY ?
+	return decide(ctx, 0, bypassed4(ctx->user_ip4), &port) == DENY ?
 		       DENY :
 		       ALLOW;
 }
@@ -285,7 +290,7 @@ int cgtproxy_send4(struct bpf_sock_addr *ctx)
 SEC("cgroup/sendmsg6")
 int cgtproxy_send6(struct bpf_sock_addr *ctx)
 {
-	struct target *t = 0;
+	__u16 port = 0;
 	__u32 dst[4];
 	int mapped;
 
@@ -295,7 +300,7 @@ int cgtproxy_send6(struct bpf_sock_addr *ctx)
 	dst[3] = ctx->user_ip6[3];
 	mapped = v4_mapped(dst);
 	return decide(ctx, !mapped,
-		      mapped ? bypassed4(dst[3]) : bypassed6(dst), &t) == DENY ?
+		      mapped ? bypassed4(dst[3]) : bypassed6(dst), &port) == DENY ?
 		       DENY :
 		       ALLOW;
 }
