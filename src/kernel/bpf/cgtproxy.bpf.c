@@ -170,17 +170,14 @@ static __always_inline int v4_mapped(const __u32 addr[4])
 }
 
 /* What a classified socket's connect() or sendmsg() gets, before any rewrite:
- * ALLOW untouched, DENY, or REDIRECT to the target's listener on *port. The
- * port is copied out rather than the target's pointer passed back: the 6.12
- * verifier without CAP_PERFMON loses a map-value pointer spilled through a
- * pointer to the stack. */
+ * ALLOW untouched, DENY, or REDIRECT to the target's listener on *port. */
 #define REDIRECT 2
 
 static __always_inline int decide(struct bpf_sock_addr *ctx, int v6,
 				  int bypassed, __u16 *port)
 {
 	__u32 protocol = ctx->protocol;
-	struct target *t;
+	struct target *found, t;
 	__u32 class;
 
 	if (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP)
@@ -192,17 +189,22 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, int v6,
 		return ALLOW;
 	if (class == DROP_CLASS)
 		return DENY;
-	t = bpf_map_lookup_elem(&cgtp_targets, &class);
+	found = bpf_map_lookup_elem(&cgtp_targets, &class);
 	/* A class without its target: the maps are being rewritten. */
-	if (!t)
+	if (!found)
 		return DENY;
+	/* Copied right here, before any branch: the 6.12 verifier without
+	 * CAP_PERFMON loses a map-value pointer that clang tests for null
+	 * again after two paths meet. */
+	__builtin_memcpy(&t, found, sizeof(t));
+	asm volatile("" ::: "memory");
 	if (bypassed)
 		return ALLOW;
-	if (v6 && t->no_ipv6)
+	if (v6 && t.no_ipv6)
 		return ALLOW;
 	if (protocol == IPPROTO_UDP)
-		return t->no_udp ? ALLOW : DENY;
-	*port = t->port;
+		return t.no_udp ? ALLOW : DENY;
+	*port = t.port;
 	return REDIRECT;
 }
 
