@@ -45,9 +45,13 @@
  * FORWARD_MARK): never captured again, whatever cgroup they are in. */
 #define FORWARD_MARK 0x63677466
 
-/* Deepest cgroup level looked at (the kernel's own limit is far higher; a
- * deeper cgroup follows its classified ancestors above this level). */
-#define MAX_LEVELS 64
+/* Levels looked at, from 1 (the root, level 0, is never classified): a
+ * cgroup deeper than 31 follows its classified ancestors down to level 31.
+ * The loop over them is unrolled: without CAP_PERFMON, older verifiers
+ * explore the mispredicted side of a loop's exit branch (Spectre v1) and
+ * never see the loop end (Linux 6.12: "the sequence of 8193 jumps is too
+ * complex"; 6.18 accepts the loop). */
+#define MAX_LEVELS 32
 
 #define ALLOW 1
 #define DENY 0
@@ -132,6 +136,7 @@ static __always_inline __u32 class_of_task(void)
 {
 	__u32 class = 0;
 
+#pragma clang loop unroll(full)
 	for (int level = 1; level < MAX_LEVELS; level++) {
 		__u64 id = bpf_get_current_ancestor_cgroup_id(level);
 		__u32 *c;
