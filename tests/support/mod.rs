@@ -277,26 +277,21 @@ impl Lab {
     /// Starts the transparent listener in cgroup `rel` (which the rules must leave
     /// direct), answering with `label`.
     pub fn start_listener(&mut self, rel: &str, port: u16, label: &str) {
-        self.mkcg(rel);
-        let cmd = format!(
-            "python3 '{}' {port} {label}",
-            helper("listener.py").display()
-        );
-        let mut child = self.spawn_in(rel, &cmd, Stdio::piped());
-        wait_ready(&mut child, "listener");
-        self.services.push(child);
+        self.start_listener_with(rel, &format!("{port} {label}"));
     }
 
     /// Starts the listener in REDIRECT style (TCP, `SO_ORIGINAL_DST`) in cgroup
     /// `rel`, answering with `label`.
     pub fn start_redirect_listener(&mut self, rel: &str, port: u16, label: &str) {
+        self.start_listener_with(rel, &format!("{port} {label} --redirect"));
+    }
+
+    /// Starts listener.py with `args` in cgroup `rel` and waits until it is ready.
+    fn start_listener_with(&mut self, rel: &str, args: &str) {
         self.mkcg(rel);
-        let cmd = format!(
-            "python3 '{}' {port} {label} --redirect",
-            helper("listener.py").display()
-        );
+        let cmd = format!("python3 '{}' {args}", helper("listener.py").display());
         let mut child = self.spawn_in(rel, &cmd, Stdio::piped());
-        wait_ready(&mut child, "redirect listener");
+        wait_ready(&mut child, &format!("listener.py {args}"));
         self.services.push(child);
     }
 

@@ -239,40 +239,35 @@ impl Datapath {
 
     /// Makes the bypass tries hold exactly `want`.
     pub fn set_bypass(&mut self, want: &Bypass) -> Result<(), BpfError> {
-        for (addr, len) in &want.v4 {
-            self.bypass4
-                .insert(&Key::new(*len, *addr), 1, 0)
-                .map_err(step("writing an IPv4 bypass network"))?;
-        }
-        for (addr, len) in &want.v6 {
-            self.bypass6
-                .insert(&Key::new(*len, *addr), 1, 0)
-                .map_err(step("writing an IPv6 bypass network"))?;
-        }
-        let stale4: Vec<Key<[u8; 4]>> = self
-            .bypass4
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !want.v4.contains(&(k.data(), k.prefix_len())))
-            .collect();
-        for k in stale4 {
-            self.bypass4
-                .remove(&k)
-                .map_err(step("deleting an IPv4 bypass network"))?;
-        }
-        let stale6: Vec<Key<[u8; 16]>> = self
-            .bypass6
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !want.v6.contains(&(k.data(), k.prefix_len())))
-            .collect();
-        for k in stale6 {
-            self.bypass6
-                .remove(&k)
-                .map_err(step("deleting an IPv6 bypass network"))?;
-        }
-        Ok(())
+        sync_trie(&mut self.bypass4, &want.v4, "IPv4")?;
+        sync_trie(&mut self.bypass6, &want.v6, "IPv6")
     }
+}
+
+/// Makes a bypass trie hold exactly the networks `want` ((address, prefix
+/// length) pairs of family `family`).
+fn sync_trie<K>(
+    trie: &mut LpmTrie<MapData, K, u8>,
+    want: &[(K, u32)],
+    family: &str,
+) -> Result<(), BpfError>
+where
+    K: aya::Pod + PartialEq,
+{
+    for (addr, len) in want {
+        trie.insert(&Key::new(*len, *addr), 1, 0)
+            .map_err(step(format!("writing an {family} bypass network")))?;
+    }
+    let stale: Vec<Key<K>> = trie
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !want.contains(&(k.data(), k.prefix_len())))
+        .collect();
+    for k in stale {
+        trie.remove(&k)
+            .map_err(step(format!("deleting an {family} bypass network")))?;
+    }
+    Ok(())
 }
 
 /// What a running daemon's eBPF datapath holds, as another process reads it
