@@ -161,6 +161,11 @@ fn ebpf_redirects_tcp_refuses_drop_and_udp_and_detaches_on_stop() {
                     .starts_with("peer")
             );
             assert!(counted(lab.peer_pid()) > 0, "direct traffic did not arrive");
+            // A bypass destination (10.99.0.99, in every test config) is
+            // untouched even from a proxied cgroup.
+            lab.in_peer("ip addr add 10.99.0.99/24 dev veth1");
+            let a = lab.talk("proxy", "tcp", "10.99.0.99", PEER_PORT);
+            assert!(a.starts_with("peer"), "bypass: {a}");
 
             // A clean stop detaches everything: the same cgroup goes direct.
             let d = lab.take_daemon();

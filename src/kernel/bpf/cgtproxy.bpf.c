@@ -175,11 +175,14 @@ static __always_inline int v4_mapped(const __u32 addr[4])
 }
 
 /* What a classified socket's connect() or sendmsg() gets, before any rewrite:
- * ALLOW untouched, DENY, or REDIRECT to the target's listener on *port. */
+ * ALLOW untouched, DENY, or REDIRECT to the target's listener on *port.
+ * `dst` is the destination: IPv6 when `v6`, else IPv4 in dst[3] (a plain or
+ * a v4-mapped one); the bypass tries are looked up only for a target's
+ * sockets, not on every connect() of the host. */
 #define REDIRECT 2
 
 static __always_inline int decide(struct bpf_sock_addr *ctx, int v6,
-				  int bypassed, __u16 *port)
+				  const __u32 dst[4], __u16 *port)
 {
 	__u32 protocol = ctx->protocol;
 	struct target *found, t;
@@ -203,7 +206,7 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, int v6,
 	 * again after two paths meet. */
 	__builtin_memcpy(&t, found, sizeof(t));
 	asm volatile("" ::: "memory");
-	if (bypassed)
+	if (v6 ? bypassed6(dst) : bypassed4(dst[3]))
 		return ALLOW;
 	if (v6 && t.no_ipv6)
 		return ALLOW;
@@ -211,6 +214,16 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, int v6,
 		return t.no_udp ? ALLOW : DENY;
 	*port = t.port;
 	return REDIRECT;
+}
+
+/* An IPv6 socket's destination into dst; whether it is v4-mapped. */
+static __always_inline int read_dst6(struct bpf_sock_addr *ctx, __u32 dst[4])
+{
+	dst[0] = ctx->user_ip6[0];
+	dst[1] = ctx->user_ip6[1];
+	dst[2] = ctx->user_ip6[2];
+	dst[3] = ctx->user_ip6[3];
+	return v4_mapped(dst);
 }
 
 static __always_inline void remember(struct bpf_sock_addr *ctx,
@@ -225,14 +238,14 @@ SEC("cgroup/connect4")
 int cgtproxy_conn4(struct bpf_sock_addr *ctx)
 {
 	__u16 port = 0;
-	__u32 dst = ctx->user_ip4;
-	int verdict = decide(ctx, 0, bypassed4(dst), &port);
+	__u32 dst[4] = { 0, 0, 0, ctx->user_ip4 };
+	int verdict = decide(ctx, 0, dst, &port);
 	struct orig o = {};
 
 	if (verdict != REDIRECT)
 		return verdict;
 	o.family = AF_INET;
-	o.addr[0] = dst;
+	o.addr[0] = dst[3];
 	o.port = (__u16)ctx->user_port;
 	remember(ctx, &o);
 	ctx->user_ip4 = bpf_htonl(0x7f000001);
@@ -246,15 +259,9 @@ int cgtproxy_conn6(struct bpf_sock_addr *ctx)
 	__u16 port = 0;
 	__u32 dst[4];
 	struct orig o = {};
-	int mapped, verdict;
+	int mapped = read_dst6(ctx, dst);
+	int verdict = decide(ctx, !mapped, dst, &port);
 
-	dst[0] = ctx->user_ip6[0];
-	dst[1] = ctx->user_ip6[1];
-	dst[2] = ctx->user_ip6[2];
-	dst[3] = ctx->user_ip6[3];
-	mapped = v4_mapped(dst);
-	verdict = decide(ctx, !mapped,
-			 mapped ? bypassed4(dst[3]) : bypassed6(dst), &port);
 	if (verdict != REDIRECT)
 		return verdict;
 	o.port = (__u16)ctx->user_port;
@@ -288,8 +295,9 @@ SEC("cgroup/sendmsg4")
 int cgtproxy_send4(struct bpf_sock_addr *ctx)
 {
 	__u16 port = 0;
+	__u32 dst[4] = { 0, 0, 0, ctx->user_ip4 };
 
-	return decide(ctx, 0, bypassed4(ctx->user_ip4), &port) == DENY ?
+	return decide(ctx, 0, dst, &port) == DENY ?
 		       DENY :
 		       ALLOW;
 }
@@ -299,15 +307,9 @@ int cgtproxy_send6(struct bpf_sock_addr *ctx)
 {
 	__u16 port = 0;
 	__u32 dst[4];
-	int mapped;
+	int mapped = read_dst6(ctx, dst);
 
-	dst[0] = ctx->user_ip6[0];
-	dst[1] = ctx->user_ip6[1];
-	dst[2] = ctx->user_ip6[2];
-	dst[3] = ctx->user_ip6[3];
-	mapped = v4_mapped(dst);
-	return decide(ctx, !mapped,
-		      mapped ? bypassed4(dst[3]) : bypassed6(dst), &port) == DENY ?
+	return decide(ctx, !mapped, dst, &port) == DENY ?
 		       DENY :
 		       ALLOW;
 }
