@@ -48,9 +48,9 @@ fn redirected(answer: &str, dst: &str) -> bool {
 }
 
 #[test]
-fn ebpf_redirects_tcp_refuses_drop_and_udp_and_detaches_on_stop() {
+fn ebpf_redirects_tcp_and_udp_refuses_drop_and_detaches_on_stop() {
     in_cgroup_namespace(
-        "ebpf_redirects_tcp_refuses_drop_and_udp_and_detaches_on_stop",
+        "ebpf_redirects_tcp_and_udp_refuses_drop_and_detaches_on_stop",
         || {
             let mut lab = lab("ebpf");
             lab.start_redirect_listener("svc", PROXY_PORT, "proxy");
@@ -113,7 +113,7 @@ fn ebpf_redirects_tcp_refuses_drop_and_udp_and_detaches_on_stop() {
             let (out, code) = cgtproxy(&["status", "--config"], &cfg);
             assert_eq!(code, 0, "{out}");
             assert!(
-                out.contains("8 programs loaded") && out.contains("drift: none"),
+                out.contains("10 programs loaded") && out.contains("drift: none"),
                 "{out}"
             );
             let by_class = elements_by_class(&cfg);
@@ -131,21 +131,50 @@ fn ebpf_redirects_tcp_refuses_drop_and_udp_and_detaches_on_stop() {
                 "{out}"
             );
 
-            // UDP of a target is refused (EPERM), as is all of a dropped cgroup.
-            assert_eq!(
-                lab.talk("proxy", "udp", PEER4, PEER_PORT),
-                "ERR PermissionError 1"
+            // UDP of a target reaches the listener, which learns the original
+            // destination from the datapath and answers from its own address;
+            // the app sees the answer come from where it sent. Unconnected and
+            // connected, v4, v6, and v4 through an IPv6 socket.
+            for proto in ["udp", "udp-connected"] {
+                for (dst, orig) in [(PEER4, PEER4), (PEER6, PEER6), ("::ffff:10.99.0.2", PEER4)] {
+                    assert_eq!(
+                        lab.talk("proxy", proto, dst, PEER_PORT),
+                        format!("proxy {orig} {PEER_PORT} from {dst}"),
+                        "{proto} to {dst}"
+                    );
+                }
+            }
+            // One UDP socket, one destination: a second one would be taken
+            // for the first by the listener, so it is refused.
+            let script = format!(
+                "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); s.sendto(b'a', ('{PEER4}', {PEER_PORT})); print(s.recvfrom(99)[0].decode().strip())\n\
+try:\n s.sendto(b'b', ('10.99.0.7', {PEER_PORT}))\nexcept OSError as e:\n print('ERR', e.errno)"
             );
+            let out = lab
+                .spawn_in(
+                    "proxy",
+                    &format!("python3 -c \"{script}\""),
+                    std::process::Stdio::piped(),
+                )
+                .wait_with_output()
+                .unwrap();
             assert_eq!(
-                lab.talk("proxy", "udp", PEER6, PEER_PORT),
-                "ERR PermissionError 1"
+                String::from_utf8_lossy(&out.stdout).trim(),
+                format!("proxy {PEER4} {PEER_PORT}\nERR 1")
             );
+            assert_eq!(counted(lab.peer_pid()), 0, "proxied UDP leaked");
+
+            // A dropped cgroup is refused (EPERM).
             assert_eq!(
                 lab.talk("drop", "tcp", PEER4, PEER_PORT),
                 "ERR PermissionError 1"
             );
             assert_eq!(
                 lab.talk("drop", "udp", PEER6, PEER_PORT),
+                "ERR PermissionError 1"
+            );
+            assert_eq!(
+                lab.talk("drop", "udp-connected", PEER4, PEER_PORT),
                 "ERR PermissionError 1"
             );
             assert_eq!(counted(lab.peer_pid()), 0, "refused traffic leaked");

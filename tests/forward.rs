@@ -17,13 +17,9 @@ use support::*;
 
 const BULK_PORT: u16 = 9000;
 const MICROSOCKS: u16 = 1080;
-const DANTE: u16 = 1081;
 const TINYPROXY: u16 = 3128;
 /// A second UDP service in the peer, besides DNS on 53.
 const UDP_PORT: u16 = 5300;
-/// The address dante connects out from.
-const DANTE4: &str = "10.99.0.3";
-const DANTE6: &str = "fd99::3";
 const FAST: Duration = Duration::from_secs(3);
 
 fn helper(name: &str) -> PathBuf {
@@ -32,7 +28,7 @@ fn helper(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// A lab whose peer also has dante's outgoing addresses and a bulk server.
+/// A lab whose peer also has a bulk server.
 fn lab(name: &str) -> Lab {
     let mut lab = Lab::new(name);
     // Limits that fit this machine's hard open-file limit (20000 here; the
@@ -41,9 +37,6 @@ fn lab(name: &str) -> Lab {
     lab.forward_args = ["--max-connections", "2048", "--max-udp-flows", "2048"]
         .map(String::from)
         .to_vec();
-    lab.in_peer(&format!(
-        "ip addr add {DANTE4}/24 dev veth1 && ip addr add {DANTE6}/64 dev veth1 nodad"
-    ));
     let bulk = format!(
         "python3 '{}' serve {BULK_PORT}",
         helper("bulk.py").display()
@@ -56,37 +49,6 @@ fn microsocks(lab: &mut Lab, auth: &str) {
     lab.start_peer_service(
         &format!("microsocks -i {PEER4} -p {MICROSOCKS} {auth}"),
         MICROSOCKS,
-    );
-}
-
-fn dante(lab: &mut Lab) {
-    let conf = lab.dir.join("danted.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "logoutput: stderr
-internal: {PEER4} port = {DANTE}
-internal: {PEER6} port = {DANTE}
-external: {DANTE4}
-external: {DANTE6}
-clientmethod: none
-socksmethod: none
-user.privileged: root
-user.unprivileged: nobody
-client pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 }}
-client pass {{ from: ::/0 to: ::/0 }}
-socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 }}
-socks pass {{ from: 0.0.0.0/0 to: ::/0 }}
-socks pass {{ from: ::/0 to: ::/0 }}
-socks pass {{ from: ::/0 to: 0.0.0.0/0 }}
-"
-        ),
-    )
-    .unwrap();
-    let pid = lab.dir.join("danted.pid");
-    lab.start_peer_service(
-        &format!("danted -f '{}' -p '{}'", conf.display(), pid.display()),
-        DANTE,
     );
 }
 

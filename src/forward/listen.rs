@@ -1,6 +1,7 @@
 //! Transparent sockets: the TPROXY listeners (TCP and UDP, one per family) and
 //! the per-flow UDP sockets that answer an app from its original destination;
-//! and the original destination of a connection redirected to the listener.
+//! and the original destination of a connection or datagram redirected to the
+//! listener.
 
 use std::io::IoSliceMut;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -106,6 +107,38 @@ pub fn original_dst(app: &tokio::net::TcpStream, v6: bool) -> Option<SocketAddr>
     }
 }
 
+/// The original destination of a datagram from `app` that reached a UDP
+/// listener by address rewriting (the eBPF datapath): `SO_ORIGINAL_DST` /
+/// `IP6T_SO_ORIGINAL_DST` asked on a socket connected to the app's address,
+/// which the datapath's `getsockopt` program answers. `None` when nothing
+/// rewrote it (a datagram sent to the listener's port itself). The socket is
+/// marked so that the datapath never redirects its `connect()`.
+pub fn udp_original_dst(app: SocketAddr) -> Option<SocketAddr> {
+    let fam = if app.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(fam, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).ok()?;
+    setsockopt(&fd, sockopt::Mark, &crate::config::FORWARD_MARK).ok()?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(app)).ok()?;
+    if app.is_ipv4() {
+        let a = getsockopt(&fd, sockopt::OriginalDst).ok()?;
+        Some(SocketAddr::V4(SocketAddrV4::new(
+            Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+            u16::from_be(a.sin_port),
+        )))
+    } else {
+        let a = getsockopt(&fd, sockopt::Ip6tOriginalDst).ok()?;
+        Some(SocketAddr::V6(SocketAddrV6::new(
+            Ipv6Addr::from(a.sin6_addr.s6_addr),
+            u16::from_be(a.sin6_port),
+            0,
+            0,
+        )))
+    }
+}
+
 /// A transparent UDP listener on `addr` that reports each datagram's original
 /// destination.
 pub fn udp_listener(addr: SocketAddr) -> Result<UdpSocket, ListenError> {
@@ -136,11 +169,15 @@ pub struct Datagram {
     pub len: usize,
     pub src: SocketAddr,
     pub dst: SocketAddr,
+    /// Addressed to the listener itself: not TPROXY's, its original
+    /// destination is the datapath's to tell ([`udp_original_dst`]).
+    pub redirected: bool,
 }
 
 /// Receives one datagram into `buf` with its source and original destination.
-/// Datagrams without an original destination (sent to the port directly, not by
-/// TPROXY) are returned with `dst` equal to the listener's own address.
+/// Datagrams without an original destination (redirected by the eBPF datapath,
+/// or sent to the port directly) are returned with `dst` equal to the
+/// listener's own address.
 pub async fn recv_orig(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Datagram> {
     let local = sock.local_addr()?;
     sock.async_io(Interest::READABLE, || {
@@ -185,6 +222,7 @@ pub async fn recv_orig(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Data
             len: msg.bytes,
             src,
             dst,
+            redirected: dst == local,
         })
     })
     .await

@@ -1,5 +1,7 @@
 //! UDP: one SOCKS5 UDP association per flow (app address, original destination),
-//! answered from a transparent socket bound to the destination. Flows end after
+//! answered from a transparent socket bound to the destination (TPROXY), or
+//! from the listener itself when the eBPF datapath redirected the datagram
+//! (its programs name the destination as the answer's source). Flows end after
 //! an idle timeout; flows are bounded in all and per source, so a flood of new
 //! flows costs dropped datagrams, never memory or descriptors. Datagrams back
 //! to this host's own listener ports are dropped (a loop). An upstream without
@@ -59,6 +61,7 @@ fn lock(t: &Table) -> std::sync::MutexGuard<'_, HashMap<Key, mpsc::Sender<Vec<u8
 /// Receives from a transparent UDP listener until the task is aborted.
 pub async fn serve(sock: UdpSocket, target: Arc<TargetState>, shared: Arc<Shared>) {
     let table: Table = Arc::default();
+    let sock = Arc::new(sock);
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let d = match listen::recv_orig(&sock, &mut buf).await {
@@ -68,7 +71,14 @@ pub async fn serve(sock: UdpSocket, target: Arc<TargetState>, shared: Arc<Shared
                 continue;
             }
         };
-        let dst = SocketAddr::new(d.dst.ip().to_canonical(), d.dst.port());
+        // TPROXY tells the original destination; a datagram the eBPF datapath
+        // redirected arrives addressed to the listener, which asks for it (on
+        // every datagram: the app's port may be a new socket's).
+        let (dst, answer) = match d.redirected.then(|| listen::udp_original_dst(d.src)) {
+            Some(Some(orig)) => (orig, Answer::FromListener(sock.clone())),
+            _ => (d.dst, Answer::FromDestination),
+        };
+        let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
         // Also what was sent to the listener's port directly, not by TPROXY.
         if shared.guard.is_loop(dst) {
             shared.guard.warn(|| {
@@ -91,7 +101,53 @@ pub async fn serve(sock: UdpSocket, target: Arc<TargetState>, shared: Arc<Shared
             continue;
         }
         let data = buf[..d.len].to_vec();
-        dispatch(&table, &target, &shared.flows, up, d.src, dst, data);
+        let ends = Ends {
+            app: d.src,
+            dst,
+            answer,
+        };
+        dispatch(&table, &target, &shared.flows, up, ends, data);
+    }
+}
+
+/// How a flow's answers reach the app.
+enum Answer {
+    /// From a transparent socket bound to the original destination (TPROXY).
+    FromDestination,
+    /// From the listener itself (the eBPF datapath): the app's socket talks to
+    /// the listener, and the datapath's `recvmsg` programs name the original
+    /// destination as the source.
+    FromListener(Arc<UdpSocket>),
+}
+
+/// A flow's two ends and how it answers.
+struct Ends {
+    app: SocketAddr,
+    dst: SocketAddr,
+    answer: Answer,
+}
+
+/// Where a flow sends the app its answers.
+enum Reply {
+    Socket(UdpSocket),
+    Listener(Arc<UdpSocket>, SocketAddr),
+}
+
+impl Reply {
+    async fn send(&self, data: &[u8]) {
+        let _ = match self {
+            Reply::Socket(s) => s.send(data).await,
+            Reply::Listener(l, app) => l.send_to(data, app).await,
+        };
+    }
+
+    /// The transparent socket, which also receives the app's later datagrams
+    /// of the flow; the listener's are not the flow's to read.
+    fn socket(&self) -> Option<&UdpSocket> {
+        match self {
+            Reply::Socket(s) => Some(s),
+            Reply::Listener(..) => None,
+        }
     }
 }
 
@@ -100,10 +156,10 @@ fn dispatch(
     target: &Arc<TargetState>,
     flows: &Arc<Gate>,
     up: Arc<Upstream>,
-    src: SocketAddr,
-    dst: SocketAddr,
+    ends: Ends,
     data: Vec<u8>,
 ) {
+    let (src, dst) = (ends.app, ends.dst);
     let mut map = lock(table);
     let (entry, data) = match map.entry((src, dst)) {
         Entry::Occupied(e) => match e.get().try_send(data) {
@@ -115,7 +171,7 @@ fn dispatch(
     };
     match flows.admit(src.ip()) {
         Ok(pass) => {
-            entry.insert_entry(spawn_flow(table, target, pass, up, src, dst, data));
+            entry.insert_entry(spawn_flow(table, target, pass, up, ends, data));
         }
         Err(refusal) => {
             if let Entry::Occupied(e) = entry {
@@ -134,15 +190,15 @@ fn spawn_flow(
     target: &Arc<TargetState>,
     pass: Pass,
     up: Arc<Upstream>,
-    src: SocketAddr,
-    dst: SocketAddr,
+    ends: Ends,
     first: Vec<u8>,
 ) -> mpsc::Sender<Vec<u8>> {
     let (tx, rx) = mpsc::channel(QUEUE);
     let _ = tx.try_send(first);
     let (table, t) = (table.clone(), target.clone());
+    let (src, dst) = (ends.app, ends.dst);
     tokio::spawn(async move {
-        if let Err(e) = flow(&up, src, dst, rx).await {
+        if let Err(e) = flow(&up, ends, rx).await {
             t.warn(|| format!("UDP {src} → {dst} via {up}: {e}"));
         }
         drop(pass);
@@ -176,13 +232,12 @@ async fn associate(up: &Upstream) -> Result<(TcpStream, UdpSocket), UdpError> {
     Ok((ctrl, relay))
 }
 
-async fn flow(
-    up: &Upstream,
-    src: SocketAddr,
-    dst: SocketAddr,
-    mut rx: mpsc::Receiver<Vec<u8>>,
-) -> Result<(), UdpError> {
-    let reply = listen::udp_reply(dst, src)?;
+async fn flow(up: &Upstream, ends: Ends, mut rx: mpsc::Receiver<Vec<u8>>) -> Result<(), UdpError> {
+    let (src, dst) = (ends.app, ends.dst);
+    let reply = match ends.answer {
+        Answer::FromDestination => Reply::Socket(listen::udp_reply(dst, src)?),
+        Answer::FromListener(l) => Reply::Listener(l, src),
+    };
     let (mut ctrl, relay) = tokio::time::timeout(up.timeout, associate(up))
         .await
         .unwrap_or(Err(UdpError::Timeout(up.timeout)))?;
@@ -202,9 +257,10 @@ async fn flow(
                 }
                 None => return Ok(()),
             },
-            r = reply.readable() => {
+            r = readable(reply.socket()) => {
                 r?;
-                match reply.try_recv(&mut buf) {
+                let Some(sock) = reply.socket() else { continue };
+                match sock.try_recv(&mut buf) {
                     Ok(n) => {
                         socks5::udp_wrap(dst, &buf[..n], &mut out);
                         let _ = relay.send(&out).await;
@@ -221,7 +277,7 @@ async fn flow(
                         if let Some((from, payload)) = socks5::udp_unwrap(&buf[..n]) {
                             let from = SocketAddr::new(from.ip().to_canonical(), from.port());
                             if from == dst {
-                                let _ = reply.send(payload).await;
+                                reply.send(payload).await;
                                 deadline = Instant::now() + idle;
                             }
                         }
@@ -236,5 +292,13 @@ async fn flow(
             },
             _ = sleep_until(deadline) => return Ok(()),
         }
+    }
+}
+
+/// Waits until `sock` is readable; forever without one.
+async fn readable(sock: Option<&UdpSocket>) -> std::io::Result<()> {
+    match sock {
+        Some(s) => s.readable().await,
+        None => std::future::pending().await,
     }
 }

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
-"""One TCP or UDP exchange; prints the answer, or "ERR <reason>".
-Usage: client.py tcp|udp HOST PORT [TIMEOUT-SECONDS, default 2]"""
+"""One TCP or UDP exchange; prints the answer, or "ERR <reason>". UDP prints
+the answer's source too ("ANSWER from IP"); udp-connected connects the socket
+first and checks that getpeername() names the destination.
+Usage: client.py tcp|udp|udp-connected HOST PORT [TIMEOUT-SECONDS, default 2]"""
 import socket
 import sys
 
@@ -16,7 +18,15 @@ try:
     else:
         s = socket.socket(fam, socket.SOCK_DGRAM)
         s.settimeout(timeout)
-        s.sendto(b"hello", (host, port))
+        if proto == "udp-connected":
+            s.connect((host, port))
+            peer = s.getpeername()
+            if (socket.inet_pton(fam, peer[0]), peer[1]) != (socket.inet_pton(fam, host), port):
+                print("ERR getpeername", peer)
+                sys.exit()
+            s.send(b"hello")
+        else:
+            s.sendto(b"hello", (host, port))
         data, src = s.recvfrom(256)
         print(data.decode().strip(), "from", src[0])
 except OSError as e:

@@ -13,8 +13,11 @@ With --log FILE, every flow is appended to FILE: "tcp DST from SRC" and
 Bound to 127.0.0.1 and ::1, as the README tells proxy cores to be: the daemon's
 tproxy statements deliver there, and the network cannot reach it.
 With --redirect, a REDIRECT-style listener instead (as redsocks, or the eBPF
-datapath's listeners): TCP only, not transparent, the original destination read
-with getsockopt SO_ORIGINAL_DST (IPv4) or IP6T_SO_ORIGINAL_DST (IPv6).
+datapath's listeners): not transparent, the original destination read with
+getsockopt SO_ORIGINAL_DST (IPv4) or IP6T_SO_ORIGINAL_DST (IPv6): on the
+accepted socket (TCP), or on a marked UDP socket connected to the datagram's
+source (UDP, as the eBPF datapath answers it); UDP answers come from the
+listener itself.
 Ready: prints "ready", and tells systemd (READY=1) when run as Type=notify.
 Usage: listener.py PORT [LABEL] [--http] [--redirect] [--log FILE]
 """
@@ -29,6 +32,8 @@ IP_RECVORIGDSTADDR = 20
 IPV6_TRANSPARENT = 75
 IPV6_RECVORIGDSTADDR = 74
 SO_ORIGINAL_DST = 80  # IP6T_SO_ORIGINAL_DST is 80 too
+SO_MARK = 36
+FORWARD_MARK = 0x63677466  # the built-in forwarder's: the datapath leaves it be
 
 args = argparse.ArgumentParser()
 args.add_argument("port", type=int)
@@ -70,10 +75,10 @@ for fam, loopback in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
     t.bind((loopback, args.port))
     t.listen(128)
     socks[t] = ("tcp", fam)
-    if args.redirect:
-        continue
     u = transparent(fam, socket.SOCK_DGRAM)
-    if fam == socket.AF_INET:
+    if args.redirect:
+        pass
+    elif fam == socket.AF_INET:
         u.setsockopt(socket.SOL_IP, IP_RECVORIGDSTADDR, 1)
     else:
         u.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVORIGDSTADDR, 1)
@@ -105,6 +110,15 @@ def original_dst(c, fam):
         return socket.inet_ntop(fam, raw[4:8]), struct.unpack_from("!H", raw, 2)[0]
     raw = c.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
     return socket.inet_ntop(fam, raw[8:24]), struct.unpack_from("!H", raw, 2)[0]
+
+
+def redirected_udp_dst(fam, peer):
+    """The original destination of a datagram from peer, asked on a marked
+    socket connected to it."""
+    with socket.socket(fam, socket.SOCK_DGRAM) as q:
+        q.setsockopt(socket.SOL_SOCKET, SO_MARK, FORWARD_MARK)
+        q.connect(peer)
+        return original_dst(q, fam)
 
 
 def answer_tcp(c, fam):
@@ -142,6 +156,11 @@ while True:
                     answer_tcp(c, fam)
                 continue
             data, cmsgs, _, peer = s.recvmsg(2048, 1024)
+            if args.redirect:
+                dst = redirected_udp_dst(fam, peer)
+                note(f"udp {endpoint(fam, *dst)} {data.decode(errors='replace').strip()}")
+                s.sendto(f"{args.label} {dst[0]} {dst[1]}\n".encode(), peer)
+                continue
             dst = orig_dst(fam, cmsgs)
             if dst is None:
                 continue

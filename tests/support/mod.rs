@@ -603,3 +603,45 @@ impl Drop for Lab {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// dante's SOCKS5 port in the peer (SOCKS5 with UDP ASSOCIATE).
+pub const DANTE: u16 = 1081;
+/// The addresses dante connects out from: a destination that sees them was
+/// reached through dante.
+pub const DANTE4: &str = "10.99.0.3";
+pub const DANTE6: &str = "fd99::3";
+
+/// Starts dante in the peer on [`DANTE`], with its outgoing addresses.
+pub fn dante(lab: &mut Lab) {
+    lab.in_peer(&format!(
+        "ip addr add {DANTE4}/24 dev veth1 && ip addr add {DANTE6}/64 dev veth1 nodad"
+    ));
+    let conf = lab.dir.join("danted.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "logoutput: stderr
+internal: {PEER4} port = {DANTE}
+internal: {PEER6} port = {DANTE}
+external: {DANTE4}
+external: {DANTE6}
+clientmethod: none
+socksmethod: none
+user.privileged: root
+user.unprivileged: nobody
+client pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 }}
+client pass {{ from: ::/0 to: ::/0 }}
+socks pass {{ from: 0.0.0.0/0 to: 0.0.0.0/0 }}
+socks pass {{ from: 0.0.0.0/0 to: ::/0 }}
+socks pass {{ from: ::/0 to: ::/0 }}
+socks pass {{ from: ::/0 to: 0.0.0.0/0 }}
+"
+        ),
+    )
+    .unwrap();
+    let pid = lab.dir.join("danted.pid");
+    lab.start_peer_service(
+        &format!("danted -f '{}' -p '{}'", conf.display(), pid.display()),
+        DANTE,
+    );
+}

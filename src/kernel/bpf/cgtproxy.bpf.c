@@ -11,9 +11,16 @@
 //   socket cookie, moved to the client's local port once the kernel chose it
 //   (sockops, TCP_CONNECT_CB), and handed to the listener by getsockopt
 //   SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST on the accepted socket, as a NAT
-//   REDIRECT would; getpeername() names the original destination again. UDP
-//   of a target fails with EPERM (fail closed: the datapath does not carry it
-//   yet) unless the target says `no-udp` (direct).
+//   REDIRECT would; getpeername() names the original destination again.
+// - a target's UDP: each datagram is sent to the same loopback listener. The
+//   original destination is kept by the app socket's local port (`udp`) and
+//   handed to the forwarder by getsockopt SO_ORIGINAL_DST on a UDP socket it
+//   connects to the app's address; the forwarder answers from its listener,
+//   and recvmsg() names the original destination as the answer's source. A
+//   UDP socket talks to one destination: sending to a second one (or
+//   connecting it elsewhere) fails with EPERM, as it would be mistaken for
+//   the first. A connected socket is bound by the program (a random free
+//   port) so that its port is known from connect() on.
 // - bypass destinations (LPM tries), non-TCP/UDP sockets and the built-in
 //   forwarder's own upstream sockets (marked) are untouched.
 //
@@ -67,6 +74,21 @@ struct orig {
 	__u32 addr[4]; /* network order; IPv4 in addr[0] */
 	__u16 port;    /* network order */
 	__u16 family;
+};
+
+/* A UDP socket's original destination, by its local port and the family
+ * of its datagrams (`udp`). */
+struct udp_key {
+	__u16 port; /* host order */
+	__u16 family;
+};
+
+struct udp_orig {
+	struct orig o;
+	__u64 cookie; /* the socket's: a stale entry of a closed socket is not it */
+	__u16 via;    /* the listener's port, host order */
+	__u16 pad;
+	__u32 pad2;
 };
 
 struct lpm4 {
@@ -128,6 +150,14 @@ struct {
 	__type(key, __u32);
 	__type(value, struct orig);
 } cgtp_by_port SEC(".maps");
+
+/* UDP of a target: the original destination by the app's local port. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct udp_key);
+	__type(value, struct udp_orig);
+} cgtp_udp SEC(".maps");
 
 /* The class of the calling task's cgroup: its nearest classified
  * ancestor-or-self, 0 when there is none. Level 0 (the root) is never
@@ -210,8 +240,8 @@ static __always_inline int decide(struct bpf_sock_addr *ctx, int v6,
 		return ALLOW;
 	if (v6 && t.no_ipv6)
 		return ALLOW;
-	if (protocol == IPPROTO_UDP)
-		return t.no_udp ? ALLOW : DENY;
+	if (protocol == IPPROTO_UDP && t.no_udp)
+		return ALLOW;
 	*port = t.port;
 	return REDIRECT;
 }
@@ -234,6 +264,108 @@ static __always_inline void remember(struct bpf_sock_addr *ctx,
 	bpf_map_update_elem(&cgtp_by_cookie, &cookie, o, BPF_ANY);
 }
 
+static __always_inline int same_orig(const struct orig *a, const struct orig *b)
+{
+	return a->family == b->family && a->port == b->port &&
+	       a->addr[0] == b->addr[0] && a->addr[1] == b->addr[1] &&
+	       a->addr[2] == b->addr[2] && a->addr[3] == b->addr[3];
+}
+
+/* Files a UDP socket's original destination under its local port `lport`
+ * (host order) for datagrams of `family`, to the listener on `via`. DENY
+ * when the socket already talks to another destination: the forwarder and
+ * recvmsg() could not tell the two apart. */
+static __always_inline int file_udp(struct bpf_sock_addr *ctx, __u16 family,
+				    __u16 lport, const struct orig *o, __u16 via)
+{
+	struct udp_key key = { .port = lport, .family = family };
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct udp_orig *found, cur, next = {};
+
+	if (!lport)
+		return DENY;
+	found = bpf_map_lookup_elem(&cgtp_udp, &key);
+	if (found) {
+		__builtin_memcpy(&cur, found, sizeof(cur));
+		asm volatile("" ::: "memory");
+		if (cur.cookie == cookie)
+			return same_orig(&cur.o, o) ? ALLOW : DENY;
+	}
+	__builtin_memcpy(&next.o, o, sizeof(next.o));
+	next.cookie = cookie;
+	next.via = via;
+	if (bpf_map_update_elem(&cgtp_udp, &key, &next, BPF_ANY))
+		return DENY;
+	return ALLOW;
+}
+
+/* Attempts at binding a connecting UDP socket to a random free port. */
+#define BIND_ATTEMPTS 4
+/* The kernel's default ephemeral range, net.ipv4.ip_local_port_range. */
+#define EPHEMERAL_FIRST 32768
+#define EPHEMERAL_COUNT 28232
+
+static __always_inline __u16 random_port(void)
+{
+	return EPHEMERAL_FIRST + bpf_get_prandom_u32() % EPHEMERAL_COUNT;
+}
+
+/* The local port of a connecting UDP socket, binding it first when it has
+ * none: the kernel would choose one only after this program. 0 when no
+ * attempt found a free port. */
+static __always_inline __u16 udp_port4(struct bpf_sock_addr *ctx)
+{
+	struct sockaddr_in sa = { .sin_family = AF_INET };
+	__u16 lport = ctx->sk->src_port;
+
+	if (lport)
+		return lport;
+	sa.sin_addr.s_addr = ctx->sk->src_ip4;
+#pragma clang loop unroll(full)
+	for (int i = 0; i < BIND_ATTEMPTS; i++) {
+		lport = random_port();
+		sa.sin_port = bpf_htons(lport);
+		if (!bpf_bind(ctx, (struct sockaddr *)&sa, sizeof(sa)))
+			return lport;
+	}
+	return 0;
+}
+
+static __always_inline __u16 udp_port6(struct bpf_sock_addr *ctx)
+{
+	struct sockaddr_in6 sa = { .sin6_family = AF_INET6 };
+	__u16 lport = ctx->sk->src_port;
+
+	if (lport)
+		return lport;
+	sa.sin6_addr.in6_u.u6_addr32[0] = ctx->sk->src_ip6[0];
+	sa.sin6_addr.in6_u.u6_addr32[1] = ctx->sk->src_ip6[1];
+	sa.sin6_addr.in6_u.u6_addr32[2] = ctx->sk->src_ip6[2];
+	sa.sin6_addr.in6_u.u6_addr32[3] = ctx->sk->src_ip6[3];
+#pragma clang loop unroll(full)
+	for (int i = 0; i < BIND_ATTEMPTS; i++) {
+		lport = random_port();
+		sa.sin6_port = bpf_htons(lport);
+		if (!bpf_bind(ctx, (struct sockaddr *)&sa, sizeof(sa)))
+			return lport;
+	}
+	return 0;
+}
+
+static __always_inline void to_loopback6(struct bpf_sock_addr *ctx, int mapped)
+{
+	ctx->user_ip6[0] = 0;
+	ctx->user_ip6[1] = 0;
+	if (mapped) {
+		/* The IPv4 listener, reached through the mapped address. */
+		ctx->user_ip6[2] = bpf_htonl(0xffff);
+		ctx->user_ip6[3] = bpf_htonl(0x7f000001);
+	} else {
+		ctx->user_ip6[2] = 0;
+		ctx->user_ip6[3] = bpf_htonl(1);
+	}
+}
+
 SEC("cgroup/connect4")
 int cgtproxy_conn4(struct bpf_sock_addr *ctx)
 {
@@ -247,6 +379,9 @@ int cgtproxy_conn4(struct bpf_sock_addr *ctx)
 	o.family = AF_INET;
 	o.addr[0] = dst[3];
 	o.port = (__u16)ctx->user_port;
+	if (ctx->protocol == IPPROTO_UDP &&
+	    file_udp(ctx, AF_INET, udp_port4(ctx), &o, port) != ALLOW)
+		return DENY;
 	remember(ctx, &o);
 	ctx->user_ip4 = bpf_htonl(0x7f000001);
 	ctx->user_port = bpf_htons(port);
@@ -266,40 +401,46 @@ int cgtproxy_conn6(struct bpf_sock_addr *ctx)
 		return verdict;
 	o.port = (__u16)ctx->user_port;
 	if (mapped) {
-		/* The IPv4 listener, reached through the mapped address. */
 		o.family = AF_INET;
 		o.addr[0] = dst[3];
-		remember(ctx, &o);
-		ctx->user_ip6[0] = 0;
-		ctx->user_ip6[1] = 0;
-		ctx->user_ip6[2] = bpf_htonl(0xffff);
-		ctx->user_ip6[3] = bpf_htonl(0x7f000001);
 	} else {
 		o.family = AF_INET6;
 		o.addr[0] = dst[0];
 		o.addr[1] = dst[1];
 		o.addr[2] = dst[2];
 		o.addr[3] = dst[3];
-		remember(ctx, &o);
-		ctx->user_ip6[0] = 0;
-		ctx->user_ip6[1] = 0;
-		ctx->user_ip6[2] = 0;
-		ctx->user_ip6[3] = bpf_htonl(1);
 	}
+	if (ctx->protocol == IPPROTO_UDP &&
+	    file_udp(ctx, o.family, udp_port6(ctx), &o, port) != ALLOW)
+		return DENY;
+	remember(ctx, &o);
+	to_loopback6(ctx, mapped);
 	ctx->user_port = bpf_htons(port);
 	return ALLOW;
 }
 
-/* Unconnected UDP (sendto): the same verdicts; a target's UDP is refused. */
+/* Unconnected UDP (sendto): a target's datagram goes to the listener, its
+ * destination filed under the socket's port (bound by now: the kernel binds
+ * an unbound socket before this program runs). An IPv6 socket's datagram to
+ * a v4-mapped address meets sendmsg4, not sendmsg6. */
 SEC("cgroup/sendmsg4")
 int cgtproxy_send4(struct bpf_sock_addr *ctx)
 {
 	__u16 port = 0;
 	__u32 dst[4] = { 0, 0, 0, ctx->user_ip4 };
+	int verdict = decide(ctx, 0, dst, &port);
+	struct orig o = {};
 
-	return decide(ctx, 0, dst, &port) == DENY ?
-		       DENY :
-		       ALLOW;
+	if (verdict != REDIRECT)
+		return verdict;
+	o.family = AF_INET;
+	o.addr[0] = dst[3];
+	o.port = (__u16)ctx->user_port;
+	if (file_udp(ctx, AF_INET, ctx->sk->src_port, &o, port) != ALLOW)
+		return DENY;
+	ctx->user_ip4 = bpf_htonl(0x7f000001);
+	ctx->user_port = bpf_htons(port);
+	return ALLOW;
 }
 
 SEC("cgroup/sendmsg6")
@@ -307,11 +448,88 @@ int cgtproxy_send6(struct bpf_sock_addr *ctx)
 {
 	__u16 port = 0;
 	__u32 dst[4];
+	struct orig o = {};
 	int mapped = read_dst6(ctx, dst);
+	int verdict = decide(ctx, !mapped, dst, &port);
 
-	return decide(ctx, !mapped, dst, &port) == DENY ?
-		       DENY :
-		       ALLOW;
+	/* A v4-mapped destination reaches sendmsg4 instead (the kernel refuses
+	 * a rewrite to one here). */
+	if (verdict != REDIRECT || mapped)
+		return verdict == DENY ? DENY : ALLOW;
+	o.family = AF_INET6;
+	o.addr[0] = dst[0];
+	o.addr[1] = dst[1];
+	o.addr[2] = dst[2];
+	o.addr[3] = dst[3];
+	o.port = (__u16)ctx->user_port;
+	if (file_udp(ctx, AF_INET6, ctx->sk->src_port, &o, port) != ALLOW)
+		return DENY;
+	to_loopback6(ctx, 0);
+	ctx->user_port = bpf_htons(port);
+	return ALLOW;
+}
+
+/* The UDP entry of the receiving socket for datagrams of `family`, when a
+ * datagram from the listener on `from_port` (network order) is an answer to
+ * it. */
+static __always_inline int udp_answer(struct bpf_sock_addr *ctx, __u16 family,
+				      __u32 from_port, struct orig *o)
+{
+	struct udp_key key = { .port = ctx->sk->src_port, .family = family };
+	struct udp_orig *found = bpf_map_lookup_elem(&cgtp_udp, &key);
+	struct udp_orig cur;
+
+	if (!found)
+		return 0;
+	__builtin_memcpy(&cur, found, sizeof(cur));
+	asm volatile("" ::: "memory");
+	if (cur.cookie != bpf_get_socket_cookie(ctx) ||
+	    from_port != bpf_htons(cur.via))
+		return 0;
+	__builtin_memcpy(o, &cur.o, sizeof(*o));
+	return 1;
+}
+
+/* recvmsg() of a redirected UDP socket: the listener's answer names the
+ * original destination as its source. */
+SEC("cgroup/recvmsg4")
+int cgtproxy_recv4(struct bpf_sock_addr *ctx)
+{
+	struct orig o;
+
+	if (ctx->user_ip4 != bpf_htonl(0x7f000001) ||
+	    !udp_answer(ctx, AF_INET, ctx->user_port, &o))
+		return 1;
+	ctx->user_ip4 = o.addr[0];
+	ctx->user_port = o.port;
+	return 1;
+}
+
+SEC("cgroup/recvmsg6")
+int cgtproxy_recv6(struct bpf_sock_addr *ctx)
+{
+	__u32 src[4];
+	struct orig o;
+	int mapped = read_dst6(ctx, src);
+
+	if (src[0] || src[1])
+		return 1;
+	if (mapped) {
+		if (src[3] != bpf_htonl(0x7f000001) ||
+		    !udp_answer(ctx, AF_INET, ctx->user_port, &o))
+			return 1;
+		ctx->user_ip6[3] = o.addr[0];
+	} else {
+		if (src[2] || src[3] != bpf_htonl(1) ||
+		    !udp_answer(ctx, AF_INET6, ctx->user_port, &o))
+			return 1;
+		ctx->user_ip6[0] = o.addr[0];
+		ctx->user_ip6[1] = o.addr[1];
+		ctx->user_ip6[2] = o.addr[2];
+		ctx->user_ip6[3] = o.addr[3];
+	}
+	ctx->user_port = o.port;
+	return 1;
 }
 
 /* The kernel chose the redirected client's local port: file the original
@@ -400,26 +618,45 @@ static __always_inline int loopback_peer(struct bpf_sock *sk)
 }
 
 /* SO_ORIGINAL_DST on a socket a loopback listener accepted from a redirected
- * client. The kernel's own answer (conntrack's, for NAT) stands when it has
+ * client (TCP), or on a UDP socket connected to a redirected client's
+ * address. The kernel's own answer (conntrack's, for NAT) stands when it has
  * one. */
 SEC("cgroup/getsockopt")
 int cgtproxy_getopt(struct bpf_sockopt *ctx)
 {
 	struct bpf_sock *sk = ctx->sk;
 	void *end = ctx->optval_end;
-	struct orig *o;
-	__u32 port;
+	struct orig orig, *o, *found;
+	__u32 port, protocol;
 
 	if (ctx->optname != SO_ORIGINAL_DST || ctx->retval == 0 || !sk)
 		return 1;
 	if (ctx->level != SOL_IP && ctx->level != SOL_IPV6)
 		return 1;
-	if (sk->protocol != IPPROTO_TCP || !loopback_peer(sk))
+	protocol = sk->protocol;
+	if ((protocol != IPPROTO_TCP && protocol != IPPROTO_UDP) ||
+	    !loopback_peer(sk))
 		return 1;
 	port = bpf_ntohs(sk->dst_port);
-	o = bpf_map_lookup_elem(&cgtp_by_port, &port);
-	if (!o)
-		return 1;
+	if (protocol == IPPROTO_TCP) {
+		found = bpf_map_lookup_elem(&cgtp_by_port, &port);
+		if (!found)
+			return 1;
+		__builtin_memcpy(&orig, found, sizeof(orig));
+	} else {
+		/* The forwarder asks on a socket connected to the app's. */
+		struct udp_key key = {
+			.port = port,
+			.family = ctx->level == SOL_IP ? AF_INET : AF_INET6,
+		};
+		struct udp_orig *u = bpf_map_lookup_elem(&cgtp_udp, &key);
+
+		if (!u)
+			return 1;
+		__builtin_memcpy(&orig, &u->o, sizeof(orig));
+	}
+	asm volatile("" ::: "memory");
+	o = &orig;
 	if (ctx->level == SOL_IP) {
 		struct sockaddr_in *sa = ctx->optval;
 

@@ -26,11 +26,13 @@ static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cgtprox
 /// The programs, by function name (the kernel keeps 15 characters of it), in
 /// the order they are attached: the listener-side ones first, so a redirected
 /// connection always finds them.
-const PROGRAMS: [&str; 8] = [
+const PROGRAMS: [&str; 10] = [
     "cgtproxy_getopt",
     "cgtproxy_sockop",
     "cgtproxy_peer4",
     "cgtproxy_peer6",
+    "cgtproxy_recv4",
+    "cgtproxy_recv6",
     "cgtproxy_send4",
     "cgtproxy_send6",
     "cgtproxy_conn4",
@@ -374,6 +376,7 @@ mod tests {
             "cgtp_bypass6",
             "cgtp_by_cookie",
             "cgtp_by_port",
+            "cgtp_udp",
         ]) {
             assert!(text.contains(name), "{name} missing from the object");
         }
