@@ -216,11 +216,16 @@ try:\n s.sendto(b'b', ('10.99.0.7', {PEER_PORT}))\nexcept OSError as e:\n print(
 
 const MICROSOCKS: u16 = 1080;
 const REDSOCKS_PORT: u16 = 12345;
+/// The port of the target relaying through dante.
+const DANTE_TARGET: u16 = 7894;
+/// A UDP service in the peer (answers "peer <client>").
+const UDP_PORT: u16 = 5300;
 
 /// The built-in forwarder and redsocks (Debian's, a REDIRECT-style core that
-/// reads SO_ORIGINAL_DST) serve the eBPF datapath, each relaying through
+/// reads SO_ORIGINAL_DST) serve the eBPF datapath, each relaying TCP through
 /// microsocks in the peer: the destination sees microsocks' address (the
 /// peer's own, 10.99.0.2 / fd99::2), never the host's (10.99.0.1 / fd99::1).
+/// The forwarder relays UDP through dante (10.99.0.3 / fd99::3).
 #[test]
 fn ebpf_feeds_the_built_in_forwarder_and_redsocks() {
     in_cgroup_namespace("ebpf_feeds_the_built_in_forwarder_and_redsocks", || {
@@ -247,18 +252,27 @@ redsocks {{ local_ip = 127.0.0.1; local_port = {REDSOCKS_PORT}; ip = {PEER4}; po
             &format!("redsocks -c '{}'", conf.display()),
             REDSOCKS_PORT,
         );
-        for rel in ["app-fwd", "app-redsocks"] {
+        dante(&mut lab);
+        let udp = format!(
+            "python3 '{}' {UDP_PORT} peer {PEER4} {PEER6}",
+            helper("server.py").display()
+        );
+        lab.start_peer_service(&udp, UDP_PORT);
+        for rel in ["app-fwd", "app-redsocks", "app-dante"] {
             lab.mkcg(rel);
         }
         let tproxies = format!(
             r#"{{"fwd":{{"port":{PROXY_PORT},"mark":{MARK},"upstream":"socks5://{PEER4}:{MICROSOCKS}"}},
-                "redsocks":{{"port":{REDSOCKS_PORT},"mark":{},"no-ipv6":true}}}}"#,
-            MARK + 1
+                "redsocks":{{"port":{REDSOCKS_PORT},"mark":{},"no-ipv6":true}},
+                "dante":{{"port":{DANTE_TARGET},"mark":{},"upstream":"socks5://{PEER4}:{DANTE}"}}}}"#,
+            MARK + 1,
+            MARK + 2
         );
         let rules = format!(
-            r#"[{{"match":"{}","tproxy":"fwd"}},{{"match":"{}","tproxy":"redsocks"}}]"#,
+            r#"[{{"match":"{}","tproxy":"fwd"}},{{"match":"{}","tproxy":"redsocks"}},{{"match":"{}","tproxy":"dante"}}]"#,
             lab.re("app-fwd"),
             lab.re("app-redsocks"),
+            lab.re("app-dante"),
         )
         .replace('\\', "\\\\");
         let cfg = ebpf_config(&lab, "fwd.json", &tproxies, &rules);
@@ -289,6 +303,22 @@ redsocks {{ local_ip = 127.0.0.1; local_port = {REDSOCKS_PORT}; ip = {PEER4}; po
             lab.talk("app-redsocks", "tcp", PEER6, PEER_PORT),
             "peer fd99::1"
         );
+        // UDP through dante: the answer comes from where the app sent it,
+        // connected or not, v4, v6 and v4 through an IPv6 socket.
+        for proto in ["udp", "udp-connected"] {
+            for (dst, seen) in [
+                (PEER4, DANTE4),
+                (PEER6, DANTE6),
+                ("::ffff:10.99.0.2", DANTE4),
+            ] {
+                assert_eq!(
+                    lab.talk("app-dante", proto, dst, UDP_PORT),
+                    format!("peer {seen} from {dst}"),
+                    "{proto} to {dst}; forwarder log:\n{}",
+                    fwd.log()
+                );
+            }
+        }
         // An app connecting to the forwarder's port itself has no original
         // destination: refused as a loop, never relayed.
         lab.mkcg("other");

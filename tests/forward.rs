@@ -22,12 +22,6 @@ const TINYPROXY: u16 = 3128;
 const UDP_PORT: u16 = 5300;
 const FAST: Duration = Duration::from_secs(3);
 
-fn helper(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/helpers")
-        .join(name)
-}
-
 /// A lab whose peer also has a bulk server.
 fn lab(name: &str) -> Lab {
     let mut lab = Lab::new(name);

@@ -105,7 +105,8 @@ pub fn sh_any(cmd: &str) -> String {
     s
 }
 
-fn helper(name: &str) -> PathBuf {
+/// The path of helper script `name` (tests/helpers).
+pub fn helper(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/helpers")
         .join(name)
