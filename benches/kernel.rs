@@ -42,6 +42,8 @@ use nix::sys::socket::{MsgFlags, recv, setsockopt, sockopt};
 use nix::unistd::Pid;
 use serde_json::json;
 
+#[path = "kernel/bpfstats.rs"]
+mod bpfstats;
 #[path = "kernel/datapath.rs"]
 mod datapath;
 #[path = "kernel/forward.rs"]

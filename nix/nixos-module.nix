@@ -392,8 +392,9 @@ in
               target's port on 127.0.0.1 / ::1, for REDIRECT-style listeners
               that read `SO_ORIGINAL_DST` (the built-in forwarder, redsocks,
               mihomo's `redir-port`); no marks, routes or table, so VPN rules and
-              firewalls cannot disturb it. UDP of a target fails with EPERM
-              unless the target says `no-udp`; no `interfaces`, no
+              firewalls cannot disturb it. A target's UDP goes to the same
+              port, for the built-in forwarder (one destination per UDP
+              socket; `no-udp` sends it direct); no `interfaces`, no
               `dns-hijack`. The unit gains CAP_BPF and the bpf() system call.
               Changing it restarts the daemon.
             '';

@@ -108,6 +108,11 @@ fn ebpf_redirects_tcp_and_udp_refuses_drop_and_detaches_on_stop() {
             assert_eq!(code, 0, "{out}");
             assert!(out.contains("ok   ebpf: the kernel loads"), "{out}");
             assert!(out.contains("port 7893 has TCP listeners"), "{out}");
+            // Its UDP goes to a listener without an upstream: a warning.
+            assert!(
+                out.contains("warn udp: target proxy: its UDP goes to port 7893"),
+                "{out}"
+            );
 
             // status and explain read the programs and the map back.
             let (out, code) = cgtproxy(&["status", "--config"], &cfg);

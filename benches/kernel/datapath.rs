@@ -49,6 +49,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 
+use super::bpfstats::{self, PerOp};
 use super::netns::Netns;
 use super::{DEEPEST, Lab, round1, round3, sh, step};
 
@@ -450,6 +451,8 @@ pub struct Comparison {
     /// Largest foreign load and ksoftirqd share seen in any round.
     foreign_max: f64,
     ksoftirqd_max: f64,
+    /// The eBPF datapath's programs' own time.
+    programs: Option<Programs>,
 }
 
 /// Measures both sides in rounds whose order alternates (table first, then
@@ -485,10 +488,50 @@ pub fn compare_ebpf(
         "nsenter -t {base} -n nft delete table inet ctonly"
     ));
     lab.start_ebpf_daemon();
-    let c = rounds(lab, sides, plan, Kind::Ebpf, label, started);
+    let mut c = rounds(lab, sides, plan, Kind::Ebpf, label, started);
+    step(
+        &format!("datapath at {label}: the programs' own time"),
+        started,
+    );
+    c.programs = Some(program_time(lab, sides, plan));
     lab.stop_daemon();
     sh(&format!("nsenter -t {base} -n sh -c '{CONNTRACK_ONLY}'"));
     c
+}
+
+/// The programs' own time per connection and per datagram, at the deepest
+/// depth on the eBPF side (see [`bpfstats`]).
+fn program_time(lab: &Lab, sides: &Sides, plan: &Plan) -> Programs {
+    let _counting = bpfstats::start();
+    let s0 = bpfstats::snapshot();
+    run(
+        lab,
+        sides,
+        Kind::Ebpf,
+        (Side::Table, DEEPEST),
+        "connect",
+        plan.connects,
+    );
+    let s1 = bpfstats::snapshot();
+    run(
+        lab,
+        sides,
+        Kind::Ebpf,
+        (Side::Table, DEEPEST),
+        "udp",
+        plan.datagrams,
+    );
+    let s2 = bpfstats::snapshot();
+    Programs {
+        connection: PerOp::between(&s0, &s1, plan.connects),
+        datagram: PerOp::between(&s1, &s2, plan.datagrams),
+    }
+}
+
+/// The eBPF programs' own time (kernel BPF statistics).
+pub struct Programs {
+    connection: PerOp,
+    datagram: PerOp,
 }
 
 /// The control: [`compare`] with the conntrack-only table on both sides
@@ -595,6 +638,7 @@ impl Comparison {
             extra_datagram_ns: extra(&datagram, &all),
             foreign_max: max(&|n| n.foreign),
             ksoftirqd_max: max(&|n| n.ksoftirqd),
+            programs: None,
         }
     }
 
@@ -653,6 +697,18 @@ impl Comparison {
             format!("{level:.0} ({a:.0}, {b:.0})"),
             "",
         );
+        if let Some(p) = &self.programs {
+            row(
+                &format!("  programs' own time per connection, {label}"),
+                p.connection.to_string(),
+                "",
+            );
+            row(
+                &format!("  programs' own time per datagram, {label}"),
+                p.datagram.to_string(),
+                "",
+            );
+        }
         row(
             &format!("  noise: foreign load, ksoftirqd max, {label}"),
             format!(
@@ -719,6 +775,17 @@ impl Comparison {
             "datapath_ksoftirqd_share_max_SIZE",
             json!(round3(self.ksoftirqd_max)),
         );
+        if let Some(p) = &self.programs {
+            // Only the eBPF datapath has them: `ebpf_` is put first.
+            put(
+                "program_ns_per_connection_SIZE",
+                json!(round1(p.connection.total_ns)),
+            );
+            put(
+                "program_ns_per_datagram_SIZE",
+                json!(round1(p.datagram.total_ns)),
+            );
+        }
         m
     }
 }

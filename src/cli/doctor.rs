@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::fmt::Write;
 
-use crate::config::{Action, Config, Datapath};
+use crate::config::{Action, Config, Datapath, Target};
 use crate::core::precedence::{self, Placement};
 use crate::core::rpfilter;
 use crate::core::table::{self, Proto};
@@ -735,7 +735,26 @@ fn probe_redirect_listeners(cfg: &Config) -> Vec<Probe> {
                 detail: format!("target {}: {detail}", t.name),
             }
         })
+        .chain(cfg.targets.iter().filter_map(udp_without_forwarder))
         .collect()
+}
+
+/// A target whose UDP this datapath sends to a proxy core: only the built-in
+/// forwarder (a target with an `upstream`) asks the datapath for a redirected
+/// datagram's destination; a core's UDP inbound cannot learn it.
+fn udp_without_forwarder(t: &Target) -> Option<Probe> {
+    (!t.no_udp && t.upstream.is_none()).then(|| Probe {
+        verdict: Outcome::Warn,
+        name: "udp",
+        detail: format!(
+            "target {}: its UDP goes to port {}, where a proxy core cannot tell where a redirected datagram was going (only the built-in forwarder asks the datapath)",
+            t.name, t.port
+        ),
+        fix: Some(format!(
+            "set \"no-udp\": true on target {} to send its UDP direct, or give it an upstream and run cgtproxy forward",
+            t.name
+        )),
+    })
 }
 
 /// Runs every probe; returns the report and whether nothing failed.

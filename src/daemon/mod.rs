@@ -1168,7 +1168,12 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
                 match Signal::try_from(info.ssi_signo as i32) {
                     Ok(Signal::SIGHUP) => d.reload(),
                     Ok(s) => {
-                        info!("{s}: removing table inet {} and routing", d.cfg.table);
+                        match d.cfg.datapath {
+                            Datapath::Nft => {
+                                info!("{s}: removing table inet {} and routing", d.cfg.table)
+                            }
+                            Datapath::Ebpf => info!("{s}: detaching the eBPF programs"),
+                        }
                         notify::stopping();
                         return d.cleanup();
                     }

@@ -572,7 +572,8 @@ expect ebpf-proxy-tcp4 "REDIRECT $PEER4 $PEER_PORT" exec proxy tcp "$PEER4"
 expect ebpf-proxy-tcp6 "REDIRECT $PEER6 $PEER_PORT" exec proxy tcp "$PEER6"
 expect ebpf-proxy-slice-tcp4 "REDIRECT $PEER4 $PEER_PORT" slice proxy tcp "$PEER4"
 # UDP of a target fails closed (EPERM), as does all of a dropped app.
-expect ebpf-proxy-udp4-refused ERROR exec proxy udp "$PEER4"
+expect ebpf-proxy-udp4 "REDIRECT $PEER4 $PEER_PORT" exec proxy udp "$PEER4"
+expect ebpf-proxy-udp6 "REDIRECT $PEER6 $PEER_PORT" exec proxy udp "$PEER6"
 expect ebpf-drop-tcp6 ERROR exec drop tcp "$PEER6"
 expect ebpf-direct-tcp4 "PEER $PEER4 $PEER_PORT" exec direct tcp "$PEER4"
 expect ebpf-root-untouched "PEER $PEER6 $PEER_PORT" root - tcp "$PEER6"
@@ -580,6 +581,8 @@ check ebpf-status cgtproxy status --config /etc/cgtproxy/config.json
 # The built-in forwarder reads SO_ORIGINAL_DST of what the programs redirect.
 check ebpf-forward-start systemctl start cgtproxy-forward.service
 expect ebpf-fwd-tcp4 "FROM $UP4" exec fwd tcp "$PEER4" "$WHOAMI_PORT"
+expect ebpf-fwd-udp4 "FROM $UP4" exec fwd udp "$PEER4" "$WHOAMI_PORT"
+expect ebpf-fwd-udp6 "FROM $UP6" exec fwd udp "$PEER6" "$WHOAMI_PORT"
 check ebpf-forward-stop systemctl stop cgtproxy-forward.service
 ebpf_exposure=$(systemd-analyze security --no-pager cgtproxy.service 2>&1 | grep -i 'overall exposure' | grep -oE '[0-9]+\.[0-9]+' | head -n1)
 info "systemd-analyze security with the ebpf drop-in: $ebpf_exposure"
