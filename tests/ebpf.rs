@@ -118,7 +118,7 @@ fn ebpf_redirects_tcp_and_udp_refuses_drop_and_detaches_on_stop() {
             let (out, code) = cgtproxy(&["status", "--config"], &cfg);
             assert_eq!(code, 0, "{out}");
             assert!(
-                out.contains("10 programs loaded") && out.contains("drift: none"),
+                out.contains("9 programs loaded") && out.contains("drift: none"),
                 "{out}"
             );
             let by_class = elements_by_class(&cfg);

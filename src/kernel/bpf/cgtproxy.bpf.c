@@ -7,11 +7,14 @@
 // - DIRECT and unclassified: untouched.
 // - DROP: connect() and sendmsg() fail with EPERM.
 // - a target: TCP connect() is redirected to the target's loopback listener
-//   (127.0.0.1 or ::1, the target's port). The original destination is kept by
-//   socket cookie, moved to the client's local port once the kernel chose it
-//   (sockops, TCP_CONNECT_CB), and handed to the listener by getsockopt
+//   (127.0.0.1 or ::1, the target's port). The original destination is filed
+//   under the client's local port (`by_port`; an unbound client is bound to a
+//   random free port first, which the kernel would otherwise choose only
+//   after this program) and handed to the listener by getsockopt
 //   SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST on the accepted socket, as a NAT
-//   REDIRECT would; getpeername() names the original destination again.
+//   REDIRECT would; getpeername() names the original destination again (by
+//   socket cookie, `by_cookie`). No sockops program: it would run about nine
+//   times for every TCP connection of the host.
 // - a target's UDP: each datagram is sent to the same loopback listener. The
 //   original destination is kept by the app socket's local port (`udp`) and
 //   handed to the forwarder by getsockopt SO_ORIGINAL_DST on a UDP socket it
@@ -132,8 +135,7 @@ struct {
 	__type(value, __u8);
 } cgtp_bypass6 SEC(".maps");
 
-/* connect() -> TCP_CONNECT_CB and getpeername(): original destination by
- * socket cookie. */
+/* getpeername(): original destination by socket cookie. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
@@ -141,9 +143,9 @@ struct {
 	__type(value, struct orig);
 } cgtp_by_cookie SEC(".maps");
 
-/* TCP_CONNECT_CB -> the listener's getsockopt: by the client's local port
- * (every redirected client talks to a loopback listener, so its port is
- * unique while it lives). */
+/* connect() -> the listener's getsockopt: by the client's local port (every
+ * redirected client talks to a loopback listener, so its port is unique
+ * while it lives). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 65536);
@@ -159,10 +161,35 @@ struct {
 	__type(value, struct udp_orig);
 } cgtp_udp SEC(".maps");
 
+/* The generation of `cgroups`: the daemon bumps it after every change to
+ * it, which makes every entry of `class_cache` stale. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} cgtp_generation SEC(".maps");
+
+struct cached_class {
+	__u64 generation;
+	__u32 class;
+	__u32 pad;
+};
+
+/* A task's cgroup id -> its class, as of a generation of `cgroups`: one
+ * lookup instead of one per level for every connect() and sendto(). A
+ * cgroup's ancestors never change, so only `cgroups` can make it stale. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct cached_class);
+} cgtp_class_cache SEC(".maps");
+
 /* The class of the calling task's cgroup: its nearest classified
  * ancestor-or-self, 0 when there is none. Level 0 (the root) is never
  * classified. */
-static __always_inline __u32 class_of_task(void)
+static __always_inline __u32 walk_ancestors(void)
 {
 	__u32 class = 0;
 
@@ -178,6 +205,33 @@ static __always_inline __u32 class_of_task(void)
 			class = *c;
 	}
 	return class;
+}
+
+/* walk_ancestors(), remembered per cgroup until `cgroups` changes. The
+ * generation is read before the walk: a walk that raced with a change is
+ * filed under the older generation, so it is never taken for the newer. */
+static __always_inline __u32 class_of_task(void)
+{
+	__u32 zero = 0;
+	__u64 id = bpf_get_current_cgroup_id();
+	__u64 *g = bpf_map_lookup_elem(&cgtp_generation, &zero);
+	struct cached_class *found, fresh = {};
+
+	if (!g)
+		return walk_ancestors();
+	fresh.generation = *g;
+	found = bpf_map_lookup_elem(&cgtp_class_cache, &id);
+	if (found) {
+		struct cached_class c;
+
+		__builtin_memcpy(&c, found, sizeof(c));
+		asm volatile("" ::: "memory");
+		if (c.generation == fresh.generation)
+			return c.class;
+	}
+	fresh.class = walk_ancestors();
+	bpf_map_update_elem(&cgtp_class_cache, &id, &fresh, BPF_ANY);
+	return fresh.class;
 }
 
 static __always_inline int bypassed4(__u32 addr)
@@ -299,7 +353,7 @@ static __always_inline int file_udp(struct bpf_sock_addr *ctx, __u16 family,
 	return ALLOW;
 }
 
-/* Attempts at binding a connecting UDP socket to a random free port. */
+/* Attempts at binding a connecting socket to a random free port. */
 #define BIND_ATTEMPTS 4
 /* The kernel's default ephemeral range, net.ipv4.ip_local_port_range. */
 #define EPHEMERAL_FIRST 32768
@@ -310,10 +364,10 @@ static __always_inline __u16 random_port(void)
 	return EPHEMERAL_FIRST + bpf_get_prandom_u32() % EPHEMERAL_COUNT;
 }
 
-/* The local port of a connecting UDP socket, binding it first when it has
+/* The local port of a connecting socket, binding it first when it has
  * none: the kernel would choose one only after this program. 0 when no
  * attempt found a free port. */
-static __always_inline __u16 udp_port4(struct bpf_sock_addr *ctx)
+static __always_inline __u16 local_port4(struct bpf_sock_addr *ctx)
 {
 	struct sockaddr_in sa = { .sin_family = AF_INET };
 	__u16 lport = ctx->sk->src_port;
@@ -331,7 +385,7 @@ static __always_inline __u16 udp_port4(struct bpf_sock_addr *ctx)
 	return 0;
 }
 
-static __always_inline __u16 udp_port6(struct bpf_sock_addr *ctx)
+static __always_inline __u16 local_port6(struct bpf_sock_addr *ctx)
 {
 	struct sockaddr_in6 sa = { .sin6_family = AF_INET6 };
 	__u16 lport = ctx->sk->src_port;
@@ -350,6 +404,27 @@ static __always_inline __u16 udp_port6(struct bpf_sock_addr *ctx)
 			return lport;
 	}
 	return 0;
+}
+
+/* Files a redirected connect()'s original destination under the socket's
+ * local port `lport` (0: none could be had): for the listener (TCP) or the
+ * forwarder (UDP), and by cookie for getpeername(). */
+static __always_inline int file_connect(struct bpf_sock_addr *ctx, __u16 family,
+					__u16 lport, const struct orig *o,
+					__u16 via)
+{
+	__u32 key = lport;
+
+	if (!lport)
+		return DENY;
+	if (ctx->protocol == IPPROTO_UDP) {
+		if (file_udp(ctx, family, lport, o, via) != ALLOW)
+			return DENY;
+	} else if (bpf_map_update_elem(&cgtp_by_port, &key, o, BPF_ANY)) {
+		return DENY;
+	}
+	remember(ctx, o);
+	return ALLOW;
 }
 
 static __always_inline void to_loopback6(struct bpf_sock_addr *ctx, int mapped)
@@ -379,10 +454,8 @@ int cgtproxy_conn4(struct bpf_sock_addr *ctx)
 	o.family = AF_INET;
 	o.addr[0] = dst[3];
 	o.port = (__u16)ctx->user_port;
-	if (ctx->protocol == IPPROTO_UDP &&
-	    file_udp(ctx, AF_INET, udp_port4(ctx), &o, port) != ALLOW)
+	if (file_connect(ctx, AF_INET, local_port4(ctx), &o, port) != ALLOW)
 		return DENY;
-	remember(ctx, &o);
 	ctx->user_ip4 = bpf_htonl(0x7f000001);
 	ctx->user_port = bpf_htons(port);
 	return ALLOW;
@@ -410,10 +483,8 @@ int cgtproxy_conn6(struct bpf_sock_addr *ctx)
 		o.addr[2] = dst[2];
 		o.addr[3] = dst[3];
 	}
-	if (ctx->protocol == IPPROTO_UDP &&
-	    file_udp(ctx, o.family, udp_port6(ctx), &o, port) != ALLOW)
+	if (file_connect(ctx, o.family, local_port6(ctx), &o, port) != ALLOW)
 		return DENY;
-	remember(ctx, &o);
 	to_loopback6(ctx, mapped);
 	ctx->user_port = bpf_htons(port);
 	return ALLOW;
@@ -532,36 +603,21 @@ int cgtproxy_recv6(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
-/* The kernel chose the redirected client's local port: file the original
- * destination under it for the listener. */
-SEC("sockops")
-int cgtproxy_sockop(struct bpf_sock_ops *ctx)
-{
-	__u64 cookie;
-	__u32 port;
-	struct orig *o;
-
-	if (ctx->op != BPF_SOCK_OPS_TCP_CONNECT_CB)
-		return 1;
-	cookie = bpf_get_socket_cookie(ctx);
-	o = bpf_map_lookup_elem(&cgtp_by_cookie, &cookie);
-	if (!o)
-		return 1;
-	port = ctx->local_port;
-	bpf_map_update_elem(&cgtp_by_port, &port, o, BPF_ANY);
-	/* The cookie's entry stays: getpeername() answers from it. */
-	return 1;
-}
-
 /* getpeername() of a redirected socket names the original destination, not
  * the listener, as it would through a transparent proxy. */
 SEC("cgroup/getpeername4")
 int cgtproxy_peer4(struct bpf_sock_addr *ctx)
 {
-	__u64 cookie = bpf_get_socket_cookie(ctx);
-	struct orig *o = bpf_map_lookup_elem(&cgtp_by_cookie, &cookie);
+	__u64 cookie;
+	struct orig *o;
 
-	if (!o || o->family != AF_INET || ctx->user_ip4 != bpf_htonl(0x7f000001))
+	/* The address first: a cookie is made on first use, and every other
+	 * socket of the host would pay for it. */
+	if (ctx->user_ip4 != bpf_htonl(0x7f000001))
+		return 1;
+	cookie = bpf_get_socket_cookie(ctx);
+	o = bpf_map_lookup_elem(&cgtp_by_cookie, &cookie);
+	if (!o || o->family != AF_INET)
 		return 1;
 	ctx->user_ip4 = o->addr[0];
 	ctx->user_port = o->port;
@@ -571,11 +627,18 @@ int cgtproxy_peer4(struct bpf_sock_addr *ctx)
 SEC("cgroup/getpeername6")
 int cgtproxy_peer6(struct bpf_sock_addr *ctx)
 {
-	__u64 cookie = bpf_get_socket_cookie(ctx);
-	struct orig *o = bpf_map_lookup_elem(&cgtp_by_cookie, &cookie);
+	__u32 a0 = ctx->user_ip6[0];
+	__u32 a1 = ctx->user_ip6[1];
 	__u32 a2 = ctx->user_ip6[2];
 	__u32 a3 = ctx->user_ip6[3];
+	__u64 cookie;
+	struct orig *o;
 
+	/* Only ::1 and ::ffff:127.0.0.1 can be ours (see getpeername4). */
+	if (a0 || a1 || (a2 && a2 != bpf_htonl(0xffff)))
+		return 1;
+	cookie = bpf_get_socket_cookie(ctx);
+	o = bpf_map_lookup_elem(&cgtp_by_cookie, &cookie);
 	if (!o)
 		return 1;
 	if (o->family == AF_INET) {

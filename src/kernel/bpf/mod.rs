@@ -14,7 +14,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{HashMap, MapData};
+use aya::maps::{Array, HashMap, MapData};
 use aya::programs::{CgroupAttachMode, Program};
 use aya::{Ebpf, include_bytes_aligned};
 
@@ -26,9 +26,8 @@ static OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/cgtprox
 /// The programs, by function name (the kernel keeps 15 characters of it), in
 /// the order they are attached: the listener-side ones first, so a redirected
 /// connection always finds them.
-const PROGRAMS: [&str; 10] = [
+const PROGRAMS: [&str; 9] = [
     "cgtproxy_getopt",
-    "cgtproxy_sockop",
     "cgtproxy_peer4",
     "cgtproxy_peer6",
     "cgtproxy_recv4",
@@ -92,6 +91,10 @@ pub struct Datapath {
     /// Holds the programs and their links.
     ebpf: Ebpf,
     cgroups: HashMap<MapData, u64, u32>,
+    /// Bumped after every change to `cgroups`: the programs' per-cgroup
+    /// class cache holds what it found under the generation it read.
+    generation: Array<MapData, u64>,
+    changes: u64,
     targets: HashMap<MapData, u32, [u8; 4]>,
     bypass4: LpmTrie<MapData, [u8; 4], u8>,
     bypass6: LpmTrie<MapData, [u8; 16], u8>,
@@ -117,6 +120,8 @@ impl Datapath {
         let mut ebpf = Ebpf::load(OBJECT).map_err(step("loading the object"))?;
         Ok(Datapath {
             cgroups: take(&mut ebpf, CGROUPS)?,
+            generation: take(&mut ebpf, "cgtp_generation")?,
+            changes: 0,
             targets: take(&mut ebpf, "cgtp_targets")?,
             bypass4: take(&mut ebpf, "cgtp_bypass4")?,
             bypass6: take(&mut ebpf, "cgtp_bypass6")?,
@@ -166,12 +171,6 @@ impl Datapath {
                     p.attach(c, mode).map_err(step(attaching))?;
                 }
             }
-            Program::SockOps(p) => {
-                load(p.load(), &what)?;
-                if let Some(c) = cgroup {
-                    p.attach(c, mode).map_err(step(attaching))?;
-                }
-            }
             Program::CgroupSockopt(p) => {
                 load(p.load(), &what)?;
                 if let Some(c) = cgroup {
@@ -188,8 +187,20 @@ impl Datapath {
         Ok(())
     }
 
-    /// Applies cgroup map changes: deletions first, then writes.
+    /// Applies cgroup map changes: deletions first, then writes; then bumps
+    /// the map's generation, even after a partial write (what the programs'
+    /// cache holds may be stale then too).
     pub fn update(&mut self, del: &[u64], add: &[(u64, u32)]) -> Result<(), BpfError> {
+        let written = self.write_cgroups(del, add);
+        self.changes += 1;
+        let bumped = self
+            .generation
+            .set(0, self.changes, 0)
+            .map_err(step("bumping the cgroups map's generation"));
+        written.and(bumped)
+    }
+
+    fn write_cgroups(&mut self, del: &[u64], add: &[(u64, u32)]) -> Result<(), BpfError> {
         for id in del {
             match self.cgroups.remove(id) {
                 Ok(()) => {}
@@ -377,6 +388,8 @@ mod tests {
             "cgtp_by_cookie",
             "cgtp_by_port",
             "cgtp_udp",
+            "cgtp_generation",
+            "cgtp_class_cache",
         ]) {
             assert!(text.contains(name), "{name} missing from the object");
         }
