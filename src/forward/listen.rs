@@ -5,7 +5,7 @@
 
 use std::io::IoSliceMut;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::sys::socket::{
     AddressFamily, Backlog, ControlMessageOwned, MsgFlags, SockFlag, SockType, SockaddrStorage,
@@ -90,8 +90,13 @@ pub fn tcp_listener(addr: SocketAddr) -> Result<TcpListener, ListenError> {
 /// TPROXY: `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`, `None` when the kernel
 /// knows none (a connection made to the listener's port itself).
 pub fn original_dst(app: &tokio::net::TcpStream, v6: bool) -> Option<SocketAddr> {
+    ask_original_dst(app, v6)
+}
+
+/// `SO_ORIGINAL_DST` (IPv4) or `IP6T_SO_ORIGINAL_DST` (IPv6) of `sock`.
+fn ask_original_dst(sock: &impl AsFd, v6: bool) -> Option<SocketAddr> {
     if v6 {
-        let a = getsockopt(app, sockopt::Ip6tOriginalDst).ok()?;
+        let a = getsockopt(sock, sockopt::Ip6tOriginalDst).ok()?;
         Some(SocketAddr::V6(SocketAddrV6::new(
             Ipv6Addr::from(a.sin6_addr.s6_addr),
             u16::from_be(a.sin6_port),
@@ -99,7 +104,7 @@ pub fn original_dst(app: &tokio::net::TcpStream, v6: bool) -> Option<SocketAddr>
             0,
         )))
     } else {
-        let a = getsockopt(app, sockopt::OriginalDst).ok()?;
+        let a = getsockopt(sock, sockopt::OriginalDst).ok()?;
         Some(SocketAddr::V4(SocketAddrV4::new(
             Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
             u16::from_be(a.sin_port),
@@ -122,21 +127,7 @@ pub fn udp_original_dst(app: SocketAddr) -> Option<SocketAddr> {
     let fd = socket(fam, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).ok()?;
     setsockopt(&fd, sockopt::Mark, &crate::config::FORWARD_MARK).ok()?;
     connect(fd.as_raw_fd(), &SockaddrStorage::from(app)).ok()?;
-    if app.is_ipv4() {
-        let a = getsockopt(&fd, sockopt::OriginalDst).ok()?;
-        Some(SocketAddr::V4(SocketAddrV4::new(
-            Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
-            u16::from_be(a.sin_port),
-        )))
-    } else {
-        let a = getsockopt(&fd, sockopt::Ip6tOriginalDst).ok()?;
-        Some(SocketAddr::V6(SocketAddrV6::new(
-            Ipv6Addr::from(a.sin6_addr.s6_addr),
-            u16::from_be(a.sin6_port),
-            0,
-            0,
-        )))
-    }
+    ask_original_dst(&fd, app.is_ipv6())
 }
 
 /// A transparent UDP listener on `addr` that reports each datagram's original

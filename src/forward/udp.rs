@@ -74,9 +74,9 @@ pub async fn serve(sock: UdpSocket, target: Arc<TargetState>, shared: Arc<Shared
         // TPROXY tells the original destination; a datagram the eBPF datapath
         // redirected arrives addressed to the listener, which asks for it (on
         // every datagram: the app's port may be a new socket's).
-        let (dst, answer) = match d.redirected.then(|| listen::udp_original_dst(d.src)) {
-            Some(Some(orig)) => (orig, Answer::FromListener(sock.clone())),
-            _ => (d.dst, Answer::FromDestination),
+        let (dst, listener) = match d.redirected.then(|| listen::udp_original_dst(d.src)) {
+            Some(Some(orig)) => (orig, Some(sock.clone())),
+            _ => (d.dst, None),
         };
         let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
         // Also what was sent to the listener's port directly, not by TPROXY.
@@ -104,27 +104,21 @@ pub async fn serve(sock: UdpSocket, target: Arc<TargetState>, shared: Arc<Shared
         let ends = Ends {
             app: d.src,
             dst,
-            answer,
+            listener,
         };
         dispatch(&table, &target, &shared.flows, up, ends, data);
     }
-}
-
-/// How a flow's answers reach the app.
-enum Answer {
-    /// From a transparent socket bound to the original destination (TPROXY).
-    FromDestination,
-    /// From the listener itself (the eBPF datapath): the app's socket talks to
-    /// the listener, and the datapath's `recvmsg` programs name the original
-    /// destination as the source.
-    FromListener(Arc<UdpSocket>),
 }
 
 /// A flow's two ends and how it answers.
 struct Ends {
     app: SocketAddr,
     dst: SocketAddr,
-    answer: Answer,
+    /// Answer from this listener (the eBPF datapath: the app's socket talks
+    /// to the listener, and the datapath's `recvmsg` programs name the
+    /// original destination as the source); without one, from a transparent
+    /// socket bound to the destination (TPROXY).
+    listener: Option<Arc<UdpSocket>>,
 }
 
 /// Where a flow sends the app its answers.
@@ -234,9 +228,9 @@ async fn associate(up: &Upstream) -> Result<(TcpStream, UdpSocket), UdpError> {
 
 async fn flow(up: &Upstream, ends: Ends, mut rx: mpsc::Receiver<Vec<u8>>) -> Result<(), UdpError> {
     let (src, dst) = (ends.app, ends.dst);
-    let reply = match ends.answer {
-        Answer::FromDestination => Reply::Socket(listen::udp_reply(dst, src)?),
-        Answer::FromListener(l) => Reply::Listener(l, src),
+    let reply = match ends.listener {
+        None => Reply::Socket(listen::udp_reply(dst, src)?),
+        Some(l) => Reply::Listener(l, src),
     };
     let (mut ctrl, relay) = tokio::time::timeout(up.timeout, associate(up))
         .await
