@@ -393,8 +393,9 @@ in
               that read `SO_ORIGINAL_DST` (the built-in forwarder, redsocks,
               mihomo's `redir-port`); no marks, routes or table, so VPN rules and
               firewalls cannot disturb it. A target's UDP goes to the same
-              port, for the built-in forwarder (one destination per UDP
-              socket; `no-udp` sends it direct); no `interfaces`, no
+              port, for the built-in forwarder (connected, bound and IPv6
+              UDP sockets talk to one destination each; `no-udp` sends it
+              direct); no `interfaces`, no
               `dns-hijack`. The unit gains CAP_BPF and the bpf() system call.
               Changing it restarts the daemon.
             '';

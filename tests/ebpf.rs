@@ -149,24 +149,46 @@ fn ebpf_redirects_tcp_and_udp_refuses_drop_and_detaches_on_stop() {
                     );
                 }
             }
-            // One UDP socket, one destination: a second one would be taken
-            // for the first by the listener, so it is refused.
+            // One unconnected IPv4 socket, many destinations (each flow has
+            // a source address of its own); each answer comes from where it
+            // was sent.
             let script = format!(
-                "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); s.sendto(b'a', ('{PEER4}', {PEER_PORT})); print(s.recvfrom(99)[0].decode().strip())\n\
-try:\n s.sendto(b'b', ('10.99.0.7', {PEER_PORT}))\nexcept OSError as e:\n print('ERR', e.errno)"
+                "import socket\n\
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)\n\
+for dst in [('{PEER4}', {PEER_PORT}), ('10.99.0.7', 53), ('{PEER4}', {PEER_PORT})]:\n \
+s.sendto(b'a', dst); d, src = s.recvfrom(99); print(d.decode().strip(), 'from', src[0], src[1])"
             );
-            let out = lab
-                .spawn_in(
-                    "proxy",
-                    &format!("python3 -c \"{script}\""),
-                    std::process::Stdio::piped(),
-                )
-                .wait_with_output()
-                .unwrap();
             assert_eq!(
-                String::from_utf8_lossy(&out.stdout).trim(),
-                format!("proxy {PEER4} {PEER_PORT}\nERR 1")
+                lab.python_in("proxy", &script),
+                format!(
+                    "proxy {PEER4} {PEER_PORT} from {PEER4} {PEER_PORT}\n\
+                     proxy 10.99.0.7 53 from 10.99.0.7 53\n\
+                     proxy {PEER4} {PEER_PORT} from {PEER4} {PEER_PORT}"
+                )
             );
+            // IPv6 has one loopback address: a bound or IPv6 socket talks to
+            // one destination, a second one would be taken for the first by
+            // the listener, so it is refused.
+            for (fam, first, second) in [
+                ("AF_INET6", PEER6, "fd99::7"),
+                ("AF_INET", PEER4, "10.99.0.7"),
+            ] {
+                let bind = if fam == "AF_INET" {
+                    "s.bind(('10.99.0.1', 0)); "
+                } else {
+                    ""
+                };
+                let script = format!(
+                    "import socket\n\
+s = socket.socket(socket.{fam}, socket.SOCK_DGRAM); s.settimeout(2); {bind}s.sendto(b'a', ('{first}', {PEER_PORT})); print(s.recvfrom(99)[0].decode().strip())\n\
+try:\n s.sendto(b'b', ('{second}', {PEER_PORT}))\nexcept OSError as e:\n print('ERR', e.errno)"
+                );
+                assert_eq!(
+                    lab.python_in("proxy", &script),
+                    format!("proxy {first} {PEER_PORT}\nERR 1"),
+                    "{fam}"
+                );
+            }
             assert_eq!(counted(lab.peer_pid()), 0, "proxied UDP leaked");
 
             // A dropped cgroup is refused (EPERM).
@@ -263,6 +285,11 @@ redsocks {{ local_ip = 127.0.0.1; local_port = {REDSOCKS_PORT}; ip = {PEER4}; po
             helper("server.py").display()
         );
         lab.start_peer_service(&udp, UDP_PORT);
+        let dns = format!(
+            "python3 '{}' 53 dns {PEER4} {PEER6}",
+            helper("server.py").display()
+        );
+        lab.start_peer_service(&dns, 53);
         for rel in ["app-fwd", "app-redsocks", "app-dante"] {
             lab.mkcg(rel);
         }
@@ -324,6 +351,19 @@ redsocks {{ local_ip = 127.0.0.1; local_port = {REDSOCKS_PORT}; ip = {PEER4}; po
                 );
             }
         }
+        // One unconnected IPv4 socket, two destinations: two flows.
+        let script = format!(
+            "import socket\n\
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)\n\
+for dst in [('{PEER4}', {UDP_PORT}), ('{PEER4}', 53)]:\n \
+s.sendto(b'a', dst); d, src = s.recvfrom(99); print(d.decode().strip(), 'from', src[1])"
+        );
+        assert_eq!(
+            lab.python_in("app-dante", &script),
+            format!("peer {DANTE4} from {UDP_PORT}\ndns {DANTE4} from 53"),
+            "forwarder log:\n{}",
+            fwd.log()
+        );
         // An app connecting to the forwarder's port itself has no original
         // destination: refused as a loop, never relayed.
         lab.mkcg("other");

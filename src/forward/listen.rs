@@ -4,7 +4,7 @@
 //! listener.
 
 use std::io::IoSliceMut;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::sys::socket::{
@@ -130,6 +130,16 @@ pub fn udp_original_dst(app: SocketAddr) -> Option<SocketAddr> {
     ask_original_dst(&fd, app.is_ipv6())
 }
 
+/// Whether `ip` is one of the eBPF datapath's per-flow source addresses
+/// (127.128.0.0/10, given to each flow of an unconnected IPv4 socket): such a
+/// flow is answered from its destination's address, as a TPROXY one.
+pub fn is_flow_address(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => u32::from(v4) & 0xffc0_0000 == 0x7f80_0000,
+        IpAddr::V6(_) => false,
+    }
+}
+
 /// A transparent UDP listener on `addr` that reports each datagram's original
 /// destination.
 pub fn udp_listener(addr: SocketAddr) -> Result<UdpSocket, ListenError> {
@@ -217,4 +227,25 @@ pub async fn recv_orig(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<Data
         })
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flow_addresses_are_127_128_slash_10() {
+        for ip in ["127.128.0.1", "127.191.255.255", "::ffff:127.150.1.2"] {
+            assert!(is_flow_address(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in [
+            "127.0.0.1",
+            "127.127.255.255",
+            "127.192.0.0",
+            "10.128.0.1",
+            "::1",
+        ] {
+            assert!(!is_flow_address(ip.parse().unwrap()), "{ip}");
+        }
+    }
 }

@@ -1,7 +1,8 @@
 //! UDP: one SOCKS5 UDP association per flow (app address, original destination),
-//! answered from a transparent socket bound to the destination (TPROXY), or
-//! from the listener itself when the eBPF datapath redirected the datagram
-//! (its programs name the destination as the answer's source). Flows end after
+//! answered from a transparent socket bound to the destination (TPROXY, and
+//! the eBPF datapath's per-flow addresses), or from the listener itself when
+//! the eBPF datapath redirected a socket's datagrams by its port (its programs
+//! name the destination as the answer's source). Flows end after
 //! an idle timeout; flows are bounded in all and per source, so a flood of new
 //! flows costs dropped datagrams, never memory or descriptors. Datagrams back
 //! to this host's own listener ports are dropped (a loop). An upstream without
@@ -73,9 +74,14 @@ pub async fn serve(sock: UdpSocket, target: Arc<TargetState>, shared: Arc<Shared
         };
         // TPROXY tells the original destination; a datagram the eBPF datapath
         // redirected arrives addressed to the listener, which asks for it (on
-        // every datagram: the app's port may be a new socket's).
+        // every datagram: the app's port may be a new socket's). Its answers
+        // come from the listener, but for a flow address's (see
+        // `listen::is_flow_address`).
         let (dst, listener) = match d.redirected.then(|| listen::udp_original_dst(d.src)) {
-            Some(Some(orig)) => (orig, Some(sock.clone())),
+            Some(Some(orig)) => {
+                let from_listener = !listen::is_flow_address(d.src.ip());
+                (orig, from_listener.then(|| sock.clone()))
+            }
             _ => (d.dst, None),
         };
         let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());

@@ -17,7 +17,8 @@ datapath's listeners): not transparent, the original destination read with
 getsockopt SO_ORIGINAL_DST (IPv4) or IP6T_SO_ORIGINAL_DST (IPv6): on the
 accepted socket (TCP), or on a marked UDP socket connected to the datagram's
 source (UDP, as the eBPF datapath answers it); UDP answers come from the
-listener itself.
+listener itself, or, to one of the datapath's per-flow addresses
+(127.128.0.0/10), from the destination's address.
 Ready: prints "ready", and tells systemd (READY=1) when run as Type=notify.
 Usage: listener.py PORT [LABEL] [--http] [--redirect] [--log FILE]
 """
@@ -62,6 +63,18 @@ def transparent(fam, typ):
         if fam == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     elif fam == socket.AF_INET:
+        s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    else:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    return s
+
+
+def answering(fam):
+    """A transparent UDP socket, to be bound to a foreign destination."""
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if fam == socket.AF_INET:
         s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
     else:
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -121,6 +134,15 @@ def redirected_udp_dst(fam, peer):
         return original_dst(q, fam)
 
 
+def flow_address(fam, ip):
+    """One of the eBPF datapath's per-flow source addresses, 127.128.0.0/10:
+    answered from the destination's address, as TPROXY flows are."""
+    if fam != socket.AF_INET:
+        return False
+    (a,) = struct.unpack("!I", socket.inet_aton(ip))
+    return a & 0xFFC00000 == 0x7F800000
+
+
 def answer_tcp(c, fam):
     """One connection; the accepted socket's local address is the original
     destination (TPROXY), or SO_ORIGINAL_DST tells it (--redirect)."""
@@ -159,13 +181,15 @@ while True:
             if args.redirect:
                 dst = redirected_udp_dst(fam, peer)
                 note(f"udp {endpoint(fam, *dst)} {data.decode(errors='replace').strip()}")
-                s.sendto(f"{args.label} {dst[0]} {dst[1]}\n".encode(), peer)
-                continue
-            dst = orig_dst(fam, cmsgs)
-            if dst is None:
-                continue
-            note(f"udp {endpoint(fam, *dst)} {data.decode(errors='replace').strip()}")
-            with transparent(fam, socket.SOCK_DGRAM) as r:
+                if not flow_address(fam, peer[0]):
+                    s.sendto(f"{args.label} {dst[0]} {dst[1]}\n".encode(), peer)
+                    continue
+            else:
+                dst = orig_dst(fam, cmsgs)
+                if dst is None:
+                    continue
+                note(f"udp {endpoint(fam, *dst)} {data.decode(errors='replace').strip()}")
+            with answering(fam) as r:
                 r.bind(dst)
                 r.sendto(f"{args.label} {dst[0]} {dst[1]}\n".encode(), peer)
         except OSError:

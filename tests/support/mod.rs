@@ -275,6 +275,20 @@ impl Lab {
             .unwrap()
     }
 
+    /// Runs a Python `script` in cgroup `rel`; its output, trimmed.
+    pub fn python_in(&self, rel: &str, script: &str) -> String {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let file = self.dir.join(format!("script-{n}.py"));
+        std::fs::write(&file, script).unwrap();
+        let cmd = format!("python3 '{}'", file.display());
+        let out = self
+            .spawn_in(rel, &cmd, Stdio::piped())
+            .wait_with_output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
     /// Starts the transparent listener in cgroup `rel` (which the rules must leave
     /// direct), answering with `label`.
     pub fn start_listener(&mut self, rel: &str, port: u16, label: &str) {

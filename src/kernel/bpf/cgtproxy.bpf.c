@@ -24,6 +24,11 @@
 //   connecting it elsewhere) fails with EPERM, as it would be mistaken for
 //   the first. A connected socket is bound by the program (a random free
 //   port) so that its port is known from connect() on.
+//   Except unconnected IPv4 sockets without a bound address: each of their
+//   (socket, destination) flows sends from an address of its own in
+//   127.128.0.0/10 (`flows`), so one socket may talk to any number of
+//   destinations; the forwarder answers those from the destination's
+//   address (a transparent socket), which needs no rewrite.
 // - bypass destinations (LPM tries), non-TCP/UDP sockets and the built-in
 //   forwarder's own upstream sockets (marked) are untouched.
 //
@@ -152,6 +157,36 @@ struct {
 	__type(key, __u32);
 	__type(value, struct orig);
 } cgtp_by_port SEC(".maps");
+
+/* Per-flow source addresses of unconnected IPv4 UDP: 127.128.0.0/10, the
+ * host's own (all of 127/8 is), never .0 of it. */
+#define FLOW_NET 0x7f800000
+#define FLOW_HOSTS 0x003fffff
+/* Attempts at drawing a free flow address. */
+#define FLOW_ATTEMPTS 4
+
+struct flow_key {
+	__u64 cookie;
+	struct orig o;
+	__u32 pad;
+};
+
+/* (socket, destination) -> its flow address (host order). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct flow_key);
+	__type(value, __u32);
+} cgtp_flow_of SEC(".maps");
+
+/* Flow address (host order) -> the original destination, for the
+ * forwarder's getsockopt. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, struct orig);
+} cgtp_flows SEC(".maps");
 
 /* UDP of a target: the original destination by the app's local port. */
 struct {
@@ -353,6 +388,41 @@ static __always_inline int file_udp(struct bpf_sock_addr *ctx, __u16 family,
 	return ALLOW;
 }
 
+/* The flow address of this socket's datagrams to `o`: the one it has, or a
+ * free one drawn at random (taken atomically: BPF_NOEXIST). 0 when none. */
+static __always_inline __u32 flow_address(struct bpf_sock_addr *ctx,
+					  const struct orig *o)
+{
+	struct flow_key key = { .cookie = bpf_get_socket_cookie(ctx) };
+	__u32 *found, addr;
+
+	__builtin_memcpy(&key.o, o, sizeof(key.o));
+	found = bpf_map_lookup_elem(&cgtp_flow_of, &key);
+	if (found) {
+		struct orig *f;
+
+		addr = *found;
+		f = bpf_map_lookup_elem(&cgtp_flows, &addr);
+		if (f) {
+			struct orig cur;
+
+			__builtin_memcpy(&cur, f, sizeof(cur));
+			asm volatile("" ::: "memory");
+			if (same_orig(&cur, o))
+				return addr;
+		}
+	}
+#pragma clang loop unroll(full)
+	for (int i = 0; i < FLOW_ATTEMPTS; i++) {
+		addr = FLOW_NET | (bpf_get_prandom_u32() % FLOW_HOSTS + 1);
+		if (bpf_map_update_elem(&cgtp_flows, &addr, o, BPF_NOEXIST))
+			continue;
+		bpf_map_update_elem(&cgtp_flow_of, &key, &addr, BPF_ANY);
+		return addr;
+	}
+	return 0;
+}
+
 /* Attempts at binding a connecting socket to a random free port. */
 #define BIND_ATTEMPTS 4
 /* The kernel's default ephemeral range, net.ipv4.ip_local_port_range. */
@@ -490,10 +560,11 @@ int cgtproxy_conn6(struct bpf_sock_addr *ctx)
 	return ALLOW;
 }
 
-/* Unconnected UDP (sendto): a target's datagram goes to the listener, its
- * destination filed under the socket's port (bound by now: the kernel binds
- * an unbound socket before this program runs). An IPv6 socket's datagram to
- * a v4-mapped address meets sendmsg4, not sendmsg6. */
+/* Unconnected UDP (sendto): a target's datagram goes to the listener. Its
+ * destination is told by its flow address (a socket without a bound
+ * address), else filed under the socket's port (bound by now: the kernel
+ * binds an unbound socket before this program runs). An IPv6 socket's
+ * datagram to a v4-mapped address meets sendmsg4, not sendmsg6. */
 SEC("cgroup/sendmsg4")
 int cgtproxy_send4(struct bpf_sock_addr *ctx)
 {
@@ -501,14 +572,23 @@ int cgtproxy_send4(struct bpf_sock_addr *ctx)
 	__u32 dst[4] = { 0, 0, 0, ctx->user_ip4 };
 	int verdict = decide(ctx, 0, dst, &port);
 	struct orig o = {};
+	__u32 flow;
 
 	if (verdict != REDIRECT)
 		return verdict;
 	o.family = AF_INET;
 	o.addr[0] = dst[3];
 	o.port = (__u16)ctx->user_port;
-	if (file_udp(ctx, AF_INET, ctx->sk->src_port, &o, port) != ALLOW)
+	/* An IPv6 socket bound to :: has src_ip4 0 too. */
+	if (!ctx->sk->src_ip4) {
+		flow = flow_address(ctx, &o);
+		if (!flow)
+			return DENY;
+		ctx->msg_src_ip4 = bpf_htonl(flow);
+	} else if (file_udp(ctx, AF_INET, ctx->sk->src_port, &o, port) !=
+		   ALLOW) {
 		return DENY;
+	}
 	ctx->user_ip4 = bpf_htonl(0x7f000001);
 	ctx->user_port = bpf_htons(port);
 	return ALLOW;
@@ -690,15 +770,18 @@ int cgtproxy_getopt(struct bpf_sockopt *ctx)
 	struct bpf_sock *sk = ctx->sk;
 	void *end = ctx->optval_end;
 	struct orig orig, *o, *found;
-	__u32 port, protocol;
+	__u32 port, protocol, peer4;
 
 	if (ctx->optname != SO_ORIGINAL_DST || ctx->retval == 0 || !sk)
 		return 1;
 	if (ctx->level != SOL_IP && ctx->level != SOL_IPV6)
 		return 1;
 	protocol = sk->protocol;
-	if ((protocol != IPPROTO_TCP && protocol != IPPROTO_UDP) ||
-	    !loopback_peer(sk))
+	peer4 = sk->dst_ip4;
+	/* A redirected TCP client is a loopback one; an app's UDP socket bound
+	 * to another of the host's addresses sends from it. */
+	if (protocol == IPPROTO_TCP ? !loopback_peer(sk) :
+				      protocol != IPPROTO_UDP)
 		return 1;
 	port = bpf_ntohs(sk->dst_port);
 	if (protocol == IPPROTO_TCP) {
@@ -707,16 +790,26 @@ int cgtproxy_getopt(struct bpf_sockopt *ctx)
 			return 1;
 		__builtin_memcpy(&orig, found, sizeof(orig));
 	} else {
-		/* The forwarder asks on a socket connected to the app's. */
+		/* The forwarder asks on a socket connected to the app's
+		 * address: a flow address tells the flow by itself. */
 		struct udp_key key = {
 			.port = port,
 			.family = ctx->level == SOL_IP ? AF_INET : AF_INET6,
 		};
-		struct udp_orig *u = bpf_map_lookup_elem(&cgtp_udp, &key);
+		__u32 peer = bpf_ntohl(peer4);
+		struct udp_orig *u;
 
-		if (!u)
-			return 1;
-		__builtin_memcpy(&orig, &u->o, sizeof(orig));
+		if (ctx->level == SOL_IP && (peer & ~FLOW_HOSTS) == FLOW_NET) {
+			found = bpf_map_lookup_elem(&cgtp_flows, &peer);
+			if (!found)
+				return 1;
+			__builtin_memcpy(&orig, found, sizeof(orig));
+		} else {
+			u = bpf_map_lookup_elem(&cgtp_udp, &key);
+			if (!u)
+				return 1;
+			__builtin_memcpy(&orig, &u->o, sizeof(orig));
+		}
 	}
 	asm volatile("" ::: "memory");
 	o = &orig;

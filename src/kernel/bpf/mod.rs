@@ -390,6 +390,8 @@ mod tests {
             "cgtp_udp",
             "cgtp_generation",
             "cgtp_class_cache",
+            "cgtp_flow_of",
+            "cgtp_flows",
         ]) {
             assert!(text.contains(name), "{name} missing from the object");
         }
