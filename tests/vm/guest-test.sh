@@ -574,6 +574,7 @@ expect ebpf-proxy-slice-tcp4 "REDIRECT $PEER4 $PEER_PORT" slice proxy tcp "$PEER
 # UDP of a target fails closed (EPERM), as does all of a dropped app.
 expect ebpf-proxy-udp4 "REDIRECT $PEER4 $PEER_PORT" exec proxy udp "$PEER4"
 expect ebpf-proxy-udp6 "REDIRECT $PEER6 $PEER_PORT" exec proxy udp "$PEER6"
+expect ebpf-proxy-sendto4 "REDIRECT $PEER4 $PEER_PORT" exec proxy sendto "$PEER4"
 expect ebpf-drop-tcp6 ERROR exec drop tcp "$PEER6"
 expect ebpf-direct-tcp4 "PEER $PEER4 $PEER_PORT" exec direct tcp "$PEER4"
 expect ebpf-root-untouched "PEER $PEER6 $PEER_PORT" root - tcp "$PEER6"
@@ -583,6 +584,7 @@ check ebpf-forward-start systemctl start cgtproxy-forward.service
 expect ebpf-fwd-tcp4 "FROM $UP4" exec fwd tcp "$PEER4" "$WHOAMI_PORT"
 expect ebpf-fwd-udp4 "FROM $UP4" exec fwd udp "$PEER4" "$WHOAMI_PORT"
 expect ebpf-fwd-udp6 "FROM $UP6" exec fwd udp "$PEER6" "$WHOAMI_PORT"
+expect ebpf-fwd-sendto4 "FROM $UP4" exec fwd sendto "$PEER4" "$WHOAMI_PORT"
 check ebpf-forward-stop systemctl stop cgtproxy-forward.service
 ebpf_exposure=$(systemd-analyze security --no-pager cgtproxy.service 2>&1 | grep -i 'overall exposure' | grep -oE '[0-9]+\.[0-9]+' | head -n1)
 info "systemd-analyze security with the ebpf drop-in: $ebpf_exposure"

@@ -5,9 +5,10 @@
                                 answers "PEER <local ip> <port>"
   vmnet.py whoami PORT ADDR...  the same, but answers "FROM <client ip>": who
                                 reached it (the host, or a proxy's address)
-  vmnet.py probe tcp|udp HOST PORT [TIMEOUT]
-                                one request; prints the answer, exit 0 on an
-                                answer, 1 (with "ERROR ...") otherwise
+  vmnet.py probe tcp|udp|sendto HOST PORT [TIMEOUT]
+                                one request (udp: on a connected socket;
+                                sendto: unconnected); prints the answer, exit
+                                0 on an answer, 1 (with "ERROR ...") otherwise
 
 The answer tells the test who was reached. The TPROXY listener is
 tests/helpers/listener.py, the one all tests use.
@@ -86,9 +87,12 @@ def probe(proto, host, port, timeout):
     try:
         with socket.socket(family, kind) as s:
             s.settimeout(timeout)
-            s.connect((host, port))
-            if kind == socket.SOCK_DGRAM:
-                s.send(b"ping\n")
+            if proto == "sendto":
+                s.sendto(b"ping\n", (host, port))
+            else:
+                s.connect((host, port))
+                if kind == socket.SOCK_DGRAM:
+                    s.send(b"ping\n")
             answer = s.recv(256).decode().strip()
     except OSError as e:
         print(f"ERROR {type(e).__name__}: {e}")
@@ -104,7 +108,7 @@ def main(argv):
     if len(argv) >= 3 and argv[0] in ("peer", "whoami"):
         addrs = [(socket.AF_INET6 if ":" in a else socket.AF_INET, a) for a in argv[2:]]
         serve(int(argv[1]), addrs, whoami=argv[0] == "whoami")
-    elif len(argv) in (4, 5) and argv[0] == "probe" and argv[1] in ("tcp", "udp"):
+    elif len(argv) in (4, 5) and argv[0] == "probe" and argv[1] in ("tcp", "udp", "sendto"):
         timeout = float(argv[4]) if len(argv) == 5 else 3.0
         return probe(argv[1], argv[2], int(argv[3]), timeout)
     else:
