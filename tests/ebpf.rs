@@ -166,6 +166,32 @@ s.sendto(b'a', dst); d, src = s.recvfrom(99); print(d.decode().strip(), 'from', 
                      proxy {PEER4} {PEER_PORT} from {PEER4} {PEER_PORT}"
                 )
             );
+            // Where an app sends is told only to a marked socket (the
+            // forwarder's: SO_MARK takes CAP_NET_ADMIN). An app's connected
+            // socket has sent to the peer; then another process asks about
+            // its port, unmarked and marked.
+            let port = lab.python_in(
+                "proxy",
+                &format!(
+                    "import socket\n\
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2); s.connect(('{PEER4}', {PEER_PORT})); s.send(b'a'); s.recv(99)\n\
+print(s.getsockname()[1])"
+                ),
+            );
+            for (mark, want) in [
+                ("", "ERR 92".to_owned()),
+                (
+                    "q.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 0x63677466); ",
+                    format!("told {PEER4}:{PEER_PORT}"),
+                ),
+            ] {
+                let script = format!(
+                    "import socket, struct\n\
+q = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); {mark}q.connect(('127.0.0.1', {port}))\n\
+try:\n a = q.getsockopt(socket.SOL_IP, 80, 16); print(f'told {{socket.inet_ntoa(a[4:8])}}:{{struct.unpack(\"!H\", a[2:4])[0]}}')\nexcept OSError as e:\n print('ERR', e.errno)"
+                );
+                assert_eq!(lab.python_in("other", &script), want, "{mark}");
+            }
             // IPv6 has one loopback address: a bound or IPv6 socket talks to
             // one destination, a second one would be taken for the first by
             // the listener, so it is refused.

@@ -770,7 +770,7 @@ int cgtproxy_getopt(struct bpf_sockopt *ctx)
 	struct bpf_sock *sk = ctx->sk;
 	void *end = ctx->optval_end;
 	struct orig orig, *o, *found;
-	__u32 port, protocol, peer4;
+	__u32 port, protocol, peer4, mark;
 
 	if (ctx->optname != SO_ORIGINAL_DST || ctx->retval == 0 || !sk)
 		return 1;
@@ -778,6 +778,7 @@ int cgtproxy_getopt(struct bpf_sockopt *ctx)
 		return 1;
 	protocol = sk->protocol;
 	peer4 = sk->dst_ip4;
+	mark = sk->mark;
 	/* A redirected TCP client is a loopback one; an app's UDP socket bound
 	 * to another of the host's addresses sends from it. */
 	if (protocol == IPPROTO_TCP ? !loopback_peer(sk) :
@@ -791,13 +792,19 @@ int cgtproxy_getopt(struct bpf_sockopt *ctx)
 		__builtin_memcpy(&orig, found, sizeof(orig));
 	} else {
 		/* The forwarder asks on a socket connected to the app's
-		 * address: a flow address tells the flow by itself. */
+		 * address: a flow address tells the flow by itself. Only
+		 * a marked socket (SO_MARK needs CAP_NET_ADMIN) is told:
+		 * anyone may connect a UDP socket anywhere, and where an
+		 * app sends is not every local user's to read. */
 		struct udp_key key = {
 			.port = port,
 			.family = ctx->level == SOL_IP ? AF_INET : AF_INET6,
 		};
 		__u32 peer = bpf_ntohl(peer4);
 		struct udp_orig *u;
+
+		if (mark != FORWARD_MARK)
+			return 1;
 
 		if (ctx->level == SOL_IP && (peer & ~FLOW_HOSTS) == FLOW_NET) {
 			found = bpf_map_lookup_elem(&cgtp_flows, &peer);
