@@ -503,28 +503,14 @@ pub fn compare_ebpf(
 /// depth on the eBPF side (see [`bpfstats`]).
 fn program_time(lab: &Lab, sides: &Sides, plan: &Plan) -> Programs {
     let _counting = bpfstats::start();
-    let s0 = bpfstats::snapshot();
-    run(
-        lab,
-        sides,
-        Kind::Ebpf,
-        (Side::Table, DEEPEST),
-        "connect",
-        plan.connects,
-    );
-    let s1 = bpfstats::snapshot();
-    run(
-        lab,
-        sides,
-        Kind::Ebpf,
-        (Side::Table, DEEPEST),
-        "udp",
-        plan.datagrams,
-    );
-    let s2 = bpfstats::snapshot();
+    let per_op = |mode: &str, count: u64| {
+        let before = bpfstats::snapshot();
+        run(lab, sides, Kind::Ebpf, (Side::Table, DEEPEST), mode, count);
+        PerOp::between(&before, &bpfstats::snapshot(), count)
+    };
     Programs {
-        connection: PerOp::between(&s0, &s1, plan.connects),
-        datagram: PerOp::between(&s1, &s2, plan.datagrams),
+        connection: per_op("connect", plan.connects),
+        datagram: per_op("udp", plan.datagrams),
     }
 }
 

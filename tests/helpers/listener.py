@@ -56,29 +56,18 @@ def endpoint(fam, ip, p):
     return f"[{ip}]:{p}" if fam == socket.AF_INET6 else f"{ip}:{p}"
 
 
-def transparent(fam, typ):
+def transparent(fam, typ, foreign=None):
+    """A socket for a listener (transparent but with --redirect), or, with
+    foreign, a transparent one to be bound to a foreign destination."""
     s = socket.socket(fam, typ)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if args.redirect:
-        if fam == socket.AF_INET6:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    elif fam == socket.AF_INET:
-        s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-    else:
+    if fam == socket.AF_INET6:
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        s.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
-    return s
-
-
-def answering(fam):
-    """A transparent UDP socket, to be bound to a foreign destination."""
-    s = socket.socket(fam, socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if fam == socket.AF_INET:
-        s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
-    else:
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        s.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    if foreign or not args.redirect:
+        if fam == socket.AF_INET:
+            s.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        else:
+            s.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
     return s
 
 
@@ -189,7 +178,7 @@ while True:
                 if dst is None:
                     continue
                 note(f"udp {endpoint(fam, *dst)} {data.decode(errors='replace').strip()}")
-            with answering(fam) as r:
+            with transparent(fam, socket.SOCK_DGRAM, foreign=True) as r:
                 r.bind(dst)
                 r.sendto(f"{args.label} {dst[0]} {dst[1]}\n".encode(), peer)
         except OSError:

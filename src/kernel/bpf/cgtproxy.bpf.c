@@ -345,6 +345,24 @@ static __always_inline int read_dst6(struct bpf_sock_addr *ctx, __u32 dst[4])
 	return v4_mapped(dst);
 }
 
+/* The original destination `dst` (as read for decide()) on `user_port`:
+ * IPv4 in dst[3] when `v4`, else IPv6. */
+static __always_inline void orig_of(struct orig *o, int v4, const __u32 dst[4],
+				    __u32 user_port)
+{
+	o->port = (__u16)user_port;
+	if (v4) {
+		o->family = AF_INET;
+		o->addr[0] = dst[3];
+	} else {
+		o->family = AF_INET6;
+		o->addr[0] = dst[0];
+		o->addr[1] = dst[1];
+		o->addr[2] = dst[2];
+		o->addr[3] = dst[3];
+	}
+}
+
 static __always_inline void remember(struct bpf_sock_addr *ctx,
 				     const struct orig *o)
 {
@@ -521,9 +539,7 @@ int cgtproxy_conn4(struct bpf_sock_addr *ctx)
 
 	if (verdict != REDIRECT)
 		return verdict;
-	o.family = AF_INET;
-	o.addr[0] = dst[3];
-	o.port = (__u16)ctx->user_port;
+	orig_of(&o, 1, dst, ctx->user_port);
 	if (file_connect(ctx, AF_INET, local_port4(ctx), &o, port) != ALLOW)
 		return DENY;
 	ctx->user_ip4 = bpf_htonl(0x7f000001);
@@ -542,17 +558,7 @@ int cgtproxy_conn6(struct bpf_sock_addr *ctx)
 
 	if (verdict != REDIRECT)
 		return verdict;
-	o.port = (__u16)ctx->user_port;
-	if (mapped) {
-		o.family = AF_INET;
-		o.addr[0] = dst[3];
-	} else {
-		o.family = AF_INET6;
-		o.addr[0] = dst[0];
-		o.addr[1] = dst[1];
-		o.addr[2] = dst[2];
-		o.addr[3] = dst[3];
-	}
+	orig_of(&o, mapped, dst, ctx->user_port);
 	if (file_connect(ctx, o.family, local_port6(ctx), &o, port) != ALLOW)
 		return DENY;
 	to_loopback6(ctx, mapped);
@@ -576,9 +582,7 @@ int cgtproxy_send4(struct bpf_sock_addr *ctx)
 
 	if (verdict != REDIRECT)
 		return verdict;
-	o.family = AF_INET;
-	o.addr[0] = dst[3];
-	o.port = (__u16)ctx->user_port;
+	orig_of(&o, 1, dst, ctx->user_port);
 	/* An IPv6 socket bound to :: has src_ip4 0 too. */
 	if (!ctx->sk->src_ip4) {
 		flow = flow_address(ctx, &o);
@@ -607,12 +611,7 @@ int cgtproxy_send6(struct bpf_sock_addr *ctx)
 	 * a rewrite to one here). */
 	if (verdict != REDIRECT || mapped)
 		return verdict == DENY ? DENY : ALLOW;
-	o.family = AF_INET6;
-	o.addr[0] = dst[0];
-	o.addr[1] = dst[1];
-	o.addr[2] = dst[2];
-	o.addr[3] = dst[3];
-	o.port = (__u16)ctx->user_port;
+	orig_of(&o, 0, dst, ctx->user_port);
 	if (file_udp(ctx, AF_INET6, ctx->sk->src_port, &o, port) != ALLOW)
 		return DENY;
 	to_loopback6(ctx, 0);
