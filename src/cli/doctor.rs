@@ -675,7 +675,7 @@ fn probe_bpf(cfg: &Config) -> Probe {
         Ok(()) => Probe {
             verdict: Outcome::Ok,
             name: "ebpf",
-            detail: "the kernel loads the datapath's programs (cgroup connect4/6, sendmsg4/6, getsockopt; sockops)".into(),
+            detail: "the kernel loads the datapath's programs (cgroup connect4/6, sendmsg4/6, recvmsg4/6, getpeername4/6, getsockopt)".into(),
             fix: None,
         },
         Err(e) => Probe {
