@@ -112,22 +112,39 @@ fn ask_original_dst(sock: &impl AsFd, v6: bool) -> Option<SocketAddr> {
     }
 }
 
-/// The original destination of a datagram from `app` that reached a UDP
-/// listener by address rewriting (the eBPF datapath): `SO_ORIGINAL_DST` /
-/// `IP6T_SO_ORIGINAL_DST` asked on a socket connected to the app's address,
-/// which the datapath's `getsockopt` program answers. `None` when nothing
-/// rewrote it (a datagram sent to the listener's port itself). The socket is
-/// marked so that the datapath never redirects its `connect()`.
-pub fn udp_original_dst(app: SocketAddr) -> Option<SocketAddr> {
-    let fam = if app.is_ipv4() {
-        AddressFamily::Inet
-    } else {
-        AddressFamily::Inet6
-    };
-    let fd = socket(fam, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).ok()?;
-    setsockopt(&fd, sockopt::Mark, &crate::config::FORWARD_MARK).ok()?;
-    connect(fd.as_raw_fd(), &SockaddrStorage::from(app)).ok()?;
-    ask_original_dst(&fd, app.is_ipv6())
+/// Asks the eBPF datapath for the original destination of datagrams that
+/// reached a UDP listener by address rewriting: `SO_ORIGINAL_DST` /
+/// `IP6T_SO_ORIGINAL_DST` on one UDP socket, connected to each datagram's
+/// source in turn (two system calls a datagram), which the datapath's
+/// `getsockopt` program answers. The socket carries the forwarder's mark: the
+/// datapath never redirects its `connect()`, and tells only a marked socket.
+pub struct OriginalDstQuery {
+    sock: Option<OwnedFd>,
+    v6: bool,
+}
+
+impl OriginalDstQuery {
+    /// A query socket for datagrams of one family.
+    pub fn new(v6: bool) -> OriginalDstQuery {
+        let fam = if v6 {
+            AddressFamily::Inet6
+        } else {
+            AddressFamily::Inet
+        };
+        let sock = socket(fam, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)
+            .ok()
+            .filter(|fd| setsockopt(fd, sockopt::Mark, &crate::config::FORWARD_MARK).is_ok());
+        OriginalDstQuery { sock, v6 }
+    }
+
+    /// The original destination of a datagram from `app`; `None` when nothing
+    /// rewrote it (a datagram sent to the listener's port itself), or when the
+    /// query socket could not be made.
+    pub fn ask(&self, app: SocketAddr) -> Option<SocketAddr> {
+        let sock = self.sock.as_ref()?;
+        connect(sock.as_raw_fd(), &SockaddrStorage::from(app)).ok()?;
+        ask_original_dst(sock, self.v6)
+    }
 }
 
 /// Whether `ip` is one of the eBPF datapath's per-flow source addresses
@@ -171,7 +188,7 @@ pub struct Datagram {
     pub src: SocketAddr,
     pub dst: SocketAddr,
     /// Addressed to the listener itself: not TPROXY's, its original
-    /// destination is the datapath's to tell ([`udp_original_dst`]).
+    /// destination is the datapath's to tell ([`OriginalDstQuery`]).
     pub redirected: bool,
 }
 

@@ -63,6 +63,7 @@ fn lock(t: &Table) -> std::sync::MutexGuard<'_, HashMap<Key, mpsc::Sender<Vec<u8
 pub async fn serve(sock: UdpSocket, target: Arc<TargetState>, shared: Arc<Shared>) {
     let table: Table = Arc::default();
     let sock = Arc::new(sock);
+    let query = listen::OriginalDstQuery::new(sock.local_addr().is_ok_and(|a| a.is_ipv6()));
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         let d = match listen::recv_orig(&sock, &mut buf).await {
@@ -77,7 +78,7 @@ pub async fn serve(sock: UdpSocket, target: Arc<TargetState>, shared: Arc<Shared
         // every datagram: the app's port may be a new socket's). Its answers
         // come from the listener, but for a flow address's (see
         // `listen::is_flow_address`).
-        let (dst, listener) = match d.redirected.then(|| listen::udp_original_dst(d.src)) {
+        let (dst, listener) = match d.redirected.then(|| query.ask(d.src)) {
             Some(Some(orig)) => {
                 let from_listener = !listen::is_flow_address(d.src.ip());
                 (orig, from_listener.then(|| sock.clone()))
