@@ -109,9 +109,17 @@ struct lpm6 {
 	__u32 addr[4];
 };
 
+/* Sizes: the kernel allocates a hash map's buckets for all its entries up
+ * front, and an LRU hash's elements too, charged to the daemon's cgroup.
+ * Classified cgroups: 2^18 (4 MiB of buckets); the LRU maps hold what is in
+ * flight (sockets, flows, cgroups that connect) and evict the least recently
+ * used: 16384 each (about 1.6 MiB each). */
+#define MAX_CLASSIFIED (1 << 18)
+#define MAX_IN_FLIGHT 16384
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 1 << 20);
+	__uint(max_entries, MAX_CLASSIFIED);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u64);
 	__type(value, __u32);
@@ -143,7 +151,7 @@ struct {
 /* getpeername(): original destination by socket cookie. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, MAX_IN_FLIGHT);
 	__type(key, __u64);
 	__type(value, struct orig);
 } cgtp_by_cookie SEC(".maps");
@@ -153,7 +161,7 @@ struct {
  * while it lives). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, MAX_IN_FLIGHT);
 	__type(key, __u32);
 	__type(value, struct orig);
 } cgtp_by_port SEC(".maps");
@@ -174,7 +182,7 @@ struct flow_key {
 /* (socket, destination) -> its flow address (host order). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, MAX_IN_FLIGHT);
 	__type(key, struct flow_key);
 	__type(value, __u32);
 } cgtp_flow_of SEC(".maps");
@@ -183,7 +191,7 @@ struct {
  * forwarder's getsockopt. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, MAX_IN_FLIGHT);
 	__type(key, __u32);
 	__type(value, struct orig);
 } cgtp_flows SEC(".maps");
@@ -191,7 +199,7 @@ struct {
 /* UDP of a target: the original destination by the app's local port. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, MAX_IN_FLIGHT);
 	__type(key, struct udp_key);
 	__type(value, struct udp_orig);
 } cgtp_udp SEC(".maps");
@@ -216,7 +224,7 @@ struct cached_class {
  * cgroup's ancestors never change, so only `cgroups` can make it stale. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, MAX_IN_FLIGHT);
 	__type(key, __u64);
 	__type(value, struct cached_class);
 } cgtp_class_cache SEC(".maps");
