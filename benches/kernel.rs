@@ -759,6 +759,16 @@ fn rss_kib(pid: u32) -> u64 {
     status_field(&format!("/proc/{pid}/status"), "VmRSS")
 }
 
+/// Of the resident memory (KiB): anonymous (heap, stacks) and file-backed
+/// (the binary's pages, shared libraries).
+fn rss_split_kib(pid: u32) -> (u64, u64) {
+    let status = format!("/proc/{pid}/status");
+    (
+        status_field(&status, "RssAnon"),
+        status_field(&status, "RssFile"),
+    )
+}
+
 fn pct(sorted: &[Duration], p: usize) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -891,6 +901,7 @@ fn bench(base: &str) {
     ev.settle(Duration::from_millis(200));
     std::thread::sleep(Duration::from_millis(1500));
     let rss_10k = rss_kib(pid);
+    let split_10k = rss_split_kib(pid);
     let idle_window = Duration::from_secs(3);
     let c0 = ctx_switches(pid);
     std::thread::sleep(idle_window);
@@ -977,6 +988,7 @@ fn bench(base: &str) {
     ev.settle(Duration::from_millis(300));
     std::thread::sleep(Duration::from_millis(1500));
     let rss_50k = rss_kib(lab.daemon().pid());
+    let split_50k = rss_split_kib(lab.daemon().pid());
 
     step("update latency at 50,000", started);
     let (lat_50k, missed_50k, made) = update_latencies(&lab, &ev, fresh(UPDATES), None);
@@ -1067,11 +1079,21 @@ fn bench(base: &str) {
         rss_10k.to_string(),
         "<= 8,192",
     );
+    row(
+        "  of which anonymous / file-backed (KiB)",
+        format!("{} / {}", split_10k.0, split_10k.1),
+        "",
+    );
     row("RSS after the storm (KiB)", rss_after.to_string(), "");
     row(
         "RSS idle, 50,000 tracked (KiB)",
         rss_50k.to_string(),
         "<= 12,288",
+    );
+    row(
+        "  of which anonymous / file-backed (KiB)",
+        format!("{} / {}", split_50k.0, split_50k.1),
+        "",
     );
     row(
         "idle wakeups (ctx switches/s over 3 s)",
@@ -1117,6 +1139,10 @@ fn bench(base: &str) {
         "storm_ms_1k": round1(ms(storm_1k)),
         "rss_kib_10k": rss_10k,
         "rss_kib_50k": rss_50k,
+        "rss_anon_kib_10k": split_10k.0,
+        "rss_file_kib_10k": split_10k.1,
+        "rss_anon_kib_50k": split_50k.0,
+        "rss_file_kib_50k": split_50k.1,
         "idle_wakeups_per_s": round3(idle_wakeups),
     });
     if let Some(o) = j.as_object_mut() {
