@@ -92,15 +92,7 @@ fn ebpf_redirects_tcp_and_udp_refuses_drop_and_detaches_on_stop() {
                 let script = format!(
                     "import socket; s = socket.socket(socket.{fam}); s.connect(('{dst}', {PEER_PORT})); a = s.getpeername(); print(a[0], a[1])"
                 );
-                let out = lab
-                    .spawn_in(
-                        "proxy",
-                        &format!("python3 -c \"{script}\""),
-                        std::process::Stdio::piped(),
-                    )
-                    .wait_with_output()
-                    .unwrap();
-                assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), want, "{dst}");
+                assert_eq!(lab.python_in("proxy", &script), want, "{dst}");
             }
 
             // doctor: the kernel loads the programs, the listener is there.
