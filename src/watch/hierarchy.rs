@@ -2,12 +2,13 @@
 //! means (its path relative to the hierarchy root, its id and its absolute level).
 
 use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirEntryExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use nix::fcntl::AtFlags;
-use nix::sys::stat::fstatat;
+use nix::fcntl::{AtFlags, OFlag};
+use nix::sys::stat::{Mode, fstatat};
 
 use crate::config::CgroupRoot;
 use crate::core::cgroup::{Cgroup, child_path};
@@ -231,19 +232,20 @@ fn has_subdirs_in(parent: Option<&File>, dir: &Path) -> bool {
 }
 
 /// Walks the tree from cgroup `top` (as [`Hierarchy::describe`] found it) down.
-/// `enter(cgroup)` runs before a directory is listed (the watcher adds its watch
-/// there) and returns false for a directory that vanished, which is then skipped.
+/// `enter(cgroup, parent)` runs before a directory is listed (the watcher adds
+/// its watch there), with the parent's open directory when there is one, and
+/// returns false for a directory that vanished, which is then skipped.
 pub fn walk_with<E>(
     hier: &Hierarchy,
     top: Cgroup,
-    mut enter: impl FnMut(&Cgroup) -> Result<bool, E>,
+    mut enter: impl FnMut(&Cgroup, Option<&Rc<File>>) -> Result<bool, E>,
 ) -> Result<Vec<Cgroup>, E> {
     let mut found = Vec::new();
     // Each cgroup with its parent's directory, held open while children of it
     // wait on the stack: at most one per level of the tree.
     let mut stack: Vec<(Cgroup, Option<Rc<File>>)> = vec![(top, None)];
     while let Some((cg, parent)) = stack.pop() {
-        if !enter(&cg)? {
+        if !enter(&cg, parent.as_ref())? {
             continue;
         }
         let Some(dir) = hier.dir(&cg.path) else {
@@ -272,7 +274,63 @@ pub fn walk(hier: &Hierarchy) -> Vec<Cgroup> {
     let Some(root) = hier.describe(hier.root_path()) else {
         return Vec::new();
     };
-    walk_with(hier, root, |_| Ok::<_, std::convert::Infallible>(true)).unwrap_or_default()
+    walk_with(hier, root, |_, _| Ok::<_, std::convert::Infallible>(true)).unwrap_or_default()
+}
+
+/// The process's working directory, moved into the directory whose children a
+/// walk is watching and put back when dropped. `inotify_add_watch` takes a path
+/// and has no form relative to a directory descriptor: from the parent, a
+/// cgroup is one component away instead of nine or ten, each of which kernfs
+/// revalidates and checks permission on (about a third of start-up at 50,000
+/// cgroups). The daemon is single-threaded, so nothing else resolves relative
+/// paths meanwhile (a configuration path given relative is read only after the
+/// walk has put the directory back), and every other path the walk uses is
+/// absolute (the configuration's `cgroup-root` must be).
+pub struct WorkDir {
+    /// Where to return to; `None` when it cannot be opened, and then the walk
+    /// never moves.
+    home: Option<OwnedFd>,
+    /// The directory we are in now, if we moved.
+    here: Option<Rc<File>>,
+}
+
+impl WorkDir {
+    /// Remembers the current working directory.
+    pub fn remember() -> WorkDir {
+        let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+        WorkDir {
+            home: nix::fcntl::open(".", flags, Mode::empty()).ok(),
+            here: None,
+        }
+    }
+
+    /// Moves into `dir` (unless already there); false when it cannot, and the
+    /// caller then uses the whole path.
+    pub fn enter(&mut self, dir: &Rc<File>) -> bool {
+        if self.home.is_none() {
+            return false;
+        }
+        if self.here.as_ref().is_some_and(|h| Rc::ptr_eq(h, dir)) {
+            return true;
+        }
+        match nix::unistd::fchdir(dir.as_fd()) {
+            Ok(()) => {
+                self.here = Some(Rc::clone(dir));
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if let (Some(home), Some(_)) = (&self.home, &self.here) {
+            if nix::unistd::fchdir(home.as_fd()).is_err() {
+                let _ = nix::unistd::chdir("/");
+            }
+        }
+    }
 }
 
 #[cfg(test)]

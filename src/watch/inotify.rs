@@ -4,12 +4,13 @@
 use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
 use std::rc::Rc;
 
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 
 use crate::core::cgroup::{Cgroup, child_path};
-use crate::watch::hierarchy::{Hierarchy, walk_with};
+use crate::watch::hierarchy::{Hierarchy, WorkDir, walk_with};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WatchError {
@@ -132,15 +133,21 @@ impl Watcher {
     fn walk(&mut self, top: Cgroup) -> Result<Vec<Cgroup>, WatchError> {
         let (hier, inotify, dirs) = (&self.hier, &mut self.inotify, &mut self.dirs);
         let (unwatched, full) = (&mut self.unwatched, self.test_full_below.as_deref());
-        walk_with(hier, top, |cg| {
+        let mut cwd = WorkDir::remember();
+        walk_with(hier, top, |cg, parent| {
             let Some(path) = hier.dir(&cg.path) else {
                 return Ok(false);
+            };
+            // From inside the parent, the name alone (see `WorkDir`).
+            let at = match (parent, path.file_name()) {
+                (Some(p), Some(name)) if cwd.enter(p) => Path::new(name),
+                _ => path.as_path(),
             };
             let added = match full {
                 Some(below) if cg.path.starts_with(below) => {
                     Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
                 }
-                _ => inotify.watches().add(&path, MASK),
+                _ => inotify.watches().add(at, MASK),
             };
             match added {
                 Ok(wd) => {
@@ -295,6 +302,46 @@ mod tests {
         d
     }
 
+    /// Walks move the process's working directory (see `WorkDir`): tests that
+    /// walk run one at a time, so one reading it sees no other's walk.
+    static WALKS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn walks() -> std::sync::MutexGuard<'static, ()> {
+        WALKS.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    #[test]
+    fn a_walk_watches_from_inside_parents_and_puts_the_working_directory_back() {
+        let d = tmp("cwd");
+        std::fs::create_dir_all(d.join("a/b/c")).unwrap();
+        std::fs::create_dir_all(d.join("x/y")).unwrap();
+        let _walks = walks();
+        let before = std::env::current_dir().unwrap();
+        let mut w = Watcher::new(Hierarchy {
+            mount: d.clone(),
+            prefix: String::new(),
+        })
+        .unwrap();
+        assert_eq!(
+            paths(&w.scan().unwrap()),
+            ["/", "/a", "/a/b", "/a/b/c", "/x", "/x/y"]
+        );
+        assert_eq!(std::env::current_dir().unwrap(), before);
+        // Each watch is on the right directory, though added by its name alone.
+        std::fs::create_dir(d.join("a/b/c/new")).unwrap();
+        std::fs::create_dir(d.join("x/y/new")).unwrap();
+        let mut added = Vec::new();
+        for c in w.read().unwrap() {
+            match c {
+                Change::Added(v) => added.extend(v),
+                other => panic!("expected additions, got {other:?}"),
+            }
+        }
+        assert_eq!(paths(&added), ["/a/b/c/new", "/x/y/new"]);
+        w.expand().unwrap();
+        assert_eq!(std::env::current_dir().unwrap(), before);
+    }
+
     fn paths(v: &[Cgroup]) -> Vec<String> {
         let mut p: Vec<String> = v.iter().map(|c| c.path.to_string()).collect();
         p.sort();
@@ -305,6 +352,7 @@ mod tests {
     fn creations_below_new_directories_and_removals_are_seen() {
         let d = tmp("basic");
         std::fs::create_dir_all(d.join("a/b")).unwrap();
+        let _walks = walks();
         let mut w = Watcher::new(Hierarchy {
             mount: d.clone(),
             prefix: String::new(),
@@ -347,6 +395,7 @@ mod tests {
         std::fs::create_dir_all(d.join("a")).unwrap();
         // cgroupfs touches this file when the first process enters.
         std::fs::write(d.join("a/cgroup.events"), "populated 0\n").unwrap();
+        let _walks = walks();
         let mut w = Watcher::new(Hierarchy {
             mount: d.clone(),
             prefix: String::new(),
@@ -366,6 +415,7 @@ mod tests {
     fn a_rename_forces_a_rescan() {
         let d = tmp("rename");
         std::fs::create_dir_all(d.join("x/y")).unwrap();
+        let _walks = walks();
         let mut w = Watcher::new(Hierarchy {
             mount: d.clone(),
             prefix: String::new(),
@@ -385,6 +435,7 @@ mod tests {
     fn a_subtree_mount_reports_absolute_cgroup_paths() {
         let d = tmp("subtree");
         std::fs::create_dir_all(d.join("a")).unwrap();
+        let _walks = walks();
         let mut w = Watcher::new(Hierarchy {
             mount: d.clone(),
             prefix: "/user.slice".into(),
