@@ -281,37 +281,34 @@ pub fn walk(hier: &Hierarchy) -> Vec<Cgroup> {
 /// walk is watching and put back when dropped. `inotify_add_watch` takes a path
 /// and has no form relative to a directory descriptor: from the parent, a
 /// cgroup is one component away instead of nine or ten, each of which kernfs
-/// revalidates and checks permission on (about a third of start-up at 50,000
+/// revalidates and checks permission on (a fifth of start-up at 50,000
 /// cgroups). The daemon is single-threaded, so nothing else resolves relative
 /// paths meanwhile (a configuration path given relative is read only after the
 /// walk has put the directory back), and every other path the walk uses is
 /// absolute (the configuration's `cgroup-root` must be).
+#[derive(Default)]
 pub struct WorkDir {
-    /// Where to return to; `None` when it cannot be opened, and then the walk
-    /// never moves.
+    /// Where to return to, opened before the first move (a walk that never
+    /// moves, as for one new cgroup without children, opens nothing).
     home: Option<OwnedFd>,
     /// The directory we are in now, if we moved.
     here: Option<Rc<File>>,
 }
 
 impl WorkDir {
-    /// Remembers the current working directory.
-    pub fn remember() -> WorkDir {
-        let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
-        WorkDir {
-            home: nix::fcntl::open(".", flags, Mode::empty()).ok(),
-            here: None,
-        }
-    }
-
-    /// Moves into `dir` (unless already there); false when it cannot, and the
-    /// caller then uses the whole path.
+    /// Moves into `dir` (unless already there); false when it cannot, or when
+    /// the current directory cannot be opened to come back to, and the caller
+    /// then uses the whole path.
     pub fn enter(&mut self, dir: &Rc<File>) -> bool {
-        if self.home.is_none() {
-            return false;
-        }
         if self.here.as_ref().is_some_and(|h| Rc::ptr_eq(h, dir)) {
             return true;
+        }
+        if self.home.is_none() {
+            let flags = OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
+            match nix::fcntl::open(".", flags, Mode::empty()) {
+                Ok(home) => self.home = Some(home),
+                Err(_) => return false,
+            }
         }
         match nix::unistd::fchdir(dir.as_fd()) {
             Ok(()) => {

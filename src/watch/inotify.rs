@@ -133,7 +133,7 @@ impl Watcher {
     fn walk(&mut self, top: Cgroup) -> Result<Vec<Cgroup>, WatchError> {
         let (hier, inotify, dirs) = (&self.hier, &mut self.inotify, &mut self.dirs);
         let (unwatched, full) = (&mut self.unwatched, self.test_full_below.as_deref());
-        let mut cwd = WorkDir::remember();
+        let mut cwd = WorkDir::default();
         walk_with(hier, top, |cg, parent| {
             let Some(path) = hier.dir(&cg.path) else {
                 return Ok(false);
