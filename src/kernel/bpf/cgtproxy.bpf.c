@@ -460,6 +460,25 @@ static __always_inline __u16 random_port(void)
 	return EPHEMERAL_FIRST + bpf_get_prandom_u32() % EPHEMERAL_COUNT;
 }
 
+/* Binds a connecting socket to a random free port, trying BIND_ATTEMPTS
+ * times: `sa` (`len` bytes) is its address, `port` the port field inside it
+ * (sockaddr_in's or sockaddr_in6's). The port bound, or 0. */
+static __always_inline __u16 bind_random(struct bpf_sock_addr *ctx,
+					 struct sockaddr *sa, int len,
+					 __be16 *port)
+{
+	__u16 lport;
+
+#pragma clang loop unroll(full)
+	for (int i = 0; i < BIND_ATTEMPTS; i++) {
+		lport = random_port();
+		*port = bpf_htons(lport);
+		if (!bpf_bind(ctx, sa, len))
+			return lport;
+	}
+	return 0;
+}
+
 /* The local port of a connecting socket, binding it first when it has
  * none: the kernel would choose one only after this program. 0 when no
  * attempt found a free port. */
@@ -471,14 +490,7 @@ static __always_inline __u16 local_port4(struct bpf_sock_addr *ctx)
 	if (lport)
 		return lport;
 	sa.sin_addr.s_addr = ctx->sk->src_ip4;
-#pragma clang loop unroll(full)
-	for (int i = 0; i < BIND_ATTEMPTS; i++) {
-		lport = random_port();
-		sa.sin_port = bpf_htons(lport);
-		if (!bpf_bind(ctx, (struct sockaddr *)&sa, sizeof(sa)))
-			return lport;
-	}
-	return 0;
+	return bind_random(ctx, (struct sockaddr *)&sa, sizeof(sa), &sa.sin_port);
 }
 
 static __always_inline __u16 local_port6(struct bpf_sock_addr *ctx)
@@ -492,14 +504,7 @@ static __always_inline __u16 local_port6(struct bpf_sock_addr *ctx)
 	sa.sin6_addr.in6_u.u6_addr32[1] = ctx->sk->src_ip6[1];
 	sa.sin6_addr.in6_u.u6_addr32[2] = ctx->sk->src_ip6[2];
 	sa.sin6_addr.in6_u.u6_addr32[3] = ctx->sk->src_ip6[3];
-#pragma clang loop unroll(full)
-	for (int i = 0; i < BIND_ATTEMPTS; i++) {
-		lport = random_port();
-		sa.sin6_port = bpf_htons(lport);
-		if (!bpf_bind(ctx, (struct sockaddr *)&sa, sizeof(sa)))
-			return lport;
-	}
-	return 0;
+	return bind_random(ctx, (struct sockaddr *)&sa, sizeof(sa), &sa.sin6_port);
 }
 
 /* Files a redirected connect()'s original destination under the socket's
