@@ -398,6 +398,7 @@ impl Lab {
         let child = cmd
             .args(["run", "--config"])
             .arg(config)
+            .envs(unit_environment())
             .env("NOTIFY_SOCKET", &notify_path)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -497,6 +498,17 @@ impl Lab {
         );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
+}
+
+/// The `Environment=` settings of the shipped unit, so that the daemon runs
+/// here as it does under systemd (its malloc tuning shows in the RSS rows).
+fn unit_environment() -> Vec<(String, String)> {
+    include_str!("../dist/systemd/cgtproxy.service")
+        .lines()
+        .filter_map(|l| l.strip_prefix("Environment="))
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
 }
 
 impl Drop for Lab {
@@ -1108,7 +1120,7 @@ fn bench(base: &str) {
     print!("{t}");
     print!("{fwd_table}");
     println!(
-        "({UPDATES} updates per size spaced {} ms; {NFT_UPDATES} nft processes; datapath: CPU time of client and server, lower quartile of {} rounds, each side in turn, order alternating, of {} connections and {} datagrams at depths {:?} and {} MiB bulk at depth {DEEPEST}; ratios: all rounds (table-first rounds, baseline-first rounds); softirq time in task time: {})",
+        "({UPDATES} updates per size spaced {} ms; {NFT_UPDATES} nft processes; datapath: CPU time of client and server, lower quartile of {} rounds, each side in turn, order alternating, of {} connections and {} datagrams at depths {:?} and {} MiB bulk at depth {DEEPEST}; ratios: all rounds (table-first rounds, baseline-first rounds); softirq time in task time: {}; the daemon's environment, as its unit sets it: {:?})",
         SPACING.as_millis(),
         plan.rounds,
         plan.connects,
@@ -1119,7 +1131,8 @@ fn bench(base: &str) {
             Some(true) => "no (CONFIG_IRQ_TIME_ACCOUNTING=y: softirq cost missing)",
             Some(false) => "yes",
             None => "unknown",
-        }
+        },
+        unit_environment(),
     );
     let mut j = json!({
         "machine": machine,

@@ -346,6 +346,19 @@ let
       expr = designUnit.serviceConfig.Restart;
       expected = "on-failure";
     };
+    testEnvironmentAsTheShippedUnit = {
+      # dist/systemd/cgtproxy.service's Environment= lines (malloc tuning).
+      expr = designUnit.environment;
+      expected = lib.listToAttrs (
+        map (
+          line:
+          let
+            parts = lib.splitString "=" (lib.removePrefix "Environment=" line);
+          in
+          lib.nameValuePair (builtins.head parts) (lib.concatStringsSep "=" (builtins.tail parts))
+        ) (builtins.filter (lib.hasPrefix "Environment=") (lib.splitString "\n" (builtins.readFile ../../dist/systemd/cgtproxy.service)))
+      );
+    };
     testHardeningApplied = {
       expr = builtins.intersectAttrs (import ../hardening.nix) designUnit.serviceConfig;
       expected = import ../hardening.nix;
