@@ -24,7 +24,7 @@ use crate::core::links::{self, LinkPlan, Why};
 use crate::core::precedence::{self, Placement};
 use crate::core::schedule::{HEAL_WINDOW, Schedule};
 use crate::core::table;
-use crate::core::tree::{self, Delta, Elements, Tree};
+use crate::core::tree::{self, Delta, Tree};
 use crate::kernel::bpf::{self, BpfError};
 use crate::kernel::events::{Damage, Events, EventsError};
 use crate::kernel::inspect::{self, InspectError};
@@ -96,7 +96,7 @@ fn table_exists(nft: &Nft, name: &str) -> Result<bool, DaemonError> {
 /// `bridge_present` says one may be there); `also` names a previous table
 /// (renamed by a reload) to delete in the same breath. A table of the same name left by an earlier
 /// instance (a crash leaves it, flagged persist) is replaced, which adopts it.
-/// Returns the installed elements and levels.
+/// Returns the number of elements installed, and the levels.
 fn install_table(
     nft: &mut Nft,
     caps: Caps,
@@ -104,7 +104,7 @@ fn install_table(
     keep_levels: &BTreeSet<u32>,
     bridge_present: bool,
     also: Option<&str>,
-) -> Result<(Elements, BTreeSet<u32>), DaemonError> {
+) -> Result<(usize, BTreeSet<u32>), DaemonError> {
     let Want { cfg, tree, links } = want;
     let Caps {
         table_flags: flags,
@@ -137,7 +137,7 @@ fn install_table(
         txn.replace_bridge(&spec.name, &spec.broute, can_broute, flags)?;
     }
     nft.commit(txn)?;
-    Ok((elements, levels))
+    Ok((elements.len(), levels))
 }
 
 /// What the kernel can do, probed at start.
@@ -164,8 +164,11 @@ struct Daemon {
     tree: Tree,
     nft: Nft,
     routes: Routes,
-    /// What the kernel holds now.
-    installed: Elements,
+    /// How many map elements the kernel holds now. Which ones is not kept: while
+    /// not `dirty` they are the tree's, since a failed update sets `dirty` and the
+    /// rebuild that follows installs the tree whole (at 50,000 cgroups a copy
+    /// would cost a megabyte).
+    installed: usize,
     /// Levels with a map and a rule in the output chain (kept once created).
     levels: BTreeSet<u32>,
     route_plan: route::Plan,
@@ -328,7 +331,7 @@ impl Daemon {
             self.tree.len(),
             if targets.is_empty() { "" } else { ", " },
             targets.join(", "),
-            self.installed.len()
+            self.installed
         )
     }
 
@@ -424,8 +427,9 @@ impl Daemon {
     fn rescan(&mut self) {
         match self.watcher.scan() {
             Ok(all) => {
+                let before = self.tree.elements();
                 self.tree = Tree::build(&self.cfg, &all);
-                let delta = tree::diff(&self.installed, &self.tree.elements());
+                let delta = tree::diff(&before, &self.tree.elements());
                 self.converge(delta);
                 self.check_watched();
             }
@@ -494,7 +498,7 @@ impl Daemon {
             b.set_targets(&bpfmaps::targets(&self.cfg))?;
             b.set_bypass(&bpfmaps::bypass(&self.cfg))?;
             b.replace_cgroups(&bpfmaps::cgroups(&self.cfg, &elements))?;
-            self.installed = elements;
+            self.installed = elements.len();
             return Ok(());
         }
         let want = Want {
@@ -502,7 +506,7 @@ impl Daemon {
             tree: &self.tree,
             links: &self.link_plan,
         };
-        let (elements, levels) = install_table(
+        let (installed, levels) = install_table(
             &mut self.nft,
             self.caps,
             want,
@@ -512,7 +516,7 @@ impl Daemon {
         )?;
         self.ifaces = self.link_plan.elements.clone();
         self.broute = self.link_plan.broute.clone();
-        self.installed = elements;
+        self.installed = installed;
         self.levels = levels;
         Ok(())
     }
@@ -525,7 +529,7 @@ impl Daemon {
         if let Some(b) = self.bpf.as_mut() {
             let (del, add) = bpfmaps::changes(&self.cfg, delta);
             b.update(&del, &add)?;
-            delta.apply(&mut self.installed);
+            self.installed = delta.applied_count(self.installed);
             return Ok(());
         }
         let name = self.cfg.table.clone();
@@ -560,7 +564,7 @@ impl Daemon {
             txn.map_elements(&name, level, &elems, true)?;
         }
         self.nft.commit(txn)?;
-        delta.apply(&mut self.installed);
+        self.installed = delta.applied_count(self.installed);
         self.levels = levels;
         Ok(())
     }
@@ -748,8 +752,11 @@ impl Daemon {
                         "inotify lost events (queue overflow or rename); rescanned {} cgroups",
                         all.len()
                     );
+                    // What the kernel holds: the tree before this batch's changes.
+                    let mut before = self.tree.elements();
+                    delta.revert(&mut before);
                     self.tree = Tree::build(&self.cfg, &all);
-                    delta = tree::diff(&self.installed, &self.tree.elements());
+                    delta = tree::diff(&before, &self.tree.elements());
                 }
             }
         }
@@ -811,7 +818,7 @@ impl Daemon {
             )?,
         };
         if new.same_structure(&self.cfg) && !self.dirty {
-            let delta = tree::diff(&self.installed, &tree.elements());
+            let delta = tree::diff(&self.tree.elements(), &tree.elements());
             let old = std::mem::replace(&mut self.cfg, new);
             let applied = self.apply(&delta).and_then(|()| {
                 let mut txn = Txn::new();
@@ -881,7 +888,7 @@ impl Daemon {
                         Some(&self.cfg.table),
                     )
                 });
-            let (elements, levels) = match installed {
+            let (installed, levels) = match installed {
                 Ok(done) => done,
                 Err(e) => {
                     if let Err(re) = self.routes.remove_rules(&added) {
@@ -890,7 +897,7 @@ impl Daemon {
                     return Err(e);
                 }
             };
-            self.installed = elements;
+            self.installed = installed;
             self.levels = levels;
             // The new state stands; what the old one needed and the new does not
             // is only clutter now, so a failure to remove it is not a failed reload.
@@ -1095,7 +1102,7 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         caps,
         degraded: None,
         blocked_by: None,
-        installed: Elements::new(),
+        installed: 0,
         levels: BTreeSet::new(),
         dirty: false,
         sched: Schedule::default(),

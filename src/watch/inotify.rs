@@ -1,7 +1,7 @@
 //! Watching the cgroup2 tree with inotify: one watch per directory, added before the
 //! directory is listed so that no child created in between is missed.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::ErrorKind;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
@@ -44,8 +44,10 @@ pub struct Watcher {
     hier: Hierarchy,
     inotify: Inotify,
     /// Watch descriptor (its number: smaller than the crate's handle) → cgroup
-    /// path, shared with the cgroup handed out.
-    dirs: HashMap<i32, Rc<str>>,
+    /// path, shared with the cgroup handed out. A B-tree, packed after each
+    /// scan: 21 bytes a directory, where a hash map's power-of-two table took 33
+    /// (1.6 MB at 50,000 cgroups).
+    dirs: BTreeMap<i32, Rc<str>>,
     /// Watches of new cgroups' `cgroup.events` (see
     /// [`Watcher::watch_populated`]): descriptor number → (descriptor, path).
     populated: HashMap<i32, (WatchDescriptor, Rc<str>)>,
@@ -84,7 +86,7 @@ impl Watcher {
         Ok(Watcher {
             hier,
             inotify: Inotify::init().map_err(WatchError::Init)?,
-            dirs: HashMap::new(),
+            dirs: BTreeMap::new(),
             populated: HashMap::new(),
             // read() drains the queue in a loop, so a few hundred events a read do.
             buf: vec![0; 16 * 1024],
@@ -120,18 +122,29 @@ impl Watcher {
     pub fn scan(&mut self) -> Result<Vec<Cgroup>, WatchError> {
         self.dirs.clear();
         self.unwatched = None;
-        match self.hier.describe(self.hier.root_path()) {
-            Some(root) => self.walk(root),
-            None => Ok(Vec::new()),
-        }
+        let Some(root) = self.hier.describe(self.hier.root_path()) else {
+            return Ok(Vec::new());
+        };
+        let mut watched = Vec::new();
+        let found = self.walk(root, &mut watched);
+        // Built in one go: a B-tree filled entry by entry is left half empty,
+        // and nodes discarded by packing it later stay resident as heap holes.
+        self.dirs = watched.into_iter().collect();
+        found
     }
 
     /// Watches cgroup `top` and everything below it, returning the cgroups found.
     /// Directories that vanish on the way are skipped; directories beyond the
     /// watch limit are still listed (their cgroups are classified), and counted
     /// in [`Watcher::unwatched`].
-    fn walk(&mut self, top: Cgroup) -> Result<Vec<Cgroup>, WatchError> {
-        let (hier, inotify, dirs) = (&self.hier, &mut self.inotify, &mut self.dirs);
+    /// The watches added go to `watched` (descriptor number, path), also when the
+    /// walk fails half way.
+    fn walk(
+        &mut self,
+        top: Cgroup,
+        watched: &mut Vec<(i32, Rc<str>)>,
+    ) -> Result<Vec<Cgroup>, WatchError> {
+        let (hier, inotify) = (&self.hier, &mut self.inotify);
         let (unwatched, full) = (&mut self.unwatched, self.test_full_below.as_deref());
         let mut cwd = WorkDir::default();
         walk_with(hier, top, |cg, parent| {
@@ -151,7 +164,7 @@ impl Watcher {
             };
             match added {
                 Ok(wd) => {
-                    dirs.insert(wd.get_watch_descriptor_id(), cg.path.clone());
+                    watched.push((wd.get_watch_descriptor_id(), cg.path.clone()));
                     Ok(true)
                 }
                 Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
@@ -276,11 +289,10 @@ impl Watcher {
         let mut changes = Vec::new();
         for top in std::mem::take(&mut self.pending) {
             let path = Rc::clone(&top.path);
-            let below: Vec<Cgroup> = self
-                .walk(top)?
-                .into_iter()
-                .filter(|c| c.path != path)
-                .collect();
+            let mut watched = Vec::new();
+            let found = self.walk(top, &mut watched);
+            self.dirs.extend(watched);
+            let below: Vec<Cgroup> = found?.into_iter().filter(|c| c.path != path).collect();
             if !below.is_empty() {
                 changes.push(Change::Added(below));
             }
