@@ -153,13 +153,11 @@ pub fn judge_route(datagram: &[u8], plan: &Plan, damage: &mut Damage) {
 }
 
 impl Events {
+    /// Subscribes to routing notifications; nftables ones follow with
+    /// [`Events::join_nft`].
     pub fn open() -> Result<Events, EventsError> {
         Ok(Events {
-            nft: subscribe(
-                constants::NETLINK_NETFILTER,
-                &[NFNLGRP_NFTABLES],
-                "nftables",
-            )?,
+            nft: subscribe(constants::NETLINK_NETFILTER, &[], "nftables")?,
             route: subscribe(
                 constants::NETLINK_ROUTE,
                 &[
@@ -175,6 +173,18 @@ impl Events {
             // larger buffer would only be resident memory.
             buf: vec![0; 64 * 1024],
         })
+    }
+
+    /// Subscribes to nftables notifications. While any socket is, the kernel
+    /// builds one per set element committed: join after a large commit of our
+    /// own if no one else can have changed our table meanwhile.
+    pub fn join_nft(&mut self) -> Result<(), EventsError> {
+        self.nft
+            .add_membership(NFNLGRP_NFTABLES)
+            .map_err(|source| EventsError::Subscribe {
+                what: "nftables",
+                source,
+            })
     }
 
     pub fn nft_fd(&self) -> BorrowedFd<'_> {
