@@ -173,6 +173,16 @@ impl Hierarchy {
         procs.lines().next()?.trim().parse().ok()
     }
 
+    /// Whether cgroup `path` or any cgroup below it has a process (`populated`
+    /// in its `cgroup.events`); `None` when that cannot be read.
+    pub fn populated(&self, path: &str) -> Option<bool> {
+        let events = std::fs::read_to_string(self.dir(path)?.join("cgroup.events")).ok()?;
+        events
+            .lines()
+            .find_map(|l| l.strip_prefix("populated "))
+            .map(|v| v.trim() == "1")
+    }
+
     /// Describes cgroup `path`; `None` if its directory vanished.
     pub fn describe(&self, path: &str) -> Option<Cgroup> {
         let meta = std::fs::symlink_metadata(self.dir(path)?).ok()?;
