@@ -598,10 +598,10 @@ in
       # The config lives at a stable path, so a change reloads (SIGHUP) instead
       # of restarting; a new package changes ExecStart= and so restarts.
       reloadTriggers = [ configFile ];
-      # As dist/systemd/cgtproxy.service: a fixed malloc mmap threshold keeps
-      # start-up's large blocks from staying resident (16.2 → 13.5 MiB idle at
-      # 50,000 cgroups).
-      environment.GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=131072";
+      # As dist/systemd/cgtproxy.service: a fixed malloc mmap threshold and no
+      # per-thread cache of freed blocks keep start-up's memory from staying
+      # resident (16.2 → 11.6 MiB idle at 50,000 cgroups).
+      environment.GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=131072:glibc.malloc.tcache_count=0";
       serviceConfig = import ./hardening.nix // lib.optionalAttrs ebpf (import ./hardening-ebpf.nix) // {
         Type = "notify-reload";
         ExecStart = utils.escapeSystemdExecArgs (
