@@ -84,18 +84,84 @@ pub fn diff(old: &Elements, new: &Elements) -> Delta {
     d
 }
 
-#[derive(Debug, Clone)]
+/// A known cgroup: its id, and packed into one word its level, the first
+/// matching rule's action (`own`), the nearest classified ancestor-or-self's
+/// action (`effective`), and whether it needs its own map element: classified,
+/// and deciding differently from its nearest classified ancestor (children of a
+/// routed slice thus need no element and are covered from their first packet).
+/// 16 bytes where the plain fields took 24: 0.4 MB at 50,000 cgroups.
+#[derive(Debug, Clone, Copy)]
 struct Node {
     id: u64,
-    level: u32,
-    /// The first matching rule's action.
-    own: Option<Action>,
-    /// The nearest classified ancestor-or-self's action.
-    effective: Option<Action>,
-    /// Whether this cgroup needs its own map element: classified, and deciding
-    /// differently from its nearest classified ancestor. Children of a routed slice
-    /// thus need no element and are covered from their first packet.
-    element: bool,
+    /// Bits 0–18 own, 19–37 effective, 38 element, 39–63 level.
+    packed: u64,
+}
+
+/// Bits of an action's code: 0 none, 1 direct, 2 drop, 3 + i target i (a
+/// `u16`, so at most 65,538).
+const ACTION_BITS: u32 = 19;
+const ACTION_MASK: u64 = (1 << ACTION_BITS) - 1;
+const ELEMENT_BIT: u32 = 2 * ACTION_BITS;
+const LEVEL_SHIFT: u32 = ELEMENT_BIT + 1;
+/// Levels up to 2^25 − 1. Deeper cannot be watched: the walk opens
+/// directories by their full path, which PATH_MAX bounds at 2,048 levels.
+const MAX_LEVEL: u32 = (1 << (64 - LEVEL_SHIFT)) - 1;
+
+fn action_code(a: Option<Action>) -> u64 {
+    match a {
+        None => 0,
+        Some(Action::Direct) => 1,
+        Some(Action::Drop) => 2,
+        Some(Action::Tproxy(i)) => 3 + u64::from(i),
+    }
+}
+
+fn code_action(c: u64) -> Option<Action> {
+    match c & ACTION_MASK {
+        0 => None,
+        1 => Some(Action::Direct),
+        2 => Some(Action::Drop),
+        c => u16::try_from(c - 3).ok().map(Action::Tproxy),
+    }
+}
+
+impl Node {
+    /// A node not settled yet: no effective action, no element.
+    fn new(id: u64, level: u32, own: Option<Action>) -> Node {
+        let level = u64::from(level.min(MAX_LEVEL));
+        Node {
+            id,
+            packed: action_code(own) | (level << LEVEL_SHIFT),
+        }
+    }
+
+    fn level(&self) -> u32 {
+        // 25 bits: always fits.
+        (self.packed >> LEVEL_SHIFT) as u32
+    }
+
+    fn own(&self) -> Option<Action> {
+        code_action(self.packed)
+    }
+
+    fn effective(&self) -> Option<Action> {
+        code_action(self.packed >> ACTION_BITS)
+    }
+
+    fn element(&self) -> bool {
+        self.packed >> ELEMENT_BIT & 1 == 1
+    }
+
+    /// Settles the node under the effective action it inherits: its own
+    /// effective action and whether it needs an element.
+    fn settle(&mut self, inherited: Option<Action>) {
+        let own = self.own();
+        let element = own.is_some() && own != inherited;
+        let keep = self.packed & (ACTION_MASK | u64::from(MAX_LEVEL) << LEVEL_SHIFT);
+        self.packed = keep
+            | action_code(own.or(inherited)) << ACTION_BITS
+            | u64::from(element) << ELEMENT_BIT;
+    }
 }
 
 /// The known cgroups and their classification, kept in path order so that a
@@ -112,13 +178,7 @@ impl Tree {
             .iter()
             .rev()
             .map(|cg| {
-                let node = Node {
-                    id: cg.id,
-                    level: cg.level,
-                    own: cfg.classify(&cg.path),
-                    effective: None,
-                    element: false,
-                };
+                let node = Node::new(cg.id, cg.level, cfg.classify(&cg.path));
                 (Rc::clone(&cg.path), node)
             })
             .collect();
@@ -134,8 +194,7 @@ impl Tree {
                     .ok()
                     .map(|j| &done[j].1)
             });
-            n.element = n.own.is_some() && n.own != inherited;
-            n.effective = n.own.or(inherited);
+            n.settle(inherited);
         }
         // One bulk build from sorted nodes: inserting one by one would leave
         // every B-tree node half full (at 50,000 cgroups 3.1 MB instead of 1.6),
@@ -163,7 +222,7 @@ impl Tree {
             .map(|(p, n)| Cgroup {
                 path: Rc::clone(p),
                 id: n.id,
-                level: n.level,
+                level: n.level(),
             })
             .collect()
     }
@@ -177,8 +236,8 @@ impl Tree {
     pub fn elements(&self) -> Elements {
         self.nodes
             .values()
-            .filter(|n| n.element)
-            .filter_map(|n| n.own.map(|a| ((n.level, n.id), a)))
+            .filter(|n| n.element())
+            .filter_map(|n| n.own().map(|a| ((n.level(), n.id), a)))
             .collect()
     }
 
@@ -189,7 +248,7 @@ impl Tree {
         let mut p = Some(path);
         while let Some(at) = p {
             if let Some((key, n)) = self.nodes.get_key_value(at)
-                && let Some(a) = n.own
+                && let Some(a) = n.own()
             {
                 return Some((a, key));
             }
@@ -203,14 +262,14 @@ impl Tree {
     pub fn decided(&self) -> impl Iterator<Item = (&str, Action)> {
         self.nodes
             .iter()
-            .filter_map(|(p, n)| n.effective.map(|a| (&**p, a)))
+            .filter_map(|(p, n)| n.effective().map(|a| (&**p, a)))
     }
 
     /// Number of cgroups whose traffic each action decides (direct, drop, per target).
     pub fn counts(&self, targets: usize) -> (usize, usize, Vec<usize>) {
         let (mut direct, mut drop, mut per) = (0, 0, vec![0; targets]);
         for n in self.nodes.values() {
-            match n.effective {
+            match n.effective() {
                 Some(Action::Direct) => direct += 1,
                 Some(Action::Drop) => drop += 1,
                 Some(Action::Tproxy(i)) => {
@@ -234,13 +293,7 @@ impl Tree {
         }
         self.nodes.insert(
             Rc::clone(&cg.path),
-            Node {
-                id: cg.id,
-                level: cg.level,
-                own: cfg.classify(&cg.path),
-                effective: None,
-                element: false,
-            },
+            Node::new(cg.id, cg.level, cfg.classify(&cg.path)),
         );
         delta.extend(self.refresh(&cg.path));
         delta
@@ -251,10 +304,10 @@ impl Tree {
         let mut delta = Delta::default();
         for p in self.subtree(path) {
             if let Some(n) = self.nodes.remove(&*p)
-                && n.element
-                && let Some(a) = n.own
+                && n.element()
+                && let Some(a) = n.own()
             {
-                delta.del.push(((n.level, n.id), a));
+                delta.del.push(((n.level(), n.id), a));
             }
         }
         delta
@@ -284,15 +337,14 @@ impl Tree {
             let Some(n) = self.nodes.get_mut(&*p) else {
                 continue;
             };
-            let element = n.own.is_some() && n.own != inherited;
-            let key = (n.level, n.id);
-            match (n.element, element, n.own) {
+            let was = n.element();
+            n.settle(inherited);
+            let key = (n.level(), n.id);
+            match (was, n.element(), n.own()) {
                 (false, true, Some(a)) => delta.add.push((key, a)),
                 (true, false, Some(a)) => delta.del.push((key, a)),
                 _ => {}
             }
-            n.element = element;
-            n.effective = n.own.or(inherited);
         }
         delta
     }
@@ -303,7 +355,7 @@ fn inherited_from<'a>(path: &str, find: impl Fn(&str) -> Option<&'a Node>) -> Op
     let mut p = parent_of(path);
     while let Some(parent) = p {
         if let Some(n) = find(parent) {
-            return n.effective;
+            return n.effective();
         }
         p = parent_of(parent);
     }
@@ -432,6 +484,33 @@ mod tests {
                 ((6, 8), Action::Direct),
             ]
         );
+    }
+
+    #[test]
+    fn a_node_keeps_every_level_and_action_in_its_16_bytes() {
+        assert_eq!(std::mem::size_of::<Node>(), 16);
+        let actions = [
+            None,
+            Some(Action::Direct),
+            Some(Action::Drop),
+            Some(Action::Tproxy(0)),
+            Some(Action::Tproxy(u16::MAX)),
+        ];
+        for level in [0, 1, 8, 2048, MAX_LEVEL] {
+            for own in actions {
+                for inherited in actions {
+                    let mut n = Node::new(u64::MAX, level, own);
+                    assert_eq!((n.level(), n.own(), n.effective()), (level, own, None));
+                    assert!(!n.element());
+                    n.settle(inherited);
+                    n.settle(inherited);
+                    assert_eq!(n.id, u64::MAX);
+                    assert_eq!((n.level(), n.own()), (level, own));
+                    assert_eq!(n.effective(), own.or(inherited));
+                    assert_eq!(n.element(), own.is_some() && own != inherited);
+                }
+            }
+        }
     }
 
     #[test]
