@@ -7,6 +7,7 @@
 
 mod support;
 
+use std::os::unix::fs::MetadataExt;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -116,6 +117,26 @@ fn mapped() -> Vec<String> {
         }
     }
     out
+}
+
+/// The inodes process `pid`'s inotify descriptors watch (`ino:` in fdinfo,
+/// hex).
+fn inotify_watches(pid: u32) -> Vec<u64> {
+    let mut inodes = Vec::new();
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+    {
+        let info = std::fs::read_to_string(fd.path()).unwrap_or_default();
+        for line in info.lines().filter(|l| l.starts_with("inotify wd:")) {
+            let ino = line
+                .split_whitespace()
+                .find_map(|f| f.strip_prefix("ino:"))
+                .and_then(|h| u64::from_str_radix(h, 16).ok());
+            inodes.extend(ino);
+        }
+    }
+    inodes
 }
 
 fn rules(lab: &Lab) -> String {
@@ -249,6 +270,41 @@ fn containers_get_their_cgroups_verdict_live() {
         assert!(proxied(&a, PEER4), "late container: {a}");
         assert_eq!(counted(lab.peer_pid()), 0, "went direct");
         drop(late);
+        let gone = lab.eventually(Duration::from_secs(10), || mapped().len() == 3);
+        let mut left = mapped();
+        left.sort();
+        assert!(gone, "a stopped container's link stays mapped: {left:?}");
+        assert_eq!(left, ["ve-c", "veth3f2a", "vethb0b0"]);
+
+        // A manager that moves the container's process into its cgroup last:
+        // links up first (from a cgroup no rule matches), then the cgroup,
+        // then the process. The daemon looked at the cgroup while it was
+        // empty; only its populated watch can bring the look that finds it.
+        let last = container(&lab, "unmatched/late-join", 5, "veth5e1f", None);
+        let dir = lab.mkcg("proxy/docker-5e1f.scope");
+        let events = std::fs::metadata(dir.join("cgroup.events")).unwrap().ino();
+        let daemon = lab.daemon.as_ref().unwrap().child.id();
+        let watched = lab.eventually(Duration::from_secs(10), || {
+            inotify_watches(daemon).contains(&events)
+        });
+        assert!(
+            watched,
+            "the new cgroup's first look did not end in a populated watch"
+        );
+        assert!(
+            !mapped().contains(&last.host_if),
+            "mapped before its process came"
+        );
+        std::fs::write(dir.join("cgroup.procs"), last.pid().to_string()).unwrap();
+        let seen = lab.eventually(Duration::from_secs(10), || mapped().contains(&last.host_if));
+        assert!(
+            seen,
+            "a container whose process joined its cgroup last is not classified: {:?}",
+            mapped()
+        );
+        let a = last.talk("tcp", PEER4, PEER_PORT);
+        assert!(proxied(&a, PEER4), "container joined last: {a}");
+        drop(last);
         let gone = lab.eventually(Duration::from_secs(10), || mapped().len() == 3);
         let mut left = mapped();
         left.sort();

@@ -177,21 +177,24 @@ pub const PROBE_AFTER: [Duration; 11] = [
     Duration::from_secs(5),
 ];
 
-/// Looks for containers again: follow-ups after new cgroups, coalesced, so a
-/// storm of new cgroups costs as many looks as one.
+/// Looks for containers again after a failed look or after a container's
+/// cgroup went away, on the schedule of a new cgroup's follow-ups, coalesced.
+/// (New cgroups' own follow-ups are kept per cgroup, in
+/// `watch::containers`.)
 #[derive(Debug, Clone, Default)]
 pub struct Probes {
     due: Vec<Instant>,
 }
 
-/// Follow-ups closer than this to a pending one merge into it.
-const PROBE_COALESCE: Duration = Duration::from_micros(500);
+/// Follow-ups closer than this to a pending one merge into it (here and in
+/// `watch::containers`).
+pub const PROBE_COALESCE: Duration = Duration::from_micros(500);
 
 impl Probes {
-    /// Schedules the follow-ups of a cgroup that appeared at `now`.
+    /// Schedules looks at [`PROBE_AFTER`] from `now`.
     /// A pending look close to a new one merges into the later of the two:
     /// never earlier than a cgroup's own follow-up, which it would miss.
-    pub fn cgroup_added(&mut self, now: Instant) {
+    pub fn look_again(&mut self, now: Instant) {
         for d in PROBE_AFTER {
             let at = now + d;
             match self
@@ -277,7 +280,7 @@ mod tests {
         let mut p = Probes::default();
         let last = t0 + Duration::from_nanos(999 * 400);
         for i in 0..1000 {
-            p.cgroup_added(t0 + Duration::from_nanos(i * 400));
+            p.look_again(t0 + Duration::from_nanos(i * 400));
         }
         assert_eq!(p.due.len(), PROBE_AFTER.len());
         // Merged into the later: no cgroup's follow-up comes early.
@@ -287,7 +290,7 @@ mod tests {
         assert!(!p.take_due(last + Duration::from_micros(900)));
         assert!(p.take_due(last + ms(3)), "the next two at once");
         assert_eq!(p.due.len(), PROBE_AFTER.len() - 3);
-        p.cgroup_added(t0 + ms(3000));
+        p.look_again(t0 + ms(3000));
         assert_eq!(p.due.len(), 2 * PROBE_AFTER.len() - 3);
     }
 

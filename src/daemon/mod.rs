@@ -8,6 +8,7 @@ pub mod runstate;
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -184,6 +185,8 @@ struct Daemon {
     culprit: Option<String>,
     events: Events,
     timer: TimerFd,
+    /// The deadline the timer is set for, until it fires.
+    armed: Option<Instant>,
     links: Links,
     containers: Containers,
     /// The interfaces that classify forwarded traffic, and why.
@@ -459,7 +462,7 @@ impl Daemon {
             Ok(p) => p,
             Err(e) => {
                 error!("{e}; the interfaces keep their verdicts; looking again soon");
-                self.sched.probes.cgroup_added(Instant::now());
+                self.sched.probes.look_again(Instant::now());
                 self.arm_timer();
                 return;
             }
@@ -617,20 +620,33 @@ impl Daemon {
 
     /// Arms the timer for the earliest pending deadline.
     fn arm_timer(&mut self) {
-        let Some(at) = self.sched.next() else {
+        let Some(at) = self
+            .sched
+            .next()
+            .into_iter()
+            .chain(self.containers.next_look())
+            .min()
+        else {
             return;
         };
+        // Setting a timer costs a hardware timer reprogramming (an exit to
+        // the hypervisor in a VM): tens of µs for nothing when it is set.
+        if self.armed == Some(at) {
+            return;
+        }
         let left = at
             .saturating_duration_since(Instant::now())
             .max(Duration::from_micros(1));
         let when = Expiration::OneShot(TimeSpec::from_duration(left));
-        if let Err(e) = self.timer.set(when, TimerSetTimeFlags::empty()) {
-            error!("cannot arm the timer: {e}");
+        match self.timer.set(when, TimerSetTimeFlags::empty()) {
+            Ok(()) => self.armed = Some(at),
+            Err(e) => error!("cannot arm the timer: {e}"),
         }
     }
 
     /// Runs whatever deadline has passed.
     fn on_timer(&mut self) {
+        self.armed = None;
         let now = Instant::now();
         if self.sched.retry.take_due(now) && self.dirty {
             self.converge(Delta::default());
@@ -644,7 +660,8 @@ impl Daemon {
         if self.sched.status.take_due(now) {
             notify::status(&self.status());
         }
-        if self.sched.probes.take_due(now) {
+        // `|`: a due probe is taken even when a follow-up is due too.
+        if self.sched.probes.take_due(now) | self.containers.look_due(now) {
             self.refresh_links();
         }
         self.arm_timer();
@@ -716,6 +733,8 @@ impl Daemon {
     fn on_changes(&mut self, changes: Vec<Change>) {
         let mut delta = Delta::default();
         let mut populated = false;
+        // New decided cgroups whose first process is to be reported.
+        let mut probe: Vec<Rc<str>> = Vec::new();
         for c in changes {
             match c {
                 Change::Added(list) => {
@@ -723,10 +742,7 @@ impl Daemon {
                         debug!(path = %cg.path, id = cg.id, level = cg.level, "cgroup added");
                         delta.extend(self.tree.insert(&self.cfg, cg));
                         if self.bpf.is_none() && self.tree.decision(&cg.path).is_some() {
-                            let now = Instant::now();
-                            self.containers.added(&cg.path, now);
-                            self.watcher.watch_populated(&cg.path);
-                            self.sched.probes.cgroup_added(now);
+                            probe.push(cg.path.clone());
                         }
                     }
                 }
@@ -739,12 +755,12 @@ impl Daemon {
                         .iter()
                         .any(|e| matches!(&e.why, Why::Container(p) if is_within(p, &path)))
                     {
-                        self.sched.probes.cgroup_added(Instant::now());
+                        self.sched.probes.look_again(Instant::now());
                     }
                     delta.extend(self.tree.remove(&path));
                 }
                 Change::Populated(path) => {
-                    self.containers.populated(&path);
+                    self.containers.populated(&path, Instant::now());
                     populated = true;
                 }
                 Change::Rescan(all) => {
@@ -761,7 +777,33 @@ impl Daemon {
             }
         }
         self.converge(delta);
-        if populated {
+        // Containers are looked for after the commit, so the elements do not
+        // wait for it; a new cgroup's first look is due at once: here, not on
+        // a timer that would wake the daemon again for it.
+        // (Not one this batch removed again.)
+        probe.retain(|p| self.tree.decision(p).is_some());
+        let now = Instant::now();
+        for path in &probe {
+            self.containers.added(path, now);
+        }
+        if populated || !probe.is_empty() {
+            self.refresh_links();
+        }
+        // Those still followed up get the populated watch after their look
+        // (most hosts have no container link, and then none is needed); an
+        // empty one is read once more, for a process that came in between.
+        let mut arrived = false;
+        for path in &probe {
+            let Some(empty) = self.containers.following(path) else {
+                continue;
+            };
+            self.watcher.watch_populated(path);
+            if empty && self.watcher.hierarchy().populated(path) != Some(false) {
+                self.containers.populated(path, Instant::now());
+                arrived = true;
+            }
+        }
+        if arrived {
             self.refresh_links();
         }
         self.arm_timer();
@@ -1109,6 +1151,7 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         culprit: None,
         events: Events::open()?,
         timer,
+        armed: None,
         links,
         containers,
         link_plan,

@@ -6,8 +6,10 @@
 //!
 //! Looking costs one file read and one netlink exchange per cgroup, so new
 //! cgroups are looked at on their own, a few times while their manager fills
-//! them, and the whole tree only when a link reaches a namespace that neither
-//! they, nor a known container, nor an earlier look accounts for.
+//! them (one found empty waits for its first process instead, which its
+//! `cgroup.events` watch reports), and the whole tree only when a link
+//! reaches a namespace that neither they, nor a known container, nor an
+//! earlier look accounts for.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Instant;
@@ -15,7 +17,7 @@ use std::time::Instant;
 use crate::config::Config;
 use crate::core::cgroup::{is_within, parent_of};
 use crate::core::links::{self, Container, Link, LinkPlan};
-use crate::core::schedule::PROBE_AFTER;
+use crate::core::schedule::{PROBE_AFTER, PROBE_COALESCE};
 use crate::core::tree::Tree;
 use crate::kernel::links::{Links, LinksError};
 use crate::watch::hierarchy::Hierarchy;
@@ -33,9 +35,9 @@ pub struct Containers {
     done: Vec<String>,
 }
 
-/// A new cgroup: when it appeared, and its next follow-up (an index into
-/// [`PROBE_AFTER`]), so that each is looked at once per follow-up, however
-/// many other new cgroups wake the daemon.
+/// A new cgroup: when it appeared (or got its first process), and its next
+/// follow-up (an index into [`PROBE_AFTER`]), so that each is looked at once
+/// per follow-up, however many other new cgroups wake the daemon.
 #[derive(Debug)]
 struct Pending {
     path: String,
@@ -43,14 +45,42 @@ struct Pending {
     next: usize,
     /// It just got its first process (see `Watcher::watch_populated`).
     populated: bool,
+    /// The last look found no process in it or below it. A cgroup without one cannot be
+    /// a container: no timed follow-ups until its first process arrives,
+    /// which the populated watch reports. Most new cgroups stay empty for
+    /// good (slices, a manager's scratch cgroups), and each follow-up is a
+    /// link dump that delays the next cgroup's element.
+    empty: bool,
+    /// A failed look was to serve it: looked at in the next one, whenever
+    /// that is.
+    missed: bool,
 }
 
 impl Pending {
+    fn new(path: &str, now: Instant) -> Pending {
+        Pending {
+            path: path.to_owned(),
+            added: now,
+            next: 0,
+            populated: false,
+            empty: false,
+            missed: false,
+        }
+    }
+
+    /// When it is next to be looked at; `None` while it waits for a process.
+    fn next_at(&self) -> Option<Instant> {
+        if self.populated {
+            return Some(self.added);
+        }
+        if self.empty {
+            return None;
+        }
+        PROBE_AFTER.get(self.next).map(|&d| self.added + d)
+    }
+
     fn due(&self, now: Instant) -> bool {
-        self.populated
-            || PROBE_AFTER
-                .get(self.next)
-                .is_some_and(|&d| self.added + d <= now)
+        self.next_at().is_some_and(|t| t <= now)
     }
 
     /// Past every follow-up that is due at `now`.
@@ -59,6 +89,13 @@ impl Pending {
         while self.due(now) {
             self.next += 1;
         }
+    }
+
+    /// Past its last follow-up (an empty cgroup: past the time it would have
+    /// been).
+    fn finished(&self, now: Instant) -> bool {
+        self.next >= PROBE_AFTER.len()
+            || (self.empty && now > self.added + PROBE_AFTER[PROBE_AFTER.len() - 1])
     }
 }
 
@@ -72,7 +109,13 @@ impl Containers {
         path: &str,
         reached: &BTreeSet<i32>,
     ) -> Result<(), LinksError> {
-        let netns = match hier.first_pid(path) {
+        let pid = hier.first_pid(path);
+        if let Some(p) = self.pending.iter_mut().find(|p| p.path == path) {
+            // Its whole subtree, so that the populated watch reports any
+            // process that arrives, wherever below it.
+            p.empty = pid.is_none() && hier.populated(path) == Some(false);
+        }
+        let netns = match pid {
             Some(pid) => links.netns_of(pid)?,
             None => None,
         };
@@ -90,19 +133,43 @@ impl Containers {
 
     /// A decided cgroup appeared: it is looked at over the next seconds.
     pub fn added(&mut self, path: &str, now: Instant) {
-        self.pending.push(Pending {
-            path: path.to_owned(),
-            added: now,
-            next: 0,
-            populated: false,
-        });
+        self.pending.push(Pending::new(path, now));
     }
 
-    /// New cgroup `path` got its first process: it is looked at next time.
-    pub fn populated(&mut self, path: &str) {
+    /// New cgroup `path` got its first process at `now`: it is looked at
+    /// next time, and its follow-ups start over from then (its manager moves
+    /// the links around the same moment).
+    pub fn populated(&mut self, path: &str, now: Instant) {
         if let Some(p) = self.pending.iter_mut().find(|p| p.path == path) {
-            p.populated = true;
+            *p = Pending {
+                populated: true,
+                ..Pending::new(path, now)
+            };
         }
+    }
+
+    /// Whether new cgroup `path` is still followed up, and if so whether the
+    /// last look found its subtree without a process (only its populated
+    /// watch can then bring the next look).
+    pub fn following(&self, path: &str) -> Option<bool> {
+        self.pending
+            .iter()
+            .find(|p| p.path == path)
+            .map(|p| p.empty)
+    }
+
+    /// When to look at new cgroups next, if any is waiting: the earliest
+    /// follow-up plus [`PROBE_COALESCE`], so that one look serves every
+    /// follow-up that close (a storm of new cgroups costs as many looks as
+    /// one) and none comes before its time.
+    pub fn next_look(&self) -> Option<Instant> {
+        let first = self.pending.iter().filter_map(Pending::next_at).min()?;
+        Some(first + PROBE_COALESCE)
+    }
+
+    /// Whether a new cgroup's follow-up is due at `now`.
+    pub fn look_due(&self, now: Instant) -> bool {
+        self.pending.iter().any(|p| p.due(now))
     }
 
     /// New cgroups no longer looked at since the last call: their first
@@ -127,6 +194,31 @@ impl Containers {
         tree: &Tree,
         now: Instant,
     ) -> Result<LinkPlan, LinksError> {
+        let planned = self.plan_now(links, hier, cfg, tree, now);
+        if planned.is_err() {
+            self.failed(now);
+        }
+        planned
+    }
+
+    /// A look failed: the follow-ups it was for are taken all the same (the
+    /// daemon retries on a schedule of its own, and one due for ever would
+    /// keep it busy); the cgroups not served are looked at next time.
+    fn failed(&mut self, now: Instant) {
+        for p in self.pending.iter_mut().filter(|p| p.due(now)) {
+            p.missed = true;
+            p.advance(now);
+        }
+    }
+
+    fn plan_now(
+        &mut self,
+        links: &mut Links,
+        hier: &Hierarchy,
+        cfg: &Config,
+        tree: &Tree,
+        now: Instant,
+    ) -> Result<LinkPlan, LinksError> {
         let all: Vec<Link> = links.dump()?;
         let reached: BTreeSet<i32> = all.iter().filter_map(|l| l.peer_netns).collect();
         if cfg.rules.is_empty() || reached.is_empty() {
@@ -141,15 +233,17 @@ impl Containers {
             // container's process is most likely in one), each otherwise at
             // its own follow-ups.
             for i in 0..self.pending.len() {
-                if unknown || self.pending[i].due(now) {
-                    let path = self.pending[i].path.clone();
+                let p = &self.pending[i];
+                if unknown || p.missed || p.due(now) {
+                    let path = p.path.clone();
                     self.look(links, hier, &path, &reached)?;
                 }
+                self.pending[i].missed = false;
                 self.pending[i].advance(now);
             }
             let (left, kept) = std::mem::take(&mut self.pending)
                 .into_iter()
-                .partition::<Vec<Pending>, _>(|p| p.next >= PROBE_AFTER.len());
+                .partition::<Vec<Pending>, _>(|p| p.finished(now));
             self.done.extend(left.into_iter().map(|p| p.path));
             self.pending = kept;
             if !reached.is_subset(&accounted(self)) {
@@ -229,12 +323,7 @@ mod tests {
     #[test]
     fn a_new_cgroup_is_looked_at_once_per_follow_up() {
         let t0 = Instant::now();
-        let mut p = Pending {
-            path: "/c.scope".into(),
-            added: t0,
-            next: 0,
-            populated: false,
-        };
+        let mut p = Pending::new("/c.scope", t0);
         assert!(p.due(t0), "at once");
         p.advance(t0);
         assert!(!p.due(t0), "not twice for one follow-up");
@@ -246,11 +335,75 @@ mod tests {
             Duration::from_millis(20),
             "missed ones skipped"
         );
+        assert_eq!(p.next_at(), Some(t0 + Duration::from_millis(20)));
         p.populated = true;
         assert!(p.due(late), "its first process arrived");
         p.advance(late);
         assert!(!p.due(late));
+        assert!(!p.finished(late));
         p.advance(t0 + Duration::from_secs(6));
         assert_eq!(p.next, PROBE_AFTER.len(), "done after the last");
+        assert!(p.finished(t0 + Duration::from_secs(6)));
+        assert_eq!(p.next_at(), None);
+    }
+
+    #[test]
+    fn follow_ups_close_together_are_one_look() {
+        let t0 = Instant::now();
+        let mut c = Containers::default();
+        c.added("/a.scope", t0);
+        c.added("/b.scope", t0 + PROBE_COALESCE / 2);
+        let at = t0 + PROBE_COALESCE;
+        assert_eq!(c.next_look(), Some(at), "never before /b's own time");
+        assert!(c.look_due(at));
+        for p in &mut c.pending {
+            assert!(p.due(at), "one look serves both");
+            p.advance(at);
+        }
+        assert_eq!(c.next_look(), Some(t0 + PROBE_AFTER[1] + PROBE_COALESCE));
+    }
+
+    #[test]
+    fn an_empty_cgroup_waits_for_its_first_process_without_timers() {
+        let t0 = Instant::now();
+        let mut c = Containers::default();
+        c.added("/c.scope", t0);
+        c.pending[0].advance(t0);
+        // The first look found nobody in it.
+        c.pending[0].empty = true;
+        assert_eq!(c.following("/c.scope"), Some(true));
+        assert_eq!(c.next_look(), None, "no timer while it is empty");
+        for ms in [1, 3, 100, 1000] {
+            assert!(!c.look_due(t0 + Duration::from_millis(ms)));
+        }
+        // Its populated watch fired: a look at once, follow-ups from then.
+        let t1 = t0 + Duration::from_secs(2);
+        c.populated("/c.scope", t1);
+        assert_eq!(c.following("/c.scope"), Some(false));
+        assert!(c.look_due(t1));
+        c.pending[0].advance(t1);
+        assert_eq!(c.next_look(), Some(t1 + PROBE_AFTER[1] + PROBE_COALESCE));
+        assert!(!c.pending[0].finished(t1 + Duration::from_secs(4)));
+
+        // Never populated: done once its follow-ups would have been.
+        let mut e = Pending::new("/e.scope", t0);
+        e.advance(t0);
+        e.empty = true;
+        assert!(!e.finished(t0 + Duration::from_secs(4)));
+        assert!(e.finished(t0 + Duration::from_secs(6)));
+    }
+
+    #[test]
+    fn a_failed_look_takes_its_follow_ups_and_serves_them_next_time() {
+        let t0 = Instant::now();
+        let mut c = Containers::default();
+        c.added("/c.scope", t0);
+        c.added("/later.scope", t0 + Duration::from_millis(50));
+        c.failed(t0);
+        // Not due for ever (the daemon would spin), and remembered.
+        assert!(!c.look_due(t0));
+        assert_eq!(c.next_look(), Some(t0 + PROBE_AFTER[1] + PROBE_COALESCE));
+        assert!(c.pending[0].missed);
+        assert!(!c.pending[1].missed, "not due yet: not missed");
     }
 }
