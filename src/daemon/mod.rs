@@ -448,8 +448,14 @@ impl Daemon {
     /// Lists links and containers again and brings the interface map in line.
     /// On failure the map stays as it is (fail closed) and a retry follows.
     fn refresh_links(&mut self) {
+        while self.refresh_links_once() {}
+    }
+
+    /// [`Daemon::refresh_links`] once; true when a new cgroup turned out to
+    /// have a process after all and is to be looked at again at once.
+    fn refresh_links_once(&mut self) -> bool {
         if self.bpf.is_some() {
-            return;
+            return false;
         }
         let plan = match planned(
             &mut self.containers,
@@ -464,12 +470,24 @@ impl Daemon {
                 error!("{e}; the interfaces keep their verdicts; looking again soon");
                 self.sched.probes.look_again(Instant::now());
                 self.arm_timer();
-                return;
+                return false;
             }
         };
         announce(&self.cfg, &self.link_plan, &plan);
         for path in self.containers.take_done() {
             self.watcher.unwatch_populated(&path);
+        }
+        // New cgroups still followed up after their first look get the
+        // populated watch (most hosts have no container link, and then none
+        // is needed); an empty one is read once more, for a process that
+        // came in between.
+        let mut arrived = false;
+        for (path, empty) in self.containers.to_watch() {
+            self.watcher.watch_populated(&path);
+            if empty && self.watcher.hierarchy().populated(&path) != Some(false) {
+                self.containers.populated(&path, Instant::now());
+                arrived = true;
+            }
         }
         self.link_plan = plan;
         let mut txn = Txn::new();
@@ -480,7 +498,7 @@ impl Daemon {
             &self.link_plan,
             self.caps,
         ) {
-            Ok(false) => return,
+            Ok(false) => return arrived,
             Ok(true) => self.nft.commit(txn),
             Err(e) => Err(e),
         };
@@ -492,6 +510,7 @@ impl Daemon {
             }
             Err(e) => self.rebuild_later("the interfaces of ", e),
         }
+        arrived
     }
 
     /// Rebuilds the whole table from the current configuration and tree.
@@ -778,32 +797,16 @@ impl Daemon {
         }
         self.converge(delta);
         // Containers are looked for after the commit, so the elements do not
-        // wait for it; a new cgroup's first look is due at once: here, not on
-        // a timer that would wake the daemon again for it.
+        // wait for it. A new cgroup's first look is due at once: here, not
+        // on a timer that would wake the daemon again for it, unless more
+        // cgroups are on their way (a storm): then one look serves them all.
         // (Not one this batch removed again.)
         probe.retain(|p| self.tree.decision(p).is_some());
         let now = Instant::now();
         for path in &probe {
             self.containers.added(path, now);
         }
-        if populated || !probe.is_empty() {
-            self.refresh_links();
-        }
-        // Those still followed up get the populated watch after their look
-        // (most hosts have no container link, and then none is needed); an
-        // empty one is read once more, for a process that came in between.
-        let mut arrived = false;
-        for path in &probe {
-            let Some(empty) = self.containers.following(path) else {
-                continue;
-            };
-            self.watcher.watch_populated(path);
-            if empty && self.watcher.hierarchy().populated(path) != Some(false) {
-                self.containers.populated(path, Instant::now());
-                arrived = true;
-            }
-        }
-        if arrived {
+        if populated || (!probe.is_empty() && !self.watcher.more_waiting()) {
             self.refresh_links();
         }
         self.arm_timer();

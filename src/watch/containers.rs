@@ -54,6 +54,10 @@ struct Pending {
     /// A failed look was to serve it: looked at in the next one, whenever
     /// that is.
     missed: bool,
+    /// It was looked at once at least.
+    looked: bool,
+    /// Its populated watch was asked for (see [`Containers::to_watch`]).
+    watched: bool,
 }
 
 impl Pending {
@@ -65,6 +69,8 @@ impl Pending {
             populated: false,
             empty: false,
             missed: false,
+            looked: false,
+            watched: false,
         }
     }
 
@@ -114,6 +120,7 @@ impl Containers {
             // Its whole subtree, so that the populated watch reports any
             // process that arrives, wherever below it.
             p.empty = pid.is_none() && hier.populated(path) == Some(false);
+            p.looked = true;
         }
         let netns = match pid {
             Some(pid) => links.netns_of(pid)?,
@@ -143,19 +150,26 @@ impl Containers {
         if let Some(p) = self.pending.iter_mut().find(|p| p.path == path) {
             *p = Pending {
                 populated: true,
+                looked: p.looked,
+                watched: p.watched,
                 ..Pending::new(path, now)
             };
         }
     }
 
-    /// Whether new cgroup `path` is still followed up, and if so whether the
-    /// last look found its subtree without a process (only its populated
-    /// watch can then bring the next look).
-    pub fn following(&self, path: &str) -> Option<bool> {
+    /// New cgroups still followed up after their first look whose populated
+    /// watch is yet to be added, each with whether that look found its
+    /// subtree without a process (only the watch can then bring the next
+    /// look). Each is returned once.
+    pub fn to_watch(&mut self) -> Vec<(String, bool)> {
         self.pending
-            .iter()
-            .find(|p| p.path == path)
-            .map(|p| p.empty)
+            .iter_mut()
+            .filter(|p| p.looked && !p.watched)
+            .map(|p| {
+                p.watched = true;
+                (p.path.clone(), p.empty)
+            })
+            .collect()
     }
 
     /// When to look at new cgroups next, if any is waiting: the earliest
@@ -368,10 +382,13 @@ mod tests {
         let t0 = Instant::now();
         let mut c = Containers::default();
         c.added("/c.scope", t0);
-        c.pending[0].advance(t0);
+        assert!(c.to_watch().is_empty(), "not before its first look");
         // The first look found nobody in it.
         c.pending[0].empty = true;
-        assert_eq!(c.following("/c.scope"), Some(true));
+        c.pending[0].looked = true;
+        c.pending[0].advance(t0);
+        assert_eq!(c.to_watch(), [("/c.scope".to_owned(), true)]);
+        assert!(c.to_watch().is_empty(), "once");
         assert_eq!(c.next_look(), None, "no timer while it is empty");
         for ms in [1, 3, 100, 1000] {
             assert!(!c.look_due(t0 + Duration::from_millis(ms)));
@@ -379,7 +396,7 @@ mod tests {
         // Its populated watch fired: a look at once, follow-ups from then.
         let t1 = t0 + Duration::from_secs(2);
         c.populated("/c.scope", t1);
-        assert_eq!(c.following("/c.scope"), Some(false));
+        assert!(c.to_watch().is_empty(), "still watched");
         assert!(c.look_due(t1));
         c.pending[0].advance(t1);
         assert_eq!(c.next_look(), Some(t1 + PROBE_AFTER[1] + PROBE_COALESCE));

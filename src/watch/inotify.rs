@@ -8,6 +8,7 @@ use std::path::Path;
 use std::rc::Rc;
 
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use crate::core::cgroup::{Cgroup, child_path};
 use crate::watch::hierarchy::{Hierarchy, WorkDir, walk_with};
@@ -112,6 +113,12 @@ impl Watcher {
     }
 
     /// The descriptor to poll for events.
+    /// Whether events are waiting to be read.
+    pub fn more_waiting(&self) -> bool {
+        let mut fds = [PollFd::new(self.fd(), PollFlags::POLLIN)];
+        poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
+    }
+
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.inotify.as_fd()
     }
