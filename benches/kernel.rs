@@ -1141,8 +1141,9 @@ fn bench(base: &str) {
     print!("{t}");
     print!("{fwd_table}");
     println!(
-        "({UPDATES} updates per size spaced {} ms; {NFT_UPDATES} nft processes; start-ups with no nftables listener but the daemon; datapath: CPU time of client and server, lower quartile of {} rounds, each side in turn, order alternating, of {} connections and {} datagrams at depths {:?} and {} MiB bulk at depth {DEEPEST}; ratios: all rounds (table-first rounds, baseline-first rounds); softirq time in task time: {}; the daemon's environment, as its unit sets it: {:?})",
+        "({UPDATES} updates per size spaced {} ms; {NFT_UPDATES} nft processes; start-ups with no nftables listener but the daemon; datapath: CPU time of client and server (both on CPU {}) and of that CPU's ksoftirqd, lower quartile of {} rounds, each side in turn, order alternating, of {} connections and {} datagrams at depths {:?} and {} MiB bulk at depth {DEEPEST}; ratios: all rounds (table-first rounds, baseline-first rounds); softirq time in task time: {}; the daemon's environment, as its unit sets it: {:?})",
         SPACING.as_millis(),
+        measuring_cpu(),
         plan.rounds,
         plan.connects,
         plan.datagrams,
@@ -1196,6 +1197,7 @@ fn bench(base: &str) {
 /// In the peer namespace: a connect sink (accept and drop), a datagram sink and a
 /// bulk sink (read to EOF, answer with the byte count).
 fn serve() {
+    pin_to_measuring_cpu();
     let connect = listener(CONNECT_PORT);
     let bulk = listener(BULK_PORT);
     let udp = std::net::UdpSocket::bind(("0.0.0.0", UDP_PORT)).expect("binding the UDP sink");
@@ -1252,6 +1254,22 @@ fn cpu_ns() -> u64 {
     t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
 
+/// The CPU the datapath's client and server run on: the last.
+fn measuring_cpu() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get() - 1)
+}
+
+/// Pins this process to [`measuring_cpu`]: the packets' whole path (the
+/// receiving stack runs in the sender's softirq) is then serial, and what
+/// the kernel defers from it runs in that CPU's ksoftirqd, whose time the
+/// datapath adds to each run's (see `datapath::run`).
+fn pin_to_measuring_cpu() {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(measuring_cpu()).expect("a CPU index");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .expect("pinning to the measuring CPU");
+}
+
 /// `connect ADDR N`: N connections to the server at ADDR one after another,
 /// each closed with a reset; prints its CPU time and each connect's latency
 /// (ns) as JSON.
@@ -1259,6 +1277,9 @@ fn cpu_ns() -> u64 {
 /// its CPU time as JSON.
 /// `udp ADDR N`: sends N one-byte datagrams, prints its CPU time as JSON.
 fn client(args: &[String]) {
+    if !args.first().is_some_and(|m| m.starts_with("fwd-")) {
+        pin_to_measuring_cpu();
+    }
     match args.first().map(String::as_str) {
         Some("connect") => {
             let peer: Ipv4Addr = args[1].parse().expect("connect ADDR");
