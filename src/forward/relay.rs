@@ -188,11 +188,12 @@ struct SplicePipe {
 
 /// Pipes of [`PIPE`] bytes open now. Each splice through one moves what the
 /// socket holds, up to a MiB: a bulk transfer then took a third of the CPU
-/// per byte that a default 64 KiB pipe costs (fewer calls and wake-ups; 256
-/// KiB pipes saved less than a fifth). The kernel counts pipe pages per user and, past
-/// `pipe-user-pages-soft` (64 MiB), gives that user's new pipes two pages
-/// each: at most [`MAX_LARGE_PIPES`] large ones (a quarter of that) leave
-/// the default pipes of everything else the forwarder's user opens alone.
+/// per byte that a default 64 KiB pipe costs (fewer calls and wake-ups;
+/// 256 KiB pipes saved less than a fifth). The kernel counts pipe pages per
+/// user and, past `pipe-user-pages-soft` (64 MiB), gives that user's new
+/// pipes two pages each: at most [`MAX_LARGE_PIPES`] large ones (a quarter
+/// of that) leave the default pipes of everything else the forwarder's user
+/// opens alone.
 static LARGE_PIPES: AtomicUsize = AtomicUsize::new(0);
 const MAX_LARGE_PIPES: usize = 16;
 /// A large pipe's size: the most an unprivileged process may ask for by
