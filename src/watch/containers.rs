@@ -45,11 +45,11 @@ struct Pending {
     next: usize,
     /// It just got its first process (see `Watcher::watch_populated`).
     populated: bool,
-    /// The last look found no process in it or below it. A cgroup without one cannot be
-    /// a container: no timed follow-ups until its first process arrives,
-    /// which the populated watch reports. Most new cgroups stay empty for
-    /// good (slices, a manager's scratch cgroups), and each follow-up is a
-    /// link dump that delays the next cgroup's element.
+    /// The last look found no process in it or below it. A cgroup without
+    /// one cannot be a container: no timed follow-ups until its first
+    /// process arrives, which the populated watch reports. Most new cgroups
+    /// stay empty for good (slices, a manager's scratch cgroups), and each
+    /// follow-up is a link dump that delays the next cgroup's element.
     empty: bool,
     /// A failed look was to serve it: looked at in the next one, whenever
     /// that is.
@@ -107,21 +107,16 @@ impl Pending {
 
 impl Containers {
     /// Looks at cgroup `path`: remembers it when its first process lives in
-    /// one of the namespaces `reached`.
+    /// one of the namespaces `reached`. True when it has no process of its
+    /// own.
     fn look(
         &mut self,
         links: &mut Links,
         hier: &Hierarchy,
         path: &str,
         reached: &BTreeSet<i32>,
-    ) -> Result<(), LinksError> {
+    ) -> Result<bool, LinksError> {
         let pid = hier.first_pid(path);
-        if let Some(p) = self.pending.iter_mut().find(|p| p.path == path) {
-            // Its whole subtree, so that the populated watch reports any
-            // process that arrives, wherever below it.
-            p.empty = pid.is_none() && hier.populated(path) == Some(false);
-            p.looked = true;
-        }
         let netns = match pid {
             Some(pid) => links.netns_of(pid)?,
             None => None,
@@ -135,7 +130,7 @@ impl Containers {
                 self.found.remove(path);
             }
         }
-        Ok(())
+        Ok(pid.is_none())
     }
 
     /// A decided cgroup appeared: it is looked at over the next seconds.
@@ -250,7 +245,12 @@ impl Containers {
                 let p = &self.pending[i];
                 if unknown || p.missed || p.due(now) {
                     let path = p.path.clone();
-                    self.look(links, hier, &path, &reached)?;
+                    let none_of_its_own = self.look(links, hier, &path, &reached)?;
+                    let p = &mut self.pending[i];
+                    // Its whole subtree, so that the populated watch reports
+                    // any process that arrives, wherever below it.
+                    p.empty = none_of_its_own && hier.populated(&path) == Some(false);
+                    p.looked = true;
                 }
                 self.pending[i].missed = false;
                 self.pending[i].advance(now);
