@@ -44,7 +44,7 @@
 //! `unstable` or `implausible` with its rounds, and is null in bench-json.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::thread::sleep;
@@ -825,6 +825,33 @@ fn busy_us() -> u64 {
     ticks * 10_000
 }
 
+/// The ksoftirqd threads: each one's name (`ksoftirqd/N`) and schedstat
+/// file.
+fn ksoftirqds() -> Vec<(String, PathBuf)> {
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| {
+            let comm = fs::read_to_string(e.path().join("comm")).ok()?;
+            let comm = comm.trim();
+            comm.starts_with("ksoftirqd/")
+                .then(|| (comm.to_owned(), e.path().join("schedstat")))
+        })
+        .collect()
+}
+
+/// A thread's CPU time so far (ns): its schedstat's first field.
+fn schedstat_ns(path: &Path) -> Option<u64> {
+    fs::read_to_string(path)
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// CPU time so far (ns) of the ksoftirqd of the CPU the client and server
 /// are pinned to (see `pin_to_measuring_cpu`): the softirq work the kernel
 /// deferred from their packets, which no task of ours is charged for. Other
@@ -834,32 +861,19 @@ fn measuring_ksoftirqd_ns() -> u64 {
     static STATS: OnceLock<Option<PathBuf>> = OnceLock::new();
     let path = STATS.get_or_init(|| {
         let name = format!("ksoftirqd/{}", measuring_cpu());
-        fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-            let comm = fs::read_to_string(e.path().join("comm")).ok()?;
-            (comm.trim() == name).then(|| e.path().join("schedstat"))
-        })
+        ksoftirqds()
+            .into_iter()
+            .find_map(|(comm, stats)| (comm == name).then_some(stats))
     });
     let path = path.as_ref().expect("the measuring CPU's ksoftirqd");
-    fs::read_to_string(path)
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .expect("ksoftirqd's schedstat")
+    schedstat_ns(path).expect("ksoftirqd's schedstat")
 }
 
-/// All ksoftirqd threads' CPU time so far (µs), from their schedstat.
+/// All ksoftirqd threads' CPU time so far (µs).
 fn ksoftirqd_us() -> u64 {
-    let Ok(procs) = fs::read_dir("/proc") else {
-        return 0;
-    };
-    procs
-        .flatten()
-        .filter(|e| {
-            fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.starts_with("ksoftirqd/"))
-        })
-        .filter_map(|e| {
-            let s = fs::read_to_string(e.path().join("schedstat")).ok()?;
-            s.split_whitespace().next()?.parse::<u64>().ok()
-        })
+    ksoftirqds()
+        .iter()
+        .filter_map(|(_, stats)| schedstat_ns(stats))
         .sum::<u64>()
         / 1000
 }
