@@ -47,6 +47,8 @@ fn routes_tcp_and_udp_over_ipv4_and_ipv6_by_cgroup() {
     in_namespaces("routes_tcp_and_udp_over_ipv4_and_ipv6_by_cgroup", || {
         let mut lab = Lab::new("routing");
         lab.start_listener("listener", PROXY_PORT, "proxy");
+        // A server at a bypass destination (127.0.0.0/8, ::1).
+        lab.start_local_server(5301, "local", &["127.0.0.1", "::1"]);
         // Cgroups that exist before the daemon starts.
         lab.mkcg("proxy/app.scope");
         lab.mkcg("direct");
@@ -76,6 +78,16 @@ fn routes_tcp_and_udp_over_ipv4_and_ipv6_by_cgroup() {
         // bypass list and unreachable, so a proxied connection would succeed.
         let a = lab.talk("proxy/app.scope", "tcp", "10.99.0.99", PEER_PORT);
         assert!(failed(&a), "bypassed destination was proxied: {a}");
+        // Nor dropped: a drop cgroup still reaches them, as a proxied one
+        // reaches them directly.
+        for cg in ["drop", "proxy/app.scope"] {
+            for proto in ["tcp", "udp"] {
+                for dst in ["127.0.0.1", "::1"] {
+                    let a = lab.talk(cg, proto, dst, 5301);
+                    assert!(a.starts_with("local "), "{proto} {dst} from {cg}: {a}");
+                }
+            }
+        }
 
         let code = lab.take_daemon().stop();
         assert_eq!(code, 0);

@@ -244,12 +244,15 @@ pub fn class(cfg: &Config, action: Action) -> u32 {
 /// The chain direct-classified packets go to: it clears the class mark again.
 pub const DIRECT_CHAIN: &str = "direct";
 
-/// The verdict an action turns into.
-pub fn verdict(cfg: &Config, action: Action) -> Verdict {
+/// The chain drop-classified packets go to: it lets bypass destinations pass.
+pub const DROP_CHAIN: &str = "dropped";
+
+/// The chain an action's class goes to (from [`CLASSES`]).
+pub fn class_chain(cfg: &Config, action: Action) -> String {
     match action {
-        Action::Direct => Verdict::Return,
-        Action::Drop => Verdict::Drop,
-        Action::Tproxy(i) => Verdict::Goto(mark_chain(&cfg.targets[usize::from(i)].name).into()),
+        Action::Direct => DIRECT_CHAIN.into(),
+        Action::Drop => DROP_CHAIN.into(),
+        Action::Tproxy(i) => mark_chain(&cfg.targets[usize::from(i)].name),
     }
 }
 
@@ -279,52 +282,73 @@ pub fn merge_ranges(nets: &[IpNet], family: Family) -> Vec<(u128, u128)> {
     out
 }
 
-/// What no verdict touches, local or forwarded: the bypass destinations and
-/// what is neither TCP nor UDP.
-fn untouched() -> [Vec<Stmt>; 3] {
-    [
+/// Bypass destinations are never marked nor dropped. They are checked only
+/// for traffic a class would touch (in the drop and target chains), not for
+/// every packet before classification: a rule and a set lookup fewer per
+/// packet for the untouched and direct majority. The class the packet
+/// carries in its mark by then goes again.
+fn bypassed() -> [Vec<Stmt>; 2] {
+    [Family::V4, Family::V6].map(|f| {
+        let set = match f {
+            Family::V4 => "bypass4",
+            Family::V6 => "bypass6",
+        };
         vec![
-            Stmt::NfProto(Family::V4),
-            Stmt::DaddrIn(Family::V4, "bypass4".into()),
+            Stmt::NfProto(f),
+            Stmt::DaddrIn(f, set.into()),
+            Stmt::SetMark(0),
             Stmt::Verdict(Verdict::Return),
-        ],
-        vec![
-            Stmt::NfProto(Family::V6),
-            Stmt::DaddrIn(Family::V6, "bypass6".into()),
-            Stmt::Verdict(Verdict::Return),
-        ],
-        vec![Stmt::NotTcpUdp, Stmt::Verdict(Verdict::Return)],
+        ]
+    })
+}
+
+/// A query to systemd-resolved's stub: classified although its address is
+/// usually a bypass destination, so that a target can hijack it.
+fn stub_query(p: Proto) -> Vec<Stmt> {
+    vec![
+        Stmt::NfProto(Family::V4),
+        Stmt::Daddr(IpAddr::V4(RESOLVED_STUB)),
+        Stmt::L4Proto(p),
+        Stmt::Dport(53),
     ]
 }
 
-/// The output chain: skip replies, bypass destinations and non-TCP/UDP, then
-/// classify. With `stub`, queries to systemd-resolved's stub are classified
-/// before the bypass check, so a target can hijack them.
-pub fn output_chain(stub: bool) -> ChainSpec {
-    let classify = || Stmt::Verdict(Verdict::Goto(CLASSIFY.into()));
-    let mut rules = vec![
-        vec![Stmt::CtReply, Stmt::Verdict(Verdict::Return)],
-        // Packets whose socket set a mark (SO_MARK, which needs CAP_NET_ADMIN)
-        // belong to their owner's policy routing: VPN clients, other proxies, and
-        // the built-in forwarder's upstream connections.
-        vec![Stmt::Marked, Stmt::Verdict(Verdict::Return)],
-    ];
-    if stub {
-        for p in [Proto::Udp, Proto::Tcp] {
-            rules.push(vec![
-                Stmt::NfProto(Family::V4),
-                Stmt::Daddr(IpAddr::V4(RESOLVED_STUB)),
-                Stmt::L4Proto(p),
-                Stmt::Dport(53),
-                classify(),
-            ]);
-        }
-    }
-    rules.extend(untouched());
-    rules.push(vec![classify()]);
+/// The output chain: skip replies, packets their socket marked and
+/// non-TCP/UDP, then classify.
+pub fn output_chain() -> ChainSpec {
     ChainSpec {
         name: "output".into(),
         hook: Some(Hook::OutputRoute),
+        rules: vec![
+            vec![Stmt::CtReply, Stmt::Verdict(Verdict::Return)],
+            // Packets whose socket set a mark (SO_MARK, which needs
+            // CAP_NET_ADMIN) belong to their owner's policy routing: VPN
+            // clients, other proxies, and the built-in forwarder's upstream
+            // connections.
+            vec![Stmt::Marked, Stmt::Verdict(Verdict::Return)],
+            vec![Stmt::NotTcpUdp, Stmt::Verdict(Verdict::Return)],
+            vec![Stmt::Verdict(Verdict::Goto(CLASSIFY.into()))],
+        ],
+    }
+}
+
+/// The drop class: everything but bypass destinations. With `stub` (some
+/// target hijacks systemd-resolved's stub), queries to the stub are not
+/// bypassed: dropped too.
+pub fn drop_chain(stub: bool) -> ChainSpec {
+    let mut rules = Vec::new();
+    if stub {
+        for p in [Proto::Udp, Proto::Tcp] {
+            let mut r = stub_query(p);
+            r.push(Stmt::Verdict(Verdict::Drop));
+            rules.push(r);
+        }
+    }
+    rules.extend(bypassed());
+    rules.push(vec![Stmt::Verdict(Verdict::Drop)]);
+    ChainSpec {
+        name: DROP_CHAIN.into(),
+        hook: None,
         rules,
     }
 }
@@ -364,13 +388,14 @@ const HOST_ADDRESS_TYPES: [u8; 3] = [2, 3, 5];
 /// Traffic forwarded to this host (containers, VMs, LAN clients) is classified
 /// by the interface it arrived on, as the output chain classifies local
 /// traffic by cgroup: never what is addressed to this host itself (its
-/// addresses, broadcasts, multicasts), bypass destinations or non-TCP/UDP.
+/// addresses, broadcasts, multicasts) or non-TCP/UDP; bypass destinations
+/// pass in the class's chain, as for local traffic.
 pub fn forwarded_chain() -> ChainSpec {
     let mut rules: Vec<Vec<Stmt>> = HOST_ADDRESS_TYPES
         .iter()
         .map(|&t| vec![Stmt::FibDaddrType(t), Stmt::Verdict(Verdict::Return)])
         .collect();
-    rules.extend(untouched());
+    rules.push(vec![Stmt::NotTcpUdp, Stmt::Verdict(Verdict::Return)]);
     rules.push(vec![Stmt::IfaceClass]);
     ChainSpec {
         name: FORWARDED.into(),
@@ -438,13 +463,7 @@ pub fn table(
         .into_iter()
         .chain((0..=u16::MAX).take(cfg.targets.len()).map(Action::Tproxy));
     let classes = actions
-        .map(|a| {
-            let v = match a {
-                Action::Direct => Verdict::Goto(DIRECT_CHAIN.into()),
-                a => verdict(cfg, a),
-            };
-            (class(cfg, a), v)
-        })
+        .map(|a| (class(cfg, a), Verdict::Goto(class_chain(cfg, a).into())))
         .collect();
     sets.push(SetSpec {
         name: CLASSES.into(),
@@ -484,26 +503,27 @@ pub fn table(
     for t in &cfg.targets {
         let mut rules = Vec::new();
         if stub {
-            // Queries to the stub reach this chain only because some target
-            // hijacks them; the others leave them alone unless they redirect them.
+            // Where some target hijacks the stub, queries to it are not
+            // bypassed: this target hijacks them, marked here before the
+            // bypass check as its DNS rules below would mark them (a stub
+            // hijack needs `ip`), or leaves them to the stub unmarked.
             let hijacked: &[Proto] = match &t.dns_hijack {
                 Some(d) if d.stub && d.tcp => &[Proto::Udp, Proto::Tcp],
                 Some(d) if d.stub => &[Proto::Udp],
                 _ => &[],
             };
             for p in [Proto::Udp, Proto::Tcp] {
-                if !hijacked.contains(&p) {
-                    rules.push(vec![
-                        Stmt::NfProto(Family::V4),
-                        Stmt::Daddr(IpAddr::V4(RESOLVED_STUB)),
-                        Stmt::L4Proto(p),
-                        Stmt::Dport(53),
-                        Stmt::SetMark(0),
-                        Stmt::Verdict(Verdict::Return),
-                    ]);
+                let mut r = stub_query(p);
+                if hijacked.contains(&p) {
+                    r.push(Stmt::SetMark(t.mark));
+                } else {
+                    r.push(Stmt::SetMark(0));
                 }
+                r.push(Stmt::Verdict(Verdict::Return));
+                rules.push(r);
             }
         }
+        rules.extend(bypassed());
         if let Some(d) = &t.dns_hijack {
             let protos: &[Proto] = if d.tcp {
                 &[Proto::Udp, Proto::Tcp]
@@ -601,8 +621,9 @@ pub fn table(
             }
         }
     }
+    chains.push(drop_chain(stub));
     chains.push(classify_chain(cfg, levels));
-    chains.push(output_chain(stub));
+    chains.push(output_chain());
     if !cfg.targets.is_empty() {
         chains.push(guard_chain(cfg));
     }
@@ -712,8 +733,9 @@ mod tests {
             true,
         );
         let mark = t.chains.iter().find(|ch| ch.name == "p-mark").unwrap();
+        assert_eq!(mark.rules[..2], bypassed());
         assert_eq!(
-            mark.rules,
+            mark.rules[2..],
             vec![
                 vec![
                     Stmt::L4Proto(Proto::Udp),
@@ -749,6 +771,121 @@ mod tests {
                 Stmt::Verdict(Verdict::Accept),
             ]],
             "one TCP rule to loopback: no UDP (no-udp), no IPv6 (no-ipv6)"
+        );
+    }
+
+    /// The chain a class's packets go to, from the classes map.
+    fn class_target(t: &TableSpec, class: u32) -> &ChainSpec {
+        let Some(SetKind::Classes(classes)) =
+            t.sets.iter().find(|s| s.name == CLASSES).map(|s| &s.kind)
+        else {
+            panic!("no classes map");
+        };
+        let Some((_, Verdict::Goto(name))) = classes.iter().find(|(c, _)| *c == class) else {
+            panic!("class {class:#x} goes nowhere");
+        };
+        t.chains.iter().find(|ch| *ch.name == **name).unwrap()
+    }
+
+    fn bare_table(c: &Config) -> TableSpec {
+        table(
+            c,
+            &BTreeSet::new(),
+            &Elements::new(),
+            &BTreeMap::new(),
+            &[],
+            true,
+        )
+    }
+
+    #[test]
+    fn bypass_is_checked_only_where_a_class_would_mark_or_drop() {
+        let c = cfg();
+        let t = bare_table(&c);
+        let looks_up_bypass = |ch: &ChainSpec| {
+            ch.rules
+                .iter()
+                .flatten()
+                .any(|s| matches!(s, Stmt::DaddrIn(..)))
+        };
+        for name in ["output", FORWARDED, CLASSIFY, DIRECT_CHAIN] {
+            let ch = t.chains.iter().find(|ch| ch.name == name).unwrap();
+            assert!(!looks_up_bypass(ch), "{name} looks up the bypass sets");
+        }
+        // Before anything marks or drops: a drop cgroup reaches bypass
+        // destinations, a proxied one reaches them directly.
+        let dropped = class_target(&t, DROP_CLASS);
+        assert_eq!(
+            dropped.rules[0],
+            [
+                Stmt::NfProto(Family::V4),
+                Stmt::DaddrIn(Family::V4, "bypass4".into()),
+                Stmt::SetMark(0),
+                Stmt::Verdict(Verdict::Return),
+            ],
+            "bypassed packets leave without the class mark"
+        );
+        assert_eq!(dropped.rules[..2], bypassed());
+        assert_eq!(dropped.rules[2..], [vec![Stmt::Verdict(Verdict::Drop)]]);
+        assert_eq!(class_target(&t, 3000).rules[..2], bypassed());
+        assert_eq!(
+            class_target(&t, DIRECT_CLASS).rules,
+            [vec![Stmt::SetMark(0)]]
+        );
+    }
+
+    #[test]
+    fn stub_queries_skip_the_bypass_check_where_a_target_hijacks_them() {
+        let c = Config::parse(
+            r#"{"version":1,"bypass":["127.0.0.0/8"],"tproxies":{
+               "p":{"port":1,"mark":9,"dns-hijack":{"ip":"127.0.0.1","port":1053,"stub":true}},
+               "q":{"port":2,"mark":10}}}"#,
+            "t",
+        )
+        .unwrap();
+        let t = bare_table(&c);
+        let stub = |p: Proto, rest: &[Stmt]| {
+            let mut r = stub_query(p);
+            r.extend_from_slice(rest);
+            r
+        };
+        let ret = Stmt::Verdict(Verdict::Return);
+        // p hijacks UDP queries to the stub (marked for the nat chain), not TCP.
+        assert_eq!(
+            class_target(&t, 9).rules[..3],
+            [
+                stub(Proto::Udp, &[Stmt::SetMark(9), ret.clone()]),
+                stub(Proto::Tcp, &[Stmt::SetMark(0), ret.clone()]),
+                bypassed()[0].clone(),
+            ]
+        );
+        // q leaves them to the stub, unmarked.
+        assert_eq!(
+            class_target(&t, 10).rules[..3],
+            [
+                stub(Proto::Udp, &[Stmt::SetMark(0), ret.clone()]),
+                stub(Proto::Tcp, &[Stmt::SetMark(0), ret]),
+                bypassed()[0].clone(),
+            ]
+        );
+        // A drop cgroup's queries to the stub are dropped, not bypassed.
+        let drop = Stmt::Verdict(Verdict::Drop);
+        assert_eq!(
+            class_target(&t, DROP_CLASS).rules[..3],
+            [
+                stub(Proto::Udp, std::slice::from_ref(&drop)),
+                stub(Proto::Tcp, std::slice::from_ref(&drop)),
+                bypassed()[0].clone(),
+            ]
+        );
+        // Without a stub hijack, no chain looks for the stub.
+        let plain = bare_table(&cfg());
+        assert!(
+            !plain
+                .chains
+                .iter()
+                .flat_map(|ch| ch.rules.iter().flatten())
+                .any(|s| *s == Stmt::Daddr(IpAddr::V4(RESOLVED_STUB)))
         );
     }
 }
