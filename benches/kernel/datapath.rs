@@ -315,6 +315,9 @@ pub enum Kind {
     /// The eBPF datapath's programs over the table side's cgroups, against
     /// cgroups outside them; no table on either side.
     Ebpf,
+    /// [`MECHANISM_FLOOR`] in the table's namespace, against the
+    /// conntrack-only table: a bound, not a target.
+    Floor,
 }
 
 impl Kind {
@@ -323,6 +326,7 @@ impl Kind {
         match self {
             Kind::Nft => ("table", "ct-only"),
             Kind::Ebpf => ("ebpf", "none"),
+            Kind::Floor => ("floor", "ct-only"),
         }
     }
 
@@ -331,6 +335,7 @@ impl Kind {
         match self {
             Kind::Nft => ">= 0.95",
             Kind::Ebpf => ">= 0.98",
+            Kind::Floor => "(bound)",
         }
     }
 
@@ -355,11 +360,20 @@ fn run(
     mode: &str,
     count: u64,
 ) -> Run {
-    let peer = match side {
+    // The eBPF sides differ in their cgroups only (the programs attach to
+    // cgroups, not namespaces): both run in the baseline's namespace, where no
+    // ip rule has ever been. The table's keeps what the daemon's rules left:
+    // the first ip rule of a namespace un-merges its local and main routing
+    // tables for good, and every route lookup there then walks the rules.
+    let ns_side = match kind {
+        Kind::Ebpf => Side::Baseline,
+        Kind::Nft | Kind::Floor => side,
+    };
+    let peer = match ns_side {
         Side::Table => TABLE_LINK.1,
         Side::Baseline => BASELINE_LINK.1,
     };
-    let netns = Some(sides.netns(side));
+    let netns = Some(sides.netns(ns_side));
     let softirq0 = measuring_ksoftirqd_ns();
     let server0 = usage_usec(lab);
     let cgroup = kind.cgroup(lab, side, depth);
@@ -480,7 +494,8 @@ pub fn compare(
 
 /// The eBPF datapath against none: its programs run for every client of the
 /// table side (their cgroups are below the root it attaches at) and for none
-/// of the baseline's; neither namespace has a table for this comparison.
+/// of the baseline's; both sides run in the baseline's namespace (see
+/// [`run`]), with no table for this comparison.
 pub fn compare_ebpf(
     lab: &mut Lab,
     sides: &Sides,
@@ -534,6 +549,50 @@ pub fn control(lab: &Lab, sides: &Sides, plan: &Plan, started: Instant) -> Compa
     let c = rounds(lab, sides, plan, Kind::Nft, "control", started);
     sh(&format!(
         "nsenter -t {table} -n nft delete table inet ctonly"
+    ));
+    c
+}
+
+/// Commands (for `sh -c '…'`) making the mechanism's floor on the table
+/// side: what DESIGN.md's mechanism costs before anything is classified, as
+/// the bench's config would have it (mark 3000, route table 300, port 7893,
+/// rule priority 100). The route-type output chain (it re-routes a packet
+/// whose mark a rule changed; here only replies are skipped), the guard in
+/// postrouting, the prerouting chain with a `tproxy` rule, and the ip rule
+/// and local route that loop marked packets (v4 and v6). Any ip rule
+/// un-merges the kernel's local and main routing tables for good in its
+/// namespace, so this runs before the daemon ever has.
+const MECHANISM_FLOOR: &str = "nft add table inet floor &&
+    nft add chain inet floor output \"{ type route hook output priority mangle; }\" &&
+    nft add rule inet floor output ct direction reply return &&
+    nft add chain inet floor guard \"{ type filter hook postrouting priority mangle; }\" &&
+    nft add rule inet floor guard meta mark 3000 oif != lo drop &&
+    nft add chain inet floor prerouting \"{ type filter hook prerouting priority mangle; }\" &&
+    nft add rule inet floor prerouting ct direction reply return &&
+    nft add rule inet floor prerouting meta mark 3000 meta nfproto ipv4 meta l4proto tcp tproxy ip to 127.0.0.1:7893 accept &&
+    ip rule add fwmark 3000 lookup 300 pref 100 &&
+    ip route add local default dev lo table 300 &&
+    ip -6 rule add fwmark 3000 lookup 300 pref 100 &&
+    ip -6 route add local default dev lo table 300";
+
+/// The mechanism's floor ([`MECHANISM_FLOOR`]) against the conntrack-only
+/// table: the share of the table's cost that no ruleset within the design
+/// can save. The floor's ratio is the best any classification could reach.
+pub fn floor(lab: &Lab, sides: &Sides, plan: &Plan, started: Instant) -> Comparison {
+    let table = sides.table.pid();
+    sh(&format!("nsenter -t {table} -n sh -c '{MECHANISM_FLOOR}'"));
+    let c = rounds(
+        lab,
+        sides,
+        plan,
+        Kind::Floor,
+        "the mechanism's floor",
+        started,
+    );
+    sh(&format!(
+        "nsenter -t {table} -n sh -c 'nft delete table inet floor &&
+           ip rule del pref 100 && ip -6 rule del pref 100 &&
+           ip route flush table 300 && ip -6 route flush table 300'"
     ));
     c
 }
@@ -720,7 +779,7 @@ impl Comparison {
         let mut put = |k: &str, v: Value| {
             let k = k.replace("SIZE", tag);
             let k = match kind {
-                Kind::Nft => k,
+                Kind::Nft | Kind::Floor => k,
                 Kind::Ebpf => format!("ebpf_{}", k.replace("conntrack", "none")),
             };
             m.insert(k, v);
