@@ -248,7 +248,7 @@ pub const DIRECT_CHAIN: &str = "direct";
 pub const DROP_CHAIN: &str = "dropped";
 
 /// The chain an action's class goes to (from [`CLASSES`]).
-pub fn class_chain(cfg: &Config, action: Action) -> String {
+fn class_chain(cfg: &Config, action: Action) -> String {
     match action {
         Action::Direct => DIRECT_CHAIN.into(),
         Action::Drop => DROP_CHAIN.into(),
