@@ -555,9 +555,8 @@ pub fn control(lab: &Lab, sides: &Sides, plan: &Plan, started: Instant) -> Compa
 
 /// Commands (for `sh -c '…'`) making the mechanism's floor on the table
 /// side: what the mechanism (README, How it works) costs before anything is
-/// classified, as
-/// the bench's config would have it (mark 3000, route table 300, port 7893,
-/// rule priority 100). The route-type output chain (it re-routes a packet
+/// classified, as the bench's config would have it (mark 3000, route table
+/// 300, port 7893, rule priority 100). The route-type output chain (it re-routes a packet
 /// whose mark a rule changed; here only replies are skipped), the guard in
 /// postrouting, the prerouting chain with a `tproxy` rule, and the ip rule
 /// and local route that loop marked packets (v4 and v6). Any ip rule
