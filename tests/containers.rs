@@ -225,7 +225,6 @@ fn containers_get_their_cgroups_verdict_live() {
         let a = proxied_c.talk("tcp", "10.77.1.1", 9099);
         assert!(a.starts_with("host 10.77.1.2"), "to this host: {a}");
         assert_eq!(counted(lab.peer_pid()), 0, "went direct");
-
         // wg-quick's src_valid_mark with a strict reverse-path filter: the
         // kernel checks the source against the route our mark selects and
         // drops forwarded IPv4. doctor names it; the traffic fails closed.
@@ -310,6 +309,23 @@ fn containers_get_their_cgroups_verdict_live() {
         left.sort();
         assert!(gone, "a stopped container's link stays mapped: {left:?}");
         assert_eq!(left, ["ve-c", "veth3f2a", "vethb0b0"]);
+
+        // Bypass destinations: neither proxied nor dropped, forwarded as they
+        // are (last: the peer's arrival counter must stay 0 until here).
+        for proto in ["tcp", "udp"] {
+            for (c, n) in [(&proxied_c, 1), (&dropped_c, 3)] {
+                for (dst, from) in [
+                    (BYPASSED4, format!("10.77.{n}.2")),
+                    (BYPASSED6, format!("fd77:{n}::2")),
+                ] {
+                    let a = c.talk(proto, dst, PEER_PORT);
+                    assert!(
+                        a.starts_with(&format!("peer {from}")),
+                        "{proto} to bypassed {dst} from {from}: {a}"
+                    );
+                }
+            }
+        }
     });
 }
 

@@ -79,12 +79,16 @@ fn routes_tcp_and_udp_over_ipv4_and_ipv6_by_cgroup() {
         let a = lab.talk("proxy/app.scope", "tcp", "10.99.0.99", PEER_PORT);
         assert!(failed(&a), "bypassed destination was proxied: {a}");
         // Nor dropped: a drop cgroup still reaches them, as a proxied one
-        // reaches them directly.
+        // reaches them directly, on this host and beyond.
         for cg in ["drop", "proxy/app.scope"] {
             for proto in ["tcp", "udp"] {
                 for dst in ["127.0.0.1", "::1"] {
                     let a = lab.talk(cg, proto, dst, 5301);
                     assert!(a.starts_with("local "), "{proto} {dst} from {cg}: {a}");
+                }
+                for dst in [BYPASSED4, BYPASSED6] {
+                    let a = lab.talk(cg, proto, dst, PEER_PORT);
+                    assert!(reached_peer(&a), "{proto} {dst} from {cg}: {a}");
                 }
             }
         }

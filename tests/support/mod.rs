@@ -123,6 +123,10 @@ fn wait_ready(child: &mut Child, what: &str) {
 
 pub const PEER4: &str = "10.99.0.2";
 pub const PEER6: &str = "fd99::2";
+/// More addresses of the peer, in every test config's bypass list: reachable
+/// destinations that no verdict may touch.
+pub const BYPASSED4: &str = "10.99.0.98";
+pub const BYPASSED6: &str = "fd99::98";
 pub const PEER_PORT: u16 = 8080;
 pub const PROXY_PORT: u16 = 7893;
 pub const MARK: u32 = 3000;
@@ -226,7 +230,8 @@ impl Lab {
              ip addr add fd99::1/64 dev veth0 nodad &&
              ip link set veth0 up &&
              nsenter -t {ppid} -n sh -c 'ip link set lo up && ip addr add {PEER4}/24 dev veth1 &&
-               ip addr add {PEER6}/64 dev veth1 nodad && ip link set veth1 up'"
+               ip addr add {PEER6}/64 dev veth1 nodad && ip addr add {BYPASSED4}/24 dev veth1 &&
+               ip addr add {BYPASSED6}/64 dev veth1 nodad && ip link set veth1 up'"
         ));
         let mut lab = Lab {
             dir,
@@ -363,7 +368,7 @@ impl Lab {
         let p = self.dir.join(file);
         let text = format!(
             r#"{{"version":1,"cgroup-root":"{}","route-table":300,
-            "bypass":["127.0.0.0/8","::1/128","10.99.0.99"],
+            "bypass":["127.0.0.0/8","::1/128","10.99.0.99","{BYPASSED4}","{BYPASSED6}"],
             "tproxies":{tproxies},"rules":{rules},"interfaces":{interfaces}}}"#,
             self.mount.display()
         );
