@@ -225,6 +225,7 @@ fn containers_get_their_cgroups_verdict_live() {
         let a = proxied_c.talk("tcp", "10.77.1.1", 9099);
         assert!(a.starts_with("host 10.77.1.2"), "to this host: {a}");
         assert_eq!(counted(lab.peer_pid()), 0, "went direct");
+
         // wg-quick's src_valid_mark with a strict reverse-path filter: the
         // kernel checks the source against the route our mark selects and
         // drops forwarded IPv4. doctor names it; the traffic fails closed.
