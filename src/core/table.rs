@@ -282,6 +282,14 @@ pub fn merge_ranges(nets: &[IpNet], family: Family) -> Vec<(u128, u128)> {
     out
 }
 
+/// Name of a family's set of bypass destinations.
+fn bypass_set(f: Family) -> &'static str {
+    match f {
+        Family::V4 => "bypass4",
+        Family::V6 => "bypass6",
+    }
+}
+
 /// Bypass destinations are never marked nor dropped. They are checked only
 /// for traffic a class would touch (in the drop and target chains), not for
 /// every packet before classification: a rule and a set lookup fewer per
@@ -289,13 +297,9 @@ pub fn merge_ranges(nets: &[IpNet], family: Family) -> Vec<(u128, u128)> {
 /// carries in its mark by then goes again.
 fn bypassed() -> [Vec<Stmt>; 2] {
     [Family::V4, Family::V6].map(|f| {
-        let set = match f {
-            Family::V4 => "bypass4",
-            Family::V6 => "bypass6",
-        };
         vec![
             Stmt::NfProto(f),
-            Stmt::DaddrIn(f, set.into()),
+            Stmt::DaddrIn(f, bypass_set(f).into()),
             Stmt::SetMark(0),
             Stmt::Verdict(Verdict::Return),
         ]
@@ -451,11 +455,11 @@ pub fn table(
 ) -> TableSpec {
     let mut sets = vec![
         SetSpec {
-            name: "bypass4".into(),
+            name: bypass_set(Family::V4).into(),
             kind: SetKind::Bypass(Family::V4, merge_ranges(&cfg.bypass, Family::V4)),
         },
         SetSpec {
-            name: "bypass6".into(),
+            name: bypass_set(Family::V6).into(),
             kind: SetKind::Bypass(Family::V6, merge_ranges(&cfg.bypass, Family::V6)),
         },
     ];
