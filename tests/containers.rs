@@ -492,7 +492,12 @@ fn bridged_containers_get_their_cgroups_verdict_with_and_without_br_netfilter() 
                     a.starts_with("peer 10.77.0.13"),
                     "direct, br_netfilter {bnf}: {a}"
                 );
-                // What the direct container sent is all that may arrive.
+                // What the direct container sent is all that may arrive,
+                // once its connection's last packets have.
+                let ended = lab.eventually(Duration::from_secs(5), || {
+                    !peer_connections_open(lab.peer_pid())
+                });
+                assert!(ended, "the direct container's connection never ended");
                 let before = counted(lab.peer_pid());
                 for (proto, dst) in [
                     ("tcp", PEER4),

@@ -577,6 +577,18 @@ pub fn install_counter(pid: u32) {
     assert!(out.contains("done"), "counter in namespace {pid}: {out}");
 }
 
+/// Whether namespace `pid` has TCP connections on the peer's port that still
+/// expect a packet (any state but TIME_WAIT): until they end, a client's
+/// last ACK or FIN may still arrive and be counted.
+pub fn peer_connections_open(pid: u32) -> bool {
+    let out = sh_any(&format!(
+        "nsenter -t {pid} -n ss -Htn state established state syn-recv state fin-wait-1 state fin-wait-2 state close-wait state last-ack state closing '( sport = :{PEER_PORT} )' && echo listed"
+    ));
+    assert!(out.contains("listed"), "ss in namespace {pid}: {out}");
+    out.lines()
+        .any(|l| l.trim() != "listed" && !l.trim().is_empty())
+}
+
 /// The packets [`install_counter`] counted in namespace `pid`.
 pub fn counted(pid: u32) -> u64 {
     let out = sh_any(&format!(
