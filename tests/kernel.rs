@@ -550,6 +550,7 @@ fn status_and_explain_read_the_kernel() {
         lab.start_listener("listener", PROXY_PORT, "proxy");
         lab.mkcg("proxy/x");
         lab.mkcg("drop");
+        lab.mkcg("plain");
         let cfg = lab.write_config("c.json", &proxy_target(), &rules(&lab));
         lab.start_daemon(&cfg);
         let cli_with = |cfg: &std::path::Path, args: &[&str]| {
@@ -595,6 +596,19 @@ fn status_and_explain_read_the_kernel() {
             out.contains("decision: tproxy proxy") && out.contains("agrees"),
             "{out}"
         );
+        // An unclassified cgroup at a level the table looks up has an element
+        // of its own (the walk stops there), which leaves its traffic alone.
+        let plain = format!("{}/plain", lab.base);
+        let (code, out) = cli(&["explain", &plain]);
+        assert_eq!(code, Some(0), "{out}");
+        assert!(
+            out.contains(&format!(
+                "for {plain} → class unclassified (untouched): agrees"
+            )),
+            "{out}"
+        );
+        let a = lab.talk("plain", "tcp", PEER4, PEER_PORT);
+        assert!(reached_peer(&a), "from plain: {a}");
         let mut sleeper = lab.spawn_in("drop", "sleep 30", std::process::Stdio::null());
         let drop_cg = format!("{}/drop", lab.base);
         let moved = lab.eventually(FAST, || {

@@ -172,11 +172,11 @@ pub fn explain(cfg: &Config, what: &str) -> Result<(String, bool), StatusError> 
                 break;
             }
         }
-        let agrees = match (&kernel, decision.map(|d| d.0)) {
-            (None, None) => true,
-            (Some((_, _, c)), Some(a)) => *c == table::class(cfg, a),
-            _ => false,
-        };
+        // No element is as good as an unclassified one: the walk finds no class.
+        let says = kernel
+            .as_ref()
+            .map_or(table::UNCLASSIFIED_CLASS, |(_, _, c)| *c);
+        let agrees = says == table::element_class(cfg, decision.map(|d| d.0));
         all_agree &= agrees && installed.present();
         match (installed.present(), kernel) {
             (false, _) => {

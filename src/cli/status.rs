@@ -45,6 +45,7 @@ pub(super) fn class_name(cfg: &Config, class: u32) -> String {
     match class {
         crate::config::DIRECT_CLASS => "direct".into(),
         crate::config::DROP_CLASS => "drop".into(),
+        crate::core::table::UNCLASSIFIED_CLASS => "unclassified (untouched)".into(),
         c => match cfg.targets.iter().find(|t| t.mark == c) {
             Some(t) => t.name.clone(),
             None => format!("unknown class {c:#x}"),
@@ -91,7 +92,7 @@ fn drift(cfg: &Config, want: &tree::Elements, inst: &Installed) -> Drift {
     for (&(level, id), &a) in want {
         match inst.maps.get(&level).and_then(|m| m.get(&id)) {
             None => d.missing += 1,
-            Some(&c) if c != table::class(cfg, a) => d.wrong += 1,
+            Some(&c) if c != table::element_class(cfg, a) => d.wrong += 1,
             Some(_) => {}
         }
     }
@@ -479,26 +480,28 @@ mod tests {
         )
         .unwrap();
         let want: tree::Elements = [
-            ((2, 10), Action::Tproxy(0)),
-            ((2, 11), Action::Drop),
-            ((3, 12), Action::Direct),
+            ((2, 10), Some(Action::Tproxy(0))),
+            ((2, 11), Some(Action::Drop)),
+            ((3, 12), Some(Action::Direct)),
+            ((3, 14), None),
         ]
         .into();
         let mut inst = Installed::default();
         inst.maps
             .insert(2, [(10, 3000), (11, 3000), (13, 3000)].into());
+        inst.maps.insert(3, [(14, 3000)].into());
         assert_eq!(
             drift(&cfg, &want, &inst),
             Drift {
                 missing: 1,
-                wrong: 1,
+                wrong: 2,
                 extra: 1
             }
         );
         inst.maps
             .insert(2, [(10, 3000), (11, crate::config::DROP_CLASS)].into());
         inst.maps
-            .insert(3, [(12, crate::config::DIRECT_CLASS)].into());
+            .insert(3, [(12, crate::config::DIRECT_CLASS), (14, 0)].into());
         assert!(drift(&cfg, &want, &inst).none());
     }
 }

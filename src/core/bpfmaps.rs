@@ -59,12 +59,15 @@ pub fn bypass(cfg: &Config) -> Bypass {
     b
 }
 
-/// The `cgroups` map: cgroup id → class. Levels do not matter here: the
-/// programs look up each ancestor of the calling task's cgroup by id.
+/// The `cgroups` map: cgroup id → class, of classified cgroups only. Levels
+/// do not matter here: the programs look up each ancestor of the calling
+/// task's cgroup by id, and remember the outcome per cgroup, so the elements
+/// of unclassified cgroups that the nft maps hold to cut their walk short
+/// would buy nothing.
 pub fn cgroups(cfg: &Config, elements: &Elements) -> BTreeMap<u64, u32> {
     elements
         .iter()
-        .map(|((_, id), a)| (*id, table::class(cfg, *a)))
+        .filter_map(|((_, id), a)| a.map(|a| (*id, table::class(cfg, a))))
         .collect()
 }
 
@@ -74,11 +77,12 @@ pub fn changes(cfg: &Config, delta: &Delta) -> (Vec<u64>, Vec<(u64, u32)>) {
     let add: Vec<(u64, u32)> = delta
         .add
         .iter()
-        .map(|((_, id), a)| (*id, table::class(cfg, *a)))
+        .filter_map(|((_, id), a)| a.map(|a| (*id, table::class(cfg, a))))
         .collect();
     let del = delta
         .del
         .iter()
+        .filter(|(_, a)| a.is_some())
         .map(|((_, id), _)| *id)
         .filter(|id| !add.iter().any(|(a, _)| a == id))
         .collect();
@@ -130,9 +134,10 @@ mod tests {
     fn cgroups_map_ids_to_the_same_classes_as_the_table() {
         let c = cfg();
         let elements = Elements::from([
-            ((2, 10), Action::Tproxy(0)),
-            ((3, 11), Action::Direct),
-            ((5, 12), Action::Drop),
+            ((2, 10), Some(Action::Tproxy(0))),
+            ((2, 13), None),
+            ((3, 11), Some(Action::Direct)),
+            ((5, 12), Some(Action::Drop)),
         ]);
         assert_eq!(
             cgroups(&c, &elements),
@@ -141,12 +146,21 @@ mod tests {
     }
 
     #[test]
-    fn a_changed_verdict_is_written_not_deleted() {
+    fn a_changed_verdict_is_written_not_deleted_and_unclassified_ones_never_go_in() {
         let c = cfg();
         let delta = Delta {
-            del: vec![((2, 10), Action::Direct), ((2, 11), Action::Drop)],
-            add: vec![((2, 10), Action::Tproxy(0))],
+            del: vec![
+                ((2, 10), Some(Action::Direct)),
+                ((2, 11), Some(Action::Drop)),
+                ((2, 14), None),
+                ((2, 15), Some(Action::Drop)),
+            ],
+            add: vec![
+                ((2, 10), Some(Action::Tproxy(0))),
+                ((2, 13), None),
+                ((2, 15), None),
+            ],
         };
-        assert_eq!(changes(&c, &delta), (vec![11], vec![(10, 3000)]));
+        assert_eq!(changes(&c, &delta), (vec![11, 15], vec![(10, 3000)]));
     }
 }

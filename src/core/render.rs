@@ -280,9 +280,10 @@ mod tests {
         )
         .unwrap();
         let elements: Elements = [
-            ((2, 11), Action::Tproxy(0)),
-            ((2, 12), Action::Drop),
-            ((4, 13), Action::Direct),
+            ((2, 11), Some(Action::Tproxy(0))),
+            ((2, 12), Some(Action::Drop)),
+            ((2, 14), None),
+            ((4, 13), Some(Action::Direct)),
         ]
         .into();
         let paths: HashMap<u64, String> =
@@ -305,7 +306,12 @@ mod tests {
             "t",
         )
         .unwrap();
-        let elements: Elements = [((2, 11), Action::Tproxy(0)), ((3, 12), Action::Drop)].into();
+        let elements: Elements = [
+            ((2, 11), Some(Action::Tproxy(0))),
+            ((2, 13), None),
+            ((3, 12), Some(Action::Drop)),
+        ]
+        .into();
         let paths: HashMap<u64, String> = [(11, "/a/x".to_owned())].into();
         assert_eq!(
             render_ebpf(&cfg, &elements, &paths),

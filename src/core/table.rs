@@ -241,6 +241,20 @@ pub fn class(cfg: &Config, action: Action) -> u32 {
     }
 }
 
+/// The class of a cgroup that nothing classifies, in the level maps that hold
+/// every cgroup of their level (see `tree`): no mark, so the packet's mark is
+/// left as it was, and [`UNMATCHED`] decides as if no map had held it.
+pub const UNCLASSIFIED_CLASS: u32 = 0;
+
+/// The class a map element stores: [`class`], or [`UNCLASSIFIED_CLASS`].
+pub fn element_class(cfg: &Config, verdict: Option<Action>) -> u32 {
+    verdict.map_or(UNCLASSIFIED_CLASS, |a| class(cfg, a))
+}
+
+/// The chain for packets no level map classifies: those of unclassified
+/// cgroups, and those the kernel sends without a full socket.
+pub const UNMATCHED: &str = "unmatched";
+
 /// The chain direct-classified packets go to: it clears the class mark again.
 pub const DIRECT_CHAIN: &str = "direct";
 
@@ -412,10 +426,8 @@ pub fn forwarded_chain() -> ChainSpec {
 pub const CLASSIFY: &str = "classify";
 
 /// One class lookup per level, deepest first, so the nearest classified ancestor
-/// decides. A packet that none decides, because the kernel sends it without a
-/// full socket (a TIME_WAIT ack, a reset), keeps its connection's target: else
-/// it would leave by the ordinary route, to the destination or into a VPN.
-pub fn classify_chain(cfg: &Config, levels: &BTreeSet<u32>) -> ChainSpec {
+/// decides; then [`unmatched_chain`].
+pub fn classify_chain(levels: &BTreeSet<u32>) -> ChainSpec {
     let mut rules: Vec<Vec<Stmt>> = levels
         .iter()
         .rev()
@@ -426,15 +438,28 @@ pub fn classify_chain(cfg: &Config, levels: &BTreeSet<u32>) -> ChainSpec {
             }]
         })
         .collect();
-    rules.extend(
-        cfg.targets
-            .iter()
-            .map(|t| vec![Stmt::CtMark(t.mark), Stmt::SetMark(t.mark)]),
-    );
+    rules.push(vec![Stmt::Verdict(Verdict::Goto(UNMATCHED.into()))]);
     ChainSpec {
         name: CLASSIFY.into(),
         hook: None,
         rules,
+    }
+}
+
+/// Packets no class decides. Those of a connection that a target's chain
+/// marked keep its target: the kernel sends some without a full socket (a
+/// TIME_WAIT ack, a reset), and a process may leave a classified cgroup with
+/// its connections open; else they would leave by the ordinary route, to the
+/// destination or into a VPN.
+fn unmatched_chain(cfg: &Config) -> ChainSpec {
+    ChainSpec {
+        name: UNMATCHED.into(),
+        hook: None,
+        rules: cfg
+            .targets
+            .iter()
+            .map(|t| vec![Stmt::CtMark(t.mark), Stmt::SetMark(t.mark)])
+            .collect(),
     }
 }
 
@@ -468,6 +493,7 @@ pub fn table(
         .chain((0..=u16::MAX).take(cfg.targets.len()).map(Action::Tproxy));
     let classes = actions
         .map(|a| (class(cfg, a), Verdict::Goto(class_chain(cfg, a).into())))
+        .chain([(UNCLASSIFIED_CLASS, Verdict::Goto(UNMATCHED.into()))])
         .collect();
     sets.push(SetSpec {
         name: CLASSES.into(),
@@ -480,7 +506,7 @@ pub fn table(
     for &level in levels {
         let elems = elements
             .range((level, 0)..=(level, u64::MAX))
-            .map(|(&(_, id), &a)| (id, class(cfg, a)))
+            .map(|(&(_, id), &a)| (id, element_class(cfg, a)))
             .collect();
         sets.push(SetSpec {
             name: level_map(level),
@@ -626,7 +652,8 @@ pub fn table(
         }
     }
     chains.push(drop_chain(stub));
-    chains.push(classify_chain(cfg, levels));
+    chains.push(unmatched_chain(cfg));
+    chains.push(classify_chain(levels));
     chains.push(output_chain());
     if !cfg.targets.is_empty() {
         chains.push(guard_chain(cfg));
@@ -703,12 +730,11 @@ mod tests {
     }
 
     #[test]
-    fn levels_are_ordered_deepest_first_then_the_connection_mark() {
-        let chain = classify_chain(&cfg(), &[2, 5, 3].into());
+    fn levels_are_ordered_deepest_first_then_the_unmatched_chain() {
+        let chain = classify_chain(&[2, 5, 3].into());
         assert_eq!(
             chain.rules.last(),
-            Some(&vec![Stmt::CtMark(3000), Stmt::SetMark(3000)]),
-            "packets without a full socket keep their connection's target"
+            Some(&vec![Stmt::Verdict(Verdict::Goto(UNMATCHED.into()))]),
         );
         let levels: Vec<u32> = chain
             .rules
@@ -789,6 +815,19 @@ mod tests {
             panic!("class {class:#x} goes nowhere");
         };
         t.chains.iter().find(|ch| *ch.name == **name).unwrap()
+    }
+
+    #[test]
+    fn unclassified_and_unmatched_packets_keep_their_connections_target() {
+        let t = bare_table(&cfg());
+        let unmatched = class_target(&t, UNCLASSIFIED_CLASS);
+        assert_eq!(&*unmatched.name, UNMATCHED);
+        assert_eq!(
+            unmatched.rules,
+            vec![vec![Stmt::CtMark(3000), Stmt::SetMark(3000)]],
+            "packets without a full socket, or of a cgroup left with its connections open, keep their connection's target"
+        );
+        assert_eq!(element_class(&cfg(), None), 0, "leaves the mark unset");
     }
 
     fn bare_table(c: &Config) -> TableSpec {

@@ -1,26 +1,43 @@
-//! The classification tree: which cgroups need a map element of their own (the
-//! nearest classified ancestor decides for the rest), and the smallest change
-//! that takes the installed elements to the desired ones. Pure: every decision
-//! is unit-tested without root.
+//! The classification tree: which cgroups the kernel maps hold, with what, and
+//! the smallest change that takes the installed elements to the desired ones.
+//! Pure: every decision is unit-tested without root.
+//!
+//! A level's map is looked up only where some cgroup at that level decides
+//! differently from its ancestors (a *deciding* cgroup). Each such level's map
+//! then holds every known cgroup at that level, each with what decides its
+//! traffic, unclassified ones included: the classify chain's walk, deepest
+//! first, stops at the first level it looks up instead of missing its way up
+//! through the shallower maps (one lookup instead of up to one per level, for
+//! the common case of an unclassified app below classified siblings). A cgroup
+//! not yet in its map (just created) falls through to its ancestors' elements,
+//! which say the same as its own will unless it decides itself.
+//!
+//! The eBPF datapath's programs remember each cgroup's walk, so its map holds
+//! the deciding cgroups only (a tree built for `"datapath": "ebpf"`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Bound;
 use std::rc::Rc;
 
-use crate::config::{Action, Config};
+use crate::config::{Action, Config, Datapath};
 use crate::core::cgroup::{Cgroup, parent_of};
 
 /// A map element's key: (absolute hierarchy level, cgroup id).
 pub type Key = (u32, u64);
 
-/// Map elements: which cgroup, at which level, gets which verdict.
-pub type Elements = BTreeMap<Key, Action>;
+/// Map elements: which cgroup, at which level, gets which verdict: the action
+/// of its nearest classified ancestor-or-self, or `None` when nothing
+/// classifies it (its traffic is untouched; the walk stops there all the same).
+pub type Elements = BTreeMap<Key, Option<Action>>;
+
+/// One element: its key and its verdict (see [`Elements`]).
+pub type Element = (Key, Option<Action>);
 
 /// Element changes: deletions are applied before additions.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Delta {
-    pub del: Vec<(Key, Action)>,
-    pub add: Vec<(Key, Action)>,
+    pub del: Vec<Element>,
+    pub add: Vec<Element>,
 }
 
 impl Delta {
@@ -86,14 +103,15 @@ pub fn diff(old: &Elements, new: &Elements) -> Delta {
 
 /// A known cgroup: its id, and packed into one word its level, the first
 /// matching rule's action (`own`), the nearest classified ancestor-or-self's
-/// action (`effective`), and whether it needs its own map element: classified,
-/// and deciding differently from its nearest classified ancestor (children of a
-/// routed slice thus need no element and are covered from their first packet).
-/// 16 bytes where the plain fields took 24: 0.4 MB at 50,000 cgroups.
+/// action (`effective`), and whether it is *deciding*: classified, and
+/// deciding differently from its nearest classified ancestor (children of a
+/// routed slice are not, and are covered from their first packet by the
+/// slice's element). 16 bytes where the plain fields took 24: 0.4 MB at
+/// 50,000 cgroups.
 #[derive(Debug, Clone, Copy)]
 struct Node {
     id: u64,
-    /// Bits 0–18 own, 19–37 effective, 38 element, 39–63 level.
+    /// Bits 0–18 own, 19–37 effective, 38 deciding, 39–63 level.
     packed: u64,
 }
 
@@ -101,8 +119,8 @@ struct Node {
 /// `u16`, so at most 65,538).
 const ACTION_BITS: u32 = 19;
 const ACTION_MASK: u64 = (1 << ACTION_BITS) - 1;
-const ELEMENT_BIT: u32 = 2 * ACTION_BITS;
-const LEVEL_SHIFT: u32 = ELEMENT_BIT + 1;
+const DECIDING_BIT: u32 = 2 * ACTION_BITS;
+const LEVEL_SHIFT: u32 = DECIDING_BIT + 1;
 /// Levels up to 2^25 − 1. Deeper cannot be watched: the walk opens
 /// directories by their full path, which PATH_MAX bounds at 2,048 levels.
 const MAX_LEVEL: u32 = (1 << (64 - LEVEL_SHIFT)) - 1;
@@ -126,7 +144,7 @@ fn code_action(c: u64) -> Option<Action> {
 }
 
 impl Node {
-    /// A node not settled yet: no effective action, no element.
+    /// A node not settled yet: no effective action, not deciding.
     fn new(id: u64, level: u32, own: Option<Action>) -> Node {
         let level = u64::from(level.min(MAX_LEVEL));
         Node {
@@ -148,19 +166,23 @@ impl Node {
         code_action(self.packed >> ACTION_BITS)
     }
 
-    fn element(&self) -> bool {
-        self.packed >> ELEMENT_BIT & 1 == 1
+    fn deciding(&self) -> bool {
+        self.packed >> DECIDING_BIT & 1 == 1
     }
 
     /// Settles the node under the effective action it inherits: its own
-    /// effective action and whether it needs an element.
+    /// effective action and whether it is deciding.
     fn settle(&mut self, inherited: Option<Action>) {
         let own = self.own();
-        let element = own.is_some() && own != inherited;
+        let deciding = own.is_some() && own != inherited;
         let keep = self.packed & (ACTION_MASK | u64::from(MAX_LEVEL) << LEVEL_SHIFT);
         self.packed = keep
             | action_code(own.or(inherited)) << ACTION_BITS
-            | u64::from(element) << ELEMENT_BIT;
+            | u64::from(deciding) << DECIDING_BIT;
+    }
+
+    fn element(&self) -> Element {
+        ((self.level(), self.id), self.effective())
     }
 }
 
@@ -169,6 +191,11 @@ impl Node {
 #[derive(Debug, Clone, Default)]
 pub struct Tree {
     nodes: BTreeMap<Rc<str>, Node>,
+    /// Per level, how many of its nodes are deciding (never zero): the levels
+    /// whose maps hold elements.
+    deciding: BTreeMap<u32, usize>,
+    /// Elements for the deciding nodes only (the eBPF datapath's map).
+    sparse: bool,
 }
 
 impl Tree {
@@ -196,12 +223,18 @@ impl Tree {
             });
             n.settle(inherited);
         }
+        let mut deciding = BTreeMap::new();
+        for (_, n) in sorted.iter().filter(|(_, n)| n.deciding()) {
+            *deciding.entry(n.level()).or_insert(0) += 1;
+        }
         // One bulk build from sorted nodes: inserting one by one would leave
         // every B-tree node half full (at 50,000 cgroups 3.1 MB instead of 1.6),
         // and packing it afterwards would leave the discarded nodes as holes in
         // the heap.
         Tree {
             nodes: sorted.into_iter().collect(),
+            deciding,
+            sparse: sparse(cfg),
         }
     }
 
@@ -236,8 +269,42 @@ impl Tree {
     pub fn elements(&self) -> Elements {
         self.nodes
             .values()
-            .filter(|n| n.element())
-            .filter_map(|n| n.own().map(|a| ((n.level(), n.id), a)))
+            .filter_map(|n| self.element_of(n))
+            .collect()
+    }
+
+    /// The element of `n`, if it has one.
+    fn element_of(&self, n: &Node) -> Option<Element> {
+        let has = if self.sparse {
+            n.deciding()
+        } else {
+            self.deciding.contains_key(&n.level())
+        };
+        has.then(|| n.element())
+    }
+
+    /// Counts a node that became (or stopped being) deciding.
+    fn count_deciding(&mut self, level: u32, now: bool) {
+        if now {
+            *self.deciding.entry(level).or_insert(0) += 1;
+        } else if let Some(c) = self.deciding.get_mut(&level) {
+            *c -= 1;
+            if *c == 0 {
+                self.deciding.remove(&level);
+            }
+        }
+    }
+
+    /// The elements of the nodes at `levels` outside `skip` (sorted paths),
+    /// for levels whose maps just started or stopped holding elements.
+    fn level_elements(&self, levels: &BTreeSet<u32>, skip: &[Rc<str>]) -> Vec<Element> {
+        if levels.is_empty() || self.sparse {
+            return Vec::new();
+        }
+        self.nodes
+            .iter()
+            .filter(|(p, n)| levels.contains(&n.level()) && skip.binary_search(p).is_err())
+            .map(|(_, n)| n.element())
             .collect()
     }
 
@@ -285,6 +352,7 @@ impl Tree {
 
     /// Adds a cgroup (or notices that a reused path is a new cgroup).
     pub fn insert(&mut self, cfg: &Config, cg: &Cgroup) -> Delta {
+        self.sparse = sparse(cfg);
         let mut delta = Delta::default();
         match self.nodes.get(&*cg.path) {
             Some(n) if n.id == cg.id => return delta,
@@ -295,21 +363,31 @@ impl Tree {
             Rc::clone(&cg.path),
             Node::new(cg.id, cg.level, cfg.classify(&cg.path)),
         );
-        delta.extend(self.refresh(&cg.path));
+        delta.extend(self.refresh(&cg.path, true));
         delta
     }
 
     /// Removes a cgroup and anything still recorded below it.
     pub fn remove(&mut self, path: &str) -> Delta {
         let mut delta = Delta::default();
+        let before: BTreeSet<u32> = self.deciding.keys().copied().collect();
         for p in self.subtree(path) {
-            if let Some(n) = self.nodes.remove(&*p)
-                && n.element()
-                && let Some(a) = n.own()
-            {
-                delta.del.push(((n.level(), n.id), a));
+            let Some(n) = self.nodes.remove(&*p) else {
+                continue;
+            };
+            // Presence as it was: the counts fall as the subtree goes.
+            if n.deciding() || !self.sparse && before.contains(&n.level()) {
+                delta.del.push(n.element());
+            }
+            if n.deciding() {
+                self.count_deciding(n.level(), false);
             }
         }
+        let gone = before
+            .into_iter()
+            .filter(|l| !self.deciding.contains_key(l))
+            .collect();
+        delta.del.extend(self.level_elements(&gone, &[]));
         delta
     }
 
@@ -329,25 +407,56 @@ impl Tree {
         inherited_from(path, |p| self.nodes.get(p))
     }
 
-    /// Recomputes the effective action and element of `path` and its descendants.
-    fn refresh(&mut self, path: &str) -> Delta {
-        let mut delta = Delta::default();
-        for p in self.subtree(path) {
-            let inherited = self.inherited(&p);
-            let Some(n) = self.nodes.get_mut(&*p) else {
+    /// Recomputes the effective action of `path` and its descendants, and
+    /// the element changes that follows: theirs, and those of every node at a
+    /// level whose map starts or stops holding elements. `fresh`: `path` was
+    /// just inserted, so it had no element yet.
+    fn refresh(&mut self, path: &str, fresh: bool) -> Delta {
+        let sub = self.subtree(path);
+        let before: BTreeSet<u32> = self.deciding.keys().copied().collect();
+        let old: Vec<Option<Element>> = sub
+            .iter()
+            .map(|p| {
+                let n = self.nodes.get(&**p)?;
+                if fresh && **p == *path {
+                    None
+                } else {
+                    self.element_of(n)
+                }
+            })
+            .collect();
+        for p in &sub {
+            let inherited = self.inherited(p);
+            let Some(n) = self.nodes.get_mut(&**p) else {
                 continue;
             };
-            let was = n.element();
+            let was = n.deciding();
             n.settle(inherited);
-            let key = (n.level(), n.id);
-            match (was, n.element(), n.own()) {
-                (false, true, Some(a)) => delta.add.push((key, a)),
-                (true, false, Some(a)) => delta.del.push((key, a)),
-                _ => {}
+            let (now, level) = (n.deciding(), n.level());
+            if was != now {
+                self.count_deciding(level, now);
             }
         }
+        let mut delta = Delta::default();
+        for (p, old) in sub.iter().zip(old) {
+            let new = self.nodes.get(&**p).and_then(|n| self.element_of(n));
+            if old != new {
+                delta.del.extend(old);
+                delta.add.extend(new);
+            }
+        }
+        let after: BTreeSet<u32> = self.deciding.keys().copied().collect();
+        let started = after.difference(&before).copied().collect();
+        let stopped = before.difference(&after).copied().collect();
+        delta.add.extend(self.level_elements(&started, &sub));
+        delta.del.extend(self.level_elements(&stopped, &sub));
         delta
     }
+}
+
+/// Whether a tree for `cfg` holds elements for the deciding cgroups only.
+fn sparse(cfg: &Config) -> bool {
+    cfg.datapath == Datapath::Ebpf
 }
 
 /// The effective action of `path`'s nearest ancestor that `find` knows.
@@ -365,6 +474,7 @@ fn inherited_from<'a>(path: &str, find: impl Fn(&str) -> Option<&'a Node>) -> Op
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::cgroup::is_within;
 
     fn cfg() -> Config {
         Config::parse(
@@ -389,7 +499,7 @@ mod tests {
     }
 
     #[test]
-    fn children_of_a_routed_slice_need_no_element() {
+    fn a_level_map_holds_every_cgroup_of_its_level_with_what_decides_it() {
         let c = cfg();
         let t = Tree::build(
             &c,
@@ -400,15 +510,19 @@ mod tests {
                 cg("/user.slice/proxy.slice/inner-direct.scope", 4),
                 cg("/system.slice", 5),
                 cg("/system.slice/mihomo.service", 6),
+                cg("/system.slice/other.service", 7),
             ],
         );
-        let e = t.elements();
+        // Levels 2 and 3 have deciding cgroups; level 1 has none, so its
+        // cgroups need no element and the chain no lookup there.
         assert_eq!(
-            e.into_iter().collect::<Vec<_>>(),
+            t.elements().into_iter().collect::<Vec<_>>(),
             vec![
-                ((2, 2), Action::Tproxy(0)),
-                ((2, 6), Action::Direct),
-                ((3, 4), Action::Direct),
+                ((2, 2), Some(Action::Tproxy(0))),
+                ((2, 6), Some(Action::Direct)),
+                ((2, 7), None),
+                ((3, 3), Some(Action::Tproxy(0))),
+                ((3, 4), Some(Action::Direct)),
             ]
         );
         let (direct, drop, per) = t.counts(1);
@@ -422,6 +536,7 @@ mod tests {
         let mut installed = Elements::new();
         let seq = [
             cg("/a", 1),
+            cg("/a/b", 5),
             cg("/a/proxy.slice", 2),
             cg("/a/proxy.slice/x", 3),
             cg("/a/proxy.slice/x/drop.slice", 4),
@@ -430,21 +545,30 @@ mod tests {
             t.insert(&c, s).apply(&mut installed);
         }
         assert_eq!(installed, Tree::build(&c, &seq).elements());
-        assert_eq!(installed.len(), 2);
+        // /a/b joined level 2's map when /a/proxy.slice made the level decide.
+        assert_eq!(installed.get(&(2, 5)), Some(&None));
+        assert_eq!(installed.len(), 3);
         // Duplicate notifications change nothing.
-        assert!(t.insert(&c, &seq[1]).is_empty());
+        assert!(t.insert(&c, &seq[2]).is_empty());
         // A removed and re-created cgroup (new id) replaces its element.
         let d = t.insert(&c, &cg("/a/proxy.slice/x/drop.slice", 40));
-        assert_eq!(d.del, vec![((4, 4), Action::Drop)]);
-        assert_eq!(d.add, vec![((4, 40), Action::Drop)]);
+        assert_eq!(d.del, vec![((4, 4), Some(Action::Drop))]);
+        assert_eq!(d.add, vec![((4, 40), Some(Action::Drop))]);
         d.apply(&mut installed);
         t.remove("/a/proxy.slice/x/drop.slice")
             .apply(&mut installed);
         t.remove("/a/proxy.slice/x").apply(&mut installed);
-        assert_eq!(installed.len(), 1);
+        assert_eq!(installed.len(), 2);
+        // The level's last deciding cgroup takes the others' elements along.
+        let d = t.remove("/a/proxy.slice");
+        assert_eq!(
+            d.del,
+            vec![((2, 2), Some(Action::Tproxy(0))), ((2, 5), None)]
+        );
+        d.apply(&mut installed);
+        assert!(installed.is_empty());
         // Removing a parent removes whatever is still recorded below it.
-        let d = t.remove("/a");
-        assert_eq!(d.del, vec![((2, 2), Action::Tproxy(0))]);
+        assert!(t.remove("/a").is_empty());
         assert!(t.is_empty());
     }
 
@@ -478,10 +602,10 @@ mod tests {
         assert_eq!(
             built.elements().into_iter().collect::<Vec<_>>(),
             vec![
-                ((2, 2), Action::Tproxy(0)),
-                ((2, 5), Action::Tproxy(0)),
-                ((4, 6), Action::Drop),
-                ((6, 8), Action::Direct),
+                ((2, 2), Some(Action::Tproxy(0))),
+                ((2, 5), Some(Action::Tproxy(0))),
+                ((4, 6), Some(Action::Drop)),
+                ((6, 8), Some(Action::Direct)),
             ]
         );
     }
@@ -501,13 +625,13 @@ mod tests {
                 for inherited in actions {
                     let mut n = Node::new(u64::MAX, level, own);
                     assert_eq!((n.level(), n.own(), n.effective()), (level, own, None));
-                    assert!(!n.element());
+                    assert!(!n.deciding());
                     n.settle(inherited);
                     n.settle(inherited);
                     assert_eq!(n.id, u64::MAX);
                     assert_eq!((n.level(), n.own()), (level, own));
                     assert_eq!(n.effective(), own.or(inherited));
-                    assert_eq!(n.element(), own.is_some() && own != inherited);
+                    assert_eq!(n.deciding(), own.is_some() && own != inherited);
                 }
             }
         }
@@ -525,8 +649,105 @@ mod tests {
         // The child now inherits from a classified parent with the same verdict.
         assert_eq!(
             inst.into_iter().collect::<Vec<_>>(),
-            vec![((2, 2), Action::Tproxy(0))]
+            vec![((2, 2), Some(Action::Tproxy(0)))]
         );
+    }
+
+    /// What the classify chain decides for a socket in `path`: the maps of
+    /// the levels `inst` has elements at, deepest first, each looked up with
+    /// the ancestor-or-self at that level; the first element found decides.
+    fn walk(t: &Tree, inst: &Elements, path: &str) -> Option<Action> {
+        let levels: BTreeSet<u32> = inst.keys().map(|k| k.0).collect();
+        let mut at = BTreeMap::new();
+        let mut p = Some(path);
+        while let Some(x) = p {
+            at.insert(x.matches('/').count() as u32, x);
+            p = parent_of(x);
+        }
+        levels
+            .iter()
+            .rev()
+            .filter_map(|l| t.id(at.get(l)?).and_then(|id| inst.get(&(*l, id))))
+            .next()
+            .copied()
+            .flatten()
+    }
+
+    /// A small deterministic generator (xorshift), for the randomised tests.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            (self.0 % n as u64) as usize
+        }
+    }
+
+    fn forget(known: &mut BTreeMap<String, u64>, path: &str) {
+        known.retain(|p, _| !is_within(p, path));
+    }
+
+    #[test]
+    fn random_changes_keep_the_elements_of_a_full_build_and_the_walk_decides_as_the_tree() {
+        random_changes(&cfg());
+        let ebpf = Config::parse(
+            r#"{"version":1,"datapath":"ebpf","tproxies":{"proxy":{"port":7893,"mark":3000}},
+            "rules":[
+              {"match":"/inner-direct\\.scope$","direct":true},
+              {"match":"/drop\\.slice(/|$)","drop":true},
+              {"match":"/proxy\\.slice(/|$)","tproxy":"proxy"}]}"#,
+            "t",
+        )
+        .unwrap();
+        random_changes(&ebpf);
+    }
+
+    fn random_changes(c: &Config) {
+        let names = ["proxy.slice", "drop.slice", "inner-direct.scope", "a", "b"];
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut t = Tree::default();
+        let mut known: BTreeMap<String, u64> = BTreeMap::new();
+        let mut installed = Elements::new();
+        for step in 0..3000u64 {
+            if known.is_empty() || rng.below(3) > 0 {
+                let depth = 1 + rng.below(6);
+                let path: String = (0..depth)
+                    .map(|_| format!("/{}", names[rng.below(names.len())]))
+                    .collect();
+                let id = 100 + step;
+                t.insert(c, &cg(&path, id)).apply(&mut installed);
+                // A path known already is a new cgroup there: the old one,
+                // and so what was below it, is gone.
+                if known.contains_key(&path) {
+                    forget(&mut known, &path);
+                }
+                known.insert(path, id);
+            } else {
+                let path = known.keys().nth(rng.below(known.len())).unwrap().clone();
+                t.remove(&path).apply(&mut installed);
+                forget(&mut known, &path);
+            }
+            let list: Vec<Cgroup> = known.iter().map(|(p, id)| cg(p, *id)).collect();
+            assert_eq!(installed, Tree::build(c, &list).elements(), "step {step}");
+            // The eBPF map: classified cgroups that decide, nothing else.
+            if sparse(c) {
+                assert!(installed.values().all(Option::is_some), "step {step}");
+            }
+            for p in known.keys() {
+                let decided = t.decision(p).map(|d| d.0);
+                assert_eq!(walk(&t, &installed, p), decided, "step {step}: {p}");
+                // Just created, not in its map yet: the ancestors decide the
+                // same unless it decides itself.
+                let n = t.nodes[p.as_str()];
+                if !n.deciding() {
+                    let mut racing = installed.clone();
+                    racing.remove(&(n.level(), n.id));
+                    assert_eq!(walk(&t, &racing, p), decided, "step {step}: {p} racing");
+                }
+            }
+        }
     }
 
     #[test]
@@ -541,16 +762,16 @@ mod tests {
 
     #[test]
     fn diff_replaces_changed_verdicts() {
-        let old: Elements = [((1, 1), Action::Direct), ((1, 2), Action::Drop)].into();
-        let new: Elements = [((1, 1), Action::Drop), ((2, 3), Action::Direct)].into();
+        let old: Elements = [((1, 1), Some(Action::Direct)), ((1, 2), Some(Action::Drop))].into();
+        let new: Elements = [((1, 1), Some(Action::Drop)), ((2, 3), Some(Action::Direct))].into();
         let d = diff(&old, &new);
         assert_eq!(
             d.del,
-            vec![((1, 1), Action::Direct), ((1, 2), Action::Drop)]
+            vec![((1, 1), Some(Action::Direct)), ((1, 2), Some(Action::Drop))]
         );
         assert_eq!(
             d.add,
-            vec![((1, 1), Action::Drop), ((2, 3), Action::Direct)]
+            vec![((1, 1), Some(Action::Drop)), ((2, 3), Some(Action::Direct))]
         );
         let mut x = old.clone();
         d.apply(&mut x);
@@ -560,13 +781,14 @@ mod tests {
 
     #[test]
     fn a_reverted_delta_gives_back_what_it_was_applied_to() {
-        let before: Elements = [((1, 1), Action::Direct), ((1, 2), Action::Drop)].into();
+        let before: Elements =
+            [((1, 1), Some(Action::Direct)), ((1, 2), Some(Action::Drop))].into();
         let mut t = Tree::default();
         let c = cfg();
         // The same key changes its verdict, one goes, one comes.
         let mut d = diff(
             &before,
-            &[((1, 1), Action::Drop), ((2, 3), Action::Direct)].into(),
+            &[((1, 1), Some(Action::Drop)), ((2, 3), Some(Action::Direct))].into(),
         );
         d.extend(t.insert(&c, &cg("/drop.slice", 9)));
         let mut x = before.clone();
@@ -580,10 +802,10 @@ mod tests {
     fn delta_extend_cancels_add_then_delete() {
         let mut a = Delta {
             del: vec![],
-            add: vec![((3, 9), Action::Direct)],
+            add: vec![((3, 9), Some(Action::Direct))],
         };
         a.extend(Delta {
-            del: vec![((3, 9), Action::Direct)],
+            del: vec![((3, 9), Some(Action::Direct))],
             add: vec![],
         });
         assert!(a.is_empty());

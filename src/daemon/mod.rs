@@ -568,14 +568,14 @@ impl Daemon {
         if !new_levels.is_empty() {
             levels.extend(&new_levels);
             txn.add_level_maps(&name, &new_levels)?;
-            txn.rewrite_chain(&name, &table::classify_chain(&self.cfg, &levels))?;
+            txn.rewrite_chain(&name, &table::classify_chain(&levels))?;
         }
-        let group = |list: &[(tree::Key, crate::config::Action)]| {
+        let group = |list: &[tree::Element]| {
             let mut by: BTreeMap<u32, Vec<(u64, u32)>> = BTreeMap::new();
             for ((l, id), a) in list {
                 by.entry(*l)
                     .or_default()
-                    .push((*id, table::class(&self.cfg, *a)));
+                    .push((*id, table::element_class(&self.cfg, *a)));
             }
             by
         };
