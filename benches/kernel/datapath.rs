@@ -1,9 +1,9 @@
 //! The datapath's cost: CPU time per connection and per byte with the daemon's
 //! table, against a table that only turns conntrack on (what every stateful
-//! firewall costs anyway), and what one level of the per-level lookups costs.
-//! That last one is measured per packet, with one-byte UDP datagrams: a
-//! connection's ~65 µs hide a lookup of tens of nanoseconds in their noise, a
-//! datagram's few microseconds do not.
+//! firewall costs anyway), and what the client's depth in the cgroup tree
+//! costs per level. That last one is measured per packet, with one-byte UDP
+//! datagrams: a connection's ~45 µs hide a lookup of tens of nanoseconds in
+//! their noise, a datagram's few microseconds do not.
 //!
 //! Why CPU time, not rates: on this shared two-core machine a connect loop's
 //! wall clock measures the other developer's load and any SYN lost to an
@@ -57,9 +57,12 @@ use super::netns::Netns;
 use super::{DEEPEST, Lab, measuring_cpu, round1, round3, sh, step};
 
 /// Depths (absolute cgroup levels) the client runs at. The classified
-/// cgroups sit at levels 2 to 8, so the table has seven level maps: at depth
-/// 1 every lookup ends before its map, at depth d the maps of levels 2..=d
-/// are looked up (and miss: the client's cgroups are unclassified).
+/// cgroups sit at levels 2 to 8, so the table has seven level maps, and they
+/// hold the client's (unclassified) cgroups too: at depth 1 every lookup ends
+/// before its map (the level is deeper than the client's cgroup), at depth d
+/// the lookups of levels 8 down to d + 1 end so and level d's finds the
+/// client's cgroup. The eBPF programs look up each ancestor up to the root
+/// (the client's cgroups are not in their map).
 pub const DEPTHS: [u32; 3] = [1, 4, 8];
 
 /// Settings of one run: full, or short for iterating (`CGTPROXY_BENCH_QUICK=1`).
@@ -460,8 +463,10 @@ pub struct Comparison {
     bulk_us_per_mib: (f64, f64),
     /// Connect latency p50 and p99 (µs), table and baseline.
     latency: ((f64, f64), (f64, f64)),
-    /// Cost of one level's lookup per datagram (ns): from all rounds, and
-    /// from the table-first and the baseline-first ones.
+    /// Extra cost per datagram per level the client sits deeper (ns; the
+    /// slope over [`DEPTHS`]): from all rounds, and from the table-first and
+    /// the baseline-first ones. Negative for the nft table, where a deeper
+    /// client skips levels; one lookup for the eBPF programs.
     per_level_ns: (f64, [f64; 2]),
     /// Extra CPU per connection over the baseline at each depth (ns).
     extra_ns: [f64; 3],
@@ -660,8 +665,6 @@ impl Comparison {
             [0, 1, 2].map(|d| side(&|s| f(s, d), true, keep) - side(&|s| f(s, d), false, keep))
         };
         let datagram = |s: &Sample, d: usize| s.datagram_ns[d];
-        // At depth d the maps of levels 2..=d are looked up: d - 1 lookups,
-        // so the slope over depth is one lookup's cost.
         let per_level =
             |keep: &dyn Fn(usize) -> bool| slope(&DEPTHS.map(f64::from), &extra(&datagram, keep));
         let pcts = |table: bool| {
@@ -743,7 +746,7 @@ impl Comparison {
         );
         let (level, [a, b]) = self.per_level_ns;
         row(
-            &format!("  one level's lookup, ns/packet, {label}"),
+            &format!("  per level the client sits deeper, ns/packet, {label}"),
             format!("{level:.0} ({a:.0}, {b:.0})"),
             "",
         );
@@ -810,7 +813,7 @@ impl Comparison {
         put("connect_p50_us_SIZE_conntrack", json!(round1(b50)));
         put("connect_p99_us_SIZE_conntrack", json!(round1(b99)));
         put(
-            "level_lookup_ns_per_packet_SIZE",
+            "per_level_deeper_ns_per_packet_SIZE",
             json!(round1(self.per_level_ns.0)),
         );
         put(
