@@ -448,9 +448,9 @@ pub fn classify_chain(levels: &BTreeSet<u32>) -> ChainSpec {
 
 /// Packets no class decides. Those of a connection that a target's chain
 /// marked keep its target: the kernel sends some without a full socket (a
-/// TIME_WAIT ack, a reset), and a process may leave a classified cgroup with
-/// its connections open; else they would leave by the ordinary route, to the
-/// destination or into a VPN.
+/// TIME_WAIT ack, a reset), and a socket's cgroup may stop being classified
+/// (a reload) with its connections open; else they would leave by the
+/// ordinary route, to the destination or into a VPN.
 fn unmatched_chain(cfg: &Config) -> ChainSpec {
     ChainSpec {
         name: UNMATCHED.into(),
@@ -825,7 +825,7 @@ mod tests {
         assert_eq!(
             unmatched.rules,
             vec![vec![Stmt::CtMark(3000), Stmt::SetMark(3000)]],
-            "packets without a full socket, or of a cgroup left with its connections open, keep their connection's target"
+            "packets without a full socket, or of a cgroup no longer classified, keep their connection's target"
         );
         assert_eq!(element_class(&cfg(), None), 0, "leaves the mark unset");
     }

@@ -408,7 +408,7 @@ impl Tree {
     }
 
     /// Recomputes the effective action of `path` and its descendants, and
-    /// the element changes that follows: theirs, and those of every node at a
+    /// the element changes that follow: theirs, and those of every node at a
     /// level whose map starts or stops holding elements. `fresh`: `path` was
     /// just inserted, so it had no element yet.
     fn refresh(&mut self, path: &str, fresh: bool) -> Delta {
