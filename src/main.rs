@@ -60,15 +60,15 @@ fn render(config: Option<PathBuf>) -> anyhow::Result<()> {
         }
     };
     let tree = tree::Tree::build(&cfg, &cgroups);
-    let elements = tree.elements();
     let paths = cgroups
         .into_iter()
         .map(|c| (c.id, c.path.to_string()))
         .collect();
     if cfg.datapath == config::Datapath::Ebpf {
-        print!("{}", render::render_ebpf(&cfg, &elements, &paths));
+        print!("{}", render::render_ebpf(&cfg, &tree.elements(), &paths));
         return Ok(());
     }
+    let elements = tree.element_list();
     print!(
         "{}",
         render::render(

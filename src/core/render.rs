@@ -288,9 +288,10 @@ mod tests {
         .into();
         let paths: HashMap<u64, String> =
             [(11, "/a/proxy".to_owned()), (13, "/a/b/c/d".to_owned())].into();
+        let list: Vec<_> = elements.into_iter().collect();
         let ifaces = [(5, 3001)].into();
         let got = render(
-            &table(&cfg, &levels(&elements), &elements, &ifaces, &[5], true),
+            &table(&cfg, &levels(&list), &list, &ifaces, &[5], true),
             &paths,
         );
         let want = include_str!("../../tests/golden/render.nft");

@@ -10,7 +10,7 @@ use std::rc::Rc;
 use ipnet::IpNet;
 
 use crate::config::{Action, Config, DIRECT_CLASS, DROP_CLASS, RESOLVED_STUB};
-use crate::core::tree::Elements;
+use crate::core::tree::Element;
 
 /// Address family of a rule or set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -464,16 +464,17 @@ fn unmatched_chain(cfg: &Config) -> ChainSpec {
 }
 
 /// The levels that have at least one element.
-pub fn levels(elements: &Elements) -> BTreeSet<u32> {
-    elements.keys().map(|k| k.0).collect()
+pub fn levels(elements: &[Element]) -> BTreeSet<u32> {
+    elements.iter().map(|((level, _), _)| *level).collect()
 }
 
 /// Builds the desired table for `cfg`, with maps for `levels` holding
-/// `elements` and the interface map holding `ifaces` (index → class).
+/// `elements` (sorted by key) and the interface map holding `ifaces` (index →
+/// class).
 pub fn table(
     cfg: &Config,
     levels: &BTreeSet<u32>,
-    elements: &Elements,
+    elements: &[Element],
     ifaces: &BTreeMap<u32, u32>,
     broute: &[u32],
     can_broute: bool,
@@ -505,8 +506,10 @@ pub fn table(
     });
     for &level in levels {
         let elems = elements
-            .range((level, 0)..=(level, u64::MAX))
-            .map(|(&(_, id), &a)| (id, element_class(cfg, a)))
+            .iter()
+            .skip(elements.partition_point(|((l, _), _)| *l < level))
+            .take_while(|((l, _), _)| *l == level)
+            .map(|&((_, id), a)| (id, element_class(cfg, a)))
             .collect();
         sets.push(SetSpec {
             name: level_map(level),
@@ -705,7 +708,6 @@ pub fn table(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::tree::Elements;
 
     /// One target and overlapping bypass ranges; rules do not matter here.
     fn cfg() -> Config {
@@ -754,14 +756,7 @@ mod tests {
             "t",
         )
         .unwrap();
-        let t = table(
-            &c,
-            &BTreeSet::new(),
-            &Elements::new(),
-            &BTreeMap::new(),
-            &[],
-            true,
-        );
+        let t = table(&c, &BTreeSet::new(), &[], &BTreeMap::new(), &[], true);
         let mark = t.chains.iter().find(|ch| ch.name == "p-mark").unwrap();
         assert_eq!(mark.rules[..2], bypassed());
         assert_eq!(
@@ -831,14 +826,7 @@ mod tests {
     }
 
     fn bare_table(c: &Config) -> TableSpec {
-        table(
-            c,
-            &BTreeSet::new(),
-            &Elements::new(),
-            &BTreeMap::new(),
-            &[],
-            true,
-        )
+        table(c, &BTreeSet::new(), &[], &BTreeMap::new(), &[], true)
     }
 
     #[test]

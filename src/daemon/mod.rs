@@ -111,7 +111,7 @@ fn install_table(
         table_flags: flags,
         can_broute,
     } = caps;
-    let elements = tree.elements();
+    let elements = tree.element_list();
     let levels: BTreeSet<u32> = table::levels(&elements)
         .union(keep_levels)
         .copied()
