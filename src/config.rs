@@ -209,6 +209,15 @@ pub const FORWARD_MARK: u32 = 0x6367_7466;
 pub const DIRECT_CLASS: u32 = 0x6367_7401;
 pub const DROP_CLASS: u32 = 0x6367_7402;
 
+/// Connection marks (`ct mark`) the output chain gives a connection it let
+/// leave unmarked: [`CONN_TAG_BASE`] plus the table's generation in the low
+/// 16 bits ([`CONN_TAG_MASK`] selects the rest). Such a connection's later
+/// packets skip classification until the table changes (see
+/// `table::output_chain`), so no target may carry one as its mark: its
+/// connections would be taken for decided-direct ones.
+pub const CONN_TAG_BASE: u32 = 0x6368_0000;
+pub const CONN_TAG_MASK: u32 = 0xffff_0000;
+
 /// systemd-resolved's stub listener.
 pub const RESOLVED_STUB: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 53);
 
@@ -455,6 +464,12 @@ fn validate(raw: RawConfig) -> Result<Config, Vec<String>> {
             errs.push(format!(
                 "{key}.mark: {:#x} is reserved for cgtproxy's direct and drop classes",
                 t.mark
+            ));
+        } else if t.mark & CONN_TAG_MASK == CONN_TAG_BASE {
+            errs.push(format!(
+                "{key}.mark: {:#x} is reserved: {CONN_TAG_BASE:#x} to {:#x} are cgtproxy's connection marks",
+                t.mark,
+                CONN_TAG_BASE | !CONN_TAG_MASK
             ));
         } else if let Some((_, _, whose)) = FOREIGN_MARKS
             .iter()
@@ -797,6 +812,27 @@ mod tests {
     fn the_class_marks_are_reserved() {
         let e = err(r#"{"version":1,"tproxies":{"p":{"port":1,"mark":1667724289}}}"#);
         assert!(e.contains("tproxies.p.mark: 0x63677401 is reserved"), "{e}");
+    }
+
+    #[test]
+    fn the_connection_marks_are_reserved() {
+        for mark in [0x6368_0000u32, 0x6368_ffff] {
+            let e = err(&format!(
+                r#"{{"version":1,"tproxies":{{"p":{{"port":1,"mark":{mark}}}}}}}"#
+            ));
+            assert!(
+                e.contains(&format!("tproxies.p.mark: {mark:#x} is reserved")),
+                "{e}"
+            );
+        }
+        assert!(
+            Config::parse(
+                r#"{"version":1,"tproxies":{"p":{"port":1,"mark":1667760127}}}"#,
+                "t"
+            )
+            .is_ok(),
+            "0x6367ffff, just below, is a target's to take"
+        );
     }
 
     #[test]

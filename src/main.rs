@@ -79,6 +79,7 @@ fn render(config: Option<PathBuf>) -> anyhow::Result<()> {
                 &Default::default(),
                 &[],
                 true,
+                0,
             ),
             &paths
         )

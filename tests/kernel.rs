@@ -445,6 +445,134 @@ for payload in (b"before", b"after"):
     );
 }
 
+/// One UDP flow (a connected socket) from a cgroup: each
+/// [`Flow::exchange`] sends a datagram and returns the answer, or "ERR …"
+/// when none came.
+struct Flow {
+    child: std::process::Child,
+    to: std::process::ChildStdin,
+    from: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Flow {
+    fn open(lab: &Lab, rel: &str) -> Flow {
+        use std::io::BufRead;
+        let script = format!(
+            r#"import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(2)
+s.connect(("{PEER4}", {PEER_PORT}))
+for line in sys.stdin:
+    try:
+        s.send(line.encode())
+        print(s.recv(200).decode().strip(), flush=True)
+    except OSError as e:
+        print("ERR", e, flush=True)
+"#
+        );
+        let procs = lab.cg_dir(rel).join("cgroup.procs");
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                r#"echo $$ > '{}' && exec python3 -c "$0""#,
+                procs.display()
+            ))
+            .arg(script)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        Flow {
+            to: child.stdin.take().unwrap(),
+            from: std::io::BufReader::new(child.stdout.take().unwrap()).lines(),
+            child,
+        }
+    }
+
+    fn exchange(&mut self) -> String {
+        use std::io::Write;
+        writeln!(self.to, "hello").unwrap();
+        self.from.next().unwrap().unwrap()
+    }
+
+    fn close(mut self) {
+        drop(self.to);
+        assert!(self.child.wait().unwrap().success());
+    }
+}
+
+/// A connection is classified until a packet of it leaves unmarked; its
+/// later packets skip the classification until the table changes. Every
+/// change reaches open connections at their next packet all the same: a
+/// reload that drops, frees or proxies the cgroup, and the element of a
+/// cgroup that the daemon had not seen yet when its flow started.
+#[test]
+fn a_change_reaches_open_connections_at_their_next_packet() {
+    in_namespaces(
+        "a_change_reaches_open_connections_at_their_next_packet",
+        || {
+            let mut lab = Lab::new("nextpacket");
+            lab.start_listener("listener", PROXY_PORT, "proxy");
+            lab.mkcg("a");
+            lab.mkcg("b");
+            let head = format!(
+                r#"{{"match":"{}","direct":true}},{{"match":"{}","drop":true}}"#,
+                lab.re("listener"),
+                lab.re("b/late")
+            );
+            let rules = |a: &str| format!("[{head}{a}]").replace('\\', "\\\\");
+            let re_a = lab.re("a");
+            let with_a = |verdict: &str| rules(&format!(r#",{{"match":"{re_a}",{verdict}}}"#));
+            let cfg = lab.write_config("c.json", &proxy_target(), &rules(""));
+            lab.start_daemon(&cfg);
+            let reload = |lab: &Lab, rules: &str| {
+                lab.write_config("c.json", &proxy_target(), rules);
+                let d = lab.daemon.as_ref().unwrap();
+                d.signal(Signal::SIGHUP);
+                d.wait_notify("READY=1", FAST);
+            };
+
+            let mut flow = Flow::open(&lab, "a");
+            for n in 1..=2 {
+                let got = flow.exchange();
+                assert!(reached_peer(&got), "unclassified, datagram {n}: {got}");
+            }
+            reload(&lab, &with_a(r#""drop":true"#));
+            for n in 1..=2 {
+                let got = flow.exchange();
+                assert!(failed(&got), "dropped, datagram {n}: {got}");
+            }
+            reload(&lab, &rules(""));
+            let got = flow.exchange();
+            assert!(reached_peer(&got), "unclassified again: {got}");
+            reload(&lab, &with_a(r#""tproxy":"proxy""#));
+            let got = flow.exchange();
+            assert!(proxied(&got, PEER4), "proxied: {got}");
+            flow.close();
+
+            // The daemon stopped, b/late's first datagram goes as its parent
+            // decides (unclassified); once the daemon has put b/late's
+            // element in, the same flow is dropped.
+            reload(&lab, &rules(""));
+            let d = lab.daemon.as_ref().unwrap();
+            d.signal(Signal::SIGSTOP);
+            lab.mkcg("b/late");
+            let mut late = Flow::open(&lab, "b/late");
+            let got = late.exchange();
+            d.signal(Signal::SIGCONT);
+            assert!(reached_peer(&got), "before the daemon saw b/late: {got}");
+            let seen = lab.eventually(FAST, || {
+                elements_by_class(&cfg).get("drop").is_some_and(|&n| n > 0)
+            });
+            assert!(seen, "{:?}", elements_by_class(&cfg));
+            let got = late.exchange();
+            assert!(failed(&got), "b/late's open flow after its element: {got}");
+            late.close();
+            stop_clean(&mut lab, "0xbb8");
+        },
+    );
+}
+
 #[test]
 fn a_killed_instance_never_blocks_the_next_start() {
     in_namespaces("a_killed_instance_never_blocks_the_next_start", || {

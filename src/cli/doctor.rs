@@ -49,7 +49,7 @@ fn probe_kernel(cfg: &Config) -> (Probe, Option<u32>) {
         }
     }
     let levels: BTreeSet<u32> = [1].into();
-    let spec = table::table(&probe_cfg, &levels, &[], &Default::default(), &[], true);
+    let spec = table::table(&probe_cfg, &levels, &[], &Default::default(), &[], true, 0);
     let result = Nft::open().and_then(|mut nft| {
         let flags = nft.table_flags(&spec.name)?;
         let mut txn = Txn::new();

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::fmt::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use crate::config::{CONN_TAG_BASE, CONN_TAG_MASK};
 use crate::core::table::{self, ChainSpec, Family, Hook, SetKind, Stmt, TableSpec, Verdict};
 
 fn verdict(v: &Verdict) -> String {
@@ -60,7 +61,9 @@ fn stmt(s: &Stmt) -> String {
             table::CLASSES
         ),
         Stmt::CtMark(m) => format!("ct mark {m:#x}"),
+        Stmt::CtMarkTagged => format!("ct mark & {CONN_TAG_MASK:#x} == {CONN_TAG_BASE:#x}"),
         Stmt::SaveCtMark => "ct mark set meta mark".into(),
+        Stmt::SetCtMark(m) => format!("ct mark set {m:#x}"),
         Stmt::SetMark(m) => format!("meta mark set {m:#x}"),
         Stmt::CgroupClass { level, map } => format!(
             "meta mark set socket cgroupv2 level {level} map @{map} meta mark vmap @{}",
@@ -291,7 +294,7 @@ mod tests {
         let list: Vec<_> = elements.into_iter().collect();
         let ifaces = [(5, 3001)].into();
         let got = render(
-            &table(&cfg, &levels(&list), &list, &ifaces, &[5], true),
+            &table(&cfg, &levels(&list), &list, &ifaces, &[5], true, 0),
             &paths,
         );
         let want = include_str!("../../tests/golden/render.nft");

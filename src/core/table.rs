@@ -9,7 +9,7 @@ use std::rc::Rc;
 
 use ipnet::IpNet;
 
-use crate::config::{Action, Config, DIRECT_CLASS, DROP_CLASS, RESOLVED_STUB};
+use crate::config::{Action, CONN_TAG_BASE, Config, DIRECT_CLASS, DROP_CLASS, RESOLVED_STUB};
 use crate::core::tree::Element;
 
 /// Address family of a rule or set.
@@ -84,8 +84,13 @@ pub enum Stmt {
     FibDaddrType(u8),
     /// `ct mark N`
     CtMark(u32),
+    /// `ct mark and 0xffff0000 == 0x63680000`: one of our connection tags
+    /// (see [`conn_tag`]), of any generation.
+    CtMarkTagged,
     /// `ct mark set meta mark`
     SaveCtMark,
+    /// `ct mark set N`
+    SetCtMark(u32),
     /// `meta mark set N`
     SetMark(u32),
     /// `meta mark set socket cgroupv2 level L map @map meta mark vmap @classes`:
@@ -331,13 +336,36 @@ fn stub_query(p: Proto) -> Vec<Stmt> {
     ]
 }
 
+/// The connection mark (`ct mark`) of a connection the output chain let
+/// leave unmarked while the table was at `generation`.
+pub fn conn_tag(generation: u16) -> u32 {
+    CONN_TAG_BASE | u32::from(generation)
+}
+
 /// The output chain: skip replies, packets their socket marked and
 /// non-TCP/UDP, then classify.
-pub fn output_chain() -> ChainSpec {
+///
+/// A connection is classified by its packets until one leaves unmarked
+/// (direct, unclassified, or a bypass destination): its connection mark then
+/// holds the tag of the table's `generation` ([`conn_tag`]), and its later
+/// packets return at the first rule, as classifying them would only decide
+/// the same again. The daemon changes the generation, which rewrites this
+/// chain, in every transaction that changes what a socket's cgroup decides
+/// (an element, a level, a reload): a tagged connection is then classified
+/// again at its next packet and tagged anew, so a change reaches open
+/// connections as it would if every packet were classified. The tag is
+/// written before the classification, from the rule generation this packet
+/// started in: a commit between the two leaves a tag that is already stale.
+/// Connections a target marks get its mark instead (a target's chain saves
+/// it), dropped ones lose the tag ([`drop_chain`]); a connection mark another
+/// program set is left alone, and its connection classified every packet.
+pub fn output_chain(generation: u16) -> ChainSpec {
+    let tag = conn_tag(generation);
     ChainSpec {
         name: "output".into(),
         hook: Some(Hook::OutputRoute),
         rules: vec![
+            vec![Stmt::CtMark(tag), Stmt::Verdict(Verdict::Return)],
             vec![Stmt::CtReply, Stmt::Verdict(Verdict::Return)],
             // Packets whose socket set a mark (SO_MARK, which needs
             // CAP_NET_ADMIN) belong to their owner's policy routing: VPN
@@ -345,6 +373,8 @@ pub fn output_chain() -> ChainSpec {
             // connections.
             vec![Stmt::Marked, Stmt::Verdict(Verdict::Return)],
             vec![Stmt::NotTcpUdp, Stmt::Verdict(Verdict::Return)],
+            vec![Stmt::CtMarkTagged, Stmt::SetCtMark(tag)],
+            vec![Stmt::CtMark(0), Stmt::SetCtMark(tag)],
             vec![Stmt::Verdict(Verdict::Goto(CLASSIFY.into()))],
         ],
     }
@@ -354,8 +384,13 @@ pub fn output_chain() -> ChainSpec {
 /// target hijacks systemd-resolved's stub), queries to the stub are not
 /// bypassed: dropped too.
 pub fn drop_chain(stub: bool) -> ChainSpec {
+    // The output chain tagged the connection before it was classified: one
+    // dropped here loses the tag, so its next packet is classified (and
+    // dropped) again. Bypass destinations keep it: they leave unmarked.
+    let untag = vec![Stmt::CtMarkTagged, Stmt::SetCtMark(0)];
     let mut rules = Vec::new();
     if stub {
+        rules.push(untag.clone());
         for p in [Proto::Udp, Proto::Tcp] {
             let mut r = stub_query(p);
             r.push(Stmt::Verdict(Verdict::Drop));
@@ -363,6 +398,9 @@ pub fn drop_chain(stub: bool) -> ChainSpec {
         }
     }
     rules.extend(bypassed());
+    if !stub {
+        rules.push(untag);
+    }
     rules.push(vec![Stmt::Verdict(Verdict::Drop)]);
     ChainSpec {
         name: DROP_CHAIN.into(),
@@ -469,8 +507,8 @@ pub fn levels(elements: &[Element]) -> BTreeSet<u32> {
 }
 
 /// Builds the desired table for `cfg`, with maps for `levels` holding
-/// `elements` (sorted by key) and the interface map holding `ifaces` (index →
-/// class).
+/// `elements` (sorted by key), the interface map holding `ifaces` (index →
+/// class), and the output chain at `generation` (see [`output_chain`]).
 pub fn table(
     cfg: &Config,
     levels: &BTreeSet<u32>,
@@ -478,6 +516,7 @@ pub fn table(
     ifaces: &BTreeMap<u32, u32>,
     broute: &[u32],
     can_broute: bool,
+    generation: u16,
 ) -> TableSpec {
     let mut sets = vec![
         SetSpec {
@@ -657,7 +696,7 @@ pub fn table(
     chains.push(drop_chain(stub));
     chains.push(unmatched_chain(cfg));
     chains.push(classify_chain(levels));
-    chains.push(output_chain());
+    chains.push(output_chain(generation));
     if !cfg.targets.is_empty() {
         chains.push(guard_chain(cfg));
     }
@@ -732,6 +771,36 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_left_unmarked_is_classified_again_only_in_a_new_generation() {
+        let out = output_chain(7);
+        let tag = CONN_TAG_BASE | 7;
+        let ret = Stmt::Verdict(Verdict::Return);
+        assert_eq!(
+            out.rules[0],
+            [Stmt::CtMark(tag), ret.clone()],
+            "tagged at this generation: returns before anything else"
+        );
+        assert_eq!(
+            out.rules[1..],
+            [
+                vec![Stmt::CtReply, ret.clone()],
+                vec![Stmt::Marked, ret.clone()],
+                vec![Stmt::NotTcpUdp, ret],
+                // A stale tag of ours, or none: another program's stays.
+                vec![Stmt::CtMarkTagged, Stmt::SetCtMark(tag)],
+                vec![Stmt::CtMark(0), Stmt::SetCtMark(tag)],
+                vec![Stmt::Verdict(Verdict::Goto(CLASSIFY.into()))],
+            ]
+        );
+        assert_eq!(output_chain(8).rules[0][0], Stmt::CtMark(CONN_TAG_BASE | 8));
+        assert_eq!(
+            output_chain(u16::MAX).rules[0][0],
+            Stmt::CtMark(0x6368_ffff),
+            "the generation stays in the tag's low bits"
+        );
+    }
+
+    #[test]
     fn levels_are_ordered_deepest_first_then_the_unmatched_chain() {
         let chain = classify_chain(&[2, 5, 3].into());
         assert_eq!(
@@ -756,7 +825,7 @@ mod tests {
             "t",
         )
         .unwrap();
-        let t = table(&c, &BTreeSet::new(), &[], &BTreeMap::new(), &[], true);
+        let t = table(&c, &BTreeSet::new(), &[], &BTreeMap::new(), &[], true, 0);
         let mark = t.chains.iter().find(|ch| ch.name == "p-mark").unwrap();
         assert_eq!(mark.rules[..2], bypassed());
         assert_eq!(
@@ -826,7 +895,7 @@ mod tests {
     }
 
     fn bare_table(c: &Config) -> TableSpec {
-        table(c, &BTreeSet::new(), &[], &BTreeMap::new(), &[], true)
+        table(c, &BTreeSet::new(), &[], &BTreeMap::new(), &[], true, 0)
     }
 
     #[test]
@@ -857,7 +926,14 @@ mod tests {
             "bypassed packets leave without the class mark"
         );
         assert_eq!(dropped.rules[..2], bypassed());
-        assert_eq!(dropped.rules[2..], [vec![Stmt::Verdict(Verdict::Drop)]]);
+        assert_eq!(
+            dropped.rules[2..],
+            [
+                vec![Stmt::CtMarkTagged, Stmt::SetCtMark(0)],
+                vec![Stmt::Verdict(Verdict::Drop)]
+            ],
+            "a dropped connection loses its tag: its next packet is dropped too"
+        );
         assert_eq!(class_target(&t, 3000).rules[..2], bypassed());
         assert_eq!(
             class_target(&t, DIRECT_CLASS).rules,
@@ -899,11 +975,13 @@ mod tests {
                 bypassed()[0].clone(),
             ]
         );
-        // A drop cgroup's queries to the stub are dropped, not bypassed.
+        // A drop cgroup's queries to the stub are dropped, not bypassed (and
+        // lose the tag first, as all it drops).
         let drop = Stmt::Verdict(Verdict::Drop);
         assert_eq!(
-            class_target(&t, DROP_CLASS).rules[..3],
+            class_target(&t, DROP_CLASS).rules[..4],
             [
+                vec![Stmt::CtMarkTagged, Stmt::SetCtMark(0)],
                 stub(Proto::Udp, std::slice::from_ref(&drop)),
                 stub(Proto::Tcp, std::slice::from_ref(&drop)),
                 bypassed()[0].clone(),

@@ -106,7 +106,12 @@ fn install_table(
     bridge_present: bool,
     also: Option<&str>,
 ) -> Result<(usize, BTreeSet<u32>), DaemonError> {
-    let Want { cfg, tree, links } = want;
+    let Want {
+        cfg,
+        tree,
+        links,
+        generation,
+    } = want;
     let Caps {
         table_flags: flags,
         can_broute,
@@ -123,6 +128,7 @@ fn install_table(
         &links.elements,
         &links.broute,
         can_broute,
+        generation,
     );
     let mut txn = Txn::large();
     if let Some(old) = also.filter(|o| *o != spec.name) {
@@ -150,12 +156,14 @@ struct Caps {
     can_broute: bool,
 }
 
-/// What the table should hold: for this configuration, tree and interfaces.
+/// What the table should hold: for this configuration, tree and interfaces,
+/// with its output chain at `generation` (see `table::output_chain`).
 #[derive(Clone, Copy)]
 struct Want<'a> {
     cfg: &'a Config,
     tree: &'a Tree,
     links: &'a LinkPlan,
+    generation: u16,
 }
 
 struct Daemon {
@@ -172,6 +180,10 @@ struct Daemon {
     installed: usize,
     /// Levels with a map and a rule in the output chain (kept once created).
     levels: BTreeSet<u32>,
+    /// The output chain's generation: connections it tagged at another one
+    /// are classified again (see `table::output_chain`). Every transaction
+    /// that changes what a cgroup decides takes the next.
+    generation: u16,
     route_plan: route::Plan,
     caps: Caps,
     /// Why the daemon is degraded (part of the tree unwatched), if it is.
@@ -523,10 +535,12 @@ impl Daemon {
             self.installed = elements.len();
             return Ok(());
         }
+        let generation = self.next_generation();
         let want = Want {
             cfg: &self.cfg,
             tree: &self.tree,
             links: &self.link_plan,
+            generation,
         };
         let (installed, levels) = install_table(
             &mut self.nft,
@@ -543,7 +557,14 @@ impl Daemon {
         Ok(())
     }
 
-    /// Applies element changes in one transaction, adding maps for new levels.
+    /// A generation no connection was tagged with since this daemon started.
+    fn next_generation(&mut self) -> u16 {
+        self.generation = self.generation.wrapping_add(1);
+        self.generation
+    }
+
+    /// Applies element changes in one transaction, adding maps for new
+    /// levels; open connections are classified again at their next packet.
     fn apply(&mut self, delta: &Delta) -> Result<(), DaemonError> {
         if delta.is_empty() {
             return Ok(());
@@ -570,6 +591,8 @@ impl Daemon {
             txn.add_level_maps(&name, &new_levels)?;
             txn.rewrite_chain(&name, &table::classify_chain(&levels))?;
         }
+        let generation = self.next_generation();
+        txn.rewrite_chain(&name, &table::output_chain(generation))?;
         let group = |list: &[tree::Element]| {
             let mut by: BTreeMap<u32, Vec<(u64, u32)>> = BTreeMap::new();
             for ((l, id), a) in list {
@@ -923,6 +946,7 @@ impl Daemon {
                         cfg: &new,
                         tree: &tree,
                         links: &link_plan,
+                        generation: self.next_generation(),
                     };
                     install_table(
                         &mut self.nft,
@@ -1079,6 +1103,16 @@ fn start_nft(
     Ok((caps, placed, link_plan))
 }
 
+/// The generation before the first table's: from the clock, so that a
+/// restarted daemon does not take connections an earlier one tagged for
+/// decided (one chance in 65,536 that it does).
+fn first_generation() -> u16 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (now.as_micros() % 65_536) as u16
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
     let resolved = crate::config::resolve_path(config_path.as_deref());
@@ -1149,6 +1183,7 @@ pub fn run(config_path: Option<PathBuf>) -> Result<(), DaemonError> {
         blocked_by: None,
         installed: 0,
         levels: BTreeSet::new(),
+        generation: first_generation(),
         dirty: false,
         sched: Schedule::default(),
         culprit: None,

@@ -98,6 +98,11 @@ pub enum Expr {
         offset: u32,
         len: u32,
     },
+    /// [`REG_1`] = ([`REG_1`] & `mask`) ^ `xor`, over `mask.len()` bytes.
+    Bitwise {
+        mask: Vec<u8>,
+        xor: Vec<u8>,
+    },
     /// Compares [`REG_1`] with `data`: equal when `eq`, else not equal.
     Cmp {
         eq: bool,
@@ -245,6 +250,15 @@ impl Expression for Expr {
                 set_u32(e, sys::NFTNL_EXPR_CMP_SREG, REG_1);
                 set_u32(e, sys::NFTNL_EXPR_CMP_OP, op as u32);
                 set_data(e, sys::NFTNL_EXPR_CMP_DATA, data);
+                e
+            }
+            Expr::Bitwise { mask, xor } => {
+                let e = alloc_expr(c"bitwise");
+                set_u32(e, sys::NFTNL_EXPR_BITWISE_SREG, REG_1);
+                set_u32(e, sys::NFTNL_EXPR_BITWISE_DREG, REG_1);
+                set_u32(e, sys::NFTNL_EXPR_BITWISE_LEN, mask.len() as u32);
+                set_data(e, sys::NFTNL_EXPR_BITWISE_MASK, mask);
+                set_data(e, sys::NFTNL_EXPR_BITWISE_XOR, xor);
                 e
             }
             Expr::Load { reg, data } => {
@@ -971,6 +985,22 @@ mod tests {
         assert_eq!(attr(&data, 2), (libc::NFT_CT_MARK as u32).to_be_bytes());
         assert_eq!(attr(&data, 4), 1u32.to_be_bytes());
         assert!(attrs(&data).iter().all(|(t, _)| *t != 1), "no destination");
+    }
+
+    #[test]
+    fn bitwise_masks_register_one_in_place() {
+        let (name, data) = expr_bytes(&Expr::Bitwise {
+            mask: 0xffff_0000u32.to_ne_bytes().to_vec(),
+            xor: vec![0; 4],
+        });
+        assert_eq!(name, "bitwise");
+        // NFTA_BITWISE_SREG = 1, DREG = 2, LEN = 3, MASK = 4, XOR = 5; MASK
+        // and XOR nest NFTA_DATA_VALUE (1).
+        assert_eq!(attr(&data, 1), 1u32.to_be_bytes());
+        assert_eq!(attr(&data, 2), 1u32.to_be_bytes());
+        assert_eq!(attr(&data, 3), 4u32.to_be_bytes());
+        assert_eq!(attr(attr(&data, 4), 1), 0xffff_0000u32.to_ne_bytes());
+        assert_eq!(attr(attr(&data, 5), 1), [0; 4]);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use nftnl::{Batch, Chain, ChainType, MsgType, Policy, ProtoFamily, Rule, Table};
 use nix::sys::socket::{MsgFlags, NetlinkAddr, recv, sendmsg, setsockopt, sockopt};
 use nix::sys::time::TimeVal;
 
+use crate::config::{CONN_TAG_BASE, CONN_TAG_MASK};
 use crate::core::table::{
     self, ChainSpec, Family, Hook, SetKind, SetSpec, Stmt, TableSpec, Verdict,
 };
@@ -194,7 +195,22 @@ fn exprs(s: &Stmt) -> Result<Vec<Expr>, NftError> {
         ],
         Stmt::IfaceClass => class_verdict(Expr::Meta(MetaKey::Iif), table::IFACES)?,
         Stmt::CtMark(m) => vec![Expr::CtMark, cmp(m.to_ne_bytes().to_vec())],
+        Stmt::CtMarkTagged => vec![
+            Expr::CtMark,
+            Expr::Bitwise {
+                mask: CONN_TAG_MASK.to_ne_bytes().to_vec(),
+                xor: vec![0; 4],
+            },
+            cmp(CONN_TAG_BASE.to_ne_bytes().to_vec()),
+        ],
         Stmt::SaveCtMark => vec![Expr::Meta(MetaKey::Mark), Expr::SetCtMark],
+        Stmt::SetCtMark(m) => vec![
+            Expr::Load {
+                reg: REG_1,
+                data: m.to_ne_bytes().to_vec(),
+            },
+            Expr::SetCtMark,
+        ],
         Stmt::SetMark(m) => vec![
             Expr::Load {
                 reg: REG_1,
