@@ -87,6 +87,11 @@ pub enum Stmt {
     /// `ct mark and 0xffff0000 == 0x63680000`: one of our connection tags
     /// (see [`conn_tag`]), of any generation.
     CtMarkTagged,
+    /// `ct mark @fresh`: the connection carries the current tag ([`FRESH`]).
+    CtMarkFresh,
+    /// `ct mark set meta mark map @tag`: the current tag, from [`TAG`] (whose
+    /// one key is 0: where this is used, the packet has no mark).
+    TagConnection,
     /// `ct mark set meta mark`
     SaveCtMark,
     /// `ct mark set N`
@@ -155,7 +160,17 @@ pub enum SetKind {
     Classes(Vec<(u32, Verdict)>),
     /// Map of interface indices to their class ([`IFACES`]): forwarded traffic.
     Ifaces(Vec<(u32, u32)>),
+    /// The set holding the current connection tag ([`FRESH`]).
+    Fresh(u32),
+    /// The map from mark 0 to the current connection tag ([`TAG`]).
+    Tag(u32),
 }
+
+/// Name of the set holding the current connection tag (see [`output_chain`]).
+pub const FRESH: &str = "fresh";
+
+/// Name of the map that gives the current connection tag (see [`output_chain`]).
+pub const TAG: &str = "tag";
 
 /// Name of the interface → class map.
 pub const IFACES: &str = "ifaces";
@@ -347,34 +362,35 @@ pub fn conn_tag(generation: u16) -> u32 {
 ///
 /// A connection is classified by its packets until one leaves unmarked
 /// (direct, unclassified, or a bypass destination): its connection mark then
-/// holds the tag of the table's `generation` ([`conn_tag`]), and its later
-/// packets return at the first rule, as classifying them would only decide
-/// the same again. The daemon changes the generation, which rewrites this
-/// chain, in every transaction that changes what a socket's cgroup decides
-/// (an element, a level, a reload): a tagged connection is then classified
-/// again at its next packet and tagged anew, so a change reaches open
-/// connections as it would if every packet were classified. The tag is
-/// written before the classification, from the rule generation this packet
-/// started in: a commit between the two leaves a tag that is already stale.
-/// Connections a target marks get its mark instead (a target's chain saves
-/// it), dropped ones lose the tag ([`drop_chain`]); a connection mark another
-/// program set is left alone, and its connection classified every packet.
-pub fn output_chain(generation: u16) -> ChainSpec {
-    let tag = conn_tag(generation);
+/// holds the tag of the table's generation ([`conn_tag`], kept in [`FRESH`]
+/// and [`TAG`]), and its later packets return at the first rule, as
+/// classifying them would only decide the same again. The daemon moves both
+/// sets to the next generation in every transaction that changes what a
+/// socket's cgroup decides (an element, a level, a reload): a tagged
+/// connection is then classified again at its next packet and tagged anew,
+/// so a change reaches open connections as it would if every packet were
+/// classified. The tag is written before the classification: a commit
+/// between the two leaves a tag that is already stale, never a current one
+/// on a stale decision. Connections a target marks get its mark instead (a
+/// target's chain saves it), dropped ones lose the tag ([`drop_chain`]); a
+/// connection mark another program set is left alone, and its connection
+/// classified every packet.
+pub fn output_chain() -> ChainSpec {
+    let ret = || Stmt::Verdict(Verdict::Return);
     ChainSpec {
         name: "output".into(),
         hook: Some(Hook::OutputRoute),
         rules: vec![
-            vec![Stmt::CtMark(tag), Stmt::Verdict(Verdict::Return)],
-            vec![Stmt::CtReply, Stmt::Verdict(Verdict::Return)],
+            vec![Stmt::CtMarkFresh, ret()],
+            vec![Stmt::CtReply, ret()],
             // Packets whose socket set a mark (SO_MARK, which needs
             // CAP_NET_ADMIN) belong to their owner's policy routing: VPN
             // clients, other proxies, and the built-in forwarder's upstream
             // connections.
-            vec![Stmt::Marked, Stmt::Verdict(Verdict::Return)],
-            vec![Stmt::NotTcpUdp, Stmt::Verdict(Verdict::Return)],
-            vec![Stmt::CtMarkTagged, Stmt::SetCtMark(tag)],
-            vec![Stmt::CtMark(0), Stmt::SetCtMark(tag)],
+            vec![Stmt::Marked, ret()],
+            vec![Stmt::NotTcpUdp, ret()],
+            vec![Stmt::CtMarkTagged, Stmt::TagConnection],
+            vec![Stmt::CtMark(0), Stmt::TagConnection],
             vec![Stmt::Verdict(Verdict::Goto(CLASSIFY.into()))],
         ],
     }
@@ -508,7 +524,7 @@ pub fn levels(elements: &[Element]) -> BTreeSet<u32> {
 
 /// Builds the desired table for `cfg`, with maps for `levels` holding
 /// `elements` (sorted by key), the interface map holding `ifaces` (index →
-/// class), and the output chain at `generation` (see [`output_chain`]).
+/// class), and the connection tag of `generation` (see [`output_chain`]).
 pub fn table(
     cfg: &Config,
     levels: &BTreeSet<u32>,
@@ -542,6 +558,14 @@ pub fn table(
     sets.push(SetSpec {
         name: IFACES.into(),
         kind: SetKind::Ifaces(ifaces.iter().map(|(&i, &c)| (i, c)).collect()),
+    });
+    sets.push(SetSpec {
+        name: FRESH.into(),
+        kind: SetKind::Fresh(conn_tag(generation)),
+    });
+    sets.push(SetSpec {
+        name: TAG.into(),
+        kind: SetKind::Tag(conn_tag(generation)),
     });
     for &level in levels {
         let elems = elements
@@ -696,7 +720,7 @@ pub fn table(
     chains.push(drop_chain(stub));
     chains.push(unmatched_chain(cfg));
     chains.push(classify_chain(levels));
-    chains.push(output_chain(generation));
+    chains.push(output_chain());
     if !cfg.targets.is_empty() {
         chains.push(guard_chain(cfg));
     }
@@ -772,30 +796,37 @@ mod tests {
 
     #[test]
     fn a_connection_left_unmarked_is_classified_again_only_in_a_new_generation() {
-        let out = output_chain(7);
-        let tag = CONN_TAG_BASE | 7;
+        let out = output_chain();
         let ret = Stmt::Verdict(Verdict::Return);
         assert_eq!(
-            out.rules[0],
-            [Stmt::CtMark(tag), ret.clone()],
-            "tagged at this generation: returns before anything else"
-        );
-        assert_eq!(
-            out.rules[1..],
+            out.rules,
             [
+                // Tagged at the current generation: returns before anything else.
+                vec![Stmt::CtMarkFresh, ret.clone()],
                 vec![Stmt::CtReply, ret.clone()],
                 vec![Stmt::Marked, ret.clone()],
                 vec![Stmt::NotTcpUdp, ret],
                 // A stale tag of ours, or none: another program's stays.
-                vec![Stmt::CtMarkTagged, Stmt::SetCtMark(tag)],
-                vec![Stmt::CtMark(0), Stmt::SetCtMark(tag)],
+                vec![Stmt::CtMarkTagged, Stmt::TagConnection],
+                vec![Stmt::CtMark(0), Stmt::TagConnection],
                 vec![Stmt::Verdict(Verdict::Goto(CLASSIFY.into()))],
             ]
         );
-        assert_eq!(output_chain(8).rules[0][0], Stmt::CtMark(CONN_TAG_BASE | 8));
+        let t = table(
+            &cfg(),
+            &BTreeSet::new(),
+            &[],
+            &BTreeMap::new(),
+            &[],
+            true,
+            7,
+        );
+        let set = |name: &str| t.sets.iter().find(|s| s.name == name).unwrap().kind.clone();
+        assert_eq!(set(FRESH), SetKind::Fresh(0x6368_0007));
+        assert_eq!(set(TAG), SetKind::Tag(0x6368_0007));
         assert_eq!(
-            output_chain(u16::MAX).rules[0][0],
-            Stmt::CtMark(0x6368_ffff),
+            conn_tag(u16::MAX),
+            0x6368_ffff,
             "the generation stays in the tag's low bits"
         );
     }

@@ -157,7 +157,7 @@ struct Caps {
 }
 
 /// What the table should hold: for this configuration, tree and interfaces,
-/// with its output chain at `generation` (see `table::output_chain`).
+/// with the connection tag of `generation` (see `table::output_chain`).
 #[derive(Clone, Copy)]
 struct Want<'a> {
     cfg: &'a Config,
@@ -550,6 +550,7 @@ impl Daemon {
             !self.broute.is_empty(),
             None,
         )?;
+        self.generation = generation;
         self.ifaces = self.link_plan.elements.clone();
         self.broute = self.link_plan.broute.clone();
         self.installed = installed;
@@ -557,10 +558,11 @@ impl Daemon {
         Ok(())
     }
 
-    /// A generation no connection was tagged with since this daemon started.
-    fn next_generation(&mut self) -> u16 {
-        self.generation = self.generation.wrapping_add(1);
-        self.generation
+    /// The generation the next transaction that changes decisions installs:
+    /// one no connection was tagged with since this daemon started (until
+    /// 65,536 transactions later). Recorded in `generation` once committed.
+    fn next_generation(&self) -> u16 {
+        self.generation.wrapping_add(1)
     }
 
     /// Applies element changes in one transaction, adding maps for new
@@ -592,7 +594,11 @@ impl Daemon {
             txn.rewrite_chain(&name, &table::classify_chain(&levels))?;
         }
         let generation = self.next_generation();
-        txn.rewrite_chain(&name, &table::output_chain(generation))?;
+        txn.retag(
+            &name,
+            table::conn_tag(self.generation),
+            table::conn_tag(generation),
+        )?;
         let group = |list: &[tree::Element]| {
             let mut by: BTreeMap<u32, Vec<(u64, u32)>> = BTreeMap::new();
             for ((l, id), a) in list {
@@ -609,6 +615,7 @@ impl Daemon {
             txn.map_elements(&name, level, &elems, true)?;
         }
         self.nft.commit(txn)?;
+        self.generation = generation;
         self.installed = delta.applied_count(self.installed);
         self.levels = levels;
         Ok(())
@@ -937,6 +944,7 @@ impl Daemon {
                     .collect(),
                 ..new_routes.clone()
             };
+            let generation = self.next_generation();
             let installed = self
                 .routes
                 .install(&new_routes)
@@ -946,7 +954,7 @@ impl Daemon {
                         cfg: &new,
                         tree: &tree,
                         links: &link_plan,
-                        generation: self.next_generation(),
+                        generation,
                     };
                     install_table(
                         &mut self.nft,
@@ -966,6 +974,7 @@ impl Daemon {
                     return Err(e);
                 }
             };
+            self.generation = generation;
             self.installed = installed;
             self.levels = levels;
             // The new state stands; what the old one needed and the new does not
