@@ -61,6 +61,9 @@ const PEER: &str = "10.99.0.2";
 const CONNECT_PORT: u16 = 8080;
 const BULK_PORT: u16 = 8081;
 const UDP_PORT: u16 = 8082;
+/// The source port of `udp-first` datagrams, below the ephemeral range: both
+/// client namespaces leave them untracked (see `datapath::Sides`).
+const UNTRACKED_SPORT: u16 = 8083;
 
 /// How many new cgroups the update-latency runs create, one at a time.
 const UPDATES: usize = 500;
@@ -1279,6 +1282,9 @@ fn pin_to_measuring_cpu() {
 /// `bulk ADDR BYTES`: sends that many bytes, waits until all arrived, prints
 /// its CPU time as JSON.
 /// `udp ADDR N`: sends N one-byte datagrams, prints its CPU time as JSON.
+/// `udp-first ADDR N`: the same from source port [`UNTRACKED_SPORT`], whose
+/// datagrams the namespaces leave untracked: each is classified as a flow's
+/// first packet is.
 fn client(args: &[String]) {
     if !args.first().is_some_and(|m| m.starts_with("fwd-")) {
         pin_to_measuring_cpu();
@@ -1317,10 +1323,11 @@ fn client(args: &[String]) {
             assert_eq!(u64::from_be_bytes(ack), bytes, "bulk bytes lost");
             println!("{}", json!({"cpu_ns": cpu_ns() - cpu0}));
         }
-        Some("udp") => {
+        Some(mode @ ("udp" | "udp-first")) => {
             let peer: Ipv4Addr = args[1].parse().expect("udp ADDR");
             let n: usize = args[2].parse().expect("udp ADDR N");
-            let s = std::net::UdpSocket::bind(("0.0.0.0", 0)).expect("UDP socket");
+            let sport = if mode == "udp" { 0 } else { UNTRACKED_SPORT };
+            let s = std::net::UdpSocket::bind(("0.0.0.0", sport)).expect("UDP socket");
             s.connect((peer, UDP_PORT)).expect("UDP connect");
             let cpu0 = cpu_ns();
             for _ in 0..n {
@@ -1329,6 +1336,6 @@ fn client(args: &[String]) {
             println!("{}", json!({"cpu_ns": cpu_ns() - cpu0}));
         }
         Some(mode) if mode.starts_with("fwd-") => forward::client(args),
-        _ => panic!("client connect ADDR N | bulk ADDR BYTES | udp ADDR N | fwd-…"),
+        _ => panic!("client connect ADDR N | bulk ADDR BYTES | udp[-first] ADDR N | fwd-…"),
     }
 }
