@@ -160,6 +160,7 @@ mod tests {
                 ((2, 13), None),
                 ((2, 15), None),
             ],
+            decisive: true,
         };
         assert_eq!(changes(&c, &delta), (vec![11, 15], vec![(10, 3000)]));
     }

@@ -38,6 +38,15 @@ pub type Element = (Key, Option<Action>);
 pub struct Delta {
     pub del: Vec<Element>,
     pub add: Vec<Element>,
+    /// Whether the change may alter what the packets of a socket that exists
+    /// already decide: an element's verdict changes, or a cgroup that decides
+    /// for itself comes or goes (its sockets' packets found its ancestors'
+    /// elements before it had one of its own, and do again once it is
+    /// gone). Open connections must then be classified again (see
+    /// `table::output_chain`). Elements that only say what the walk
+    /// decided without them (a level's map starting or stopping, a cgroup
+    /// that decides as its ancestors) do not.
+    pub decisive: bool,
 }
 
 impl Delta {
@@ -47,6 +56,7 @@ impl Delta {
 
     /// Appends `other`, cancelling an addition that `other` deletes again.
     pub fn extend(&mut self, other: Delta) {
+        self.decisive |= other.decisive;
         for d in other.del {
             if let Some(pos) = self.add.iter().position(|a| *a == d) {
                 self.add.remove(pos);
@@ -85,7 +95,8 @@ impl Delta {
     }
 }
 
-/// The element changes that turn `old` into `new`.
+/// The element changes that turn `old` into `new`, decisive if any (a
+/// reload or a rescan may change any verdict).
 pub fn diff(old: &Elements, new: &Elements) -> Delta {
     let mut d = Delta::default();
     for (k, a) in old {
@@ -98,6 +109,7 @@ pub fn diff(old: &Elements, new: &Elements) -> Delta {
             d.add.push((*k, *a));
         }
     }
+    d.decisive = !d.is_empty();
     d
 }
 
@@ -396,6 +408,7 @@ impl Tree {
             }
             if n.deciding() {
                 self.count_deciding(n.level(), false);
+                delta.decisive = true;
             }
         }
         let gone = before
@@ -440,6 +453,7 @@ impl Tree {
                 }
             })
             .collect();
+        let mut delta = Delta::default();
         for p in &sub {
             let inherited = self.inherited(p);
             let Some(n) = self.nodes.get_mut(&**p) else {
@@ -448,11 +462,16 @@ impl Tree {
             let was = n.deciding();
             n.settle(inherited);
             let (now, level) = (n.deciding(), n.level());
+            // The new cgroup's sockets went as its ancestors decide until
+            // now. Its descendants (found before it) change their effective
+            // action only if it decides, too.
+            if fresh && **p == *path {
+                delta.decisive |= now;
+            }
             if was != now {
                 self.count_deciding(level, now);
             }
         }
-        let mut delta = Delta::default();
         for (p, old) in sub.iter().zip(old) {
             let new = self.nodes.get(&**p).and_then(|n| self.element_of(n));
             if old != new {
@@ -688,6 +707,42 @@ mod tests {
             .flatten()
     }
 
+    /// What the classify chain decides for a socket whose cgroup and
+    /// ancestors have the ids `chain` ((level, id), the known ones): as
+    /// [`walk`], by ids, so that it serves sockets of removed cgroups too.
+    fn walk_ids(inst: &Elements, chain: &[(u32, u64)]) -> Option<Action> {
+        let levels: BTreeSet<u32> = inst.keys().map(|k| k.0).collect();
+        levels
+            .iter()
+            .rev()
+            .filter_map(|l| {
+                let (_, id) = chain.iter().find(|(at, _)| at == l)?;
+                inst.get(&(*l, *id))
+            })
+            .next()
+            .copied()
+            .flatten()
+    }
+
+    /// The (level, id) of `path` and its ancestors that `ids` or else
+    /// `later` know: a socket's cgroup and its ancestry never change, an
+    /// ancestor may be found after its child.
+    fn chain(
+        path: &str,
+        ids: &BTreeMap<String, u64>,
+        later: &BTreeMap<String, u64>,
+    ) -> Vec<(u32, u64)> {
+        let mut out = Vec::new();
+        let mut p = Some(path);
+        while let Some(x) = p {
+            if let Some(id) = ids.get(x).or_else(|| later.get(x)) {
+                out.push((x.matches('/').count() as u32, *id));
+            }
+            p = parent_of(x);
+        }
+        out
+    }
+
     /// A small deterministic generator (xorshift), for the randomised tests.
     struct Rng(u64);
 
@@ -725,24 +780,47 @@ mod tests {
         let mut t = Tree::default();
         let mut known: BTreeMap<String, u64> = BTreeMap::new();
         let mut installed = Elements::new();
+        let mut quiet = 0;
         for step in 0..3000u64 {
-            if known.is_empty() || rng.below(3) > 0 {
+            let (before, known_before) = (installed.clone(), known.clone());
+            let (delta, fresh) = if known.is_empty() || rng.below(3) > 0 {
                 let depth = 1 + rng.below(6);
                 let path: String = (0..depth)
                     .map(|_| format!("/{}", names[rng.below(names.len())]))
                     .collect();
                 let id = 100 + step;
-                t.insert(c, &cg(&path, id)).apply(&mut installed);
+                let delta = t.insert(c, &cg(&path, id));
                 // A path known already is a new cgroup there: the old one,
                 // and so what was below it, is gone.
                 if known.contains_key(&path) {
                     forget(&mut known, &path);
                 }
-                known.insert(path, id);
+                known.insert(path.clone(), id);
+                (delta, Some(path))
             } else {
                 let path = known.keys().nth(rng.below(known.len())).unwrap().clone();
-                t.remove(&path).apply(&mut installed);
+                let delta = t.remove(&path);
                 forget(&mut known, &path);
+                (delta, None)
+            };
+            delta.apply(&mut installed);
+            // Not decisive: no socket that exists (the new cgroup's too, its
+            // packets found the ancestors' elements) decides otherwise now,
+            // so open connections need not be classified again.
+            if !delta.decisive {
+                quiet += 1;
+                let mut sockets: Vec<Vec<(u32, u64)>> = known_before
+                    .keys()
+                    .map(|p| chain(p, &known_before, &known))
+                    .collect();
+                sockets.extend(fresh.map(|p| chain(&p, &known, &known)));
+                for s in &sockets {
+                    assert_eq!(
+                        walk_ids(&before, s),
+                        walk_ids(&installed, s),
+                        "step {step}: {s:?} decides otherwise, the delta not decisive"
+                    );
+                }
             }
             let list: Vec<Cgroup> = known.iter().map(|(p, id)| cg(p, *id)).collect();
             assert_eq!(installed, Tree::build(c, &list).elements(), "step {step}");
@@ -765,6 +843,7 @@ mod tests {
                 }
             }
         }
+        assert!(quiet > 300, "only {quiet} steps were not decisive");
     }
 
     #[test]
@@ -820,12 +899,15 @@ mod tests {
         let mut a = Delta {
             del: vec![],
             add: vec![((3, 9), Some(Action::Direct))],
+            decisive: false,
         };
         a.extend(Delta {
             del: vec![((3, 9), Some(Action::Direct))],
             add: vec![],
+            decisive: true,
         });
         assert!(a.is_empty());
+        assert!(a.decisive, "what was decisive stays so");
     }
 
     #[test]

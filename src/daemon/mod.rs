@@ -182,7 +182,7 @@ struct Daemon {
     levels: BTreeSet<u32>,
     /// The output chain's generation: connections it tagged at another one
     /// are classified again (see `table::output_chain`). Every transaction
-    /// that changes what a cgroup decides takes the next.
+    /// that may change what an existing socket decides takes the next.
     generation: u16,
     route_plan: route::Plan,
     caps: Caps,
@@ -566,7 +566,8 @@ impl Daemon {
     }
 
     /// Applies element changes in one transaction, adding maps for new
-    /// levels; open connections are classified again at their next packet.
+    /// levels; after a decisive change, open connections are classified
+    /// again at their next packet.
     fn apply(&mut self, delta: &Delta) -> Result<(), DaemonError> {
         if delta.is_empty() {
             return Ok(());
@@ -593,12 +594,19 @@ impl Daemon {
             txn.add_level_maps(&name, &new_levels)?;
             txn.rewrite_chain(&name, &table::classify_chain(&levels))?;
         }
-        let generation = self.next_generation();
-        txn.retag(
-            &name,
-            table::conn_tag(self.generation),
-            table::conn_tag(generation),
-        )?;
+        // A change that leaves every open connection's decision as it was
+        // (a cgroup that decides as its ancestors) keeps the generation.
+        let generation = if delta.decisive {
+            let next = self.next_generation();
+            txn.retag(
+                &name,
+                table::conn_tag(self.generation),
+                table::conn_tag(next),
+            )?;
+            next
+        } else {
+            self.generation
+        };
         let group = |list: &[tree::Element]| {
             let mut by: BTreeMap<u32, Vec<(u64, u32)>> = BTreeMap::new();
             for ((l, id), a) in list {
