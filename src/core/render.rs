@@ -146,6 +146,9 @@ pub fn render(t: &TableSpec, paths: &HashMap<u64, String>) -> String {
             }
         };
         let _ = writeln!(o, "\t{keyword} {} {{", s.name);
+        if let Some(size) = s.kind.size() {
+            let _ = writeln!(o, "\t\tsize {size}");
+        }
         match &s.kind {
             SetKind::Bypass(f, ranges) => {
                 let ty = match f {

@@ -166,6 +166,21 @@ pub enum SetKind {
     Tag(u32),
 }
 
+impl SetKind {
+    /// The most elements a set of this kind holds, where that is fixed: the
+    /// kernel then picks a fixed-size hash, whose lookup for 4-byte keys
+    /// costs less than the resizable one's (and refuses more elements). A
+    /// retag holds the old tag beside the new one until its transaction
+    /// commits.
+    pub fn size(&self) -> Option<u32> {
+        match self {
+            SetKind::Classes(list) => Some(list.len() as u32),
+            SetKind::Fresh(_) | SetKind::Tag(_) => Some(2),
+            SetKind::Bypass(..) | SetKind::Level(..) | SetKind::Ifaces(_) => None,
+        }
+    }
+}
+
 /// Name of the set holding the current connection tag (see [`output_chain`]).
 pub const FRESH: &str = "fresh";
 

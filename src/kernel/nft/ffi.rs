@@ -445,6 +445,11 @@ pub struct SetDef {
     /// Key (and value) are in host byte order: recorded in the set's user data
     /// as nft does, so that `nft list` prints cgroup ids and marks correctly.
     pub host_order: bool,
+    /// The most elements it holds (`NFTA_SET_DESC_SIZE`), for a set whose
+    /// count is fixed: the kernel then picks a fixed-size hash, whose lookup
+    /// for 4-byte keys costs less than the resizable one's. The kernel
+    /// refuses more elements than this.
+    pub size: Option<u32>,
 }
 
 /// nft's user-data TLVs (type u8, length u8, value) saying that the key, and
@@ -538,6 +543,9 @@ unsafe impl NlMsg for SetDef {
         set.set_u32(sys::NFTNL_SET_FLAGS, flags as u32);
         set.set_u32(sys::NFTNL_SET_KEY_TYPE, self.key_type);
         set.set_u32(sys::NFTNL_SET_KEY_LEN, self.key_len);
+        if let Some(size) = self.size {
+            set.set_u32(sys::NFTNL_SET_DESC_SIZE, size);
+        }
         if self.host_order {
             let udata = host_order_udata(matches!(self.data, Some(Data::Value { .. })));
             // SAFETY: the set is live; libnftnl copies `udata.len()` bytes.
@@ -879,6 +887,7 @@ mod tests {
             }),
             interval: false,
             host_order: true,
+            size: None,
         };
         let mut batch = Batch::new();
         batch.add(&def, MsgType::Add);
@@ -889,6 +898,10 @@ mod tests {
             .unwrap();
         assert_eq!(attr(p, NFTA_SET_DATA_TYPE), TYPE_MARK.to_be_bytes());
         assert_eq!(attr(p, 7), 4u32.to_be_bytes(), "NFTA_SET_DATA_LEN");
+        assert!(
+            crate::kernel::nlmsg::attr(p, 9).is_none(),
+            "no NFTA_SET_DESC: a level map grows"
+        );
         // NFTA_SET_USERDATA = 13: key and data byte order, host-endian.
         let mut udata = vec![0, 4];
         udata.extend(1u32.to_ne_bytes());
@@ -1014,6 +1027,7 @@ mod tests {
             data: Some(Data::Verdict),
             interval: false,
             host_order: false,
+            size: Some(5),
         };
         let mut batch = Batch::new();
         batch.add(&def, MsgType::Add);
@@ -1040,6 +1054,8 @@ mod tests {
             libc::NFT_DATA_VERDICT.to_be_bytes()
         );
         assert_eq!(attr(p, NFTA_SET_ID), 7u32.to_be_bytes());
+        // NFTA_SET_DESC = 9, nesting NFTA_SET_DESC_SIZE = 1.
+        assert_eq!(attr(attr(p, 9), 1), 5u32.to_be_bytes());
     }
 
     #[test]

@@ -440,6 +440,7 @@ impl Txn {
             interval,
             // cgroup ids and classes are host-endian; addresses are not.
             host_order: !matches!(s.kind, SetKind::Bypass(..)),
+            size: s.kind.size(),
         };
         self.next_set_id += 1;
         self.add(&def, MsgType::Add, format!("set {}", s.name));
