@@ -380,9 +380,10 @@ pub fn conn_tag(generation: u16) -> u32 {
 /// holds the tag of the table's generation ([`conn_tag`], kept in [`FRESH`]
 /// and [`TAG`]), and its later packets return at the first rule, as
 /// classifying them would only decide the same again. The daemon moves both
-/// sets to the next generation in every transaction that changes what a
-/// socket's cgroup decides (an element, a level, a reload): a tagged
-/// connection is then classified again at its next packet and tagged anew,
+/// sets to the next generation in every transaction that may change what an
+/// existing socket decides (a decisive `tree::Delta`: a verdict changes, a
+/// cgroup that decides for itself comes or goes): a tagged connection is
+/// then classified again at its next packet and tagged anew,
 /// so a change reaches open connections as it would if every packet were
 /// classified. The tag is written before the classification: a commit
 /// between the two leaves a tag that is already stale, never a current one
@@ -417,7 +418,8 @@ pub fn output_chain() -> ChainSpec {
 pub fn drop_chain(stub: bool) -> ChainSpec {
     // The output chain tagged the connection before it was classified: one
     // dropped here loses the tag, so its next packet is classified (and
-    // dropped) again. Bypass destinations keep it: they leave unmarked.
+    // dropped) again. Bypass destinations keep it (they leave unmarked),
+    // unless the stub's queries, dropped first, make the untagging go first.
     let untag = vec![Stmt::CtMarkTagged, Stmt::SetCtMark(0)];
     let mut rules = Vec::new();
     if stub {
