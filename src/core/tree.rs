@@ -390,7 +390,7 @@ impl Tree {
             Rc::clone(&cg.path),
             Node::new(cg.id, cg.level, cfg.classify(&cg.path)),
         );
-        delta.extend(self.refresh(&cg.path, true));
+        delta.extend(self.refresh(&cg.path));
         delta
     }
 
@@ -435,18 +435,18 @@ impl Tree {
         inherited_from(path, |p| self.nodes.get(p))
     }
 
-    /// Recomputes the effective action of `path` and its descendants, and
-    /// the element changes that follow: theirs, and those of every node at a
-    /// level whose map starts or stops holding elements. `fresh`: `path` was
-    /// just inserted, so it had no element yet.
-    fn refresh(&mut self, path: &str, fresh: bool) -> Delta {
+    /// Recomputes the effective action of `path`, just inserted (so it had no
+    /// element yet), and its descendants, and the element changes that
+    /// follow: theirs, and those of every node at a level whose map starts
+    /// or stops holding elements.
+    fn refresh(&mut self, path: &str) -> Delta {
         let sub = self.subtree(path);
         let before: BTreeSet<u32> = self.deciding.keys().copied().collect();
         let old: Vec<Option<Element>> = sub
             .iter()
             .map(|p| {
                 let n = self.nodes.get(&**p)?;
-                if fresh && **p == *path {
+                if **p == *path {
                     None
                 } else {
                     self.element_of(n)
@@ -465,7 +465,7 @@ impl Tree {
             // The new cgroup's sockets went as its ancestors decide until
             // now. Its descendants (found before it) change their effective
             // action only if it decides, too.
-            if fresh && **p == *path {
+            if **p == *path {
                 delta.decisive |= now;
             }
             if was != now {
