@@ -279,10 +279,7 @@ impl Tree {
 
     /// The elements the kernel maps should hold.
     pub fn elements(&self) -> Elements {
-        self.nodes
-            .values()
-            .filter_map(|n| self.element_of(n))
-            .collect()
+        self.element_list().into_iter().collect()
     }
 
     /// The elements, sorted by key, in one allocation: what a whole table is
@@ -691,25 +688,12 @@ mod tests {
     /// the levels `inst` has elements at, deepest first, each looked up with
     /// the ancestor-or-self at that level; the first element found decides.
     fn walk(t: &Tree, inst: &Elements, path: &str) -> Option<Action> {
-        let levels: BTreeSet<u32> = inst.keys().map(|k| k.0).collect();
-        let mut at = BTreeMap::new();
-        let mut p = Some(path);
-        while let Some(x) = p {
-            at.insert(x.matches('/').count() as u32, x);
-            p = parent_of(x);
-        }
-        levels
-            .iter()
-            .rev()
-            .filter_map(|l| t.id(at.get(l)?).and_then(|id| inst.get(&(*l, id))))
-            .next()
-            .copied()
-            .flatten()
+        walk_ids(inst, &ancestry(path, |p| t.id(p)))
     }
 
     /// What the classify chain decides for a socket whose cgroup and
-    /// ancestors have the ids `chain` ((level, id), the known ones): as
-    /// [`walk`], by ids, so that it serves sockets of removed cgroups too.
+    /// ancestors have the ids `chain` ((level, id), the known ones): by ids,
+    /// so that it serves sockets of removed cgroups too.
     fn walk_ids(inst: &Elements, chain: &[(u32, u64)]) -> Option<Action> {
         let levels: BTreeSet<u32> = inst.keys().map(|k| k.0).collect();
         levels
@@ -724,19 +708,13 @@ mod tests {
             .flatten()
     }
 
-    /// The (level, id) of `path` and its ancestors that `ids` or else
-    /// `later` know: a socket's cgroup and its ancestry never change, an
-    /// ancestor may be found after its child.
-    fn chain(
-        path: &str,
-        ids: &BTreeMap<String, u64>,
-        later: &BTreeMap<String, u64>,
-    ) -> Vec<(u32, u64)> {
+    /// The (level, id) of `path` and of its ancestors that `id` knows.
+    fn ancestry(path: &str, id: impl Fn(&str) -> Option<u64>) -> Vec<(u32, u64)> {
         let mut out = Vec::new();
         let mut p = Some(path);
         while let Some(x) = p {
-            if let Some(id) = ids.get(x).or_else(|| later.get(x)) {
-                out.push((x.matches('/').count() as u32, *id));
+            if let Some(id) = id(x) {
+                out.push((x.matches('/').count() as u32, id));
             }
             p = parent_of(x);
         }
@@ -809,11 +787,13 @@ mod tests {
             // so open connections need not be classified again.
             if !delta.decisive {
                 quiet += 1;
+                // A socket's cgroup and ancestry never change; an ancestor
+                // may be found after its child.
                 let mut sockets: Vec<Vec<(u32, u64)>> = known_before
                     .keys()
-                    .map(|p| chain(p, &known_before, &known))
+                    .map(|p| ancestry(p, |x| known_before.get(x).or_else(|| known.get(x)).copied()))
                     .collect();
-                sockets.extend(fresh.map(|p| chain(&p, &known, &known)));
+                sockets.extend(fresh.map(|p| ancestry(&p, |x| known.get(x).copied())));
                 for s in &sockets {
                     assert_eq!(
                         walk_ids(&before, s),
