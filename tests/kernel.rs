@@ -381,7 +381,6 @@ fn an_open_connection_keeps_its_target_when_its_cgroup_stops_being_classified() 
     in_namespaces(
         "an_open_connection_keeps_its_target_when_its_cgroup_stops_being_classified",
         || {
-            use std::io::{BufRead, BufReader};
             let mut lab = Lab::new("unclassify");
             lab.start_listener("listener", PROXY_PORT, "proxy");
             lab.mkcg("a");
@@ -393,35 +392,8 @@ fn an_open_connection_keeps_its_target_when_its_cgroup_stops_being_classified() 
             let cfg = lab.write_config("c.json", &proxy_target(), &rules(&proxy_a));
             lab.start_daemon(&cfg);
             // One UDP flow, an exchange before the reload and one after.
-            let flag = lab.dir.join("reloaded");
-            let script = lab.dir.join("flow.py");
-            std::fs::write(
-                &script,
-                format!(
-                    r#"import os, socket, time
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(3)
-s.connect(("{PEER4}", {PEER_PORT}))
-for payload in (b"before", b"after"):
-    while payload == b"after" and not os.path.exists("{}"):
-        time.sleep(0.01)
-    s.send(payload)
-    try:
-        print(s.recv(200).decode().strip(), flush=True)
-    except OSError as e:
-        print("ERR", e, flush=True)
-"#,
-                    flag.display()
-                ),
-            )
-            .unwrap();
-            let mut flow = lab.spawn_in(
-                "a",
-                &format!("python3 '{}'", script.display()),
-                std::process::Stdio::piped(),
-            );
-            let mut lines = BufReader::new(flow.stdout.take().unwrap()).lines();
-            let first = lines.next().unwrap().unwrap();
+            let mut flow = Flow::open(&lab, "a");
+            let first = flow.exchange();
             assert!(proxied(&first, PEER4), "before the reload: {first}");
 
             lab.write_config("c.json", &proxy_target(), &rules(""));
@@ -434,10 +406,9 @@ for payload in (b"before", b"after"):
                 Some(&1),
                 "a is in its level's map, unclassified: {by_class:?}"
             );
-            std::fs::write(&flag, "").unwrap();
-            let second = lines.next().unwrap().unwrap();
+            let second = flow.exchange();
             assert!(proxied(&second, PEER4), "after the reload: {second}");
-            assert!(flow.wait().unwrap().success());
+            flow.close();
             let a = lab.talk("a", "udp", PEER4, PEER_PORT);
             assert!(reached_peer(&a), "a new flow goes direct: {a}");
             stop_clean(&mut lab, "0xbb8");
