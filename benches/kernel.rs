@@ -17,7 +17,9 @@
 //! runs (see `kernel/datapath.rs` for how the datapath is measured).
 //!
 //! The last line printed is `bench-json: {...}`. `CGTPROXY_BENCH_ONLY=forward`
-//! runs only the forwarder comparison (see `kernel/forward.rs`).
+//! runs only the forwarder comparison (see `kernel/forward.rs`),
+//! `CGTPROXY_BENCH_ONLY=update` only the update latency at 10,000 cgroups and
+//! its nft CLI comparison.
 //! `CGTPROXY_BENCH_QUICK=1` is for iterating on the benchmark itself: no
 //! forwarder comparison, fewer and shorter datapath rounds, figures too noisy
 //! to quote.
@@ -732,6 +734,71 @@ fn update_latencies(
     (lat, missed, made)
 }
 
+/// Times the same insertion as shell-based managers do it, with the lab's
+/// 10,000 cgroups: one `nft add element` process per new cgroup. Returns the
+/// sorted latencies and how many were never seen.
+fn nft_cli_latencies(lab: &Lab, ev: &Events, base: &str) -> (Vec<Duration>, usize) {
+    // Not into the daemon's table: the daemon repairs foreign changes to it,
+    // which would time its repair, not nft. Instead a table of the same shape
+    // and size: cgroupsv2 verdict maps holding the same 10,000 cgroups, one per
+    // level, each used by a `socket cgroupv2 level L vmap` rule, jumping to a
+    // mark chain. nft resolves each key from a path below /sys/fs/cgroup by
+    // stat() and commits one transaction. This is a lower bound for such
+    // managers: their own event source (inotifywait, a shell loop) is not
+    // counted. The `n*` cgroups match no rule of the daemon, which adds nothing
+    // for them.
+    let mut maps = String::new();
+    let mut rules = String::new();
+    for level in 2..=DEEPEST {
+        let elements: Vec<String> = (0..10_000)
+            .filter(|&i| Lab::x_level(i) == level)
+            .map(|i| format!(r#""{base}/{}" : goto proxy-mark"#, Lab::x_rel(i)))
+            .collect();
+        maps.push_str(&format!(
+            "map level{level} {{
+                type cgroupsv2 : verdict
+                elements = {{ {} }}
+            }}
+            ",
+            elements.join(", ")
+        ));
+        rules.push_str(&format!(
+            "socket cgroupv2 level {level} vmap @level{level}\n"
+        ));
+    }
+    let ruleset = format!(
+        "table inet shellmgr {{
+            chain proxy-mark {{
+                meta mark set 3000
+            }}
+            {maps}
+            chain output {{
+                type route hook output priority mangle + 1; policy accept;
+                {rules}
+            }}
+        }}"
+    );
+    let leaf_rel = format!("{base}/{}", Lab::spine(DEEPEST - 1));
+    let file = lab.dir.join("shellmgr.nft");
+    fs::write(&file, ruleset).unwrap();
+    nft(&["-f", file.to_str().unwrap()]);
+    let nft_insert = |name: &str| {
+        nft(&[&format!(
+            r#"add element inet shellmgr level{DEEPEST} {{ "{leaf_rel}/{name}" : goto proxy-mark }}"#
+        )]);
+    };
+    let (lat_nft, missed_nft, made) = update_latencies(
+        lab,
+        ev,
+        (0..NFT_UPDATES).map(|i| format!("n{i}")),
+        Some(&nft_insert as &dyn Fn(&str)),
+    );
+    nft(&["delete table inet shellmgr"]);
+    remove_all(ev, &made);
+    (lat_nft, missed_nft)
+
+}
+
 /// Removes the cgroups an update run made and waits for the daemon to settle.
 fn remove_all(ev: &Events, dirs: &[PathBuf]) {
     for d in dirs {
@@ -854,6 +921,48 @@ fn startup_median(lab: &mut Lab) -> f64 {
 }
 
 /// Prints a section's progress to stderr so a slow run shows where it is.
+/// `CGTPROXY_BENCH_ONLY=update`: update latency at 10,000 cgroups and the
+/// nft CLI comparison, the full run's figures for them in a few seconds.
+fn update_only(mut lab: Lab, base: &str, machine: &str, started: Instant) {
+    step("creating 10,000 cgroups", started);
+    lab.populate(0, 10_000);
+    let ev = Events::subscribe();
+    ev.without(|| lab.start_daemon());
+    ev.settle(Duration::from_millis(200));
+    step("update latency at 10,000", started);
+    let names = (0..UPDATES).map(|i| format!("x{}", 1_000_000 + i));
+    let (lat, missed, made) = update_latencies(&lab, &ev, names, None);
+    remove_all(&ev, &made);
+    step("nft CLI comparison at 10,000", started);
+    let (lat_nft, missed_nft) = nft_cli_latencies(&lab, &ev, base);
+    lab.stop_daemon();
+    drop(lab);
+    step("done", started);
+    let speedup = pct(&lat_nft, 50) / pct(&lat, 50);
+    println!("cgtproxy update benchmark");
+    println!("machine: {machine}");
+    println!(
+        "update p50 / p99, 10,000 existing (us): {:.0} / {:.0} ({missed} never seen)",
+        pct(&lat, 50),
+        pct(&lat, 99)
+    );
+    println!(
+        "nft CLI update p50 / p99, 10,000 (us): {:.0} / {:.0} ({missed_nft} never seen)",
+        pct(&lat_nft, 50),
+        pct(&lat_nft, 99)
+    );
+    println!("speedup vs nft CLI (p50): {speedup:.1}x");
+    let j = json!({
+        "machine": machine,
+        "update_p50_us": round1(pct(&lat, 50)),
+        "update_p99_us": round1(pct(&lat, 99)),
+        "update_missed": missed,
+        "nft_cli_update_p50_us": round1(pct(&lat_nft, 50)),
+        "update_speedup_vs_nft_cli": round1(speedup),
+    });
+    println!("bench-json: {j}");
+}
+
 fn step(what: &str, started: Instant) {
     eprintln!("[{:6.1} s] {what}", started.elapsed().as_secs_f64());
 }
@@ -883,12 +992,17 @@ fn bench(base: &str) {
     let machine = format!("{nproc} x {cpu}, Linux {kernel}");
     let mut lab = Lab::new(base);
     let quick = std::env::var("CGTPROXY_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let only = std::env::var("CGTPROXY_BENCH_ONLY").unwrap_or_default();
+    if only == "update" {
+        update_only(lab, base, &machine, started);
+        return;
+    }
     let (fwd_table, fwd_keys) = if quick {
         (String::new(), serde_json::Map::new())
     } else {
         forward::bench(&mut lab, started)
     };
-    if std::env::var("CGTPROXY_BENCH_ONLY").is_ok_and(|v| v == "forward") {
+    if only == "forward" {
         drop(lab);
         step("done", started);
         println!("cgtproxy forwarder benchmark");
@@ -948,65 +1062,8 @@ fn bench(base: &str) {
     let (lat_10k, missed_10k, made) = update_latencies(&lab, &ev, fresh(UPDATES), None);
     remove_all(&ev, &made);
 
-    // The same insertion as shell-based managers do it: one `nft add element`
-    // process per event. Not into the daemon's table: the daemon repairs foreign
-    // changes to it, which would time its repair, not nft. Instead a table of the
-    // same shape and size: cgroupsv2 verdict maps holding the same 10,000 cgroups,
-    // one per level, each used by a `socket cgroupv2 level L vmap` rule, jumping to
-    // a mark chain. nft
-    // resolves each key from a path below /sys/fs/cgroup by stat() and commits one
-    // transaction. This is a lower bound for such managers: their own event source
-    // (inotifywait, a shell loop) is not counted. The `n*` cgroups match no rule of
-    // the daemon, which adds nothing for them.
     step("nft CLI comparison at 10,000", started);
-    let mut maps = String::new();
-    let mut rules = String::new();
-    for level in 2..=DEEPEST {
-        let elements: Vec<String> = (0..10_000)
-            .filter(|&i| Lab::x_level(i) == level)
-            .map(|i| format!(r#""{base}/{}" : goto proxy-mark"#, Lab::x_rel(i)))
-            .collect();
-        maps.push_str(&format!(
-            "map level{level} {{
-                type cgroupsv2 : verdict
-                elements = {{ {} }}
-            }}
-            ",
-            elements.join(", ")
-        ));
-        rules.push_str(&format!(
-            "socket cgroupv2 level {level} vmap @level{level}\n"
-        ));
-    }
-    let ruleset = format!(
-        "table inet shellmgr {{
-            chain proxy-mark {{
-                meta mark set 3000
-            }}
-            {maps}
-            chain output {{
-                type route hook output priority mangle + 1; policy accept;
-                {rules}
-            }}
-        }}"
-    );
-    let leaf_rel = format!("{base}/{}", Lab::spine(DEEPEST - 1));
-    let file = lab.dir.join("shellmgr.nft");
-    fs::write(&file, ruleset).unwrap();
-    nft(&["-f", file.to_str().unwrap()]);
-    let nft_insert = |name: &str| {
-        nft(&[&format!(
-            r#"add element inet shellmgr level{DEEPEST} {{ "{leaf_rel}/{name}" : goto proxy-mark }}"#
-        )]);
-    };
-    let (lat_nft, missed_nft, made) = update_latencies(
-        &lab,
-        &ev,
-        (0..NFT_UPDATES).map(|i| format!("n{i}")),
-        Some(&nft_insert as &dyn Fn(&str)),
-    );
-    nft(&["delete table inet shellmgr"]);
-    remove_all(&ev, &made);
+    let (lat_nft, missed_nft) = nft_cli_latencies(&lab, &ev, base);
 
     step("storm of 1,000 at 10,000", started);
     let (storm_1k, storm_mkdirs, storm_missed) = storm(&lab, &ev);
