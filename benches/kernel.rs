@@ -796,7 +796,6 @@ fn nft_cli_latencies(lab: &Lab, ev: &Events, base: &str) -> (Vec<Duration>, usiz
     nft(&["delete table inet shellmgr"]);
     remove_all(ev, &made);
     (lat_nft, missed_nft)
-
 }
 
 /// Removes the cgroups an update run made and waits for the daemon to settle.

@@ -423,6 +423,8 @@ struct Flow {
     child: std::process::Child,
     to: std::process::ChildStdin,
     from: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+    /// The socket's local port.
+    port: u16,
 }
 
 impl Flow {
@@ -433,6 +435,7 @@ impl Flow {
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.settimeout(2)
 s.connect(("{PEER4}", {PEER_PORT}))
+print(s.getsockname()[1], flush=True)
 for line in sys.stdin:
     try:
         s.send(line.encode())
@@ -453,11 +456,34 @@ for line in sys.stdin:
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
+        let mut from = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let port = from.next().unwrap().unwrap().parse().unwrap();
         Flow {
             to: child.stdin.take().unwrap(),
-            from: std::io::BufReader::new(child.stdout.take().unwrap()).lines(),
+            from,
             child,
+            port,
         }
+    }
+
+    /// The flow's connection mark (this namespace's conntrack table).
+    fn ct_mark(&self) -> Option<u32> {
+        let table = std::fs::read_to_string("/proc/net/nf_conntrack").unwrap();
+        let sport = format!(" sport={} ", self.port);
+        table
+            .lines()
+            .find(|l| l.contains(" udp ") && l.contains(&sport))?
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("mark="))?
+            .parse()
+            .ok()
+    }
+
+    /// Whether the flow's later packets skip the classification: its
+    /// connection carries one of our tags (see `table::output_chain`).
+    fn tagged(&self) -> bool {
+        self.ct_mark()
+            .is_some_and(|m| m & 0xffff_0000 == 0x6368_0000)
     }
 
     fn exchange(&mut self) -> String {
@@ -476,7 +502,9 @@ for line in sys.stdin:
 /// later packets skip the classification until the table changes. Every
 /// change reaches open connections at their next packet all the same: a
 /// reload that drops, frees or proxies the cgroup, and the element of a
-/// cgroup that the daemon had not seen yet when its flow started.
+/// cgroup that the daemon had not seen yet when its flow started, at a
+/// level the table looks up already (its flow was never let skip) and at
+/// one it starts looking up (a new generation).
 #[test]
 fn a_change_reaches_open_connections_at_their_next_packet() {
     in_namespaces(
@@ -484,12 +512,17 @@ fn a_change_reaches_open_connections_at_their_next_packet() {
         || {
             let mut lab = Lab::new("nextpacket");
             lab.start_listener("listener", PROXY_PORT, "proxy");
-            lab.mkcg("a");
-            lab.mkcg("b");
+            for rel in ["a", "b", "b/deep", "c", "c/held"] {
+                lab.mkcg(rel);
+            }
+            // c/held decides at the level of b/late: that level is looked
+            // up from the start; b/deep/late's is not, until it comes.
             let head = format!(
-                r#"{{"match":"{}","direct":true}},{{"match":"{}","drop":true}}"#,
+                r#"{{"match":"{}","direct":true}},{{"match":"{}","direct":true}},{{"match":"{}","drop":true}},{{"match":"{}","drop":true}}"#,
                 lab.re("listener"),
-                lab.re("b/late")
+                lab.re("c/held"),
+                lab.re("b/late"),
+                lab.re("b/deep/late"),
             );
             let rules = |a: &str| format!("[{head}{a}]").replace('\\', "\\\\");
             let re_a = lab.re("a");
@@ -507,6 +540,11 @@ fn a_change_reaches_open_connections_at_their_next_packet() {
             for n in 1..=2 {
                 let got = flow.exchange();
                 assert!(reached_peer(&got), "unclassified, datagram {n}: {got}");
+                assert!(
+                    flow.tagged(),
+                    "unclassified, datagram {n}: {:?}",
+                    flow.ct_mark()
+                );
             }
             reload(&lab, &with_a(r#""drop":true"#));
             for n in 1..=2 {
@@ -521,24 +559,47 @@ fn a_change_reaches_open_connections_at_their_next_packet() {
             assert!(proxied(&got, PEER4), "proxied: {got}");
             flow.close();
 
-            // The daemon stopped, b/late's first datagram goes as its parent
-            // decides (unclassified); once the daemon has put b/late's
-            // element in, the same flow is dropped.
+            // The daemon stopped, a new cgroup's first datagram goes as its
+            // parent decides (unclassified); once the daemon has put the
+            // cgroup's element in, the same flow is dropped.
             reload(&lab, &rules(""));
             let d = lab.daemon.as_ref().unwrap();
-            d.signal(Signal::SIGSTOP);
-            lab.mkcg("b/late");
-            let mut late = Flow::open(&lab, "b/late");
-            let got = late.exchange();
-            d.signal(Signal::SIGCONT);
-            assert!(reached_peer(&got), "before the daemon saw b/late: {got}");
-            let seen = lab.eventually(FAST, || {
-                elements_by_class(&cfg).get("drop").is_some_and(|&n| n > 0)
+            for (n, rel, skips) in [(1, "b/late", false), (2, "b/deep/late", true)] {
+                d.signal(Signal::SIGSTOP);
+                lab.mkcg(rel);
+                let mut late = Flow::open(&lab, rel);
+                let got = late.exchange();
+                d.signal(Signal::SIGCONT);
+                assert!(reached_peer(&got), "before the daemon saw {rel}: {got}");
+                assert_eq!(
+                    late.tagged(),
+                    skips,
+                    "{rel} before its element: {:?}",
+                    late.ct_mark()
+                );
+                let seen = lab.eventually(FAST, || {
+                    elements_by_class(&cfg).get("drop").is_some_and(|&k| k >= n)
+                });
+                assert!(seen, "{:?}", elements_by_class(&cfg));
+                let got = late.exchange();
+                assert!(failed(&got), "{rel}'s open flow after its element: {got}");
+                late.close();
+            }
+
+            // b/deep/late gone, no cgroup decides at its level: the table
+            // stops looking there, where every socket would miss, and the
+            // connections of a cgroup at that level keep their decision.
+            std::fs::remove_dir(lab.cg_dir("b/deep/late")).unwrap();
+            let gone = lab.eventually(FAST, || {
+                elements_by_class(&cfg).get("drop").is_some_and(|&k| k == 1)
             });
-            assert!(seen, "{:?}", elements_by_class(&cfg));
-            let got = late.exchange();
-            assert!(failed(&got), "b/late's open flow after its element: {got}");
-            late.close();
+            assert!(gone, "{:?}", elements_by_class(&cfg));
+            lab.mkcg("b/deep/other");
+            let mut flow = Flow::open(&lab, "b/deep/other");
+            let got = flow.exchange();
+            assert!(reached_peer(&got), "b/deep/other: {got}");
+            assert!(flow.tagged(), "b/deep/other: {:?}", flow.ct_mark());
+            flow.close();
             stop_clean(&mut lab, "0xbb8");
         },
     );

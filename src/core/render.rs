@@ -67,6 +67,7 @@ fn stmt(s: &Stmt) -> String {
         Stmt::CtMarkFresh => format!("ct mark @{}", table::FRESH),
         Stmt::TagConnection => format!("ct mark set meta mark map @{}", table::TAG),
         Stmt::SetMark(m) => format!("meta mark set {m:#x}"),
+        Stmt::CgroupAtLevel(level) => format!("socket cgroupv2 level {level} != 0"),
         Stmt::CgroupClass { level, map } => format!(
             "meta mark set socket cgroupv2 level {level} map @{map} meta mark vmap @{}",
             table::CLASSES

@@ -104,6 +104,9 @@ pub enum Stmt {
         level: u32,
         map: String,
     },
+    /// `socket cgroupv2 level L != 0`: the socket's cgroup is at level L or
+    /// below (cgroup ids are never 0; a shallower one has no ancestor there).
+    CgroupAtLevel(u32),
     /// `iif N` (an interface index)
     Iif(u32),
     /// `meta pkttype host`: addressed to this host's (the bridge's) MAC
@@ -382,8 +385,9 @@ pub fn conn_tag(generation: u16) -> u32 {
 /// classifying them would only decide the same again. The daemon moves both
 /// sets to the next generation in every transaction that may change what an
 /// existing socket decides (a decisive `tree::Delta`: a verdict changes, a
-/// cgroup that decides for itself comes or goes): a tagged connection is
-/// then classified again at its next packet and tagged anew,
+/// cgroup that decides for itself goes, a level starts being looked up; a
+/// new cgroup's element needs none, see [`classify_chain`]): a tagged
+/// connection is then classified again at its next packet and tagged anew,
 /// so a change reaches open connections as it would if every packet were
 /// classified. The tag is written before the classification: a commit
 /// between the two leaves a tag that is already stale, never a current one
@@ -498,17 +502,27 @@ pub const CLASSIFY: &str = "classify";
 
 /// One class lookup per level, deepest first, so the nearest classified ancestor
 /// decides; then [`unmatched_chain`].
+///
+/// A level's map holds every cgroup of its level (see `tree::Tree`), so a
+/// socket whose ancestor there is not found is in a cgroup made so recently
+/// that its element is still on its way: the ancestors decide for now, and
+/// the rule after the lookup removes the connection's tag ([`output_chain`]),
+/// so its next packet is classified again, by then perhaps with the new
+/// element. A new cgroup's element therefore needs no new generation: no
+/// connection kept a decision taken without it.
 pub fn classify_chain(levels: &BTreeSet<u32>) -> ChainSpec {
-    let mut rules: Vec<Vec<Stmt>> = levels
-        .iter()
-        .rev()
-        .map(|&level| {
-            vec![Stmt::CgroupClass {
-                level,
-                map: level_map(level),
-            }]
-        })
-        .collect();
+    let mut rules: Vec<Vec<Stmt>> = Vec::new();
+    for &level in levels.iter().rev() {
+        rules.push(vec![Stmt::CgroupClass {
+            level,
+            map: level_map(level),
+        }]);
+        rules.push(vec![
+            Stmt::CgroupAtLevel(level),
+            Stmt::CtMarkTagged,
+            Stmt::SetCtMark(0),
+        ]);
+    }
     rules.push(vec![Stmt::Verdict(Verdict::Goto(UNMATCHED.into()))]);
     ChainSpec {
         name: CLASSIFY.into(),
@@ -864,6 +878,29 @@ mod tests {
             })
             .collect();
         assert_eq!(levels, [5, 3, 2]);
+    }
+
+    #[test]
+    fn a_lookup_that_misses_a_socket_below_its_level_untags_the_connection() {
+        let chain = classify_chain(&[2, 5].into());
+        let untag = |level| {
+            vec![
+                Stmt::CgroupAtLevel(level),
+                Stmt::CtMarkTagged,
+                Stmt::SetCtMark(0),
+            ]
+        };
+        let lookup = |level| {
+            vec![Stmt::CgroupClass {
+                level,
+                map: level_map(level),
+            }]
+        };
+        assert_eq!(
+            chain.rules[..4],
+            [lookup(5), untag(5), lookup(2), untag(2)],
+            "each level's untagging right after its lookup, which only a miss passes"
+        );
     }
 
     #[test]

@@ -91,8 +91,8 @@ fn table_exists(nft: &Nft, name: &str) -> Result<bool, DaemonError> {
     }
 }
 
-/// Replaces the whole table with the desired one in one transaction, keeping maps
-/// for `keep_levels` too, with the wanted interfaces in the interface map and
+/// Replaces the whole table with the desired one in one transaction, with the
+/// wanted interfaces in the interface map and
 /// bridge ports routed (a bridge table, replaced or removed when
 /// `bridge_present` says one may be there); `also` names a previous table
 /// (renamed by a reload) to delete in the same breath. A table of the same name left by an earlier
@@ -102,7 +102,6 @@ fn install_table(
     nft: &mut Nft,
     caps: Caps,
     want: Want<'_>,
-    keep_levels: &BTreeSet<u32>,
     bridge_present: bool,
     also: Option<&str>,
 ) -> Result<(usize, BTreeSet<u32>), DaemonError> {
@@ -117,10 +116,7 @@ fn install_table(
         can_broute,
     } = caps;
     let elements = tree.element_list();
-    let levels: BTreeSet<u32> = table::levels(&elements)
-        .union(keep_levels)
-        .copied()
-        .collect();
+    let levels = table::levels(&elements);
     let spec = table::table(
         cfg,
         &levels,
@@ -546,7 +542,6 @@ impl Daemon {
             &mut self.nft,
             self.caps,
             want,
-            &self.levels,
             !self.broute.is_empty(),
             None,
         )?;
@@ -579,19 +574,16 @@ impl Daemon {
             return Ok(());
         }
         let name = self.cfg.table.clone();
-        let new_levels: Vec<u32> = delta
-            .add
-            .iter()
-            .map(|((l, _), _)| *l)
-            .filter(|l| !self.levels.contains(l))
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
+        // The chain looks up exactly the levels whose maps hold elements: a
+        // lookup in an empty map would miss every socket below it, and
+        // keep their connections from keeping a decision
+        // (`table::classify_chain`).
+        let levels = self.tree.levels();
+        let started: Vec<u32> = levels.difference(&self.levels).copied().collect();
+        let stopped: Vec<u32> = self.levels.difference(&levels).copied().collect();
         let mut txn = Txn::new();
-        let mut levels = self.levels.clone();
-        if !new_levels.is_empty() {
-            levels.extend(&new_levels);
-            txn.add_level_maps(&name, &new_levels)?;
+        if !started.is_empty() || !stopped.is_empty() {
+            txn.add_level_maps(&name, &started)?;
             txn.rewrite_chain(&name, &table::classify_chain(&levels))?;
         }
         // A change that leaves every open connection's decision as it was
@@ -617,11 +609,14 @@ impl Daemon {
             by
         };
         for (level, ids) in group(&delta.del) {
-            txn.map_elements(&name, level, &ids, false)?;
+            if !stopped.contains(&level) {
+                txn.map_elements(&name, level, &ids, false)?;
+            }
         }
         for (level, elems) in group(&delta.add) {
             txn.map_elements(&name, level, &elems, true)?;
         }
+        txn.delete_level_maps(&name, &stopped)?;
         self.nft.commit(txn)?;
         self.generation = generation;
         self.installed = delta.applied_count(self.installed);
@@ -968,7 +963,6 @@ impl Daemon {
                         &mut self.nft,
                         self.caps,
                         want,
-                        &BTreeSet::new(),
                         !self.broute.is_empty(),
                         Some(&self.cfg.table),
                     )

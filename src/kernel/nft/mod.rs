@@ -235,6 +235,13 @@ fn exprs(s: &Stmt) -> Result<Vec<Expr>, NftError> {
             },
             Expr::SetMark,
         ],
+        Stmt::CgroupAtLevel(level) => vec![
+            Expr::SocketCgroup { level: *level },
+            Expr::Cmp {
+                eq: false,
+                data: 0u64.to_ne_bytes().to_vec(),
+            },
+        ],
         Stmt::CgroupClass { level, map } => {
             class_verdict(Expr::SocketCgroup { level: *level }, map)?
         }
@@ -417,6 +424,13 @@ impl Txn {
     }
 
     fn add_set(&mut self, table: &str, s: &SetSpec) -> Result<(), NftError> {
+        let def = self.set_def(table, s)?;
+        self.add(&def, MsgType::Add, format!("set {}", s.name));
+        Ok(())
+    }
+
+    /// The definition of set `s`, with the transaction's next set id.
+    fn set_def(&mut self, table: &str, s: &SetSpec) -> Result<SetDef, NftError> {
         let class = ffi::Data::Value {
             data_type: ffi::TYPE_MARK,
             len: 4,
@@ -443,8 +457,7 @@ impl Txn {
             size: s.kind.size(),
         };
         self.next_set_id += 1;
-        self.add(&def, MsgType::Add, format!("set {}", s.name));
-        Ok(())
+        Ok(def)
     }
 
     fn add_set_elems(&mut self, table: &str, s: &SetSpec) -> Result<(), NftError> {
@@ -623,6 +636,20 @@ impl Txn {
                 kind: SetKind::Level(level, Vec::new()),
             };
             self.add_set(table, &spec)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the (empty) maps of levels no longer looked up; the rules
+    /// that used them must be gone earlier in the transaction.
+    pub fn delete_level_maps(&mut self, table: &str, levels: &[u32]) -> Result<(), NftError> {
+        for &level in levels {
+            let spec = SetSpec {
+                name: table::level_map(level),
+                kind: SetKind::Level(level, Vec::new()),
+            };
+            let def = self.set_def(table, &spec)?;
+            self.add(&def, MsgType::Del, format!("delete map {}", spec.name));
         }
         Ok(())
     }
