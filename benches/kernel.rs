@@ -1202,7 +1202,7 @@ fn bench(base: &str) {
     print!("{t}");
     print!("{fwd_table}");
     println!(
-        "({UPDATES} updates per size spaced {} ms; {NFT_UPDATES} nft processes; start-ups with no nftables listener but the daemon; datapath: CPU time of client and server (both on CPU {}) and of that CPU's ksoftirqd, lower quartile of {} rounds, each side in turn, order alternating, of {} connections and {} datagrams at depths {:?} and {} MiB bulk at depth {DEEPEST}; ratios: all rounds (table-first rounds, baseline-first rounds); softirq time in task time: {}; the daemon's environment, as its unit sets it: {:?})",
+        "({UPDATES} updates per size spaced {} ms; {NFT_UPDATES} nft processes; start-ups with no nftables listener but the daemon; datapath: CPU time of client and server (both on CPU {}) and of that CPU's ksoftirqd over {} rounds, each side in turn, order alternating, of {} connections and {} datagrams at depths {:?} and {} MiB bulk at depth {DEEPEST}; CPU per connection and per MiB: lower quartile of a side's rounds; ratios and extra ns: median of the rounds' own (table-first rounds, baseline-first rounds); softirq time in task time: {}; the daemon's environment, as its unit sets it: {:?})",
         SPACING.as_millis(),
         measuring_cpu(),
         plan.rounds,

@@ -42,10 +42,12 @@
 //!
 //! Both sides exist at once, in two client namespaces made alike (see
 //! [`Sides`]); a control run with the conntrack-only table on both shows
-//! that they are alike, and every ratio is refused when it is not. Each measurement runs on one side and then at once on the
-//! other, and rounds alternate which goes first (table, baseline; baseline,
-//! table; …), so load that comes and goes falls on both alike and slow drift
-//! cancels. A ratio whose rounds disagree, or that says the table made the
+//! that they are alike, and every ratio is refused when it is not. Each
+//! measurement runs on one side and then at once on the other, and rounds
+//! alternate which goes first (table, baseline; baseline, table; …); a
+//! ratio is the median of the rounds' own ratios, so load that comes and
+//! goes falls on both alike and slow drift cancels (see [`Ratio`]). A ratio
+//! whose rounds disagree, or that says the table made the
 //! datapath cheaper by more than measurement error can, is printed as
 //! `unstable` or `implausible` with its rounds, and is null in bench-json.
 
@@ -60,7 +62,7 @@ use serde_json::{Map, Value, json};
 
 use super::bpfstats::{self, PerOp};
 use super::netns::Netns;
-use super::{DEEPEST, Lab, UNTRACKED_SPORT, measuring_cpu, round1, round3, sh, step};
+use super::{DEEPEST, Lab, UNTRACKED_SPORT, measuring_cpu, median, round1, round3, sh, step};
 
 /// Depths (absolute cgroup levels) the client runs at. The classified
 /// cgroups sit at levels 2 to 8, so the table has seven level maps, and they
@@ -124,9 +126,14 @@ fn low(rounds: impl Iterator<Item = f64>) -> f64 {
 }
 
 /// A ratio of the baseline's cost over the table's (1.0: free; less:
-/// dearer): the mean of two halves, the ratio from the rounds where the table
-/// went first and from those where the baseline did; or why it is no figure.
-/// How far the halves are apart is the measurement's own error bar.
+/// dearer): the mean of two halves, the median of the rounds' own ratios
+/// where the table went first and where the baseline did; or why it is no
+/// figure. A round runs both sides milliseconds apart, so its ratio cancels
+/// what changes more slowly (the other developer's load, the host's); the
+/// lower quartiles of each side's rounds on their own did not (the cheapest
+/// rounds of the two sides were often not the same ones: in three controls,
+/// halves 2–6 % apart where the paired ratios' were 0.2–2.6 %). How far the
+/// halves are apart is the measurement's own error bar.
 pub enum Ratio {
     Value {
         whole: f64,
@@ -157,16 +164,14 @@ impl Ratio {
     /// From each round's cost of the table and of the baseline.
     fn of(table: &[f64], base: &[f64]) -> Ratio {
         let ratio = |keep: &dyn Fn(usize) -> bool| {
-            let pick = |v: &[f64]| {
-                let kept: Vec<f64> = v
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| keep(*i))
-                    .map(|(_, x)| *x)
-                    .collect();
-                low(kept.into_iter())
-            };
-            pick(base) / pick(table)
+            let mut paired: Vec<f64> = table
+                .iter()
+                .zip(base)
+                .enumerate()
+                .filter(|(i, _)| keep(*i))
+                .map(|(_, (t, b))| b / t)
+                .collect();
+            median(&mut paired)
         };
         let halves = [ratio(&|i| i % 2 == 0), ratio(&|i| i % 2 == 1)];
         let whole = (halves[0] + halves[1]) / 2.0;
@@ -684,8 +689,18 @@ impl Comparison {
             };
             Ratio::of(&per_round(true), &per_round(false))
         };
+        // What the table adds: the median of the rounds' own differences
+        // (see `Ratio::of`).
         let extra = |f: &dyn Fn(&Sample, usize) -> f64, keep: &dyn Fn(usize) -> bool| {
-            [0, 1, 2].map(|d| side(&|s| f(s, d), true, keep) - side(&|s| f(s, d), false, keep))
+            [0, 1, 2].map(|d| {
+                let mut paired: Vec<f64> = rounds
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| keep(*i))
+                    .map(|(_, r)| f(&r.0, d) - f(&r.1, d))
+                    .collect();
+                median(&mut paired)
+            })
         };
         let datagram = |s: &Sample, d: usize| s.datagram_ns[d];
         let first = |s: &Sample, d: usize| s.first_ns[d];
@@ -955,7 +970,7 @@ fn schedstat_ns(path: &Path) -> Option<u64> {
 /// are pinned to (see `pin_to_measuring_cpu`): the softirq work the kernel
 /// deferred from their packets, which no task of ours is charged for. Other
 /// softirq work on that CPU is counted too, as the other developer's load on
-/// it is: both only add, and a side's lower quartile leaves them out.
+/// it is: both only add, and fall on both sides of a round alike.
 fn measuring_ksoftirqd_ns() -> u64 {
     static STATS: OnceLock<Option<PathBuf>> = OnceLock::new();
     let path = STATS.get_or_init(|| {
