@@ -92,12 +92,12 @@ fn table_exists(nft: &Nft, name: &str) -> Result<bool, DaemonError> {
 }
 
 /// Replaces the whole table with the desired one in one transaction, with the
-/// wanted interfaces in the interface map and
-/// bridge ports routed (a bridge table, replaced or removed when
-/// `bridge_present` says one may be there); `also` names a previous table
-/// (renamed by a reload) to delete in the same breath. A table of the same name left by an earlier
-/// instance (a crash leaves it, flagged persist) is replaced, which adopts it.
-/// Returns the number of elements installed, and the levels.
+/// wanted interfaces in the interface map and bridge ports routed (a bridge
+/// table, replaced or removed when `bridge_present` says one may be there);
+/// `also` names a previous table (renamed by a reload) to delete in the same
+/// breath. A table of the same name left by an earlier instance (a crash
+/// leaves it, flagged persist) is replaced, which adopts it. Returns the
+/// number of elements installed, and the levels.
 fn install_table(
     nft: &mut Nft,
     caps: Caps,
@@ -586,8 +586,9 @@ impl Daemon {
             txn.add_level_maps(&name, &started)?;
             txn.rewrite_chain(&name, &table::classify_chain(&levels))?;
         }
-        // A change that leaves every open connection's decision as it was
-        // (a cgroup that decides as its ancestors) keeps the generation.
+        // A change that leaves every decision a connection kept as it was
+        // (a new cgroup at a level looked up, one that decides as its
+        // ancestors going: see `tree::Delta::decisive`) keeps the generation.
         let generation = if delta.decisive {
             let next = self.next_generation();
             txn.retag(

@@ -640,8 +640,8 @@ impl Txn {
         Ok(())
     }
 
-    /// Deletes the (empty) maps of levels no longer looked up; the rules
-    /// that used them must be gone earlier in the transaction.
+    /// Deletes the maps of levels no longer looked up, elements and all;
+    /// the rules that used them must be gone earlier in the transaction.
     pub fn delete_level_maps(&mut self, table: &str, levels: &[u32]) -> Result<(), NftError> {
         for &level in levels {
             let spec = SetSpec {
