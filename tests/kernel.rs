@@ -482,8 +482,9 @@ for line in sys.stdin:
     /// Whether the flow's later packets skip the classification: its
     /// connection carries one of our tags (see `table::output_chain`).
     fn tagged(&self) -> bool {
+        use cgtproxy::config::{CONN_TAG_BASE, CONN_TAG_MASK};
         self.ct_mark()
-            .is_some_and(|m| m & 0xffff_0000 == 0x6368_0000)
+            .is_some_and(|m| m & CONN_TAG_MASK == CONN_TAG_BASE)
     }
 
     fn exchange(&mut self) -> String {

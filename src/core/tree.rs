@@ -702,17 +702,7 @@ mod tests {
     /// ancestors have the ids `chain` ((level, id), the known ones): by ids,
     /// so that it serves sockets of removed cgroups too.
     fn walk_ids(inst: &Elements, chain: &[(u32, u64)]) -> Option<Action> {
-        let levels: BTreeSet<u32> = inst.keys().map(|k| k.0).collect();
-        levels
-            .iter()
-            .rev()
-            .filter_map(|l| {
-                let (_, id) = chain.iter().find(|(at, _)| at == l)?;
-                inst.get(&(*l, *id))
-            })
-            .next()
-            .copied()
-            .flatten()
+        walk_tagged(inst, u32::MAX, chain).0
     }
 
     /// The walk of the classify chain for a socket at level `depth` with the
