@@ -125,6 +125,24 @@ fn low(rounds: impl Iterator<Item = f64>) -> f64 {
     percentile(&v, 25)
 }
 
+/// The median over the rounds `keep` selects of `op(table, baseline)`,
+/// each round's figures taken together.
+fn paired_median(
+    table: &[f64],
+    base: &[f64],
+    keep: &dyn Fn(usize) -> bool,
+    op: fn(f64, f64) -> f64,
+) -> f64 {
+    let mut paired: Vec<f64> = table
+        .iter()
+        .zip(base)
+        .enumerate()
+        .filter(|(i, _)| keep(*i))
+        .map(|(_, (t, b))| op(*t, *b))
+        .collect();
+    median(&mut paired)
+}
+
 /// A ratio of the baseline's cost over the table's (1.0: free; less:
 /// dearer): the mean of two halves, the median of the rounds' own ratios
 /// where the table went first and where the baseline did; or why it is no
@@ -163,16 +181,7 @@ impl Ratio {
 
     /// From each round's cost of the table and of the baseline.
     fn of(table: &[f64], base: &[f64]) -> Ratio {
-        let ratio = |keep: &dyn Fn(usize) -> bool| {
-            let mut paired: Vec<f64> = table
-                .iter()
-                .zip(base)
-                .enumerate()
-                .filter(|(i, _)| keep(*i))
-                .map(|(_, (t, b))| b / t)
-                .collect();
-            median(&mut paired)
-        };
+        let ratio = |keep: &dyn Fn(usize) -> bool| paired_median(table, base, keep, |t, b| b / t);
         let halves = [ratio(&|i| i % 2 == 0), ratio(&|i| i % 2 == 1)];
         let whole = (halves[0] + halves[1]) / 2.0;
         let (lo, hi) = (halves[0].min(halves[1]), halves[0].max(halves[1]));
@@ -693,13 +702,13 @@ impl Comparison {
         // (see `Ratio::of`).
         let extra = |f: &dyn Fn(&Sample, usize) -> f64, keep: &dyn Fn(usize) -> bool| {
             [0, 1, 2].map(|d| {
-                let mut paired: Vec<f64> = rounds
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| keep(*i))
-                    .map(|(_, r)| f(&r.0, d) - f(&r.1, d))
-                    .collect();
-                median(&mut paired)
+                let of = |table: bool| -> Vec<f64> {
+                    rounds
+                        .iter()
+                        .map(|r| f(if table { &r.0 } else { &r.1 }, d))
+                        .collect()
+                };
+                paired_median(&of(true), &of(false), keep, |t, b| t - b)
             })
         };
         let datagram = |s: &Sample, d: usize| s.datagram_ns[d];
