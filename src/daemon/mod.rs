@@ -174,7 +174,8 @@ struct Daemon {
     /// rebuild that follows installs the tree whole (at 50,000 cgroups a copy
     /// would cost a megabyte).
     installed: usize,
-    /// Levels with a map and a rule in the output chain (kept once created).
+    /// Levels with a map and a rule in the classify chain: those the tree
+    /// looks up, as last committed.
     levels: BTreeSet<u32>,
     /// The output chain's generation: connections it tagged at another one
     /// are classified again (see `table::output_chain`). Every transaction
@@ -560,9 +561,10 @@ impl Daemon {
         self.generation.wrapping_add(1)
     }
 
-    /// Applies element changes in one transaction, adding maps for new
-    /// levels; after a decisive change, open connections are classified
-    /// again at their next packet.
+    /// Applies element changes in one transaction, adding the maps of
+    /// levels that start being looked up and deleting those of levels that
+    /// stop; after a decisive change, open connections are classified again
+    /// at their next packet.
     fn apply(&mut self, delta: &Delta) -> Result<(), DaemonError> {
         if delta.is_empty() {
             return Ok(());

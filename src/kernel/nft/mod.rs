@@ -259,6 +259,14 @@ fn exprs(s: &Stmt) -> Result<Vec<Expr>, NftError> {
     })
 }
 
+/// The map of `level`, without elements: what adding or deleting it takes.
+fn empty_level_map(level: u32) -> SetSpec {
+    SetSpec {
+        name: table::level_map(level),
+        kind: SetKind::Level(level, Vec::new()),
+    }
+}
+
 /// Interval-set elements for merged inclusive ranges: a start element, and an end
 /// element one past the range unless it runs to the top of the address space.
 fn interval_elems(f: Family, ranges: &[(u128, u128)]) -> Vec<Elem> {
@@ -631,11 +639,7 @@ impl Txn {
     /// Adds empty verdict maps for new levels.
     pub fn add_level_maps(&mut self, table: &str, levels: &[u32]) -> Result<(), NftError> {
         for &level in levels {
-            let spec = SetSpec {
-                name: table::level_map(level),
-                kind: SetKind::Level(level, Vec::new()),
-            };
-            self.add_set(table, &spec)?;
+            self.add_set(table, &empty_level_map(level))?;
         }
         Ok(())
     }
@@ -644,10 +648,7 @@ impl Txn {
     /// the rules that used them must be gone earlier in the transaction.
     pub fn delete_level_maps(&mut self, table: &str, levels: &[u32]) -> Result<(), NftError> {
         for &level in levels {
-            let spec = SetSpec {
-                name: table::level_map(level),
-                kind: SetKind::Level(level, Vec::new()),
-            };
+            let spec = empty_level_map(level);
             let def = self.set_def(table, &spec)?;
             self.add(&def, MsgType::Del, format!("delete map {}", spec.name));
         }
