@@ -26,8 +26,8 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
@@ -61,7 +61,6 @@ const DAEMON: &str = env!("CARGO_BIN_EXE_cgtproxy");
 
 const PEER: &str = "10.99.0.2";
 const CONNECT_PORT: u16 = 8080;
-const BULK_PORT: u16 = 8081;
 const UDP_PORT: u16 = 8082;
 /// The source port of `udp-first` datagrams, below the ephemeral range: both
 /// client namespaces leave them untracked (see `datapath::Sides`).
@@ -1202,14 +1201,15 @@ fn bench(base: &str) {
     print!("{t}");
     print!("{fwd_table}");
     println!(
-        "({UPDATES} updates per size spaced {} ms; {NFT_UPDATES} nft processes; start-ups with no nftables listener but the daemon; datapath: CPU time of client and server (both on CPU {}) and of that CPU's ksoftirqd over {} rounds, each side in turn, order alternating, of {} connections and {} datagrams at depths {:?} and {} MiB bulk at depth {DEEPEST}; CPU per connection and per MiB: lower quartile of a side's rounds; ratios and extra ns: median of the rounds' own (table-first rounds, baseline-first rounds); softirq time in task time: {}; the daemon's environment, as its unit sets it: {:?})",
+        "({UPDATES} updates per size spaced {} ms; {NFT_UPDATES} nft processes; start-ups with no nftables listener but the daemon; datapath: CPU time of client and server (both on CPU {}) and of that CPU's ksoftirqd over {} rounds, each side in turn, order alternating, of {} connections and {} datagrams at depths {:?}, and {} pairs of {} KiB bulk chunks per round at depth {DEEPEST} (one process holding both ends of a connection on each side, cubic); CPU per connection and per MiB: lower quartile of a side's rounds or chunks; ratios and extra ns: median of the rounds' (bulk: pairs') own (table-first, baseline-first); softirq time in task time: {}; the daemon's environment, as its unit sets it: {:?})",
         SPACING.as_millis(),
         measuring_cpu(),
         plan.rounds,
         plan.connects,
         plan.datagrams,
         datapath::DEPTHS,
-        plan.bulk_bytes >> 20,
+        plan.bulk_pairs,
+        datapath::BULK_CHUNK >> 10,
         match datapath::irq_time_accounting() {
             Some(true) => "no (CONFIG_IRQ_TIME_ACCOUNTING=y: softirq cost missing)",
             Some(false) => "yes",
@@ -1256,35 +1256,20 @@ fn bench(base: &str) {
 // ---------------------------------------------------------------------------
 // Traffic helpers, run as subprocesses of the bench binary.
 
-/// In the peer namespace: a connect sink (accept and drop), a datagram sink and a
-/// bulk sink (read to EOF, answer with the byte count).
+/// In the peer namespace: a connect sink (accept and drop) and a datagram
+/// sink. (The bulk measurement holds both ends itself, see `datapath::bulk`.)
 fn serve() {
     pin_to_measuring_cpu();
     let connect = listener(CONNECT_PORT);
-    let bulk = listener(BULK_PORT);
     let udp = std::net::UdpSocket::bind(("0.0.0.0", UDP_PORT)).expect("binding the UDP sink");
-    std::thread::spawn(move || {
-        for s in connect.incoming() {
-            drop(s);
-        }
-    });
     std::thread::spawn(move || {
         let mut buf = [0u8; 64];
         while udp.recv(&mut buf).is_ok() {}
     });
     println!("ready");
     std::io::stdout().flush().unwrap();
-    for s in bulk.incoming().flatten() {
-        let mut s = s;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0u64;
-        while let Ok(n) = s.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            total += n as u64;
-        }
-        let _ = s.write_all(&total.to_be_bytes());
+    for s in connect.incoming() {
+        drop(s);
     }
 }
 
@@ -1335,8 +1320,7 @@ fn pin_to_measuring_cpu() {
 /// `connect ADDR N`: N connections to the server at ADDR one after another,
 /// each closed with a reset; prints its CPU time and each connect's latency
 /// (ns) as JSON.
-/// `bulk ADDR BYTES`: sends that many bytes, waits until all arrived, prints
-/// its CPU time as JSON.
+/// `bulk-pair …`: see `datapath::bulk_pair_client`.
 /// `udp ADDR N`: sends N one-byte datagrams, prints its CPU time as JSON.
 /// `udp-first ADDR N`: the same from source port [`UNTRACKED_SPORT`], whose
 /// datagrams the namespaces leave untracked: each is classified as a flow's
@@ -1361,24 +1345,7 @@ fn client(args: &[String]) {
             let cpu = cpu_ns() - cpu0;
             println!("{}", json!({"cpu_ns": cpu, "lat_ns": lat}));
         }
-        Some("bulk") => {
-            let peer: Ipv4Addr = args[1].parse().expect("bulk ADDR");
-            let bytes: u64 = args[2].parse().expect("bulk ADDR BYTES");
-            let buf = vec![0x5au8; 1 << 20];
-            let cpu0 = cpu_ns();
-            let mut s = TcpStream::connect((peer, BULK_PORT)).expect("connect");
-            let mut left = bytes;
-            while left > 0 {
-                let n = left.min(buf.len() as u64) as usize;
-                s.write_all(&buf[..n]).unwrap();
-                left -= n as u64;
-            }
-            s.shutdown(Shutdown::Write).unwrap();
-            let mut ack = [0u8; 8];
-            s.read_exact(&mut ack).unwrap();
-            assert_eq!(u64::from_be_bytes(ack), bytes, "bulk bytes lost");
-            println!("{}", json!({"cpu_ns": cpu_ns() - cpu0}));
-        }
+        Some("bulk-pair") => datapath::bulk_pair_client(&args[1..]),
         Some(mode @ ("udp" | "udp-first")) => {
             let peer: Ipv4Addr = args[1].parse().expect("udp ADDR");
             let n: usize = args[2].parse().expect("udp ADDR N");
@@ -1392,6 +1359,6 @@ fn client(args: &[String]) {
             println!("{}", json!({"cpu_ns": cpu_ns() - cpu0}));
         }
         Some(mode) if mode.starts_with("fwd-") => forward::client(args),
-        _ => panic!("client connect ADDR N | bulk ADDR BYTES | udp[-first] ADDR N | fwd-…"),
+        _ => panic!("client connect ADDR N | bulk-pair … | udp[-first] ADDR N | fwd-…"),
     }
 }

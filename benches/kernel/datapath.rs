@@ -38,7 +38,8 @@
 //!
 //! The client reads its own CPU clock (`CLOCK_PROCESS_CPUTIME_ID`, the same
 //! runtime cgroups add up) around its loop, so its start-up is not counted;
-//! the server's is its cgroup's `usage_usec` over the client's run.
+//! the server's is its cgroup's `usage_usec` over the client's run. Bulk
+//! transfer has no server: one process holds both ends (see [`bulk`]).
 //!
 //! Both sides exist at once, in two client namespaces made alike (see
 //! [`Sides`]); a control run with the conntrack-only table on both shows
@@ -51,18 +52,27 @@
 //! datapath cheaper by more than measurement error can, is printed as
 //! `unstable` or `implausible` with its rounds, and is null in bench-json.
 
-use std::fs;
+use std::ffi::OsString;
+use std::fs::{self, File};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sched::{CloneFlags, setns};
+use nix::sys::socket::{setsockopt, sockopt};
 use serde_json::{Map, Value, json};
 
 use super::bpfstats::{self, PerOp};
 use super::netns::Netns;
-use super::{DEEPEST, Lab, UNTRACKED_SPORT, measuring_cpu, median, round1, round3, sh, step};
+use super::{
+    DEEPEST, Lab, UNTRACKED_SPORT, cpu_ns, measuring_cpu, median, round1, round3, sh, step,
+};
 
 /// Depths (absolute cgroup levels) the client runs at. The classified
 /// cgroups sit at levels 2 to 8, so the table has seven level maps, and they
@@ -81,8 +91,9 @@ pub struct Plan {
     pub connects: u64,
     /// Datagrams per client run.
     pub datagrams: u64,
-    /// Bytes of the bulk upload.
-    pub bulk_bytes: u64,
+    /// Pairs of bulk chunks per round, one chunk on each side (even: the
+    /// pairs alternate which side goes first, see [`bulk`]).
+    pub bulk_pairs: usize,
 }
 
 impl Plan {
@@ -92,14 +103,14 @@ impl Plan {
                 rounds: 6,
                 connects: 500,
                 datagrams: 5000,
-                bulk_bytes: 16 << 20,
+                bulk_pairs: 20,
             }
         } else {
             Plan {
                 rounds: 16,
                 connects: 2000,
                 datagrams: 20_000,
-                bulk_bytes: 256 << 20,
+                bulk_pairs: 50,
             }
         }
     }
@@ -110,7 +121,7 @@ impl Plan {
             rounds: 1,
             connects: self.connects / 4,
             datagrams: self.datagrams / 4,
-            bulk_bytes: self.bulk_bytes / 4,
+            bulk_pairs: self.bulk_pairs / 4,
         }
     }
 }
@@ -145,8 +156,8 @@ fn paired_median(
 
 /// A ratio of the baseline's cost over the table's (1.0: free; less:
 /// dearer): the mean of two halves, the median of the rounds' own ratios
-/// where the table went first and where the baseline did; or why it is no
-/// figure. A round runs both sides milliseconds apart, so its ratio cancels
+/// (the bulk chunks' pairs' for bulk) where the table went first and where
+/// the baseline did; or why it is no figure. A round runs both sides milliseconds apart, so its ratio cancels
 /// what changes more slowly (the other developer's load, the host's); the
 /// lower quartiles of each side's rounds on their own did not (the cheapest
 /// rounds of the two sides were often not the same ones: in three controls,
@@ -291,6 +302,25 @@ impl Sides {
             Side::Baseline => self.baseline.pid(),
         }
     }
+
+    /// Where a client of `side` runs when `kind` is measured: its
+    /// namespace's holder and the peer's address on that namespace's link.
+    fn link(&self, kind: Kind, side: Side) -> (u32, &'static str) {
+        // The eBPF sides differ in their cgroups only (the programs attach to
+        // cgroups, not namespaces): both run in the baseline's namespace, where no
+        // ip rule has ever been. The table's keeps what the daemon's rules left:
+        // the first ip rule of a namespace un-merges its local and main routing
+        // tables for good, and every route lookup there then walks the rules.
+        let ns_side = match kind {
+            Kind::Ebpf => Side::Baseline,
+            Kind::Nft | Kind::Floor => side,
+        };
+        let peer = match ns_side {
+            Side::Table => TABLE_LINK.1,
+            Side::Baseline => BASELINE_LINK.1,
+        };
+        (self.netns(ns_side), peer)
+    }
 }
 
 /// A client namespace linked to the peer by veth pair `NAME0`/`NAME1` with
@@ -318,8 +348,9 @@ struct Sample {
     /// CPU time per untracked datagram (ns: each classified as a flow's
     /// first packet), client at each of [`DEPTHS`].
     first_ns: [f64; 3],
-    /// CPU time per MiB uploaded (µs), client at the deepest depth.
-    bulk_us_per_mib: f64,
+    /// CPU time per MiB uploaded (µs), client at the deepest depth, one
+    /// figure per chunk (see [`bulk`]).
+    bulk_us_per_mib: Vec<f64>,
     /// Each connect's latency (µs), client at the deepest depth.
     latency_us: Vec<f64>,
 }
@@ -394,24 +425,11 @@ fn run(
     mode: &str,
     count: u64,
 ) -> Run {
-    // The eBPF sides differ in their cgroups only (the programs attach to
-    // cgroups, not namespaces): both run in the baseline's namespace, where no
-    // ip rule has ever been. The table's keeps what the daemon's rules left:
-    // the first ip rule of a namespace un-merges its local and main routing
-    // tables for good, and every route lookup there then walks the rules.
-    let ns_side = match kind {
-        Kind::Ebpf => Side::Baseline,
-        Kind::Nft | Kind::Floor => side,
-    };
-    let peer = match ns_side {
-        Side::Table => TABLE_LINK.1,
-        Side::Baseline => BASELINE_LINK.1,
-    };
-    let netns = Some(sides.netns(ns_side));
+    let (netns, peer) = sides.link(kind, side);
     let softirq0 = measuring_ksoftirqd_ns();
     let server0 = usage_usec(lab);
     let cgroup = kind.cgroup(lab, side, depth);
-    let out = lab.client_in_netns(&cgroup, netns, &[mode, peer, &count.to_string()]);
+    let out = lab.client_in_netns(&cgroup, Some(netns), &[mode, peer, &count.to_string()]);
     // The server accepts asynchronously: let it drain its queue first.
     sleep(Duration::from_millis(20));
     let server = usage_usec(lab).saturating_sub(server0);
@@ -430,6 +448,149 @@ fn run(
     Run {
         cpu_us: client_ns / 1e3 + server as f64 + deferred_ns as f64 / 1e3,
         latency_us,
+    }
+}
+
+/// Bytes each side sends in one bulk measurement, a chunk.
+pub const BULK_CHUNK: usize = 256 << 10;
+/// Chunks each connection sends before any is measured: past slow start.
+const BULK_WARM_UP: usize = 8;
+
+/// The bulk cost of both sides at the deepest depth, in `pairs` pairs of
+/// chunks: each side's CPU µs per MiB, one figure per chunk. One client
+/// process holds a connection of each side and both ends of each, and
+/// sends a chunk on one side, then on the other, alternating which goes
+/// first; the pairs' ratios give the ratio (see [`Comparison::of`]).
+///
+/// Why this shape: a sender and a receiver process on one CPU wake each
+/// other in patterns that vary from run to run: paired runs of identical
+/// sides were 5–9 % apart (interquartile range). One thread that writes a
+/// chunk and reads it back (both sockets non-blocking, each packet's path
+/// runs in its own syscalls) does the same work in the same order every
+/// time: ±0.5 %. Its chunks are measured a few hundred microseconds apart,
+/// so load that comes and goes falls on both sides alike. The connections
+/// use cubic, not the host's default congestion control: with BBR, which
+/// paces every connection by timers at a rate it estimates (no fq qdisc
+/// here), one connection in five cost ~3 times as much per byte as its
+/// twin for its whole life, on either side.
+fn bulk(lab: &Lab, sides: &Sides, kind: Kind, pairs: usize) -> [Vec<f64>; 2] {
+    let mut args = vec![
+        "bulk-pair".to_owned(),
+        format!("/proc/{}/ns/net", lab.peer_pid()),
+        pairs.to_string(),
+    ];
+    for side in [Side::Table, Side::Baseline] {
+        let (netns, peer) = sides.link(kind, side);
+        args.push(format!("/proc/{netns}/ns/net"));
+        args.push(
+            lab.cg(&kind.cgroup(lab, side, DEEPEST))
+                .display()
+                .to_string(),
+        );
+        args.push(peer.to_owned());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = lab.client_in(&kind.cgroup(lab, Side::Table, DEEPEST), &args);
+    let v: Value = serde_json::from_str(&out).expect("client output is JSON");
+    let per_mib = |key: &str| -> Vec<f64> {
+        v[key]
+            .as_array()
+            .expect("per-chunk CPU times")
+            .iter()
+            .filter_map(Value::as_f64)
+            .map(|ns| ns / 1e3 * f64::from(1 << 20) / BULK_CHUNK as f64)
+            .collect()
+    };
+    [per_mib("table_ns"), per_mib("baseline_ns")]
+}
+
+/// `client bulk-pair PEER_NETNS PAIRS` then, for the table's side and the
+/// baseline's, `NETNS CGROUP PEER`: [`bulk`]'s client. Prints each side's
+/// CPU ns per chunk as JSON.
+pub fn bulk_pair_client(args: &[String]) {
+    let open = |path: &str| File::open(path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+    let peer_ns = open(&args[0]);
+    let pairs: usize = args[1].parse().expect("bulk-pair PEER_NETNS PAIRS");
+    let mut conns: Vec<BulkConnection> = args[2..]
+        .chunks(3)
+        .map(|side| {
+            let peer: Ipv4Addr = side[2].parse().expect("a peer address");
+            BulkConnection::new(&peer_ns, &open(&side[0]), Path::new(&side[1]), peer)
+        })
+        .collect();
+    assert_eq!(conns.len(), 2, "bulk-pair needs two sides");
+    let data = vec![0x5au8; BULK_CHUNK];
+    let mut sink = vec![0u8; BULK_CHUNK];
+    for _ in 0..BULK_WARM_UP {
+        for c in &mut conns {
+            c.push(&data, &mut sink);
+        }
+    }
+    let mut cpu = [Vec::with_capacity(pairs), Vec::with_capacity(pairs)];
+    for p in 0..pairs {
+        for k in [p % 2, (p + 1) % 2] {
+            let t0 = cpu_ns();
+            conns[k].push(&data, &mut sink);
+            cpu[k].push(cpu_ns() - t0);
+        }
+    }
+    let [table, baseline] = cpu;
+    println!("{}", json!({"table_ns": table, "baseline_ns": baseline}));
+}
+
+/// A connection whose both ends this process holds: the client's socket
+/// made in a side's namespace and cgroup (the table classifies it by
+/// that cgroup), the server's in the peer namespace.
+struct BulkConnection {
+    tx: TcpStream,
+    rx: TcpStream,
+}
+
+impl BulkConnection {
+    fn new(peer_ns: &File, netns: &File, cgroup: &Path, peer: Ipv4Addr) -> BulkConnection {
+        setns(peer_ns, CloneFlags::CLONE_NEWNET).expect("entering the peer namespace");
+        let listener = TcpListener::bind((peer, 0)).expect("listening in the peer namespace");
+        let to = listener.local_addr().expect("the listener's address");
+        setns(netns, CloneFlags::CLONE_NEWNET).expect("entering the side's namespace");
+        // A socket belongs to the cgroup its maker is in when it is made.
+        fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+            .expect("joining the side's cgroup");
+        let tx = TcpStream::connect(to).expect("connecting to our listener");
+        setsockopt(&tx, sockopt::TcpCongestion, &OsString::from("cubic")).expect("choosing cubic");
+        let (rx, _) = listener.accept().expect("accepting our connection");
+        for s in [&tx, &rx] {
+            s.set_nonblocking(true).expect("non-blocking");
+        }
+        BulkConnection { tx, rx }
+    }
+
+    /// Writes `data` and reads it back into `sink`, waiting in `poll` only
+    /// when neither moves (data still on its way).
+    fn push(&mut self, data: &[u8], sink: &mut [u8]) {
+        let (mut sent, mut got) = (0, 0);
+        while got < data.len() {
+            let mut moved = false;
+            if sent < data.len() {
+                match self.tx.write(&data[sent..]) {
+                    Ok(n) => (sent, moved) = (sent + n, true),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("bulk send: {e}"),
+                }
+            }
+            loop {
+                match self.rx.read(sink) {
+                    Ok(0) => panic!("bulk connection closed"),
+                    Ok(n) => (got, moved) = (got + n, true),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("bulk receive: {e}"),
+                }
+            }
+            if !moved {
+                let mut fds = [PollFd::new(self.rx.as_fd(), PollFlags::POLLIN)];
+                let ready = poll(&mut fds, PollTimeout::from(5000u16)).expect("poll");
+                assert!(ready > 0, "bulk transfer stalled for 5 s");
+            }
+        }
     }
 }
 
@@ -474,10 +635,14 @@ fn round(
             samples[side as usize].first_ns[i] = r.cpu_us * 1e3 / plan.datagrams as f64;
         }
     }
-    for side in order {
-        let r = measure(side, DEEPEST, "bulk", plan.bulk_bytes);
-        samples[side as usize].bulk_us_per_mib = r.cpu_us / (plan.bulk_bytes >> 20) as f64;
-    }
+    let [table, base] = bulk(lab, sides, kind, plan.bulk_pairs);
+    ours += [&table, &base]
+        .iter()
+        .flat_map(|v| v.iter())
+        .map(|us_per_mib| us_per_mib * BULK_CHUNK as f64 / f64::from(1 << 20))
+        .sum::<f64>();
+    samples[Side::Table as usize].bulk_us_per_mib = table;
+    samples[Side::Baseline as usize].bulk_us_per_mib = base;
     let wall_us = t0.elapsed().as_secs_f64() * 1e6;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let noise = Noise {
@@ -711,6 +876,19 @@ impl Comparison {
                 paired_median(&of(true), &of(false), keep, |t, b| t - b)
             })
         };
+        // Every round's bulk chunks in order: pair `i` is `i` in both, and
+        // it went table first when `i` is even (rounds have even pairs).
+        let chunks = |table: bool| -> Vec<f64> {
+            rounds
+                .iter()
+                .flat_map(|r| {
+                    if table { &r.0 } else { &r.1 }
+                        .bulk_us_per_mib
+                        .iter()
+                        .copied()
+                })
+                .collect()
+        };
         let datagram = |s: &Sample, d: usize| s.datagram_ns[d];
         let first = |s: &Sample, d: usize| s.first_ns[d];
         let per_level =
@@ -727,9 +905,12 @@ impl Comparison {
         Comparison {
             kind,
             connect: ratio(&|s| s.connect_us[deep]),
-            bulk: ratio(&|s| s.bulk_us_per_mib),
+            bulk: Ratio::of(&chunks(true), &chunks(false)),
             connect_us: both(&|s| s.connect_us[deep]),
-            bulk_us_per_mib: both(&|s| s.bulk_us_per_mib),
+            bulk_us_per_mib: (
+                low(chunks(true).into_iter()),
+                low(chunks(false).into_iter()),
+            ),
             latency: (pcts(true), pcts(false)),
             per_level_ns: (
                 per_level(&all),
