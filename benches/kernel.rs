@@ -27,7 +27,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
@@ -60,7 +60,6 @@ const INNER: &str = "CGTPROXY_BENCH_BASE";
 const DAEMON: &str = env!("CARGO_BIN_EXE_cgtproxy");
 
 const PEER: &str = "10.99.0.2";
-const CONNECT_PORT: u16 = 8080;
 const UDP_PORT: u16 = 8082;
 /// The source port of `udp-first` datagrams, below the ephemeral range: both
 /// client namespaces leave them untracked (see `datapath::Sides`).
@@ -1201,13 +1200,14 @@ fn bench(base: &str) {
     print!("{t}");
     print!("{fwd_table}");
     println!(
-        "({UPDATES} updates per size spaced {} ms; {NFT_UPDATES} nft processes; start-ups with no nftables listener but the daemon; datapath: CPU time of client and server (both on CPU {}) and of that CPU's ksoftirqd over {} rounds, each side in turn, order alternating, of {} connections and {} datagrams at depths {:?}, and {} pairs of {} KiB bulk chunks per round at depth {DEEPEST} (one process holding both ends of a connection on each side, cubic); CPU per connection and per MiB: lower quartile of a side's rounds or chunks; ratios and extra ns: median of the rounds' (bulk: pairs') own (table-first, baseline-first); softirq time in task time: {}; the daemon's environment, as its unit sets it: {:?})",
+        "({UPDATES} updates per size spaced {} ms; {NFT_UPDATES} nft processes; start-ups with no nftables listener but the daemon; datapath: CPU time of client and server (both on CPU {}) and of that CPU's ksoftirqd over {} rounds, each side in turn, order alternating, of {} datagrams at depths {:?}, {} pairs of batches of {} connections at each depth and {} pairs of {} KiB bulk chunks at depth {DEEPEST} (one process holding both ends of every connection, bulk with cubic); CPU per connection and per MiB: lower quartile of a side's batches or chunks; ratios and extra ns: median of the pairs' (datagrams: rounds') own (table-first, baseline-first); softirq time in task time: {}; the daemon's environment, as its unit sets it: {:?})",
         SPACING.as_millis(),
         measuring_cpu(),
         plan.rounds,
-        plan.connects,
         plan.datagrams,
         datapath::DEPTHS,
+        plan.connect_pairs,
+        plan.connect_batch,
         plan.bulk_pairs,
         datapath::BULK_CHUNK >> 10,
         match datapath::irq_time_accounting() {
@@ -1256,41 +1256,15 @@ fn bench(base: &str) {
 // ---------------------------------------------------------------------------
 // Traffic helpers, run as subprocesses of the bench binary.
 
-/// In the peer namespace: a connect sink (accept and drop) and a datagram
-/// sink. (The bulk measurement holds both ends itself, see `datapath::bulk`.)
+/// In the peer namespace: a datagram sink. (The connection and bulk
+/// measurements hold both ends themselves, see `datapath::paired_client`.)
 fn serve() {
     pin_to_measuring_cpu();
-    let connect = listener(CONNECT_PORT);
     let udp = std::net::UdpSocket::bind(("0.0.0.0", UDP_PORT)).expect("binding the UDP sink");
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 64];
-        while udp.recv(&mut buf).is_ok() {}
-    });
     println!("ready");
     std::io::stdout().flush().unwrap();
-    for s in connect.incoming() {
-        drop(s);
-    }
-}
-
-/// A listener on `port` with the longest accept queue the kernel allows: a
-/// sink thread kept off the CPU for a few milliseconds must not make the
-/// kernel drop SYNs (each one a 1 s retransmit in the client's loop).
-fn listener(port: u16) -> TcpListener {
-    use nix::sys::socket::{
-        AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, bind, listen, socket,
-    };
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .expect("socket");
-    setsockopt(&fd, sockopt::ReuseAddr, &true).expect("SO_REUSEADDR");
-    bind(fd.as_raw_fd(), &SockaddrIn::new(0, 0, 0, 0, port)).expect("bind");
-    listen(&fd, Backlog::MAXALLOWABLE).expect("listen");
-    TcpListener::from(fd)
+    let mut buf = [0u8; 64];
+    while udp.recv(&mut buf).is_ok() {}
 }
 
 /// The process's CPU time so far (ns): the runtime the scheduler charges it,
@@ -1317,10 +1291,7 @@ fn pin_to_measuring_cpu() {
         .expect("pinning to the measuring CPU");
 }
 
-/// `connect ADDR N`: N connections to the server at ADDR one after another,
-/// each closed with a reset; prints its CPU time and each connect's latency
-/// (ns) as JSON.
-/// `bulk-pair …`: see `datapath::bulk_pair_client`.
+/// `connect-pair …`, `bulk-pair …`: see `datapath::paired_client`.
 /// `udp ADDR N`: sends N one-byte datagrams, prints its CPU time as JSON.
 /// `udp-first ADDR N`: the same from source port [`UNTRACKED_SPORT`], whose
 /// datagrams the namespaces leave untracked: each is classified as a flow's
@@ -1330,22 +1301,7 @@ fn client(args: &[String]) {
         pin_to_measuring_cpu();
     }
     match args.first().map(String::as_str) {
-        Some("connect") => {
-            let peer: Ipv4Addr = args[1].parse().expect("connect ADDR");
-            let n: usize = args[2].parse().expect("connect ADDR N");
-            let mut lat = Vec::with_capacity(n);
-            let cpu0 = cpu_ns();
-            for _ in 0..n {
-                let t0 = Instant::now();
-                let s = TcpStream::connect((peer, CONNECT_PORT)).expect("connect");
-                lat.push(t0.elapsed().as_nanos() as u64);
-                reset_on_close(&s).unwrap();
-                drop(s);
-            }
-            let cpu = cpu_ns() - cpu0;
-            println!("{}", json!({"cpu_ns": cpu, "lat_ns": lat}));
-        }
-        Some("bulk-pair") => datapath::bulk_pair_client(&args[1..]),
+        Some(mode @ ("bulk-pair" | "connect-pair")) => datapath::paired_client(mode, &args[1..]),
         Some(mode @ ("udp" | "udp-first")) => {
             let peer: Ipv4Addr = args[1].parse().expect("udp ADDR");
             let n: usize = args[2].parse().expect("udp ADDR N");
@@ -1359,6 +1315,6 @@ fn client(args: &[String]) {
             println!("{}", json!({"cpu_ns": cpu_ns() - cpu0}));
         }
         Some(mode) if mode.starts_with("fwd-") => forward::client(args),
-        _ => panic!("client connect ADDR N | bulk-pair … | udp[-first] ADDR N | fwd-…"),
+        _ => panic!("client connect-pair … | bulk-pair … | udp[-first] ADDR N | fwd-…"),
     }
 }

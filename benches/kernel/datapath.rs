@@ -19,8 +19,11 @@
 //! process takes the CPU away: we are then simply not running.
 //!
 //! Which CPU time: every packet of the measurement is made by the client (in
-//! the table's client namespace or in the baseline's) or by the server (in
-//! the peer namespace), all processes in cgroups the bench created. The output hook
+//! the table's client namespace or in the baseline's) or by the datagram
+//! server (in the peer namespace), all processes in cgroups the bench
+//! created. Connections and bulk transfers have no server: one client process
+//! holds both ends of every connection and measures both sides, unit by unit
+//! (see [`paired_client`]). The output hook
 //! runs either in the sending syscall (SYN, data, the closing RST) or in the
 //! NET_RX softirq (the handshake's ACK; data sent when an ACK opens the
 //! window). veth's transmit queues the packet on the local CPU and raises
@@ -38,8 +41,7 @@
 //!
 //! The client reads its own CPU clock (`CLOCK_PROCESS_CPUTIME_ID`, the same
 //! runtime cgroups add up) around its loop, so its start-up is not counted;
-//! the server's is its cgroup's `usage_usec` over the client's run. Bulk
-//! transfer has no server: one process holds both ends (see [`bulk`]).
+//! the datagram server's is its cgroup's `usage_usec` over the client's run.
 //!
 //! Both sides exist at once, in two client namespaces made alike (see
 //! [`Sides`]); a control run with the conntrack-only table on both shows
@@ -47,7 +49,10 @@
 //! measurement runs on one side and then at once on the other, and rounds
 //! alternate which goes first (table, baseline; baseline, table; …); a
 //! ratio is the median of the rounds' own ratios, so load that comes and
-//! goes falls on both alike and slow drift cancels (see [`Ratio`]). A ratio
+//! goes falls on both alike and slow drift cancels (see [`Ratio`]). The
+//! paired client does the same at a finer grain: a batch of 50
+//! connections or a 256 KiB chunk on one side, then on the other, pairs
+//! alternating, each pair's ratio its own. A ratio
 //! whose rounds disagree, or that says the table made the
 //! datapath cheaper by more than measurement error can, is printed as
 //! `unstable` or `implausible` with its rounds, and is null in bench-json.
@@ -71,7 +76,8 @@ use serde_json::{Map, Value, json};
 use super::bpfstats::{self, PerOp};
 use super::netns::Netns;
 use super::{
-    DEEPEST, Lab, UNTRACKED_SPORT, cpu_ns, measuring_cpu, median, round1, round3, sh, step,
+    DEEPEST, Lab, UNTRACKED_SPORT, cpu_ns, measuring_cpu, median, reset_on_close, round1, round3,
+    sh, step,
 };
 
 /// Depths (absolute cgroup levels) the client runs at. The classified
@@ -87,8 +93,11 @@ pub const DEPTHS: [u32; 3] = [1, 4, 8];
 pub struct Plan {
     /// Rounds, each measuring both sides.
     pub rounds: usize,
-    /// Connections per client run.
-    pub connects: u64,
+    /// Pairs of connection batches per round and depth, one batch on each
+    /// side (even: the pairs alternate which side goes first).
+    pub connect_pairs: usize,
+    /// Connections per batch.
+    pub connect_batch: usize,
     /// Datagrams per client run.
     pub datagrams: u64,
     /// Pairs of bulk chunks per round, one chunk on each side (even: the
@@ -101,14 +110,16 @@ impl Plan {
         if quick {
             Plan {
                 rounds: 6,
-                connects: 500,
+                connect_pairs: 10,
+                connect_batch: 50,
                 datagrams: 5000,
                 bulk_pairs: 20,
             }
         } else {
             Plan {
                 rounds: 16,
-                connects: 2000,
+                connect_pairs: 40,
+                connect_batch: 50,
                 datagrams: 20_000,
                 bulk_pairs: 50,
             }
@@ -119,7 +130,8 @@ impl Plan {
     fn warm_up(&self) -> Plan {
         Plan {
             rounds: 1,
-            connects: self.connects / 4,
+            connect_pairs: self.connect_pairs / 4,
+            connect_batch: self.connect_batch,
             datagrams: self.datagrams / 4,
             bulk_pairs: self.bulk_pairs / 4,
         }
@@ -341,8 +353,9 @@ fn client_netns(lab: &Lab, name: &str, (me, peer): (&str, &str)) -> Netns {
 /// What one side measured in one round.
 #[derive(Default)]
 struct Sample {
-    /// CPU time per connection (µs), client at each of [`DEPTHS`].
-    connect_us: [f64; 3],
+    /// CPU time per connection (µs), client at each of [`DEPTHS`], one
+    /// figure per batch (see [`connects`]).
+    connect_us: [Vec<f64>; 3],
     /// CPU time per datagram of one flow (ns), client at each of [`DEPTHS`].
     datagram_ns: [f64; 3],
     /// CPU time per untracked datagram (ns: each classified as a flow's
@@ -362,13 +375,6 @@ struct Noise {
     foreign: f64,
     /// ksoftirqd's CPU time, as a share of ours.
     ksoftirqd: f64,
-}
-
-/// One client run's own accounting.
-struct Run {
-    /// Client plus server CPU time.
-    cpu_us: f64,
-    latency_us: Vec<f64>,
 }
 
 /// Which datapath a comparison measures, which names its figures.
@@ -415,8 +421,8 @@ impl Kind {
     }
 }
 
-/// Runs the client on `side` at `depth` as `mode COUNT` and adds the
-/// server's CPU time.
+/// Runs the client on `side` at `depth` as `mode COUNT`: its CPU time (µs)
+/// with the server's and the measuring CPU's ksoftirqd's.
 fn run(
     lab: &Lab,
     sides: &Sides,
@@ -424,7 +430,7 @@ fn run(
     (side, depth): (Side, u32),
     mode: &str,
     count: u64,
-) -> Run {
+) -> f64 {
     let (netns, peer) = sides.link(kind, side);
     let softirq0 = measuring_ksoftirqd_ns();
     let server0 = usage_usec(lab);
@@ -436,25 +442,42 @@ fn run(
     let deferred_ns = measuring_ksoftirqd_ns().saturating_sub(softirq0);
     let v: Value = serde_json::from_str(&out).expect("client output is JSON");
     let client_ns = v["cpu_ns"].as_f64().expect("cpu_ns");
-    let latency_us = v["lat_ns"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_f64)
-                .map(|ns| ns / 1e3)
-                .collect()
-        })
-        .unwrap_or_default();
-    Run {
-        cpu_us: client_ns / 1e3 + server as f64 + deferred_ns as f64 / 1e3,
-        latency_us,
-    }
+    client_ns / 1e3 + server as f64 + deferred_ns as f64 / 1e3
 }
 
 /// Bytes each side sends in one bulk measurement, a chunk.
 pub const BULK_CHUNK: usize = 256 << 10;
 /// Chunks each connection sends before any is measured: past slow start.
 const BULK_WARM_UP: usize = 8;
+/// Connections each side makes before any is measured.
+const CONNECT_WARM_UP: usize = 200;
+
+/// Runs a paired client (`client MODE …`, see [`paired_client`]) with
+/// `args` after the peer namespace, then both sides' namespace, cgroup at
+/// `depth` and peer address; returns its JSON.
+fn paired(lab: &Lab, sides: &Sides, kind: Kind, depth: u32, mode: &str, args: &[String]) -> Value {
+    let mut all = vec![mode.to_owned(), format!("/proc/{}/ns/net", lab.peer_pid())];
+    all.extend(args.iter().cloned());
+    for side in [Side::Table, Side::Baseline] {
+        let (netns, peer) = sides.link(kind, side);
+        all.push(format!("/proc/{netns}/ns/net"));
+        all.push(lab.cg(&kind.cgroup(lab, side, depth)).display().to_string());
+        all.push(peer.to_owned());
+    }
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let out = lab.client_in(&kind.cgroup(lab, Side::Table, depth), &all);
+    serde_json::from_str(&out).expect("client output is JSON")
+}
+
+/// The numbers under `key` of a paired client's output.
+fn numbers(v: &Value, key: &str) -> Vec<f64> {
+    v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {key} in the client's output"))
+        .iter()
+        .filter_map(Value::as_f64)
+        .collect()
+}
 
 /// The bulk cost of both sides at the deepest depth, in `pairs` pairs of
 /// chunks: each side's CPU µs per MiB, one figure per chunk. One client
@@ -474,90 +497,182 @@ const BULK_WARM_UP: usize = 8;
 /// here), one connection in five cost ~3 times as much per byte as its
 /// twin for its whole life, on either side.
 fn bulk(lab: &Lab, sides: &Sides, kind: Kind, pairs: usize) -> [Vec<f64>; 2] {
-    let mut args = vec![
-        "bulk-pair".to_owned(),
-        format!("/proc/{}/ns/net", lab.peer_pid()),
-        pairs.to_string(),
-    ];
-    for side in [Side::Table, Side::Baseline] {
-        let (netns, peer) = sides.link(kind, side);
-        args.push(format!("/proc/{netns}/ns/net"));
-        args.push(
-            lab.cg(&kind.cgroup(lab, side, DEEPEST))
-                .display()
-                .to_string(),
-        );
-        args.push(peer.to_owned());
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = lab.client_in(&kind.cgroup(lab, Side::Table, DEEPEST), &args);
-    let v: Value = serde_json::from_str(&out).expect("client output is JSON");
-    let per_mib = |key: &str| -> Vec<f64> {
-        v[key]
-            .as_array()
-            .expect("per-chunk CPU times")
-            .iter()
-            .filter_map(Value::as_f64)
+    let v = paired(lab, sides, kind, DEEPEST, "bulk-pair", &[pairs.to_string()]);
+    let per_mib = |key| -> Vec<f64> {
+        numbers(&v, key)
+            .into_iter()
             .map(|ns| ns / 1e3 * f64::from(1 << 20) / BULK_CHUNK as f64)
             .collect()
     };
     [per_mib("table_ns"), per_mib("baseline_ns")]
 }
 
-/// `client bulk-pair PEER_NETNS PAIRS` then, for the table's side and the
-/// baseline's, `NETNS CGROUP PEER`: [`bulk`]'s client. Prints each side's
-/// CPU ns per chunk as JSON.
-pub fn bulk_pair_client(args: &[String]) {
-    let open = |path: &str| File::open(path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
-    let peer_ns = open(&args[0]);
-    let pairs: usize = args[1].parse().expect("bulk-pair PEER_NETNS PAIRS");
-    let mut conns: Vec<BulkConnection> = args[2..]
-        .chunks(3)
-        .map(|side| {
-            let peer: Ipv4Addr = side[2].parse().expect("a peer address");
-            BulkConnection::new(&peer_ns, &open(&side[0]), Path::new(&side[1]), peer)
-        })
-        .collect();
-    assert_eq!(conns.len(), 2, "bulk-pair needs two sides");
-    let data = vec![0x5au8; BULK_CHUNK];
-    let mut sink = vec![0u8; BULK_CHUNK];
-    for _ in 0..BULK_WARM_UP {
-        for c in &mut conns {
-            c.push(&data, &mut sink);
+/// Both sides' connections at `depth`: `pairs` pairs of batches of
+/// `batch` connections, each side's CPU µs per connection (one figure per
+/// batch) and each connect's latency (µs). Made as [`bulk`] is, by one
+/// process holding both ends: it connects, accepts and resets. A connect
+/// loop in one process with the accept loop in another left the halves of
+/// identical sides 1–3 % apart over 16 rounds of 2,000 connections; the
+/// paired batches, 0.1–1.5 % (by hand, 200 pairs of 50).
+fn connects(
+    lab: &Lab,
+    sides: &Sides,
+    kind: Kind,
+    depth: u32,
+    (pairs, batch): (usize, usize),
+) -> [(Vec<f64>, Vec<f64>); 2] {
+    let args = [pairs.to_string(), batch.to_string()];
+    let v = paired(lab, sides, kind, depth, "connect-pair", &args);
+    let us = |key| numbers(&v, key).into_iter().map(|ns| ns / 1e3).collect();
+    [
+        (us("table_ns"), us("table_latency_ns")),
+        (us("baseline_ns"), us("baseline_latency_ns")),
+    ]
+}
+
+/// One side of a paired client: the namespace and cgroup its client
+/// sockets are made in, and its listener in the peer namespace.
+struct PairSide {
+    netns: File,
+    cgroup: PathBuf,
+    listener: TcpListener,
+}
+
+impl PairSide {
+    /// From `NETNS CGROUP PEER`: a listener on an unused port of the peer's
+    /// address `PEER`, made in the peer's namespace `peer_ns`.
+    fn new(peer_ns: &File, args: &[String]) -> PairSide {
+        let open = |path: &str| File::open(path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+        let peer: Ipv4Addr = args[2].parse().expect("a peer address");
+        setns(peer_ns, CloneFlags::CLONE_NEWNET).expect("entering the peer namespace");
+        let listener = TcpListener::bind((peer, 0)).expect("listening in the peer namespace");
+        PairSide {
+            netns: open(&args[0]),
+            cgroup: PathBuf::from(&args[1]),
+            listener,
         }
     }
+
+    /// Makes the sockets made next this side's (a socket belongs to the
+    /// namespace and the cgroup its maker is in when it is made).
+    fn enter(&self) {
+        setns(&self.netns, CloneFlags::CLONE_NEWNET).expect("entering the side's namespace");
+        fs::write(
+            self.cgroup.join("cgroup.procs"),
+            std::process::id().to_string(),
+        )
+        .expect("joining the side's cgroup");
+    }
+
+    /// A connection to the listener: (client's end, server's end).
+    fn connect(&self) -> (TcpStream, TcpStream) {
+        let to = self.listener.local_addr().expect("the listener's address");
+        let client = TcpStream::connect(to).expect("connecting to our listener");
+        let (server, _) = self.listener.accept().expect("accepting our connection");
+        (client, server)
+    }
+}
+
+/// The paired clients, run by [`paired`], print JSON with each side's CPU
+/// ns per unit (`table_ns`, `baseline_ns`), units measured in pairs, one
+/// on each side, the first pair table first, then alternating:
+///
+/// `client bulk-pair PEER_NETNS PAIRS SIDE SIDE`: units are [`BULK_CHUNK`]
+/// bytes sent on a connection and read back at its other end;
+///
+/// `client connect-pair PEER_NETNS PAIRS BATCH SIDE SIDE`: units are a
+/// connection made, accepted and reset, measured in batches of `BATCH`
+/// (CPU ns per connection of the batch); also each connect's latency.
+///
+/// A SIDE is `NETNS CGROUP PEER` (see [`PairSide::new`]), the table's first.
+pub fn paired_client(mode: &str, args: &[String]) {
+    let peer_ns = File::open(&args[0]).expect("opening the peer namespace");
+    let pairs: usize = args[1].parse().expect("PAIRS");
+    let (extra, rest) = match mode {
+        "connect-pair" => (Some(args[2].parse::<usize>().expect("BATCH")), &args[3..]),
+        _ => (None, &args[2..]),
+    };
+    assert_eq!(rest.len(), 6, "two sides of NETNS CGROUP PEER");
+    let sides = [
+        PairSide::new(&peer_ns, &rest[..3]),
+        PairSide::new(&peer_ns, &rest[3..]),
+    ];
     let mut cpu = [Vec::with_capacity(pairs), Vec::with_capacity(pairs)];
-    for p in 0..pairs {
-        for k in [p % 2, (p + 1) % 2] {
-            let t0 = cpu_ns();
-            conns[k].push(&data, &mut sink);
-            cpu[k].push(cpu_ns() - t0);
+    let mut latency = [Vec::new(), Vec::new()];
+    match extra {
+        Some(batch) => {
+            let mut batch_of = |k: usize, n: usize, keep: bool| {
+                sides[k].enter();
+                let t0 = cpu_ns();
+                for _ in 0..n {
+                    let t = Instant::now();
+                    let (client, server) = sides[k].connect();
+                    if keep {
+                        latency[k].push(t.elapsed().as_nanos() as u64);
+                    }
+                    reset_on_close(&client).expect("SO_LINGER");
+                    // The client's end first, as a client's reset does.
+                    drop(client);
+                    drop(server);
+                }
+                (cpu_ns() - t0) / n as u64
+            };
+            for k in 0..2 {
+                batch_of(k, CONNECT_WARM_UP, false);
+            }
+            for p in 0..pairs {
+                for k in [p % 2, (p + 1) % 2] {
+                    let per = batch_of(k, batch, true);
+                    cpu[k].push(per);
+                }
+            }
+        }
+        None => {
+            let mut conns: Vec<BulkConnection> = sides
+                .iter()
+                .map(|side| {
+                    side.enter();
+                    BulkConnection::new(side.connect())
+                })
+                .collect();
+            let data = vec![0x5au8; BULK_CHUNK];
+            let mut sink = vec![0u8; BULK_CHUNK];
+            for _ in 0..BULK_WARM_UP {
+                for c in &mut conns {
+                    c.push(&data, &mut sink);
+                }
+            }
+            for p in 0..pairs {
+                for k in [p % 2, (p + 1) % 2] {
+                    let t0 = cpu_ns();
+                    conns[k].push(&data, &mut sink);
+                    cpu[k].push(cpu_ns() - t0);
+                }
+            }
         }
     }
     let [table, baseline] = cpu;
-    println!("{}", json!({"table_ns": table, "baseline_ns": baseline}));
+    let [table_latency, baseline_latency] = latency;
+    println!(
+        "{}",
+        json!({
+            "table_ns": table,
+            "baseline_ns": baseline,
+            "table_latency_ns": table_latency,
+            "baseline_latency_ns": baseline_latency,
+        })
+    );
 }
 
-/// A connection whose both ends this process holds: the client's socket
-/// made in a side's namespace and cgroup (the table classifies it by
-/// that cgroup), the server's in the peer namespace.
+/// A connection whose both ends this process holds, for [`bulk`].
 struct BulkConnection {
     tx: TcpStream,
     rx: TcpStream,
 }
 
 impl BulkConnection {
-    fn new(peer_ns: &File, netns: &File, cgroup: &Path, peer: Ipv4Addr) -> BulkConnection {
-        setns(peer_ns, CloneFlags::CLONE_NEWNET).expect("entering the peer namespace");
-        let listener = TcpListener::bind((peer, 0)).expect("listening in the peer namespace");
-        let to = listener.local_addr().expect("the listener's address");
-        setns(netns, CloneFlags::CLONE_NEWNET).expect("entering the side's namespace");
-        // A socket belongs to the cgroup its maker is in when it is made.
-        fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
-            .expect("joining the side's cgroup");
-        let tx = TcpStream::connect(to).expect("connecting to our listener");
+    fn new((tx, rx): (TcpStream, TcpStream)) -> BulkConnection {
         setsockopt(&tx, sockopt::TcpCongestion, &OsString::from("cubic")).expect("choosing cubic");
-        let (rx, _) = listener.accept().expect("accepting our connection");
         for s in [&tx, &rx] {
             s.set_nonblocking(true).expect("non-blocking");
         }
@@ -612,27 +727,34 @@ fn round(
     let t0 = Instant::now();
     let mut ours = 0.0;
     let mut samples = [Sample::default(), Sample::default()];
-    let mut measure = |side: Side, depth: u32, mode: &str, count: u64| {
-        let r = run(lab, sides, kind, (side, depth), mode, count);
-        ours += r.cpu_us;
-        r
+    let measure = |side: Side, depth: u32, mode: &str, count: u64, ours: &mut f64| {
+        let cpu_us = run(lab, sides, kind, (side, depth), mode, count);
+        *ours += cpu_us;
+        cpu_us
     };
     for (i, &depth) in DEPTHS.iter().enumerate() {
-        for side in order {
-            let r = measure(side, depth, "connect", plan.connects);
+        let both = connects(
+            lab,
+            sides,
+            kind,
+            depth,
+            (plan.connect_pairs, plan.connect_batch),
+        );
+        for (side, (cpu_us, latency_us)) in [Side::Table, Side::Baseline].into_iter().zip(both) {
+            ours += cpu_us.iter().sum::<f64>() * plan.connect_batch as f64;
             let s = &mut samples[side as usize];
-            s.connect_us[i] = r.cpu_us / plan.connects as f64;
+            s.connect_us[i] = cpu_us;
             if i == DEPTHS.len() - 1 {
-                s.latency_us = r.latency_us;
+                s.latency_us = latency_us;
             }
         }
         for side in order {
-            let r = measure(side, depth, "udp", plan.datagrams);
-            samples[side as usize].datagram_ns[i] = r.cpu_us * 1e3 / plan.datagrams as f64;
+            let cpu_us = measure(side, depth, "udp", plan.datagrams, &mut ours);
+            samples[side as usize].datagram_ns[i] = cpu_us * 1e3 / plan.datagrams as f64;
         }
         for side in order {
-            let r = measure(side, depth, "udp-first", plan.datagrams);
-            samples[side as usize].first_ns[i] = r.cpu_us * 1e3 / plan.datagrams as f64;
+            let cpu_us = measure(side, depth, "udp-first", plan.datagrams, &mut ours);
+            samples[side as usize].first_ns[i] = cpu_us * 1e3 / plan.datagrams as f64;
         }
     }
     let [table, base] = bulk(lab, sides, kind, plan.bulk_pairs);
@@ -730,14 +852,24 @@ pub fn compare_ebpf(
 /// depth on the eBPF side (see [`bpfstats`]).
 fn program_time(lab: &Lab, sides: &Sides, plan: &Plan) -> Programs {
     let _counting = bpfstats::start();
-    let per_op = |mode: &str, count: u64| {
-        let before = bpfstats::snapshot();
-        run(lab, sides, Kind::Ebpf, (Side::Table, DEEPEST), mode, count);
-        PerOp::between(&before, &bpfstats::snapshot(), count)
-    };
+    let before = bpfstats::snapshot();
+    let batches = (plan.connect_pairs, plan.connect_batch);
+    connects(lab, sides, Kind::Ebpf, DEEPEST, batches);
+    // Only the table side's connections meet the programs (see `connects`).
+    let made = CONNECT_WARM_UP + plan.connect_pairs * plan.connect_batch;
+    let connection = PerOp::between(&before, &bpfstats::snapshot(), made as u64);
+    let before = bpfstats::snapshot();
+    run(
+        lab,
+        sides,
+        Kind::Ebpf,
+        (Side::Table, DEEPEST),
+        "udp",
+        plan.datagrams,
+    );
     Programs {
-        connection: per_op("connect", plan.connects),
-        datagram: per_op("udp", plan.datagrams),
+        connection,
+        datagram: PerOp::between(&before, &bpfstats::snapshot(), plan.datagrams),
     }
 }
 
@@ -845,24 +977,7 @@ impl Comparison {
 
     fn of(kind: Kind, rounds: &[(Sample, Sample, Noise)]) -> Comparison {
         let deep = DEPTHS.len() - 1;
-        let side = |f: &dyn Fn(&Sample) -> f64, table: bool, keep: &dyn Fn(usize) -> bool| {
-            low(rounds
-                .iter()
-                .enumerate()
-                .filter(|(i, _)| keep(*i))
-                .map(|(_, r)| f(if table { &r.0 } else { &r.1 })))
-        };
         let all = |_: usize| true;
-        let both = |f: &dyn Fn(&Sample) -> f64| (side(f, true, &all), side(f, false, &all));
-        let ratio = |f: &dyn Fn(&Sample) -> f64| {
-            let per_round = |table: bool| -> Vec<f64> {
-                rounds
-                    .iter()
-                    .map(|r| f(if table { &r.0 } else { &r.1 }))
-                    .collect()
-            };
-            Ratio::of(&per_round(true), &per_round(false))
-        };
         // What the table adds: the median of the rounds' own differences
         // (see `Ratio::of`).
         let extra = |f: &dyn Fn(&Sample, usize) -> f64, keep: &dyn Fn(usize) -> bool| {
@@ -876,19 +991,17 @@ impl Comparison {
                 paired_median(&of(true), &of(false), keep, |t, b| t - b)
             })
         };
-        // Every round's bulk chunks in order: pair `i` is `i` in both, and
-        // it went table first when `i` is even (rounds have even pairs).
-        let chunks = |table: bool| -> Vec<f64> {
+        // Every round's units measured in pairs (bulk chunks, connection
+        // batches), in order: pair `i` is `i` on both sides, and it went
+        // table first when `i` is even (rounds have even pairs).
+        let units = |f: &dyn Fn(&Sample) -> &Vec<f64>, table: bool| -> Vec<f64> {
             rounds
                 .iter()
-                .flat_map(|r| {
-                    if table { &r.0 } else { &r.1 }
-                        .bulk_us_per_mib
-                        .iter()
-                        .copied()
-                })
+                .flat_map(|r| f(if table { &r.0 } else { &r.1 }).iter().copied())
                 .collect()
         };
+        let chunks = |table| units(&|s| &s.bulk_us_per_mib, table);
+        let batches = |d: usize, table| units(&|s| &s.connect_us[d], table);
         let datagram = |s: &Sample, d: usize| s.datagram_ns[d];
         let first = |s: &Sample, d: usize| s.first_ns[d];
         let per_level =
@@ -904,9 +1017,12 @@ impl Comparison {
         let max = |f: &dyn Fn(&Noise) -> f64| rounds.iter().map(|r| f(&r.2)).fold(0.0, f64::max);
         Comparison {
             kind,
-            connect: ratio(&|s| s.connect_us[deep]),
+            connect: Ratio::of(&batches(deep, true), &batches(deep, false)),
             bulk: Ratio::of(&chunks(true), &chunks(false)),
-            connect_us: both(&|s| s.connect_us[deep]),
+            connect_us: (
+                low(batches(deep, true).into_iter()),
+                low(batches(deep, false).into_iter()),
+            ),
             bulk_us_per_mib: (
                 low(chunks(true).into_iter()),
                 low(chunks(false).into_iter()),
@@ -916,7 +1032,11 @@ impl Comparison {
                 per_level(&all),
                 [per_level(&|i| i % 2 == 0), per_level(&|i| i % 2 == 1)],
             ),
-            extra_ns: extra(&|s, d| s.connect_us[d] * 1e3, &all),
+            extra_ns: [0, 1, 2].map(|d| {
+                paired_median(&batches(d, true), &batches(d, false), &all, |t, b| {
+                    (t - b) * 1e3
+                })
+            }),
             extra_datagram_ns: extra(&datagram, &all),
             extra_first_ns: extra(&first, &all),
             foreign_max: max(&|n| n.foreign),
