@@ -1036,6 +1036,7 @@ fn bench(base: &str) {
     step("creating 10,000 cgroups", started);
     lab.populate(1000, 10_000);
     let control = datapath::control(&lab, &sides, &plan, started);
+    let rules = datapath::policy_routing(&lab, &sides, &plan, started).checked(&control);
     let floor = datapath::floor(&lab, &sides, &plan, started).checked(&control);
     let dp_10k = datapath::compare(&mut lab, &sides, &plan, "10,000", started).checked(&control);
     let ebpf_10k =
@@ -1192,6 +1193,7 @@ fn bench(base: &str) {
         "0",
     );
     control.rows("control", &mut row);
+    rules.rows("rules", &mut row);
     floor.rows("floor", &mut row);
     dp_10k.rows("10,000", &mut row);
     dp_50k.rows("50,000", &mut row);
@@ -1243,6 +1245,7 @@ fn bench(base: &str) {
     });
     if let Some(o) = j.as_object_mut() {
         o.extend(control.json("control"));
+        o.extend(rules.json("rules"));
         o.extend(floor.json("floor"));
         o.extend(dp_10k.json("10k"));
         o.extend(dp_50k.json("50k"));

@@ -325,7 +325,7 @@ impl Sides {
         // tables for good, and every route lookup there then walks the rules.
         let ns_side = match kind {
             Kind::Ebpf => Side::Baseline,
-            Kind::Nft | Kind::Floor => side,
+            Kind::Nft | Kind::Floor | Kind::Rules => side,
         };
         let peer = match ns_side {
             Side::Table => TABLE_LINK.1,
@@ -386,9 +386,11 @@ pub enum Kind {
     /// The eBPF datapath's programs over the table side's cgroups, against
     /// cgroups outside them; no table on either side.
     Ebpf,
-    /// [`MECHANISM_FLOOR`] in the table's namespace, against the
-    /// conntrack-only table: a bound, not a target.
+    /// The mechanism's floor ([`floor`]) in the table's namespace, against
+    /// the conntrack-only table: a bound, not a target.
     Floor,
+    /// The floor's ip rules alone ([`policy_routing`]): a part of the bound.
+    Rules,
 }
 
 impl Kind {
@@ -398,6 +400,7 @@ impl Kind {
             Kind::Nft => ("table", "ct-only"),
             Kind::Ebpf => ("ebpf", "none"),
             Kind::Floor => ("floor", "ct-only"),
+            Kind::Rules => ("rules", "ct-only"),
         }
     }
 
@@ -406,7 +409,7 @@ impl Kind {
         match self {
             Kind::Nft => ">= 0.95",
             Kind::Ebpf => ">= 0.98",
-            Kind::Floor => "(bound)",
+            Kind::Floor | Kind::Rules => "(bound)",
         }
     }
 
@@ -892,34 +895,43 @@ pub fn control(lab: &Lab, sides: &Sides, plan: &Plan, started: Instant) -> Compa
     c
 }
 
-/// Commands (for `sh -c '…'`) making the mechanism's floor on the table
-/// side: what the mechanism (README, How it works) costs before anything is
-/// classified, as the bench's config would have it (mark 3000, route table
-/// 300, port 7893, rule priority 100). The route-type output chain (it re-routes a packet
-/// whose mark a rule changed; here only replies are skipped), the guard in
-/// postrouting, the prerouting chain with a `tproxy` rule, and the ip rule
-/// and local route that loop marked packets (v4 and v6). Any ip rule
-/// un-merges the kernel's local and main routing tables for good in its
-/// namespace, so this runs before the daemon ever has.
-const MECHANISM_FLOOR: &str = "nft add table inet floor &&
+/// Commands (for `sh -c '…'`) making the chains of the mechanism's floor
+/// on the table side: what the mechanism (README, How it works) costs
+/// before anything is classified, as the bench's config would have it
+/// (mark 3000, route table 300, port 7893, rule priority 100). The
+/// route-type output chain (it re-routes a packet whose mark a rule
+/// changed; here only replies are skipped), the guard in postrouting and
+/// the prerouting chain with a `tproxy` rule; with [`POLICY_ROUTING`].
+const FLOOR_CHAINS: &str = "nft add table inet floor &&
     nft add chain inet floor output \"{ type route hook output priority mangle; }\" &&
     nft add rule inet floor output ct direction reply return &&
     nft add chain inet floor guard \"{ type filter hook postrouting priority mangle; }\" &&
     nft add rule inet floor guard meta mark 3000 oif != lo drop &&
     nft add chain inet floor prerouting \"{ type filter hook prerouting priority mangle; }\" &&
     nft add rule inet floor prerouting ct direction reply return &&
-    nft add rule inet floor prerouting meta mark 3000 meta nfproto ipv4 meta l4proto tcp tproxy ip to 127.0.0.1:7893 accept &&
-    ip rule add fwmark 3000 lookup 300 pref 100 &&
+    nft add rule inet floor prerouting meta mark 3000 meta nfproto ipv4 meta l4proto tcp tproxy ip to 127.0.0.1:7893 accept";
+
+/// Commands making the ip rule and local route that loop marked packets
+/// (v4 and v6), as the daemon's; and removing them. The first ip rule
+/// un-merges the kernel's local and main routing tables in its namespace
+/// for good (every route lookup then walks the rules), so the control runs
+/// before these ever have.
+const POLICY_ROUTING: &str = "ip rule add fwmark 3000 lookup 300 pref 100 &&
     ip route add local default dev lo table 300 &&
     ip -6 rule add fwmark 3000 lookup 300 pref 100 &&
     ip -6 route add local default dev lo table 300";
+const NO_POLICY_ROUTING: &str = "ip rule del pref 100 && ip -6 rule del pref 100 &&
+    ip route flush table 300 && ip -6 route flush table 300";
 
-/// The mechanism's floor ([`MECHANISM_FLOOR`]) against the conntrack-only
-/// table: the share of the table's cost that no ruleset within the design
-/// can save. The floor's ratio is the best any classification could reach.
+/// The mechanism's floor ([`FLOOR_CHAINS`] and [`POLICY_ROUTING`]) against
+/// the conntrack-only table: the share of the table's cost that no ruleset
+/// within the design can save. The floor's ratio is the best any
+/// classification could reach.
 pub fn floor(lab: &Lab, sides: &Sides, plan: &Plan, started: Instant) -> Comparison {
     let table = sides.table.pid();
-    sh(&format!("nsenter -t {table} -n sh -c '{MECHANISM_FLOOR}'"));
+    sh(&format!(
+        "nsenter -t {table} -n sh -c '{FLOOR_CHAINS} && {POLICY_ROUTING}'"
+    ));
     let c = rounds(
         lab,
         sides,
@@ -929,9 +941,28 @@ pub fn floor(lab: &Lab, sides: &Sides, plan: &Plan, started: Instant) -> Compari
         started,
     );
     sh(&format!(
-        "nsenter -t {table} -n sh -c 'nft delete table inet floor &&
-           ip rule del pref 100 && ip -6 rule del pref 100 &&
-           ip route flush table 300 && ip -6 route flush table 300'"
+        "nsenter -t {table} -n sh -c 'nft delete table inet floor && {NO_POLICY_ROUTING}'"
+    ));
+    c
+}
+
+/// [`POLICY_ROUTING`] alone, with the conntrack-only table, against that
+/// table: how much of the floor the ip rule is.
+pub fn policy_routing(lab: &Lab, sides: &Sides, plan: &Plan, started: Instant) -> Comparison {
+    let table = sides.table.pid();
+    sh(&format!(
+        "nsenter -t {table} -n sh -c '{CONNTRACK_ONLY} && {POLICY_ROUTING}'"
+    ));
+    let c = rounds(
+        lab,
+        sides,
+        plan,
+        Kind::Rules,
+        "policy routing alone",
+        started,
+    );
+    sh(&format!(
+        "nsenter -t {table} -n sh -c 'nft delete table inet ctonly && {NO_POLICY_ROUTING}'"
     ));
     c
 }
@@ -1140,7 +1171,7 @@ impl Comparison {
         let mut put = |k: &str, v: Value| {
             let k = k.replace("SIZE", tag);
             let k = match kind {
-                Kind::Nft | Kind::Floor => k,
+                Kind::Nft | Kind::Floor | Kind::Rules => k,
                 Kind::Ebpf => format!("ebpf_{}", k.replace("conntrack", "none")),
             };
             m.insert(k, v);
