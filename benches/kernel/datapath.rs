@@ -543,15 +543,20 @@ struct PairSide {
 
 impl PairSide {
     /// From `NETNS CGROUP PEER`: a listener on an unused port of the peer's
-    /// address `PEER`, made in the peer's namespace `peer_ns`.
+    /// address `PEER`, made in the peer's namespace `peer_ns` and in the
+    /// side's cgroup (the connections it accepts are in that cgroup too: the
+    /// eBPF programs see both ends of the table side's and neither of the
+    /// baseline's).
     fn new(peer_ns: &File, args: &[String]) -> PairSide {
         let open = |path: &str| File::open(path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
         let peer: Ipv4Addr = args[2].parse().expect("a peer address");
+        let cgroup = PathBuf::from(&args[1]);
+        join(&cgroup);
         setns(peer_ns, CloneFlags::CLONE_NEWNET).expect("entering the peer namespace");
         let listener = TcpListener::bind((peer, 0)).expect("listening in the peer namespace");
         PairSide {
             netns: open(&args[0]),
-            cgroup: PathBuf::from(&args[1]),
+            cgroup,
             listener,
         }
     }
@@ -560,11 +565,7 @@ impl PairSide {
     /// namespace and the cgroup its maker is in when it is made).
     fn enter(&self) {
         setns(&self.netns, CloneFlags::CLONE_NEWNET).expect("entering the side's namespace");
-        fs::write(
-            self.cgroup.join("cgroup.procs"),
-            std::process::id().to_string(),
-        )
-        .expect("joining the side's cgroup");
+        join(&self.cgroup);
     }
 
     /// A connection to the listener: (client's end, server's end).
@@ -574,6 +575,12 @@ impl PairSide {
         let (server, _) = self.listener.accept().expect("accepting our connection");
         (client, server)
     }
+}
+
+/// Moves this process into `cgroup`.
+fn join(cgroup: &Path) {
+    fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+        .unwrap_or_else(|e| panic!("joining {}: {e}", cgroup.display()));
 }
 
 /// The paired clients, run by [`paired`], print JSON with each side's CPU
