@@ -2,7 +2,7 @@
 //! table, against a table that only turns conntrack on (what every stateful
 //! firewall costs anyway), and what the client's depth in the cgroup tree
 //! costs per level. That last one is measured per packet, with one-byte UDP
-//! datagrams: a connection's ~45 µs hide a lookup of tens of nanoseconds in
+//! datagrams: a connection's ~35 µs hide a lookup of tens of nanoseconds in
 //! their noise, a datagram's few microseconds do not. The table classifies a
 //! connection's packets until one leaves unmarked, and its later packets
 //! skip the classification (see `table::output_chain`): datagrams of one flow
