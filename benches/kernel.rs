@@ -1202,7 +1202,7 @@ fn bench(base: &str) {
     print!("{t}");
     print!("{fwd_table}");
     println!(
-        "({UPDATES} updates per size spaced {} ms; {NFT_UPDATES} nft processes; start-ups with no nftables listener but the daemon; datapath: CPU time of client and server (both on CPU {}) and of that CPU's ksoftirqd over {} rounds, each side in turn, order alternating, of {} datagrams at depths {:?}, {} pairs of batches of {} connections at each depth and {} pairs of {} KiB bulk chunks at depth {DEEPEST} (one process holding both ends of every connection, bulk with cubic); CPU per connection and per MiB: lower quartile of a side's batches or chunks; ratios and extra ns: median of the pairs' (datagrams: rounds') own (table-first, baseline-first); softirq time in task time: {}; the daemon's environment, as its unit sets it: {:?})",
+        "({UPDATES} updates per size spaced {} ms; {NFT_UPDATES} nft processes; start-ups with no nftables listener but the daemon; datapath: CPU time of the clients and the datagram sink (all on CPU {}) and of that CPU's ksoftirqd over {} rounds, each side in turn, order alternating, of {} datagrams at depths {:?}, {} pairs of batches of {} connections at each depth and {} pairs of {} KiB bulk chunks at depth {DEEPEST} (one process holding both ends of every connection, bulk with cubic); CPU per connection and per MiB: lower quartile of a side's batches or chunks; ratios and extra ns: median of the pairs' (datagrams: rounds') own (table-first, baseline-first); softirq time in task time: {}; the daemon's environment, as its unit sets it: {:?})",
         SPACING.as_millis(),
         measuring_cpu(),
         plan.rounds,

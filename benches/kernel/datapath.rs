@@ -168,9 +168,10 @@ fn paired_median(
 
 /// A ratio of the baseline's cost over the table's (1.0: free; less:
 /// dearer): the mean of two halves, the median of the rounds' own ratios
-/// (the bulk chunks' pairs' for bulk) where the table went first and where
-/// the baseline did; or why it is no figure. A round runs both sides milliseconds apart, so its ratio cancels
-/// what changes more slowly (the other developer's load, the host's); the
+/// (for connections and bulk, the pairs' of [`paired_client`]) where the
+/// table went first and where the baseline did; or why it is no figure. A
+/// round runs both sides milliseconds apart, so its ratio cancels what
+/// changes more slowly (the other developer's load, the host's); the
 /// lower quartiles of each side's rounds on their own did not (the cheapest
 /// rounds of the two sides were often not the same ones: in three controls,
 /// halves 2–6 % apart where the paired ratios' were 0.2–2.6 %). How far the
@@ -439,7 +440,7 @@ fn run(
     let server0 = usage_usec(lab);
     let cgroup = kind.cgroup(lab, side, depth);
     let out = lab.client_in_netns(&cgroup, Some(netns), &[mode, peer, &count.to_string()]);
-    // The server accepts asynchronously: let it drain its queue first.
+    // The sink receives asynchronously: let it drain its queue first.
     sleep(Duration::from_millis(20));
     let server = usage_usec(lab).saturating_sub(server0);
     let deferred_ns = measuring_ksoftirqd_ns().saturating_sub(softirq0);
