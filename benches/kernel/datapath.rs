@@ -894,12 +894,24 @@ pub struct Programs {
 /// (no daemon). Its ratios are 1 but for the noise of the machine and any
 /// difference between the two namespaces.
 pub fn control(lab: &Lab, sides: &Sides, plan: &Plan, started: Instant) -> Comparison {
+    let setup = (CONNTRACK_ONLY, "nft delete table inet ctonly".to_owned());
+    with_table_side(lab, sides, plan, (Kind::Nft, "control"), setup, started)
+}
+
+/// [`rounds`] of `kind`, named `label`, with the table side set up by the
+/// first of `setup` (commands for `sh -c '…'`) and taken down by the second.
+fn with_table_side(
+    lab: &Lab,
+    sides: &Sides,
+    plan: &Plan,
+    (kind, label): (Kind, &str),
+    (up, down): (&str, String),
+    started: Instant,
+) -> Comparison {
     let table = sides.table.pid();
-    sh(&format!("nsenter -t {table} -n sh -c '{CONNTRACK_ONLY}'"));
-    let c = rounds(lab, sides, plan, Kind::Nft, "control", started);
-    sh(&format!(
-        "nsenter -t {table} -n nft delete table inet ctonly"
-    ));
+    sh(&format!("nsenter -t {table} -n sh -c '{up}'"));
+    let c = rounds(lab, sides, plan, kind, label, started);
+    sh(&format!("nsenter -t {table} -n sh -c '{down}'"));
     c
 }
 
@@ -936,43 +948,19 @@ const NO_POLICY_ROUTING: &str = "ip rule del pref 100 && ip -6 rule del pref 100
 /// within the design can save. The floor's ratio is the best any
 /// classification could reach.
 pub fn floor(lab: &Lab, sides: &Sides, plan: &Plan, started: Instant) -> Comparison {
-    let table = sides.table.pid();
-    sh(&format!(
-        "nsenter -t {table} -n sh -c '{FLOOR_CHAINS} && {POLICY_ROUTING}'"
-    ));
-    let c = rounds(
-        lab,
-        sides,
-        plan,
-        Kind::Floor,
-        "the mechanism's floor",
-        started,
-    );
-    sh(&format!(
-        "nsenter -t {table} -n sh -c 'nft delete table inet floor && {NO_POLICY_ROUTING}'"
-    ));
-    c
+    let up = format!("{FLOOR_CHAINS} && {POLICY_ROUTING}");
+    let down = format!("nft delete table inet floor && {NO_POLICY_ROUTING}");
+    let kind = (Kind::Floor, "the mechanism's floor");
+    with_table_side(lab, sides, plan, kind, (&up, down), started)
 }
 
 /// [`POLICY_ROUTING`] alone, with the conntrack-only table, against that
 /// table: how much of the floor the ip rule is.
 pub fn policy_routing(lab: &Lab, sides: &Sides, plan: &Plan, started: Instant) -> Comparison {
-    let table = sides.table.pid();
-    sh(&format!(
-        "nsenter -t {table} -n sh -c '{CONNTRACK_ONLY} && {POLICY_ROUTING}'"
-    ));
-    let c = rounds(
-        lab,
-        sides,
-        plan,
-        Kind::Rules,
-        "policy routing alone",
-        started,
-    );
-    sh(&format!(
-        "nsenter -t {table} -n sh -c 'nft delete table inet ctonly && {NO_POLICY_ROUTING}'"
-    ));
-    c
+    let up = format!("{CONNTRACK_ONLY} && {POLICY_ROUTING}");
+    let down = format!("nft delete table inet ctonly && {NO_POLICY_ROUTING}");
+    let kind = (Kind::Rules, "policy routing alone");
+    with_table_side(lab, sides, plan, kind, (&up, down), started)
 }
 
 /// Rounds of every measurement on both sides, the order alternating.
