@@ -608,9 +608,8 @@ pub fn paired_client(mode: &str, args: &[String]) {
         PairSide::new(&peer_ns, &rest[..3]),
         PairSide::new(&peer_ns, &rest[3..]),
     ];
-    let mut cpu = [Vec::with_capacity(pairs), Vec::with_capacity(pairs)];
     let mut latency = [Vec::new(), Vec::new()];
-    match extra {
+    let cpu = match extra {
         Some(batch) => {
             let mut batch_of = |k: usize, n: usize, keep: bool| {
                 sides[k].enter();
@@ -631,12 +630,7 @@ pub fn paired_client(mode: &str, args: &[String]) {
             for k in 0..2 {
                 batch_of(k, CONNECT_WARM_UP, false);
             }
-            for p in 0..pairs {
-                for k in [p % 2, (p + 1) % 2] {
-                    let per = batch_of(k, batch, true);
-                    cpu[k].push(per);
-                }
-            }
+            in_pairs(pairs, |k| batch_of(k, batch, true))
         }
         None => {
             let mut conns: Vec<BulkConnection> = sides
@@ -653,15 +647,13 @@ pub fn paired_client(mode: &str, args: &[String]) {
                     c.push(&data, &mut sink);
                 }
             }
-            for p in 0..pairs {
-                for k in [p % 2, (p + 1) % 2] {
-                    let t0 = cpu_ns();
-                    conns[k].push(&data, &mut sink);
-                    cpu[k].push(cpu_ns() - t0);
-                }
-            }
+            in_pairs(pairs, |k| {
+                let t0 = cpu_ns();
+                conns[k].push(&data, &mut sink);
+                cpu_ns() - t0
+            })
         }
-    }
+    };
     let [table, baseline] = cpu;
     let [table_latency, baseline_latency] = latency;
     println!(
@@ -673,6 +665,18 @@ pub fn paired_client(mode: &str, args: &[String]) {
             "baseline_latency_ns": baseline_latency,
         })
     );
+}
+
+/// Each side's results of `unit` (given the side: 0 the table's, 1 the
+/// baseline's) over `pairs` pairs, the table's first in even pairs.
+fn in_pairs(pairs: usize, mut unit: impl FnMut(usize) -> u64) -> [Vec<u64>; 2] {
+    let mut out = [Vec::with_capacity(pairs), Vec::with_capacity(pairs)];
+    for p in 0..pairs {
+        for k in [p % 2, (p + 1) % 2] {
+            out[k].push(unit(k));
+        }
+    }
+    out
 }
 
 /// A connection whose both ends this process holds, for [`bulk`].
