@@ -26,8 +26,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, TcpStream};
+use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
@@ -60,8 +59,7 @@ const INNER: &str = "CGTPROXY_BENCH_BASE";
 const DAEMON: &str = env!("CARGO_BIN_EXE_cgtproxy");
 
 const PEER: &str = "10.99.0.2";
-const UDP_PORT: u16 = 8082;
-/// The source port of `udp-first` datagrams, below the ephemeral range: both
+/// The source port of untracked datagrams, below the ephemeral range: both
 /// client namespaces leave them untracked (see `datapath::Sides`).
 const UNTRACKED_SPORT: u16 = 8083;
 
@@ -77,7 +75,6 @@ const DEEPEST: u32 = 8;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
-        Some("serve") => serve(),
         Some("fwd-serve") => forward::serve(),
         Some("client") => client(&args[2..]),
         // A debugging aid: print the keys of level-map elements as they are added.
@@ -185,7 +182,7 @@ fn sh(cmd: &str) {
 }
 
 // ---------------------------------------------------------------------------
-// The lab: cgroup2 mounts, the peer namespace with its servers, the daemon.
+// The lab: cgroup2 mounts, the peer namespace, the daemon.
 
 struct Lab {
     dir: PathBuf,
@@ -194,7 +191,6 @@ struct Lab {
     /// Name of our subtree below the cgroup2 root, without a leading `/`.
     base: String,
     peer: Option<Netns>,
-    server: Option<Child>,
     daemon: Option<Daemon>,
 }
 
@@ -207,7 +203,6 @@ impl Lab {
             dir,
             base: base.to_owned(),
             peer: None,
-            server: None,
             daemon: None,
         };
         fs::create_dir_all(&lab.mount).unwrap();
@@ -216,7 +211,6 @@ impl Lab {
         // cgroup2 elsewhere (hybrid), so give our mount namespace one there too.
         sh("mount -t cgroup2 none /sys/fs/cgroup");
         fs::create_dir_all(lab.cg(&Lab::spine(DEEPEST))).unwrap();
-        fs::create_dir_all(lab.cg(Lab::SERVER)).unwrap();
         fs::create_dir_all(lab.mount.join(lab.apart()).join(Lab::spine(DEEPEST))).unwrap();
         fs::create_dir_all(lab.dir.join("cgns")).unwrap();
         sh("ip link set lo up");
@@ -230,26 +224,6 @@ impl Lab {
              nsenter -t {ppid} -n sh -c 'ip link set lo up &&
                ip addr add {PEER}/24 dev veth1 && ip link set veth1 up'"
         ));
-        // In a cgroup of its own: the datapath measurement reads its CPU time.
-        let mut server = Command::new("sh")
-            .args([
-                "-c",
-                r#"echo $$ > "$1/cgroup.procs" && shift && exec "$@""#,
-                "sh",
-            ])
-            .arg(lab.cg(Lab::SERVER))
-            .args(["nsenter", "-t", &ppid.to_string(), "-n"])
-            .arg(std::env::current_exe().unwrap())
-            .arg("serve")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(server.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "ready", "peer server did not start");
-        lab.server = Some(server);
         lab
     }
 
@@ -262,9 +236,6 @@ impl Lab {
             .find_map(|l| l.strip_prefix("nr_descendants ")?.parse().ok())
             .unwrap_or(0)
     }
-
-    /// The peer server's cgroup, below our subtree (unclassified).
-    const SERVER: &str = "srv";
 
     /// A sibling of our subtree, the same spine inside: the eBPF datapath's
     /// baseline clients run there, outside the subtree its programs cover.
@@ -519,10 +490,6 @@ impl Drop for Lab {
         if let Some(mut d) = self.daemon.take() {
             let _ = d.child.kill();
             let _ = d.child.wait();
-        }
-        if let Some(mut c) = self.server.take() {
-            let _ = c.kill();
-            let _ = c.wait();
         }
         self.peer.take();
         remove_tree(&self.mount.join(&self.base));
@@ -1202,14 +1169,15 @@ fn bench(base: &str) {
     print!("{t}");
     print!("{fwd_table}");
     println!(
-        "({UPDATES} updates per size spaced {} ms; {NFT_UPDATES} nft processes; start-ups with no nftables listener but the daemon; datapath: CPU time of the clients and the datagram sink (all on CPU {}) and of that CPU's ksoftirqd over {} rounds, each side in turn, order alternating, of {} datagrams at depths {:?}, {} pairs of batches of {} connections at each depth and {} pairs of {} KiB bulk chunks at depth {DEEPEST} (one process holding both ends of every connection, bulk with cubic); CPU per connection and per MiB: lower quartile of a side's batches or chunks; ratios and extra ns: median of the pairs' (datagrams: rounds') own (table-first, baseline-first); softirq time in task time: {}; the daemon's environment, as its unit sets it: {:?})",
+        "({UPDATES} updates per size spaced {} ms; {NFT_UPDATES} nft processes; start-ups with no nftables listener but the daemon; datapath: CPU time of one client process holding both ends (on CPU {}) over {} rounds, each of {} pairs of batches of {} connections and {} pairs of batches of {} datagrams (one flow's; untracked) at each of depths {:?}, and {} pairs of {} KiB bulk chunks at depth {DEEPEST} (cubic), a pair one unit on each side, alternating which goes first; CPU per connection and per MiB: lower quartile of a side's units; ratios and extra ns: median of the pairs' own (table-first, baseline-first); softirq time in task time: {}; the daemon's environment, as its unit sets it: {:?})",
         SPACING.as_millis(),
         measuring_cpu(),
         plan.rounds,
-        plan.datagrams,
-        datapath::DEPTHS,
         plan.connect_pairs,
         plan.connect_batch,
+        plan.datagram_pairs,
+        plan.datagram_batch,
+        datapath::DEPTHS,
         plan.bulk_pairs,
         datapath::BULK_CHUNK >> 10,
         match datapath::irq_time_accounting() {
@@ -1259,17 +1227,6 @@ fn bench(base: &str) {
 // ---------------------------------------------------------------------------
 // Traffic helpers, run as subprocesses of the bench binary.
 
-/// In the peer namespace: a datagram sink. (The connection and bulk
-/// measurements hold both ends themselves, see `datapath::paired_client`.)
-fn serve() {
-    pin_to_measuring_cpu();
-    let udp = std::net::UdpSocket::bind(("0.0.0.0", UDP_PORT)).expect("binding the UDP sink");
-    println!("ready");
-    std::io::stdout().flush().unwrap();
-    let mut buf = [0u8; 64];
-    while udp.recv(&mut buf).is_ok() {}
-}
-
 /// The process's CPU time so far (ns): the runtime the scheduler charges it,
 /// softirq work done on its stack included (see `kernel/datapath.rs`).
 fn cpu_ns() -> u64 {
@@ -1278,15 +1235,15 @@ fn cpu_ns() -> u64 {
     t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
 
-/// The CPU the datapath's client and server run on: the last.
+/// The CPU the datapath's client runs on: the last.
 fn measuring_cpu() -> usize {
     std::thread::available_parallelism().map_or(0, |n| n.get() - 1)
 }
 
 /// Pins this process to [`measuring_cpu`]: the packets' whole path (the
 /// receiving stack runs in the sender's softirq) is then serial, and what
-/// the kernel defers from it runs in that CPU's ksoftirqd, whose time the
-/// datapath adds to each run's (see `datapath::run`).
+/// the kernel defers from it runs in that CPU's ksoftirqd, whose share the
+/// datapath shows (see `datapath::Noise`).
 fn pin_to_measuring_cpu() {
     let mut set = nix::sched::CpuSet::new();
     set.set(measuring_cpu()).expect("a CPU index");
@@ -1294,28 +1251,15 @@ fn pin_to_measuring_cpu() {
         .expect("pinning to the measuring CPU");
 }
 
-/// `connect-pair …`, `bulk-pair …`: see `datapath::paired_client`.
-/// `udp ADDR N`: sends N one-byte datagrams, prints its CPU time as JSON.
-/// `udp-first ADDR N`: the same from source port [`UNTRACKED_SPORT`], whose
-/// datagrams the namespaces leave untracked: each is classified as a flow's
-/// first packet is.
+/// `connect-pair …`, `datagram-pair …`, `bulk-pair …`: see
+/// `datapath::paired_client`.
 fn client(args: &[String]) {
     if !args.first().is_some_and(|m| m.starts_with("fwd-")) {
         pin_to_measuring_cpu();
     }
     match args.first().map(String::as_str) {
-        Some(mode @ ("bulk-pair" | "connect-pair")) => datapath::paired_client(mode, &args[1..]),
-        Some(mode @ ("udp" | "udp-first")) => {
-            let peer: Ipv4Addr = args[1].parse().expect("udp ADDR");
-            let n: usize = args[2].parse().expect("udp ADDR N");
-            let sport = if mode == "udp" { 0 } else { UNTRACKED_SPORT };
-            let s = std::net::UdpSocket::bind(("0.0.0.0", sport)).expect("UDP socket");
-            s.connect((peer, UDP_PORT)).expect("UDP connect");
-            let cpu0 = cpu_ns();
-            for _ in 0..n {
-                s.send(&[0]).expect("UDP send");
-            }
-            println!("{}", json!({"cpu_ns": cpu_ns() - cpu0}));
+        Some(mode @ ("connect-pair" | "datagram-pair" | "bulk-pair")) => {
+            datapath::paired_client(mode, &args[1..])
         }
         Some(mode) if mode.starts_with("fwd-") => forward::client(args),
         _ => panic!("client connect-pair … | bulk-pair … | udp[-first] ADDR N | fwd-…"),

@@ -6,10 +6,10 @@
 //! their noise, a datagram's few microseconds do not. The table classifies a
 //! connection's packets until one leaves unmarked, and its later packets
 //! skip the classification (see `table::output_chain`): datagrams of one flow
-//! measure that fast path, and untracked datagrams (`udp-first`, which both
-//! namespaces exempt from conntrack) the classification a flow's first packet
-//! goes through, conntrack's own work and the tag's write left out on both
-//! sides.
+//! measure that fast path, and untracked datagrams (from
+//! [`UNTRACKED_SPORT`], which both namespaces exempt from conntrack) the
+//! classification a flow's first packet goes through, conntrack's own work
+//! and the tag's write left out on both sides.
 //!
 //! Why CPU time, not rates: on this shared two-core machine a connect loop's
 //! wall clock measures the other developer's load and any SYN lost to an
@@ -18,12 +18,11 @@
 //! faster. CPU time spent on our own packets barely moves when another
 //! process takes the CPU away: we are then simply not running.
 //!
-//! Which CPU time: every packet of the measurement is made by the client (in
-//! the table's client namespace or in the baseline's) or by the datagram
-//! server (in the peer namespace), all processes in cgroups the bench
-//! created. Connections and bulk transfers have no server: one client process
-//! holds both ends of every connection and measures both sides, unit by unit
-//! (see [`paired_client`]). The output hook
+//! Which CPU time: one client process (see [`paired_client`]) makes every
+//! packet of the measurement and receives it: it holds both ends of every
+//! connection and datagram flow, the client's in the table's namespace or
+//! the baseline's, the server's in the peer namespace, and reads its own
+//! CPU clock (`CLOCK_PROCESS_CPUTIME_ID`) around each unit. The output hook
 //! runs either in the sending syscall (SYN, data, the closing RST) or in the
 //! NET_RX softirq (the handshake's ACK; data sent when an ACK opens the
 //! window). veth's transmit queues the packet on the local CPU and raises
@@ -32,52 +31,45 @@
 //! it sends run on the sender's time too. Without CONFIG_IRQ_TIME_ACCOUNTING
 //! (this kernel's setting; [`irq_time_accounting`] reads it and the bench
 //! prints it) the scheduler charges softirq time to the task it interrupted,
-//! so the client's and server's CPU time hold the whole path. With it, softirq
-//! time is taken out of every task's runtime and these figures would miss the
-//! rules' cost in softirq. Client and server are pinned to one CPU (the
-//! last), so what the kernel defers from their packets to ksoftirqd runs in
-//! that CPU's ksoftirqd, and its time over each run is added to the run's.
-//! All ksoftirqd threads' time in a round is also shown as a share of ours.
-//!
-//! The client reads its own CPU clock (`CLOCK_PROCESS_CPUTIME_ID`, the same
-//! runtime cgroups add up) around its loop, so its start-up is not counted;
-//! the datagram server's is its cgroup's `usage_usec` over the client's run.
+//! so the process's CPU time holds the whole path. With it, softirq time is
+//! taken out of every task's runtime and these figures would miss the
+//! rules' cost in softirq. The process is pinned to one CPU (the last); what
+//! the kernel defers to ksoftirqd is not in its time, and all ksoftirqd
+//! threads' time in a round is shown as a share of ours (under 1 %).
 //!
 //! Both sides exist at once, in two client namespaces made alike (see
 //! [`Sides`]); a control run with the conntrack-only table on both shows
-//! that they are alike, and every ratio is refused when it is not. Each
-//! measurement runs on one side and then at once on the other, and rounds
-//! alternate which goes first (table, baseline; baseline, table; …); a
-//! ratio is the median of the rounds' own ratios, so load that comes and
-//! goes falls on both alike and slow drift cancels (see [`Ratio`]). The
-//! paired client does the same at a finer grain: a batch of 50
-//! connections or a 256 KiB chunk on one side, then on the other, pairs
-//! alternating, each pair's ratio its own. A ratio
-//! whose rounds disagree, or that says the table made the
-//! datapath cheaper by more than measurement error can, is printed as
-//! `unstable` or `implausible` with its rounds, and is null in bench-json.
+//! that they are alike, and every ratio is refused when it is not. The
+//! client measures a unit (a batch of connections or datagrams, a bulk
+//! chunk) on one side and then at once on the other, pairs alternating
+//! which goes first; a ratio is the median of the pairs' own ratios, so
+//! load that comes and goes falls on both alike and slow drift cancels
+//! (see [`Ratio`]). A ratio whose halves disagree, or that says the table
+//! made the datapath cheaper by more than measurement error can, is
+//! printed as `unstable` or `implausible` with its halves, and is null in
+//! bench-json.
 
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::os::fd::AsFd;
+use std::net::{Ipv4Addr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sched::{CloneFlags, setns};
-use nix::sys::socket::{setsockopt, sockopt};
+use nix::sys::socket::{
+    AddressFamily, SockFlag, SockType, SockaddrIn, bind, setsockopt, socket, sockopt,
+};
 use serde_json::{Map, Value, json};
 
 use super::bpfstats::{self, PerOp};
 use super::netns::Netns;
 use super::{
-    DEEPEST, Lab, UNTRACKED_SPORT, cpu_ns, measuring_cpu, median, reset_on_close, round1, round3,
-    sh, step,
+    DEEPEST, Lab, UNTRACKED_SPORT, cpu_ns, median, reset_on_close, round1, round3, sh, step,
 };
 
 /// Depths (absolute cgroup levels) the client runs at. The classified
@@ -98,8 +90,11 @@ pub struct Plan {
     pub connect_pairs: usize,
     /// Connections per batch.
     pub connect_batch: usize,
-    /// Datagrams per client run.
-    pub datagrams: u64,
+    /// Pairs of datagram batches per round, depth and kind (one flow's,
+    /// untracked), one batch on each side (even, as above).
+    pub datagram_pairs: usize,
+    /// Datagrams per batch.
+    pub datagram_batch: usize,
     /// Pairs of bulk chunks per round, one chunk on each side (even: the
     /// pairs alternate which side goes first, see [`bulk`]).
     pub bulk_pairs: usize,
@@ -112,7 +107,8 @@ impl Plan {
                 rounds: 6,
                 connect_pairs: 10,
                 connect_batch: 50,
-                datagrams: 5000,
+                datagram_pairs: 10,
+                datagram_batch: 100,
                 bulk_pairs: 20,
             }
         } else {
@@ -120,7 +116,8 @@ impl Plan {
                 rounds: 16,
                 connect_pairs: 40,
                 connect_batch: 50,
-                datagrams: 20_000,
+                datagram_pairs: 20,
+                datagram_batch: 100,
                 bulk_pairs: 50,
             }
         }
@@ -132,24 +129,25 @@ impl Plan {
             rounds: 1,
             connect_pairs: self.connect_pairs / 4,
             connect_batch: self.connect_batch,
-            datagrams: self.datagrams / 4,
+            datagram_pairs: self.datagram_pairs / 4,
+            datagram_batch: self.datagram_batch,
             bulk_pairs: self.bulk_pairs / 4,
         }
     }
 }
 
-/// The cost of one side from its rounds: their lower quartile. Contention
+/// The cost of one side from its units: their lower quartile. Contention
 /// only adds CPU time (caches and the core shared with other processes, on
 /// this VM by up to a third), so the low end of many short runs is the cost
 /// without it; a quartile rather than the minimum is not one lucky run.
-fn low(rounds: impl Iterator<Item = f64>) -> f64 {
-    let mut v: Vec<f64> = rounds.collect();
+fn low(units: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = units.collect();
     v.sort_by(f64::total_cmp);
     percentile(&v, 25)
 }
 
-/// The median over the rounds `keep` selects of `op(table, baseline)`,
-/// each round's figures taken together.
+/// The median over the pairs `keep` selects of `op(table, baseline)`, each
+/// pair's figures taken together.
 fn paired_median(
     table: &[f64],
     base: &[f64],
@@ -167,14 +165,14 @@ fn paired_median(
 }
 
 /// A ratio of the baseline's cost over the table's (1.0: free; less:
-/// dearer): the mean of two halves, the median of the rounds' own ratios
-/// (for connections and bulk, the pairs' of [`paired_client`]) where the
-/// table went first and where the baseline did; or why it is no figure. A
-/// round runs both sides milliseconds apart, so its ratio cancels what
-/// changes more slowly (the other developer's load, the host's); the
-/// lower quartiles of each side's rounds on their own did not (the cheapest
-/// rounds of the two sides were often not the same ones: in three controls,
-/// halves 2–6 % apart where the paired ratios' were 0.2–2.6 %). How far the
+/// dearer): the mean of two halves, the median of the pairs' own ratios
+/// (see [`paired_client`]) where the table went first and where the
+/// baseline did; or why it is no figure. A pair measures both sides
+/// microseconds to milliseconds apart, so its ratio cancels what changes
+/// more slowly (the other developer's load, the host's); the lower
+/// quartiles of each side's runs on their own did not (the cheapest runs
+/// of the two sides were often not the same ones: in three controls,
+/// halves 2–6 % apart where paired ratios' were 0.2–2.6 %). How far the
 /// halves are apart is the measurement's own error bar.
 pub enum Ratio {
     Value {
@@ -203,7 +201,7 @@ impl Ratio {
     /// How far from 1 the control's ratio may be.
     const CONTROL: f64 = 0.03;
 
-    /// From each round's cost of the table and of the baseline.
+    /// From each pair's cost of the table and of the baseline.
     fn of(table: &[f64], base: &[f64]) -> Ratio {
         let ratio = |keep: &dyn Fn(usize) -> bool| paired_median(table, base, keep, |t, b| b / t);
         let halves = [ratio(&|i| i % 2 == 0), ratio(&|i| i % 2 == 1)];
@@ -357,11 +355,12 @@ struct Sample {
     /// CPU time per connection (µs), client at each of [`DEPTHS`], one
     /// figure per batch (see [`connects`]).
     connect_us: [Vec<f64>; 3],
-    /// CPU time per datagram of one flow (ns), client at each of [`DEPTHS`].
-    datagram_ns: [f64; 3],
+    /// CPU time per datagram of one flow (ns), client at each of [`DEPTHS`],
+    /// one figure per batch (see [`datagrams`]).
+    datagram_ns: [Vec<f64>; 3],
     /// CPU time per untracked datagram (ns: each classified as a flow's
-    /// first packet), client at each of [`DEPTHS`].
-    first_ns: [f64; 3],
+    /// first packet), client at each of [`DEPTHS`], one figure per batch.
+    first_ns: [Vec<f64>; 3],
     /// CPU time per MiB uploaded (µs), client at the deepest depth, one
     /// figure per chunk (see [`bulk`]).
     bulk_us_per_mib: Vec<f64>,
@@ -423,30 +422,6 @@ impl Kind {
             _ => Lab::spine(depth),
         }
     }
-}
-
-/// Runs the client on `side` at `depth` as `mode COUNT`: its CPU time (µs)
-/// with the server's and the measuring CPU's ksoftirqd's.
-fn run(
-    lab: &Lab,
-    sides: &Sides,
-    kind: Kind,
-    (side, depth): (Side, u32),
-    mode: &str,
-    count: u64,
-) -> f64 {
-    let (netns, peer) = sides.link(kind, side);
-    let softirq0 = measuring_ksoftirqd_ns();
-    let server0 = usage_usec(lab);
-    let cgroup = kind.cgroup(lab, side, depth);
-    let out = lab.client_in_netns(&cgroup, Some(netns), &[mode, peer, &count.to_string()]);
-    // The sink receives asynchronously: let it drain its queue first.
-    sleep(Duration::from_millis(20));
-    let server = usage_usec(lab).saturating_sub(server0);
-    let deferred_ns = measuring_ksoftirqd_ns().saturating_sub(softirq0);
-    let v: Value = serde_json::from_str(&out).expect("client output is JSON");
-    let client_ns = v["cpu_ns"].as_f64().expect("cpu_ns");
-    client_ns / 1e3 + server as f64 + deferred_ns as f64 / 1e3
 }
 
 /// Bytes each side sends in one bulk measurement, a chunk.
@@ -534,12 +509,34 @@ fn connects(
     ]
 }
 
+/// Both sides' datagrams at `depth`: `pairs` pairs of batches of `batch`
+/// one-byte datagrams, each side's CPU ns per datagram (one figure per
+/// batch). One flow's, or `untracked`: from [`UNTRACKED_SPORT`], which both
+/// namespaces exempt from conntrack, so that each is classified as a
+/// flow's first packet is. Made as [`connects`] are: the process sends
+/// each and receives it at the peer's end.
+fn datagrams(
+    lab: &Lab,
+    sides: &Sides,
+    kind: Kind,
+    depth: u32,
+    untracked: bool,
+    (pairs, batch): (usize, usize),
+) -> [Vec<f64>; 2] {
+    let flow = if untracked { "untracked" } else { "flow" };
+    let args = [pairs.to_string(), batch.to_string(), flow.to_owned()];
+    let v = paired(lab, sides, kind, depth, "datagram-pair", &args);
+    [numbers(&v, "table_ns"), numbers(&v, "baseline_ns")]
+}
+
 /// One side of a paired client: the namespace and cgroup its client
-/// sockets are made in, and its listener in the peer namespace.
+/// sockets are made in, and its listener and datagram sink in the peer
+/// namespace.
 struct PairSide {
     netns: File,
     cgroup: PathBuf,
     listener: TcpListener,
+    sink: UdpSocket,
 }
 
 impl PairSide {
@@ -555,10 +552,15 @@ impl PairSide {
         join(&cgroup);
         setns(peer_ns, CloneFlags::CLONE_NEWNET).expect("entering the peer namespace");
         let listener = TcpListener::bind((peer, 0)).expect("listening in the peer namespace");
+        let sink = UdpSocket::bind((peer, 0)).expect("a datagram sink in the peer namespace");
+        // A datagram lost would stop the run, not hang it.
+        sink.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("the sink's timeout");
         PairSide {
             netns: open(&args[0]),
             cgroup,
             listener,
+            sink,
         }
     }
 
@@ -567,6 +569,24 @@ impl PairSide {
     fn enter(&self) {
         setns(&self.netns, CloneFlags::CLONE_NEWNET).expect("entering the side's namespace");
         join(&self.cgroup);
+    }
+
+    /// A datagram socket sending to the sink from `port` (0: any). The
+    /// eBPF sides share a namespace, so both bind the untracked port.
+    fn sender(&self, port: u16) -> UdpSocket {
+        let fd = socket(
+            AddressFamily::Inet,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("a datagram socket");
+        setsockopt(&fd, sockopt::ReuseAddr, &true).expect("SO_REUSEADDR");
+        bind(fd.as_raw_fd(), &SockaddrIn::new(0, 0, 0, 0, port)).expect("binding it");
+        let s = UdpSocket::from(fd);
+        let to = self.sink.local_addr().expect("the sink's address");
+        s.connect(to).expect("connecting the datagram socket");
+        s
     }
 
     /// A connection to the listener: (client's end, server's end).
@@ -593,24 +613,28 @@ fn join(cgroup: &Path) {
 ///
 /// `client connect-pair PEER_NETNS PAIRS BATCH SIDE SIDE`: units are a
 /// connection made, accepted and reset, measured in batches of `BATCH`
-/// (CPU ns per connection of the batch); also each connect's latency.
+/// (CPU ns per connection of the batch); also each connect's latency;
+///
+/// `client datagram-pair PEER_NETNS PAIRS BATCH flow|untracked SIDE SIDE`:
+/// units are a one-byte datagram sent and received at the peer's sink, in
+/// batches as connections are, from one socket per side (`untracked`: from
+/// [`UNTRACKED_SPORT`]).
 ///
 /// A SIDE is `NETNS CGROUP PEER` (see [`PairSide::new`]), the table's first.
 pub fn paired_client(mode: &str, args: &[String]) {
     let peer_ns = File::open(&args[0]).expect("opening the peer namespace");
     let pairs: usize = args[1].parse().expect("PAIRS");
-    let (extra, rest) = match mode {
-        "connect-pair" => (Some(args[2].parse::<usize>().expect("BATCH")), &args[3..]),
-        _ => (None, &args[2..]),
-    };
-    assert_eq!(rest.len(), 6, "two sides of NETNS CGROUP PEER");
+    assert!(args.len() >= 8, "two sides of NETNS CGROUP PEER");
+    let (options, rest) = args[2..].split_at(args.len() - 8);
     let sides = [
         PairSide::new(&peer_ns, &rest[..3]),
         PairSide::new(&peer_ns, &rest[3..]),
     ];
+    let batch = || -> usize { options[0].parse().expect("BATCH") };
     let mut latency = [Vec::new(), Vec::new()];
-    let cpu = match extra {
-        Some(batch) => {
+    let cpu = match mode {
+        "connect-pair" => {
+            let batch = batch();
             let mut batch_of = |k: usize, n: usize, keep: bool| {
                 sides[k].enter();
                 let t0 = cpu_ns();
@@ -632,7 +656,34 @@ pub fn paired_client(mode: &str, args: &[String]) {
             }
             in_pairs(pairs, |k| batch_of(k, batch, true))
         }
-        None => {
+        "datagram-pair" => {
+            let batch = batch();
+            let port = match options[1].as_str() {
+                "untracked" => UNTRACKED_SPORT,
+                _ => 0,
+            };
+            let senders: Vec<UdpSocket> = sides
+                .iter()
+                .map(|side| {
+                    side.enter();
+                    side.sender(port)
+                })
+                .collect();
+            let mut got = [0u8; 16];
+            let mut send = |k: usize| {
+                let t0 = cpu_ns();
+                for _ in 0..batch {
+                    senders[k].send(&[0]).expect("sending a datagram");
+                    sides[k].sink.recv(&mut got).expect("receiving a datagram");
+                }
+                (cpu_ns() - t0) / batch as u64
+            };
+            for k in 0..2 {
+                send(k);
+            }
+            in_pairs(pairs, send)
+        }
+        _ => {
             let mut conns: Vec<BulkConnection> = sides
                 .iter()
                 .map(|side| {
@@ -724,38 +775,24 @@ impl BulkConnection {
     }
 }
 
-/// One round: each measurement on both sides back to back, `first` first.
+/// One round: each measurement on both sides (see [`paired_client`]).
 /// Returns the table's sample, the baseline's, and the round's noise.
-fn round(
-    lab: &Lab,
-    sides: &Sides,
-    plan: &Plan,
-    kind: Kind,
-    first: Side,
-) -> (Sample, Sample, Noise) {
-    let order = match first {
-        Side::Table => [Side::Table, Side::Baseline],
-        Side::Baseline => [Side::Baseline, Side::Table],
-    };
+fn round(lab: &Lab, sides: &Sides, plan: &Plan, kind: Kind) -> (Sample, Sample, Noise) {
     let busy0 = busy_us();
     let soft0 = ksoftirqd_us();
     let t0 = Instant::now();
     let mut ours = 0.0;
     let mut samples = [Sample::default(), Sample::default()];
-    let measure = |side: Side, depth: u32, mode: &str, count: u64, ours: &mut f64| {
-        let cpu_us = run(lab, sides, kind, (side, depth), mode, count);
-        *ours += cpu_us;
-        cpu_us
-    };
+    let both = [Side::Table, Side::Baseline];
     for (i, &depth) in DEPTHS.iter().enumerate() {
-        let both = connects(
+        let made = connects(
             lab,
             sides,
             kind,
             depth,
             (plan.connect_pairs, plan.connect_batch),
         );
-        for (side, (cpu_us, latency_us)) in [Side::Table, Side::Baseline].into_iter().zip(both) {
+        for (side, (cpu_us, latency_us)) in both.into_iter().zip(made) {
             ours += cpu_us.iter().sum::<f64>() * plan.connect_batch as f64;
             let s = &mut samples[side as usize];
             s.connect_us[i] = cpu_us;
@@ -763,13 +800,18 @@ fn round(
                 s.latency_us = latency_us;
             }
         }
-        for side in order {
-            let cpu_us = measure(side, depth, "udp", plan.datagrams, &mut ours);
-            samples[side as usize].datagram_ns[i] = cpu_us * 1e3 / plan.datagrams as f64;
-        }
-        for side in order {
-            let cpu_us = measure(side, depth, "udp-first", plan.datagrams, &mut ours);
-            samples[side as usize].first_ns[i] = cpu_us * 1e3 / plan.datagrams as f64;
+        for untracked in [false, true] {
+            let batches = (plan.datagram_pairs, plan.datagram_batch);
+            let sent = datagrams(lab, sides, kind, depth, untracked, batches);
+            for (side, cpu_ns) in both.into_iter().zip(sent) {
+                ours += cpu_ns.iter().sum::<f64>() * plan.datagram_batch as f64 / 1e3;
+                let s = &mut samples[side as usize];
+                if untracked {
+                    s.first_ns[i] = cpu_ns;
+                } else {
+                    s.datagram_ns[i] = cpu_ns;
+                }
+            }
         }
     }
     let [table, base] = bulk(lab, sides, kind, plan.bulk_pairs);
@@ -874,17 +916,13 @@ fn program_time(lab: &Lab, sides: &Sides, plan: &Plan) -> Programs {
     let made = CONNECT_WARM_UP + plan.connect_pairs * plan.connect_batch;
     let connection = PerOp::between(&before, &bpfstats::snapshot(), made as u64);
     let before = bpfstats::snapshot();
-    run(
-        lab,
-        sides,
-        Kind::Ebpf,
-        (Side::Table, DEEPEST),
-        "udp",
-        plan.datagrams,
-    );
+    let batches = (plan.datagram_pairs, plan.datagram_batch);
+    datagrams(lab, sides, Kind::Ebpf, DEEPEST, false, batches);
+    // A warm-up batch, then the pairs'.
+    let sent = (1 + plan.datagram_pairs) * plan.datagram_batch;
     Programs {
         connection,
-        datagram: PerOp::between(&before, &bpfstats::snapshot(), plan.datagrams),
+        datagram: PerOp::between(&before, &bpfstats::snapshot(), sent as u64),
     }
 }
 
@@ -967,7 +1005,7 @@ pub fn policy_routing(lab: &Lab, sides: &Sides, plan: &Plan, started: Instant) -
     with_table_side(lab, sides, plan, kind, (&up, down), started)
 }
 
-/// Rounds of every measurement on both sides, the order alternating.
+/// Rounds of every measurement on both sides.
 fn rounds(
     lab: &Lab,
     sides: &Sides,
@@ -976,21 +1014,16 @@ fn rounds(
     label: &str,
     started: Instant,
 ) -> Comparison {
-    // Warm up: the caches, conntrack's tables, the server's threads.
+    // Warm up: the caches, conntrack's tables.
     step(&format!("datapath at {label}: warm-up"), started);
-    round(lab, sides, &plan.warm_up(), kind, Side::Table);
+    round(lab, sides, &plan.warm_up(), kind);
     let mut rounds = Vec::new();
     for r in 0..plan.rounds {
         step(
             &format!("datapath at {label}: round {} of {}", r + 1, plan.rounds),
             started,
         );
-        let first = if r % 2 == 0 {
-            Side::Table
-        } else {
-            Side::Baseline
-        };
-        rounds.push(round(lab, sides, plan, kind, first));
+        rounds.push(round(lab, sides, plan, kind));
     }
     Comparison::of(kind, &rounds)
 }
@@ -1009,22 +1042,9 @@ impl Comparison {
     fn of(kind: Kind, rounds: &[(Sample, Sample, Noise)]) -> Comparison {
         let deep = DEPTHS.len() - 1;
         let all = |_: usize| true;
-        // What the table adds: the median of the rounds' own differences
-        // (see `Ratio::of`).
-        let extra = |f: &dyn Fn(&Sample, usize) -> f64, keep: &dyn Fn(usize) -> bool| {
-            [0, 1, 2].map(|d| {
-                let of = |table: bool| -> Vec<f64> {
-                    rounds
-                        .iter()
-                        .map(|r| f(if table { &r.0 } else { &r.1 }, d))
-                        .collect()
-                };
-                paired_median(&of(true), &of(false), keep, |t, b| t - b)
-            })
-        };
         // Every round's units measured in pairs (bulk chunks, connection
-        // batches), in order: pair `i` is `i` on both sides, and it went
-        // table first when `i` is even (rounds have even pairs).
+        // and datagram batches), in order: pair `i` is `i` on both sides,
+        // and it went table first when `i` is even (rounds have even pairs).
         let units = |f: &dyn Fn(&Sample) -> &Vec<f64>, table: bool| -> Vec<f64> {
             rounds
                 .iter()
@@ -1033,10 +1053,15 @@ impl Comparison {
         };
         let chunks = |table| units(&|s| &s.bulk_us_per_mib, table);
         let batches = |d: usize, table| units(&|s| &s.connect_us[d], table);
-        let datagram = |s: &Sample, d: usize| s.datagram_ns[d];
-        let first = |s: &Sample, d: usize| s.first_ns[d];
+        let flows = |d: usize, table| units(&|s| &s.datagram_ns[d], table);
+        let firsts = |d: usize, table| units(&|s| &s.first_ns[d], table);
+        // What the table adds at each depth: the median of the pairs' own
+        // differences (see `Ratio::of`).
+        let extra = |of: &dyn Fn(usize, bool) -> Vec<f64>, keep: &dyn Fn(usize) -> bool| {
+            [0, 1, 2].map(|d| paired_median(&of(d, true), &of(d, false), keep, |t, b| t - b))
+        };
         let per_level =
-            |keep: &dyn Fn(usize) -> bool| slope(&DEPTHS.map(f64::from), &extra(&first, keep));
+            |keep: &dyn Fn(usize) -> bool| slope(&DEPTHS.map(f64::from), &extra(&firsts, keep));
         let pcts = |table: bool| {
             let mut all: Vec<f64> = rounds
                 .iter()
@@ -1063,13 +1088,9 @@ impl Comparison {
                 per_level(&all),
                 [per_level(&|i| i % 2 == 0), per_level(&|i| i % 2 == 1)],
             ),
-            extra_ns: [0, 1, 2].map(|d| {
-                paired_median(&batches(d, true), &batches(d, false), &all, |t, b| {
-                    (t - b) * 1e3
-                })
-            }),
-            extra_datagram_ns: extra(&datagram, &all),
-            extra_first_ns: extra(&first, &all),
+            extra_ns: extra(&batches, &all).map(|us| us * 1e3),
+            extra_datagram_ns: extra(&flows, &all),
+            extra_first_ns: extra(&firsts, &all),
             foreign_max: max(&|n| n.foreign),
             ksoftirqd_max: max(&|n| n.ksoftirqd),
             programs: None,
@@ -1252,14 +1273,6 @@ fn percentile(sorted: &[f64], p: usize) -> f64 {
     sorted[(sorted.len() * p).div_ceil(100).saturating_sub(1)]
 }
 
-/// The server cgroup's CPU time so far (µs).
-fn usage_usec(lab: &Lab) -> u64 {
-    let stat = fs::read_to_string(lab.cg(Lab::SERVER).join("cpu.stat")).unwrap_or_default();
-    stat.lines()
-        .find_map(|l| l.strip_prefix("usage_usec ")?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// All CPUs' busy time so far (µs), from /proc/stat (user to steal; ticks of 10 ms).
 fn busy_us() -> u64 {
     let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -1305,23 +1318,6 @@ fn schedstat_ns(path: &Path) -> Option<u64> {
         .next()?
         .parse()
         .ok()
-}
-
-/// CPU time so far (ns) of the ksoftirqd of the CPU the client and server
-/// are pinned to (see `pin_to_measuring_cpu`): the softirq work the kernel
-/// deferred from their packets, which no task of ours is charged for. Other
-/// softirq work on that CPU is counted too, as the other developer's load on
-/// it is: both only add, and fall on both sides of a round alike.
-fn measuring_ksoftirqd_ns() -> u64 {
-    static STATS: OnceLock<Option<PathBuf>> = OnceLock::new();
-    let path = STATS.get_or_init(|| {
-        let name = format!("ksoftirqd/{}", measuring_cpu());
-        ksoftirqds()
-            .into_iter()
-            .find_map(|(comm, stats)| (comm == name).then_some(stats))
-    });
-    let path = path.as_ref().expect("the measuring CPU's ksoftirqd");
-    schedstat_ns(path).expect("ksoftirqd's schedstat")
 }
 
 /// All ksoftirqd threads' CPU time so far (µs).
