@@ -401,7 +401,7 @@ impl Tree {
     /// Removes a cgroup and anything still recorded below it.
     pub fn remove(&mut self, path: &str) -> Delta {
         let mut delta = Delta::default();
-        let before: BTreeSet<u32> = self.deciding.keys().copied().collect();
+        let before = self.levels();
         for p in self.subtree(path) {
             let Some(n) = self.nodes.remove(&*p) else {
                 continue;
@@ -445,7 +445,7 @@ impl Tree {
     /// or stops holding elements.
     fn refresh(&mut self, path: &str) -> Delta {
         let sub = self.subtree(path);
-        let before: BTreeSet<u32> = self.deciding.keys().copied().collect();
+        let before = self.levels();
         let old: Vec<Option<Element>> = sub
             .iter()
             .map(|p| {
@@ -480,7 +480,7 @@ impl Tree {
                 delta.add.extend(new);
             }
         }
-        let after: BTreeSet<u32> = self.deciding.keys().copied().collect();
+        let after = self.levels();
         let started: BTreeSet<u32> = after.difference(&before).copied().collect();
         let stopped = before.difference(&after).copied().collect();
         // A level looked up from now on: sockets with a cgroup there went as
