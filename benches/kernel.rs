@@ -438,20 +438,6 @@ impl Lab {
 
     /// Runs the bench binary's client in cgroup `rel` and returns its output line.
     fn client_in(&self, rel: &str, args: &[&str]) -> String {
-        self.client_in_netns(rel, None, args)
-    }
-
-    /// [`Lab::client_in`] in the network namespace of process `netns`, if any.
-    fn client_in_netns(&self, rel: &str, netns: Option<u32>, args: &[&str]) -> String {
-        let enter = match netns {
-            Some(pid) => vec![
-                "nsenter".to_owned(),
-                "-t".into(),
-                pid.to_string(),
-                "-n".into(),
-            ],
-            None => Vec::new(),
-        };
         let out = Command::new("sh")
             .args([
                 "-c",
@@ -459,7 +445,6 @@ impl Lab {
                 "sh",
             ])
             .arg(self.cg(rel))
-            .args(enter)
             .arg(std::env::current_exe().unwrap())
             .arg("client")
             .args(args)
