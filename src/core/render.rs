@@ -64,8 +64,6 @@ fn stmt(s: &Stmt) -> String {
         Stmt::CtMarkTagged => format!("ct mark & {CONN_TAG_MASK:#x} == {CONN_TAG_BASE:#x}"),
         Stmt::SaveCtMark => "ct mark set meta mark".into(),
         Stmt::SetCtMark(m) => format!("ct mark set {m:#x}"),
-        Stmt::CtMarkFresh => format!("ct mark @{}", table::FRESH),
-        Stmt::TagConnection => format!("ct mark set meta mark map @{}", table::TAG),
         Stmt::SetMark(m) => format!("meta mark set {m:#x}"),
         Stmt::CgroupAtLevel(level) => format!("socket cgroupv2 level {level} != 0"),
         Stmt::CgroupClass { level, map } => format!(
@@ -141,10 +139,8 @@ pub fn render(t: &TableSpec, paths: &HashMap<u64, String>) -> String {
     }
     for s in &t.sets {
         let keyword = match s.kind {
-            SetKind::Bypass(..) | SetKind::Fresh(_) => "set",
-            SetKind::Level(..) | SetKind::Classes(..) | SetKind::Ifaces(..) | SetKind::Tag(_) => {
-                "map"
-            }
+            SetKind::Bypass(..) => "set",
+            SetKind::Level(..) | SetKind::Classes(..) | SetKind::Ifaces(..) => "map",
         };
         let _ = writeln!(o, "\t{keyword} {} {{", s.name);
         if let Some(size) = s.kind.size() {
@@ -187,14 +183,6 @@ pub fn render(t: &TableSpec, paths: &HashMap<u64, String>) -> String {
                 for (index, class) in elems {
                     let _ = writeln!(o, "\t\t# {index} : {class:#x}");
                 }
-            }
-            SetKind::Fresh(tag) => {
-                let _ = writeln!(o, "\t\ttype mark");
-                let _ = writeln!(o, "\t\telements = {{ {tag:#x} }}");
-            }
-            SetKind::Tag(tag) => {
-                let _ = writeln!(o, "\t\ttype mark : mark");
-                let _ = writeln!(o, "\t\telements = {{ 0x0 : {tag:#x} }}");
             }
             SetKind::Classes(list) => {
                 let _ = writeln!(o, "\t\ttype mark : verdict");

@@ -87,11 +87,6 @@ pub enum Stmt {
     /// `ct mark and 0xffff0000 == 0x63680000`: one of our connection tags
     /// (see [`conn_tag`]), of any generation.
     CtMarkTagged,
-    /// `ct mark @fresh`: the connection carries the current tag ([`FRESH`]).
-    CtMarkFresh,
-    /// `ct mark set meta mark map @tag`: the current tag, from [`TAG`] (whose
-    /// one key is 0: where this is used, the packet has no mark).
-    TagConnection,
     /// `ct mark set meta mark`
     SaveCtMark,
     /// `ct mark set N`
@@ -163,31 +158,25 @@ pub enum SetKind {
     Classes(Vec<(u32, Verdict)>),
     /// Map of interface indices to their class ([`IFACES`]): forwarded traffic.
     Ifaces(Vec<(u32, u32)>),
-    /// The set holding the current connection tag ([`FRESH`]).
-    Fresh(u32),
-    /// The map from mark 0 to the current connection tag ([`TAG`]).
-    Tag(u32),
 }
 
 impl SetKind {
     /// The most elements a set of this kind holds, where that is fixed: the
     /// kernel then picks a fixed-size hash, whose lookup for 4-byte keys
-    /// costs less than the resizable one's (and refuses more elements). A
-    /// retag holds the old tag beside the new one until its transaction
-    /// commits.
+    /// costs less than the resizable one's (and refuses more elements).
     pub fn size(&self) -> Option<u32> {
         match self {
             SetKind::Classes(list) => Some(list.len() as u32),
-            SetKind::Fresh(_) | SetKind::Tag(_) => Some(2),
             SetKind::Bypass(..) | SetKind::Level(..) | SetKind::Ifaces(_) => None,
         }
     }
 }
 
-/// Name of the set holding the current connection tag (see [`output_chain`]).
+/// Name of the chain that ends the output chain for connections carrying the
+/// current tag ([`tag_chains`]).
 pub const FRESH: &str = "fresh";
 
-/// Name of the map that gives the current connection tag (see [`output_chain`]).
+/// Name of the chain that writes the current tag ([`tag_chains`]).
 pub const TAG: &str = "tag";
 
 /// Name of the interface → class map.
@@ -380,10 +369,10 @@ pub fn conn_tag(generation: u16) -> u32 {
 ///
 /// A connection is classified by its packets until one leaves unmarked
 /// (direct, unclassified, or a bypass destination): its connection mark then
-/// holds the tag of the table's generation ([`conn_tag`], kept in [`FRESH`]
-/// and [`TAG`]), and its later packets return at the first rule, as
-/// classifying them would only decide the same again. The daemon moves both
-/// sets to the next generation in every transaction that may change what an
+/// holds the tag of the table's generation ([`conn_tag`], in the chains
+/// [`FRESH`] and [`TAG`]), and its later packets end at the first rule, as
+/// classifying them would only decide the same again. The daemon rewrites both
+/// chains for the next generation in every transaction that may change what an
 /// existing socket decides (a decisive `tree::Delta`: a verdict changes, a
 /// cgroup that decides for itself goes, a level starts being looked up; a
 /// new cgroup's element needs none, see [`classify_chain`]): a tagged
@@ -401,7 +390,7 @@ pub fn output_chain() -> ChainSpec {
         name: "output".into(),
         hook: Some(Hook::OutputRoute),
         rules: vec![
-            vec![Stmt::CtMarkFresh, ret()],
+            vec![Stmt::Verdict(Verdict::Jump(FRESH.into()))],
             vec![Stmt::CtReply, ret()],
             // Packets whose socket set a mark (SO_MARK, which needs
             // CAP_NET_ADMIN) belong to their owner's policy routing: VPN
@@ -409,11 +398,43 @@ pub fn output_chain() -> ChainSpec {
             // connections.
             vec![Stmt::Marked, ret()],
             vec![Stmt::NotTcpUdp, ret()],
-            vec![Stmt::CtMarkTagged, Stmt::TagConnection],
-            vec![Stmt::CtMark(0), Stmt::TagConnection],
+            vec![Stmt::Verdict(Verdict::Jump(TAG.into()))],
             vec![Stmt::Verdict(Verdict::Goto(CLASSIFY.into()))],
         ],
     }
+}
+
+/// The two chains holding the tag of `generation`, which the output chain
+/// jumps to: [`FRESH`] accepts a packet whose connection carries it (ending
+/// the output chain as its policy would), [`TAG`] writes it over a zero
+/// connection mark or a stale tag of ours (another program's mark stays).
+///
+/// The tag is a constant in their rules, not an element of a set: a
+/// comparison and an immediate cost less than two set lookups, on every
+/// packet of every connection. A new generation rewrites these two small
+/// chains (no rule in them jumps, so the kernel validates nothing else); a
+/// packet meets every chain at one generation of the ruleset.
+pub fn tag_chains(generation: u16) -> [ChainSpec; 2] {
+    let tag = conn_tag(generation);
+    [
+        ChainSpec {
+            name: FRESH.into(),
+            hook: None,
+            rules: vec![vec![Stmt::CtMark(tag), Stmt::Verdict(Verdict::Accept)]],
+        },
+        ChainSpec {
+            name: TAG.into(),
+            hook: None,
+            rules: vec![
+                vec![
+                    Stmt::CtMark(0),
+                    Stmt::SetCtMark(tag),
+                    Stmt::Verdict(Verdict::Return),
+                ],
+                vec![Stmt::CtMarkTagged, Stmt::SetCtMark(tag)],
+            ],
+        },
+    ]
 }
 
 /// The drop class: everything but bypass destinations. With `stub` (some
@@ -590,14 +611,6 @@ pub fn table(
         name: IFACES.into(),
         kind: SetKind::Ifaces(ifaces.iter().map(|(&i, &c)| (i, c)).collect()),
     });
-    sets.push(SetSpec {
-        name: FRESH.into(),
-        kind: SetKind::Fresh(conn_tag(generation)),
-    });
-    sets.push(SetSpec {
-        name: TAG.into(),
-        kind: SetKind::Tag(conn_tag(generation)),
-    });
     for &level in levels {
         let elems = elements
             .iter()
@@ -751,6 +764,7 @@ pub fn table(
     chains.push(drop_chain(stub));
     chains.push(unmatched_chain(cfg));
     chains.push(classify_chain(levels));
+    chains.extend(tag_chains(generation));
     chains.push(output_chain());
     if !cfg.targets.is_empty() {
         chains.push(guard_chain(cfg));
@@ -832,14 +846,12 @@ mod tests {
         assert_eq!(
             out.rules,
             [
-                // Tagged at the current generation: returns before anything else.
-                vec![Stmt::CtMarkFresh, ret.clone()],
+                // Tagged at the current generation: ends before anything else.
+                vec![Stmt::Verdict(Verdict::Jump(FRESH.into()))],
                 vec![Stmt::CtReply, ret.clone()],
                 vec![Stmt::Marked, ret.clone()],
-                vec![Stmt::NotTcpUdp, ret],
-                // A stale tag of ours, or none: another program's stays.
-                vec![Stmt::CtMarkTagged, Stmt::TagConnection],
-                vec![Stmt::CtMark(0), Stmt::TagConnection],
+                vec![Stmt::NotTcpUdp, ret.clone()],
+                vec![Stmt::Verdict(Verdict::Jump(TAG.into()))],
                 vec![Stmt::Verdict(Verdict::Goto(CLASSIFY.into()))],
             ]
         );
@@ -852,9 +864,21 @@ mod tests {
             true,
             7,
         );
-        let set = |name: &str| t.sets.iter().find(|s| s.name == name).unwrap().kind.clone();
-        assert_eq!(set(FRESH), SetKind::Fresh(0x6368_0007));
-        assert_eq!(set(TAG), SetKind::Tag(0x6368_0007));
+        let [fresh, tagging] = tag_chains(7);
+        let tag = 0x6368_0007;
+        assert_eq!(
+            fresh.rules,
+            [vec![Stmt::CtMark(tag), Stmt::Verdict(Verdict::Accept)]]
+        );
+        assert_eq!(
+            tagging.rules,
+            [
+                // No mark, or a stale tag of ours: another program's stays.
+                vec![Stmt::CtMark(0), Stmt::SetCtMark(tag), ret],
+                vec![Stmt::CtMarkTagged, Stmt::SetCtMark(tag)],
+            ]
+        );
+        assert!(t.chains.contains(&fresh) && t.chains.contains(&tagging));
         assert_eq!(
             conn_tag(u16::MAX),
             0x6368_ffff,

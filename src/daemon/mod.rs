@@ -593,11 +593,9 @@ impl Daemon {
         // ancestors going: see `tree::Delta::decisive`) keeps the generation.
         let generation = if delta.decisive {
             let next = self.next_generation();
-            txn.retag(
-                &name,
-                table::conn_tag(self.generation),
-                table::conn_tag(next),
-            )?;
+            for c in table::tag_chains(next) {
+                txn.rewrite_chain(&name, &c)?;
+            }
             next
         } else {
             self.generation

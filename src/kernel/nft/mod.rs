@@ -203,23 +203,6 @@ fn exprs(s: &Stmt) -> Result<Vec<Expr>, NftError> {
             },
             cmp(CONN_TAG_BASE.to_ne_bytes().to_vec()),
         ],
-        Stmt::CtMarkFresh => vec![
-            Expr::CtMark,
-            Expr::Lookup {
-                set: cstring(table::FRESH)?,
-                sreg: REG_1,
-                dreg: None,
-            },
-        ],
-        Stmt::TagConnection => vec![
-            Expr::Meta(MetaKey::Mark),
-            Expr::Lookup {
-                set: cstring(table::TAG)?,
-                sreg: REG_1,
-                dreg: Some(REG_1),
-            },
-            Expr::SetCtMark,
-        ],
         Stmt::SaveCtMark => vec![Expr::Meta(MetaKey::Mark), Expr::SetCtMark],
         Stmt::SetCtMark(m) => vec![
             Expr::Load {
@@ -449,8 +432,6 @@ impl Txn {
             SetKind::Level(..) => (ffi::TYPE_CGROUPV2, 8, Some(class), false),
             SetKind::Classes(..) => (ffi::TYPE_MARK, 4, Some(ffi::Data::Verdict), false),
             SetKind::Ifaces(..) => (ffi::TYPE_IFINDEX, 4, Some(class), false),
-            SetKind::Fresh(_) => (ffi::TYPE_MARK, 4, None, false),
-            SetKind::Tag(_) => (ffi::TYPE_MARK, 4, Some(class), false),
         };
         let def = SetDef {
             table: cstring(table)?,
@@ -479,8 +460,6 @@ impl Txn {
             }
             SetKind::Level(_, list) => self.class_elems(table, &s.name, list, true),
             SetKind::Ifaces(list) => self.class_elems(table, &s.name, list, true),
-            SetKind::Fresh(tag) => self.fresh_elem(table, *tag, MsgType::Add),
-            SetKind::Tag(tag) => self.class_elems(table, &s.name, &[(0u32, *tag)], true),
             SetKind::Classes(list) => {
                 let mut elems = Vec::with_capacity(list.len());
                 for (class, v) in list {
@@ -503,27 +482,6 @@ impl Txn {
         let f = ffi_verdict(v)?;
         self.verdicts.insert(v.clone(), f.clone());
         Ok(f)
-    }
-
-    /// Adds or deletes `tag` in the [`table::FRESH`] set.
-    fn fresh_elem(&mut self, table: &str, tag: u32, ty: MsgType) -> Result<(), NftError> {
-        let elem = Elem {
-            key: Key::new(&tag.to_ne_bytes()),
-            interval_end: false,
-            verdict: None,
-            value: None,
-        };
-        self.elems(table, table::FRESH, &[elem], ty)
-    }
-
-    /// Moves the connection tag from `old` to `new` (see
-    /// `table::output_chain`): connections tagged `old` are classified
-    /// again at their next packet.
-    pub fn retag(&mut self, table: &str, old: u32, new: u32) -> Result<(), NftError> {
-        self.fresh_elem(table, old, MsgType::Del)?;
-        self.fresh_elem(table, new, MsgType::Add)?;
-        self.class_elems(table, table::TAG, &[(0u32, old)], false)?;
-        self.class_elems(table, table::TAG, &[(0u32, new)], true)
     }
 
     /// Class-map elements (a cgroup id or interface index → class), one
