@@ -19,7 +19,8 @@
 //! The last line printed is `bench-json: {...}`. `CGTPROXY_BENCH_ONLY=forward`
 //! runs only the forwarder comparison (see `kernel/forward.rs`),
 //! `CGTPROXY_BENCH_ONLY=update` only the update latency at 10,000 cgroups and
-//! its nft CLI comparison.
+//! its nft CLI comparison, `CGTPROXY_BENCH_ONLY=memory` only start-up and RSS
+//! at 10,000 and 50,000.
 //! `CGTPROXY_BENCH_QUICK=1` is for iterating on the benchmark itself: no
 //! forwarder comparison, fewer and shorter datapath rounds, figures too noisy
 //! to quote.
@@ -912,6 +913,47 @@ fn update_only(mut lab: Lab, base: &str, machine: &str, started: Instant) {
     println!("bench-json: {j}");
 }
 
+/// Start-up and idle RSS as the full run measures them, without the datapath
+/// rounds in between: at 10,000 and 50,000 cgroups.
+fn memory_only(mut lab: Lab, machine: &str, started: Instant) {
+    let ev = Events::subscribe();
+    let mut j = serde_json::Map::new();
+    j.insert("machine".into(), json!(machine));
+    println!("cgtproxy start-up and memory benchmark");
+    println!("machine: {machine}");
+    for (from, to, label, key) in [
+        (0, 10_000, "10,000", "10k"),
+        (10_000, 50_000, "50,000", "50k"),
+    ] {
+        step(&format!("creating {label} cgroups"), started);
+        lab.populate(from, to);
+        step(&format!("start-up at {label}"), started);
+        let startup = ev.without(|| startup_median(&mut lab));
+        let (rss, (anon, file)) = idle_rss(&lab, &ev);
+        lab.stop_daemon();
+        println!(
+            "start to READY=1, median of {STARTS}, {label} (ms): {startup:.0}; RSS idle: {rss} KiB (anonymous {anon}, file {file})"
+        );
+        j.insert(format!("startup_ms_{key}"), json!(round1(startup)));
+        j.insert(format!("rss_kib_{key}"), json!(rss));
+        j.insert(format!("rss_anon_kib_{key}"), json!(anon));
+        j.insert(format!("rss_file_kib_{key}"), json!(file));
+    }
+    step("removing 50,000 cgroups", started);
+    drop(lab);
+    step("done", started);
+    println!("bench-json: {}", serde_json::Value::Object(j));
+}
+
+/// The running daemon's RSS once idle (a deferred STATUS= gone out, at most
+/// once a second): total, and (anonymous, file-backed), in KiB.
+fn idle_rss(lab: &Lab, ev: &Events) -> (u64, (u64, u64)) {
+    ev.settle(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = lab.daemon().pid();
+    (rss_kib(pid), rss_split_kib(pid))
+}
+
 fn step(what: &str, started: Instant) {
     eprintln!("[{:6.1} s] {what}", started.elapsed().as_secs_f64());
 }
@@ -944,6 +986,10 @@ fn bench(base: &str) {
     let only = std::env::var("CGTPROXY_BENCH_ONLY").unwrap_or_default();
     if only == "update" {
         update_only(lab, base, &machine, started);
+        return;
+    }
+    if only == "memory" {
+        memory_only(lab, &machine, started);
         return;
     }
     let (fwd_table, fwd_keys) = if quick {
@@ -997,12 +1043,9 @@ fn bench(base: &str) {
     let startup_10k = ev.without(|| startup_median(&mut lab));
     let all_10k = lab.hierarchy_size();
     let pid = lab.daemon().pid();
-    // Let a deferred STATUS= go out (at most once a second), then watch it idle.
+    // Idle: RSS, then its wake-ups.
     step("idle daemon with 10,000", started);
-    ev.settle(Duration::from_millis(200));
-    std::thread::sleep(Duration::from_millis(1500));
-    let rss_10k = rss_kib(pid);
-    let split_10k = rss_split_kib(pid);
+    let (rss_10k, split_10k) = idle_rss(&lab, &ev);
     let idle_window = Duration::from_secs(3);
     let c0 = ctx_switches(pid);
     std::thread::sleep(idle_window);
@@ -1029,10 +1072,7 @@ fn bench(base: &str) {
     step("start-up at 50,000", started);
     let startup_50k = ev.without(|| startup_median(&mut lab));
     let all_50k = lab.hierarchy_size();
-    ev.settle(Duration::from_millis(300));
-    std::thread::sleep(Duration::from_millis(1500));
-    let rss_50k = rss_kib(lab.daemon().pid());
-    let split_50k = rss_split_kib(lab.daemon().pid());
+    let (rss_50k, split_50k) = idle_rss(&lab, &ev);
 
     step("update latency at 50,000", started);
     let (lat_50k, missed_50k, made) = update_latencies(&lab, &ev, fresh(UPDATES), None);
