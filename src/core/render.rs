@@ -168,11 +168,11 @@ pub fn render(t: &TableSpec, paths: &HashMap<u64, String>) -> String {
                     let _ = writeln!(o, "\t\telements = {{ {} }}", elems.join(", "));
                 }
             }
-            SetKind::Level(_, elems) => {
+            SetKind::Level(_, range) => {
                 let _ = writeln!(o, "\t\ttype cgroupsv2 : mark");
                 // nft takes cgroupsv2 keys as paths below /sys/fs/cgroup, which is
                 // not where every system mounts it: ids go in comments.
-                for (id, class) in elems {
+                for (id, class) in t.level_elements.get(range.clone()).unwrap_or_default() {
                     let path = paths.get(id).map(String::as_str).unwrap_or("?");
                     let _ = writeln!(o, "\t\t# {id} : {class:#x}  ({path})");
                 }

@@ -246,7 +246,7 @@ fn exprs(s: &Stmt) -> Result<Vec<Expr>, NftError> {
 fn empty_level_map(level: u32) -> SetSpec {
     SetSpec {
         name: table::level_map(level),
-        kind: SetKind::Level(level, Vec::new()),
+        kind: SetKind::Level(level, 0..0),
     }
 }
 
@@ -406,7 +406,7 @@ impl Txn {
             self.add_chain(&table, c)?;
         }
         for s in &spec.sets {
-            self.add_set_elems(&spec.name, s)?;
+            self.add_set_elems(&spec.name, s, &spec.level_elements)?;
         }
         for c in &spec.chains {
             self.add_rules(&table, c)?;
@@ -449,7 +449,13 @@ impl Txn {
         Ok(def)
     }
 
-    fn add_set_elems(&mut self, table: &str, s: &SetSpec) -> Result<(), NftError> {
+    /// Adds set `s`'s elements; a level map's are its range of `levels`.
+    fn add_set_elems(
+        &mut self,
+        table: &str,
+        s: &SetSpec,
+        levels: &[(u64, u32)],
+    ) -> Result<(), NftError> {
         match &s.kind {
             SetKind::Bypass(f, ranges) => {
                 let elems = interval_elems(*f, ranges);
@@ -458,7 +464,10 @@ impl Txn {
                 }
                 Ok(())
             }
-            SetKind::Level(_, list) => self.class_elems(table, &s.name, list, true),
+            SetKind::Level(_, range) => {
+                let list = levels.get(range.clone()).unwrap_or_default();
+                self.class_elems(table, &s.name, list, true)
+            }
             SetKind::Ifaces(list) => self.class_elems(table, &s.name, list, true),
             SetKind::Classes(list) => {
                 let mut elems = Vec::with_capacity(list.len());
