@@ -1016,6 +1016,31 @@ mod tests {
         assert_eq!(element_class(&cfg(), None), 0, "leaves the mark unset");
     }
 
+    #[test]
+    fn each_level_map_holds_its_own_levels_elements() {
+        let c = cfg();
+        let elements: Vec<Element> = vec![
+            ((2, 11), Some(Action::Tproxy(0))),
+            ((2, 12), None),
+            ((4, 13), Some(Action::Direct)),
+        ];
+        // Level 3 has a map (its elements still to come) but none yet.
+        let levels = BTreeSet::from([2, 3, 4]);
+        let t = table(&c, &levels, &elements, &BTreeMap::new(), &[], true, 0);
+        let held = |level: u32| -> Vec<(u64, u32)> {
+            let kind = t.sets.iter().find(|s| s.name == level_map(level));
+            match kind.map(|s| &s.kind) {
+                Some(SetKind::Level(l, range)) if *l == level => {
+                    t.level_elements[range.clone()].to_vec()
+                }
+                other => panic!("level {level}: {other:?}"),
+            }
+        };
+        assert_eq!(held(2), [(11, 3000), (12, 0)]);
+        assert_eq!(held(3), []);
+        assert_eq!(held(4), [(13, DIRECT_CLASS)]);
+    }
+
     fn bare_table(c: &Config) -> TableSpec {
         table(c, &BTreeSet::new(), &[], &BTreeMap::new(), &[], true, 0)
     }
