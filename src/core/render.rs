@@ -43,6 +43,7 @@ fn stmt(s: &Stmt) -> String {
         Stmt::OifNotLoopback => "oif != \"lo\"".into(),
         Stmt::IifNotLoopback => "iif != \"lo\"".into(),
         Stmt::Unmarked => "meta mark 0x0".into(),
+        Stmt::IifIn(set) => format!("iif @{set}"),
         Stmt::FibDaddrType(t) => format!(
             "fib daddr type {}",
             match t {

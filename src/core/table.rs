@@ -81,6 +81,8 @@ pub enum Stmt {
     IifNotLoopback,
     /// `meta mark 0`
     Unmarked,
+    /// `iif @set`: the input interface is a key of set or map `set`
+    IifIn(String),
     /// `fib daddr type T` (T an `RTN_*` address type: local, broadcast…)
     FibDaddrType(u8),
     /// `ct mark N`
@@ -788,11 +790,16 @@ pub fn table(
     // then give them back to the listener instead of the app. Unmarked
     // packets from other hosts are forwarded traffic: classified, they get a
     // target's mark and meet the same tproxy rules as looped local traffic.
+    // Only those of a classified interface go to the forwarded chain: every
+    // packet a client sends to a server on this host passes here, and the
+    // chain's first `fib` check is a route lookup (by hand, an inbound
+    // datagram cost 414 ns over conntrack only with it, 320 without).
     let mut head = vec![
         vec![Stmt::CtReply, Stmt::Verdict(Verdict::Return)],
         vec![
             Stmt::IifNotLoopback,
             Stmt::Unmarked,
+            Stmt::IifIn(IFACES.into()),
             Stmt::Verdict(Verdict::Jump(FORWARDED.into())),
         ],
     ];
@@ -975,6 +982,16 @@ mod tests {
             pre.rules[0],
             vec![Stmt::CtReply, Stmt::Verdict(Verdict::Return)],
             "answers are never handed to a listener"
+        );
+        assert_eq!(
+            pre.rules[1],
+            vec![
+                Stmt::IifNotLoopback,
+                Stmt::Unmarked,
+                Stmt::IifIn(IFACES.into()),
+                Stmt::Verdict(Verdict::Jump(FORWARDED.into())),
+            ],
+            "only a classified interface's packets meet the forwarded chain's route lookups"
         );
         assert_eq!(
             pre.rules[2..],

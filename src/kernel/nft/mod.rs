@@ -179,6 +179,15 @@ fn exprs(s: &Stmt) -> Result<Vec<Expr>, NftError> {
             },
         ],
         Stmt::Unmarked => vec![Expr::Meta(MetaKey::Mark), cmp(0u32.to_ne_bytes().to_vec())],
+        // A named map's keys are a set: a lookup without a destination.
+        Stmt::IifIn(set) => vec![
+            Expr::Meta(MetaKey::Iif),
+            Expr::Lookup {
+                set: cstring(set)?,
+                sreg: REG_1,
+                dreg: None,
+            },
+        ],
         Stmt::FibDaddrType(t) => vec![
             Expr::FibDaddrType,
             cmp(u32::from(*t).to_ne_bytes().to_vec()),
