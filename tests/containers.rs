@@ -397,6 +397,46 @@ fn gateway_mode_routes_what_interfaces_forward_even_when_they_appear_later() {
             }
             assert!(!mapped().contains(&"guest0".to_owned()), "{:?}", mapped());
             assert_eq!(counted(lab.peer_pid()), 0, "went direct");
+
+            // With no interface classified the prerouting chain leaves
+            // forwarded traffic alone (no lookup per packet); the first
+            // interface classified again brings the jump back.
+            let forwarding =
+                || nft("list chain inet cgtproxy prerouting").contains("jump forwarded");
+            let reload = |interfaces: &str, reloads: usize| {
+                lab.write_config_with("g.json", &proxy_target(), &rules(&lab), interfaces);
+                d.signal(nix::sys::signal::Signal::SIGHUP);
+                let done = lab.eventually(Duration::from_secs(10), || {
+                    d.log().matches("configuration reloaded").count() == reloads
+                });
+                assert!(done, "{}", d.log());
+            };
+            reload(r#"[{"match":"^nothing-here","drop":true}]"#, 2);
+            assert!(mapped().is_empty(), "{:?}", mapped());
+            assert!(
+                !forwarding(),
+                "{}",
+                nft("list chain inet cgtproxy prerouting")
+            );
+            let a = lan.talk("tcp", PEER4, PEER_PORT);
+            assert!(
+                !a.starts_with("ERR") && !proxied(&a, PEER4),
+                "tcp from an unclassified LAN: {a}"
+            );
+            assert!(
+                counted(lab.peer_pid()) > 0,
+                "went direct, to the peer itself"
+            );
+            reload(r#"[{"match":"^lan","tproxy":"proxy"}]"#, 3);
+            assert!(
+                forwarding(),
+                "{}",
+                nft("list chain inet cgtproxy prerouting")
+            );
+            for (proto, dst) in [("tcp", PEER4), ("udp", PEER6)] {
+                let a = lan.talk(proto, dst, PEER_PORT);
+                assert!(proxied(&a, dst), "{proto} to {dst} from the LAN again: {a}");
+            }
         },
     );
 }

@@ -10,7 +10,9 @@ use std::rc::Rc;
 
 use ipnet::IpNet;
 
-use crate::config::{Action, CONN_TAG_BASE, Config, DIRECT_CLASS, DROP_CLASS, RESOLVED_STUB};
+use crate::config::{
+    Action, CONN_TAG_BASE, Config, DIRECT_CLASS, DROP_CLASS, RESOLVED_STUB, Target,
+};
 use crate::core::tree::Element;
 
 /// Address family of a rule or set.
@@ -507,6 +509,105 @@ pub fn guard_chain(cfg: &Config) -> ChainSpec {
     }
 }
 
+/// The queries target `t` hijacks: (resolver address, its family, protocol,
+/// resolver port), UDP and with `tcp` TCP, for each of its addresses.
+fn dns_hijacks(t: &Target) -> Vec<(IpAddr, Family, Proto, u16)> {
+    let Some(d) = &t.dns_hijack else {
+        return Vec::new();
+    };
+    let protos: &[Proto] = if d.tcp {
+        &[Proto::Udp, Proto::Tcp]
+    } else {
+        &[Proto::Udp]
+    };
+    let addrs = [d.ip.map(IpAddr::V4), d.ip6.map(IpAddr::V6)];
+    let mut out = Vec::new();
+    for addr in addrs.into_iter().flatten() {
+        let fam = if addr.is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        };
+        out.extend(protos.iter().map(|&p| (addr, fam, p, d.port)));
+    }
+    out
+}
+
+/// Name of the base chain that hands marked packets to the listeners.
+pub const PREROUTING: &str = "prerouting";
+
+/// The prerouting chain: marked packets to their target's listener, and,
+/// when `forwarded` (some interface is classified), unmarked packets of a
+/// classified interface to [`forwarded_chain`] first.
+///
+/// Answers are never handed to a listener. A VPN's rule that copies the
+/// connection's mark into every packet (wg-quick's `meta mark set ct mark`
+/// for UDP) puts our mark on the listener's own answers; `tproxy` would then
+/// give them back to the listener instead of the app. Unmarked packets from
+/// other hosts are forwarded traffic: classified, they get a target's mark
+/// and meet the same tproxy rules as looped local traffic. Every packet a
+/// client sends to a server on this host passes here too: the forwarded
+/// chain's first `fib` check is a route lookup, and even the interface map's
+/// lookup costs more than the rest of the chain (by hand, per inbound
+/// datagram over conntrack only: 414 ns with the jump for every interface,
+/// 320 with the map lookup first, 179 without the rule), so the jump is only
+/// there while an interface is classified, and only for those interfaces.
+pub fn prerouting_chain(cfg: &Config, forwarded: bool) -> ChainSpec {
+    let mut rules = vec![vec![Stmt::CtReply, Stmt::Verdict(Verdict::Return)]];
+    if forwarded {
+        rules.push(vec![
+            Stmt::IifNotLoopback,
+            Stmt::Unmarked,
+            Stmt::IifIn(IFACES.into()),
+            Stmt::Verdict(Verdict::Jump(FORWARDED.into())),
+        ]);
+    }
+    // Forwarded DNS queries a target hijacks keep their mark past the tproxy
+    // rules, for the prerouting nat chain.
+    for t in &cfg.targets {
+        for (_, fam, p, _) in dns_hijacks(t) {
+            rules.push(vec![
+                Stmt::Mark(t.mark),
+                Stmt::NfProto(fam),
+                Stmt::L4Proto(p),
+                Stmt::Dport(53),
+                Stmt::Verdict(Verdict::Return),
+            ]);
+        }
+    }
+    for t in &cfg.targets {
+        let protos: &[Proto] = if t.no_udp {
+            &[Proto::Tcp]
+        } else {
+            &[Proto::Tcp, Proto::Udp]
+        };
+        // One rule per family: a tproxy statement with an address serves only
+        // its own family. A no-ipv6 target's IPv6 traffic is never marked.
+        let families: &[Family] = if t.no_ipv6 {
+            &[Family::V4]
+        } else {
+            &[Family::V4, Family::V6]
+        };
+        for &f in families {
+            for &p in protos {
+                rules.push(vec![
+                    Stmt::Mark(t.mark),
+                    Stmt::NfProto(f),
+                    Stmt::L4Proto(p),
+                    Stmt::Tproxy(loopback(f), t.port),
+                    Stmt::Counter,
+                    Stmt::Verdict(Verdict::Accept),
+                ]);
+            }
+        }
+    }
+    ChainSpec {
+        name: PREROUTING.into(),
+        hook: Some(Hook::PreroutingFilter),
+        rules,
+    }
+}
+
 /// Name of the chain that classifies traffic forwarded to this host.
 pub const FORWARDED: &str = "forwarded";
 
@@ -645,10 +746,6 @@ pub fn table(
         hook: None,
         rules: vec![vec![Stmt::SetMark(0)]],
     }];
-    let mut prerouting = Vec::new();
-    // Forwarded DNS queries a target hijacks keep their mark past the tproxy
-    // rules, for the prerouting nat chain.
-    let mut hijacked_dns = Vec::new();
     let mut nat = Vec::new();
     let stub = cfg
         .targets
@@ -678,46 +775,24 @@ pub fn table(
             }
         }
         rules.extend(bypassed());
-        if let Some(d) = &t.dns_hijack {
-            let protos: &[Proto] = if d.tcp {
-                &[Proto::Udp, Proto::Tcp]
-            } else {
-                &[Proto::Udp]
-            };
-            let addrs = [d.ip.map(IpAddr::V4), d.ip6.map(IpAddr::V6)];
-            for addr in addrs.into_iter().flatten() {
-                let fam = if addr.is_ipv4() {
-                    Family::V4
-                } else {
-                    Family::V6
-                };
-                for &p in protos {
-                    // Marked even for no-udp / no-ipv6 targets: the nat chain finds
-                    // the query by its mark, clears it and redirects it.
-                    rules.push(vec![
-                        Stmt::NfProto(fam),
-                        Stmt::L4Proto(p),
-                        Stmt::Dport(53),
-                        Stmt::SetMark(t.mark),
-                        Stmt::Verdict(Verdict::Return),
-                    ]);
-                    hijacked_dns.push(vec![
-                        Stmt::Mark(t.mark),
-                        Stmt::NfProto(fam),
-                        Stmt::L4Proto(p),
-                        Stmt::Dport(53),
-                        Stmt::Verdict(Verdict::Return),
-                    ]);
-                    nat.push(vec![
-                        Stmt::Mark(t.mark),
-                        Stmt::NfProto(fam),
-                        Stmt::L4Proto(p),
-                        Stmt::Dport(53),
-                        Stmt::SetMark(0),
-                        Stmt::Dnat(addr, d.port),
-                    ]);
-                }
-            }
+        for (addr, fam, p, port) in dns_hijacks(t) {
+            // Marked even for no-udp / no-ipv6 targets: the nat chain finds
+            // the query by its mark, clears it and redirects it.
+            rules.push(vec![
+                Stmt::NfProto(fam),
+                Stmt::L4Proto(p),
+                Stmt::Dport(53),
+                Stmt::SetMark(t.mark),
+                Stmt::Verdict(Verdict::Return),
+            ]);
+            nat.push(vec![
+                Stmt::Mark(t.mark),
+                Stmt::NfProto(fam),
+                Stmt::L4Proto(p),
+                Stmt::Dport(53),
+                Stmt::SetMark(0),
+                Stmt::Dnat(addr, port),
+            ]);
         }
         // Traffic a target leaves direct leaves unmarked: its class mark is the
         // target's mark and goes again.
@@ -750,30 +825,6 @@ pub fn table(
             hook: None,
             rules,
         });
-        let protos: &[Proto] = if t.no_udp {
-            &[Proto::Tcp]
-        } else {
-            &[Proto::Tcp, Proto::Udp]
-        };
-        // One rule per family: a tproxy statement with an address serves only
-        // its own family. A no-ipv6 target's IPv6 traffic is never marked.
-        let families: &[Family] = if t.no_ipv6 {
-            &[Family::V4]
-        } else {
-            &[Family::V4, Family::V6]
-        };
-        for &f in families {
-            for &p in protos {
-                prerouting.push(vec![
-                    Stmt::Mark(t.mark),
-                    Stmt::NfProto(f),
-                    Stmt::L4Proto(p),
-                    Stmt::Tproxy(loopback(f), t.port),
-                    Stmt::Counter,
-                    Stmt::Verdict(Verdict::Accept),
-                ]);
-            }
-        }
     }
     chains.push(drop_chain(stub));
     chains.push(unmatched_chain(cfg));
@@ -784,32 +835,7 @@ pub fn table(
         chains.push(guard_chain(cfg));
     }
     chains.push(forwarded_chain());
-    // Answers are never handed to a listener. A VPN's rule that copies the
-    // connection's mark into every packet (wg-quick's `meta mark set ct mark`
-    // for UDP) puts our mark on the listener's own answers; `tproxy` would
-    // then give them back to the listener instead of the app. Unmarked
-    // packets from other hosts are forwarded traffic: classified, they get a
-    // target's mark and meet the same tproxy rules as looped local traffic.
-    // Only those of a classified interface go to the forwarded chain: every
-    // packet a client sends to a server on this host passes here, and the
-    // chain's first `fib` check is a route lookup (by hand, an inbound
-    // datagram cost 414 ns over conntrack only with it, 320 without).
-    let mut head = vec![
-        vec![Stmt::CtReply, Stmt::Verdict(Verdict::Return)],
-        vec![
-            Stmt::IifNotLoopback,
-            Stmt::Unmarked,
-            Stmt::IifIn(IFACES.into()),
-            Stmt::Verdict(Verdict::Jump(FORWARDED.into())),
-        ],
-    ];
-    head.append(&mut hijacked_dns);
-    prerouting.splice(0..0, head);
-    chains.push(ChainSpec {
-        name: "prerouting".into(),
-        hook: Some(Hook::PreroutingFilter),
-        rules: prerouting,
-    });
+    chains.push(prerouting_chain(cfg, !ifaces.is_empty()));
     if !nat.is_empty() {
         chains.push(ChainSpec {
             name: "dns-forwarded".into(),
@@ -977,24 +1003,14 @@ mod tests {
                 ],
             ]
         );
-        let pre = t.chains.iter().find(|ch| ch.name == "prerouting").unwrap();
+        let pre = t.chains.iter().find(|ch| ch.name == PREROUTING).unwrap();
         assert_eq!(
             pre.rules[0],
             vec![Stmt::CtReply, Stmt::Verdict(Verdict::Return)],
             "answers are never handed to a listener"
         );
         assert_eq!(
-            pre.rules[1],
-            vec![
-                Stmt::IifNotLoopback,
-                Stmt::Unmarked,
-                Stmt::IifIn(IFACES.into()),
-                Stmt::Verdict(Verdict::Jump(FORWARDED.into())),
-            ],
-            "only a classified interface's packets meet the forwarded chain's route lookups"
-        );
-        assert_eq!(
-            pre.rules[2..],
+            pre.rules[1..],
             vec![vec![
                 Stmt::Mark(9),
                 Stmt::NfProto(Family::V4),
@@ -1005,6 +1021,36 @@ mod tests {
             ]],
             "one TCP rule to loopback: no UDP (no-udp), no IPv6 (no-ipv6)"
         );
+    }
+
+    #[test]
+    fn only_a_classified_interfaces_packets_meet_the_forwarded_chain() {
+        let c = cfg();
+        let jump = vec![
+            Stmt::IifNotLoopback,
+            Stmt::Unmarked,
+            Stmt::IifIn(IFACES.into()),
+            Stmt::Verdict(Verdict::Jump(FORWARDED.into())),
+        ];
+        let pre = |ifaces: &BTreeMap<u32, u32>| {
+            let t = table(&c, &BTreeSet::new(), &[], ifaces, &[], true, 0);
+            let chain = t.chains.into_iter().find(|ch| ch.name == PREROUTING);
+            chain.expect("a prerouting chain")
+        };
+        let none = pre(&BTreeMap::new());
+        assert!(
+            !none.rules.contains(&jump),
+            "no interface classified: a server's inbound packets pass no lookup"
+        );
+        let one = pre(&BTreeMap::from([(5, 3000)]));
+        assert_eq!(one.rules[1], jump, "right after answers leave");
+        assert_eq!(
+            one.rules[2..],
+            none.rules[1..],
+            "the tproxy rules are the same either way"
+        );
+        assert_eq!(one, prerouting_chain(&c, true), "what an update installs");
+        assert_eq!(none, prerouting_chain(&c, false));
     }
 
     /// The chain a class's packets go to, from the classes map.

@@ -228,20 +228,28 @@ fn planned(
 
 /// Adds to `txn` what turns the installed interface map and routed bridge
 /// ports into `plan`'s; false when nothing differs. One transaction: a port
-/// is never routed without its class, whatever the order inside it.
+/// is never routed without its class, whatever the order inside it. The
+/// prerouting chain looks at forwarded traffic only while some interface is
+/// classified (see `table::prerouting_chain`): it is rewritten when the first
+/// comes or the last goes.
 fn link_changes(
     txn: &mut Txn,
-    table: &str,
+    cfg: &Config,
     (ifaces, broute): (&BTreeMap<u32, u32>, &[u32]),
     plan: &LinkPlan,
     caps: Caps,
 ) -> Result<bool, NftError> {
+    let table = &cfg.table;
     let (del, add) = links::diff(ifaces, &plan.elements);
     let broute_changed = plan.broute != broute;
     if del.is_empty() && add.is_empty() && !broute_changed {
         return Ok(false);
     }
     txn.iface_elements(table, &del, &add)?;
+    let forwarded = !plan.elements.is_empty();
+    if ifaces.is_empty() == forwarded {
+        txn.rewrite_chain(table, &table::prerouting_chain(cfg, forwarded))?;
+    }
     if broute_changed {
         txn.replace_bridge(table, &plan.broute, caps.can_broute, caps.table_flags)?;
     }
@@ -502,7 +510,7 @@ impl Daemon {
         let mut txn = Txn::new();
         let done = match link_changes(
             &mut txn,
-            &self.cfg.table,
+            &self.cfg,
             self.installed_links(),
             &self.link_plan,
             self.caps,
@@ -904,7 +912,7 @@ impl Daemon {
                 if self.bpf.is_none()
                     && link_changes(
                         &mut txn,
-                        &self.cfg.table,
+                        &self.cfg,
                         self.installed_links(),
                         &link_plan,
                         self.caps,
