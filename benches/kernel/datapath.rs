@@ -361,6 +361,10 @@ struct Sample {
     /// CPU time per untracked datagram (ns: each classified as a flow's
     /// first packet), client at each of [`DEPTHS`], one figure per batch.
     first_ns: [Vec<f64>; 3],
+    /// CPU time per datagram of one flow arriving unasked (ns): sent from
+    /// the peer to a socket in the side's namespace, as a client's to a
+    /// server on this host, one figure per batch.
+    inbound_ns: Vec<f64>,
     /// CPU time per MiB uploaded (µs), client at the deepest depth, one
     /// figure per chunk (see [`bulk`]).
     bulk_us_per_mib: Vec<f64>,
@@ -515,16 +519,36 @@ fn connects(
 /// namespaces exempt from conntrack, so that each is classified as a
 /// flow's first packet is. Made as [`connects`] are: the process sends
 /// each and receives it at the peer's end.
+/// The datagrams of one flow measured: what a side's socket sends to the
+/// peer (each a later packet of its flow), the same untracked (each
+/// classified as a first packet is), or what the peer sends to that socket.
+#[derive(Clone, Copy)]
+enum Flow {
+    Out,
+    Untracked,
+    In,
+}
+
+impl Flow {
+    /// The paired client's name for it.
+    fn arg(self) -> &'static str {
+        match self {
+            Flow::Out => "flow",
+            Flow::Untracked => "untracked",
+            Flow::In => "inbound",
+        }
+    }
+}
+
 fn datagrams(
     lab: &Lab,
     sides: &Sides,
     kind: Kind,
     depth: u32,
-    untracked: bool,
+    flow: Flow,
     (pairs, batch): (usize, usize),
 ) -> [Vec<f64>; 2] {
-    let flow = if untracked { "untracked" } else { "flow" };
-    let args = [pairs.to_string(), batch.to_string(), flow.to_owned()];
+    let args = [pairs.to_string(), batch.to_string(), flow.arg().to_owned()];
     let v = paired(lab, sides, kind, depth, "datagram-pair", &args);
     [numbers(&v, "table_ns"), numbers(&v, "baseline_ns")]
 }
@@ -615,10 +639,13 @@ fn join(cgroup: &Path) {
 /// connection made, accepted and reset, measured in batches of `BATCH`
 /// (CPU ns per connection of the batch); also each connect's latency;
 ///
-/// `client datagram-pair PEER_NETNS PAIRS BATCH flow|untracked SIDE SIDE`:
+/// `client datagram-pair PEER_NETNS PAIRS BATCH flow|untracked|inbound SIDE SIDE`:
 /// units are a one-byte datagram sent and received at the peer's sink, in
 /// batches as connections are, from one socket per side (`untracked`: from
-/// [`UNTRACKED_SPORT`]).
+/// [`UNTRACKED_SPORT`]); `inbound`: sent from the peer to that socket, which
+/// never sends, so the flow starts at the peer, as a client's to a server
+/// on this host (a connected socket: found without a route lookup, as a
+/// TCP server's connections are).
 ///
 /// A SIDE is `NETNS CGROUP PEER` (see [`PairSide::new`]), the table's first.
 pub fn paired_client(mode: &str, args: &[String]) {
@@ -658,7 +685,8 @@ pub fn paired_client(mode: &str, args: &[String]) {
         }
         "datagram-pair" => {
             let batch = batch();
-            let port = match options[1].as_str() {
+            let flow = options[1].as_str();
+            let port = match flow {
                 "untracked" => UNTRACKED_SPORT,
                 _ => 0,
             };
@@ -669,12 +697,41 @@ pub fn paired_client(mode: &str, args: &[String]) {
                     side.sender(port)
                 })
                 .collect();
+            // Inbound: a socket at the peer and one on the side, connected
+            // to each other (an unconnected send would run the eBPF side's
+            // sendmsg program for every datagram, which a remote client's
+            // never does); the side's never sends.
+            let inbound: Vec<(UdpSocket, UdpSocket)> = match flow {
+                "inbound" => sides
+                    .iter()
+                    .zip(&senders)
+                    .map(|(side, out)| {
+                        let ip = |s: &UdpSocket| s.local_addr().expect("an address").ip();
+                        side.enter();
+                        let ours = UdpSocket::bind((ip(out), 0)).expect("a socket on the side");
+                        ours.set_read_timeout(Some(Duration::from_secs(5)))
+                            .expect("its timeout");
+                        setns(&peer_ns, CloneFlags::CLONE_NEWNET).expect("entering the peer");
+                        let peer = UdpSocket::bind((ip(&side.sink), 0)).expect("one at the peer");
+                        let addr = |s: &UdpSocket| s.local_addr().expect("an address");
+                        peer.connect(addr(&ours)).expect("connecting the peer's");
+                        ours.connect(addr(&peer)).expect("connecting the side's");
+                        (peer, ours)
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
             let mut got = [0u8; 16];
             let mut send = |k: usize| {
                 let t0 = cpu_ns();
                 for _ in 0..batch {
-                    senders[k].send(&[0]).expect("sending a datagram");
-                    sides[k].sink.recv(&mut got).expect("receiving a datagram");
+                    if let Some((peer, ours)) = inbound.get(k) {
+                        peer.send(&[0]).expect("sending a datagram in");
+                        ours.recv(&mut got).expect("receiving it");
+                    } else {
+                        senders[k].send(&[0]).expect("sending a datagram");
+                        sides[k].sink.recv(&mut got).expect("receiving a datagram");
+                    }
                 }
                 (cpu_ns() - t0) / batch as u64
             };
@@ -800,16 +857,22 @@ fn round(lab: &Lab, sides: &Sides, plan: &Plan, kind: Kind) -> (Sample, Sample, 
                 s.latency_us = latency_us;
             }
         }
-        for untracked in [false, true] {
+        // Arriving datagrams meet no socket cgroup: measured at one depth.
+        let flows: &[Flow] = if i == 0 {
+            &[Flow::Out, Flow::Untracked, Flow::In]
+        } else {
+            &[Flow::Out, Flow::Untracked]
+        };
+        for &flow in flows {
             let batches = (plan.datagram_pairs, plan.datagram_batch);
-            let sent = datagrams(lab, sides, kind, depth, untracked, batches);
+            let sent = datagrams(lab, sides, kind, depth, flow, batches);
             for (side, cpu_ns) in both.into_iter().zip(sent) {
                 ours += cpu_ns.iter().sum::<f64>() * plan.datagram_batch as f64 / 1e3;
                 let s = &mut samples[side as usize];
-                if untracked {
-                    s.first_ns[i] = cpu_ns;
-                } else {
-                    s.datagram_ns[i] = cpu_ns;
+                match flow {
+                    Flow::Out => s.datagram_ns[i] = cpu_ns,
+                    Flow::Untracked => s.first_ns[i] = cpu_ns,
+                    Flow::In => s.inbound_ns = cpu_ns,
                 }
             }
         }
@@ -853,6 +916,8 @@ pub struct Comparison {
     extra_datagram_ns: [f64; 3],
     /// Extra CPU per untracked datagram (a first packet) at each depth (ns).
     extra_first_ns: [f64; 3],
+    /// Extra CPU per datagram of one flow arriving unasked (ns).
+    extra_inbound_ns: f64,
     /// Largest foreign load and ksoftirqd share seen in any round.
     foreign_max: f64,
     ksoftirqd_max: f64,
@@ -917,7 +982,7 @@ fn program_time(lab: &Lab, sides: &Sides, plan: &Plan) -> Programs {
     let connection = PerOp::between(&before, &bpfstats::snapshot(), made as u64);
     let before = bpfstats::snapshot();
     let batches = (plan.datagram_pairs, plan.datagram_batch);
-    datagrams(lab, sides, Kind::Ebpf, DEEPEST, false, batches);
+    datagrams(lab, sides, Kind::Ebpf, DEEPEST, Flow::Out, batches);
     // A warm-up batch, then the pairs'.
     let sent = (1 + plan.datagram_pairs) * plan.datagram_batch;
     Programs {
@@ -1091,6 +1156,12 @@ impl Comparison {
             extra_ns: extra(&batches, &all).map(|us| us * 1e3),
             extra_datagram_ns: extra(&flows, &all),
             extra_first_ns: extra(&firsts, &all),
+            extra_inbound_ns: paired_median(
+                &units(&|s| &s.inbound_ns, true),
+                &units(&|s| &s.inbound_ns, false),
+                &all,
+                |t, b| t - b,
+            ),
             foreign_max: max(&|n| n.foreign),
             ksoftirqd_max: max(&|n| n.ksoftirqd),
             programs: None,
@@ -1152,6 +1223,11 @@ impl Comparison {
                 "{:.0} / {:.0} / {:.0}",
                 self.extra_first_ns[0], self.extra_first_ns[1], self.extra_first_ns[2]
             ),
+            "",
+        );
+        row(
+            &format!("  extra ns/datagram arriving unasked (to a server), {label}"),
+            format!("{:.0}", self.extra_inbound_ns),
             "",
         );
         let (level, [a, b]) = self.per_level_ns;
@@ -1229,6 +1305,10 @@ impl Comparison {
         put(
             "table_ns_per_packet_no_lookup_SIZE",
             json!(round1(self.extra_first_ns[0])),
+        );
+        put(
+            "table_ns_per_inbound_datagram_SIZE",
+            json!(round1(self.extra_inbound_ns)),
         );
         put(
             "table_ns_per_later_packet_SIZE",
