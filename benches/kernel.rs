@@ -1194,7 +1194,7 @@ fn bench(base: &str) {
     print!("{t}");
     print!("{fwd_table}");
     println!(
-        "({UPDATES} updates per size spaced {} ms; {NFT_UPDATES} nft processes; start-ups with no nftables listener but the daemon; datapath: CPU time of one client process holding both ends (on CPU {}) over {} rounds, each of {} pairs of batches of {} connections and {} pairs of batches of {} datagrams (one flow's; untracked) at each of depths {:?}, and {} pairs of {} KiB bulk chunks at depth {DEEPEST} (cubic), a pair one unit on each side, alternating which goes first; CPU per connection and per MiB: lower quartile of a side's units; ratios and extra ns: median of the pairs' own (table-first, baseline-first); softirq time in task time: {}; the daemon's environment, as its unit sets it: {:?})",
+        "({UPDATES} updates per size spaced {} ms; {NFT_UPDATES} nft processes; start-ups with no nftables listener but the daemon; datapath: CPU time of one client process holding both ends (on CPU {}) over {} rounds, each of {} pairs of batches of {} connections and {} pairs of batches of {} datagrams (one flow's; untracked) at each of depths {:?} (and of one flow arriving, at the first), and {} pairs of {} KiB bulk chunks at depth {DEEPEST} (cubic), a pair one unit on each side, alternating which goes first; CPU per connection and per MiB: lower quartile of a side's units; ratios and extra ns: median of the pairs' own (table-first, baseline-first); softirq time in task time: {}; the daemon's environment, as its unit sets it: {:?})",
         SPACING.as_millis(),
         measuring_cpu(),
         plan.rounds,
